@@ -1,0 +1,268 @@
+//! Loading the kernel (bzImage or PVH ELF) and the initramfs, and writing
+//! the boot information each protocol expects (zero page or hvm_start_info).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{load_cmdline, KernelLoader};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use thiserror::Error;
+use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+use super::layout::{self, E820Entry};
+use super::regs::EntryMode;
+use crate::vstate::memory::GuestMemory;
+
+const PVH_START_INFO_MAGIC: u32 = 0x336e_c578;
+/// The boot protocol's "undefined loader" ID.
+const LOADER_TYPE_UNDEFINED: u8 = 0xff;
+const BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const HDRS_MAGIC: u32 = 0x5372_6448;
+/// Offset of the 64-bit entry point from the start of the protected-mode kernel.
+const LINUX64_ENTRY_OFFSET: u64 = 0x200;
+
+#[derive(Debug, Error)]
+pub enum BootError {
+    #[error("cannot open the kernel {0:?}")]
+    OpenKernel(PathBuf, #[source] std::io::Error),
+    #[error("--kernel {0:?}: not a bzImage or an ELF kernel")]
+    UnknownKernelFormat(PathBuf),
+    #[error("--kernel {0:?}: cannot load the ELF kernel")]
+    LoadElf(PathBuf, #[source] linux_loader::loader::Error),
+    #[error("--kernel {0:?}: the ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")]
+    NoPvhEntry(PathBuf),
+    #[error("--kernel {0:?}: cannot load the bzImage")]
+    LoadBzImage(PathBuf, #[source] linux_loader::loader::Error),
+    #[error("--kernel {0:?}: the bzImage does not support the 64-bit boot protocol (version {1:#x})")]
+    OldBzImage(PathBuf, u16),
+    #[error("--cmdline: invalid or longer than {max} bytes")]
+    Cmdline {
+        max: usize,
+        #[source]
+        source: linux_loader::cmdline::Error,
+    },
+    #[error("cannot write the command line to guest memory")]
+    WriteCmdline(#[source] linux_loader::loader::Error),
+    #[error("cannot read the initramfs {0:?}")]
+    ReadInitramfs(PathBuf, #[source] std::io::Error),
+    #[error("--initramfs {path:?}: {size} bytes do not fit in guest RAM below {limit:#x}")]
+    InitramfsTooLarge { path: PathBuf, size: u64, limit: u64 },
+    #[error("cannot write the initramfs to guest memory")]
+    WriteInitramfs(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot write the boot information to guest memory")]
+    Configure(#[source] linux_loader::configurator::Error),
+}
+
+/// The kind of kernel that was loaded.
+enum LoadedKernel {
+    Pvh {
+        entry: u64,
+        end: u64,
+    },
+    Linux {
+        kernel_load: u64,
+        end: u64,
+        header: setup_header,
+    },
+}
+
+/// What the vCPU set-up needs to know after loading.
+#[derive(Debug, Clone, Copy)]
+pub struct BootInfo {
+    pub entry: EntryMode,
+}
+
+fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError> {
+    let mut file = File::open(path).map_err(|e| BootError::OpenKernel(path.to_path_buf(), e))?;
+    let mut magic = [0u8; 4];
+    let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| BootError::OpenKernel(path.to_path_buf(), e))?;
+    if is_elf {
+        let result = Elf::load(mem, None, &mut file, Some(GuestAddress(layout::HIGH_RAM_START)))
+            .map_err(|e| BootError::LoadElf(path.to_path_buf(), e))?;
+        return match result.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel::Pvh {
+                entry: entry.0,
+                end: result.kernel_end,
+            }),
+            _ => Err(BootError::NoPvhEntry(path.to_path_buf())),
+        };
+    }
+    match BzImage::load(mem, None, &mut file, Some(GuestAddress(layout::HIGH_RAM_START))) {
+        Ok(result) => {
+            let header = result
+                .setup_header
+                .ok_or_else(|| BootError::UnknownKernelFormat(path.to_path_buf()))?;
+            if header.version < 0x0206 {
+                let version = header.version;
+                return Err(BootError::OldBzImage(path.to_path_buf(), version));
+            }
+            Ok(LoadedKernel::Linux {
+                kernel_load: result.kernel_load.0,
+                end: result.kernel_end,
+                header,
+            })
+        }
+        Err(linux_loader::loader::Error::Bzimage(
+            linux_loader::loader::bzimage::Error::InvalidBzImage,
+        )) => Err(BootError::UnknownKernelFormat(path.to_path_buf())),
+        Err(e) => Err(BootError::LoadBzImage(path.to_path_buf(), e)),
+    }
+}
+
+/// Loads the initramfs at the top of RAM below `limit`, above `kernel_end`.
+fn load_initramfs(
+    mem: &GuestMemory,
+    path: &Path,
+    kernel_end: u64,
+    limit: u64,
+) -> Result<(u64, u64), BootError> {
+    let data = std::fs::read(path).map_err(|e| BootError::ReadInitramfs(path.to_path_buf(), e))?;
+    let size = data.len() as u64;
+    let too_large = || BootError::InitramfsTooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit,
+    };
+    let addr = limit.checked_sub(size).ok_or_else(too_large)? & !0xfff;
+    if addr < kernel_end {
+        return Err(too_large());
+    }
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(BootError::WriteInitramfs)?;
+    Ok((addr, size))
+}
+
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct StartInfo(hvm_start_info);
+// SAFETY: hvm_start_info is a plain-old-data repr(C) struct of integers.
+unsafe impl ByteValued for StartInfo {}
+
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct MemmapEntry(hvm_memmap_table_entry);
+// SAFETY: hvm_memmap_table_entry is a plain-old-data repr(C) struct of integers.
+unsafe impl ByteValued for MemmapEntry {}
+
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct ModlistEntry(hvm_modlist_entry);
+// SAFETY: hvm_modlist_entry is a plain-old-data repr(C) struct of integers.
+unsafe impl ByteValued for ModlistEntry {}
+
+/// Loads the kernel, command line and initramfs and writes the boot information.
+pub fn load(
+    mem: &GuestMemory,
+    kernel: &Path,
+    initramfs: Option<&Path>,
+    cmdline: &str,
+    memory_bytes: u64,
+    rsdp_addr: u64,
+) -> Result<BootInfo, BootError> {
+    let loaded = load_kernel(mem, kernel)?;
+
+    let cmdline_obj = Cmdline::try_from(cmdline, layout::CMDLINE_MAX_SIZE).map_err(|source| {
+        BootError::Cmdline {
+            max: layout::CMDLINE_MAX_SIZE - 1,
+            source,
+        }
+    })?;
+    load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &cmdline_obj)
+        .map_err(BootError::WriteCmdline)?;
+    let e820 = layout::e820_map(memory_bytes);
+    let low_end = layout::low_ram_end(memory_bytes);
+
+    match loaded {
+        LoadedKernel::Pvh { entry, end } => {
+            let mut start_info = hvm_start_info {
+                magic: PVH_START_INFO_MAGIC,
+                version: 1,
+                cmdline_paddr: layout::CMDLINE_START,
+                rsdp_paddr: rsdp_addr,
+                memmap_paddr: layout::PVH_MEMMAP_START,
+                memmap_entries: e820.len() as u32,
+                ..Default::default()
+            };
+            let mut params = BootParams::new(
+                &StartInfo(hvm_start_info::default()),
+                GuestAddress(layout::PVH_INFO_START),
+            );
+            if let Some(path) = initramfs {
+                let (addr, size) = load_initramfs(mem, path, end, low_end)?;
+                start_info.nr_modules = 1;
+                start_info.modlist_paddr = layout::PVH_MODLIST_START;
+                params.set_modules(
+                    &[ModlistEntry(hvm_modlist_entry {
+                        paddr: addr,
+                        size,
+                        ..Default::default()
+                    })],
+                    GuestAddress(layout::PVH_MODLIST_START),
+                );
+            }
+            params.header = StartInfo(start_info).as_slice().to_vec();
+            let memmap: Vec<MemmapEntry> = e820.iter().map(pvh_memmap_entry).collect();
+            params.set_sections(&memmap, GuestAddress(layout::PVH_MEMMAP_START));
+            PvhBootConfigurator::write_bootparams(&params, mem).map_err(BootError::Configure)?;
+            Ok(BootInfo {
+                entry: EntryMode::Pvh { entry },
+            })
+        }
+        LoadedKernel::Linux {
+            kernel_load,
+            end,
+            header,
+        } => {
+            let mut zero_page = boot_params {
+                hdr: header,
+                ..Default::default()
+            };
+            zero_page.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
+            zero_page.hdr.boot_flag = BOOT_FLAG_MAGIC;
+            zero_page.hdr.header = HDRS_MAGIC;
+            zero_page.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
+            zero_page.hdr.cmdline_size = cmdline.len() as u32;
+            zero_page.acpi_rsdp_addr = rsdp_addr;
+            if let Some(path) = initramfs {
+                let limit = low_end.min(u64::from(header.initrd_addr_max) + 1);
+                let (addr, size) = load_initramfs(mem, path, end, limit)?;
+                zero_page.hdr.ramdisk_image = addr as u32;
+                zero_page.hdr.ramdisk_size = size as u32;
+            }
+            for (slot, entry) in zero_page.e820_table.iter_mut().zip(&e820) {
+                *slot = boot_e820_entry {
+                    addr: entry.addr,
+                    size: entry.size,
+                    r#type: entry.kind as u32,
+                };
+            }
+            zero_page.e820_entries = e820.len() as u8;
+            let params = BootParams::new(&zero_page, GuestAddress(layout::ZERO_PAGE_START));
+            LinuxBootConfigurator::write_bootparams(&params, mem).map_err(BootError::Configure)?;
+            Ok(BootInfo {
+                entry: EntryMode::Linux64 {
+                    entry: kernel_load + LINUX64_ENTRY_OFFSET,
+                },
+            })
+        }
+    }
+}
+
+fn pvh_memmap_entry(entry: &E820Entry) -> MemmapEntry {
+    MemmapEntry(hvm_memmap_table_entry {
+        addr: entry.addr,
+        size: entry.size,
+        type_: entry.kind as u32,
+        reserved: 0,
+    })
+}

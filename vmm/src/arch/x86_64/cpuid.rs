@@ -1,0 +1,97 @@
+//! Per-vCPU CPUID: what KVM supports, with this vCPU's APIC ID and a
+//! topology of one socket holding `cpu_count` single-threaded cores.
+
+use kvm_bindings::CpuId;
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
+
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+
+/// Topology level types of leaves 0xB and 0x1F.
+const LEVEL_SMT: u32 = 1;
+const LEVEL_CORE: u32 = 2;
+
+/// Number of APIC-ID bits needed to number `count` cores.
+fn core_id_bits(count: u8) -> u32 {
+    u32::from(count).next_power_of_two().trailing_zeros()
+}
+
+/// Patches `base` (from KVM_GET_SUPPORTED_CPUID) for vCPU `apic_id` of `cpu_count`.
+pub fn for_vcpu(base: &CpuId, apic_id: u8, cpu_count: u8) -> CpuId {
+    let mut cpuid = base.clone();
+    let apic = u32::from(apic_id);
+    let count = u32::from(cpu_count);
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            LEAF_FEATURES => {
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (apic << 24) | (count << 16);
+                entry.ecx |= ECX_HYPERVISOR;
+                if cpu_count > 1 {
+                    entry.edx |= EDX_HTT;
+                } else {
+                    entry.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_CACHE_PARAMS => {
+                // EAX[31:26]: cores per package - 1. Each core has its own
+                // thread, so caches of level 1-2 are per core, level 3 shared.
+                let level = (entry.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { count - 1 } else { 0 };
+                entry.eax = (entry.eax & 0x3ff) | ((count - 1) << 26) | (sharing << 14);
+            }
+            LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
+                entry.edx = apic;
+                match entry.index {
+                    0 => {
+                        entry.eax = 0;
+                        entry.ebx = 1;
+                        entry.ecx = (LEVEL_SMT << 8) | entry.index;
+                    }
+                    1 => {
+                        entry.eax = core_id_bits(cpu_count);
+                        entry.ebx = count;
+                        entry.ecx = (LEVEL_CORE << 8) | entry.index;
+                    }
+                    _ => {
+                        entry.eax = 0;
+                        entry.ebx = 0;
+                        entry.ecx = entry.index;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn apic_id_and_topology_are_per_vcpu() {
+        let base = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1)]).unwrap();
+        let cpuid = for_vcpu(&base, 3, 4);
+        let leaves = cpuid.as_slice();
+        assert_eq!(leaves[0].ebx >> 24, 3);
+        assert_eq!((leaves[0].ebx >> 16) & 0xff, 4);
+        assert_ne!(leaves[0].ecx & ECX_HYPERVISOR, 0);
+        assert_eq!(leaves[1].edx, 3);
+        assert_eq!(leaves[2].ebx, 4);
+        assert_eq!(leaves[2].eax, 2);
+    }
+}

@@ -1,0 +1,43 @@
+//! The command line, as clap parses it. Validation lives in `config`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Boots a Linux kernel or a PVH ELF on KVM. Virtio devices are served by
+/// vhost-user backend processes; the VMM keeps only the control path.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about, long_about = None)]
+pub struct Args {
+    /// Kernel to boot: a bzImage (Linux 64-bit boot protocol) or an ELF
+    /// with a PVH entry note (a Linux vmlinux, the project's test guest).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initial ramdisk handed to the kernel (boot_params for a bzImage,
+    /// the first PVH module for an ELF).
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = "")]
+    pub cmdline: String,
+
+    /// Number of vCPUs (1 to the host KVM's limit).
+    #[arg(long, value_name = "N", default_value = "1")]
+    pub cpus: String,
+
+    /// Guest RAM size, in bytes or with a K, M, G or T suffix (powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub memory: String,
+
+    /// Where the 16550 console at 0x3f8 goes: `stdio` (stdin is forwarded;
+    /// a terminal is put in raw mode, Ctrl-A x quits), `file=PATH`, or `off`.
+    #[arg(long, value_name = "MODE", default_value = "stdio")]
+    pub serial: String,
+
+    /// Also write every ACPI table the VM gets to DIR/<SIGNATURE>.dat
+    /// (e.g. for `iasl -d`), then boot as usual.
+    #[arg(long, value_name = "DIR")]
+    pub dump_acpi: Option<PathBuf>,
+}

@@ -1,0 +1,236 @@
+//! A validated VM configuration, built from the command line with no side
+//! effects other than looking at the host (file metadata, KVM limits and the
+//! amount of host memory are passed in so the checks stay testable).
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::cli::Args;
+
+/// Everything the builder needs to create a VM, already checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory_bytes: u64,
+    pub serial: SerialMode,
+    pub dump_acpi: Option<PathBuf>,
+}
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialMode {
+    Stdio,
+    File(PathBuf),
+    Off,
+}
+
+/// Limits of the host the configuration is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct HostLimits {
+    /// The most vCPUs the VM may have (KVM's limit, capped by the xAPIC ID space).
+    pub max_cpus: u32,
+    /// Host RAM plus swap, in bytes.
+    pub memory_bytes: u64,
+}
+
+/// Guest RAM below this size cannot hold the boot structures and a kernel.
+pub const MIN_MEMORY: u64 = 2 << 20;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--cpus {0:?}: not a number")]
+    CpusNotANumber(String),
+    #[error("--cpus {0}: must be at least 1")]
+    CpusZero(u64),
+    #[error("--cpus {value}: more than this host's limit of {max}")]
+    CpusTooMany { value: u64, max: u32 },
+    #[error("--memory {0:?}: not a size (use bytes or a K, M, G or T suffix, e.g. 512M)")]
+    MemoryGarbled(String),
+    #[error("--memory {0:?}: must be at least 2M")]
+    MemoryTooSmall(String),
+    #[error("--memory {value:?}: more than this host can give ({host_mib} MiB of RAM and swap)")]
+    MemoryTooLarge { value: String, host_mib: u64 },
+    #[error("--serial {0:?}: expected stdio, file=PATH or off")]
+    SerialMode(String),
+    #[error("--kernel {0:?}: no such file")]
+    KernelMissing(PathBuf),
+    #[error("--kernel {0:?}: not a regular file")]
+    KernelNotFile(PathBuf),
+    #[error("--initramfs {0:?}: no such file")]
+    InitramfsMissing(PathBuf),
+    #[error("--initramfs {0:?}: not a regular file")]
+    InitramfsNotFile(PathBuf),
+    #[error("--cmdline: contains a NUL byte")]
+    CmdlineNul,
+}
+
+impl VmConfig {
+    /// Checks the arguments against the host and builds the configuration.
+    pub fn from_args(args: Args, host: HostLimits) -> Result<Self, ConfigError> {
+        let cpus = parse_cpus(&args.cpus, host.max_cpus)?;
+        let memory_bytes = parse_memory(&args.memory, host.memory_bytes)?;
+        let serial = parse_serial(&args.serial)?;
+        if args.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        match std::fs::metadata(&args.kernel) {
+            Err(_) => return Err(ConfigError::KernelMissing(args.kernel)),
+            Ok(meta) if !meta.is_file() => return Err(ConfigError::KernelNotFile(args.kernel)),
+            Ok(_) => {}
+        }
+        if let Some(initramfs) = &args.initramfs {
+            match std::fs::metadata(initramfs) {
+                Err(_) => return Err(ConfigError::InitramfsMissing(initramfs.clone())),
+                Ok(meta) if !meta.is_file() => {
+                    return Err(ConfigError::InitramfsNotFile(initramfs.clone()))
+                }
+                Ok(_) => {}
+            }
+        }
+        Ok(VmConfig {
+            kernel: args.kernel,
+            initramfs: args.initramfs,
+            cmdline: args.cmdline,
+            cpus,
+            memory_bytes,
+            serial,
+            dump_acpi: args.dump_acpi,
+        })
+    }
+}
+
+fn parse_cpus(text: &str, max: u32) -> Result<u8, ConfigError> {
+    let value: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::CpusNotANumber(text.to_string()))?;
+    if value == 0 {
+        return Err(ConfigError::CpusZero(value));
+    }
+    if value > u64::from(max) {
+        return Err(ConfigError::CpusTooMany { value, max });
+    }
+    u8::try_from(value).map_err(|_| ConfigError::CpusTooMany { value, max })
+}
+
+/// Parses `512M`, `4G`, `1048576`, `2048K` (suffixes are powers of 1024,
+/// case-insensitive, an optional trailing `B` or `iB` is accepted).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix("ib"))
+        .unwrap_or(t);
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(digits_end);
+    if digits.is_empty() {
+        return None;
+    }
+    let number: u64 = digits.parse().ok()?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" => 10,
+        "M" | "MB" => 20,
+        "G" | "GB" => 30,
+        "T" | "TB" => 40,
+        _ => return None,
+    };
+    number.checked_mul(1u64 << shift)
+}
+
+fn parse_memory(text: &str, host_bytes: u64) -> Result<u64, ConfigError> {
+    let bytes = parse_size(text).ok_or_else(|| ConfigError::MemoryGarbled(text.to_string()))?;
+    if bytes < MIN_MEMORY {
+        return Err(ConfigError::MemoryTooSmall(text.to_string()));
+    }
+    if bytes > host_bytes {
+        return Err(ConfigError::MemoryTooLarge {
+            value: text.to_string(),
+            host_mib: host_bytes >> 20,
+        });
+    }
+    // Guest RAM is mapped in whole pages.
+    Ok(bytes & !0xfff)
+}
+
+fn parse_serial(text: &str) -> Result<SerialMode, ConfigError> {
+    match text {
+        "stdio" => Ok(SerialMode::Stdio),
+        "off" => Ok(SerialMode::Off),
+        _ => match text.strip_prefix("file=") {
+            Some(path) if !path.is_empty() => Ok(SerialMode::File(PathBuf::from(path))),
+            _ => Err(ConfigError::SerialMode(text.to_string())),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: HostLimits = HostLimits {
+        max_cpus: 254,
+        memory_bytes: 24 << 30,
+    };
+
+    fn args(cpus: &str, memory: &str, serial: &str) -> Args {
+        Args {
+            kernel: PathBuf::from("/proc/self/exe"),
+            initramfs: None,
+            cmdline: String::new(),
+            cpus: cpus.into(),
+            memory: memory.into(),
+            serial: serial.into(),
+            dump_acpi: None,
+        }
+    }
+
+    #[test]
+    fn sizes_take_suffixes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("4g"), Some(4 << 30));
+        assert_eq!(parse_size("2048K"), Some(2 << 20));
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("1048576"), Some(1 << 20));
+        assert_eq!(parse_size("12Q"), None);
+        assert_eq!(parse_size("abc"), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("-1G"), None);
+        assert_eq!(parse_size("99999999999999999999T"), None);
+        assert_eq!(parse_size("16777216T"), None);
+    }
+
+    #[test]
+    fn valid_arguments_become_a_config() {
+        let config = VmConfig::from_args(args("4", "1G", "file=/tmp/x"), HOST).unwrap();
+        assert_eq!(config.cpus, 4);
+        assert_eq!(config.memory_bytes, 1 << 30);
+        assert_eq!(config.serial, SerialMode::File("/tmp/x".into()));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = VmConfig::from_args(args("0", "1G", "off"), HOST).unwrap_err();
+        assert_eq!(err.to_string(), "--cpus 0: must be at least 1");
+        let err = VmConfig::from_args(args("300", "1G", "off"), HOST).unwrap_err();
+        assert!(err.to_string().starts_with("--cpus 300:"));
+        let err = VmConfig::from_args(args("x", "1G", "off"), HOST).unwrap_err();
+        assert!(err.to_string().contains("\"x\""));
+        let err = VmConfig::from_args(args("1", "0", "off"), HOST).unwrap_err();
+        assert!(err.to_string().starts_with("--memory \"0\""));
+        let err = VmConfig::from_args(args("1", "100T", "off"), HOST).unwrap_err();
+        assert!(err.to_string().starts_with("--memory \"100T\": more than"));
+        let err = VmConfig::from_args(args("1", "12Q", "off"), HOST).unwrap_err();
+        assert!(err.to_string().starts_with("--memory \"12Q\": not a size"));
+        let err = VmConfig::from_args(args("1", "1G", "tcp"), HOST).unwrap_err();
+        assert!(err.to_string().starts_with("--serial \"tcp\""));
+        let mut missing = args("1", "1G", "off");
+        missing.kernel = "/nonexistent/kernel".into();
+        let err = VmConfig::from_args(missing, HOST).unwrap_err();
+        assert_eq!(err, ConfigError::KernelMissing("/nonexistent/kernel".into()));
+    }
+}

@@ -1,0 +1,75 @@
+//! The hardware-reduced ACPI registers of the FADT: sleep control/status
+//! and the reset register. Writing SLP_TYP=S5 with SLP_EN powers off.
+
+use std::sync::Arc;
+
+use crate::arch::x86_64::acpi::SLP_TYP_S5;
+use crate::arch::x86_64::layout::ports;
+use crate::bus::PioDevice;
+use crate::exit::{ExitNotifier, VmExit};
+
+const SLP_EN: u8 = 1 << 5;
+const SLP_TYP_SHIFT: u8 = 2;
+const SLP_TYP_MASK: u8 = 0x7;
+
+/// Covers ports ACPI_SLEEP_CONTROL..=ACPI_RESET.
+pub struct AcpiPm {
+    exit: Arc<ExitNotifier>,
+}
+
+pub const PORT_BASE: u16 = ports::ACPI_SLEEP_CONTROL;
+pub const PORT_LEN: u16 = ports::ACPI_RESET - ports::ACPI_SLEEP_CONTROL + 1;
+
+impl AcpiPm {
+    pub fn new(exit: Arc<ExitNotifier>) -> Self {
+        AcpiPm { exit }
+    }
+}
+
+impl PioDevice for AcpiPm {
+    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+        // Sleep status: never "woken"; nothing else is readable.
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        let Some(&value) = data.first() else { return };
+        match offset + PORT_BASE {
+            ports::ACPI_SLEEP_CONTROL => {
+                let slp_typ = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
+                if value & SLP_EN != 0 && slp_typ == SLP_TYP_S5 {
+                    self.exit.notify(VmExit::PowerOff);
+                } else if value & SLP_EN != 0 {
+                    log::warn!("guest asked for unsupported sleep state {slp_typ}");
+                }
+            }
+            ports::ACPI_RESET if value == ports::ACPI_RESET_VALUE => {
+                self.exit.notify(VmExit::Reset);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s5_with_slp_en_powers_off() {
+        let exit = Arc::new(ExitNotifier::new().unwrap());
+        let mut pm = AcpiPm::new(exit.clone());
+        pm.write(0, &[SLP_TYP_S5 << SLP_TYP_SHIFT]);
+        assert_eq!(exit.reason(), None);
+        pm.write(0, &[(SLP_TYP_S5 << SLP_TYP_SHIFT) | SLP_EN]);
+        assert_eq!(exit.reason(), Some(VmExit::PowerOff));
+    }
+
+    #[test]
+    fn reset_register_resets() {
+        let exit = Arc::new(ExitNotifier::new().unwrap());
+        let mut pm = AcpiPm::new(exit.clone());
+        pm.write(ports::ACPI_RESET - PORT_BASE, &[ports::ACPI_RESET_VALUE]);
+        assert_eq!(exit.reason(), Some(VmExit::Reset));
+    }
+}

@@ -1,0 +1,101 @@
+//! Why the VM stopped, how that maps to the process exit status, and the
+//! notifier through which vCPUs and devices report it to the main thread.
+
+use std::sync::Mutex;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// The reasons a VM stops. The first one reported wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off through ACPI (S5) or its documented port.
+    PowerOff,
+    /// The guest asked for a reset (ACPI reset register, 0xCF9, i8042).
+    Reset,
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault,
+    /// KVM could not run a vCPU (internal error, failed entry, unknown exit).
+    KvmError,
+    /// The user stopped the VM: SIGINT or Ctrl-A x on the console.
+    Interrupted,
+    /// SIGTERM.
+    Terminated,
+}
+
+impl VmExit {
+    /// The process exit status. Documented in README.md.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            VmExit::PowerOff => 0,
+            VmExit::Reset => 3,
+            VmExit::TripleFault => 4,
+            VmExit::KvmError => 5,
+            VmExit::Interrupted => 130,
+            VmExit::Terminated => 143,
+        }
+    }
+}
+
+/// Collects the first exit reason and wakes the main thread.
+pub struct ExitNotifier {
+    reason: Mutex<Option<VmExit>>,
+    event: EventFd,
+}
+
+impl ExitNotifier {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(ExitNotifier {
+            reason: Mutex::new(None),
+            event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+        })
+    }
+
+    pub fn notify(&self, reason: VmExit) {
+        let mut slot = crate::bus::lock(&self.reason);
+        if slot.is_none() {
+            log::info!("VM stopping: {reason:?}");
+            *slot = Some(reason);
+        }
+        if let Err(e) = self.event.write(1) {
+            log::error!("cannot wake the main thread: {e}");
+        }
+    }
+
+    pub fn reason(&self) -> Option<VmExit> {
+        *crate::bus::lock(&self.reason)
+    }
+
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins() {
+        let notifier = ExitNotifier::new().unwrap();
+        notifier.notify(VmExit::PowerOff);
+        notifier.notify(VmExit::KvmError);
+        assert_eq!(notifier.reason(), Some(VmExit::PowerOff));
+        assert_eq!(notifier.event().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn exit_codes_are_distinct() {
+        let all = [
+            VmExit::PowerOff,
+            VmExit::Reset,
+            VmExit::TripleFault,
+            VmExit::KvmError,
+            VmExit::Interrupted,
+            VmExit::Terminated,
+        ];
+        let mut codes: Vec<u8> = all.iter().map(|e| e.exit_code()).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), all.len());
+    }
+}

@@ -1,0 +1,75 @@
+//! `vmm`: parse the command line, validate it, build the VM, run it until
+//! the guest powers off or the VMM is told to stop, and exit with a status
+//! that says which (see README.md).
+
+mod arch;
+mod builder;
+mod bus;
+mod cli;
+mod config;
+mod devices;
+mod exit;
+mod pci;
+mod signals;
+mod terminal;
+mod vstate;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::config::{HostLimits, SerialMode, VmConfig};
+use crate::exit::VmExit;
+
+fn main() -> ExitCode {
+    vmm_common::logging::init();
+    let args = cli::Args::parse();
+    std::panic::set_hook(Box::new(|info| {
+        terminal::restore();
+        eprintln!("vmm panicked: {info}");
+    }));
+    match run(args) {
+        Ok(reason) => ExitCode::from(reason.exit_code()),
+        Err(e) => {
+            terminal::restore();
+            eprintln!("error: {}", vmm_common::error_chain::render(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn host_memory_bytes() -> u64 {
+    // SAFETY: an all-zero sysinfo is a valid out-parameter.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable sysinfo struct.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return u64::MAX;
+    }
+    (info.totalram as u64 + info.totalswap as u64) * u64::from(info.mem_unit)
+}
+
+fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
+    let kvm = vstate::vm::open_kvm()?;
+    let limits = HostLimits {
+        max_cpus: vstate::vm::max_vcpus(&kvm),
+        memory_bytes: host_memory_bytes(),
+    };
+    let config = VmConfig::from_args(args, limits)?;
+    let signals = signals::SignalFd::block_stop_signals()?;
+    let mut vm = builder::build(&kvm, &config)?;
+
+    if config.serial == SerialMode::Stdio {
+        let tty = terminal::stdin_is_tty();
+        if tty {
+            terminal::set_raw()?;
+        }
+        devices::serial::spawn_stdin_forwarder(vm.serial.clone(), vm.exit.clone(), tty)?;
+    }
+    let threads = vm.start()?;
+    let reason = signals.wait_for_exit(&vm.exit)?;
+    vstate::vcpu::stop_all(&vm.stop, threads, Duration::from_secs(2));
+    terminal::restore();
+    log::info!("VM stopped: {reason:?}");
+    Ok(reason)
+}

@@ -1,0 +1,3 @@
+//! PCI: configuration space access and the devices on bus 0.
+
+pub mod config_io;

@@ -1,0 +1,5 @@
+//! The VM's state on the host: guest memory, the KVM VM and its vCPUs.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,220 @@
+//! vCPUs: creation and initial state, and the thread that runs each one.
+//!
+//! A vCPU thread loops on KVM_RUN, dispatching port I/O to the bus. It
+//! stops when its `stop` flag is set; the main thread sets the flag and
+//! kicks the thread out of KVM_RUN with a real-time signal.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use thiserror::Error;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::arch::x86_64::{cpuid, regs};
+use crate::bus::PioBus;
+use crate::exit::{ExitNotifier, VmExit};
+use crate::vstate::memory::GuestMemory;
+
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {0}")]
+    Create(u8, #[source] kvm_ioctls::Error),
+    #[error("cannot set the CPUID of vCPU {0}")]
+    Cpuid(u8, #[source] kvm_ioctls::Error),
+    #[error("cannot set up vCPU {0}")]
+    Regs(u8, #[source] regs::RegsError),
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot start the thread of vCPU {0}")]
+    Spawn(u8, #[source] std::io::Error),
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: the signal only makes KVM_RUN return EINTR.
+}
+
+/// Installs the kick handler; call once before starting vCPU threads.
+pub fn init_kick_signal() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)
+}
+
+/// What every vCPU thread shares.
+#[derive(Clone)]
+pub struct VcpuContext {
+    pub pio: Arc<PioBus>,
+    pub exit: Arc<ExitNotifier>,
+    pub stop: Arc<AtomicBool>,
+}
+
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` with its CPUID, MSRs, FPU and LAPIC set up.
+    pub fn new(
+        vm: &VmFd,
+        id: u8,
+        cpu_count: u8,
+        base_cpuid: &CpuId,
+        supported_msrs: &[u32],
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VcpuError::Create(id, e))?;
+        fd.set_cpuid2(&cpuid::for_vcpu(base_cpuid, id, cpu_count))
+            .map_err(|e| VcpuError::Cpuid(id, e))?;
+        regs::setup_msrs(&fd, supported_msrs).map_err(|e| VcpuError::Regs(id, e))?;
+        regs::setup_fpu(&fd).map_err(|e| VcpuError::Regs(id, e))?;
+        regs::setup_lapic(&fd).map_err(|e| VcpuError::Regs(id, e))?;
+        Ok(Vcpu { id, fd })
+    }
+
+    /// Puts the boot processor at the kernel's entry point.
+    pub fn setup_boot_entry(
+        &self,
+        mem: &GuestMemory,
+        mode: regs::EntryMode,
+    ) -> Result<(), VcpuError> {
+        regs::write_boot_tables(mem, mode).map_err(|e| VcpuError::Regs(self.id, e))?;
+        regs::setup_sregs(&self.fd, mode).map_err(|e| VcpuError::Regs(self.id, e))?;
+        regs::setup_regs(&self.fd, mode).map_err(|e| VcpuError::Regs(self.id, e))
+    }
+
+    /// Starts the vCPU's thread.
+    pub fn start(self, ctx: VcpuContext) -> Result<JoinHandle<()>, VcpuError> {
+        let id = self.id;
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.run(&ctx))
+            .map_err(|e| VcpuError::Spawn(id, e))
+    }
+
+    fn run(mut self, ctx: &VcpuContext) {
+        while !ctx.stop.load(Ordering::Acquire) {
+            if let Some(reason) = self.run_once(ctx) {
+                if matches!(reason, VmExit::TripleFault | VmExit::KvmError) {
+                    self.log_state();
+                }
+                ctx.exit.notify(reason);
+                return;
+            }
+        }
+    }
+
+    /// Runs the vCPU until its next exit; returns a reason to stop the VM.
+    fn run_once(&mut self, ctx: &VcpuContext) -> Option<VmExit> {
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => ctx.pio.read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => ctx.pio.write(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                log::debug!("vCPU {}: read from unclaimed MMIO {addr:#x}", self.id);
+                data.fill(0xff);
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                log::debug!("vCPU {}: write to unclaimed MMIO {addr:#x}", self.id);
+            }
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
+            Ok(VcpuExit::Shutdown) => {
+                log::error!("vCPU {}: triple fault", self.id);
+                return Some(VmExit::TripleFault);
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return Some(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                    _ => {
+                        log::error!("vCPU {}: unexpected system event {kind}", self.id);
+                        VmExit::KvmError
+                    }
+                });
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                log::error!(
+                    "vCPU {}: KVM failed to enter the guest (hardware reason {reason:#x}, host cpu {cpu})",
+                    self.id
+                );
+                return Some(VmExit::KvmError);
+            }
+            Ok(VcpuExit::InternalError) => {
+                log::error!("vCPU {}: KVM internal error", self.id);
+                return Some(VmExit::KvmError);
+            }
+            Ok(other) => {
+                log::error!("vCPU {}: unexpected exit {other:?}", self.id);
+                return Some(VmExit::KvmError);
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                log::error!("vCPU {}: KVM_RUN failed: {e}", self.id);
+                return Some(VmExit::KvmError);
+            }
+        }
+        None
+    }
+
+    /// Logs the registers after a fatal exit.
+    fn log_state(&self) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => log::error!(
+                "vCPU {} registers: rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} \
+                 rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x} cr0={:#x} cr2={:#x} \
+                 cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}/{:#x}",
+                self.id,
+                r.rip,
+                r.rsp,
+                r.rflags,
+                r.rax,
+                r.rbx,
+                r.rcx,
+                r.rdx,
+                r.rsi,
+                r.rdi,
+                r.rbp,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector,
+                s.cs.base
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                log::error!("vCPU {}: cannot read registers: {e}", self.id)
+            }
+        }
+    }
+}
+
+/// Stops every vCPU thread: sets the flag, then kicks until each has left
+/// KVM_RUN (a kick can land just before KVM_RUN starts, so it is repeated).
+pub fn stop_all(stop: &AtomicBool, threads: Vec<JoinHandle<()>>, timeout: Duration) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + timeout;
+    for thread in threads {
+        while !thread.is_finished() {
+            if Instant::now() > deadline {
+                log::warn!("a vCPU thread did not stop in {timeout:?}");
+                return;
+            }
+            // SAFETY: the handle refers to a live thread that was not joined,
+            // and the kick signal has a handler installed.
+            unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if thread.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The KVM VM: its memory slots, the in-kernel irqchip (PIC, IOAPIC,
+//! LAPICs) and PIT, and the host limits the configuration is checked against.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::memory::GuestMemory;
+use crate::arch::x86_64::layout;
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    ApiVersion(i32),
+    #[error("KVM lacks a required capability: {0:?}")]
+    MissingCap(Cap),
+    #[error("cannot {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+}
+
+/// The largest number of vCPUs: KVM's limit, capped so APIC IDs fit the
+/// 8-bit xAPIC field of the MADT (0xFF is the broadcast ID).
+pub fn max_vcpus(kvm: &Kvm) -> u32 {
+    (kvm.get_max_vcpus() as u32).min(254)
+}
+
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(VmError::ApiVersion(version));
+    }
+    for cap in [
+        Cap::Irqchip,
+        Cap::UserMemory,
+        Cap::SetTssAddr,
+        Cap::Pit2,
+        Cap::PitState2,
+        Cap::Ioeventfd,
+        Cap::Irqfd,
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(cap));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Creates the VM with its platform interrupt controllers and guest memory.
+pub fn create_vm(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(|e| VmError::Kvm("create the VM", e))?;
+    vm.set_tss_address(layout::KVM_TSS_START as usize)
+        .map_err(|e| VmError::Kvm("set the TSS address", e))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
+        .map_err(|e| VmError::Kvm("set the identity map address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
+
+    for (slot, region) in memory.iter().enumerate() {
+        let mem_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the
+        // caller keeps alive for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(mem_region) }
+            .map_err(|e| VmError::Kvm("register guest memory with KVM", e))?;
+    }
+    Ok(vm)
+}
