@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Build the PVH test guest (tests/guest) and check that it uses no
+# instruction the emulating nested KVM lacks.
+#
+# Usage: scripts/build-guest.sh        (from any directory)
+# Output: target/guest/testguest.elf (the path is printed on success)
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+cargo --config tests/guest/.cargo/config.toml build --release \
+    --manifest-path tests/guest/Cargo.toml \
+    --target-dir target/guest-build
+
+built=target/guest-build/x86_64-unknown-linux-gnu/release/testguest
+out=target/guest/testguest.elf
+mkdir -p target/guest
+cp "$built" "$out"
+
+# Instruction lines only; the 32-bit trampoline (.boot32) is decoded as
+# i386, everything else as x86_64.
+disasm="$( {
+    objdump -d --no-show-raw-insn -M i386 -j .boot32 "$out"
+    objdump -d --no-show-raw-insn -j .text "$out"
+} | grep -E '^ *[0-9a-f]+:' )"
+# What the guest must not contain: SSE/AVX/MMX registers and x87 instructions
+# (mnemonics starting with "f"; no FPU state is set up and the host may lack
+# XSAVE), and instructions the emulating nested KVM does not implement.
+forbidden='%([xyz]mm[0-9]+|mm[0-7]|st(\([0-7]\))?)\b|:[[:space:]]+f[a-z0-9]*([[:space:]]|$)|\b(cmpxchg16b|xsave[a-z0-9]*|xrstor[a-z0-9]*|int3)\b'
+if bad="$(grep -E "$forbidden" <<<"$disasm")"; then
+    echo "build-guest: $out uses instructions the test guest must not use:" >&2
+    echo "$bad" | head -20 >&2
+    echo "build-guest: (no SSE/AVX/x87 registers, cmpxchg16b, xsave, xrstor or int3)" >&2
+    exit 1
+fi
+
+echo "$root/$out"

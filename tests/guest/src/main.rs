@@ -1,0 +1,165 @@
+//! testguest: a freestanding x86_64 guest for testing the VMM.
+//!
+//! Booted through PVH (see `boot.rs`), it reports over COM1, one
+//! `testguest: ...` line per fact: hello, the command line, RAM from the PVH
+//! memory map, the RSDP, each ACPI table, the enabled CPU count; in `echo`
+//! mode it echoes serial input lines; then it powers off through ACPI.
+//! Any failure prints `testguest: FAIL <reason>` and powers off.
+//!
+//! It runs under emulating nested KVM at about a million instructions per
+//! second and without SSE, so it uses integer code only and does little work.
+
+#![no_std]
+#![no_main]
+
+mod acpi;
+mod boot;
+mod mem;
+mod phys;
+mod port;
+mod power;
+mod pvh;
+mod serial;
+
+use core::fmt;
+use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use acpi::{Fadt, Madt, Table};
+use serial::{say, Bytes};
+
+/// Longest echoed line; the rest of a longer line is dropped.
+const ECHO_LINE_MAX: usize = 256;
+
+/// Why the guest gave up, printed as `testguest: FAIL <reason>[ at <addr>]`.
+pub struct Fail {
+    reason: &'static str,
+    addr: Option<u64>,
+}
+
+impl Fail {
+    pub const fn new(reason: &'static str) -> Self {
+        Self { reason, addr: None }
+    }
+
+    pub const fn at(reason: &'static str, addr: u64) -> Self {
+        Self {
+            reason,
+            addr: Some(addr),
+        }
+    }
+}
+
+impl fmt::Display for Fail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason)?;
+        match self.addr {
+            Some(addr) => write!(f, " at {addr:#x}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Called by the `boot.rs` trampoline in 64-bit mode with the physical
+/// address of `hvm_start_info`.
+#[no_mangle]
+pub extern "C" fn testguest_main(start_info: u32) -> ! {
+    serial::init();
+    say!("hello");
+    if let Err(fail) = run(u64::from(start_info)) {
+        say!("FAIL {fail}");
+    }
+    power::off()
+}
+
+fn run(start_info: u64) -> Result<(), Fail> {
+    let info = pvh::StartInfo::read(start_info)?;
+    let cmdline = info.cmdline();
+    say!("cmdline {}", Bytes(cmdline));
+
+    let ram = info.ram_bytes()?.ok_or(Fail::new("no memory map"))?;
+    // Rounded to the nearest MiB: firmware holes (640 KiB..1 MiB) keep the
+    // exact sum just under the configured size. The exact figure follows.
+    say!("memory {} MiB ({} KiB)", (ram + (1 << 19)) >> 20, ram >> 10);
+
+    let rsdp = acpi::Rsdp::find(info.rsdp_paddr)?;
+    say!("rsdp {:#x} {}", rsdp.addr, rsdp.source);
+
+    let madt = walk_acpi(&rsdp)?;
+    say!("cpus {}", madt.enabled_cpus()?);
+
+    if cmdline
+        .split(u8::is_ascii_whitespace)
+        .any(|word| word == b"echo")
+    {
+        echo();
+    }
+    Ok(())
+}
+
+/// Checks and names every table of the RSDT/XSDT (and the FADT's DSDT right
+/// after the FADT); hands the FADT to `power` and returns the MADT.
+fn walk_acpi(rsdp: &acpi::Rsdp) -> Result<Madt, Fail> {
+    let root = rsdp.root()?;
+    let mut have_fadt = false;
+    let mut madt = None;
+    for addr in root.entries() {
+        let table = Table::load(addr)?;
+        let signature = table.signature();
+        say!("acpi {}", Bytes(&signature));
+        match signature {
+            Fadt::SIGNATURE => {
+                let fadt = Fadt(table);
+                power::set_fadt(&fadt);
+                have_fadt = true;
+                say!("acpi {}", Bytes(&fadt.dsdt()?.signature()));
+            }
+            Madt::SIGNATURE => madt = Some(Madt(table)),
+            _ => {}
+        }
+    }
+    if !have_fadt {
+        return Err(Fail::new("no FADT (FACP) table"));
+    }
+    madt.ok_or(Fail::new("no MADT (APIC) table"))
+}
+
+/// Echoes serial input line by line until the line `poweroff`.
+fn echo() {
+    say!("echo ready");
+    let mut line = [0u8; ECHO_LINE_MAX];
+    let mut len = 0;
+    loop {
+        match serial::read_byte() {
+            b'\r' | b'\n' => {
+                if len == 0 {
+                    continue;
+                }
+                say!("echo {}", Bytes(&line[..len]));
+                if line[..len] == *b"poweroff" {
+                    return;
+                }
+                len = 0;
+            }
+            byte if len < line.len() => {
+                line[len] = byte;
+                len += 1;
+            }
+            _ => {}
+        }
+    }
+}
+
+static PANICKING: AtomicBool = AtomicBool::new(false);
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    if PANICKING.swap(true, Ordering::Relaxed) {
+        power::halt();
+    }
+    match info.location() {
+        Some(at) => say!("PANIC at {}:{}: {}", at.file(), at.line(), info.message()),
+        None => say!("PANIC {}", info.message()),
+    }
+    power::off()
+}
