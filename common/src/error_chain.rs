@@ -40,7 +40,10 @@ mod tests {
 
     #[test]
     fn renders_whole_chain_on_one_line() {
-        let err = Outer(std::io::Error::new(std::io::ErrorKind::NotFound, "not found"));
+        let err = Outer(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "not found",
+        ));
         assert_eq!(render(&err), "cannot open \"disk.img\": not found");
     }
 }

@@ -77,15 +77,19 @@ pub fn build(kvm: &Kvm, config: &VmConfig) -> Result<BuiltVm, BuildError> {
         .map_err(BuildError::SerialIrqfd)?;
     let out: serial::ConsoleOut = match &config.serial {
         SerialMode::Stdio => serial::stdout_sink(),
-        SerialMode::File(path) => Box::new(
-            File::create(path).map_err(|e| BuildError::SerialFile(path.clone(), e))?,
-        ),
+        SerialMode::File(path) => {
+            Box::new(File::create(path).map_err(|e| BuildError::SerialFile(path.clone(), e))?)
+        }
         SerialMode::Off => Box::new(std::io::sink()),
     };
     let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
 
     let mut pio = PioBus::default();
-    pio.insert(layout::ports::SERIAL_BASE, layout::ports::SERIAL_LEN, serial.clone())?;
+    pio.insert(
+        layout::ports::SERIAL_BASE,
+        layout::ports::SERIAL_LEN,
+        serial.clone(),
+    )?;
     pio.insert(
         acpi_pm::PORT_BASE,
         acpi_pm::PORT_LEN,
@@ -124,7 +128,13 @@ pub fn build(kvm: &Kvm, config: &VmConfig) -> Result<BuiltVm, BuildError> {
     let supported_msrs = msr_list.as_slice();
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
-        vcpus.push(Vcpu::new(&vm, id, config.cpus, &base_cpuid, supported_msrs)?);
+        vcpus.push(Vcpu::new(
+            &vm,
+            id,
+            config.cpus,
+            &base_cpuid,
+            supported_msrs,
+        )?);
     }
     vcpus[0].setup_boot_entry(&ram.memory, boot_info.entry)?;
     log::info!(

@@ -72,7 +72,9 @@ impl PioBus {
 /// Locks a device; a device whose lock was poisoned by a panicking vCPU
 /// thread is still usable (its state is plain data).
 pub fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -24,11 +24,21 @@ pub struct Args {
     pub cmdline: String,
 
     /// Number of vCPUs (1 to the host KVM's limit).
-    #[arg(long, value_name = "N", default_value = "1")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "1",
+        allow_hyphen_values = true
+    )]
     pub cpus: String,
 
     /// Guest RAM size, in bytes or with a K, M, G or T suffix (powers of 1024).
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "512M",
+        allow_hyphen_values = true
+    )]
     pub memory: String,
 
     /// Where the 16550 console at 0x3f8 goes: `stdio` (stdin is forwarded;

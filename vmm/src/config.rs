@@ -231,6 +231,9 @@ mod tests {
         let mut missing = args("1", "1G", "off");
         missing.kernel = "/nonexistent/kernel".into();
         let err = VmConfig::from_args(missing, HOST).unwrap_err();
-        assert_eq!(err, ConfigError::KernelMissing("/nonexistent/kernel".into()));
+        assert_eq!(
+            err,
+            ConfigError::KernelMissing("/nonexistent/kernel".into())
+        );
     }
 }

@@ -202,6 +202,9 @@ impl Fadt {
     const X_DSDT: usize = 140;
     const X_PM1A_CNT_BLK: usize = 172;
     const SLEEP_CONTROL_REG: usize = 244;
+    const FLAG_RESET_REG_SUP: u32 = 1 << 10;
+    const RESET_REG: usize = 116;
+    const RESET_VALUE: usize = 128;
 
     fn u32_field(&self, off: usize) -> Option<u32> {
         self.0.bytes.get(off..off + 4).map(|b| u32_at(b, 0))
@@ -227,6 +230,18 @@ impl Fadt {
     pub fn hw_reduced(&self) -> bool {
         self.u32_field(Self::FLAGS)
             .is_some_and(|f| f & Self::FLAG_HW_REDUCED_ACPI != 0)
+    }
+
+    /// RESET_REG and RESET_VALUE, if the FADT says the register is supported.
+    pub fn reset_register(&self) -> Option<(Gas, u8)> {
+        let supported = self
+            .u32_field(Self::FLAGS)
+            .is_some_and(|f| f & Self::FLAG_RESET_REG_SUP != 0);
+        if !supported {
+            return None;
+        }
+        let value = *self.0.bytes.get(Self::RESET_VALUE)?;
+        Some((Gas::at(self.0.bytes, Self::RESET_REG)?, value))
     }
 
     /// SLEEP_CONTROL_REG (hardware-reduced ACPI), if present.

@@ -3,7 +3,9 @@
 //! Booted through PVH (see `boot.rs`), it reports over COM1, one
 //! `testguest: ...` line per fact: hello, the command line, RAM from the PVH
 //! memory map, the RSDP, each ACPI table, the enabled CPU count; in `echo`
-//! mode it echoes serial input lines; then it powers off through ACPI.
+//! mode it echoes serial input lines; then it powers off through ACPI, or
+//! with `reset` on the command line resets the machine, or with
+//! `triplefault` crashes it.
 //! Any failure prints `testguest: FAIL <reason>` and powers off.
 //!
 //! It runs under emulating nested KVM at about a million instructions per
@@ -88,11 +90,15 @@ fn run(start_info: u64) -> Result<(), Fail> {
     let madt = walk_acpi(&rsdp)?;
     say!("cpus {}", madt.enabled_cpus()?);
 
-    if cmdline
-        .split(u8::is_ascii_whitespace)
-        .any(|word| word == b"echo")
-    {
+    let has_word = |wanted: &[u8]| cmdline.split(u8::is_ascii_whitespace).any(|w| w == wanted);
+    if has_word(b"echo") {
         echo();
+    }
+    if has_word(b"reset") {
+        power::reset();
+    }
+    if has_word(b"triplefault") {
+        power::triple_fault();
     }
     Ok(())
 }

@@ -1,4 +1,6 @@
-//! Powering the machine off: ACPI S5, then QEMU's isa-debug-exit, then halt.
+//! Powering the machine off (ACPI S5, then QEMU's isa-debug-exit, then
+//! halt), resetting it (the FADT reset register, then port 0xCF9), and
+//! crashing it on purpose (a triple fault).
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -35,13 +37,49 @@ pub fn off() -> ! {
         if let Ok(table) = Table::load(fadt_addr) {
             acpi_off(&Fadt(table));
         }
-        for _ in 0..SPIN {
-            // SAFETY: `pause` is a spin-wait hint with no other effect.
-            unsafe { asm!("pause", options(nomem, nostack, preserves_flags)) }
-        }
+        spin();
     }
     outb(DEBUG_EXIT_PORT, 0);
     halt()
+}
+
+/// PCI reset control register: "reset CPU" with "full reset".
+const RESET_CONTROL_PORT: u16 = 0xcf9;
+const RESET_CONTROL_FULL: u8 = 0x6;
+
+/// Prints `reset` and resets the machine.
+pub fn reset() -> ! {
+    say!("reset");
+    let fadt_addr = FADT_ADDR.load(Ordering::Relaxed);
+    if fadt_addr != 0 {
+        if let Ok(table) = Table::load(fadt_addr) {
+            if let Some((reg, value)) = Fadt(table).reset_register() {
+                write8(&reg, value);
+            }
+        }
+        spin();
+    }
+    outb(RESET_CONTROL_PORT, RESET_CONTROL_FULL);
+    halt()
+}
+
+/// Prints `triplefault`, then loads an empty IDT and raises #UD: with no
+/// handler for the exception nor for the double fault, the CPU shuts down.
+pub fn triple_fault() -> ! {
+    say!("triplefault");
+    let empty_idt = [0u16; 5];
+    // SAFETY: deliberately crashes the machine; `empty_idt` is a valid
+    // 10-byte IDT descriptor (limit 0, base 0) for `lidt` to read.
+    unsafe {
+        asm!("lidt [{0}]", "ud2", in(reg) empty_idt.as_ptr(), options(noreturn, nostack));
+    }
+}
+
+fn spin() {
+    for _ in 0..SPIN {
+        // SAFETY: `pause` is a spin-wait hint with no other effect.
+        unsafe { asm!("pause", options(nomem, nostack, preserves_flags)) }
+    }
 }
 
 /// Enters S5 through the FADT: SLEEP_CONTROL_REG on hardware-reduced ACPI,

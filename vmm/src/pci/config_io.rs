@@ -58,7 +58,9 @@ impl PioDevice for PciConfigIo {
                 let device = ((self.address >> 11) & 0x1f) as u8;
                 let function = ((self.address >> 8) & 0x7) as u8;
                 let register = (self.address & 0xfc) as u8;
-                let value = self.config_read(bus, device, function, register).to_le_bytes();
+                let value = self
+                    .config_read(bus, device, function, register)
+                    .to_le_bytes();
                 let start = usize::from(offset - 4);
                 for (i, byte) in data.iter_mut().enumerate() {
                     *byte = value.get(start + i).copied().unwrap_or(0xff);

@@ -73,11 +73,16 @@ mod tests {
     fn memory_above_the_hole_is_backed_by_the_same_file() {
         let ram = create_guest_ram(3 << 30 | 4 << 20).unwrap();
         assert_eq!(ram.memory.num_regions(), 2);
-        ram.memory.write_obj(0x1234_5678u32, GuestAddress(1 << 32)).unwrap();
+        ram.memory
+            .write_obj(0x1234_5678u32, GuestAddress(1 << 32))
+            .unwrap();
         let mut bytes = [0u8; 4];
         use std::os::unix::fs::FileExt;
         ram.file.read_exact_at(&mut bytes, 3 << 30).unwrap();
         assert_eq!(u32::from_le_bytes(bytes), 0x1234_5678);
-        assert!(ram.memory.read_obj::<u32>(GuestAddress(0xd000_0000)).is_err());
+        assert!(ram
+            .memory
+            .read_obj::<u32>(GuestAddress(0xd000_0000))
+            .is_err());
     }
 }

@@ -51,7 +51,9 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 
 /// Creates the VM with its platform interrupt controllers and guest memory.
 pub fn create_vm(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, VmError> {
-    let vm = kvm.create_vm().map_err(|e| VmError::Kvm("create the VM", e))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmError::Kvm("create the VM", e))?;
     vm.set_tss_address(layout::KVM_TSS_START as usize)
         .map_err(|e| VmError::Kvm("set the TSS address", e))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)

@@ -5,13 +5,15 @@
 //! registers, which are I/O ports handled by `devices::acpi_pm`.
 
 use acpi_tables::aml;
-use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -59,7 +61,10 @@ fn dsdt(memory_bytes: u64) -> Vec<u8> {
 
     // 64-bit MMIO window: from the end of RAM (or 4 GiB) up to 64 GiB past it.
     let mmio64_start = layout::MEM_32BIT_GAP_END
-        .max(memory_bytes - memory_bytes.min(layout::MEM_32BIT_GAP_START) + layout::MEM_32BIT_GAP_END)
+        .max(
+            memory_bytes - memory_bytes.min(layout::MEM_32BIT_GAP_START)
+                + layout::MEM_32BIT_GAP_END,
+        )
         .next_multiple_of(1 << 30);
     let mmio64_end = mmio64_start + (64 << 30) - 1;
 
@@ -106,7 +111,12 @@ fn dsdt(memory_bytes: u64) -> Vec<u8> {
     .to_aml_bytes(&mut dsdt);
 
     let com1_hid = aml::EISAName::new("PNP0501");
-    let com1_io = aml::IO::new(ports::SERIAL_BASE, ports::SERIAL_BASE, 1, ports::SERIAL_LEN as u8);
+    let com1_io = aml::IO::new(
+        ports::SERIAL_BASE,
+        ports::SERIAL_BASE,
+        1,
+        ports::SERIAL_LEN as u8,
+    );
     let com1_irq = aml::Interrupt::new(true, true, false, false, ports::SERIAL_IRQ);
     let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
     aml::Device::new(

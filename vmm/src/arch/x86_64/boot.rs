@@ -11,9 +11,11 @@ use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use thiserror::Error;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
@@ -41,7 +43,9 @@ pub enum BootError {
     NoPvhEntry(PathBuf),
     #[error("--kernel {0:?}: cannot load the bzImage")]
     LoadBzImage(PathBuf, #[source] linux_loader::loader::Error),
-    #[error("--kernel {0:?}: the bzImage does not support the 64-bit boot protocol (version {1:#x})")]
+    #[error(
+        "--kernel {0:?}: the bzImage does not support the 64-bit boot protocol (version {1:#x})"
+    )]
     OldBzImage(PathBuf, u16),
     #[error("--cmdline: invalid or longer than {max} bytes")]
     Cmdline {
@@ -54,7 +58,11 @@ pub enum BootError {
     #[error("cannot read the initramfs {0:?}")]
     ReadInitramfs(PathBuf, #[source] std::io::Error),
     #[error("--initramfs {path:?}: {size} bytes do not fit in guest RAM below {limit:#x}")]
-    InitramfsTooLarge { path: PathBuf, size: u64, limit: u64 },
+    InitramfsTooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("cannot write the initramfs to guest memory")]
     WriteInitramfs(#[source] vm_memory::GuestMemoryError),
     #[error("cannot write the boot information to guest memory")]
@@ -87,8 +95,13 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError
     file.seek(SeekFrom::Start(0))
         .map_err(|e| BootError::OpenKernel(path.to_path_buf(), e))?;
     if is_elf {
-        let result = Elf::load(mem, None, &mut file, Some(GuestAddress(layout::HIGH_RAM_START)))
-            .map_err(|e| BootError::LoadElf(path.to_path_buf(), e))?;
+        let result = Elf::load(
+            mem,
+            None,
+            &mut file,
+            Some(GuestAddress(layout::HIGH_RAM_START)),
+        )
+        .map_err(|e| BootError::LoadElf(path.to_path_buf(), e))?;
         return match result.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel::Pvh {
                 entry: entry.0,
@@ -97,7 +110,12 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError
             _ => Err(BootError::NoPvhEntry(path.to_path_buf())),
         };
     }
-    match BzImage::load(mem, None, &mut file, Some(GuestAddress(layout::HIGH_RAM_START))) {
+    match BzImage::load(
+        mem,
+        None,
+        &mut file,
+        Some(GuestAddress(layout::HIGH_RAM_START)),
+    ) {
         Ok(result) => {
             let header = result
                 .setup_header

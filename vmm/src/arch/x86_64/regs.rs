@@ -2,7 +2,9 @@
 //! protocols (PVH 32-bit protected mode, Linux 64-bit long mode), the boot
 //! GDT and page tables in guest memory, FPU, MSRs and the local APIC.
 
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
+};
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
@@ -149,7 +151,8 @@ pub fn setup_sregs(vcpu: &VcpuFd, mode: EntryMode) -> Result<(), RegsError> {
             sregs.efer = EFER_LME | EFER_LMA;
         }
     }
-    vcpu.set_sregs(&sregs).map_err(|e| RegsError::Kvm("sregs", e))
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| RegsError::Kvm("sregs", e))
 }
 
 /// Sets the general registers of the boot processor.
@@ -180,7 +183,8 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu).map_err(|e| RegsError::Kvm("FPU state", e))
+    vcpu.set_fpu(&fpu)
+        .map_err(|e| RegsError::Kvm("FPU state", e))
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -264,10 +268,19 @@ fn set_apic_delivery_mode(reg: u32, mode: u32) -> u32 {
 pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let mut lapic = vcpu.get_lapic().map_err(|e| RegsError::Kvm("LAPIC", e))?;
     let lvt0 = get_klapic_reg(&lapic, APIC_LVT0);
-    set_klapic_reg(&mut lapic, APIC_LVT0, set_apic_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_klapic_reg(
+        &mut lapic,
+        APIC_LVT0,
+        set_apic_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = get_klapic_reg(&lapic, APIC_LVT1);
-    set_klapic_reg(&mut lapic, APIC_LVT1, set_apic_delivery_mode(lvt1, APIC_MODE_NMI));
-    vcpu.set_lapic(&lapic).map_err(|e| RegsError::Kvm("LAPIC", e))
+    set_klapic_reg(
+        &mut lapic,
+        APIC_LVT1,
+        set_apic_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
+    vcpu.set_lapic(&lapic)
+        .map_err(|e| RegsError::Kvm("LAPIC", e))
 }
 
 #[cfg(test)]

@@ -1,0 +1,218 @@
+//! Spawning the vmm and watching its console.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How a test VM is started.
+#[derive(Debug, Clone)]
+pub struct VmBuilder {
+    kernel: PathBuf,
+    cmdline: String,
+    cpus: u32,
+    memory: String,
+    extra: Vec<String>,
+}
+
+impl VmBuilder {
+    pub fn new(kernel: impl AsRef<Path>) -> Self {
+        VmBuilder {
+            kernel: kernel.as_ref().to_path_buf(),
+            cmdline: String::new(),
+            cpus: 1,
+            memory: "512M".into(),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn cmdline(mut self, cmdline: &str) -> Self {
+        self.cmdline = cmdline.into();
+        self
+    }
+
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.cpus = cpus;
+        self
+    }
+
+    pub fn memory(mut self, memory: &str) -> Self {
+        self.memory = memory.into();
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra.push(arg.into());
+        self
+    }
+
+    /// The full command line (serial on stdout).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(crate::vmm_bin());
+        cmd.arg("--kernel")
+            .arg(&self.kernel)
+            .arg("--cmdline")
+            .arg(&self.cmdline)
+            .arg("--cpus")
+            .arg(self.cpus.to_string())
+            .arg("--memory")
+            .arg(&self.memory)
+            .arg("--serial")
+            .arg("stdio")
+            .args(&self.extra);
+        cmd
+    }
+
+    /// Starts the VM with the console on a pipe.
+    pub fn spawn(&self) -> RunningVm {
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("cannot start the vmm");
+        let console = Output::capture(child.stdout.take().expect("piped stdout"));
+        let stderr = Output::capture(child.stderr.take().expect("piped stderr"));
+        RunningVm {
+            child,
+            console,
+            stderr,
+        }
+    }
+}
+
+/// What has been read so far, and whether the pipe has closed.
+type Captured = Mutex<(Vec<u8>, bool)>;
+
+/// Bytes read from a pipe by a background thread.
+#[derive(Clone, Default)]
+pub struct Output {
+    inner: Arc<(Captured, Condvar)>,
+}
+
+impl Output {
+    pub fn capture(mut source: impl Read + Send + 'static) -> Self {
+        let output = Output::default();
+        let inner = output.inner.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = source.read(&mut buf).unwrap_or(0);
+                let (lock, cvar) = &*inner;
+                let mut state = lock.lock().expect("output lock");
+                if n == 0 {
+                    state.1 = true;
+                    cvar.notify_all();
+                    return;
+                }
+                state.0.extend_from_slice(&buf[..n]);
+                cvar.notify_all();
+            }
+        });
+        output
+    }
+
+    pub fn text(&self) -> String {
+        let state = self.inner.0.lock().expect("output lock");
+        String::from_utf8_lossy(&state.0).into_owned()
+    }
+
+    /// Waits until a complete line (ended by a newline) contains `pattern`;
+    /// returns that line without its line ending.
+    pub fn wait_for(&self, pattern: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cvar) = &*self.inner;
+        let mut state = lock.lock().expect("output lock");
+        loop {
+            let text = String::from_utf8_lossy(&state.0);
+            let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(line) = complete.lines().find(|l| l.contains(pattern)) {
+                return Ok(line.trim_end_matches('\r').to_string());
+            }
+            let now = Instant::now();
+            if state.1 || now >= deadline {
+                let why = if state.1 {
+                    "output closed"
+                } else {
+                    "timed out"
+                };
+                return Err(format!(
+                    "{why} waiting for {pattern:?}; output so far:\n{}",
+                    tail(&text, 60)
+                ));
+            }
+            state = cvar
+                .wait_timeout(state, deadline - now)
+                .expect("output lock")
+                .0;
+        }
+    }
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A running vmm; killed (SIGKILL) and reaped on drop.
+pub struct RunningVm {
+    pub child: Child,
+    pub console: Output,
+    pub stderr: Output,
+}
+
+impl RunningVm {
+    /// Waits for a console line containing `pattern`, panicking with the
+    /// console and log tails on timeout.
+    pub fn expect_line(&self, pattern: &str, timeout: Duration) -> String {
+        match self.console.wait_for(pattern, timeout) {
+            Ok(line) => line,
+            Err(e) => panic!("{e}\nvmm stderr:\n{}", tail(&self.stderr.text(), 30)),
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "the vmm did not exit within {timeout:?}; console:\n{}\nstderr:\n{}",
+                    tail(&self.console.text(), 40),
+                    tail(&self.stderr.text(), 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    /// Asserts that no line reports a guest failure.
+    pub fn assert_no_guest_failure(&self) {
+        let text = self.console.text();
+        for line in text.lines() {
+            assert!(
+                !line.contains("testguest: FAIL") && !line.contains("testguest: PANIC"),
+                "the guest reported a failure: {line}\nconsole:\n{text}"
+            );
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,127 @@
+//! Bad command-line input: a one-line error naming the value, a non-zero
+//! exit, at once, and no guest run.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use vmm_tests::{test_guest, vmm_bin};
+
+fn run_vmm(args: &[&str]) -> (i32, String, String) {
+    let start = Instant::now();
+    let out = Command::new(vmm_bin())
+        .args(args)
+        .output()
+        .expect("cannot run the vmm");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the vmm took {:?} to reject {args:?}",
+        start.elapsed()
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs with the test guest as kernel plus `args`; expects a rejection
+/// whose message names `needle`.
+fn rejected(args: &[&str], needle: &str) {
+    let guest = test_guest();
+    let mut all = vec!["--kernel", guest.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    rejected_raw(&all, needle);
+}
+
+fn rejected_raw(args: &[&str], needle: &str) {
+    let (code, stdout, stderr) = run_vmm(args);
+    assert_ne!(code, 0, "{args:?} was accepted; stderr: {stderr}");
+    assert!(
+        !stdout.contains("testguest:"),
+        "a guest ran for {args:?}: {stdout}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "the error for {args:?} does not name {needle:?}: {stderr}"
+    );
+    let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(error_lines.len(), 1, "not one error line: {stderr}");
+}
+
+#[test]
+fn missing_kernel() {
+    rejected_raw(
+        &["--kernel", "/nonexistent/vmlinuz"],
+        "/nonexistent/vmlinuz",
+    );
+}
+
+#[test]
+fn kernel_that_is_not_a_kernel() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junk = dir.path().join("junk.bin");
+    let bytes: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&junk, bytes).expect("write junk");
+    rejected_raw(&["--kernel", junk.to_str().expect("utf-8")], "junk.bin");
+}
+
+#[test]
+fn kernel_that_is_a_directory() {
+    rejected_raw(&["--kernel", "/tmp"], "/tmp");
+}
+
+#[test]
+fn missing_initramfs() {
+    rejected(
+        &["--initramfs", "/nonexistent/initrd.img"],
+        "/nonexistent/initrd.img",
+    );
+}
+
+#[test]
+fn memory_zero() {
+    rejected(&["--memory", "0"], "--memory \"0\"");
+}
+
+#[test]
+fn memory_more_than_the_host() {
+    rejected(&["--memory", "100T"], "100T");
+}
+
+#[test]
+fn memory_garbled() {
+    rejected(&["--memory", "12Q"], "12Q");
+    rejected(&["--memory", "abc"], "abc");
+    rejected(&["--memory", "-1G"], "-1G");
+}
+
+#[test]
+fn cpus_zero() {
+    rejected(&["--cpus", "0"], "--cpus 0");
+    rejected(&["--cpus", "-2"], "-2");
+}
+
+#[test]
+fn cpus_above_the_limit() {
+    rejected(&["--cpus", "100000"], "100000");
+}
+
+#[test]
+fn cpus_not_a_number() {
+    rejected(&["--cpus", "two"], "two");
+}
+
+#[test]
+fn serial_mode_unknown() {
+    rejected(&["--serial", "bogus"], "bogus");
+    rejected(&["--serial", "file="], "file=");
+}
+
+#[test]
+fn unknown_option_is_a_usage_error() {
+    let (code, _, stderr) = run_vmm(&["--kernel", "x", "--frobnicate"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--frobnicate"), "{stderr}");
+}

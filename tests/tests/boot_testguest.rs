@@ -1,0 +1,73 @@
+//! Boots the test guest with several vCPU counts and memory sizes and checks
+//! what it reports: the CPUs in the MADT, the RAM in the PVH memory map, the
+//! ACPI tables, and a clean power-off (exit 0).
+
+use std::time::Duration;
+
+use vmm_tests::vm::VmBuilder;
+use vmm_tests::{require_kvm, test_guest};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The E820 map reserves the legacy hole 0xA0000..0x100000.
+const LEGACY_HOLE_KIB: u64 = 384;
+
+fn boot_and_check(cpus: u32, memory_mib: u64) {
+    require_kvm();
+    let memory = format!("{memory_mib}M");
+    let mut vm = VmBuilder::new(test_guest())
+        .cpus(cpus)
+        .memory(&memory)
+        .cmdline("boot test")
+        .spawn();
+    vm.expect_line("testguest: hello", BOOT_TIMEOUT);
+    vm.expect_line("testguest: cmdline boot test", BOOT_TIMEOUT);
+    let mem_line = vm.expect_line("testguest: memory ", BOOT_TIMEOUT);
+    assert_eq!(
+        mem_line,
+        format!(
+            "testguest: memory {memory_mib} MiB ({} KiB)",
+            memory_mib * 1024 - LEGACY_HOLE_KIB
+        ),
+        "RAM reported for --memory {memory}"
+    );
+    vm.expect_line("testguest: rsdp 0xe0000 search", BOOT_TIMEOUT);
+    for table in ["FACP", "DSDT", "APIC"] {
+        vm.expect_line(&format!("testguest: acpi {table}"), BOOT_TIMEOUT);
+    }
+    let cpu_line = vm.expect_line("testguest: cpus ", BOOT_TIMEOUT);
+    assert_eq!(cpu_line, format!("testguest: cpus {cpus}"));
+    vm.expect_line("testguest: poweroff", BOOT_TIMEOUT);
+    let status = vm.wait_exit(BOOT_TIMEOUT);
+    vm.assert_no_guest_failure();
+    assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr.text());
+}
+
+#[test]
+fn one_cpu_64m() {
+    boot_and_check(1, 64);
+}
+
+#[test]
+fn one_cpu_512m() {
+    boot_and_check(1, 512);
+}
+
+#[test]
+fn four_cpus_3g() {
+    boot_and_check(4, 3 * 1024);
+}
+
+#[test]
+fn four_cpus_5g_crosses_the_pci_hole() {
+    boot_and_check(4, 5 * 1024);
+}
+
+#[test]
+fn two_cpus_16g() {
+    boot_and_check(2, 16 * 1024);
+}
+
+#[test]
+fn eight_cpus_128m() {
+    boot_and_check(8, 128);
+}
