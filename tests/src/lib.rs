@@ -6,6 +6,7 @@
 //! `scripts/build-guest.sh`, `scripts/fetch-linux.sh`) to have run first;
 //! a missing artifact fails the test with the path and the command to run.
 
+pub mod backend;
 pub mod pty;
 pub mod vm;
 

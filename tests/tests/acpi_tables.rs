@@ -49,7 +49,7 @@ fn tables_disassemble_without_errors() {
     assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
     assert_eq!(sum(&rsdp), 0, "RSDP extended checksum");
 
-    for sig in ["XSDT", "FACP", "APIC", "DSDT"] {
+    for sig in ["XSDT", "FACP", "APIC", "MCFG", "DSDT"] {
         let path = dir.path().join(format!("{sig}.dat"));
         assert!(path.is_file(), "{} was not written", path.display());
         let dsl = iasl_disassemble(&path);

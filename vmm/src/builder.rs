@@ -12,13 +12,17 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{acpi, boot, layout};
-use crate::bus::PioBus;
+use crate::bus::{MmioBus, PioBus};
 use crate::config::{SerialMode, VmConfig};
 use crate::devices::acpi_pm::{self, AcpiPm};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{self, SerialConsole};
 use crate::exit::ExitNotifier;
+use crate::interrupts::msi::GsiRouter;
+use crate::pci::bus::{BarExitCounters, BarRegion, Ecam, PciBus};
 use crate::pci::config_io::{self, PciConfigIo};
+use crate::vhost_user;
+use crate::virtio::pci::{self as virtio_pci, TransportCounters, VirtioPciDevice};
 use crate::vstate::memory::{self, GuestRam};
 use crate::vstate::vcpu::{self, Vcpu, VcpuContext};
 use crate::vstate::vm;
@@ -49,27 +53,46 @@ pub enum BuildError {
     DumpAcpi(std::path::PathBuf, #[source] std::io::Error),
     #[error("cannot read the CPUID or MSRs KVM supports")]
     KvmCaps(#[source] kvm_ioctls::Error),
+    #[error("--disk")]
+    Disk(#[source] vhost_user::frontend::FrontendError),
+    #[error("cannot create the PCI device for {0}")]
+    Transport(String, #[source] virtio_pci::TransportError),
+    #[error("too many PCI devices")]
+    PciSlots(#[from] crate::pci::bus::NoFreeSlot),
+    #[error("the 32-bit PCI MMIO window is full")]
+    MmioWindowFull,
+}
+
+/// Exit counters of one virtio-pci device, printed when the VM stops.
+pub struct DeviceStats {
+    pub name: String,
+    pub socket: std::path::PathBuf,
+    pub bar: Arc<BarExitCounters>,
+    pub transport: Arc<TransportCounters>,
 }
 
 /// A VM whose vCPUs have not started yet.
 pub struct BuiltVm {
     // Field order matters for drop: vCPUs and the VM go before the memory.
     pub vcpus: Vec<Vcpu>,
-    /// Kept open for the VM's lifetime (devices will add irqfds and ioeventfds).
+    /// Kept open for the VM's lifetime (devices hold irqfds and ioeventfds).
     #[allow(dead_code)]
-    pub vm: VmFd,
+    pub vm: Arc<VmFd>,
     /// Guest RAM must outlive the VM that maps it.
     #[allow(dead_code)]
     pub ram: GuestRam,
     pub exit: Arc<ExitNotifier>,
     pub pio: Arc<PioBus>,
+    pub mmio: Arc<MmioBus>,
     pub serial: Arc<Mutex<SerialConsole>>,
     pub stop: Arc<AtomicBool>,
+    pub devices: Vec<DeviceStats>,
 }
 
 pub fn build(kvm: &Kvm, config: &VmConfig) -> Result<BuiltVm, BuildError> {
     let ram = memory::create_guest_ram(config.memory_bytes)?;
-    let vm = vm::create_vm(kvm, &ram.memory)?;
+    let vm = Arc::new(vm::create_vm(kvm, &ram.memory)?);
+    let router = Arc::new(GsiRouter::new(vm.clone()));
     let exit = Arc::new(ExitNotifier::new().map_err(BuildError::ExitEvent)?);
 
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::SerialIrq)?;
@@ -86,25 +109,78 @@ pub fn build(kvm: &Kvm, config: &VmConfig) -> Result<BuiltVm, BuildError> {
 
     let mut pio = PioBus::default();
     pio.insert(
-        layout::ports::SERIAL_BASE,
-        layout::ports::SERIAL_LEN,
+        u64::from(layout::ports::SERIAL_BASE),
+        u64::from(layout::ports::SERIAL_LEN),
         serial.clone(),
     )?;
     pio.insert(
-        acpi_pm::PORT_BASE,
-        acpi_pm::PORT_LEN,
+        u64::from(acpi_pm::PORT_BASE),
+        u64::from(acpi_pm::PORT_LEN),
         Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
     )?;
     pio.insert(
-        layout::ports::I8042_COMMAND,
+        u64::from(layout::ports::I8042_COMMAND),
         1,
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
     )?;
+    let pci_bus = Arc::new(Mutex::new(PciBus::new()));
     pio.insert(
-        config_io::PORT_BASE,
-        config_io::PORT_LEN,
-        Arc::new(Mutex::new(PciConfigIo::new(exit.clone()))),
+        u64::from(config_io::PORT_BASE),
+        u64::from(config_io::PORT_LEN),
+        Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone(), exit.clone()))),
     )?;
+    let mut mmio = MmioBus::default();
+    mmio.insert(
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+        Arc::new(Mutex::new(Ecam::new(pci_bus.clone()))),
+    )?;
+
+    let mut next_bar = layout::PCI_MMIO32_START;
+    let mut devices = Vec::new();
+    for (index, disk) in config.disks.iter().enumerate() {
+        let device =
+            vhost_user::blk::connect(index, &disk.socket, disk.num_queues, disk.queue_size)
+                .map_err(BuildError::Disk)?;
+        let name = format!("disk{index}");
+        let bar_addr = next_bar.next_multiple_of(virtio_pci::BAR_SIZE);
+        next_bar = bar_addr + virtio_pci::BAR_SIZE;
+        if next_bar > layout::PCI_MMIO32_END {
+            return Err(BuildError::MmioWindowFull);
+        }
+        let transport = VirtioPciDevice::new(
+            Box::new(device),
+            ram.memory.clone(),
+            &vm,
+            router.clone(),
+            bar_addr,
+        )
+        .map_err(|e| BuildError::Transport(name.clone(), e))?;
+        let transport_counters = transport.counters();
+        let transport = Arc::new(Mutex::new(transport));
+        let bar_counters = Arc::new(BarExitCounters::default());
+        let slot = crate::bus::lock(&pci_bus).next_slot()?;
+        crate::bus::lock(&pci_bus).add(slot, transport.clone());
+        mmio.insert(
+            bar_addr,
+            virtio_pci::BAR_SIZE,
+            Arc::new(Mutex::new(BarRegion::new(
+                transport,
+                0,
+                bar_counters.clone(),
+            ))),
+        )?;
+        log::info!(
+            "{name}: vhost-user-blk on {} at PCI 00:{slot:02x}.0, BAR0 {bar_addr:#x}",
+            disk.socket.display()
+        );
+        devices.push(DeviceStats {
+            name,
+            socket: disk.socket.clone(),
+            bar: bar_counters,
+            transport: transport_counters,
+        });
+    }
 
     let tables = acpi::build_tables(config.cpus, config.memory_bytes)?;
     acpi::write_tables(&ram.memory, &tables)?;
@@ -150,8 +226,10 @@ pub fn build(kvm: &Kvm, config: &VmConfig) -> Result<BuiltVm, BuildError> {
         ram,
         exit,
         pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
         serial,
         stop: Arc::new(AtomicBool::new(false)),
+        devices,
     })
 }
 
@@ -174,6 +252,7 @@ impl BuiltVm {
         vcpu::init_kick_signal()?;
         let ctx = VcpuContext {
             pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
             exit: self.exit.clone(),
             stop: self.stop.clone(),
         };

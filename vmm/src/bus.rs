@@ -1,70 +1,80 @@
-//! The port I/O bus: routes a vCPU's IN/OUT exit to the device that owns
-//! the port. Unclaimed ports read as all ones and ignore writes, as on a PC.
+//! Address buses: route a vCPU's port I/O or MMIO exit to the device that
+//! owns the address. Unclaimed addresses read as all ones and ignore
+//! writes, as on a PC.
 
 use std::sync::{Arc, Mutex};
 
-/// A device on the port I/O bus. `offset` is relative to the device's base.
-pub trait PioDevice: Send {
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    fn write(&mut self, offset: u16, data: &[u8]);
+/// A device on a bus. `offset` is relative to the start of the range the
+/// device was inserted at.
+pub trait BusDevice: Send {
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
 struct Range {
-    base: u16,
-    len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<dyn BusDevice>>,
 }
 
+/// The port I/O bus (ports are 16-bit but kept as u64 like MMIO).
+pub type PioBus = Bus;
+/// The MMIO bus (addresses KVM does not handle itself).
+pub type MmioBus = Bus;
+
 #[derive(Default)]
-pub struct PioBus {
+pub struct Bus {
     ranges: Vec<Range>,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("I/O ports {base:#x}+{len} overlap another device")]
+#[error("addresses {base:#x}+{len:#x} overlap another device")]
 pub struct Overlap {
-    pub base: u16,
-    pub len: u16,
+    pub base: u64,
+    pub len: u64,
 }
 
-impl PioBus {
+impl Bus {
     pub fn insert(
         &mut self,
-        base: u16,
-        len: u16,
-        device: Arc<Mutex<dyn PioDevice>>,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<(), Overlap> {
-        let end = u32::from(base) + u32::from(len);
-        if self.ranges.iter().any(|r| {
-            u32::from(base) < u32::from(r.base) + u32::from(r.len) && u32::from(r.base) < end
-        }) {
+        let end = base.saturating_add(len);
+        if len == 0
+            || self
+                .ranges
+                .iter()
+                .any(|r| base < r.base.saturating_add(r.len) && r.base < end)
+        {
             return Err(Overlap { base, len });
         }
         self.ranges.push(Range { base, len, device });
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(&Range, u16)> {
+    fn find(&self, addr: u64) -> Option<(&Range, u64)> {
         self.ranges
             .iter()
-            .find(|r| port >= r.base && u32::from(port) < u32::from(r.base) + u32::from(r.len))
-            .map(|r| (r, port - r.base))
+            .find(|r| addr >= r.base && addr - r.base < r.len)
+            .map(|r| (r, addr - r.base))
     }
 
-    pub fn read(&self, port: u16, data: &mut [u8]) {
-        match self.find(port) {
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
             Some((range, offset)) => lock(&range.device).read(offset, data),
             None => {
-                log::trace!("read from unclaimed port {port:#x}");
+                log::trace!("read from unclaimed address {addr:#x}");
                 data.fill(0xff);
             }
         }
     }
 
-    pub fn write(&self, port: u16, data: &[u8]) {
-        match self.find(port) {
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        match self.find(addr) {
             Some((range, offset)) => lock(&range.device).write(offset, data),
-            None => log::trace!("write {data:x?} to unclaimed port {port:#x}"),
+            None => log::trace!("write {data:x?} to unclaimed address {addr:#x}"),
         }
     }
 }
@@ -82,20 +92,21 @@ mod tests {
     use super::*;
 
     struct Echo(u8);
-    impl PioDevice for Echo {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+    impl BusDevice for Echo {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(self.0 + offset as u8);
         }
-        fn write(&mut self, _offset: u16, data: &[u8]) {
+        fn write(&mut self, _offset: u64, data: &[u8]) {
             self.0 = data[0];
         }
     }
 
     #[test]
-    fn routes_by_port_and_rejects_overlaps() {
-        let mut bus = PioBus::default();
+    fn routes_by_address_and_rejects_overlaps() {
+        let mut bus = Bus::default();
         bus.insert(0x10, 4, Arc::new(Mutex::new(Echo(1)))).unwrap();
         assert!(bus.insert(0x13, 2, Arc::new(Mutex::new(Echo(0)))).is_err());
+        assert!(bus.insert(0x20, 0, Arc::new(Mutex::new(Echo(0)))).is_err());
         let mut data = [0u8; 1];
         bus.read(0x12, &mut data);
         assert_eq!(data, [3]);

@@ -46,6 +46,15 @@ pub struct Args {
     #[arg(long, value_name = "MODE", default_value = "stdio")]
     pub serial: String,
 
+    /// A virtio-blk disk served by a vhost-user backend listening on PATH
+    /// (our vhost-blk, qemu-storage-daemon, ...). Repeatable. num_queues
+    /// defaults to 1, queue_size to 256.
+    #[arg(
+        long = "disk",
+        value_name = "socket=PATH[,num_queues=N][,queue_size=N]"
+    )]
+    pub disks: Vec<String>,
+
     /// Also write every ACPI table the VM gets to DIR/<SIGNATURE>.dat
     /// (e.g. for `iasl -d`), then boot as usual.
     #[arg(long, value_name = "DIR")]

@@ -18,7 +18,20 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     pub serial: SerialMode,
     pub dump_acpi: Option<PathBuf>,
+    pub disks: Vec<DiskConfig>,
 }
+
+/// A vhost-user-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub socket: PathBuf,
+    pub num_queues: usize,
+    pub queue_size: u16,
+}
+
+/// Most queues a device may ask for (one MSI-X vector each, plus one).
+pub const MAX_QUEUES: usize = 64;
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +79,8 @@ pub enum ConfigError {
     InitramfsNotFile(PathBuf),
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
+    #[error("--disk {value:?}: {why}")]
+    Disk { value: String, why: String },
 }
 
 impl VmConfig {
@@ -91,7 +106,13 @@ impl VmConfig {
                 Ok(_) => {}
             }
         }
+        let disks = args
+            .disks
+            .iter()
+            .map(|text| parse_disk(text))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(VmConfig {
+            disks,
             kernel: args.kernel,
             initramfs: args.initramfs,
             cmdline: args.cmdline,
@@ -157,6 +178,50 @@ fn parse_memory(text: &str, host_bytes: u64) -> Result<u64, ConfigError> {
     Ok(bytes & !0xfff)
 }
 
+/// Parses `socket=PATH[,num_queues=N][,queue_size=N]`.
+fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
+    let bad = |why: String| ConfigError::Disk {
+        value: text.to_string(),
+        why,
+    };
+    let mut socket = None;
+    let mut num_queues = 1usize;
+    let mut queue_size = DEFAULT_QUEUE_SIZE;
+    for part in text.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+        match key {
+            "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            "num_queues" => {
+                num_queues = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_QUEUES).contains(n))
+                    .ok_or_else(|| bad(format!("num_queues={value} is not 1 to {MAX_QUEUES}")))?;
+            }
+            "queue_size" => {
+                queue_size = value
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| n.is_power_of_two())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "queue_size={value} is not a power of two up to 32768"
+                        ))
+                    })?;
+            }
+            _ => return Err(bad(format!("unknown or empty option {part:?}"))),
+        }
+    }
+    let socket = socket.ok_or_else(|| bad("socket=PATH is required".into()))?;
+    Ok(DiskConfig {
+        socket,
+        num_queues,
+        queue_size,
+    })
+}
+
 fn parse_serial(text: &str) -> Result<SerialMode, ConfigError> {
     match text {
         "stdio" => Ok(SerialMode::Stdio),
@@ -186,6 +251,7 @@ mod tests {
             memory: memory.into(),
             serial: serial.into(),
             dump_acpi: None,
+            disks: Vec::new(),
         }
     }
 
@@ -202,6 +268,34 @@ mod tests {
         assert_eq!(parse_size("-1G"), None);
         assert_eq!(parse_size("99999999999999999999T"), None);
         assert_eq!(parse_size("16777216T"), None);
+    }
+
+    #[test]
+    fn disks_are_parsed_and_checked() {
+        assert_eq!(
+            parse_disk("socket=/run/d.sock,num_queues=2,queue_size=128").unwrap(),
+            DiskConfig {
+                socket: "/run/d.sock".into(),
+                num_queues: 2,
+                queue_size: 128
+            }
+        );
+        assert_eq!(
+            parse_disk("socket=/x").unwrap().queue_size,
+            DEFAULT_QUEUE_SIZE
+        );
+        for bad in [
+            "num_queues=2",
+            "socket=",
+            "socket=/x,num_queues=0",
+            "socket=/x,queue_size=100",
+            "socket=/x,queue_size=65536",
+            "socket=/x,color=red",
+            "/x",
+        ] {
+            let err = parse_disk(bad).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("--disk {bad:?}")), "{err}");
+        }
     }
 
     #[test]

@@ -9,9 +9,12 @@ mod cli;
 mod config;
 mod devices;
 mod exit;
+mod interrupts;
 mod pci;
 mod signals;
 mod terminal;
+mod vhost_user;
+mod virtio;
 mod vstate;
 
 use std::process::ExitCode;
@@ -36,6 +39,22 @@ fn main() -> ExitCode {
             eprintln!("error: {}", vmm_common::error_chain::render(e.as_ref()));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One line per device: the accesses that reached the VMM. Notify writes
+/// should be 0 (KVM ioeventfds take them).
+fn print_device_exits(devices: &[builder::DeviceStats]) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for d in devices {
+        eprintln!(
+            "vmm: {} ({}): {} BAR reads, {} BAR writes, {} notify writes reached the VMM",
+            d.name,
+            d.socket.display(),
+            d.bar.reads.load(Relaxed),
+            d.bar.writes.load(Relaxed),
+            d.transport.notify_exits.load(Relaxed)
+        );
     }
 }
 
@@ -71,5 +90,6 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
     vstate::vcpu::stop_all(&vm.stop, threads, Duration::from_secs(2));
     terminal::restore();
     log::info!("VM stopped: {reason:?}");
+    print_device_exits(&vm.devices);
     Ok(reason)
 }

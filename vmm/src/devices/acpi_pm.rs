@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::arch::x86_64::acpi::SLP_TYP_S5;
 use crate::arch::x86_64::layout::ports;
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 use crate::exit::{ExitNotifier, VmExit};
 
 const SLP_EN: u8 = 1 << 5;
@@ -26,27 +26,24 @@ impl AcpiPm {
     }
 }
 
-impl PioDevice for AcpiPm {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for AcpiPm {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // Sleep status: never "woken"; nothing else is readable.
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
-        match offset + PORT_BASE {
-            ports::ACPI_SLEEP_CONTROL => {
-                let slp_typ = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
-                if value & SLP_EN != 0 && slp_typ == SLP_TYP_S5 {
-                    self.exit.notify(VmExit::PowerOff);
-                } else if value & SLP_EN != 0 {
-                    log::warn!("guest asked for unsupported sleep state {slp_typ}");
-                }
+        let port = u64::from(PORT_BASE) + offset;
+        if port == u64::from(ports::ACPI_SLEEP_CONTROL) {
+            let slp_typ = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
+            if value & SLP_EN != 0 && slp_typ == SLP_TYP_S5 {
+                self.exit.notify(VmExit::PowerOff);
+            } else if value & SLP_EN != 0 {
+                log::warn!("guest asked for unsupported sleep state {slp_typ}");
             }
-            ports::ACPI_RESET if value == ports::ACPI_RESET_VALUE => {
-                self.exit.notify(VmExit::Reset);
-            }
-            _ => {}
+        } else if port == u64::from(ports::ACPI_RESET) && value == ports::ACPI_RESET_VALUE {
+            self.exit.notify(VmExit::Reset);
         }
     }
 }
@@ -69,7 +66,10 @@ mod tests {
     fn reset_register_resets() {
         let exit = Arc::new(ExitNotifier::new().unwrap());
         let mut pm = AcpiPm::new(exit.clone());
-        pm.write(ports::ACPI_RESET - PORT_BASE, &[ports::ACPI_RESET_VALUE]);
+        pm.write(
+            u64::from(ports::ACPI_RESET - PORT_BASE),
+            &[ports::ACPI_RESET_VALUE],
+        );
         assert_eq!(exit.reason(), Some(VmExit::Reset));
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 use crate::exit::{ExitNotifier, VmExit};
 
 const CMD_RESET_CPU: u8 = 0xfe;
@@ -20,13 +20,13 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // i8042 status: output buffer empty, input buffer empty.
         data.fill(0);
     }
 
-    fn write(&mut self, _offset: u16, data: &[u8]) {
+    fn write(&mut self, _offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
         if value == CMD_RESET_CPU {
             self.exit.notify(VmExit::Reset);

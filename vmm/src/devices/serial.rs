@@ -10,7 +10,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::{lock, PioDevice};
+use crate::bus::{lock, BusDevice};
 use crate::exit::{ExitNotifier, VmExit};
 
 /// Raises the UART's interrupt through an eventfd that KVM injects (irqfd).
@@ -70,14 +70,14 @@ impl SerialConsole {
     }
 }
 
-impl PioDevice for SerialConsole {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let Some(first) = data.first_mut() {
             *first = self.uart.read(offset as u8);
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(&value) = data.first() {
             if let Err(e) = self.uart.write(offset as u8, value) {
                 log::warn!("serial output failed: {e:?}");

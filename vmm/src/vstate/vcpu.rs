@@ -16,7 +16,7 @@ use thiserror::Error;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::arch::x86_64::{cpuid, regs};
-use crate::bus::PioBus;
+use crate::bus::{MmioBus, PioBus};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::vstate::memory::GuestMemory;
 
@@ -52,6 +52,7 @@ pub fn init_kick_signal() -> Result<(), VcpuError> {
 #[derive(Clone)]
 pub struct VcpuContext {
     pub pio: Arc<PioBus>,
+    pub mmio: Arc<MmioBus>,
     pub exit: Arc<ExitNotifier>,
     pub stop: Arc<AtomicBool>,
 }
@@ -116,15 +117,10 @@ impl Vcpu {
     /// Runs the vCPU until its next exit; returns a reason to stop the VM.
     fn run_once(&mut self, ctx: &VcpuContext) -> Option<VmExit> {
         match self.fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => ctx.pio.read(port, data),
-            Ok(VcpuExit::IoOut(port, data)) => ctx.pio.write(port, data),
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                log::debug!("vCPU {}: read from unclaimed MMIO {addr:#x}", self.id);
-                data.fill(0xff);
-            }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                log::debug!("vCPU {}: write to unclaimed MMIO {addr:#x}", self.id);
-            }
+            Ok(VcpuExit::IoIn(port, data)) => ctx.pio.read(u64::from(port), data),
+            Ok(VcpuExit::IoOut(port, data)) => ctx.pio.write(u64::from(port), data),
+            Ok(VcpuExit::MmioRead(addr, data)) => ctx.mmio.read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => ctx.mmio.write(addr, data),
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
             Ok(VcpuExit::Shutdown) => {
                 log::error!("vCPU {}: triple fault", self.id);

@@ -1,5 +1,5 @@
-//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT and a DSDT that
-//! describes the PCI host bridge and the serial port.
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT, MCFG (ECAM for
+//! bus 0) and a DSDT that describes the PCI host bridge and the serial port.
 //!
 //! Power-off and reset go through the FADT's sleep control and reset
 //! registers, which are I/O ports handled by `devices::acpi_pm`.
@@ -10,6 +10,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -30,10 +31,6 @@ pub const SLP_TYP_S5: u8 = 5;
 /// IAPC_BOOT_ARCH: no VGA, no CMOS RTC.
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
-
-/// PCI I/O and 32-bit memory windows of the host bridge.
-pub const PCI_MMIO32_START: u64 = layout::MEM_32BIT_GAP_START;
-pub const PCI_MMIO32_END: u64 = 0xfebf_ffff;
 
 #[derive(Debug, Error)]
 pub enum AcpiError {
@@ -75,8 +72,8 @@ fn dsdt(memory_bytes: u64) -> Vec<u8> {
     let mmio32 = aml::AddressSpace::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
         true,
-        PCI_MMIO32_START as u32,
-        PCI_MMIO32_END as u32,
+        layout::PCI_MMIO32_START as u32,
+        (layout::PCI_MMIO32_END - 1) as u32,
         None,
     );
     let mmio64 = aml::AddressSpace::new_memory(
@@ -199,9 +196,14 @@ pub fn build_tables(cpus: u8, memory_bytes: u64) -> Result<Vec<AcpiTable>, AcpiE
     let fadt_addr = place(fadt_bytes.len());
     let madt_bytes = madt(cpus);
     let madt_addr = place(madt_bytes.len());
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(layout::PCI_ECAM_START, 0, 0, 0);
+    let mcfg_bytes = to_bytes(&mcfg);
+    let mcfg_addr = place(mcfg_bytes.len());
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt_bytes = to_bytes(&xsdt);
     let xsdt_addr = place(xsdt_bytes.len());
     let rsdp_bytes = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -218,6 +220,7 @@ pub fn build_tables(cpus: u8, memory_bytes: u64) -> Result<Vec<AcpiTable>, AcpiE
         table("DSDT", dsdt_addr, dsdt_bytes),
         table("FACP", fadt_addr, fadt_bytes),
         table("APIC", madt_addr, madt_bytes),
+        table("MCFG", mcfg_addr, mcfg_bytes),
         table("XSDT", xsdt_addr, xsdt_bytes),
     ])
 }

@@ -47,6 +47,12 @@ pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// The 32-bit hole for devices starts here: RAM above it moves to 4 GiB.
 pub const MEM_32BIT_GAP_START: u64 = 0xc000_0000;
 pub const MEM_32BIT_GAP_END: u64 = 0x1_0000_0000;
+/// 32-bit PCI MMIO window where BARs are placed.
+pub const PCI_MMIO32_START: u64 = MEM_32BIT_GAP_START;
+pub const PCI_MMIO32_END: u64 = 0xe000_0000;
+/// PCI ECAM (memory-mapped configuration space) for bus 0.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
 /// In-kernel IOAPIC and LAPIC.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
@@ -114,7 +120,7 @@ pub struct E820Entry {
 }
 
 /// The memory map: all RAM, with the legacy hole 0xA0000..0x100000 (which
-/// holds the ACPI tables) reported as reserved.
+/// holds the ACPI tables) and the PCI ECAM window reported as reserved.
 pub fn e820_map(memory_bytes: u64) -> Vec<E820Entry> {
     let mut map = vec![
         E820Entry {
@@ -139,6 +145,13 @@ pub fn e820_map(memory_bytes: u64) -> Vec<E820Entry> {
             });
         }
     }
+    // ECAM must be reserved for Linux to trust the MCFG table.
+    map.push(E820Entry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: E820Type::Reserved,
+    });
+    map.sort_by_key(|e| e.addr);
     map
 }
 

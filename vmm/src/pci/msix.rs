@@ -1,0 +1,149 @@
+//! MSI-X: the capability, the vector table and the pending-bit array, kept
+//! in step with KVM routes (see `interrupts::msi`).
+
+use std::sync::Arc;
+
+use crate::interrupts::msi::{GsiRouter, MsiError, MsiVector};
+
+pub const CAP_ID: u8 = 0x11;
+const ENTRY_SIZE: u64 = 16;
+const CONTROL_ENABLE: u16 = 1 << 15;
+const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
+const VECTOR_MASKED: u32 = 1;
+
+#[derive(Clone, Copy, Default)]
+struct Entry {
+    addr_lo: u32,
+    addr_hi: u32,
+    data: u32,
+    control: u32,
+}
+
+pub struct Msix {
+    entries: Vec<Entry>,
+    vectors: Vec<MsiVector>,
+    router: Arc<GsiRouter>,
+    enabled: bool,
+    function_masked: bool,
+}
+
+impl Msix {
+    pub fn new(router: Arc<GsiRouter>, count: u16) -> Result<Self, MsiError> {
+        let mut vectors = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            vectors.push(MsiVector::new(&router)?);
+        }
+        Ok(Msix {
+            entries: vec![
+                Entry {
+                    control: VECTOR_MASKED,
+                    ..Default::default()
+                };
+                usize::from(count)
+            ],
+            vectors,
+            router,
+            enabled: false,
+            function_masked: false,
+        })
+    }
+
+    pub fn len(&self) -> u16 {
+        self.entries.len() as u16
+    }
+
+    /// The capability body: ID, next (filled later), message control,
+    /// table offset/BIR, PBA offset/BIR.
+    pub fn capability(&self, bar: u8, table_offset: u32, pba_offset: u32) -> [u8; 12] {
+        let mut cap = [0u8; 12];
+        cap[0] = CAP_ID;
+        cap[2..4].copy_from_slice(&(self.len() - 1).to_le_bytes());
+        cap[4..8].copy_from_slice(&(table_offset | u32::from(bar)).to_le_bytes());
+        cap[8..12].copy_from_slice(&(pba_offset | u32::from(bar)).to_le_bytes());
+        cap
+    }
+
+    /// The guest wrote the capability's message control word.
+    pub fn set_control(&mut self, control: u16) {
+        self.enabled = control & CONTROL_ENABLE != 0;
+        self.function_masked = control & CONTROL_FUNCTION_MASK != 0;
+        for index in 0..self.entries.len() {
+            self.refresh(index);
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The eventfd that raises `vector`, if it exists.
+    pub fn vector_event(&self, vector: u16) -> Option<&vmm_sys_util::eventfd::EventFd> {
+        self.vectors.get(usize::from(vector)).map(|v| &v.event)
+    }
+
+    fn refresh(&mut self, index: usize) {
+        let entry = self.entries[index];
+        let deliver = self.enabled && !self.function_masked && entry.control & VECTOR_MASKED == 0;
+        let message = deliver.then(|| {
+            (
+                u64::from(entry.addr_hi) << 32 | u64::from(entry.addr_lo),
+                entry.data,
+            )
+        });
+        if let Err(e) = self.vectors[index].update(&self.router, message) {
+            log::error!("MSI-X vector {index}: {e}");
+        }
+    }
+
+    pub fn table_read(&self, offset: u64, data: &mut [u8]) {
+        let index = (offset / ENTRY_SIZE) as usize;
+        let Some(entry) = self.entries.get(index) else {
+            data.fill(0);
+            return;
+        };
+        let words = [entry.addr_lo, entry.addr_hi, entry.data, entry.control];
+        let mut bytes = [0u8; 16];
+        for (i, word) in words.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_le_bytes());
+        }
+        let start = (offset % ENTRY_SIZE) as usize;
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = bytes.get(start + i).copied().unwrap_or(0);
+        }
+    }
+
+    pub fn table_write(&mut self, offset: u64, data: &[u8]) {
+        let index = (offset / ENTRY_SIZE) as usize;
+        let Some(entry) = self.entries.get_mut(index) else {
+            return;
+        };
+        let mut words = [entry.addr_lo, entry.addr_hi, entry.data, entry.control];
+        let start = (offset % ENTRY_SIZE) as usize;
+        for (i, byte) in data.iter().enumerate() {
+            let pos = start + i;
+            if pos >= 16 {
+                break;
+            }
+            let word = &mut words[pos / 4];
+            let shift = (pos % 4) * 8;
+            *word = (*word & !(0xff << shift)) | (u32::from(*byte) << shift);
+        }
+        let old_control = entry.control;
+        *entry = Entry {
+            addr_lo: words[0],
+            addr_hi: words[1],
+            data: words[2],
+            control: words[3] & VECTOR_MASKED,
+        };
+        // Re-route when the mask changes or an unmasked entry is rewritten.
+        if entry.control != old_control || entry.control & VECTOR_MASKED == 0 {
+            self.refresh(index);
+        }
+    }
+
+    /// Pending bits are not tracked (a masked vector's signals wait in its
+    /// eventfd and are delivered on unmask), so the PBA reads as zero.
+    pub fn pba_read(&self, data: &mut [u8]) {
+        data.fill(0);
+    }
+}

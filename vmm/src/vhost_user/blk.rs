@@ -1,0 +1,39 @@
+//! vhost-user-blk: a virtio-blk device served by a backend process such as
+//! our `vhost-blk` or qemu-storage-daemon. Its configuration space comes
+//! from the backend (GET_CONFIG).
+
+use std::path::Path;
+
+use super::frontend::{DeviceSpec, FrontendError, VhostUserDevice};
+
+const VIRTIO_ID_BLOCK: u16 = 2;
+
+/// virtio-blk feature bits the guest may negotiate with the backend.
+const BLK_FEATURES: u64 = (1 << 1) // SIZE_MAX
+    | (1 << 2) // SEG_MAX
+    | (1 << 4) // GEOMETRY
+    | (1 << 5) // RO
+    | (1 << 6) // BLK_SIZE
+    | (1 << 9) // FLUSH
+    | (1 << 10) // TOPOLOGY
+    | (1 << 11) // CONFIG_WCE
+    | (1 << 12) // MQ
+    | (1 << 13) // DISCARD
+    | (1 << 14); // WRITE_ZEROES
+
+/// Connects to a vhost-user-blk backend.
+pub fn connect(
+    index: usize,
+    socket: &Path,
+    num_queues: usize,
+    queue_size: u16,
+) -> Result<VhostUserDevice, FrontendError> {
+    let spec = DeviceSpec {
+        name: format!("disk{index}"),
+        device_type: VIRTIO_ID_BLOCK,
+        device_features: BLK_FEATURES,
+        num_queues,
+        queue_size,
+    };
+    VhostUserDevice::connect(spec, socket)
+}

@@ -1,0 +1,333 @@
+//! The generic vhost-user frontend device, built on the `vhost` crate's
+//! `Frontend`. Device types differ only in their feature mask and where
+//! their configuration space comes from (see `blk`).
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::virtio::device::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::vstate::memory::GuestMemory;
+
+/// VHOST_USER_F_PROTOCOL_FEATURES: a vhost-user bit, never shown to the guest.
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
+const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
+/// Transport features the guest may negotiate with the backend.
+pub const TRANSPORT_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC | VIRTIO_F_RING_EVENT_IDX;
+/// Largest config-space access in one GET_CONFIG (the vhost-user limit).
+const MAX_CONFIG_ACCESS: usize = 256;
+
+#[derive(Debug, Error)]
+pub enum FrontendError {
+    #[error("cannot connect to the vhost-user backend at {0:?}")]
+    Connect(PathBuf, #[source] vhost::Error),
+    #[error("the vhost-user backend at {path:?} failed {step}")]
+    Handshake {
+        path: PathBuf,
+        step: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("the vhost-user backend at {0:?} does not offer {1}")]
+    Missing(PathBuf, &'static str),
+    #[error("the vhost-user backend at {path:?} offers {offered} queues, {wanted} were asked for")]
+    TooManyQueues {
+        path: PathBuf,
+        offered: u64,
+        wanted: usize,
+    },
+}
+
+/// What a device type asks of the generic frontend.
+pub struct DeviceSpec {
+    pub name: String,
+    pub device_type: u16,
+    /// Device-specific feature bits (0..23) the VMM lets through.
+    pub device_features: u64,
+    pub num_queues: usize,
+    pub queue_size: u16,
+}
+
+pub struct VhostUserDevice {
+    spec: DeviceSpec,
+    frontend: Frontend,
+    backend_features: u64,
+    active_queues: Vec<usize>,
+    /// Set when the backend hung up or failed: the device stops.
+    broken: Arc<AtomicBool>,
+    /// Given as the call fd of queues the driver left without a vector.
+    unused_call: EventFd,
+}
+
+impl VhostUserDevice {
+    /// Connects and negotiates everything that does not depend on the driver.
+    pub fn connect(spec: DeviceSpec, socket: &Path) -> Result<Self, FrontendError> {
+        let path = socket.to_path_buf();
+        let mut frontend = Frontend::connect(socket, spec.num_queues as u64)
+            .map_err(|e| FrontendError::Connect(path.clone(), e))?;
+        let step = |step: &'static str| {
+            let path = path.clone();
+            move |source| FrontendError::Handshake { path, step, source }
+        };
+        frontend.set_owner().map_err(step("SET_OWNER"))?;
+        let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
+        if backend_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(FrontendError::Missing(path, "VIRTIO_F_VERSION_1"));
+        }
+        if backend_features & PROTOCOL_FEATURES_BIT == 0 {
+            return Err(FrontendError::Missing(
+                path,
+                "VHOST_USER_F_PROTOCOL_FEATURES",
+            ));
+        }
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(step("GET_PROTOCOL_FEATURES"))?;
+        let wanted = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        let protocol = offered & wanted;
+        frontend
+            .set_protocol_features(protocol)
+            .map_err(step("SET_PROTOCOL_FEATURES"))?;
+        if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(FrontendError::Missing(path, "the CONFIG protocol feature"));
+        }
+        if spec.num_queues > 1 {
+            if !protocol.contains(VhostUserProtocolFeatures::MQ) {
+                return Err(FrontendError::Missing(path, "the MQ protocol feature"));
+            }
+            let max = frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))?;
+            if max < spec.num_queues as u64 {
+                return Err(FrontendError::TooManyQueues {
+                    path,
+                    offered: max,
+                    wanted: spec.num_queues,
+                });
+            }
+        }
+        log::info!(
+            "{}: connected to {}, features {backend_features:#x}, protocol {:?}",
+            spec.name,
+            socket.display(),
+            protocol
+        );
+        let broken = Arc::new(AtomicBool::new(false));
+        watch_hangup(spec.name.clone(), frontend.as_raw_fd(), broken.clone());
+        Ok(VhostUserDevice {
+            spec,
+            frontend,
+            backend_features,
+            active_queues: Vec::new(),
+            broken,
+            unused_call: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+                FrontendError::Handshake {
+                    path: socket.to_path_buf(),
+                    step: "set-up (eventfd)",
+                    source: vhost::Error::IOError(e),
+                }
+            })?,
+        })
+    }
+
+    fn fail(&self, what: &str, e: impl std::fmt::Display) -> ActivateError {
+        self.broken.store(true, Ordering::Release);
+        ActivateError(format!("{what} failed: {e}; the device is stopped"))
+    }
+
+    fn host_addr(mem: &GuestMemory, gpa: u64) -> Result<u64, ActivateError> {
+        mem.get_host_address(GuestAddress(gpa))
+            .map(|ptr| ptr as u64)
+            .map_err(|_| ActivateError(format!("ring address {gpa:#x} is outside guest memory")))
+    }
+}
+
+/// Logs once when the backend's socket hangs up, and marks the device broken.
+fn watch_hangup(name: String, fd: RawFd, broken: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("{name}-watch"))
+        .spawn(move || loop {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is a valid pollfd; the socket stays open for the
+            // process's lifetime (devices are never dropped while it runs).
+            let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if rc < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            if pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+            {
+                broken.store(true, Ordering::Release);
+                log::error!("{name}: the vhost-user backend disconnected; the device is stopped");
+                return;
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot watch the backend connection: {e}");
+    }
+}
+
+impl VirtioDevice for VhostUserDevice {
+    fn device_type(&self) -> u16 {
+        self.spec.device_type
+    }
+
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn features(&self) -> u64 {
+        self.backend_features & (self.spec.device_features | TRANSPORT_FEATURES)
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.spec.queue_size; self.spec.num_queues]
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if self.broken.load(Ordering::Acquire) || data.len() > MAX_CONFIG_ACCESS {
+            return;
+        }
+        let Ok(offset) = u32::try_from(offset) else {
+            return;
+        };
+        let request = vec![0u8; data.len()];
+        match self.frontend.get_config(
+            offset,
+            data.len() as u32,
+            VhostUserConfigFlags::WRITABLE,
+            &request,
+        ) {
+            Ok((_, reply)) if reply.len() == data.len() => data.copy_from_slice(&reply),
+            Ok(_) => log::warn!("{}: short GET_CONFIG reply", self.spec.name),
+            Err(e) => log::warn!("{}: GET_CONFIG at {offset:#x} failed: {e}", self.spec.name),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(offset) = u32::try_from(offset) else {
+            return;
+        };
+        if let Err(e) = self
+            .frontend
+            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+        {
+            log::warn!("{}: SET_CONFIG at {offset:#x} failed: {e}", self.spec.name);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: &GuestMemory,
+        driver_features: u64,
+        queues: &[ActiveQueue<'_>],
+    ) -> Result<(), ActivateError> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(ActivateError("the backend is gone".into()));
+        }
+        let features = (driver_features & self.features()) | PROTOCOL_FEATURES_BIT;
+        self.frontend
+            .set_features(features)
+            .map_err(|e| self.fail("SET_FEATURES", e))?;
+
+        let mut regions = Vec::new();
+        for region in mem.iter() {
+            let file = region
+                .file_offset()
+                .ok_or_else(|| ActivateError("guest memory is not file-backed".into()))?;
+            regions.push(VhostUserMemoryRegionInfo {
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                mmap_offset: file.start(),
+                mmap_handle: file.file().as_raw_fd(),
+            });
+        }
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(|e| self.fail("SET_MEM_TABLE", e))?;
+
+        self.active_queues.clear();
+        for queue in queues {
+            let index = usize::from(queue.index);
+            let ring = VringConfigData {
+                queue_max_size: self.spec.queue_size,
+                queue_size: queue.size,
+                flags: 0,
+                desc_table_addr: Self::host_addr(mem, queue.desc)?,
+                used_ring_addr: Self::host_addr(mem, queue.used)?,
+                avail_ring_addr: Self::host_addr(mem, queue.avail)?,
+                log_addr: None,
+            };
+            let call = queue.call.unwrap_or(&self.unused_call);
+            self.frontend
+                .set_vring_num(index, queue.size)
+                .map_err(|e| self.fail("SET_VRING_NUM", e))?;
+            self.frontend
+                .set_vring_addr(index, &ring)
+                .map_err(|e| self.fail("SET_VRING_ADDR", e))?;
+            self.frontend
+                .set_vring_base(index, 0)
+                .map_err(|e| self.fail("SET_VRING_BASE", e))?;
+            self.frontend
+                .set_vring_call(index, call)
+                .map_err(|e| self.fail("SET_VRING_CALL", e))?;
+            self.frontend
+                .set_vring_kick(index, queue.kick)
+                .map_err(|e| self.fail("SET_VRING_KICK", e))?;
+            self.frontend
+                .set_vring_enable(index, true)
+                .map_err(|e| self.fail("SET_VRING_ENABLE", e))?;
+            self.active_queues.push(index);
+        }
+        log::info!(
+            "{}: started {} ring(s) with features {features:#x}",
+            self.spec.name,
+            self.active_queues.len()
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if self.broken.load(Ordering::Acquire) {
+            self.active_queues.clear();
+            return;
+        }
+        for index in std::mem::take(&mut self.active_queues) {
+            // GET_VRING_BASE stops the ring in the backend.
+            if let Err(e) = self.frontend.set_vring_enable(index, false) {
+                log::warn!(
+                    "{}: SET_VRING_ENABLE 0 on ring {index} failed: {e}",
+                    self.spec.name
+                );
+            }
+            if let Err(e) = self.frontend.get_vring_base(index) {
+                log::warn!(
+                    "{}: GET_VRING_BASE on ring {index} failed: {e}",
+                    self.spec.name
+                );
+            }
+        }
+        log::info!("{}: reset", self.spec.name);
+    }
+}

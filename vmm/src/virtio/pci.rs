@@ -1,0 +1,614 @@
+//! The virtio-pci modern transport (VIRTIO 1.x, no legacy interface).
+//!
+//! One 64-bit memory BAR holds every structure:
+//! ```text
+//! 0x0000 common configuration     0x3000 notify (4 bytes per queue)
+//! 0x1000 ISR status               0x4000 MSI-X table
+//! 0x2000 device configuration     0x5000 MSI-X pending bits
+//! ```
+//! Each queue's notify address is a KVM ioeventfd, so the guest's kicks go
+//! straight to the backend; writes that do reach the VMM there are counted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::interrupts::msi::{GsiRouter, MsiError};
+use crate::pci::config::{ConfigSpaceError, PciConfiguration};
+use crate::pci::msix::Msix;
+use crate::pci::PciDevice;
+use crate::vstate::memory::GuestMemory;
+
+pub const BAR_SIZE: u64 = 0x8000;
+const COMMON_OFFSET: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR_OFFSET: u64 = 0x1000;
+const DEVICE_CONFIG_OFFSET: u64 = 0x2000;
+const DEVICE_CONFIG_LEN: u64 = 0x1000;
+const NOTIFY_OFFSET: u64 = 0x3000;
+const NOTIFY_LEN: u64 = 0x1000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE_OFFSET: u64 = 0x4000;
+const MSIX_PBA_OFFSET: u64 = 0x5000;
+const MSIX_REGION_LEN: u64 = 0x1000;
+
+const VIRTIO_VENDOR: u16 = 0x1af4;
+const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
+const CAP_VENDOR: u8 = 0x09;
+const CFG_COMMON: u8 = 1;
+const CFG_NOTIFY: u8 = 2;
+const CFG_ISR: u8 = 3;
+const CFG_DEVICE: u8 = 4;
+
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_NEEDS_RESET: u8 = 64;
+const NO_VECTOR: u16 = 0xffff;
+
+/// Accesses to this device that reached the VMM.
+#[derive(Default)]
+pub struct TransportCounters {
+    /// Writes to queue notify addresses that KVM did not absorb.
+    pub notify_exits: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot build the configuration space")]
+    ConfigSpace(#[from] ConfigSpaceError),
+    #[error("cannot set up MSI-X")]
+    Msix(#[from] MsiError),
+    #[error("cannot create a queue notify eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot register the notify address {0:#x} with KVM")]
+    IoEvent(u64, #[source] kvm_ioctls::Error),
+}
+
+#[derive(Clone, Copy)]
+struct QueueState {
+    max_size: u16,
+    size: u16,
+    msix_vector: u16,
+    enabled: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl QueueState {
+    fn new(max_size: u16) -> Self {
+        QueueState {
+            max_size,
+            size: max_size,
+            msix_vector: NO_VECTOR,
+            enabled: false,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+}
+
+pub struct VirtioPciDevice {
+    config: PciConfiguration,
+    msix_cap_reg: usize,
+    msix: Msix,
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemory,
+    queues: Vec<QueueState>,
+    kicks: Vec<EventFd>,
+    device_features: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    msix_config: u16,
+    status: u8,
+    config_generation: u8,
+    queue_select: u16,
+    isr: u8,
+    counters: Arc<TransportCounters>,
+}
+
+fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
+    let len = if extra.is_some() { 20 } else { 16 };
+    let mut cap = vec![CAP_VENDOR, 0, len, cfg_type, 0, 0, 0, 0];
+    cap.extend_from_slice(&(offset as u32).to_le_bytes());
+    cap.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(value) = extra {
+        cap.extend_from_slice(&value.to_le_bytes());
+    }
+    cap
+}
+
+impl VirtioPciDevice {
+    /// Creates the transport for `device` with BAR 0 at `bar_addr`, and
+    /// registers its queues' notify addresses with KVM.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemory,
+        vm: &VmFd,
+        router: Arc<GsiRouter>,
+        bar_addr: u64,
+    ) -> Result<Self, TransportError> {
+        let max_sizes = device.queue_max_sizes();
+        let device_type = device.device_type();
+        // Class codes: mass storage for block, network controller for net.
+        let class = match device_type {
+            1 => 0x02_00_00,
+            2 => 0x01_00_00,
+            _ => 0xff_00_00,
+        };
+        let mut config = PciConfiguration::new(
+            VIRTIO_VENDOR,
+            VIRTIO_PCI_DEVICE_BASE + device_type,
+            class,
+            device_type,
+        );
+        config.add_bar64(0, bar_addr, BAR_SIZE)?;
+        config.add_capability(&virtio_cap(CFG_COMMON, COMMON_OFFSET, COMMON_LEN, None))?;
+        config.add_capability(&virtio_cap(
+            CFG_NOTIFY,
+            NOTIFY_OFFSET,
+            NOTIFY_LEN,
+            Some(NOTIFY_MULTIPLIER),
+        ))?;
+        config.add_capability(&virtio_cap(CFG_ISR, ISR_OFFSET, 1, None))?;
+        config.add_capability(&virtio_cap(
+            CFG_DEVICE,
+            DEVICE_CONFIG_OFFSET,
+            DEVICE_CONFIG_LEN,
+            None,
+        ))?;
+        // One vector per queue plus one for configuration changes.
+        let msix = Msix::new(router, max_sizes.len() as u16 + 1)?;
+        let msix_cap = config.add_capability(&msix.capability(
+            0,
+            MSIX_TABLE_OFFSET as u32,
+            MSIX_PBA_OFFSET as u32,
+        ))?;
+        let msix_cap_reg = msix_cap / 4;
+        // Message control (upper half of the first dword): enable and mask.
+        config.set_writable(msix_cap_reg, 0xc000_0000);
+
+        let mut kicks = Vec::with_capacity(max_sizes.len());
+        for index in 0..max_sizes.len() as u64 {
+            let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?;
+            let addr = bar_addr + NOTIFY_OFFSET + index * u64::from(NOTIFY_MULTIPLIER);
+            vm.register_ioevent(&kick, &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(|e| TransportError::IoEvent(addr, e))?;
+            kicks.push(kick);
+        }
+        let device_features = device.features() | VIRTIO_F_VERSION_1;
+        Ok(VirtioPciDevice {
+            config,
+            msix_cap_reg,
+            msix,
+            mem,
+            queues: max_sizes.iter().map(|&m| QueueState::new(m)).collect(),
+            kicks,
+            device_features,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            msix_config: NO_VECTOR,
+            status: 0,
+            config_generation: 0,
+            queue_select: 0,
+            isr: 0,
+            counters: Arc::new(TransportCounters::default()),
+            device,
+        })
+    }
+
+    pub fn counters(&self) -> Arc<TransportCounters> {
+        self.counters.clone()
+    }
+
+    fn selected(&mut self) -> Option<&mut QueueState> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn common_read(&mut self, offset: u64) -> u64 {
+        let queue = self.queues.get(usize::from(self.queue_select)).copied();
+        match offset {
+            0x00 => u64::from(self.device_feature_select),
+            0x04 => match self.device_feature_select {
+                0 => self.device_features & 0xffff_ffff,
+                1 => self.device_features >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.driver_feature_select),
+            0x0c => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(self.msix_config),
+            0x12 => self.queues.len() as u64,
+            0x14 => u64::from(self.status),
+            0x15 => u64::from(self.config_generation),
+            0x16 => u64::from(self.queue_select),
+            0x18 => queue.map_or(0, |q| u64::from(q.size)),
+            0x1a => queue.map_or(u64::from(NO_VECTOR), |q| u64::from(q.msix_vector)),
+            0x1c => queue.map_or(0, |q| u64::from(q.enabled)),
+            0x1e => u64::from(self.queue_select),
+            0x20 => queue.map_or(0, |q| q.desc & 0xffff_ffff),
+            0x24 => queue.map_or(0, |q| q.desc >> 32),
+            0x28 => queue.map_or(0, |q| q.avail & 0xffff_ffff),
+            0x2c => queue.map_or(0, |q| q.avail >> 32),
+            0x30 => queue.map_or(0, |q| q.used & 0xffff_ffff),
+            0x34 => queue.map_or(0, |q| q.used >> 32),
+            _ => 0,
+        }
+    }
+
+    fn common_write(&mut self, offset: u64, value: u64) {
+        fn set_half(target: &mut u64, high: bool, value: u64) {
+            if high {
+                *target = (*target & 0xffff_ffff) | (value << 32);
+            } else {
+                *target = (*target & !0xffff_ffff) | (value & 0xffff_ffff);
+            }
+        }
+        // Queue set-up is only allowed before DRIVER_OK.
+        let can_setup = self.status & STATUS_DRIVER_OK == 0;
+        let msix_len = self.msix.len();
+        match offset {
+            0x00 => self.device_feature_select = value as u32,
+            0x08 => self.driver_feature_select = value as u32,
+            0x0c => match self.driver_feature_select {
+                0 => set_half(&mut self.driver_features, false, value),
+                1 => set_half(&mut self.driver_features, true, value),
+                _ => {}
+            },
+            0x10 => {
+                let vector = value as u16;
+                self.msix_config = if vector < msix_len { vector } else { NO_VECTOR };
+            }
+            0x14 => self.set_status(value as u8),
+            0x16 => self.queue_select = value as u16,
+            0x18 if can_setup => {
+                if let Some(q) = self.selected() {
+                    let size = value as u16;
+                    // Split rings: a power of two no larger than the maximum.
+                    if size.is_power_of_two() && size <= q.max_size {
+                        q.size = size;
+                    }
+                }
+            }
+            0x1a => {
+                if let Some(q) = self.selected() {
+                    let vector = value as u16;
+                    q.msix_vector = if vector < msix_len { vector } else { NO_VECTOR };
+                }
+            }
+            0x1c if can_setup => {
+                if let Some(q) = self.selected() {
+                    q.enabled = value == 1;
+                }
+            }
+            0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 if can_setup => {
+                if let Some(q) = self.selected() {
+                    let high = offset % 8 == 4;
+                    let target = match offset & !0x7 {
+                        0x20 => &mut q.desc,
+                        0x28 => &mut q.avail,
+                        _ => &mut q.used,
+                    };
+                    set_half(target, high, value);
+                }
+            }
+            _ => log::debug!(
+                "{}: ignored common config write at {offset:#x}",
+                self.device.name()
+            ),
+        }
+    }
+
+    fn set_status(&mut self, status: u8) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        let mut status = status;
+        if status & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
+            let unknown = self.driver_features & !self.device_features;
+            if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                log::warn!(
+                    "{}: driver features {:#x} refused (unknown {unknown:#x} or no VERSION_1)",
+                    self.device.name(),
+                    self.driver_features
+                );
+                status &= !STATUS_FEATURES_OK;
+            }
+        }
+        self.status = status;
+        if status & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let queues: Vec<ActiveQueue<'_>> = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.enabled)
+            .map(|(index, q)| ActiveQueue {
+                index: index as u16,
+                size: q.size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                kick: &self.kicks[index],
+                call: if q.msix_vector == NO_VECTOR {
+                    None
+                } else {
+                    self.msix.vector_event(q.msix_vector)
+                },
+            })
+            .collect();
+        log::info!(
+            "{}: driver ready with {} queue(s), features {:#x}",
+            self.device.name(),
+            queues.len(),
+            self.driver_features
+        );
+        if let Err(e) = self
+            .device
+            .activate(&self.mem, self.driver_features, &queues)
+        {
+            log::error!("{}: cannot start the device: {e}", self.device.name());
+            self.status |= STATUS_NEEDS_RESET;
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.status & STATUS_DRIVER_OK != 0 {
+            self.device.reset();
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.msix_config = NO_VECTOR;
+        self.queue_select = 0;
+        self.isr = 0;
+        for q in &mut self.queues {
+            *q = QueueState::new(q.max_size);
+        }
+        self.config_generation = self.config_generation.wrapping_add(1);
+    }
+}
+
+fn read_le(data: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    let n = data.len().min(8);
+    bytes[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(bytes)
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.config.read(reg)
+    }
+
+    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        self.config.write(reg, offset, data);
+        if reg == self.msix_cap_reg {
+            let control = (self.config.read(reg) >> 16) as u16;
+            if control & 0x8000 != 0 && !self.msix.enabled() {
+                log::debug!("{}: MSI-X enabled", self.device.name());
+            }
+            self.msix.set_control(control);
+        }
+    }
+
+    fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_LEN => {
+                let value = self.common_read(o);
+                let bytes = value.to_le_bytes();
+                let n = data.len().min(8);
+                data[..n].copy_from_slice(&bytes[..n]);
+            }
+            ISR_OFFSET => {
+                data.fill(0);
+                data[0] = self.isr;
+                self.isr = 0;
+            }
+            o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + DEVICE_CONFIG_LEN).contains(&o) => {
+                self.device.read_config(o - DEVICE_CONFIG_OFFSET, data);
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + MSIX_REGION_LEN).contains(&o) => {
+                self.msix.table_read(o - MSIX_TABLE_OFFSET, data);
+            }
+            o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + MSIX_REGION_LEN).contains(&o) => {
+                self.msix.pba_read(data);
+            }
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar_write(&mut self, _bar: usize, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_LEN => self.common_write(o, read_le(data)),
+            o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + DEVICE_CONFIG_LEN).contains(&o) => {
+                self.device.write_config(o - DEVICE_CONFIG_OFFSET, data);
+            }
+            o if (NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_LEN).contains(&o) => {
+                // KVM's ioeventfd should have taken this: count it, pass it on.
+                self.counters.notify_exits.fetch_add(1, Ordering::Relaxed);
+                let index = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(kick) = self.kicks.get(index) {
+                    let _ = kick.write(1);
+                }
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + MSIX_REGION_LEN).contains(&o) => {
+                self.msix.table_write(o - MSIX_TABLE_OFFSET, data);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::vstate::memory::create_guest_ram;
+
+    /// index, size, desc, avail, used, has a call eventfd
+    type QueueSeen = (u16, u16, u64, u64, u64, bool);
+
+    #[derive(Default)]
+    struct Record {
+        activated: Vec<(u64, Vec<QueueSeen>)>,
+        resets: usize,
+        config_writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    struct MockDevice(Arc<Mutex<Record>>);
+
+    impl VirtioDevice for MockDevice {
+        fn device_type(&self) -> u16 {
+            2
+        }
+        fn name(&self) -> &str {
+            "mock"
+        }
+        fn features(&self) -> u64 {
+            1 << 9 | 1 << 29
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![256, 128]
+        }
+        fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = (offset as u8).wrapping_add(i as u8);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.0
+                .lock()
+                .unwrap()
+                .config_writes
+                .push((offset, data.to_vec()));
+        }
+        fn activate(
+            &mut self,
+            _mem: &GuestMemory,
+            features: u64,
+            queues: &[ActiveQueue<'_>],
+        ) -> Result<(), super::super::device::ActivateError> {
+            let queues = queues
+                .iter()
+                .map(|q| (q.index, q.size, q.desc, q.avail, q.used, q.call.is_some()))
+                .collect();
+            self.0.lock().unwrap().activated.push((features, queues));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.0.lock().unwrap().resets += 1;
+        }
+    }
+
+    fn write(dev: &mut VirtioPciDevice, offset: u64, value: u64, len: usize) {
+        dev.bar_write(0, offset, &value.to_le_bytes()[..len]);
+    }
+
+    fn read(dev: &mut VirtioPciDevice, offset: u64, len: usize) -> u64 {
+        let mut data = [0u8; 8];
+        dev.bar_read(0, offset, &mut data[..len]);
+        u64::from_le_bytes(data)
+    }
+
+    /// Drives the transport the way a guest driver does, against a mock
+    /// device: needs /dev/kvm for the ioeventfds and MSI routes.
+    #[test]
+    fn driver_sequence_activates_and_resets_the_device() {
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let ram = create_guest_ram(16 << 20).unwrap();
+        let vm = Arc::new(crate::vstate::vm::create_vm(&kvm, &ram.memory).unwrap());
+        let router = Arc::new(GsiRouter::new(vm.clone()));
+        let record = Arc::new(Mutex::new(Record::default()));
+        let mut dev = VirtioPciDevice::new(
+            Box::new(MockDevice(record.clone())),
+            ram.memory.clone(),
+            &vm,
+            router,
+            0xc000_0000,
+        )
+        .unwrap();
+
+        // Identity and capabilities.
+        assert_eq!(dev.config_read(0), 0x1042_1af4);
+        assert_eq!(read(&mut dev, 0x12, 2), 2, "num_queues");
+
+        // Features: the device's plus VERSION_1.
+        write(&mut dev, 0x00, 0, 4);
+        assert_eq!(read(&mut dev, 0x04, 4), 1 << 9 | 1 << 29);
+        write(&mut dev, 0x00, 1, 4);
+        assert_eq!(read(&mut dev, 0x04, 4), 1);
+
+        write(&mut dev, 0x14, 1 | 2, 1);
+        // An unknown feature is refused at FEATURES_OK.
+        write(&mut dev, 0x08, 0, 4);
+        write(&mut dev, 0x0c, 1 << 3, 4);
+        write(&mut dev, 0x08, 1, 4);
+        write(&mut dev, 0x0c, 1, 4);
+        write(&mut dev, 0x14, 1 | 2 | 8, 1);
+        assert_eq!(read(&mut dev, 0x14, 1) & 8, 0, "FEATURES_OK must not stick");
+        write(&mut dev, 0x08, 0, 4);
+        write(&mut dev, 0x0c, 1 << 9, 4);
+        write(&mut dev, 0x14, 1 | 2 | 8, 1);
+        assert_eq!(read(&mut dev, 0x14, 1) & 8, 8);
+
+        // Queue 1: size 64, vector 1, rings, enabled. Queue 0 left off.
+        write(&mut dev, 0x16, 1, 2);
+        assert_eq!(read(&mut dev, 0x18, 2), 128);
+        write(&mut dev, 0x18, 100, 2); // not a power of two: ignored
+        assert_eq!(read(&mut dev, 0x18, 2), 128);
+        write(&mut dev, 0x18, 64, 2);
+        write(&mut dev, 0x1a, 1, 2);
+        write(&mut dev, 0x20, 0x10_0000, 4);
+        write(&mut dev, 0x24, 0, 4);
+        write(&mut dev, 0x28, 0x10_1000, 4);
+        write(&mut dev, 0x30, 0x10_2000, 4);
+        write(&mut dev, 0x1c, 1, 2);
+        // Device config goes to the device.
+        assert_eq!(read(&mut dev, DEVICE_CONFIG_OFFSET + 4, 1), 4);
+        dev.bar_write(0, DEVICE_CONFIG_OFFSET + 0x20, &[1]);
+        write(&mut dev, 0x14, 1 | 2 | 8 | 4, 1);
+
+        {
+            let rec = record.lock().unwrap();
+            assert_eq!(rec.activated.len(), 1);
+            let (features, queues) = &rec.activated[0];
+            assert_eq!(*features, 1 << 32 | 1 << 9);
+            assert_eq!(
+                queues,
+                &vec![(1, 64, 0x10_0000, 0x10_1000, 0x10_2000, true)]
+            );
+            assert_eq!(rec.config_writes, vec![(0x20, vec![1])]);
+        }
+        // Set-up is frozen after DRIVER_OK.
+        write(&mut dev, 0x18, 32, 2);
+        assert_eq!(read(&mut dev, 0x18, 2), 64);
+
+        // A notify write that reaches the VMM is counted.
+        dev.bar_write(0, NOTIFY_OFFSET + 4, &[1, 0]);
+        assert_eq!(dev.counters().notify_exits.load(Ordering::Relaxed), 1);
+
+        write(&mut dev, 0x14, 0, 1);
+        assert_eq!(record.lock().unwrap().resets, 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 0);
+        write(&mut dev, 0x16, 1, 2);
+        assert_eq!(read(&mut dev, 0x1c, 2), 0, "reset disables the queues");
+    }
+}
