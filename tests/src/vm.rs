@@ -66,18 +66,7 @@ impl VmBuilder {
 
     /// Starts the VM with the console on a pipe.
     pub fn spawn(&self) -> RunningVm {
-        let mut cmd = self.command();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("cannot start the vmm");
-        let console = Output::capture(child.stdout.take().expect("piped stdout"));
-        let stderr = Output::capture(child.stderr.take().expect("piped stderr"));
-        RunningVm {
-            child,
-            console,
-            stderr,
-        }
+        RunningVm::spawn(self.command())
     }
 }
 
@@ -163,6 +152,23 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
+    /// Starts any VMM command (ours, QEMU) with its console on stdout.
+    pub fn spawn(mut cmd: Command) -> RunningVm {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let console = Output::capture(child.stdout.take().expect("piped stdout"));
+        let stderr = Output::capture(child.stderr.take().expect("piped stderr"));
+        RunningVm {
+            child,
+            console,
+            stderr,
+        }
+    }
+
     /// Waits for a console line containing `pattern`, panicking with the
     /// console and log tails on timeout.
     pub fn expect_line(&self, pattern: &str, timeout: Duration) -> String {

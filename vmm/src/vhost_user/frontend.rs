@@ -24,7 +24,8 @@ const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
 /// Transport features the guest may negotiate with the backend.
 pub const TRANSPORT_FEATURES: u64 =
     VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC | VIRTIO_F_RING_EVENT_IDX;
-/// Largest config-space access in one GET_CONFIG (the vhost-user limit).
+/// Config accesses are "frontend" accesses (flags 0, as QEMU sends them),
+/// at most this large in one GET_CONFIG (the vhost-user limit).
 const MAX_CONFIG_ACCESS: usize = 256;
 
 #[derive(Debug, Error)]
@@ -212,7 +213,7 @@ impl VirtioDevice for VhostUserDevice {
         match self.frontend.get_config(
             offset,
             data.len() as u32,
-            VhostUserConfigFlags::WRITABLE,
+            VhostUserConfigFlags::empty(),
             &request,
         ) {
             Ok((_, reply)) if reply.len() == data.len() => data.copy_from_slice(&reply),
@@ -230,7 +231,7 @@ impl VirtioDevice for VhostUserDevice {
         };
         if let Err(e) = self
             .frontend
-            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+            .set_config(offset, VhostUserConfigFlags::empty(), data)
         {
             log::warn!("{}: SET_CONFIG at {offset:#x} failed: {e}", self.spec.name);
         }
