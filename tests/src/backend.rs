@@ -57,18 +57,28 @@ impl Backend {
     }
 
     /// qemu-storage-daemon exporting `image` as vhost-user-blk.
-    pub fn qemu_storage_daemon(socket: &Path, image: &Path, num_queues: u32) -> Backend {
+    pub fn qemu_storage_daemon(
+        socket: &Path,
+        image: &Path,
+        num_queues: u32,
+        writable: bool,
+    ) -> Backend {
+        let writable = if writable { "on" } else { "off" };
         let mut cmd = Command::new("qemu-storage-daemon");
         cmd.arg("--blockdev")
             .arg(format!(
-                "driver=file,node-name=file0,filename={}",
-                image.display()
+                "driver=file,node-name=file0,filename={},read-only={}",
+                image.display(),
+                if writable == "on" { "off" } else { "on" }
             ))
             .arg("--blockdev")
-            .arg("driver=raw,node-name=disk0,file=file0")
+            .arg(format!(
+                "driver=raw,node-name=disk0,file=file0,read-only={}",
+                if writable == "on" { "off" } else { "on" }
+            ))
             .arg("--export")
             .arg(format!(
-                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={num_queues}",
+                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={writable},num-queues={num_queues}",
                 socket.display()
             ));
         Backend::spawn(cmd, socket)

@@ -7,6 +7,7 @@
 //! a missing artifact fails the test with the path and the command to run.
 
 pub mod backend;
+pub mod blk;
 pub mod pty;
 pub mod vm;
 

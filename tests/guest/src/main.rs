@@ -16,12 +16,15 @@
 
 mod acpi;
 mod boot;
+mod irq;
 mod mem;
+mod pcicfg;
 mod phys;
 mod port;
 mod power;
 mod pvh;
 mod serial;
+mod virtio_blk;
 
 use core::fmt;
 use core::panic::PanicInfo;
@@ -91,6 +94,20 @@ fn run(start_info: u64) -> Result<(), Fail> {
     say!("cpus {}", madt.enabled_cpus()?);
 
     let has_word = |wanted: &[u8]| cmdline.split(u8::is_ascii_whitespace).any(|w| w == wanted);
+    irq::init();
+    let mut disks = 0u8;
+    let mut result = Ok(());
+    pcicfg::scan(|f, vendor, device| {
+        const VIRTIO_VENDOR: u16 = 0x1af4;
+        const VIRTIO_BLK_MODERN: u16 = 0x1042;
+        if vendor == VIRTIO_VENDOR && device == VIRTIO_BLK_MODERN && !has_word(b"noblk") {
+            if result.is_ok() {
+                result = virtio_blk::test_disk(f, disks);
+            }
+            disks += 1;
+        }
+    });
+    result?;
     if has_word(b"echo") {
         echo();
     }

@@ -32,3 +32,19 @@ pub fn inb(port: u16) -> u8 {
     }
     value
 }
+
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: port I/O touches no memory; the caller picks a device port.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: port I/O touches no memory; the caller picks a device port.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}

@@ -203,22 +203,28 @@ impl VirtioDevice for VhostUserDevice {
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
-        if self.broken.load(Ordering::Acquire) || data.len() > MAX_CONFIG_ACCESS {
+        if self.broken.load(Ordering::Acquire) {
             return;
         }
-        let Ok(offset) = u32::try_from(offset) else {
+        // Backends built on libvhost-user answer GET_CONFIG from offset 0
+        // whatever offset is asked (QEMU only ever asks for offset 0), so
+        // read from 0 up to the end of the access and take the tail.
+        let Some(end) = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(data.len()))
+            .filter(|&end| end <= MAX_CONFIG_ACCESS)
+        else {
             return;
         };
-        let request = vec![0u8; data.len()];
-        match self.frontend.get_config(
-            offset,
-            data.len() as u32,
-            VhostUserConfigFlags::empty(),
-            &request,
-        ) {
-            Ok((_, reply)) if reply.len() == data.len() => data.copy_from_slice(&reply),
+        let start = end - data.len();
+        let request = vec![0u8; end];
+        match self
+            .frontend
+            .get_config(0, end as u32, VhostUserConfigFlags::empty(), &request)
+        {
+            Ok((_, reply)) if reply.len() == end => data.copy_from_slice(&reply[start..]),
             Ok(_) => log::warn!("{}: short GET_CONFIG reply", self.spec.name),
-            Err(e) => log::warn!("{}: GET_CONFIG at {offset:#x} failed: {e}", self.spec.name),
+            Err(e) => log::warn!("{}: GET_CONFIG of {end} bytes failed: {e}", self.spec.name),
         }
     }
 

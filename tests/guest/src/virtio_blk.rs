@@ -1,0 +1,364 @@
+// Register fields are cut out of wider words on purpose.
+#![allow(clippy::cast_possible_truncation)]
+//! A virtio-blk driver for modern virtio-pci devices (1af4:1042): feature
+//! negotiation, one split virtqueue, MSI-X, and a fixed test: identify,
+//! read sector 0, write a pattern at sector 8, flush, read it back.
+
+use core::sync::atomic::{fence, Ordering};
+
+use crate::irq;
+use crate::pcicfg::Function;
+use crate::serial::{say, Bytes};
+use crate::Fail;
+
+const CAP_VENDOR: u8 = 0x09;
+const CAP_MSIX: u8 = 0x11;
+const CFG_COMMON: u8 = 1;
+const CFG_NOTIFY: u8 = 2;
+const CFG_DEVICE: u8 = 4;
+
+const STATUS_ACK: u8 = 1;
+const STATUS_DRIVER: u8 = 2;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_MQ: u64 = 1 << 12;
+const F_VERSION_1: u64 = 1 << 32;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+
+const DESC_NEXT: u16 = 1;
+const DESC_WRITE: u16 = 2;
+
+const QUEUE_SIZE: u16 = 8;
+/// Per-disk scratch RAM: ring page, request header and status, two buffers.
+const SCRATCH_BASE: u64 = 0x40_0000;
+const SCRATCH_PER_DISK: u64 = 0x4000;
+const PATTERN_SECTOR: u64 = 8;
+/// Polls of the used ring before a request counts as lost.
+const POLL_LIMIT: u32 = 5_000_000;
+
+fn rd<T: Copy>(addr: u64) -> T {
+    // SAFETY: callers pass device registers from the BARs or scratch RAM,
+    // both inside the guest's identity map.
+    unsafe { core::ptr::read_volatile(addr as *const T) }
+}
+
+fn wr<T: Copy>(addr: u64, value: T) {
+    // SAFETY: as for `rd`.
+    unsafe { core::ptr::write_volatile(addr as *mut T, value) }
+}
+
+struct Device {
+    common: u64,
+    notify: u64,
+    notify_multiplier: u32,
+    device_cfg: u64,
+    msix_table: Option<u64>,
+    msix_cap: u8,
+}
+
+/// Finds the virtio structures in the device's BARs.
+fn locate(f: Function) -> Result<Device, Fail> {
+    let mut common = None;
+    let mut notify = None;
+    let mut device_cfg = None;
+    let mut multiplier = 0;
+    let mut msix = None;
+    f.capabilities(|offset, id| match id {
+        CAP_VENDOR => {
+            let cfg_type = f.read8(offset + 3);
+            let bar = f.read8(offset + 4);
+            let at = f.bar_address(bar) + u64::from(f.read32(offset + 8));
+            match cfg_type {
+                CFG_COMMON if common.is_none() => common = Some(at),
+                CFG_NOTIFY if notify.is_none() => {
+                    notify = Some(at);
+                    multiplier = f.read32(offset + 16);
+                }
+                CFG_DEVICE if device_cfg.is_none() => device_cfg = Some(at),
+                _ => {}
+            }
+        }
+        CAP_MSIX => {
+            let table = f.read32(offset + 4);
+            let at = f.bar_address((table & 7) as u8) + u64::from(table & !7);
+            msix = Some((offset, at));
+        }
+        _ => {}
+    });
+    let missing = |what| Fail::new(what);
+    let common = common.ok_or(missing("virtio common config not found"))?;
+    let notify = notify.ok_or(missing("virtio notify structure not found"))?;
+    let device_cfg = device_cfg.ok_or(missing("virtio device config not found"))?;
+    for addr in [common, notify, device_cfg] {
+        if !(0x1000..crate::phys::MAPPED_END).contains(&addr) {
+            return Err(Fail::at("virtio BAR unassigned or above 4 GiB", addr));
+        }
+    }
+    Ok(Device {
+        common,
+        notify,
+        notify_multiplier: multiplier,
+        device_cfg,
+        msix_table: msix.map(|m| m.1),
+        msix_cap: msix.map_or(0, |m| m.0),
+    })
+}
+
+/// A split virtqueue in scratch RAM, with one request in flight at a time.
+struct Queue {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    notify_addr: u64,
+    last_used: u16,
+    avail_idx: u16,
+}
+
+impl Queue {
+    /// Submits a chain of (address, length, device-writable) buffers and
+    /// waits for its completion.
+    fn submit(&mut self, bufs: &[(u64, u32, bool)]) -> Result<(), Fail> {
+        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+            let d = self.desc + 16 * i as u64;
+            let mut flags = if write { DESC_WRITE } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= DESC_NEXT;
+            }
+            wr(d, addr);
+            wr(d + 8, len);
+            wr(d + 12, flags);
+            wr(d + 14, (i + 1) as u16);
+        }
+        wr(
+            self.avail + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE),
+            0u16,
+        );
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        wr(self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+        wr(self.notify_addr, 0u16);
+        for _ in 0..POLL_LIMIT {
+            let used_idx: u16 = rd(self.used + 2);
+            if used_idx != self.last_used {
+                self.last_used = used_idx;
+                fence(Ordering::SeqCst);
+                return Ok(());
+            }
+            core::hint::spin_loop();
+        }
+        Err(Fail::new("virtio-blk request timed out"))
+    }
+}
+
+/// One request: header, optional data buffer, status byte. Returns the status.
+fn request(
+    q: &mut Queue,
+    scratch: u64,
+    kind: u32,
+    sector: u64,
+    data: Option<(u64, u32, bool)>,
+) -> Result<u8, Fail> {
+    let header = scratch + 0x1000;
+    let status = header + 0x10;
+    wr(header, kind);
+    wr(header + 4, 0u32);
+    wr(header + 8, sector);
+    wr(status, 0xffu8);
+    let head = (header, 16, false);
+    let tail = (status, 1, true);
+    match data {
+        Some(buf) => q.submit(&[head, buf, tail])?,
+        None => q.submit(&[head, tail])?,
+    }
+    Ok(rd(status))
+}
+
+fn pattern_byte(i: u64, index: u8) -> u8 {
+    ((i * 7 + 0x5a) & 0xff) as u8 ^ index
+}
+
+/// Drives the disk at `f`, found `index`-th, and reports what it saw.
+pub fn test_disk(f: Function, index: u8) -> Result<(), Fail> {
+    let bdf = (f.slot, f.function);
+    f.enable();
+    let dev = locate(f)?;
+    let c = dev.common;
+    // Reset, then ACKNOWLEDGE and DRIVER.
+    wr(c + 0x14, 0u8);
+    while rd::<u8>(c + 0x14) != 0 {}
+    wr(c + 0x14, STATUS_ACK);
+    wr(c + 0x14, STATUS_ACK | STATUS_DRIVER);
+    wr(c, 0u32);
+    let mut offered = u64::from(rd::<u32>(c + 4));
+    wr(c, 1u32);
+    offered |= u64::from(rd::<u32>(c + 4)) << 32;
+    if offered & F_VERSION_1 == 0 {
+        return Err(Fail::new("virtio-blk device without VERSION_1"));
+    }
+    let wanted = offered & (F_VERSION_1 | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_MQ);
+    wr(c + 0x08, 0u32);
+    wr(c + 0x0c, wanted as u32);
+    wr(c + 0x08, 1u32);
+    wr(c + 0x0c, (wanted >> 32) as u32);
+    wr(c + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
+    if rd::<u8>(c + 0x14) & STATUS_FEATURES_OK == 0 {
+        return Err(Fail::new("virtio-blk device refused FEATURES_OK"));
+    }
+
+    // Queue 0 in this disk's scratch page.
+    let scratch = SCRATCH_BASE + SCRATCH_PER_DISK * u64::from(index);
+    // SAFETY: the scratch area is free RAM reserved for this driver.
+    unsafe { core::ptr::write_bytes(scratch as *mut u8, 0, 0x1000) };
+    wr(c + 0x16, 0u16);
+    let max = rd::<u16>(c + 0x18);
+    if max == 0 {
+        return Err(Fail::new("virtio-blk queue 0 missing"));
+    }
+    let size = max.min(QUEUE_SIZE);
+    if size != QUEUE_SIZE {
+        return Err(Fail::new("virtio-blk queue smaller than 8"));
+    }
+    wr(c + 0x18, size);
+    let mut q = Queue {
+        desc: scratch,
+        avail: scratch + 0x200,
+        used: scratch + 0x400,
+        notify_addr: dev.notify + u64::from(rd::<u16>(c + 0x1e)) * u64::from(dev.notify_multiplier),
+        last_used: 0,
+        avail_idx: 0,
+    };
+    for (off, addr) in [(0x20, q.desc), (0x28, q.avail), (0x30, q.used)] {
+        wr(c + off, addr as u32);
+        wr(c + off + 4, (addr >> 32) as u32);
+    }
+    // MSI-X: configuration changes get no vector, queue 0 gets entry 0.
+    wr(c + 0x10, 0xffffu16);
+    if let Some(table) = dev.msix_table {
+        wr(table, 0xfee0_0000u32);
+        wr(table + 4, 0u32);
+        wr(table + 8, u32::from(irq::VECTOR));
+        wr(table + 12, 0u32);
+        wr(c + 0x1a, 0u16);
+        let control = f.read32(dev.msix_cap);
+        f.write32(dev.msix_cap, control | 1 << 31);
+    }
+    wr(c + 0x1c, 1u16);
+    wr(
+        c + 0x14,
+        STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+    );
+
+    let cfg = dev.device_cfg;
+    let capacity = u64::from(rd::<u32>(cfg)) | u64::from(rd::<u32>(cfg + 4)) << 32;
+    let ro = wanted & F_RO != 0;
+    let queues = if wanted & F_MQ != 0 {
+        rd::<u16>(cfg + 34)
+    } else {
+        1
+    };
+    let irqs_before = irq::count();
+    let buf = scratch + 0x2000;
+    let readback = scratch + 0x3000;
+
+    let mut serial = [0u8; 20];
+    let id_status = request(&mut q, scratch, T_GET_ID, 0, Some((buf, 20, true)))?;
+    if id_status == S_OK {
+        // SAFETY: `buf` holds the 20 bytes the device wrote.
+        unsafe { core::ptr::copy_nonoverlapping(buf as *const u8, serial.as_mut_ptr(), 20) };
+    }
+    let serial_len = serial.iter().position(|&b| b == 0).unwrap_or(20);
+    let serial_text: &[u8] = if serial_len == 0 {
+        b"-"
+    } else {
+        &serial[..serial_len]
+    };
+    say!(
+        "blk 00:{:02x}.{} capacity {capacity} size {} ro {} queues {queues} serial {}",
+        bdf.0,
+        bdf.1,
+        capacity * 512,
+        u8::from(ro),
+        Bytes(serial_text)
+    );
+
+    if request(&mut q, scratch, T_IN, 0, Some((buf, 512, true)))? != S_OK {
+        return Err(Fail::new("virtio-blk read of sector 0 failed"));
+    }
+    let mut hex = [0u8; 32];
+    for i in 0..16u64 {
+        let b: u8 = rd(buf + i);
+        hex[2 * i as usize] = b"0123456789abcdef"[usize::from(b >> 4)];
+        hex[2 * i as usize + 1] = b"0123456789abcdef"[usize::from(b & 0xf)];
+    }
+    say!("blk 00:{:02x}.{} sector0 {}", bdf.0, bdf.1, Bytes(&hex));
+
+    for i in 0..4096u64 {
+        wr(buf + i, pattern_byte(i, index));
+    }
+    let status = request(
+        &mut q,
+        scratch,
+        T_OUT,
+        PATTERN_SECTOR,
+        Some((buf, 4096, false)),
+    )?;
+    if ro {
+        if status != S_IOERR {
+            return Err(Fail::new(
+                "virtio-blk write to a read-only disk was not rejected",
+            ));
+        }
+        say!("blk 00:{:02x}.{} write rejected (ro)", bdf.0, bdf.1);
+    } else {
+        if status != S_OK {
+            return Err(Fail::new("virtio-blk write failed"));
+        }
+        if wanted & F_FLUSH != 0 && request(&mut q, scratch, T_FLUSH, 0, None)? != S_OK {
+            return Err(Fail::new("virtio-blk flush failed"));
+        }
+        if request(
+            &mut q,
+            scratch,
+            T_IN,
+            PATTERN_SECTOR,
+            Some((readback, 4096, true)),
+        )? != S_OK
+        {
+            return Err(Fail::new("virtio-blk read-back failed"));
+        }
+        for i in 0..4096u64 {
+            if rd::<u8>(readback + i) != pattern_byte(i, index) {
+                return Err(Fail::at("virtio-blk read-back mismatch", i));
+            }
+        }
+        say!("blk 00:{:02x}.{} write-read ok", bdf.0, bdf.1);
+    }
+    // Let the last completion's interrupt land before counting.
+    for _ in 0..100_000 {
+        if irq::count() > irqs_before {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    say!(
+        "blk 00:{:02x}.{} irqs {}",
+        bdf.0,
+        bdf.1,
+        irq::count() - irqs_before
+    );
+    // Leave the device reset so nothing writes to scratch RAM afterwards.
+    wr(c + 0x14, 0u8);
+    Ok(())
+}

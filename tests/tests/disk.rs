@@ -1,0 +1,129 @@
+//! Disks served by a separate process: the test guest's virtio-blk driver
+//! on our vmm with qemu-storage-daemon (a vhost-user-blk backend no one here
+//! wrote) as the backend. Checks what the guest saw (capacity, pre-written
+//! bytes), what reached the image file (the guest's writes, byte for byte),
+//! read-only rejection, that the guest's kicks never exited to the VMM, and
+//! that a backend's death stops its device but not the VMM.
+
+use std::time::Duration;
+
+use vmm_tests::backend::{require_qemu_storage_daemon, Backend};
+use vmm_tests::blk::{expect_disk, finish, guest_pattern, make_image, read_pattern_area};
+use vmm_tests::vm::VmBuilder;
+use vmm_tests::{require_kvm, test_guest};
+
+/// The exit summary line of `disk` shows no notify write reached the VMM.
+fn assert_kicks_bypassed_the_vmm(log: &str, disk: &str) {
+    let line = log
+        .lines()
+        .find(|l| l.starts_with(&format!("vmm: {disk} ")))
+        .unwrap_or_else(|| panic!("no exit counters for {disk}: {log}"));
+    assert!(
+        line.ends_with(", 0 notify writes reached the VMM"),
+        "kicks exited to the VMM: {line}"
+    );
+}
+
+#[test]
+fn guest_reads_and_writes_through_qemu_storage_daemon() {
+    require_kvm();
+    require_qemu_storage_daemon();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("qsd.img");
+    make_image(&image, 0);
+    let socket = dir.path().join("qsd.sock");
+    let _backend = Backend::qemu_storage_daemon(&socket, &image, 1, true);
+
+    let vm = VmBuilder::new(test_guest())
+        .arg("--disk")
+        .arg(format!("socket={}", socket.display()))
+        .spawn();
+    let info = expect_disk(&vm, "00:01.0", 0, false);
+    assert!(info.contains("queues 1 "), "{info}");
+    let log = finish(vm);
+    assert_kicks_bypassed_the_vmm(&log, "disk0");
+    assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
+}
+
+#[test]
+fn two_disks_one_with_two_queues_one_read_only() {
+    require_kvm();
+    require_qemu_storage_daemon();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rw = dir.path().join("rw.img");
+    let ro = dir.path().join("ro.img");
+    make_image(&rw, 0);
+    make_image(&ro, 1);
+    let ro_before = std::fs::read(&ro).expect("read");
+    let rw_socket = dir.path().join("rw.sock");
+    let ro_socket = dir.path().join("ro.sock");
+    let _rw = Backend::qemu_storage_daemon(&rw_socket, &rw, 2, true);
+    let _ro = Backend::qemu_storage_daemon(&ro_socket, &ro, 1, false);
+
+    let vm = VmBuilder::new(test_guest())
+        .arg("--disk")
+        .arg(format!("socket={},num_queues=2", rw_socket.display()))
+        .arg("--disk")
+        .arg(format!("socket={}", ro_socket.display()))
+        .spawn();
+    let info = expect_disk(&vm, "00:01.0", 0, false);
+    assert!(info.contains("queues 2 "), "{info}");
+    expect_disk(&vm, "00:02.0", 1, true);
+    let log = finish(vm);
+    assert_kicks_bypassed_the_vmm(&log, "disk0");
+    assert_kicks_bypassed_the_vmm(&log, "disk1");
+    assert_eq!(read_pattern_area(&rw), guest_pattern(0));
+    assert_eq!(
+        std::fs::read(&ro).expect("read"),
+        ro_before,
+        "read-only image changed"
+    );
+}
+
+#[test]
+fn a_backend_that_dies_stops_its_device_not_the_vmm() {
+    require_kvm();
+    require_qemu_storage_daemon();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk0.img");
+    make_image(&image, 0);
+    let socket = dir.path().join("disk0.sock");
+    let backend = Backend::qemu_storage_daemon(&socket, &image, 1, true);
+
+    // In echo mode the guest keeps running after its disk checks.
+    let mut vm = VmBuilder::new(test_guest())
+        .cmdline("echo")
+        .arg("--disk")
+        .arg(format!("socket={}", socket.display()))
+        .spawn();
+    expect_disk(&vm, "00:01.0", 0, false);
+    vm.expect_line("testguest: echo ready", Duration::from_secs(60));
+    backend.signal(libc::SIGKILL);
+    vm.stderr
+        .wait_for(
+            "disk0: the vhost-user backend disconnected",
+            Duration::from_secs(10),
+        )
+        .expect("the VMM did not report the backend's death");
+    // The VMM is still alive and stops cleanly on request.
+    assert!(vm.child.try_wait().expect("try_wait").is_none());
+    vm.signal(libc::SIGTERM);
+    let status = vm.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(143), "stderr: {}", vm.stderr.text());
+}
+
+#[test]
+fn a_missing_backend_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("nobody.sock");
+    let out = VmBuilder::new(test_guest())
+        .arg("--disk")
+        .arg(format!("socket={}", socket.display()))
+        .command()
+        .output()
+        .expect("run vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("nobody.sock"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("testguest:"));
+}
