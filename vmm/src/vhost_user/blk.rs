@@ -7,6 +7,8 @@ use std::path::Path;
 use super::frontend::{DeviceSpec, FrontendError, VhostUserDevice};
 
 const VIRTIO_ID_BLOCK: u16 = 2;
+/// Offset of `num_queues` in virtio_blk_config.
+const CONFIG_NUM_QUEUES: u64 = 34;
 
 /// virtio-blk feature bits the guest may negotiate with the backend.
 const BLK_FEATURES: u64 = (1 << 1) // SIZE_MAX
@@ -34,6 +36,7 @@ pub fn connect(
         device_features: BLK_FEATURES,
         num_queues,
         queue_size,
+        queue_count_field: Some(CONFIG_NUM_QUEUES),
     };
     VhostUserDevice::connect(spec, socket)
 }

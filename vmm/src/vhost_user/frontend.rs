@@ -57,6 +57,10 @@ pub struct DeviceSpec {
     pub device_features: u64,
     pub num_queues: usize,
     pub queue_size: u16,
+    /// Offset of a u16 queue-count field in the config space that the VMM
+    /// answers itself: the backend may serve more queues than this device
+    /// exposes (virtio-blk `num_queues`).
+    pub queue_count_field: Option<u64>,
 }
 
 pub struct VhostUserDevice {
@@ -222,7 +226,17 @@ impl VirtioDevice for VhostUserDevice {
             .frontend
             .get_config(0, end as u32, VhostUserConfigFlags::empty(), &request)
         {
-            Ok((_, reply)) if reply.len() == end => data.copy_from_slice(&reply[start..]),
+            Ok((_, mut reply)) if reply.len() == end => {
+                if let Some(field) = self.spec.queue_count_field.map(|f| f as usize) {
+                    let count = (self.spec.num_queues as u16).to_le_bytes();
+                    for (i, byte) in count.iter().enumerate() {
+                        if let Some(slot) = reply.get_mut(field + i) {
+                            *slot = *byte;
+                        }
+                    }
+                }
+                data.copy_from_slice(&reply[start..]);
+            }
             Ok(_) => log::warn!("{}: short GET_CONFIG reply", self.spec.name),
             Err(e) => log::warn!("{}: GET_CONFIG of {end} bytes failed: {e}", self.spec.name),
         }

@@ -1,0 +1,148 @@
+//! Our vhost-blk backend under the test guest on our vmm: the guest sees the
+//! image (capacity, serial, pre-written bytes), its writes land in the image
+//! file byte for byte, read-only disks reject writes, the backend serves the
+//! next VM after a disconnect, refuses a second writer of the same image,
+//! and exits cleanly on SIGTERM.
+
+use std::process::Command;
+use std::time::Duration;
+
+use vmm_tests::backend::{vhost_blk_bin, Backend};
+use vmm_tests::blk::{expect_disk, finish, guest_pattern, make_image, read_pattern_area};
+use vmm_tests::vm::VmBuilder;
+use vmm_tests::{require_kvm, test_guest};
+
+fn assert_kicks_bypassed_the_vmm(log: &str, disk: &str) {
+    let line = log
+        .lines()
+        .find(|l| l.starts_with(&format!("vmm: {disk} ")))
+        .unwrap_or_else(|| panic!("no exit counters for {disk}: {log}"));
+    assert!(
+        line.ends_with(", 0 notify writes reached the VMM"),
+        "kicks exited to the VMM: {line}"
+    );
+}
+
+#[test]
+fn guest_reads_and_writes_through_vhost_blk_and_the_next_vm_too() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk0.img");
+    make_image(&image, 0);
+    let socket = dir.path().join("disk0.sock");
+    let _backend = Backend::vhost_blk(&socket, &image, &["--serial", "serial-disk0"]);
+
+    // Two VMs in a row on the same backend: it serves the next frontend.
+    for _ in 0..2 {
+        let vm = VmBuilder::new(test_guest())
+            .arg("--disk")
+            .arg(format!("socket={}", socket.display()))
+            .spawn();
+        let info = expect_disk(&vm, "00:01.0", 0, false);
+        assert!(info.ends_with("queues 1 serial serial-disk0"), "{info}");
+        let log = finish(vm);
+        assert_kicks_bypassed_the_vmm(&log, "disk0");
+        assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
+    }
+}
+
+#[test]
+fn two_disks_one_with_two_queues_one_read_only() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rw = dir.path().join("rw.img");
+    let ro = dir.path().join("ro.img");
+    make_image(&rw, 0);
+    make_image(&ro, 1);
+    let ro_before = std::fs::read(&ro).expect("read");
+    let rw_socket = dir.path().join("rw.sock");
+    let ro_socket = dir.path().join("ro.sock");
+    let _rw = Backend::vhost_blk(&rw_socket, &rw, &["--num-queues", "2"]);
+    let _ro = Backend::vhost_blk(&ro_socket, &ro, &["--readonly"]);
+
+    let vm = VmBuilder::new(test_guest())
+        .arg("--disk")
+        .arg(format!("socket={},num_queues=2", rw_socket.display()))
+        .arg("--disk")
+        .arg(format!("socket={}", ro_socket.display()))
+        .spawn();
+    let info = expect_disk(&vm, "00:01.0", 0, false);
+    assert!(info.contains("queues 2 serial rw.img"), "{info}");
+    expect_disk(&vm, "00:02.0", 1, true);
+    let log = finish(vm);
+    assert_kicks_bypassed_the_vmm(&log, "disk0");
+    assert_kicks_bypassed_the_vmm(&log, "disk1");
+    assert_eq!(read_pattern_area(&rw), guest_pattern(0));
+    assert_eq!(
+        std::fs::read(&ro).expect("read"),
+        ro_before,
+        "read-only image changed"
+    );
+}
+
+#[test]
+fn a_second_writer_is_refused_and_sigterm_cleans_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 0);
+    let socket = dir.path().join("a.sock");
+    let mut first = Backend::vhost_blk(&socket, &image, &[]);
+
+    let out = Command::new(vhost_blk_bin())
+        .arg("--socket")
+        .arg(dir.path().join("b.sock"))
+        .arg("--image")
+        .arg(&image)
+        .output()
+        .expect("run vhost-blk");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("disk.img") && stderr.contains("locked"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("b.sock").exists());
+
+    first.signal(libc::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = first.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vhost-blk ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(!socket.exists(), "the socket file was left behind");
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("s.sock");
+    for (args, needle) in [
+        (vec!["--image", "/nonexistent.img"], "/nonexistent.img"),
+        (
+            vec!["--image", "/etc/hostname", "--num-queues", "0"],
+            "--num-queues",
+        ),
+        (
+            vec!["--image", "/etc/hostname", "--queue-size", "100"],
+            "--queue-size",
+        ),
+    ] {
+        let out = Command::new(vhost_blk_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .args(&args)
+            .output()
+            .expect("run vhost-blk");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?} accepted");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!socket.exists());
+    }
+}

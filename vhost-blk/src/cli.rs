@@ -1,0 +1,34 @@
+//! Command line of the vhost-blk backend.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Serves a raw disk image as a vhost-user-blk device on a Unix socket.
+/// One frontend (VMM) at a time; the next is served after a disconnect.
+#[derive(Debug, Parser)]
+#[command(name = "vhost-blk", version, about, long_about = None)]
+pub struct Args {
+    /// Unix socket to listen on (a stale socket file is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Raw disk image to serve; its size must be a multiple of 512 bytes.
+    #[arg(long, value_name = "PATH")]
+    pub image: PathBuf,
+    /// Serve the image read-only (VIRTIO_BLK_F_RO; writes get IOERR).
+    #[arg(long)]
+    pub readonly: bool,
+    /// Open the image with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    pub direct: bool,
+    /// Number of request queues (1 to 16), one worker thread each.
+    #[arg(long, value_name = "N", default_value = "1")]
+    pub num_queues: String,
+    /// Maximum size of each queue (a power of two, 1 to 32768).
+    #[arg(long, value_name = "N", default_value = "256")]
+    pub queue_size: String,
+    /// Serial number reported to VIRTIO_BLK_T_GET_ID (at most 20 bytes;
+    /// defaults to the image file name, cut to 20 bytes).
+    #[arg(long, value_name = "STRING")]
+    pub serial: Option<String>,
+}

@@ -1,0 +1,117 @@
+//! Validated configuration of the backend (pure; unit-tested).
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::cli::Args;
+
+pub const MAX_QUEUES: u16 = 16;
+pub const SERIAL_LEN: usize = 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub image: PathBuf,
+    pub readonly: bool,
+    pub direct: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub serial: [u8; SERIAL_LEN],
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--num-queues {0:?}: expected 1 to {MAX_QUEUES}")]
+    NumQueues(String),
+    #[error("--queue-size {0:?}: expected a power of two from 1 to 32768")]
+    QueueSize(String),
+    #[error("--serial {0:?}: longer than {SERIAL_LEN} bytes")]
+    Serial(String),
+    #[error("--socket: the path is empty")]
+    Socket,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let num_queues = args
+            .num_queues
+            .parse::<u16>()
+            .ok()
+            .filter(|n| (1..=MAX_QUEUES).contains(n))
+            .ok_or_else(|| ConfigError::NumQueues(args.num_queues.clone()))?;
+        let queue_size = args
+            .queue_size
+            .parse::<u16>()
+            .ok()
+            .filter(|n| n.is_power_of_two())
+            .ok_or_else(|| ConfigError::QueueSize(args.queue_size.clone()))?;
+        if args.socket.as_os_str().is_empty() {
+            return Err(ConfigError::Socket);
+        }
+        let serial_text = match args.serial {
+            Some(s) if s.len() > SERIAL_LEN => return Err(ConfigError::Serial(s)),
+            Some(s) => s,
+            None => args
+                .image
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        let mut serial = [0u8; SERIAL_LEN];
+        let bytes = serial_text.as_bytes();
+        let n = bytes.len().min(SERIAL_LEN);
+        serial[..n].copy_from_slice(&bytes[..n]);
+        Ok(Config {
+            socket: args.socket,
+            image: args.image,
+            readonly: args.readonly,
+            direct: args.direct,
+            num_queues,
+            queue_size,
+            serial,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(queues: &str, size: &str, serial: Option<&str>) -> Args {
+        Args {
+            socket: "/tmp/s".into(),
+            image: "/images/a-rather-long-image-name.img".into(),
+            readonly: false,
+            direct: false,
+            num_queues: queues.into(),
+            queue_size: size.into(),
+            serial: serial.map(String::from),
+        }
+    }
+
+    #[test]
+    fn defaults_and_serial() {
+        let c = Config::try_from(args("2", "256", None)).unwrap();
+        assert_eq!((c.num_queues, c.queue_size), (2, 256));
+        assert_eq!(&c.serial, b"a-rather-long-image-");
+        let c = Config::try_from(args("1", "128", Some("disk0"))).unwrap();
+        assert_eq!(&c.serial[..6], b"disk0\0");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (q, s) in [("0", "256"), ("17", "256"), ("x", "256")] {
+            let err = Config::try_from(args(q, s, None)).unwrap_err();
+            assert!(err.to_string().starts_with("--num-queues"), "{err}");
+        }
+        for s in ["0", "100", "65536", "-1"] {
+            let err = Config::try_from(args("1", s, None)).unwrap_err();
+            assert!(err.to_string().starts_with("--queue-size"), "{err}");
+        }
+        let err = Config::try_from(args("1", "8", Some("012345678901234567890"))).unwrap_err();
+        assert!(err.to_string().starts_with("--serial"));
+    }
+}

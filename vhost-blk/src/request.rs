@@ -1,0 +1,211 @@
+//! One virtio-blk request: parse a descriptor chain, run it against the
+//! disk, write the status byte. Knows nothing of sockets or threads; every
+//! malformed request ends in a status (or, with no status byte to write, in
+//! an empty completion), never a panic.
+
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::config::SERIAL_LEN;
+use crate::disk::Disk;
+
+pub const SECTOR_SIZE: u64 = 512;
+/// Data segments per request the device advertises (VIRTIO_BLK_F_SEG_MAX).
+pub const SEG_MAX: u32 = 126;
+/// Header, data segments, status.
+const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
+const HEADER_LEN: u32 = 16;
+const DISCARD_SEGMENT_LEN: u32 = 16;
+const WRITE_ZEROES_UNMAP: u32 = 1;
+
+/// What requests run against.
+pub struct BlkTarget {
+    pub disk: Arc<dyn Disk>,
+    pub readonly: bool,
+    pub serial: [u8; SERIAL_LEN],
+}
+
+enum Failure {
+    IoErr,
+    Unsupported,
+}
+
+impl Failure {
+    fn status(&self) -> u8 {
+        match self {
+            Failure::IoErr => VIRTIO_BLK_S_IOERR as u8,
+            Failure::Unsupported => VIRTIO_BLK_S_UNSUPP as u8,
+        }
+    }
+}
+
+/// Executes the request made of `descriptors`; returns the number of bytes
+/// written to device-writable buffers (the used length).
+pub fn execute(
+    target: &BlkTarget,
+    mem: &GuestMemoryMmap,
+    descriptors: impl Iterator<Item = Descriptor>,
+) -> u32 {
+    let mut descs = [Descriptor::new(0, 0, 0, 0); MAX_DESCRIPTORS];
+    let mut count = 0;
+    let mut too_many = false;
+    for desc in descriptors {
+        if count == MAX_DESCRIPTORS {
+            too_many = true;
+            break;
+        }
+        descs[count] = desc;
+        count += 1;
+    }
+    let descs = &descs[..count];
+    // The status byte is the last byte of the last, device-writable descriptor.
+    let Some(status_desc) = descs.last().filter(|d| d.is_write_only() && d.len() >= 1) else {
+        log::debug!("request without a status byte dropped");
+        return 0;
+    };
+    let Some(status_addr) = status_desc
+        .addr()
+        .0
+        .checked_add(u64::from(status_desc.len()) - 1)
+    else {
+        return 0;
+    };
+    let (status, written) = if too_many || descs.len() < 2 {
+        (VIRTIO_BLK_S_IOERR as u8, 0)
+    } else {
+        match run(target, mem, &descs[0], &descs[1..descs.len() - 1]) {
+            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+            Err(failure) => (failure.status(), 0),
+        }
+    };
+    if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
+        log::debug!("status byte at {status_addr:#x} is outside guest memory");
+        return 0;
+    }
+    written + 1
+}
+
+/// Checks that `len` bytes at sector `sector` lie on the disk; returns the
+/// byte offset.
+fn disk_range(target: &BlkTarget, sector: u64, len: u64) -> Result<u64, Failure> {
+    let offset = sector.checked_mul(SECTOR_SIZE).ok_or(Failure::IoErr)?;
+    let end = offset.checked_add(len).ok_or(Failure::IoErr)?;
+    if end > target.disk.size() {
+        return Err(Failure::IoErr);
+    }
+    Ok(offset)
+}
+
+fn run(
+    target: &BlkTarget,
+    mem: &GuestMemoryMmap,
+    header: &Descriptor,
+    data: &[Descriptor],
+) -> Result<u32, Failure> {
+    if header.is_write_only() || header.len() < HEADER_LEN {
+        return Err(Failure::IoErr);
+    }
+    let kind: u32 = mem.read_obj(header.addr()).map_err(|_| Failure::IoErr)?;
+    let sector: u64 = mem
+        .read_obj(header.addr().checked_add(8).ok_or(Failure::IoErr)?)
+        .map_err(|_| Failure::IoErr)?;
+    match kind {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+            let write = kind == VIRTIO_BLK_T_OUT;
+            if write && target.readonly {
+                return Err(Failure::IoErr);
+            }
+            let mut total = 0u64;
+            for d in data {
+                // Reads fill device-writable buffers; writes take readable ones.
+                if d.is_write_only() == write {
+                    return Err(Failure::IoErr);
+                }
+                total += u64::from(d.len());
+            }
+            if total % SECTOR_SIZE != 0 {
+                return Err(Failure::IoErr);
+            }
+            let mut offset = disk_range(target, sector, total)?;
+            for d in data {
+                let len = d.len() as usize;
+                let slice = mem.get_slice(d.addr(), len).map_err(|_| Failure::IoErr)?;
+                let result = if write {
+                    target.disk.write_at(offset, &slice)
+                } else {
+                    target.disk.read_at(offset, &slice)
+                };
+                result.map_err(|e| {
+                    log::warn!("I/O error at byte {offset}: {e}");
+                    Failure::IoErr
+                })?;
+                offset += len as u64;
+            }
+            Ok(if write { 0 } else { total as u32 })
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            target.disk.flush().map_err(|e| {
+                log::warn!("flush failed: {e}");
+                Failure::IoErr
+            })?;
+            Ok(0)
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            let d = data.first().ok_or(Failure::IoErr)?;
+            if !d.is_write_only() || data.len() != 1 {
+                return Err(Failure::IoErr);
+            }
+            let n = (d.len() as usize).min(SERIAL_LEN);
+            mem.write_slice(&target.serial[..n], d.addr())
+                .map_err(|_| Failure::IoErr)?;
+            Ok(n as u32)
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            if target.readonly {
+                return Err(Failure::IoErr);
+            }
+            // One segment per request (max_discard_seg = 1).
+            let [d] = data else {
+                return Err(Failure::Unsupported);
+            };
+            if d.is_write_only() || d.len() != DISCARD_SEGMENT_LEN {
+                return Err(Failure::IoErr);
+            }
+            let seg_sector: u64 = mem.read_obj(d.addr()).map_err(|_| Failure::IoErr)?;
+            let num: u32 = mem
+                .read_obj(d.addr().checked_add(8).ok_or(Failure::IoErr)?)
+                .map_err(|_| Failure::IoErr)?;
+            let flags: u32 = mem
+                .read_obj(d.addr().checked_add(12).ok_or(Failure::IoErr)?)
+                .map_err(|_| Failure::IoErr)?;
+            let len = u64::from(num) * SECTOR_SIZE;
+            let offset = disk_range(target, seg_sector, len)?;
+            let result = if kind == VIRTIO_BLK_T_DISCARD {
+                if flags != 0 {
+                    return Err(Failure::Unsupported);
+                }
+                target.disk.discard(offset, len)
+            } else {
+                if flags & !WRITE_ZEROES_UNMAP != 0 {
+                    return Err(Failure::Unsupported);
+                }
+                target
+                    .disk
+                    .write_zeroes(offset, len, flags & WRITE_ZEROES_UNMAP != 0)
+            };
+            result.map_err(|e| {
+                log::warn!("discard/write-zeroes failed: {e}");
+                Failure::IoErr
+            })?;
+            Ok(0)
+        }
+        _ => Err(Failure::Unsupported),
+    }
+}

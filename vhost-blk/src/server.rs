@@ -1,0 +1,83 @@
+//! Serves one frontend after another on the socket until SIGTERM/SIGINT.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use thiserror::Error;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::{BlkBackend, Device};
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("cannot set up the vhost-user daemon")]
+    Daemon(String),
+    #[error("--socket {0:?}: cannot serve")]
+    Serve(std::path::PathBuf, String),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Removes the socket and exits 0 on SIGTERM or SIGINT (data is written with
+/// pwrite as requests complete; a final fdatasync makes it durable).
+fn handle_stop_signals(socket: &Path, device: Arc<Device>) -> Result<(), ServeError> {
+    // SAFETY: an all-zero sigset is valid storage for sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: blocks the signals in this thread (threads spawned later inherit it).
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(ServeError::Signals(std::io::Error::from_raw_os_error(rc)));
+    }
+    let socket = socket.to_path_buf();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut signal = 0;
+            // SAFETY: `set` is initialised and `signal` is a valid out-pointer.
+            unsafe { libc::sigwait(&set, &mut signal) };
+            log::info!("signal {signal}: stopping");
+            if let Err(e) = device.target.disk.flush() {
+                log::warn!("final flush failed: {e}");
+            }
+            let _ = std::fs::remove_file(&socket);
+            std::process::exit(0);
+        })
+        .map_err(ServeError::Signals)?;
+    Ok(())
+}
+
+pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
+    let device = Arc::new(device);
+    handle_stop_signals(socket, device.clone())?;
+    loop {
+        let backend = BlkBackend::new(device.clone());
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-blk".into(),
+            backend,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| ServeError::Daemon(format!("{e:?}")))?;
+        log::info!("waiting for a frontend on {}", socket.display());
+        match daemon.serve(socket) {
+            Ok(()) => log::info!("frontend disconnected"),
+            Err(e) => {
+                // A misbehaving frontend ends its connection, not the backend,
+                // unless the socket itself cannot be served.
+                let text = format!("{e:?}");
+                if text.contains("CreateVhostUserListener")
+                    || text.contains("CreateBackendListener")
+                {
+                    return Err(ServeError::Serve(socket.to_path_buf(), text));
+                }
+                log::warn!("connection ended: {text}");
+            }
+        }
+    }
+}
