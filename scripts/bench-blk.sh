@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Block data-path benchmark, no VM: the vhost-loadgen frontend drives
+#   - our vhost-blk, and
+#   - qemu-storage-daemon's vhost-user-blk export,
+# side by side on the same image, with fio on the host against the same file
+# as the ceiling. Two images: a file on tmpfs (measures the backends, not the
+# disk) and a file on disk opened with O_DIRECT (vhost-blk --direct,
+# qemu-storage-daemon cache.direct=on, fio --direct=1).
+# Workloads: 4k random read at depth 32 on 1 and 2 queues, 64k sequential
+# read and 64k sequential write at depth 32 on 1 queue.
+# Usage: scripts/bench-blk.sh [SECONDS per run, default 5]
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+SECS="${1:-5}"
+SIZE=1G
+for tool in qemu-storage-daemon fio python3; do
+    command -v "$tool" >/dev/null || { echo "bench-blk: $tool not found (apt-get install qemu-system-common fio)" >&2; exit 1; }
+done
+echo "bench-blk: building (release)" >&2
+(cd "$ROOT" && cargo build --release -q -p vhost-blk -p vhost-test-frontend)
+BLK="$ROOT/target/release/vhost-blk"
+LOADGEN="$ROOT/target/release/vhost-loadgen"
+
+WORK="$(mktemp -d "$ROOT/target/bench-blk.XXXXXX")"
+SHM="$(mktemp -d /dev/shm/bench-blk.XXXXXX)"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK" "$SHM"
+}
+trap cleanup EXIT INT TERM
+
+wait_socket() {
+    for _ in $(seq 200); do [[ -S "$1" ]] && return 0; sleep 0.05; done
+    echo "bench-blk: $1 did not appear" >&2; return 1
+}
+
+start_backend() { # kind image direct queues socket
+    local kind="$1" image="$2" direct="$3" queues="$4" sock="$5"
+    rm -f "$sock"
+    if [[ "$kind" == vhost-blk ]]; then
+        local extra=()
+        [[ "$direct" == 1 ]] && extra+=(--direct)
+        "$BLK" --socket "$sock" --image "$image" --num-queues "$queues" "${extra[@]}" 2>>"$WORK/backend.log" &
+    else
+        local cache="cache.direct=off"
+        [[ "$direct" == 1 ]] && cache="cache.direct=on,aio=native"
+        qemu-storage-daemon \
+            --blockdev "driver=file,node-name=file0,filename=$image,$cache" \
+            --blockdev driver=raw,node-name=disk0,file=file0 \
+            --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$sock,writable=on,num-queues=$queues" \
+            2>>"$WORK/backend.log" &
+    fi
+    PIDS+=($!)
+    wait_socket "$sock"
+}
+
+stop_backend() {
+    local pid="${PIDS[-1]}"
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    unset 'PIDS[-1]'
+}
+
+loadgen() { # socket queues size pattern op -> "iops mbps"
+    "$LOADGEN" --socket "$1" --queues "$2" --depth 32 --size "$3" --pattern "$4" \
+        --op "$5" --time "$SECS" --json --quiet |
+        python3 -c 'import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(d["iops"], d["mbps"])'
+}
+
+fio_ceiling() { # image direct jobs size rw -> "iops mbps"
+    fio --name=ceiling --filename="$1" --direct="$2" --numjobs="$3" --bs="$4" --rw="$5" \
+        --iodepth=32 --ioengine=io_uring --runtime="$SECS" --time_based --group_reporting \
+        --output-format=json 2>/dev/null |
+        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print(round(d["iops"]), round(d["bw_bytes"]/1e6,1))'
+}
+
+declare -a ROWS
+run_case() { # label image direct queues size pattern op fio_rw
+    local label="$1" image="$2" direct="$3" queues="$4" size="$5" pattern="$6" op="$7" rw="$8"
+    local sock="$WORK/b.sock" ours qsd ceil
+    start_backend vhost-blk "$image" "$direct" "$queues" "$sock"
+    ours="$(loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
+    stop_backend
+    start_backend qsd "$image" "$direct" "$queues" "$sock"
+    qsd="$(loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
+    stop_backend
+    ceil="$(fio_ceiling "$image" "$direct" "$queues" "$size" "$rw")"
+    ROWS+=("$label|$ours|$qsd|$ceil")
+    echo "bench-blk: $label: vhost-blk $ours, qsd $qsd, fio $ceil (IOPS MB/s)" >&2
+}
+
+for medium in tmpfs disk; do
+    if [[ "$medium" == tmpfs ]]; then image="$SHM/disk.img"; direct=0; else image="$WORK/disk.img"; direct=1; fi
+    echo "bench-blk: preparing a $SIZE image on $medium" >&2
+    dd if=/dev/urandom of="$image" bs=1M count=1024 status=none
+    run_case "$medium 4k randread q1"  "$image" "$direct" 1 4k  rand read  randread
+    run_case "$medium 4k randread q2"  "$image" "$direct" 2 4k  rand read  randread
+    run_case "$medium 64k seqread q1"  "$image" "$direct" 1 64k seq  read  read
+    run_case "$medium 64k seqwrite q1" "$image" "$direct" 1 64k seq  write write
+    rm -f "$image"
+done
+
+python3 - "${ROWS[@]}" <<'PY'
+import sys
+print()
+print(f"{'workload':24s} {'vhost-blk IOPS':>14s} {'qsd IOPS':>10s} {'fio IOPS':>10s} {'vs qsd':>7s} {'vs fio':>7s} {'vhost-blk MB/s':>15s}")
+for row in sys.argv[1:]:
+    label, ours, qsd, ceil = row.split("|")
+    oi, om = map(float, ours.split()); qi, _ = map(float, qsd.split()); fi, _ = map(float, ceil.split())
+    print(f"{label:24s} {oi:14.0f} {qi:10.0f} {fi:10.0f} {oi/qi:6.2f}x {oi/fi:6.2f}x {om:15.1f}")
+PY
