@@ -3,7 +3,9 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use io_uring::{opcode, types, IoUring};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -20,7 +22,10 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::request::{self, BlkTarget, SECTOR_SIZE, SEG_MAX};
+use crate::request::{self, BlkTarget, Parsed, SECTOR_SIZE, SEG_MAX};
+
+/// Reads and writes submitted to io_uring at once, per queue.
+const RING_ENTRIES: u32 = 256;
 
 /// Largest discard / write-zeroes request, in sectors.
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
@@ -55,6 +60,17 @@ pub struct BlkBackend {
     config: Arc<Vec<u8>>,
     event_idx: Arc<AtomicBool>,
     mem: Arc<RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>>,
+    /// One io_uring per queue, made by the queue's worker on first use.
+    rings: Arc<Vec<Mutex<RingState>>>,
+}
+
+#[derive(Default)]
+enum RingState {
+    #[default]
+    Untried,
+    Ready(Box<IoUring>),
+    /// io_uring is unavailable: requests run synchronously.
+    Unavailable,
 }
 
 impl BlkBackend {
@@ -62,58 +78,150 @@ impl BlkBackend {
         let capacity = device.target.disk.size() / SECTOR_SIZE;
         let config = Arc::new(config_space(capacity, device.num_queues));
         BlkBackend {
-            device,
             config,
             event_idx: Arc::new(AtomicBool::new(false)),
             mem: Arc::new(RwLock::new(None)),
+            rings: Arc::new(
+                (0..device.num_queues)
+                    .map(|_| Mutex::new(RingState::Untried))
+                    .collect(),
+            ),
+            device,
         }
     }
 
-    /// Drains the ring: runs every available request, then signals once.
-    /// With EVENT_IDX, re-enables notifications and loops if more arrived.
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    /// Drains the ring: parses every available request, runs plain reads
+    /// and writes together through the queue's io_uring (the rest inline),
+    /// completes them, then signals once. With EVENT_IDX, re-enables
+    /// notifications and loops if more arrived.
+    fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(());
         };
         let mem = atomic.memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let Some(ring_lock) = self.rings.get(queue) else {
+            return Ok(());
+        };
+        let mut ring_state = ring_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let RingState::Untried = *ring_state {
+            let disk = &self.device.target.disk;
+            *ring_state = if disk.async_fd().is_none() || disk.async_alignment().is_none() {
+                RingState::Unavailable
+            } else {
+                match IoUring::new(RING_ENTRIES) {
+                    Ok(ring) => RingState::Ready(Box::new(ring)),
+                    Err(e) => {
+                        log::warn!("io_uring unavailable ({e}); queue {queue} runs synchronously");
+                        RingState::Unavailable
+                    }
+                }
+            };
+        }
+        let vq_err = |e: virtio_queue::Error| io::Error::other(format!("{e:?}"));
+        let mut batch: Vec<(u16, Parsed)> = Vec::new();
         loop {
             if event_idx {
-                vring
-                    .disable_notification()
-                    .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                vring.disable_notification().map_err(vq_err)?;
             }
             let mut completed = 0;
             loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let used = request::execute(&self.device.target, &mem, chain);
-                vring
-                    .add_used(head, used)
-                    .map_err(|e| io::Error::other(format!("{e:?}")))?;
-                completed += 1;
+                batch.clear();
+                let mut pending = 0u32;
+                let ring = match &mut *ring_state {
+                    RingState::Ready(ring) => Some(ring),
+                    _ => None,
+                };
+                let allow_async = ring.is_some();
+                while pending < RING_ENTRIES {
+                    let chain = vring
+                        .get_mut()
+                        .get_queue_mut()
+                        .pop_descriptor_chain(mem.clone());
+                    let Some(chain) = chain else { break };
+                    let head = chain.head_index();
+                    let parsed = request::parse(&self.device.target, &mem, chain, allow_async);
+                    if let Parsed::Io(_) = parsed {
+                        pending += 1;
+                    }
+                    batch.push((head, parsed));
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                let results = match ring {
+                    Some(ring) if pending > 0 => self.run_batch(ring, &batch, pending)?,
+                    _ => Vec::new(),
+                };
+                for (i, (head, parsed)) in batch.iter().enumerate() {
+                    let used = match parsed {
+                        Parsed::Done(used) => *used,
+                        Parsed::Io(io) => {
+                            let ok = results.get(i).copied().flatten() == Some(io.len as i32);
+                            request::finish(&mem, io, ok)
+                        }
+                    };
+                    vring.add_used(*head, used).map_err(vq_err)?;
+                    completed += 1;
+                }
             }
             if completed > 0 {
-                let notify = !event_idx
-                    || vring
-                        .needs_notification()
-                        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                let notify = !event_idx || vring.needs_notification().map_err(vq_err)?;
                 if notify {
                     vring.signal_used_queue()?;
                 }
             }
-            if !event_idx
-                || !vring
-                    .enable_notification()
-                    .map_err(|e| io::Error::other(format!("{e:?}")))?
-            {
+            if !event_idx || !vring.enable_notification().map_err(vq_err)? {
                 return Ok(());
             }
         }
+    }
+
+    /// Submits the batch's transfers and waits for all of them; returns each
+    /// request's result (bytes moved or -errno) by batch index.
+    fn run_batch(
+        &self,
+        ring: &mut IoUring,
+        batch: &[(u16, Parsed)],
+        pending: u32,
+    ) -> io::Result<Vec<Option<i32>>> {
+        let Some(fd) = self.device.target.disk.async_fd() else {
+            return Ok(Vec::new());
+        };
+        for (i, (_, parsed)) in batch.iter().enumerate() {
+            let Parsed::Io(io) = parsed else { continue };
+            let entry = if io.write {
+                opcode::Writev::new(types::Fd(fd), io.iovecs.as_ptr(), io.iovecs.len() as u32)
+                    .offset(io.offset)
+                    .build()
+            } else {
+                opcode::Readv::new(types::Fd(fd), io.iovecs.as_ptr(), io.iovecs.len() as u32)
+                    .offset(io.offset)
+                    .build()
+            }
+            .user_data(i as u64);
+            // SAFETY: the iovecs and the guest buffers they point to stay
+            // valid until this function has reaped every completion: the
+            // batch and the guest memory guard outlive the wait below.
+            unsafe { ring.submission().push(&entry) }
+                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        }
+        let mut results = vec![None; batch.len()];
+        let mut reaped = 0u32;
+        while reaped < pending {
+            match ring.submit_and_wait((pending - reaped) as usize) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for cqe in ring.completion() {
+                if let Some(slot) = results.get_mut(cqe.user_data() as usize) {
+                    *slot = Some(cqe.result());
+                }
+                reaped += 1;
+            }
+        }
+        Ok(results)
     }
 }
 
@@ -200,6 +308,6 @@ impl VhostUserBackend for BlkBackend {
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(format!("event for unknown queue {device_event}")))?;
-        self.process_queue(vring)
+        self.process_queue(usize::from(device_event), vring)
     }
 }

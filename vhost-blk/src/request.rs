@@ -46,13 +46,69 @@ impl Failure {
     }
 }
 
-/// Executes the request made of `descriptors`; returns the number of bytes
-/// written to device-writable buffers (the used length).
+/// A read or write whose transfer the caller runs asynchronously (io_uring),
+/// then reports with `finish`.
+pub struct PendingIo {
+    pub write: bool,
+    pub offset: u64,
+    /// Guest buffers, as host addresses in this process's mapping.
+    pub iovecs: Vec<libc::iovec>,
+    pub len: u32,
+    status_addr: u64,
+}
+
+// SAFETY: the iovecs point into guest memory that the worker keeps mapped
+// (it holds the memory guard) until the transfer completes; the struct is
+// only moved between the worker's own stack frames.
+unsafe impl Send for PendingIo {}
+
+pub enum Parsed {
+    /// The request is complete (status written); the used length.
+    Done(u32),
+    /// The data transfer is left to the caller.
+    Io(PendingIo),
+}
+
+/// Executes the request made of `descriptors` synchronously; returns the
+/// number of bytes written to device-writable buffers (the used length).
+#[cfg(test)]
 pub fn execute(
     target: &BlkTarget,
     mem: &GuestMemoryMmap,
     descriptors: impl Iterator<Item = Descriptor>,
 ) -> u32 {
+    match parse(target, mem, descriptors, false) {
+        Parsed::Done(used) => used,
+        // Unreachable with `allow_async` false; complete it as failed.
+        Parsed::Io(io) => finish(mem, &io, false),
+    }
+}
+
+/// Writes the status of an asynchronous transfer; returns the used length.
+pub fn finish(mem: &GuestMemoryMmap, io: &PendingIo, ok: bool) -> u32 {
+    let status = if ok {
+        VIRTIO_BLK_S_OK
+    } else {
+        VIRTIO_BLK_S_IOERR
+    } as u8;
+    if mem.write_obj(status, GuestAddress(io.status_addr)).is_err() {
+        return 0;
+    }
+    if ok && !io.write {
+        io.len + 1
+    } else {
+        1
+    }
+}
+
+/// Parses and runs the request; with `allow_async`, plain reads and writes
+/// the disk can take asynchronously are handed back as `Parsed::Io`.
+pub fn parse(
+    target: &BlkTarget,
+    mem: &GuestMemoryMmap,
+    descriptors: impl Iterator<Item = Descriptor>,
+    allow_async: bool,
+) -> Parsed {
     let mut descs = [Descriptor::new(0, 0, 0, 0); MAX_DESCRIPTORS];
     let mut count = 0;
     let mut too_many = false;
@@ -68,28 +124,88 @@ pub fn execute(
     // The status byte is the last byte of the last, device-writable descriptor.
     let Some(status_desc) = descs.last().filter(|d| d.is_write_only() && d.len() >= 1) else {
         log::debug!("request without a status byte dropped");
-        return 0;
+        return Parsed::Done(0);
     };
     let Some(status_addr) = status_desc
         .addr()
         .0
         .checked_add(u64::from(status_desc.len()) - 1)
     else {
-        return 0;
+        return Parsed::Done(0);
     };
     let (status, written) = if too_many || descs.len() < 2 {
         (VIRTIO_BLK_S_IOERR as u8, 0)
     } else {
-        match run(target, mem, &descs[0], &descs[1..descs.len() - 1]) {
+        let data = &descs[1..descs.len() - 1];
+        if allow_async {
+            if let Some(mut io) = async_transfer(target, mem, &descs[0], data) {
+                io.status_addr = status_addr;
+                return Parsed::Io(io);
+            }
+        }
+        match run(target, mem, &descs[0], data) {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
             Err(failure) => (failure.status(), 0),
         }
     };
     if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
         log::debug!("status byte at {status_addr:#x} is outside guest memory");
-        return 0;
+        return Parsed::Done(0);
     }
-    written + 1
+    Parsed::Done(written + 1)
+}
+
+/// A well-formed IN or OUT the disk can run asynchronously: its iovecs.
+/// Anything else (or any doubt) returns None and runs synchronously, where
+/// errors get their status.
+fn async_transfer(
+    target: &BlkTarget,
+    mem: &GuestMemoryMmap,
+    header: &Descriptor,
+    data: &[Descriptor],
+) -> Option<PendingIo> {
+    let align = target.disk.async_alignment()?;
+    if header.is_write_only() || header.len() < HEADER_LEN || data.is_empty() {
+        return None;
+    }
+    let kind: u32 = mem.read_obj(header.addr()).ok()?;
+    let write = match kind {
+        VIRTIO_BLK_T_IN => false,
+        VIRTIO_BLK_T_OUT if !target.readonly => true,
+        _ => return None,
+    };
+    let sector: u64 = mem.read_obj(header.addr().checked_add(8)?).ok()?;
+    let mut iovecs = Vec::with_capacity(data.len());
+    let mut total = 0u64;
+    for d in data {
+        if d.is_write_only() == write {
+            return None;
+        }
+        let slice = mem.get_slice(d.addr(), d.len() as usize).ok()?;
+        let base = slice.ptr_guard_mut().as_ptr();
+        if base as u64 % align != 0 || u64::from(d.len()) % align != 0 {
+            return None;
+        }
+        iovecs.push(libc::iovec {
+            iov_base: base.cast(),
+            iov_len: d.len() as usize,
+        });
+        total += u64::from(d.len());
+    }
+    if total % SECTOR_SIZE != 0 || total > u64::from(u32::MAX) {
+        return None;
+    }
+    let offset = disk_range(target, sector, total).ok()?;
+    if offset % align != 0 {
+        return None;
+    }
+    Some(PendingIo {
+        write,
+        offset,
+        iovecs,
+        len: total as u32,
+        status_addr: 0,
+    })
 }
 
 /// Checks that `len` bytes at sector `sector` lie on the disk; returns the
