@@ -8,21 +8,12 @@
 use std::time::Duration;
 
 use vmm_tests::backend::{require_qemu_storage_daemon, Backend};
-use vmm_tests::blk::{expect_disk, finish, guest_pattern, make_image, read_pattern_area};
+use vmm_tests::blk::{
+    assert_kicks_bypassed_the_vmm, expect_disk, finish, guest_pattern, make_image,
+    read_pattern_area, two_disks_one_mq_one_read_only,
+};
 use vmm_tests::vm::VmBuilder;
 use vmm_tests::{require_kvm, test_guest};
-
-/// The exit summary line of `disk` shows no notify write reached the VMM.
-fn assert_kicks_bypassed_the_vmm(log: &str, disk: &str) {
-    let line = log
-        .lines()
-        .find(|l| l.starts_with(&format!("vmm: {disk} ")))
-        .unwrap_or_else(|| panic!("no exit counters for {disk}: {log}"));
-    assert!(
-        line.ends_with(", 0 notify writes reached the VMM"),
-        "kicks exited to the VMM: {line}"
-    );
-}
 
 #[test]
 fn guest_reads_and_writes_through_qemu_storage_daemon() {
@@ -47,37 +38,10 @@ fn guest_reads_and_writes_through_qemu_storage_daemon() {
 
 #[test]
 fn two_disks_one_with_two_queues_one_read_only() {
-    require_kvm();
     require_qemu_storage_daemon();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rw = dir.path().join("rw.img");
-    let ro = dir.path().join("ro.img");
-    make_image(&rw, 0);
-    make_image(&ro, 1);
-    let ro_before = std::fs::read(&ro).expect("read");
-    let rw_socket = dir.path().join("rw.sock");
-    let ro_socket = dir.path().join("ro.sock");
-    let _rw = Backend::qemu_storage_daemon(&rw_socket, &rw, 2, true);
-    let _ro = Backend::qemu_storage_daemon(&ro_socket, &ro, 1, false);
-
-    let vm = VmBuilder::new(test_guest())
-        .arg("--disk")
-        .arg(format!("socket={},num_queues=2", rw_socket.display()))
-        .arg("--disk")
-        .arg(format!("socket={}", ro_socket.display()))
-        .spawn();
-    let info = expect_disk(&vm, "00:01.0", 0, false);
-    assert!(info.contains("queues 2 "), "{info}");
-    expect_disk(&vm, "00:02.0", 1, true);
-    let log = finish(vm);
-    assert_kicks_bypassed_the_vmm(&log, "disk0");
-    assert_kicks_bypassed_the_vmm(&log, "disk1");
-    assert_eq!(read_pattern_area(&rw), guest_pattern(0));
-    assert_eq!(
-        std::fs::read(&ro).expect("read"),
-        ro_before,
-        "read-only image changed"
-    );
+    two_disks_one_mq_one_read_only(|socket, image, queues, writable| {
+        Backend::qemu_storage_daemon(socket, image, queues, writable)
+    });
 }
 
 #[test]
