@@ -1,6 +1,7 @@
 //! Why the VM stopped, how that maps to the process exit status, and the
 //! notifier through which vCPUs and devices report it to the main thread.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -39,6 +40,8 @@ impl VmExit {
 /// Collects the first exit reason and wakes the main thread.
 pub struct ExitNotifier {
     reason: Mutex<Option<VmExit>>,
+    /// Set with the reason, read by vCPUs after every exit without locking.
+    stopping: AtomicBool,
     event: EventFd,
 }
 
@@ -46,6 +49,7 @@ impl ExitNotifier {
     pub fn new() -> std::io::Result<Self> {
         Ok(ExitNotifier {
             reason: Mutex::new(None),
+            stopping: AtomicBool::new(false),
             event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
         })
     }
@@ -55,10 +59,16 @@ impl ExitNotifier {
         if slot.is_none() {
             log::info!("VM stopping: {reason:?}");
             *slot = Some(reason);
+            self.stopping.store(true, Ordering::Release);
         }
         if let Err(e) = self.event.write(1) {
             log::error!("cannot wake the main thread: {e}");
         }
+    }
+
+    /// True once any reason was reported: vCPUs stop entering the guest.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     pub fn reason(&self) -> Option<VmExit> {

@@ -103,7 +103,9 @@ impl Vcpu {
     }
 
     fn run(mut self, ctx: &VcpuContext) {
-        while !ctx.stop.load(Ordering::Acquire) {
+        // A device may have stopped the VM (power-off) during the last exit:
+        // do not enter the guest again.
+        while !ctx.stop.load(Ordering::Acquire) && !ctx.exit.is_stopping() {
             if let Some(reason) = self.run_once(ctx) {
                 if matches!(reason, VmExit::TripleFault | VmExit::KvmError) {
                     self.log_state();
