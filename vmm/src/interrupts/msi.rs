@@ -115,7 +115,7 @@ impl GsiRouter {
 
 /// One MSI vector: a GSI and the eventfd that raises it through an irqfd.
 /// While masked, the irqfd is detached: signals accumulate in the eventfd
-/// and KVM delivers them when it is attached again (pending bit semantics).
+/// and are delivered when it is attached again (pending bit semantics).
 pub struct MsiVector {
     pub gsi: u32,
     pub event: EventFd,
@@ -146,6 +146,12 @@ impl MsiVector {
                         .register_irqfd(&self.event, self.gsi)
                         .map_err(|e| MsiError::Irqfd("attach", self.gsi, e))?;
                     self.attached = true;
+                    // A signal that arrived while masked is pending: KVM does
+                    // not look at the count when an irqfd is attached, so
+                    // take it and signal again to deliver it now.
+                    if self.event.read().is_ok_and(|count| count > 0) {
+                        self.event.write(1).map_err(MsiError::EventFd)?;
+                    }
                 }
             }
             None if self.attached => {
