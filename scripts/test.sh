@@ -7,19 +7,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
-missing=()
-for tool in cargo objdump readelf lz4 iasl apt-get dpkg-deb; do
-    command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if ((${#missing[@]})); then
-    echo "test.sh: missing tools: ${missing[*]} (.ci/run installs them: binutils lz4 acpica-tools)" >&2
-    exit 1
-fi
+step() { echo; echo "=== $*"; }
+
+step "install what is missing (Debian packages, rustfmt, clippy)"
+scripts/install-deps.sh
 if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
     echo "test.sh: /dev/kvm is not usable: the KVM tests will fail" >&2
 fi
-
-step() { echo; echo "=== $*"; }
 
 step "build the test guest"
 scripts/build-guest.sh
