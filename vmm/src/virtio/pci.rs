@@ -418,7 +418,9 @@ impl PciDevice for VirtioPciDevice {
             }
             ISR_OFFSET => {
                 data.fill(0);
-                data[0] = self.isr;
+                if let Some(first) = data.first_mut() {
+                    *first = self.isr;
+                }
                 self.isr = 0;
             }
             o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + DEVICE_CONFIG_LEN).contains(&o) => {
