@@ -1,23 +1,49 @@
 //! Connecting to a vhost-user backend as its frontend: negotiation, the
 //! memory table, and the rings.
+//!
+//! The sequence, in QEMU's order for a vhost-user-blk device:
+//!
+//! ```text
+//! SET_OWNER
+//! GET_FEATURES
+//! GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES  (CONFIG | MQ | REPLY_ACK, as offered)
+//! SET_FEATURES
+//! GET_QUEUE_NUM                                  (with MQ)
+//! GET_CONFIG                                     (with CONFIG)
+//! SET_MEM_TABLE                                  (one memfd region at guest-physical 0)
+//! per queue: SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE 0,
+//!            SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ENABLE 1
+//! ```
+//!
+//! With REPLY_ACK, every message that has no reply of its own carries
+//! NEED_REPLY, so a backend that rejects one (a memory table it cannot map,
+//! a ring outside it) fails here, by name, rather than silently later.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use thiserror::Error;
-use vhost::vhost_user::message::VhostUserConfigFlags;
-use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemory;
-use crate::virtqueue::VirtQueue;
+use crate::virtqueue::{Layout, VirtQueue};
 
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const PROTOCOL_FEATURES: u64 = 1 << 30;
+const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+/// Bytes of config space read at connection: the virtio-blk fields up to
+/// `write_zeroes_may_unmap` and its padding, which every backend serves.
+pub const CONFIG_LEN: u32 = 60;
+
+/// How long a synchronous request may take before the backend counts as hung.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum ConnectionError {
@@ -29,10 +55,37 @@ pub enum ConnectionError {
     Missing(&'static str),
     #[error("the backend serves {offered} queues, {wanted} were asked for")]
     Queues { offered: u64, wanted: usize },
-    #[error("guest memory")]
+    #[error("queue size {0} is not a power of two from 1 to 32768")]
+    QueueSize(u16),
+    #[error("cannot create the guest memory")]
     Memory(#[source] std::io::Error),
+    #[error("cannot create a queue's eventfds")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot duplicate the socket")]
+    Dup(#[source] std::io::Error),
     #[error("{0} bytes of guest memory are not enough")]
     OutOfMemory(u64),
+}
+
+impl ConnectionError {
+    /// Whether trying again may succeed: the socket is not there yet or
+    /// the backend dropped the connection before answering (it was still
+    /// busy with the previous frontend). Refusals and bad answers are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConnectionError::Connect(..) => true,
+            ConnectionError::Request(_, e) => matches!(
+                e,
+                vhost::Error::VhostUserProtocol(
+                    vhost::vhost_user::Error::Disconnected
+                        | vhost::vhost_user::Error::PartialMessage
+                        | vhost::vhost_user::Error::SocketBroken(_)
+                        | vhost::vhost_user::Error::SocketError(_)
+                )
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// What to set up.
@@ -43,28 +96,43 @@ pub struct Options {
     pub queue_size: u16,
     /// Device feature bits (below 24) the driver would like.
     pub device_features: u64,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX when offered.
     pub event_idx: bool,
 }
 
+/// A negotiated vhost-user session with its memory and rings. Dropping it
+/// closes the socket.
 pub struct Connection {
     pub frontend: Frontend,
     pub memory: GuestMemory,
+    /// What the backend offered in GET_FEATURES.
+    pub offered: u64,
+    /// What was acknowledged in SET_FEATURES.
     pub features: u64,
     pub protocol: VhostUserProtocolFeatures,
+    /// GET_QUEUE_NUM's answer (1 without MQ).
+    pub max_queues: u64,
+    /// The config space read at connection (empty without CONFIG).
+    pub config: Vec<u8>,
     pub queues: Vec<VirtQueue>,
 }
 
 fn req<T>(what: &'static str, r: vhost::Result<T>) -> Result<T, ConnectionError> {
+    log::trace!("vhost-user {what}");
     r.map_err(|e| ConnectionError::Request(what, e))
 }
 
 impl Connection {
     pub fn connect(socket: &Path, options: Options) -> Result<Self, ConnectionError> {
+        let size = options.queue_size;
+        if size == 0 || !size.is_power_of_two() {
+            return Err(ConnectionError::QueueSize(size));
+        }
         let mut frontend = Frontend::connect(socket, options.num_queues as u64)
             .map_err(|e| ConnectionError::Connect(socket.to_path_buf(), e))?;
         req("SET_OWNER", frontend.set_owner())?;
         let offered = req("GET_FEATURES", frontend.get_features())?;
-        if offered & VIRTIO_F_VERSION_1 == 0 {
+        if offered & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(ConnectionError::Missing("VIRTIO_F_VERSION_1"));
         }
         let mut protocol = VhostUserProtocolFeatures::empty();
@@ -78,25 +146,35 @@ impl Connection {
                 "SET_PROTOCOL_FEATURES",
                 frontend.set_protocol_features(protocol),
             )?;
-        }
-        if options.num_queues > 1 {
-            if !protocol.contains(VhostUserProtocolFeatures::MQ) {
-                return Err(ConnectionError::Missing("the MQ protocol feature"));
-            }
-            let max = req("GET_QUEUE_NUM", frontend.get_queue_num())?;
-            if max < options.num_queues as u64 {
-                return Err(ConnectionError::Queues {
-                    offered: max,
-                    wanted: options.num_queues,
-                });
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
         }
-        let mut wanted = VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES | options.device_features;
+
+        let mut wanted = (1 << VIRTIO_F_VERSION_1) | PROTOCOL_FEATURES | options.device_features;
         if options.event_idx {
-            wanted |= VIRTIO_RING_F_EVENT_IDX;
+            wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
         }
         let features = offered & wanted;
         req("SET_FEATURES", frontend.set_features(features))?;
+
+        let mut max_queues = 1;
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            max_queues = req("GET_QUEUE_NUM", frontend.get_queue_num())?;
+        } else if options.num_queues > 1 {
+            return Err(ConnectionError::Missing("the MQ protocol feature"));
+        }
+        if max_queues < options.num_queues as u64 {
+            return Err(ConnectionError::Queues {
+                offered: max_queues,
+                wanted: options.num_queues,
+            });
+        }
+
+        let mut config = Vec::new();
+        if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            config = read_config(&mut frontend, CONFIG_LEN)?;
+        }
 
         let mut memory = GuestMemory::new(options.mem_size).map_err(ConnectionError::Memory)?;
         let regions: Vec<VhostUserMemoryRegionInfo> = memory
@@ -115,66 +193,85 @@ impl Connection {
             .collect();
         req("SET_MEM_TABLE", frontend.set_mem_table(&regions))?;
 
-        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::with_capacity(options.num_queues);
         for index in 0..options.num_queues {
             let base = memory
-                .alloc(VirtQueue::layout_size(options.queue_size), 4096)
+                .alloc(Layout::total_bytes(size), 4096)
                 .ok_or(ConnectionError::OutOfMemory(options.mem_size))?;
-            let q = VirtQueue::new(index, options.queue_size, base, event_idx)
-                .map_err(ConnectionError::Memory)?;
+            let mut q =
+                VirtQueue::new(index, size, base, event_idx).map_err(ConnectionError::EventFd)?;
+            // SAFETY: the frontend owns this socket descriptor and is alive
+            // for the whole borrow, which only lasts for the duplication.
+            let socket = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) };
+            q.watch_peer(socket.try_clone_to_owned().map_err(ConnectionError::Dup)?);
+            // The backend translates ring addresses through the regions'
+            // userspace_addr (the frontend's own mapping), as with QEMU.
             let host = |gpa: u64| {
                 memory
                     .mem
                     .get_host_address(GuestAddress(gpa))
                     .map(|p| p as u64)
-                    .unwrap_or(0)
+                    .map_err(|_| ConnectionError::OutOfMemory(options.mem_size))
             };
             let ring = VringConfigData {
-                queue_max_size: options.queue_size,
-                queue_size: options.queue_size,
+                queue_max_size: size,
+                queue_size: size,
                 flags: 0,
-                desc_table_addr: host(q.desc),
-                used_ring_addr: host(q.used),
-                avail_ring_addr: host(q.avail),
+                desc_table_addr: host(q.layout.desc)?,
+                used_ring_addr: host(q.layout.used)?,
+                avail_ring_addr: host(q.layout.avail)?,
                 log_addr: None,
             };
-            req(
-                "SET_VRING_NUM",
-                frontend.set_vring_num(index, options.queue_size),
-            )?;
+            req("SET_VRING_NUM", frontend.set_vring_num(index, size))?;
             req("SET_VRING_ADDR", frontend.set_vring_addr(index, &ring))?;
             req("SET_VRING_BASE", frontend.set_vring_base(index, 0))?;
-            req("SET_VRING_CALL", frontend.set_vring_call(index, &q.call))?;
             req("SET_VRING_KICK", frontend.set_vring_kick(index, &q.kick))?;
+            req("SET_VRING_CALL", frontend.set_vring_call(index, &q.call))?;
             if features & PROTOCOL_FEATURES != 0 {
                 req("SET_VRING_ENABLE", frontend.set_vring_enable(index, true))?;
             }
             queues.push(q);
         }
+        log::debug!(
+            "connected to {}: features {features:#x}, protocol features {:#x}, {} of {max_queues} queues of {size}",
+            socket.display(),
+            protocol.bits(),
+            options.num_queues
+        );
         Ok(Connection {
             frontend,
             memory,
+            offered,
             features,
             protocol,
+            max_queues,
+            config,
             queues,
         })
     }
 
-    /// Reads `len` bytes of the device's config space from offset 0.
+    /// Reads `len` bytes of the device's config space from offset 0, now
+    /// (`config` holds the copy read at connection).
     pub fn get_config(&mut self, len: u32) -> Result<Vec<u8>, ConnectionError> {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(ConnectionError::Missing("the CONFIG protocol feature"));
         }
-        let buf = vec![0u8; len as usize];
-        let (_, reply) = req(
-            "GET_CONFIG",
-            self.frontend
-                .get_config(0, len, VhostUserConfigFlags::empty(), &buf),
-        )?;
-        Ok(reply)
+        read_config(&mut self.frontend, len)
+    }
+
+    /// Whether feature bit `bit` was acknowledged.
+    pub fn has_feature(&self, bit: u32) -> bool {
+        bit < 64 && self.features & (1 << bit) != 0
     }
 }
 
-/// How long a synchronous request may take before the backend counts as hung.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+fn read_config(frontend: &mut Frontend, len: u32) -> Result<Vec<u8>, ConnectionError> {
+    let buf = vec![0u8; len as usize];
+    // The vhost crate checks that the reply has exactly `len` bytes.
+    let (_, reply) = req(
+        "GET_CONFIG",
+        frontend.get_config(0, len, VhostUserConfigFlags::empty(), &buf),
+    )?;
+    Ok(reply)
+}

@@ -2,15 +2,23 @@
 //! VM or KVM: guest memory is a memfd this process maps and hands to the
 //! backend, and the split virtqueues are built here, driver side.
 //!
-//! `connection` negotiates and sets the rings up, `virtqueue` is the driver
-//! half of a split ring, `blk` speaks virtio-blk on top, and `load` is the
-//! engine of the `vhost-loadgen` benchmark.
+//! - `memory`: the memfd guest memory and a bump allocator in it.
+//! - `virtqueue`: the driver half of a split ring (EVENT_IDX included).
+//! - `connection`: the vhost-user negotiation and ring set-up.
+//! - `blk`: virtio-blk requests, one at a time, and raw chains for tests.
+//! - `pipeline`: up to `depth` virtio-blk requests in flight on one queue.
+//! - `load`: the engine of the `vhost-loadgen` benchmark.
+//!
+//! Dropping a [`BlkClient`] (or a [`Connection`]) closes the socket; a new
+//! one can then connect to the same backend.
 
 pub mod blk;
 pub mod connection;
 pub mod load;
 pub mod memory;
+pub mod pipeline;
 pub mod virtqueue;
 
-pub use blk::BlkClient;
-pub use connection::{Connection, ConnectionError};
+pub use blk::{BlkClient, BlkError, Completion};
+pub use connection::{Connection, ConnectionError, Options};
+pub use pipeline::{Done, Pipeline, Request};

@@ -10,13 +10,16 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 pub type Memory = GuestMemoryMmap<()>;
 
+/// Guest memory shared with the backend through SET_MEM_TABLE.
 pub struct GuestMemory {
+    /// The mapping (MAP_SHARED of the memfd), at guest-physical 0.
     pub mem: Memory,
     pub size: u64,
     next: u64,
 }
 
 impl GuestMemory {
+    /// A memfd of `size` bytes, mapped shared.
     pub fn new(size: u64) -> std::io::Result<Self> {
         let name = CString::new("testfront-ram").expect("static name has no NUL");
         // SAFETY: `name` is NUL-terminated and the flags are valid.

@@ -1,19 +1,23 @@
 //! vhost-blk without a VM: the test frontend connects to the backend's
 //! socket, gives it a memfd as guest memory and builds the rings itself.
-//! Every request type, the malformed ones, reconnection, and
-//! qemu-storage-daemon driven the same way.
+//! Every request type, the malformed ones, reconnection, signals, the image
+//! lock, the load generator, and qemu-storage-daemon driven the same way.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use vhost_test_frontend::blk::{
-    BlkClient, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_IN, T_OUT, T_WRITE_ZEROES,
-};
+use vhost_test_frontend::blk::{BlkClient, S_IOERR, S_OK, S_UNSUPP, S_UNWRITTEN, T_IN, T_OUT};
+use vhost_test_frontend::load::{self, LoadSpec, Report};
+use vhost_test_frontend::virtqueue::RingError;
 use vhost_test_frontend::virtqueue::{Buf, RawDesc, DESC_F_NEXT, DESC_F_WRITE};
-use vmm_tests::backend::{require_qemu_storage_daemon, Backend};
+use vhost_test_frontend::{BlkError, Request};
+use vmm_tests::backend::{require_qemu_storage_daemon, vhost_blk_bin, Backend};
 
 const IMAGE_SIZE: usize = 4 << 20;
 
-fn image(dir: &Path) -> std::path::PathBuf {
+/// An image whose sector n holds the byte n (mod 256).
+fn image(dir: &Path) -> PathBuf {
     let path = dir.join("disk.img");
     let bytes: Vec<u8> = (0..IMAGE_SIZE).map(|i| (i / 512) as u8).collect();
     std::fs::write(&path, bytes).expect("write image");
@@ -24,22 +28,44 @@ fn sector_bytes(path: &Path, sector: usize, count: usize) -> Vec<u8> {
     std::fs::read(path).expect("read image")[sector * 512..(sector + count) * 512].to_vec()
 }
 
+/// Connects, retrying while the backend finishes with a previous frontend.
+fn connect(socket: &Path, queues: usize) -> BlkClient {
+    BlkClient::connect_retrying(socket, queues, 64, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e:?}", socket.display()))
+}
+
+fn wait_exit(backend: &mut Backend, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = backend.child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backend did not exit within {timeout:?}; log:\n{}",
+            backend.log.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn reads_writes_flush_id_discard_and_zeroes_reach_the_image() {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = image(dir.path());
     let socket = dir.path().join("blk.sock");
     let _backend = Backend::vhost_blk(&socket, &img, &["--serial", "isolated-0"]);
-    let mut client = BlkClient::connect(&socket, 1, 64).expect("connect");
+    let mut client = connect(&socket, 1);
 
     assert_eq!(
         client.capacity().expect("config"),
         (IMAGE_SIZE / 512) as u64
     );
-    let (status, id) = client.get_id().expect("get id");
-    assert_eq!(status, S_OK);
-    assert_eq!(&id[..10], b"isolated-0");
+    let mut serial = [0u8; 20];
+    serial[..10].copy_from_slice(b"isolated-0");
+    assert_eq!(client.get_id().expect("get id"), serial);
 
+    // Pre-written bytes, across a sector boundary.
     let mut buf = vec![0u8; 1024];
     assert_eq!(client.read(0, 7, &mut buf).expect("read"), S_OK);
     assert!(buf[..512].iter().all(|&b| b == 7) && buf[512..].iter().all(|&b| b == 8));
@@ -52,33 +78,31 @@ fn reads_writes_flush_id_discard_and_zeroes_reach_the_image() {
         data,
         "write did not reach the image"
     );
+    let mut back = vec![0u8; 4096];
+    assert_eq!(client.read(0, 100, &mut back).expect("read"), S_OK);
+    assert_eq!(back, data);
 
-    assert_eq!(
-        client
-            .segment_request(T_DISCARD, 200, 8, 0)
-            .expect("discard"),
-        S_OK
-    );
-    assert_eq!(
-        client
-            .segment_request(T_WRITE_ZEROES, 300, 4, 0)
-            .expect("zeroes"),
-        S_OK
-    );
-    assert_eq!(
-        client
-            .segment_request(T_WRITE_ZEROES, 310, 4, 1)
-            .expect("zeroes unmap"),
-        S_OK
-    );
-    let mut back = vec![0xffu8; 4096];
-    assert_eq!(client.read(0, 200, &mut back).expect("read"), S_OK);
-    assert!(back.iter().all(|&b| b == 0), "discarded range not zero");
-    assert!(sector_bytes(&img, 300, 4).iter().all(|&b| b == 0));
-    assert!(sector_bytes(&img, 310, 4).iter().all(|&b| b == 0));
+    assert_eq!(client.discard(200, 8).expect("discard"), S_OK);
+    assert_eq!(client.write_zeroes(300, 4, false).expect("zeroes"), S_OK);
+    assert_eq!(client.write_zeroes(310, 4, true).expect("unmap"), S_OK);
+    for (sector, count) in [(200, 8), (300, 4), (310, 4)] {
+        let mut back = vec![0xeeu8; count * 512];
+        assert_eq!(client.read(0, sector, &mut back).expect("read"), S_OK);
+        assert!(
+            back.iter().all(|&b| b == 0),
+            "sectors {sector}+{count} not zero"
+        );
+        assert!(sector_bytes(&img, sector as usize, count)
+            .iter()
+            .all(|&b| b == 0));
+    }
+    // The neighbours are untouched.
     assert!(sector_bytes(&img, 304, 1)
         .iter()
         .all(|&b| b == 304u32 as u8));
+    assert!(sector_bytes(&img, 208, 1)
+        .iter()
+        .all(|&b| b == 208u32 as u8));
 }
 
 #[test]
@@ -87,31 +111,43 @@ fn malformed_requests_get_a_status_and_the_backend_keeps_serving() {
     let img = image(dir.path());
     let before = std::fs::read(&img).expect("read");
     let socket = dir.path().join("blk.sock");
-    let _backend = Backend::vhost_blk(&socket, &img, &[]);
-    let mut client = BlkClient::connect(&socket, 1, 64).expect("connect");
+    let _backend = Backend::vhost_blk(&socket, &img, &["--num-queues", "2"]);
+    let mut client = connect(&socket, 2);
     let slot = client.slot();
     let sectors = (IMAGE_SIZE / 512) as u64;
     let mut buf = vec![0u8; 512];
 
-    // Out of range, overflowing, not whole sectors.
+    // Out of range, overflowing, straddling the end, not whole sectors.
     assert_eq!(client.read(0, sectors, &mut buf).expect("req"), S_IOERR);
     assert_eq!(
         client.read(0, u64::MAX / 256, &mut buf).expect("req"),
         S_IOERR
     );
+    assert_eq!(client.read(0, u64::MAX, &mut buf).expect("req"), S_IOERR);
+    assert_eq!(
+        client.read(0, sectors - 1, &mut [0u8; 1024]).expect("req"),
+        S_IOERR
+    );
     assert_eq!(client.read(0, 0, &mut [0u8; 100]).expect("req"), S_IOERR);
+    assert_eq!(client.write(0, 0, &[0u8; 100]).expect("req"), S_IOERR);
+    assert_eq!(client.write(0, sectors, &[0u8; 512]).expect("req"), S_IOERR);
     // Unknown type.
     client.prepare_header(0x4242, 0);
     let chain = client.chain(512, true);
-    assert_eq!(client.submit(0, &chain).expect("req").1, S_UNSUPP);
+    assert_eq!(client.submit(0, &chain).expect("req").status, S_UNSUPP);
     // A write from a device-writable buffer, a read into a read-only one.
     client.prepare_header(T_OUT, 0);
     let chain = client.chain(512, true);
-    assert_eq!(client.submit(0, &chain).expect("req").1, S_IOERR);
+    assert_eq!(client.submit(0, &chain).expect("req").status, S_IOERR);
     client.prepare_header(T_IN, 0);
     let chain = client.chain(512, false);
-    assert_eq!(client.submit(0, &chain).expect("req").1, S_IOERR);
-    // A header too short.
+    assert_eq!(client.submit(0, &chain).expect("req").status, S_IOERR);
+    // A read with no data buffer at all: a zero-length read, or an error.
+    client.prepare_header(T_IN, 0);
+    let chain = client.chain(0, true);
+    let status = client.submit(0, &chain).expect("req").status;
+    assert!(status == S_OK || status == S_IOERR, "status {status}");
+    // A header too short: 8 of its 16 bytes.
     let short = [
         Buf {
             addr: slot.header,
@@ -130,16 +166,43 @@ fn malformed_requests_get_a_status_and_the_backend_keeps_serving() {
         },
     ];
     client.prepare_header(T_IN, 0);
-    assert_eq!(client.submit(0, &short).expect("req").1, S_IOERR);
-    // A data buffer outside guest memory.
-    let outside = [
+    assert_eq!(client.submit(0, &short).expect("req").status, S_IOERR);
+    // A data buffer outside guest memory, and one straddling its end.
+    let mem_end = vhost_test_frontend::blk::DEFAULT_MEM;
+    for addr in [1 << 40, mem_end - 256] {
+        let outside = [
+            Buf {
+                addr: slot.header,
+                len: 16,
+                write: false,
+            },
+            Buf {
+                addr,
+                len: 512,
+                write: true,
+            },
+            Buf {
+                addr: slot.status,
+                len: 1,
+                write: true,
+            },
+        ];
+        client.prepare_header(T_IN, 0);
+        assert_eq!(
+            client.submit(0, &outside).expect("req").status,
+            S_IOERR,
+            "data at {addr:#x}"
+        );
+    }
+    // A header outside guest memory (the status is still writable).
+    let no_header = [
         Buf {
-            addr: slot.header,
+            addr: 1 << 40,
             len: 16,
             write: false,
         },
         Buf {
-            addr: 1 << 40,
+            addr: slot.data,
             len: 512,
             write: true,
         },
@@ -150,8 +213,11 @@ fn malformed_requests_get_a_status_and_the_backend_keeps_serving() {
         },
     ];
     client.prepare_header(T_IN, 0);
-    assert_eq!(client.submit(0, &outside).expect("req").1, S_IOERR);
-    // A descriptor loop (0 -> 1 -> 0): cut at the queue size, completed.
+    assert_eq!(client.submit(0, &no_header).expect("req").status, S_IOERR);
+
+    // A descriptor loop (0 -> 1 -> 0). The backend must neither hang nor
+    // write past the chain: it either completes it with an error status at
+    // the last writable byte it walked, or drops it.
     client.prepare_header(T_IN, 0);
     let looped = [
         RawDesc {
@@ -167,10 +233,18 @@ fn malformed_requests_get_a_status_and_the_backend_keeps_serving() {
             next: 0,
         },
     ];
-    client
-        .submit_raw(0, &looped)
-        .expect("the loop hung the backend");
-    // No status byte at all: an empty completion.
+    let done = client
+        .submit_raw_timeout(1, &looped, Duration::from_secs(2))
+        .expect("submit the loop");
+    eprintln!("descriptor loop: {done:?}");
+    if done.is_some() {
+        let mut last = [0u8; 1];
+        assert!(client.read_mem(slot.data + 511, &mut last));
+        assert_eq!(last[0], S_IOERR, "a looped chain must fail");
+    }
+
+    // No device-writable status byte: nothing to report a status in, so no
+    // completion, or an empty one that writes nothing.
     client.prepare_header(T_IN, 0);
     let no_status = [
         RawDesc {
@@ -186,14 +260,26 @@ fn malformed_requests_get_a_status_and_the_backend_keeps_serving() {
             next: 0,
         },
     ];
-    let (used, _) = client.submit_raw(0, &no_status).expect("no completion");
-    assert_eq!(used, 0);
+    let done = client
+        .submit_raw_timeout(0, &no_status, Duration::from_secs(2))
+        .expect("submit the chain");
+    eprintln!("no status byte: {done:?}");
+    if let Some(done) = done {
+        assert_eq!(done.used_len, 0);
+        assert_eq!(done.status, S_UNWRITTEN);
+    }
 
-    // Still serving, and nothing was written.
-    assert_eq!(client.read(0, 1, &mut buf).expect("read"), S_OK);
-    assert!(buf.iter().all(|&b| b == 1));
+    // Still serving, on both queues, and nothing was written.
+    for queue in [0, 1] {
+        assert_eq!(client.read(queue, 1, &mut buf).expect("read"), S_OK);
+        assert!(buf.iter().all(|&b| b == 1));
+    }
     drop(client);
     assert_eq!(std::fs::read(&img).expect("read"), before);
+    // And the next frontend is served too.
+    let mut client = connect(&socket, 1);
+    assert_eq!(client.read(0, 2, &mut buf).expect("read"), S_OK);
+    assert!(buf.iter().all(|&b| b == 2));
 }
 
 #[test]
@@ -203,19 +289,24 @@ fn read_only_rejects_writes_and_two_queues_work() {
     let before = std::fs::read(&img).expect("read");
     let socket = dir.path().join("ro.sock");
     let _backend = Backend::vhost_blk(&socket, &img, &["--readonly", "--num-queues", "2"]);
-    let mut client = BlkClient::connect(&socket, 2, 64).expect("connect");
-    assert_ne!(client.features() & (1 << 5), 0, "RO not offered");
-    assert_ne!(client.features() & (1 << 12), 0, "MQ not offered");
-    assert_eq!(client.write(1, 0, &[0u8; 512]).expect("write"), S_IOERR);
-    assert_eq!(
-        client.segment_request(T_DISCARD, 0, 1, 0).expect("discard"),
-        S_IOERR
-    );
+    let mut client = connect(&socket, 2);
+    assert!(client.has_feature(5), "RO not offered");
+    assert!(client.has_feature(12), "MQ not offered");
+    assert_eq!(client.conn.max_queues, 2);
+    for queue in [0, 1] {
+        assert_eq!(client.write(queue, 0, &[0u8; 512]).expect("write"), S_IOERR);
+    }
+    assert_eq!(client.discard(0, 1).expect("discard"), S_IOERR);
+    assert_eq!(client.write_zeroes(0, 1, false).expect("zeroes"), S_IOERR);
     let mut buf = vec![0u8; 512];
     assert_eq!(client.read(1, 3, &mut buf).expect("read"), S_OK);
     assert!(buf.iter().all(|&b| b == 3));
+    assert_eq!(client.read(0, 4, &mut buf).expect("read"), S_OK);
+    assert!(buf.iter().all(|&b| b == 4));
     drop(client);
     assert_eq!(std::fs::read(&img).expect("read"), before);
+    // More queues than served is refused at connection.
+    assert!(BlkClient::connect(&socket, 3, 64).is_err());
 }
 
 #[test]
@@ -224,83 +315,358 @@ fn disconnect_and_reconnect_keep_the_data() {
     let img = image(dir.path());
     let socket = dir.path().join("blk.sock");
     let _backend = Backend::vhost_blk(&socket, &img, &[]);
-    {
-        let mut client = BlkClient::connect(&socket, 1, 32).expect("connect");
-        assert_eq!(client.write(0, 40, &[0x5a; 512]).expect("write"), S_OK);
-    }
-    // The backend serves the next frontend, which sees the data.
-    let mut client = None;
-    for _ in 0..50 {
-        match BlkClient::connect(&socket, 1, 32) {
-            Ok(c) => {
-                client = Some(c);
-                break;
-            }
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+    for round in 0..3u8 {
+        let mut client = connect(&socket, 1);
+        let mut buf = vec![0u8; 512];
+        if round > 0 {
+            assert_eq!(client.read(0, 40, &mut buf).expect("read"), S_OK);
+            assert!(buf.iter().all(|&b| b == 0x50 + round - 1), "round {round}");
         }
+        assert_eq!(
+            client.write(0, 40, &[0x50 + round; 512]).expect("write"),
+            S_OK
+        );
+        // Dropping the client closes the socket without a flush.
     }
-    let mut client = client.expect("no second connection");
-    let mut buf = vec![0u8; 512];
-    assert_eq!(client.read(0, 40, &mut buf).expect("read"), S_OK);
-    assert!(buf.iter().all(|&b| b == 0x5a));
+    assert!(sector_bytes(&img, 40, 1).iter().all(|&b| b == 0x52));
 }
 
 #[test]
-fn qemu_storage_daemon_driven_by_the_test_frontend() {
-    require_qemu_storage_daemon();
+fn sigterm_exits_0_and_removes_the_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = image(dir.path());
-    let socket = dir.path().join("qsd.sock");
-    let _backend = Backend::qemu_storage_daemon(&socket, &img, 2, true);
-    let mut client = BlkClient::connect(&socket, 2, 64).expect("connect");
-    assert_eq!(
-        client.capacity().expect("config"),
-        (IMAGE_SIZE / 512) as u64
-    );
-    let data = vec![0xc3u8; 8192];
-    assert_eq!(client.write(1, 64, &data).expect("write"), S_OK);
-    assert_eq!(client.flush(1).expect("flush"), S_OK);
-    let mut back = vec![0u8; 8192];
-    assert_eq!(client.read(0, 64, &mut back).expect("read"), S_OK);
-    assert_eq!(back, data);
-    assert_eq!(sector_bytes(&img, 64, 16), data);
+    // Idle.
+    let socket = dir.path().join("idle.sock");
+    let mut backend = Backend::vhost_blk(&socket, &img, &[]);
+    backend.signal(libc::SIGTERM);
+    let status = wait_exit(&mut backend, Duration::from_secs(10));
+    assert!(status.success(), "SIGTERM while idle: {status}");
+    assert!(!socket.exists(), "the socket is left behind");
+    // With a frontend connected and a write done.
+    let socket = dir.path().join("busy.sock");
+    let mut backend = Backend::vhost_blk(&socket, &img, &[]);
+    let mut client = connect(&socket, 1);
+    assert_eq!(client.write(0, 9, &[0x99; 512]).expect("write"), S_OK);
+    backend.signal(libc::SIGTERM);
+    let status = wait_exit(&mut backend, Duration::from_secs(10));
+    assert!(status.success(), "SIGTERM while serving: {status}");
+    assert!(!socket.exists(), "the socket is left behind");
+    assert!(sector_bytes(&img, 9, 1).iter().all(|&b| b == 0x99));
+    // The frontend notices at once, with an error rather than a hang.
+    let mut buf = [0u8; 512];
+    match client.read(0, 0, &mut buf) {
+        Err(BlkError::Ring(RingError::Disconnected)) => {}
+        other => panic!("a dead backend gave {other:?}"),
+    }
 }
 
-fn short_load(socket: &Path, queues: usize, write: bool) -> vhost_test_frontend::load::Report {
-    let spec = vhost_test_frontend::load::LoadSpec {
+/// Waits until every thread of `pid` is stopped (SIGSTOP is asynchronous).
+fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stopped = || {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read tasks");
+        tasks.flatten().all(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            state.starts_with('T') || state.starts_with('t')
+        })
+    };
+    while !stopped() {
+        assert!(Instant::now() < deadline, "{pid} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_hung_backend_is_a_timeout_not_a_hang() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let socket = dir.path().join("stop.sock");
+    let backend = Backend::vhost_blk(&socket, &img, &[]);
+    let mut client = connect(&socket, 1);
+    client.set_timeout(Duration::from_millis(500));
+    let mut buf = [0u8; 512];
+    backend.signal(libc::SIGSTOP);
+    wait_stopped(backend.child.id());
+    let result = client.read(0, 6, &mut buf);
+    backend.signal(libc::SIGCONT);
+    assert!(
+        matches!(result, Err(BlkError::Timeout(_))),
+        "a stopped backend gave {result:?}"
+    );
+    drop(client);
+    let mut client = connect(&socket, 1);
+    assert_eq!(client.read(0, 6, &mut buf).expect("read"), S_OK);
+    assert!(buf.iter().all(|&b| b == 6));
+}
+
+#[test]
+fn a_second_writable_backend_on_the_same_image_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let first = dir.path().join("first.sock");
+    let _backend = Backend::vhost_blk(&first, &img, &[]);
+    let second = dir.path().join("second.sock");
+    let out = Command::new(vhost_blk_bin())
+        .arg("--socket")
+        .arg(&second)
+        .arg("--image")
+        .arg(&img)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a second vhost-blk");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second writer started: {stderr}");
+    assert!(stderr.contains("in use"), "unclear refusal: {stderr}");
+    assert!(!second.exists());
+    // The first one is unaffected.
+    let mut client = connect(&first, 1);
+    let mut buf = [0u8; 512];
+    assert_eq!(client.read(0, 5, &mut buf).expect("read"), S_OK);
+    assert!(buf.iter().all(|&b| b == 5));
+}
+
+#[test]
+fn pipelines_keep_many_requests_in_flight_on_two_queues() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let socket = dir.path().join("async.sock");
+    let _backend = Backend::vhost_blk(&socket, &img, &["--num-queues", "2"]);
+    let mut client = connect(&socket, 2);
+    let pipelines = client.pipelines(16, 4096).expect("pipelines");
+    assert_eq!(pipelines.len(), 2);
+    let handles: Vec<_> = pipelines
+        .into_iter()
+        .map(|mut p| {
+            std::thread::spawn(move || {
+                // Queue q writes then reads sectors q, q + 2, q + 4, ...
+                let q = p.index() as u64;
+                let sectors: Vec<u64> = (0..200).map(|i| q + 2 * i).collect();
+                for kind in [T_OUT, T_IN] {
+                    let mut todo = sectors.iter().copied();
+                    let mut pending = sectors.len();
+                    let mut max_in_flight = 0;
+                    let mut done = Vec::new();
+                    while pending > 0 {
+                        loop {
+                            if p.in_flight() == p.depth() {
+                                break;
+                            }
+                            let Some(sector) = todo.next() else { break };
+                            if kind == T_OUT {
+                                assert!(p.fill_next(&[0x80 | sector as u8; 512]));
+                            }
+                            let req = Request {
+                                kind,
+                                sector,
+                                len: 512,
+                            };
+                            assert!(p.submit(req, sector).expect("submit"));
+                        }
+                        max_in_flight = max_in_flight.max(p.in_flight());
+                        p.kick().expect("kick");
+                        done.clear();
+                        p.reap(&mut done).expect("reap");
+                        for d in &done {
+                            assert_eq!(d.status, S_OK, "sector {}", d.tag);
+                            if kind == T_IN {
+                                let mut buf = [0u8; 512];
+                                assert!(p.read_data(d.data, &mut buf));
+                                let want = 0x80 | d.tag as u8;
+                                assert!(buf.iter().all(|&b| b == want), "sector {}", d.tag);
+                            }
+                        }
+                        pending -= done.len();
+                        if done.is_empty() {
+                            assert!(p.wait(Duration::from_secs(5)).expect("wait"), "stalled");
+                        }
+                    }
+                    assert!(max_in_flight > 1, "never more than one in flight");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("pipeline thread");
+    }
+    drop(client);
+    for sector in [0usize, 1, 398, 399] {
+        let want = 0x80 | sector as u8;
+        assert!(sector_bytes(&img, sector, 1).iter().all(|&b| b == want));
+    }
+    assert!(sector_bytes(&img, 400, 1)
+        .iter()
+        .all(|&b| b == 400u32 as u8));
+}
+
+fn short_load(socket: &Path, queues: usize, write: bool) -> Report {
+    let spec = LoadSpec {
         queues,
         depth: 16,
         size: 4096,
         random: true,
         write,
-        duration: std::time::Duration::from_millis(700),
+        duration: Duration::from_millis(700),
+        max_requests: None,
         seed: 7,
+        mem_size: None,
     };
-    vhost_test_frontend::load::run(socket, spec, |_, _| {}).expect("load run")
+    load::run(socket, spec, |_, _| {}).expect("load run")
 }
 
 #[test]
-fn the_load_generator_drives_vhost_blk_and_qemu_storage_daemon() {
+fn the_load_generator_drives_vhost_blk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let socket = dir.path().join("ours.sock");
+    let _backend = Backend::vhost_blk(&socket, &img, &["--num-queues", "2"]);
+    for (queues, write) in [(1, false), (2, false), (1, true), (2, true)] {
+        let report = short_load(&socket, queues, write);
+        assert!(report.ops > 100, "vhost-blk: only {} requests", report.ops);
+        assert!(report.percentile_us(50.0) > 0.0);
+        assert!(report.percentile_us(50.0) <= report.percentile_us(99.0));
+    }
+    // A fixed number of requests, and 64k sequential.
+    let spec = LoadSpec {
+        queues: 2,
+        depth: 8,
+        size: 65536,
+        random: false,
+        write: false,
+        duration: Duration::from_secs(30),
+        max_requests: Some(500),
+        seed: 1,
+        mem_size: Some(64 << 20),
+    };
+    let report = load::run(&socket, spec, |_, _| {}).expect("load run");
+    assert_eq!(report.ops, 1000);
+    assert_eq!(report.bytes, 1000 * 65536);
+}
+
+/// The `vhost-loadgen` binary: `VHOST_LOADGEN_BIN`, or the debug build.
+fn loadgen_bin() -> PathBuf {
+    let path = std::env::var_os("VHOST_LOADGEN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vmm_tests::repo_root().join("target/debug/vhost-loadgen"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build -p vhost-test-frontend` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn vhost_loadgen_prints_one_summary_line_and_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let socket = dir.path().join("cli.sock");
+    let _backend = Backend::vhost_blk(&socket, &img, &["--num-queues", "2"]);
+    let out = Command::new(loadgen_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "--queues", "2", "--depth", "4", "--size", "8k", "--time", "1.5",
+        ])
+        .args(["--op", "write", "--pattern", "seq", "--json"])
+        .output()
+        .expect("run vhost-loadgen");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "vhost-loadgen failed: {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "stdout: {stdout}");
+    assert!(
+        lines[0].starts_with("8k seqwrite q2 d4: ") && lines[0].contains(" IOPS, "),
+        "summary: {}",
+        lines[0]
+    );
+    for key in ["p50 ", "p99 ", "p99.9 ", "max ", "MB/s"] {
+        assert!(
+            lines[0].contains(key),
+            "summary lacks {key:?}: {}",
+            lines[0]
+        );
+    }
+    assert!(lines[1].starts_with('{') && lines[1].ends_with('}'));
+    for key in [
+        "\"iops\":",
+        "\"mbps\":",
+        "\"p50_us\":",
+        "\"p99_us\":",
+        "\"p999_us\":",
+        "\"max_us\":",
+        "\"ops\":",
+    ] {
+        assert!(lines[1].contains(key), "JSON lacks {key}: {}", lines[1]);
+    }
+    assert!(stderr.contains("IOPS"), "no progress line: {stderr}");
+
+    // A clear error for a socket nobody serves.
+    let out = Command::new(loadgen_bin())
+        .arg("--socket")
+        .arg(dir.path().join("nobody.sock"))
+        .args(["--time", "1", "--quiet"])
+        .output()
+        .expect("run vhost-loadgen");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("nobody.sock"), "unclear error: {stderr}");
+}
+
+#[test]
+fn qemu_storage_daemon_interop() {
     require_qemu_storage_daemon();
     let dir = tempfile::tempdir().expect("tempdir");
     let img = image(dir.path());
-    let ours = dir.path().join("ours.sock");
+    let socket = dir.path().join("qsd.sock");
+    let _backend = Backend::qemu_storage_daemon(&socket, &img, 2, true);
+    // Reads first, while the image holds its pattern.
     {
-        let _backend = Backend::vhost_blk(&ours, &img, &["--num-queues", "2"]);
-        for (queues, write) in [(1, false), (2, false), (1, true)] {
-            let report = short_load(&ours, queues, write);
-            assert!(report.ops > 100, "vhost-blk: only {} requests", report.ops);
-            assert!(report.percentile_us(50.0) > 0.0);
-        }
+        let mut client = connect(&socket, 2);
+        let mut buf = vec![0u8; 1024];
+        assert_eq!(client.read(0, 7, &mut buf).expect("read"), S_OK);
+        assert!(buf[..512].iter().all(|&b| b == 7) && buf[512..].iter().all(|&b| b == 8));
     }
-    let qsd = dir.path().join("qsd.sock");
-    let _backend = Backend::qemu_storage_daemon(&qsd, &img, 2, true);
-    let report = short_load(&qsd, 2, false);
-    assert!(
-        report.ops > 100,
-        "qemu-storage-daemon: only {} requests",
-        report.ops
-    );
+    // The load generator, both directions, both queues.
+    for write in [false, true] {
+        let report = short_load(&socket, 2, write);
+        assert!(
+            report.ops > 100,
+            "qemu-storage-daemon: only {} requests",
+            report.ops
+        );
+    }
+    {
+        let mut client = connect(&socket, 2);
+        assert_eq!(
+            client.capacity().expect("config"),
+            (IMAGE_SIZE / 512) as u64
+        );
+        let mut buf = vec![0u8; 1024];
+        let data = vec![0xc3u8; 8192];
+        assert_eq!(client.write(1, 64, &data).expect("write"), S_OK);
+        assert_eq!(client.flush(1).expect("flush"), S_OK);
+        let mut back = vec![0u8; 8192];
+        assert_eq!(client.read(0, 64, &mut back).expect("read"), S_OK);
+        assert_eq!(back, data);
+        assert_eq!(sector_bytes(&img, 64, 16), data);
+        assert_eq!(client.write_zeroes(64, 2, false).expect("zeroes"), S_OK);
+        assert_eq!(client.read(1, 64, &mut back[..1024]).expect("read"), S_OK);
+        assert!(back[..1024].iter().all(|&b| b == 0));
+        assert_eq!(
+            client
+                .read(0, (IMAGE_SIZE / 512) as u64, &mut buf)
+                .expect("read"),
+            S_IOERR
+        );
+    }
+    // A reconnection still sees the data.
+    let mut client = connect(&socket, 1);
+    let mut buf = vec![0u8; 512];
+    assert_eq!(client.read(0, 66, &mut buf).expect("read"), S_OK);
+    assert!(buf.iter().all(|&b| b == 0xc3));
 }
 
 #[test]

@@ -1,12 +1,19 @@
 //! vhost-loadgen: drives any vhost-user-blk backend socket with a fixed
-//! workload and prints IOPS, MB/s and latency percentiles.
+//! workload, with no VM, and prints IOPS, MB/s and latency percentiles.
+//!
+//! Output (stdout), one line, then with `--json` one JSON object:
+//!
+//! ```text
+//! 4k randread q1 d32: 97290 IOPS, 398.5 MB/s, latency p50 317.0 us, p99 493.3 us, p99.9 2529.5 us, max 5377.5 us
+//! {"op":"read","pattern":"rand","size":4096,"queues":1,"depth":32,"seconds":5.003,"ops":486706,"iops":97290,"mbps":398.5,"p50_us":317.0,"p99_us":493.3,"p999_us":2529.5,"max_us":5377.5}
+//! ```
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use vhost_test_frontend::load::{self, LoadSpec};
+use vhost_test_frontend::load::{self, LoadSpec, Report};
 
 #[derive(Debug, Parser)]
 #[command(name = "vhost-loadgen", version, about)]
@@ -32,6 +39,13 @@ struct Args {
     /// Seconds to run.
     #[arg(long, default_value = "5")]
     time: f64,
+    /// Stop each queue after this many requests (before --time if sooner).
+    #[arg(long, value_name = "N")]
+    requests: Option<u64>,
+    /// Guest memory to share with the backend (k/m/g suffix); by default
+    /// just what the rings and buffers need.
+    #[arg(long, value_name = "SIZE")]
+    mem: Option<String>,
     /// Seed of the random offsets.
     #[arg(long, default_value = "1")]
     seed: u64,
@@ -43,21 +57,28 @@ struct Args {
     quiet: bool,
 }
 
-fn parse_size(text: &str) -> Option<u32> {
+fn parse_size(text: &str) -> Option<u64> {
     let t = text.trim().to_ascii_lowercase();
-    let (digits, shift) = match t.strip_suffix('k') {
-        Some(d) => (d, 10),
-        None => match t.strip_suffix('m') {
-            Some(d) => (d, 20),
-            None => (t.as_str(), 0),
-        },
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (digits, shift) = match t.as_bytes().last()? {
+        b'k' => (&t[..t.len() - 1], 10),
+        b'm' => (&t[..t.len() - 1], 20),
+        b'g' => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
     };
-    digits.parse::<u32>().ok()?.checked_mul(1 << shift)
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 fn spec(args: &Args) -> Result<LoadSpec, String> {
-    let size =
-        parse_size(&args.size).ok_or_else(|| format!("--size {:?}: not a size", args.size))?;
+    let size = parse_size(&args.size)
+        .and_then(|s| u32::try_from(s).ok())
+        .filter(|&s| s > 0 && s % 512 == 0 && s <= 1 << 24)
+        .ok_or_else(|| {
+            format!(
+                "--size {:?}: expected a multiple of 512 up to 16m",
+                args.size
+            )
+        })?;
     let random = match args.pattern.as_str() {
         "rand" => true,
         "seq" => false,
@@ -77,6 +98,17 @@ fn spec(args: &Args) -> Result<LoadSpec, String> {
     if !(args.time > 0.0 && args.time <= 3600.0) {
         return Err(format!("--time {}: expected 0 to 3600 seconds", args.time));
     }
+    if args.requests == Some(0) {
+        return Err("--requests 0: expected at least 1".into());
+    }
+    let mem_size = match &args.mem {
+        None => None,
+        Some(text) => Some(
+            parse_size(text)
+                .filter(|&m| m >= 1 << 20 && m % 4096 == 0)
+                .ok_or_else(|| format!("--mem {text:?}: expected whole pages, at least 1m"))?,
+        ),
+    };
     Ok(LoadSpec {
         queues: args.queues,
         depth: args.depth,
@@ -84,8 +116,38 @@ fn spec(args: &Args) -> Result<LoadSpec, String> {
         random,
         write,
         duration: Duration::from_secs_f64(args.time),
+        max_requests: args.requests,
         seed: args.seed,
+        mem_size,
     })
+}
+
+fn print_report(args: &Args, spec: &LoadSpec, report: &Report) {
+    let [p50, p99, p999, max] = [50.0, 99.0, 99.9, 100.0].map(|p| report.percentile_us(p));
+    println!(
+        "{} {}{} q{} d{}: {:.0} IOPS, {:.1} MB/s, latency p50 {p50:.1} us, p99 {p99:.1} us, p99.9 {p999:.1} us, max {max:.1} us",
+        args.size,
+        args.pattern,
+        args.op,
+        spec.queues,
+        spec.depth,
+        report.iops(),
+        report.mbps(),
+    );
+    if args.json {
+        println!(
+            "{{\"op\":\"{}\",\"pattern\":\"{}\",\"size\":{},\"queues\":{},\"depth\":{},\"seconds\":{:.3},\"ops\":{},\"iops\":{:.0},\"mbps\":{:.1},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"p999_us\":{p999:.1},\"max_us\":{max:.1}}}",
+            args.op,
+            args.pattern,
+            spec.size,
+            spec.queues,
+            spec.depth,
+            report.elapsed.as_secs_f64(),
+            report.ops,
+            report.iops(),
+            report.mbps(),
+        );
+    }
 }
 
 fn main() -> ExitCode {
@@ -104,46 +166,64 @@ fn main() -> ExitCode {
     let result = load::run(&args.socket, spec, |ops, t| {
         if !quiet && t.saturating_sub(last_t) >= Duration::from_secs(1) {
             let rate = (ops - last) as f64 / (t - last_t).as_secs_f64();
-            eprintln!("vhost-loadgen: {:5.1}s {rate:10.0} IOPS", t.as_secs_f64());
+            eprintln!(
+                "vhost-loadgen: {:5.1} s {ops:10} requests {rate:10.0} IOPS",
+                t.as_secs_f64()
+            );
             last = ops;
             last_t = t;
         }
     });
-    let report = match result {
-        Ok(report) => report,
+    match result {
+        Ok(report) => {
+            print_report(&args, &spec, &report);
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!(
                 "error: {}: {}",
                 args.socket.display(),
                 vmm_common::error_chain::render(&e)
             );
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    let label = format!(
-        "{} {}{} q{} d{}",
-        args.size, args.pattern, args.op, args.queues, args.depth
-    );
-    println!(
-        "{label}: {:.0} IOPS, {:.1} MB/s, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
-        report.iops(),
-        report.mbps(),
-        report.percentile_us(50.0),
-        report.percentile_us(99.0),
-        report.percentile_us(99.9),
-        report.percentile_us(100.0)
-    );
-    if args.json {
-        println!(
-            "{{\"iops\": {:.0}, \"mbps\": {:.1}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"p999_us\": {:.1}, \"max_us\": {:.1}, \"ops\": {}}}",
-            report.iops(),
-            report.mbps(),
-            report.percentile_us(50.0),
-            report.percentile_us(99.0),
-            report.percentile_us(99.9),
-            report.percentile_us(100.0),
-            report.ops
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_suffixes() {
+        assert_eq!(parse_size("4k"), Some(4096));
+        assert_eq!(parse_size("64K"), Some(65536));
+        assert_eq!(parse_size("1m"), Some(1 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("16mb"), Some(16 << 20));
+        assert_eq!(parse_size("k"), None);
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn bad_arguments_are_rejected() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["vhost-loadgen", "--socket", "s"];
+            argv.extend_from_slice(extra);
+            spec(&Args::parse_from(argv))
+        };
+        assert!(parse(&[]).is_ok());
+        assert!(parse(&["--size", "1000"]).is_err());
+        assert!(parse(&["--pattern", "zigzag"]).is_err());
+        assert!(parse(&["--op", "trim"]).is_err());
+        assert!(parse(&["--queues", "0"]).is_err());
+        assert!(parse(&["--mem", "100"]).is_err());
+        let s = parse(&["--size", "64k", "--mem", "256m", "--requests", "10"]).unwrap();
+        assert_eq!(
+            (s.size, s.mem_size, s.max_requests),
+            (65536, Some(256 << 20), Some(10))
         );
     }
-    ExitCode::SUCCESS
 }
