@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use thiserror::Error;
+use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -53,9 +54,14 @@ fn handle_stop_signals(socket: &Path, device: Arc<Device>) -> Result<(), ServeEr
     Ok(())
 }
 
+/// Serves frontends one after another on one listening socket, so a new
+/// frontend can connect (and wait in the backlog) while the last one is
+/// being cleaned up.
 pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     let device = Arc::new(device);
     handle_stop_signals(socket, device.clone())?;
+    let mut listener = Listener::new(socket, true)
+        .map_err(|e| ServeError::Serve(socket.to_path_buf(), e.to_string()))?;
     loop {
         let backend = BlkBackend::new(device.clone());
         let mut daemon = VhostUserDaemon::new(
@@ -65,19 +71,19 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
         )
         .map_err(|e| ServeError::Daemon(format!("{e:?}")))?;
         log::info!("waiting for a frontend on {}", socket.display());
-        match daemon.serve(socket) {
-            Ok(()) => log::info!("frontend disconnected"),
-            Err(e) => {
-                // A misbehaving frontend ends its connection, not the backend,
-                // unless the socket itself cannot be served.
-                let text = format!("{e:?}");
-                if text.contains("CreateVhostUserListener")
-                    || text.contains("CreateBackendListener")
-                {
-                    return Err(ServeError::Serve(socket.to_path_buf(), text));
-                }
-                log::warn!("connection ended: {text}");
-            }
+        if let Err(e) = daemon.start(&mut listener) {
+            // Accepting failed: the socket itself is broken.
+            return Err(ServeError::Serve(socket.to_path_buf(), format!("{e:?}")));
         }
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => log::info!("frontend disconnected"),
+            // A misbehaving frontend ends its connection, not the backend.
+            Err(e) => log::warn!("connection ended: {e:?}"),
+        }
+        // Dropping the daemon stops and joins this connection's workers.
+        drop(daemon);
     }
 }
