@@ -3,6 +3,7 @@
 //! vCPUs. Nothing runs until `RunningVm::start`.
 
 use std::fs::File;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -22,8 +23,11 @@ use crate::interrupts::msi::GsiRouter;
 use crate::pci::bus::{BarExitCounters, BarRegion, Ecam, PciBus};
 use crate::pci::config_io::{self, PciConfigIo};
 use crate::vhost_user;
+use crate::vhost_user::listener::ServerSocket;
+use crate::vhost_user::net::NetSpec;
+use crate::virtio::device::VirtioDevice;
 use crate::virtio::pci::{self as virtio_pci, TransportCounters, VirtioPciDevice};
-use crate::vstate::memory::{self, GuestRam};
+use crate::vstate::memory::{self, GuestMemory, GuestRam};
 use crate::vstate::vcpu::{self, Vcpu, VcpuContext};
 use crate::vstate::vm;
 
@@ -55,6 +59,10 @@ pub enum BuildError {
     KvmCaps(#[source] kvm_ioctls::Error),
     #[error("--disk")]
     Disk(#[source] vhost_user::frontend::FrontendError),
+    #[error("--net")]
+    Net(#[source] vhost_user::frontend::FrontendError),
+    #[error("--net server=on")]
+    Listen(#[from] vhost_user::listener::ListenError),
     #[error("cannot create the PCI device for {0}")]
     Transport(String, #[source] virtio_pci::TransportError),
     #[error("too many PCI devices")]
@@ -87,9 +95,18 @@ pub struct BuiltVm {
     pub serial: Arc<Mutex<SerialConsole>>,
     pub stop: Arc<AtomicBool>,
     pub devices: Vec<DeviceStats>,
+    /// `server=on` sockets, removed when the VM is dropped.
+    #[allow(dead_code)]
+    pub server_sockets: Vec<ServerSocket>,
 }
 
-pub fn build(kvm: &Kvm, config: &VmConfig) -> Result<BuiltVm, BuildError> {
+/// Builds the VM. `interrupt` (the stop-signal fd) cuts short a wait for a
+/// backend to connect to a `server=on` socket.
+pub fn build(
+    kvm: &Kvm,
+    config: &VmConfig,
+    interrupt: BorrowedFd<'_>,
+) -> Result<BuiltVm, BuildError> {
     let ram = memory::create_guest_ram(config.memory_bytes)?;
     let vm = Arc::new(vm::create_vm(kvm, &ram.memory)?);
     let router = Arc::new(GsiRouter::new(vm.clone()));
@@ -136,51 +153,42 @@ pub fn build(kvm: &Kvm, config: &VmConfig) -> Result<BuiltVm, BuildError> {
         Arc::new(Mutex::new(Ecam::new(pci_bus.clone()))),
     )?;
 
-    let mut next_bar = layout::PCI_MMIO32_START;
-    let mut devices = Vec::new();
+    let mut pci = PciDevices {
+        memory: &ram.memory,
+        vm: &vm,
+        router: &router,
+        bus: &pci_bus,
+        mmio: &mut mmio,
+        next_bar: layout::PCI_MMIO32_START,
+        stats: Vec::new(),
+    };
     for (index, disk) in config.disks.iter().enumerate() {
         let device =
             vhost_user::blk::connect(index, &disk.socket, disk.num_queues, disk.queue_size)
                 .map_err(BuildError::Disk)?;
-        let name = format!("disk{index}");
-        let bar_addr = next_bar.next_multiple_of(virtio_pci::BAR_SIZE);
-        next_bar = bar_addr + virtio_pci::BAR_SIZE;
-        if next_bar > layout::PCI_MMIO32_END {
-            return Err(BuildError::MmioWindowFull);
-        }
-        let transport = VirtioPciDevice::new(
-            Box::new(device),
-            ram.memory.clone(),
-            &vm,
-            router.clone(),
-            bar_addr,
-        )
-        .map_err(|e| BuildError::Transport(name.clone(), e))?;
-        let transport_counters = transport.counters();
-        let transport = Arc::new(Mutex::new(transport));
-        let bar_counters = Arc::new(BarExitCounters::default());
-        let slot = crate::bus::lock(&pci_bus).next_slot()?;
-        crate::bus::lock(&pci_bus).add(slot, transport.clone());
-        mmio.insert(
-            bar_addr,
-            virtio_pci::BAR_SIZE,
-            Arc::new(Mutex::new(BarRegion::new(
-                transport,
-                0,
-                bar_counters.clone(),
-            ))),
-        )?;
-        log::info!(
-            "{name}: vhost-user-blk on {} at PCI 00:{slot:02x}.0, BAR0 {bar_addr:#x}",
-            disk.socket.display()
-        );
-        devices.push(DeviceStats {
-            name,
-            socket: disk.socket.clone(),
-            bar: bar_counters,
-            transport: transport_counters,
-        });
+        pci.add_virtio(Box::new(device), &disk.socket, "vhost-user-blk")?;
     }
+    let mut server_sockets = Vec::new();
+    for (index, net) in config.nets.iter().enumerate() {
+        let spec = NetSpec {
+            index,
+            socket: &net.socket,
+            mac: net.mac,
+            queue_pairs: net.queue_pairs,
+            queue_size: net.queue_size,
+        };
+        let device = if net.server {
+            let server = ServerSocket::bind(&net.socket)?;
+            let stream = server.accept(interrupt)?;
+            server_sockets.push(server);
+            vhost_user::net::from_stream(&spec, stream)
+        } else {
+            vhost_user::net::connect(&spec)
+        }
+        .map_err(BuildError::Net)?;
+        pci.add_virtio(Box::new(device), &net.socket, "vhost-user-net")?;
+    }
+    let devices = pci.stats;
 
     let tables = acpi::build_tables(config.cpus, config.memory_bytes)?;
     acpi::write_tables(&ram.memory, &tables)?;
@@ -230,7 +238,68 @@ pub fn build(kvm: &Kvm, config: &VmConfig) -> Result<BuiltVm, BuildError> {
         serial,
         stop: Arc::new(AtomicBool::new(false)),
         devices,
+        server_sockets,
     })
+}
+
+/// Places virtio-pci devices on bus 0 with a BAR each.
+struct PciDevices<'a> {
+    memory: &'a GuestMemory,
+    vm: &'a Arc<VmFd>,
+    router: &'a Arc<GsiRouter>,
+    bus: &'a Arc<Mutex<PciBus>>,
+    mmio: &'a mut MmioBus,
+    next_bar: u64,
+    stats: Vec<DeviceStats>,
+}
+
+impl PciDevices<'_> {
+    fn add_virtio(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        socket: &Path,
+        kind: &str,
+    ) -> Result<(), BuildError> {
+        let name = device.name().to_string();
+        let bar_addr = self.next_bar.next_multiple_of(virtio_pci::BAR_SIZE);
+        self.next_bar = bar_addr + virtio_pci::BAR_SIZE;
+        if self.next_bar > layout::PCI_MMIO32_END {
+            return Err(BuildError::MmioWindowFull);
+        }
+        let transport = VirtioPciDevice::new(
+            device,
+            self.memory.clone(),
+            self.vm,
+            self.router.clone(),
+            bar_addr,
+        )
+        .map_err(|e| BuildError::Transport(name.clone(), e))?;
+        let transport_counters = transport.counters();
+        let transport = Arc::new(Mutex::new(transport));
+        let bar_counters = Arc::new(BarExitCounters::default());
+        let slot = crate::bus::lock(self.bus).next_slot()?;
+        crate::bus::lock(self.bus).add(slot, transport.clone());
+        self.mmio.insert(
+            bar_addr,
+            virtio_pci::BAR_SIZE,
+            Arc::new(Mutex::new(BarRegion::new(
+                transport,
+                0,
+                bar_counters.clone(),
+            ))),
+        )?;
+        log::info!(
+            "{name}: {kind} on {} at PCI 00:{slot:02x}.0, BAR0 {bar_addr:#x}",
+            socket.display()
+        );
+        self.stats.push(DeviceStats {
+            name,
+            socket: socket.to_path_buf(),
+            bar: bar_counters,
+            transport: transport_counters,
+        });
+        Ok(())
+    }
 }
 
 /// Writes each table to DIR/<SIG>.dat, through a temporary file so that no

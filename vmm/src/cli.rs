@@ -55,6 +55,18 @@ pub struct Args {
     )]
     pub disks: Vec<String>,
 
+    /// A virtio-net NIC whose packets a vhost-user backend moves (our
+    /// vhost-net, DPDK's vhost PMD, OVS-DPDK, ...). Repeatable. The VMM
+    /// connects to the backend's socket, or with server=on listens on it and
+    /// waits for the backend (DPDK client=1, OVS dpdkvhostuserclient).
+    /// num_queues counts queue pairs (default 1); mac defaults to one
+    /// derived from the socket path; queue_size defaults to 256.
+    #[arg(
+        long = "net",
+        value_name = "socket=PATH[,mac=MAC][,num_queues=N][,queue_size=N][,server=on]"
+    )]
+    pub nets: Vec<String>,
+
     /// Also write every ACPI table the VM gets to DIR/<SIGNATURE>.dat
     /// (e.g. for `iasl -d`), then boot as usual.
     #[arg(long, value_name = "DIR")]

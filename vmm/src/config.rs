@@ -19,6 +19,7 @@ pub struct VmConfig {
     pub serial: SerialMode,
     pub dump_acpi: Option<PathBuf>,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
 }
 
 /// A vhost-user-blk disk.
@@ -28,6 +29,22 @@ pub struct DiskConfig {
     pub num_queues: usize,
     pub queue_size: u16,
 }
+
+/// A vhost-user-net NIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub socket: PathBuf,
+    pub mac: [u8; 6],
+    /// Queue pairs (each an RX and a TX queue).
+    pub queue_pairs: usize,
+    pub queue_size: u16,
+    /// The VMM listens on the socket and waits for the backend to connect.
+    pub server: bool,
+}
+
+/// Most queue pairs a NIC may ask for (two MSI-X vectors each, plus the
+/// control queue and the config vector).
+pub const MAX_QUEUE_PAIRS: usize = 31;
 
 /// Most queues a device may ask for (one MSI-X vector each, plus one).
 pub const MAX_QUEUES: usize = 64;
@@ -81,6 +98,10 @@ pub enum ConfigError {
     CmdlineNul,
     #[error("--disk {value:?}: {why}")]
     Disk { value: String, why: String },
+    #[error("--net {value:?}: {why}")]
+    Net { value: String, why: String },
+    #[error("--net: socket {0:?} is given twice")]
+    NetSocketTwice(PathBuf),
 }
 
 impl VmConfig {
@@ -111,8 +132,19 @@ impl VmConfig {
             .iter()
             .map(|text| parse_disk(text))
             .collect::<Result<Vec<_>, _>>()?;
+        let nets = args
+            .nets
+            .iter()
+            .map(|text| parse_net(text))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, net) in nets.iter().enumerate() {
+            if nets[..i].iter().any(|other| other.socket == net.socket) {
+                return Err(ConfigError::NetSocketTwice(net.socket.clone()));
+            }
+        }
         Ok(VmConfig {
             disks,
+            nets,
             kernel: args.kernel,
             initramfs: args.initramfs,
             cmdline: args.cmdline,
@@ -222,6 +254,104 @@ fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     })
 }
 
+/// Parses `socket=PATH[,mac=MAC][,num_queues=N][,queue_size=N][,server=on|off]`.
+/// `num_queues` counts queue pairs, as QEMU's `queues=` does.
+fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
+    let bad = |why: String| ConfigError::Net {
+        value: text.to_string(),
+        why,
+    };
+    let mut socket = None;
+    let mut mac = None;
+    let mut queue_pairs = 1usize;
+    let mut queue_size = DEFAULT_QUEUE_SIZE;
+    let mut server = false;
+    for part in text.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+        match key {
+            "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            "mac" => {
+                mac = Some(parse_mac(value).ok_or_else(|| {
+                    bad(format!(
+                        "mac={value} is not a unicast MAC address like 52:54:00:12:34:56"
+                    ))
+                })?)
+            }
+            "num_queues" => {
+                queue_pairs = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_QUEUE_PAIRS).contains(n))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "num_queues={value} is not 1 to {MAX_QUEUE_PAIRS} queue pairs"
+                        ))
+                    })?;
+            }
+            "queue_size" => {
+                queue_size = value
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| n.is_power_of_two())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "queue_size={value} is not a power of two up to 32768"
+                        ))
+                    })?;
+            }
+            "server" => {
+                server = match value {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(bad(format!("server={value} is not on or off"))),
+                }
+            }
+            _ => return Err(bad(format!("unknown or empty option {part:?}"))),
+        }
+    }
+    let socket = socket.ok_or_else(|| bad("socket=PATH is required".into()))?;
+    let mac = mac.unwrap_or_else(|| stable_mac(&socket));
+    Ok(NetConfig {
+        socket,
+        mac,
+        queue_pairs,
+        queue_size,
+        server,
+    })
+}
+
+/// `aa:bb:cc:dd:ee:ff` (or with dashes), unicast only.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split([':', '-']);
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    if parts.next().is_some() || mac[0] & 1 != 0 {
+        return None;
+    }
+    Some(mac)
+}
+
+/// A locally administered MAC derived from the socket path, so the same
+/// command line gives the guest the same address every time.
+fn stable_mac(socket: &std::path::Path) -> [u8; 6] {
+    // FNV-1a: stable across Rust versions, unlike DefaultHasher.
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in socket.as_os_str().as_encoded_bytes() {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let [a, b, c, _] = hash.to_be_bytes();
+    [0x52, 0x54, 0x00, a, b, c]
+}
+
 fn parse_serial(text: &str) -> Result<SerialMode, ConfigError> {
     match text {
         "stdio" => Ok(SerialMode::Stdio),
@@ -252,6 +382,7 @@ mod tests {
             serial: serial.into(),
             dump_acpi: None,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -295,6 +426,39 @@ mod tests {
         ] {
             let err = parse_disk(bad).unwrap_err().to_string();
             assert!(err.starts_with(&format!("--disk {bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn nets_are_parsed_and_checked() {
+        let net =
+            parse_net("socket=/run/n.sock,mac=52:54:00:aa:bb:cc,num_queues=2,server=on").unwrap();
+        assert_eq!(net.mac, [0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc]);
+        assert_eq!(net.queue_pairs, 2);
+        assert!(net.server);
+        let plain = parse_net("socket=/run/n.sock").unwrap();
+        assert_eq!(
+            (plain.queue_pairs, plain.queue_size),
+            (1, DEFAULT_QUEUE_SIZE)
+        );
+        assert!(!plain.server);
+        // The derived MAC is stable and depends on the socket.
+        assert_eq!(plain.mac, parse_net("socket=/run/n.sock").unwrap().mac);
+        assert_ne!(plain.mac, parse_net("socket=/run/m.sock").unwrap().mac);
+        assert_eq!(plain.mac[0] & 3, 2, "locally administered unicast");
+        for bad in [
+            "mac=52:54:00:00:00:01",
+            "socket=/x,mac=01:00:5e:00:00:01",
+            "socket=/x,mac=52:54:00:00:00",
+            "socket=/x,mac=52:54:00:00:00:zz",
+            "socket=/x,num_queues=0",
+            "socket=/x,num_queues=32",
+            "socket=/x,queue_size=100",
+            "socket=/x,server=maybe",
+            "socket=/x,vhost=on",
+        ] {
+            let err = parse_net(bad).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("--net {bad:?}")), "{err}");
         }
     }
 

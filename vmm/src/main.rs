@@ -17,6 +17,7 @@ mod vhost_user;
 mod virtio;
 mod vstate;
 
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -76,7 +77,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
     };
     let config = VmConfig::from_args(args, limits)?;
     let signals = signals::SignalFd::block_stop_signals()?;
-    let mut vm = builder::build(&kvm, &config)?;
+    let mut vm = builder::build(&kvm, &config, signals.as_fd())?;
 
     if config.serial == SerialMode::Stdio {
         let tty = terminal::stdin_is_tty();

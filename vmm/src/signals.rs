@@ -1,7 +1,7 @@
 //! Stop signals: SIGINT/SIGTERM/SIGHUP are blocked in every thread and
 //! read from a signalfd by the main thread, next to the VM's exit event.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use crate::exit::{ExitNotifier, VmExit};
 
@@ -91,5 +91,11 @@ impl SignalFd {
                 let _ = exit.event().read();
             }
         }
+    }
+}
+
+impl AsFd for SignalFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }

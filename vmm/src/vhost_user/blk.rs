@@ -37,6 +37,8 @@ pub fn connect(
         num_queues,
         queue_size,
         queue_count_field: Some(CONFIG_NUM_QUEUES),
+        config_from_backend: true,
+        queues_without_mq: 1,
     };
     VhostUserDevice::connect(spec, socket)
 }

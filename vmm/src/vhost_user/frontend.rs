@@ -3,6 +3,7 @@
 //! their configuration space comes from (see `blk`).
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -61,6 +62,13 @@ pub struct DeviceSpec {
     /// answers itself: the backend may serve more queues than this device
     /// exposes (virtio-blk `num_queues`).
     pub queue_count_field: Option<u64>,
+    /// The backend serves the configuration space (GET_CONFIG); otherwise
+    /// the device type answers it in the VMM (network backends such as
+    /// DPDK's do not implement GET_CONFIG).
+    pub config_from_backend: bool,
+    /// How many queues a backend without the MQ protocol feature serves
+    /// (1 for a disk, 2 for a NIC: one RX and one TX).
+    pub queues_without_mq: usize,
 }
 
 pub struct VhostUserDevice {
@@ -75,11 +83,30 @@ pub struct VhostUserDevice {
 }
 
 impl VhostUserDevice {
-    /// Connects and negotiates everything that does not depend on the driver.
+    /// Connects to a backend listening on `socket` and negotiates everything
+    /// that does not depend on the driver.
     pub fn connect(spec: DeviceSpec, socket: &Path) -> Result<Self, FrontendError> {
+        let frontend = Frontend::connect(socket, spec.num_queues as u64)
+            .map_err(|e| FrontendError::Connect(socket.to_path_buf(), e))?;
+        Self::handshake(spec, frontend, socket)
+    }
+
+    /// Negotiates with a backend that connected to our listening socket.
+    pub fn from_stream(
+        spec: DeviceSpec,
+        stream: UnixStream,
+        socket: &Path,
+    ) -> Result<Self, FrontendError> {
+        let frontend = Frontend::from_stream(stream, spec.num_queues as u64);
+        Self::handshake(spec, frontend, socket)
+    }
+
+    fn handshake(
+        spec: DeviceSpec,
+        mut frontend: Frontend,
+        socket: &Path,
+    ) -> Result<Self, FrontendError> {
         let path = socket.to_path_buf();
-        let mut frontend = Frontend::connect(socket, spec.num_queues as u64)
-            .map_err(|e| FrontendError::Connect(path.clone(), e))?;
         let step = |step: &'static str| {
             let path = path.clone();
             move |source| FrontendError::Handshake { path, step, source }
@@ -98,20 +125,18 @@ impl VhostUserDevice {
         let offered = frontend
             .get_protocol_features()
             .map_err(step("GET_PROTOCOL_FEATURES"))?;
-        let wanted = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK;
+        let mut wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        if spec.config_from_backend {
+            wanted |= VhostUserProtocolFeatures::CONFIG;
+        }
         let protocol = offered & wanted;
         frontend
             .set_protocol_features(protocol)
             .map_err(step("SET_PROTOCOL_FEATURES"))?;
-        if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        if spec.config_from_backend && !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(FrontendError::Missing(path, "the CONFIG protocol feature"));
         }
-        if spec.num_queues > 1 {
-            if !protocol.contains(VhostUserProtocolFeatures::MQ) {
-                return Err(FrontendError::Missing(path, "the MQ protocol feature"));
-            }
+        if spec.num_queues > 1 && protocol.contains(VhostUserProtocolFeatures::MQ) {
             let max = frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))?;
             if max < spec.num_queues as u64 {
                 return Err(FrontendError::TooManyQueues {
@@ -120,6 +145,8 @@ impl VhostUserDevice {
                     wanted: spec.num_queues,
                 });
             }
+        } else if spec.num_queues > spec.queues_without_mq {
+            return Err(FrontendError::Missing(path, "the MQ protocol feature"));
         }
         log::info!(
             "{}: connected to {}, features {backend_features:#x}, protocol {:?}",
@@ -263,6 +290,34 @@ impl VirtioDevice for VhostUserDevice {
         driver_features: u64,
         queues: &[ActiveQueue<'_>],
     ) -> Result<(), ActivateError> {
+        self.start_rings(mem, driver_features, queues, |_| true)
+    }
+
+    fn reset(&mut self) {
+        self.stop_rings();
+    }
+}
+
+impl VhostUserDevice {
+    /// A handle that turns rings on and off while the device runs (the
+    /// control queue of a multi-queue NIC).
+    pub fn ring_switch(&self) -> RingSwitch {
+        RingSwitch {
+            name: self.spec.name.clone(),
+            frontend: self.frontend.clone(),
+            broken: self.broken.clone(),
+        }
+    }
+
+    /// Hands the backend the features, the memory table and every ring; the
+    /// rings for which `enabled(index)` is false are set up but left off.
+    pub fn start_rings(
+        &mut self,
+        mem: &GuestMemory,
+        driver_features: u64,
+        queues: &[ActiveQueue<'_>],
+        enabled: impl Fn(u16) -> bool,
+    ) -> Result<(), ActivateError> {
         if self.broken.load(Ordering::Acquire) {
             return Err(ActivateError("the backend is gone".into()));
         }
@@ -317,7 +372,7 @@ impl VirtioDevice for VhostUserDevice {
                 .set_vring_kick(index, queue.kick)
                 .map_err(|e| self.fail("SET_VRING_KICK", e))?;
             self.frontend
-                .set_vring_enable(index, true)
+                .set_vring_enable(index, enabled(queue.index))
                 .map_err(|e| self.fail("SET_VRING_ENABLE", e))?;
             self.active_queues.push(index);
         }
@@ -329,7 +384,8 @@ impl VirtioDevice for VhostUserDevice {
         Ok(())
     }
 
-    fn reset(&mut self) {
+    /// Stops every ring the device started.
+    pub fn stop_rings(&mut self) {
         if self.broken.load(Ordering::Acquire) {
             self.active_queues.clear();
             return;
@@ -350,5 +406,31 @@ impl VirtioDevice for VhostUserDevice {
             }
         }
         log::info!("{}: reset", self.spec.name);
+    }
+}
+
+/// Turns a running device's rings on and off.
+pub struct RingSwitch {
+    name: String,
+    frontend: Frontend,
+    broken: Arc<AtomicBool>,
+}
+
+impl RingSwitch {
+    pub fn set(&mut self, index: usize, enable: bool) -> bool {
+        if self.broken.load(Ordering::Acquire) {
+            return false;
+        }
+        match self.frontend.set_vring_enable(index, enable) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!(
+                    "{}: SET_VRING_ENABLE {} on ring {index} failed: {e}",
+                    self.name,
+                    u8::from(enable)
+                );
+                false
+            }
+        }
     }
 }

@@ -5,3 +5,6 @@
 
 pub mod blk;
 pub mod frontend;
+pub mod listener;
+pub mod net;
+pub mod net_ctrl;

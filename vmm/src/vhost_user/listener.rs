@@ -1,0 +1,144 @@
+//! `server=on`: the VMM listens on the vhost-user socket and waits for the
+//! backend to connect (DPDK's `client=1`, OVS-DPDK's `dpdkvhostuserclient`
+//! ports). The socket file is removed when the VMM exits.
+
+use std::io::ErrorKind;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ListenError {
+    #[error("{0:?} already exists and is not a stale socket")]
+    PathInUse(PathBuf),
+    #[error("{0:?} is a socket another process is listening on")]
+    SocketInUse(PathBuf),
+    #[error("cannot listen on {0:?}")]
+    Bind(PathBuf, #[source] std::io::Error),
+    #[error("waiting for a backend to connect to {0:?} failed")]
+    Accept(PathBuf, #[source] std::io::Error),
+    #[error("stopped by a signal while waiting for a backend to connect to {0:?}")]
+    Interrupted(PathBuf),
+}
+
+/// A listening socket whose file is removed on drop.
+pub struct ServerSocket {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl ServerSocket {
+    /// Listens on `path`. A socket file left by a process that died is
+    /// replaced; anything else at that path is an error.
+    pub fn bind(path: &Path) -> Result<Self, ListenError> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(ListenError::PathInUse(path.to_path_buf()));
+            }
+            match UnixStream::connect(path) {
+                Ok(_) => return Err(ListenError::SocketInUse(path.to_path_buf())),
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                    log::info!("removing the stale socket {}", path.display());
+                    std::fs::remove_file(path)
+                        .map_err(|e| ListenError::Bind(path.to_path_buf(), e))?;
+                }
+                Err(e) => return Err(ListenError::Bind(path.to_path_buf(), e)),
+            }
+        }
+        let listener =
+            UnixListener::bind(path).map_err(|e| ListenError::Bind(path.to_path_buf(), e))?;
+        Ok(ServerSocket {
+            path: path.to_path_buf(),
+            listener,
+        })
+    }
+
+    /// Waits for the backend to connect. Returns early with `Interrupted`
+    /// when `interrupt` (the stop-signal fd) becomes readable, so Ctrl-C
+    /// still works while the VMM waits.
+    pub fn accept(&self, interrupt: BorrowedFd<'_>) -> Result<UnixStream, ListenError> {
+        log::info!(
+            "waiting for a vhost-user backend to connect to {}",
+            self.path.display()
+        );
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.listener.as_fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: interrupt.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfds whose descriptors
+            // stay open for the call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ListenError::Accept(self.path.clone(), e));
+            }
+            if fds[1].revents != 0 {
+                return Err(ListenError::Interrupted(self.path.clone()));
+            }
+            if fds[0].revents != 0 {
+                match self.listener.accept() {
+                    Ok((stream, _)) => return Ok(stream),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(ListenError::Accept(self.path.clone(), e)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ServerSocket {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            log::warn!("cannot remove the socket {}: {e}", self.path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("net.sock");
+        drop(UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists(), "the stale socket file stays behind");
+        let server = ServerSocket::bind(&path).expect("the stale socket is replaced");
+        assert!(matches!(
+            ServerSocket::bind(&path),
+            Err(ListenError::SocketInUse(_))
+        ));
+        let client = std::thread::spawn({
+            let path = path.clone();
+            move || UnixStream::connect(path).expect("connect")
+        });
+        let (r, _w) = std::os::unix::net::UnixStream::pair().expect("pair");
+        server.accept(r.as_fd()).expect("accept");
+        client.join().expect("client thread");
+        drop(server);
+        assert!(!path.exists(), "the socket file is removed on drop");
+
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"x").expect("write");
+        assert!(matches!(
+            ServerSocket::bind(&file),
+            Err(ListenError::PathInUse(_))
+        ));
+    }
+}
