@@ -3,7 +3,9 @@
 //! Booted through PVH (see `boot.rs`), it reports over COM1, one
 //! `testguest: ...` line per fact: hello, the command line, RAM from the PVH
 //! memory map, the RSDP, each ACPI table, the enabled CPU count; in `echo`
-//! mode it echoes serial input lines; then it powers off through ACPI, or
+//! mode it echoes serial input lines; it drives every virtio-blk disk
+//! (`virtio_blk`) and virtio-net NIC (`virtio_net`: `ip=`, `ping=`,
+//! `respond=`) it finds on PCI; then it powers off through ACPI, or
 //! with `reset` on the command line resets the machine, or with
 //! `triplefault` crashes it.
 //! Any failure prints `testguest: FAIL <reason>` and powers off.
@@ -25,6 +27,8 @@ mod power;
 mod pvh;
 mod serial;
 mod virtio_blk;
+mod virtio_net;
+mod virtio_pci;
 
 use core::fmt;
 use core::panic::PanicInfo;
@@ -98,15 +102,23 @@ fn run(start_info: u64) -> Result<(), Fail> {
     if !has_word(b"nopci") {
         irq::init();
         let mut disks = 0u8;
+        let mut nics = 0u8;
         let mut result = Ok(());
         pcicfg::scan(|f, vendor, device| {
             const VIRTIO_VENDOR: u16 = 0x1af4;
+            const VIRTIO_NET_MODERN: u16 = 0x1041;
             const VIRTIO_BLK_MODERN: u16 = 0x1042;
             if vendor == VIRTIO_VENDOR && device == VIRTIO_BLK_MODERN && !has_word(b"noblk") {
                 if result.is_ok() {
                     result = virtio_blk::test_disk(f, disks);
                 }
                 disks += 1;
+            }
+            if vendor == VIRTIO_VENDOR && device == VIRTIO_NET_MODERN && !has_word(b"nonet") {
+                if result.is_ok() {
+                    result = virtio_net::test_nic(f, nics, cmdline);
+                }
+                nics += 1;
             }
         });
         result?;

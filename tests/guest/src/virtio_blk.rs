@@ -9,25 +9,17 @@ use core::sync::atomic::{fence, Ordering};
 use crate::irq;
 use crate::pcicfg::Function;
 use crate::serial::{say, Bytes};
+use crate::virtio_pci::{
+    locate, rd, wr, DESC_NEXT, DESC_WRITE, F_VERSION_1, STATUS_ACK, STATUS_DRIVER,
+    STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+};
 use crate::Fail;
-
-const CAP_VENDOR: u8 = 0x09;
-const CAP_MSIX: u8 = 0x11;
-const CFG_COMMON: u8 = 1;
-const CFG_NOTIFY: u8 = 2;
-const CFG_DEVICE: u8 = 4;
-
-const STATUS_ACK: u8 = 1;
-const STATUS_DRIVER: u8 = 2;
-const STATUS_DRIVER_OK: u8 = 4;
-const STATUS_FEATURES_OK: u8 = 8;
 
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
 const F_MQ: u64 = 1 << 12;
-const F_VERSION_1: u64 = 1 << 32;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
@@ -36,9 +28,6 @@ const T_GET_ID: u32 = 8;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 
-const DESC_NEXT: u16 = 1;
-const DESC_WRITE: u16 = 2;
-
 const QUEUE_SIZE: u16 = 8;
 /// Per-disk scratch RAM: ring page, request header and status, two buffers.
 const SCRATCH_BASE: u64 = 0x40_0000;
@@ -46,74 +35,6 @@ const SCRATCH_PER_DISK: u64 = 0x4000;
 const PATTERN_SECTOR: u64 = 8;
 /// Polls of the used ring before a request counts as lost.
 const POLL_LIMIT: u32 = 5_000_000;
-
-fn rd<T: Copy>(addr: u64) -> T {
-    // SAFETY: callers pass device registers from the BARs or scratch RAM,
-    // both inside the guest's identity map.
-    unsafe { core::ptr::read_volatile(addr as *const T) }
-}
-
-fn wr<T: Copy>(addr: u64, value: T) {
-    // SAFETY: as for `rd`.
-    unsafe { core::ptr::write_volatile(addr as *mut T, value) }
-}
-
-struct Device {
-    common: u64,
-    notify: u64,
-    notify_multiplier: u32,
-    device_cfg: u64,
-    msix_table: Option<u64>,
-    msix_cap: u8,
-}
-
-/// Finds the virtio structures in the device's BARs.
-fn locate(f: Function) -> Result<Device, Fail> {
-    let mut common = None;
-    let mut notify = None;
-    let mut device_cfg = None;
-    let mut multiplier = 0;
-    let mut msix = None;
-    f.capabilities(|offset, id| match id {
-        CAP_VENDOR => {
-            let cfg_type = f.read8(offset + 3);
-            let bar = f.read8(offset + 4);
-            let at = f.bar_address(bar) + u64::from(f.read32(offset + 8));
-            match cfg_type {
-                CFG_COMMON if common.is_none() => common = Some(at),
-                CFG_NOTIFY if notify.is_none() => {
-                    notify = Some(at);
-                    multiplier = f.read32(offset + 16);
-                }
-                CFG_DEVICE if device_cfg.is_none() => device_cfg = Some(at),
-                _ => {}
-            }
-        }
-        CAP_MSIX => {
-            let table = f.read32(offset + 4);
-            let at = f.bar_address((table & 7) as u8) + u64::from(table & !7);
-            msix = Some((offset, at));
-        }
-        _ => {}
-    });
-    let missing = |what| Fail::new(what);
-    let common = common.ok_or(missing("virtio common config not found"))?;
-    let notify = notify.ok_or(missing("virtio notify structure not found"))?;
-    let device_cfg = device_cfg.ok_or(missing("virtio device config not found"))?;
-    for addr in [common, notify, device_cfg] {
-        if !(0x1000..crate::phys::MAPPED_END).contains(&addr) {
-            return Err(Fail::at("virtio BAR unassigned or above 4 GiB", addr));
-        }
-    }
-    Ok(Device {
-        common,
-        notify,
-        notify_multiplier: multiplier,
-        device_cfg,
-        msix_table: msix.map(|m| m.1),
-        msix_cap: msix.map_or(0, |m| m.0),
-    })
-}
 
 /// A split virtqueue in scratch RAM, with one request in flight at a time.
 struct Queue {

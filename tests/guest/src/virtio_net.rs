@@ -1,0 +1,664 @@
+// Register fields and frame fields are cut out of wider words on purpose.
+#![allow(clippy::cast_possible_truncation)]
+//! A virtio-net driver for modern virtio-pci devices (1af4:1041) and a tiny
+//! IPv4 stack on top: it reports the MAC, link and queue pairs, sets the
+//! pair count over the control queue, and, given `ip=A.B.C.D`, either pings
+//! a host (`ping=A.B.C.D`: ARP, then three ICMP echo requests) or answers
+//! ARP and echo requests until it has answered `respond=N` of them.
+//!
+//! Queues are polled (no interrupts). Every wait is bounded in time-stamp
+//! counter ticks and ends in a `FAIL` line when it runs out.
+
+use core::fmt;
+use core::sync::atomic::{fence, Ordering};
+
+use crate::pcicfg::Function;
+use crate::serial::say;
+use crate::virtio_pci::{locate, rd, wr, Device, DESC_NEXT, DESC_WRITE};
+use crate::Fail;
+
+const F_MTU: u64 = 1 << 3;
+const F_MAC: u64 = 1 << 5;
+const F_STATUS: u64 = 1 << 16;
+const F_CTRL_VQ: u64 = 1 << 17;
+const F_MQ: u64 = 1 << 22;
+
+/// Queue pairs driven at most; a device may offer more.
+const MAX_PAIRS: u16 = 4;
+const QUEUE_SIZE: u16 = 16;
+/// RX buffers posted per receive queue.
+const RX_BUFFERS: u16 = 8;
+const BUF_SIZE: u64 = 2048;
+/// virtio_net_hdr_v1 (VERSION_1 always has num_buffers).
+const HDR_LEN: usize = 12;
+
+/// Per-NIC scratch RAM: ring pages, control buffers, TX and RX buffers.
+const SCRATCH_BASE: u64 = 0x60_0000;
+const SCRATCH_PER_NIC: u64 = 0x4_0000;
+const RINGS: u64 = 0x0;
+const CTRL_RING: u64 = 0x1_0000;
+const CTRL_BUF: u64 = 0x1_1000;
+const TX_BUF: u64 = 0x1_2000;
+const RX_BUFS: u64 = 0x2_0000;
+
+/// Time-stamp counter ticks in about a second (hosts run it at 1-4 GHz;
+/// only timeouts depend on it).
+const SECOND: u64 = 2_000_000_000;
+/// How long a transmission or control command may take.
+const COMPLETION_TIMEOUT: u64 = 10 * SECOND;
+/// How long each ARP or echo attempt waits for its reply, and attempts.
+const REPLY_TIMEOUT: u64 = SECOND;
+const ATTEMPTS: u32 = 10;
+/// How long a responder waits for all its echo requests.
+const RESPONDER_TIMEOUT: u64 = 120 * SECOND;
+
+const ETH_ARP: u16 = 0x0806;
+const ETH_IPV4: u16 = 0x0800;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ECHO_ID: u16 = 0x7467;
+const ECHO_PAYLOAD: usize = 56;
+const PINGS: u16 = 3;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Ip([u8; 4]);
+
+impl fmt::Display for Ip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d] = self.0;
+        write!(f, "{a}.{b}.{c}.{d}")
+    }
+}
+
+struct Mac([u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(":")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_ip(text: &[u8]) -> Option<Ip> {
+    let mut out = [0u8; 4];
+    let mut parts = text.split(|&b| b == b'.');
+    for byte in &mut out {
+        *byte = parse_num(parts.next()?)?.try_into().ok()?;
+    }
+    parts.next().is_none().then_some(Ip(out))
+}
+
+fn parse_num(text: &[u8]) -> Option<u32> {
+    if text.is_empty() || text.len() > 9 {
+        return None;
+    }
+    text.iter().try_fold(0u32, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
+    })
+}
+
+/// The value of `key=` among the command line's words.
+fn word_value<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    cmdline
+        .split(u8::is_ascii_whitespace)
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix(b"="))
+}
+
+/// What the command line asks of the NIC.
+enum Mode {
+    /// Only report the device.
+    Report,
+    Ping(Ip, Ip),
+    Respond(Ip, u32),
+}
+
+fn mode(cmdline: &[u8]) -> Result<Mode, Fail> {
+    let Some(ip) = word_value(cmdline, b"ip") else {
+        return Ok(Mode::Report);
+    };
+    let ip = parse_ip(ip).ok_or(Fail::new("bad ip= on the command line"))?;
+    if let Some(target) = word_value(cmdline, b"ping") {
+        let target = parse_ip(target).ok_or(Fail::new("bad ping= on the command line"))?;
+        return Ok(Mode::Ping(ip, target));
+    }
+    if let Some(count) = word_value(cmdline, b"respond") {
+        let count = parse_num(count).ok_or(Fail::new("bad respond= on the command line"))?;
+        return Ok(Mode::Respond(ip, count));
+    }
+    Ok(Mode::Report)
+}
+
+/// A split virtqueue the driver fills and polls.
+struct Queue {
+    ring: u64,
+    notify: u64,
+    avail_idx: u16,
+    last_used: u16,
+}
+
+impl Queue {
+    fn desc(&self, i: u16) -> u64 {
+        self.ring + 16 * u64::from(i % QUEUE_SIZE)
+    }
+
+    fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = self.desc(i);
+        wr(d, addr);
+        wr(d + 8, len);
+        wr(d + 12, flags);
+        wr(d + 14, next);
+    }
+
+    /// Makes descriptor chain `head` available (without notifying).
+    fn push(&mut self, head: u16) {
+        let avail = self.ring + 0x200;
+        wr(avail + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE), head);
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        wr(avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+    }
+
+    fn kick(&self) {
+        wr(self.notify, 0u16);
+    }
+
+    /// The next used element (id, len), if the device returned one.
+    fn pop_used(&mut self) -> Option<(u16, u32)> {
+        let used = self.ring + 0x400;
+        let idx: u16 = rd(used + 2);
+        if idx == self.last_used {
+            return None;
+        }
+        fence(Ordering::SeqCst);
+        let elem = used + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
+        self.last_used = self.last_used.wrapping_add(1);
+        Some((rd::<u32>(elem) as u16, rd(elem + 4)))
+    }
+
+    /// Submits a chain and waits for the device to return it.
+    fn submit_and_wait(&mut self, bufs: &[(u64, u32, bool)]) -> Result<u32, Fail> {
+        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+            let mut flags = if write { DESC_WRITE } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= DESC_NEXT;
+            }
+            self.set_desc(i as u16, addr, len, flags, i as u16 + 1);
+        }
+        self.push(0);
+        self.kick();
+        let deadline = Deadline::after(COMPLETION_TIMEOUT);
+        while !deadline.passed() {
+            if let Some((_, len)) = self.pop_used() {
+                return Ok(len);
+            }
+            core::hint::spin_loop();
+        }
+        Err(Fail::new("virtio-net request timed out"))
+    }
+}
+
+struct Nic {
+    dev: Device,
+    mac: [u8; 6],
+    rx: [Option<Queue>; MAX_PAIRS as usize],
+    tx: Queue,
+    scratch: u64,
+    /// Receive queues in use.
+    pairs: usize,
+}
+
+/// A point in time, read from the time-stamp counter.
+struct Deadline(u64);
+
+impl Deadline {
+    fn after(ticks: u64) -> Self {
+        Deadline(tsc().saturating_add(ticks))
+    }
+
+    fn passed(&self) -> bool {
+        tsc() >= self.0
+    }
+}
+
+fn tsc() -> u64 {
+    // SAFETY: RDTSC only reads the time-stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+impl Nic {
+    fn rx_buf(&self, pair: usize, id: u16) -> u64 {
+        self.scratch + RX_BUFS + BUF_SIZE * (pair as u64 * u64::from(RX_BUFFERS) + u64::from(id))
+    }
+
+    /// Sends one Ethernet frame (without the virtio header) on pair 0.
+    fn send(&mut self, frame: &[u8]) -> Result<(), Fail> {
+        let buf = self.scratch + TX_BUF;
+        for i in 0..HDR_LEN as u64 {
+            wr(buf + i, 0u8);
+        }
+        // Frames shorter than the Ethernet minimum are padded with zeros.
+        let len = frame.len().max(60);
+        for i in 0..len {
+            wr(
+                buf + (HDR_LEN + i) as u64,
+                frame.get(i).copied().unwrap_or(0),
+            );
+        }
+        self.tx
+            .submit_and_wait(&[(buf, (HDR_LEN + len) as u32, false)])
+            .map(|_| ())
+    }
+
+    /// Polls every receive queue once; hands a received frame to `handle`
+    /// and gives its buffer back to the device.
+    fn poll(
+        &mut self,
+        handle: &mut impl FnMut(&mut Nic, &[u8]) -> Result<(), Fail>,
+    ) -> Result<bool, Fail> {
+        let mut got = false;
+        for pair in 0..self.pairs {
+            let Some((id, len)) = self.rx[pair].as_mut().and_then(Queue::pop_used) else {
+                continue;
+            };
+            got = true;
+            let id = id % RX_BUFFERS;
+            let buf = self.rx_buf(pair, id);
+            let len = (len as usize).min(BUF_SIZE as usize);
+            let mut frame = [0u8; 1514];
+            let frame_len = len.saturating_sub(HDR_LEN).min(frame.len());
+            for (i, byte) in frame[..frame_len].iter_mut().enumerate() {
+                *byte = rd(buf + (HDR_LEN + i) as u64);
+            }
+            if let Some(q) = self.rx[pair].as_mut() {
+                q.push(id);
+                q.kick();
+            }
+            handle(self, &frame[..frame_len])?;
+        }
+        Ok(got)
+    }
+
+    /// Answers an ARP request for `ip`; returns true if `frame` was one.
+    fn answer_arp(&mut self, frame: &[u8], ip: Ip) -> Result<bool, Fail> {
+        if ethertype(frame) != ETH_ARP || frame.len() < 42 || be16(frame, 20) != 1 {
+            return Ok(false);
+        }
+        if frame[38..42] != ip.0 {
+            return Ok(false);
+        }
+        let mut reply = [0u8; 42];
+        reply[0..6].copy_from_slice(&frame[22..28]);
+        arp_frame(&mut reply, self.mac, 2, ip);
+        reply[32..38].copy_from_slice(&frame[22..28]);
+        reply[38..42].copy_from_slice(&frame[28..32]);
+        self.send(&reply)?;
+        Ok(true)
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn ethertype(frame: &[u8]) -> u16 {
+    if frame.len() < 14 {
+        return 0;
+    }
+    be16(frame, 12)
+}
+
+/// Fills the Ethernet source/type and the ARP body up to the sender
+/// address (operation `op`); the caller sets the destination and target.
+fn arp_frame(f: &mut [u8; 42], mac: [u8; 6], op: u16, ip: Ip) {
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&ETH_ARP.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes());
+    f[16..18].copy_from_slice(&ETH_IPV4.to_be_bytes());
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&op.to_be_bytes());
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&ip.0);
+}
+
+/// The Internet checksum of `data`.
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for pair in data.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn payload_byte(i: usize) -> u8 {
+    (i as u8).wrapping_mul(3).wrapping_add(0x21)
+}
+
+const ECHO_FRAME: usize = 14 + 20 + 8 + ECHO_PAYLOAD;
+
+/// An IPv4 ICMP echo frame of `kind` (request or reply).
+fn echo_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ip,
+    dst: Ip,
+    kind: u8,
+    id: u16,
+    seq: u16,
+    payload: &[u8],
+) -> [u8; ECHO_FRAME] {
+    let mut f = [0u8; ECHO_FRAME];
+    f[0..6].copy_from_slice(&dst_mac);
+    f[6..12].copy_from_slice(&src_mac);
+    f[12..14].copy_from_slice(&ETH_IPV4.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + 8 + ECHO_PAYLOAD) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&seq.to_be_bytes());
+    ip[6] = 0x40; // don't fragment
+    ip[8] = 64;
+    ip[9] = 1; // ICMP
+    ip[12..16].copy_from_slice(&src.0);
+    ip[16..20].copy_from_slice(&dst.0);
+    let sum = checksum(ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let icmp = &mut f[34..];
+    icmp[0] = kind;
+    icmp[4..6].copy_from_slice(&id.to_be_bytes());
+    icmp[6..8].copy_from_slice(&seq.to_be_bytes());
+    icmp[8..].copy_from_slice(payload);
+    let sum = checksum(icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+/// An ICMP echo message in `frame` addressed to `to`: (type, source
+/// address, id, seq, payload). None for anything else or a bad checksum.
+fn parse_echo(frame: &[u8], to: Ip) -> Option<(u8, Ip, u16, u16, &[u8])> {
+    if ethertype(frame) != ETH_IPV4 || frame.len() < 34 {
+        return None;
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    let total = usize::from(be16(ip, 2));
+    if ip[0] >> 4 != 4 || ihl < 20 || total < ihl + 8 || total > ip.len() || ip[9] != 1 {
+        return None;
+    }
+    if ip[16..20] != to.0 || checksum(&ip[..ihl]) != 0 {
+        return None;
+    }
+    let icmp = &ip[ihl..total];
+    if checksum(icmp) != 0 {
+        return None;
+    }
+    let src = Ip([ip[12], ip[13], ip[14], ip[15]]);
+    Some((icmp[0], src, be16(icmp, 4), be16(icmp, 6), &icmp[8..]))
+}
+
+/// Drives the NIC at `f`, found `index`-th, as the command line says.
+pub fn test_nic(f: Function, index: u8, cmdline: &[u8]) -> Result<(), Fail> {
+    let mode = mode(cmdline)?;
+    f.enable();
+    let dev = locate(f)?;
+    let features = dev.negotiate(F_MTU | F_MAC | F_STATUS | F_CTRL_VQ | F_MQ)?;
+    let cfg = dev.device_cfg;
+    let mut mac = [0u8; 6];
+    if features & F_MAC != 0 {
+        for (i, byte) in mac.iter_mut().enumerate() {
+            *byte = rd(cfg + i as u64);
+        }
+    } else {
+        mac = [0x52, 0x54, 0x00, 0x7e, 0x57, index];
+    }
+    let link_up = features & F_STATUS == 0 || rd::<u16>(cfg + 6) & 1 != 0;
+    let max_pairs = if features & F_MQ != 0 {
+        rd::<u16>(cfg + 8)
+    } else {
+        1
+    };
+    let mtu = if features & F_MTU != 0 {
+        rd::<u16>(cfg + 10)
+    } else {
+        1500
+    };
+    if max_pairs == 0 {
+        return Err(Fail::new("virtio-net reports 0 queue pairs"));
+    }
+    let pairs = max_pairs.min(MAX_PAIRS);
+
+    let scratch = SCRATCH_BASE + SCRATCH_PER_NIC * u64::from(index);
+    let mut rx: [Option<Queue>; MAX_PAIRS as usize] = [None, None, None, None];
+    let mut tx = None;
+    for pair in 0..pairs {
+        for (queue, is_rx) in [(2 * pair, true), (2 * pair + 1, false)] {
+            let ring = scratch + RINGS + 0x1000 * u64::from(queue);
+            let q = Queue {
+                ring,
+                notify: dev.setup_queue(queue, QUEUE_SIZE, ring)?,
+                avail_idx: 0,
+                last_used: 0,
+            };
+            if is_rx {
+                rx[usize::from(pair)] = Some(q);
+            } else if pair == 0 {
+                tx = Some(q);
+            }
+        }
+    }
+    let mut ctrl = None;
+    if features & F_CTRL_VQ != 0 {
+        let index = 2 * max_pairs;
+        let ring = scratch + CTRL_RING;
+        ctrl = Some(Queue {
+            ring,
+            notify: dev.setup_queue(index, QUEUE_SIZE, ring)?,
+            avail_idx: 0,
+            last_used: 0,
+        });
+    }
+    let tx = tx.ok_or(Fail::new("virtio-net has no transmit queue"))?;
+    let mut nic = Nic {
+        dev,
+        mac,
+        rx,
+        tx,
+        scratch,
+        pairs: usize::from(pairs),
+    };
+    // Post the receive buffers, one descriptor each.
+    for pair in 0..usize::from(pairs) {
+        for id in 0..RX_BUFFERS {
+            let addr = nic.rx_buf(pair, id);
+            if let Some(q) = nic.rx[pair].as_mut() {
+                q.set_desc(id, addr, BUF_SIZE as u32, DESC_WRITE, 0);
+                q.push(id);
+            }
+        }
+    }
+    nic.dev.driver_ok();
+    for q in nic.rx.iter().flatten() {
+        q.kick();
+    }
+    say!(
+        "net 00:{:02x}.{} mac {} link {} pairs {max_pairs} mtu {mtu}",
+        f.slot,
+        f.function,
+        Mac(mac),
+        if link_up { "up" } else { "down" }
+    );
+
+    if let Some(ctrl) = ctrl.as_mut() {
+        if features & F_MQ != 0 && max_pairs > 1 {
+            let buf = scratch + CTRL_BUF;
+            wr(buf, 4u8); // VIRTIO_NET_CTRL_MQ
+            wr(buf + 1, 0u8); // VQ_PAIRS_SET
+            wr(buf + 2, pairs);
+            wr(buf + 0x10, 0xffu8);
+            ctrl.submit_and_wait(&[(buf, 2, false), (buf + 2, 2, false), (buf + 0x10, 1, true)])?;
+            let ack: u8 = rd(buf + 0x10);
+            if ack == 0 {
+                say!("net mq pairs {pairs} set ok");
+            } else {
+                say!("net mq pairs {pairs} set failed (ack {ack})");
+            }
+        }
+    }
+
+    let result = match mode {
+        Mode::Report => Ok(()),
+        Mode::Ping(ip, target) => ping(&mut nic, ip, target),
+        Mode::Respond(ip, count) => respond(&mut nic, ip, count),
+    };
+    nic.dev.reset();
+    result
+}
+
+/// Resolves `target` with ARP, then sends it three echo requests.
+fn ping(nic: &mut Nic, ip: Ip, target: Ip) -> Result<(), Fail> {
+    let mut target_mac = None;
+    for _ in 0..ATTEMPTS {
+        let mut request = [0u8; 42];
+        request[0..6].copy_from_slice(&[0xff; 6]);
+        arp_frame(&mut request, nic.mac, 1, ip);
+        request[38..42].copy_from_slice(&target.0);
+        nic.send(&request)?;
+        let deadline = Deadline::after(REPLY_TIMEOUT);
+        while !deadline.passed() {
+            nic.poll(&mut |nic, frame| {
+                if nic.answer_arp(frame, ip)? {
+                    return Ok(());
+                }
+                if ethertype(frame) == ETH_ARP
+                    && frame.len() >= 42
+                    && be16(frame, 20) == 2
+                    && frame[28..32] == target.0
+                    && frame[38..42] == ip.0
+                {
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(&frame[22..28]);
+                    target_mac = Some(mac);
+                }
+                Ok(())
+            })?;
+            if target_mac.is_some() {
+                break;
+            }
+        }
+        if target_mac.is_some() {
+            break;
+        }
+    }
+    let Some(target_mac) = target_mac else {
+        say!("net ping {target} failed: no ARP reply");
+        return Err(Fail::new("virtio-net: no ARP reply"));
+    };
+    say!("net arp {target} is-at {}", Mac(target_mac));
+
+    let mut payload = [0u8; ECHO_PAYLOAD];
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b = payload_byte(i);
+    }
+    let mut replies = 0;
+    for seq in 1..=PINGS {
+        let request = echo_frame(
+            target_mac,
+            nic.mac,
+            ip,
+            target,
+            ICMP_ECHO_REQUEST,
+            ECHO_ID,
+            seq,
+            &payload,
+        );
+        let mut answered = false;
+        for _ in 0..ATTEMPTS {
+            nic.send(&request)?;
+            let deadline = Deadline::after(REPLY_TIMEOUT);
+            while !deadline.passed() {
+                nic.poll(&mut |nic, frame| {
+                    if nic.answer_arp(frame, ip)? {
+                        return Ok(());
+                    }
+                    if let Some((kind, from, id, s, data)) = parse_echo(frame, ip) {
+                        if kind == ICMP_ECHO_REPLY
+                            && from == target
+                            && id == ECHO_ID
+                            && s == seq
+                            && data == payload
+                        {
+                            answered = true;
+                        }
+                    }
+                    Ok(())
+                })?;
+                if answered {
+                    break;
+                }
+            }
+            if answered {
+                break;
+            }
+        }
+        if !answered {
+            say!("net ping {target} failed: no reply to seq {seq}");
+            return Err(Fail::new("virtio-net: echo request unanswered"));
+        }
+        say!("net ping {target} seq {seq} reply ok");
+        replies += 1;
+    }
+    say!("net ping {target} {replies}/{PINGS} replies");
+    Ok(())
+}
+
+/// Answers ARP and echo requests for `ip` until `count` echoes are answered.
+fn respond(nic: &mut Nic, ip: Ip, count: u32) -> Result<(), Fail> {
+    let mut answered = 0u32;
+    let deadline = Deadline::after(RESPONDER_TIMEOUT);
+    while !deadline.passed() {
+        nic.poll(&mut |nic, frame| {
+            if nic.answer_arp(frame, ip)? {
+                return Ok(());
+            }
+            let Some((kind, from, id, seq, data)) = parse_echo(frame, ip) else {
+                return Ok(());
+            };
+            if kind != ICMP_ECHO_REQUEST || data.len() != ECHO_PAYLOAD {
+                return Ok(());
+            }
+            let mut dst_mac = [0u8; 6];
+            dst_mac.copy_from_slice(&frame[6..12]);
+            let mut payload = [0u8; ECHO_PAYLOAD];
+            payload.copy_from_slice(data);
+            let reply = echo_frame(
+                dst_mac,
+                nic.mac,
+                ip,
+                from,
+                ICMP_ECHO_REPLY,
+                id,
+                seq,
+                &payload,
+            );
+            nic.send(&reply)?;
+            answered += 1;
+            say!("net answered echo seq {seq} from {from}");
+            Ok(())
+        })?;
+        if answered >= count {
+            say!("net responder done {answered}");
+            return Ok(());
+        }
+    }
+    say!("net responder timed out after {answered} echoes");
+    Err(Fail::new("virtio-net responder timed out"))
+}
