@@ -101,12 +101,17 @@ impl Drop for Backend {
 
 /// The `vhost-blk` binary: `VHOST_BLK_BIN`, or the workspace's debug build.
 pub fn vhost_blk_bin() -> PathBuf {
-    let path = std::env::var_os("VHOST_BLK_BIN")
+    workspace_bin("vhost-blk", "VHOST_BLK_BIN")
+}
+
+/// A binary of the workspace: `$env_var`, or the debug build.
+pub fn workspace_bin(name: &str, env_var: &str) -> PathBuf {
+    let path = std::env::var_os(env_var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::repo_root().join("target/debug/vhost-blk"));
+        .unwrap_or_else(|| crate::repo_root().join("target/debug").join(name));
     assert!(
         path.is_file(),
-        "{} is missing: run `cargo build -p vhost-blk` first (scripts/test.sh does)",
+        "{} is missing: run `cargo build -p {name}` first (scripts/test.sh does)",
         path.display()
     );
     path

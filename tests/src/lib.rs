@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod blk;
+pub mod net;
 pub mod pty;
 pub mod vm;
 

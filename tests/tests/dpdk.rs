@@ -1,0 +1,88 @@
+//! DPDK's vhost PMD as the network backend of our vmm: dpdk-testpmd
+//! forwards between its vhost-user port and a tap port it creates, and the
+//! test guest pings the host across it, with DPDK as the socket server and
+//! with the VMM as the server (DPDK `client=1`).
+
+use std::time::Duration;
+
+use vmm_tests::blk::{assert_kicks_bypassed_the_vmm, finish};
+use vmm_tests::net::{
+    guest_ip, mac_text, require_testpmd, test_mac, unique_name, Netns, Testpmd, HOST_IP,
+};
+use vmm_tests::vm::{RunningVm, VmBuilder};
+use vmm_tests::{require_kvm, test_guest};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn vmm(net: String, cmdline: &str) -> RunningVm {
+    VmBuilder::new(test_guest())
+        .memory("128M")
+        .cmdline(cmdline)
+        .arg("--net")
+        .arg(net)
+        .spawn()
+}
+
+fn expect_ping(vm: &RunningVm, host: &str) {
+    vm.expect_line(&format!("testguest: net arp {host} is-at "), TIMEOUT);
+    vm.expect_line(&format!("testguest: net ping {host} 3/3 replies"), TIMEOUT);
+}
+
+#[test]
+fn guest_pings_the_host_across_testpmd_as_server() {
+    require_kvm();
+    require_testpmd();
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("dpdk.sock");
+    let tap = unique_name("vd");
+    let mut testpmd = Testpmd::start(&ns, &socket, &tap, false, 1);
+    testpmd.wait_for_socket(&socket);
+    ns.wait_for_link(&tap, TIMEOUT);
+    ns.add_host_address(&tap);
+
+    let mac = test_mac(10);
+    let vm = vmm(
+        format!("socket={},mac={}", socket.display(), mac_text(mac)),
+        &format!("ip={} ping={HOST_IP}", guest_ip(1)),
+    );
+    let info = vm.expect_line("testguest: net 00:01.0 ", TIMEOUT);
+    assert!(
+        info.contains(&format!("mac {} link up", mac_text(mac))),
+        "{info}"
+    );
+    expect_ping(&vm, HOST_IP);
+    let log = finish(vm);
+    assert_kicks_bypassed_the_vmm(&log, "net0");
+}
+
+#[test]
+fn guest_pings_the_host_across_testpmd_as_client() {
+    require_kvm();
+    require_testpmd();
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("vmm.sock");
+    let vm = vmm(
+        format!("socket={},server=on", socket.display()),
+        &format!("ip={} ping={HOST_IP}", guest_ip(1)),
+    );
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the vmm did not listen on {}: {}",
+            socket.display(),
+            vm.stderr.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tap = unique_name("vd");
+    let _testpmd = Testpmd::start(&ns, &socket, &tap, true, 1);
+    ns.wait_for_link(&tap, TIMEOUT);
+    ns.add_host_address(&tap);
+    vm.expect_line("testguest: net 00:01.0 ", TIMEOUT);
+    expect_ping(&vm, HOST_IP);
+    finish(vm);
+    assert!(!socket.exists(), "the vmm removes its socket at exit");
+}
