@@ -86,3 +86,34 @@ fn guest_pings_the_host_across_testpmd_as_client() {
     finish(vm);
     assert!(!socket.exists(), "the vmm removes its socket at exit");
 }
+
+/// scripts/vm-dpdk.sh, both ways round: the guest's ping crosses DPDK and
+/// nothing the script started is left behind.
+#[test]
+fn the_dpdk_launcher_pairs_a_vm_with_testpmd_and_cleans_up() {
+    require_kvm();
+    require_testpmd();
+    for client in [false, true] {
+        let netns = unique_name("vmmdl");
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(vmm_tests::repo_root().join("scripts/vm-dpdk.sh"))
+            .env("VMM_BIN", vmm_tests::vmm_bin())
+            .args(["--netns", &netns, "--kernel"])
+            .arg(test_guest());
+        if client {
+            cmd.arg("--client");
+        }
+        let mut vm = RunningVm::spawn(cmd);
+        expect_ping(&vm, HOST_IP);
+        let status = vm.wait_exit(TIMEOUT);
+        assert_eq!(status.code(), Some(0), "{}", vm.stderr.text());
+        let namespaces = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list");
+        assert!(
+            !String::from_utf8_lossy(&namespaces.stdout).contains(&netns),
+            "the launcher left its namespace {netns}"
+        );
+    }
+}
