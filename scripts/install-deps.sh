@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the build and the tests need on a Debian 12 machine with
 # rustup's Rust: Debian packages (iasl, lz4, QEMU, qemu-storage-daemon,
-# DPDK's testpmd, iproute2 for taps and bridges, ...) and the
-# rustfmt/clippy components. Does nothing that is already there.
+# DPDK's testpmd, iproute2 for taps and bridges, socat, ...), the
+# rustfmt/clippy components, and a Python venv in target/qmp-venv with
+# QEMU's qemu.qmp client library (from PyPI) for the QMP tests. Does
+# nothing that is already there.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
-packages=(acpica-tools lz4 binutils time qemu-system-x86 qemu-system-common dpdk-dev iproute2)
+packages=(acpica-tools lz4 binutils time qemu-system-x86 qemu-system-common dpdk-dev iproute2
+          socat python3 python3-venv)
 need=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
@@ -21,3 +24,13 @@ fi
 for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/target/qmp-venv"
+if ! "$venv/bin/python3" -c "import qemu.qmp" 2>/dev/null; then
+    echo "install-deps: creating $venv with qemu.qmp" >&2
+    rm -rf "$venv"
+    mkdir -p "$root/target"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check qemu.qmp
+fi

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod blk;
 pub mod net;
 pub mod pty;
+pub mod qmp;
 pub mod vm;
 
 use std::path::PathBuf;

@@ -23,11 +23,13 @@ use crate::interrupts::msi::GsiRouter;
 use crate::pci::bus::{BarExitCounters, BarRegion, Ecam, PciBus};
 use crate::pci::config_io::{self, PciConfigIo};
 use crate::vhost_user;
+use crate::vhost_user::frontend::DeviceStatus;
 use crate::vhost_user::listener::ServerSocket;
 use crate::vhost_user::net::NetSpec;
 use crate::virtio::device::VirtioDevice;
 use crate::virtio::pci::{self as virtio_pci, TransportCounters, VirtioPciDevice};
 use crate::vstate::memory::{self, GuestMemory, GuestRam};
+use crate::vstate::run_control::RunControl;
 use crate::vstate::vcpu::{self, Vcpu, VcpuContext};
 use crate::vstate::vm;
 
@@ -77,6 +79,7 @@ pub struct DeviceStats {
     pub socket: std::path::PathBuf,
     pub bar: Arc<BarExitCounters>,
     pub transport: Arc<TransportCounters>,
+    pub status: Arc<DeviceStatus>,
 }
 
 /// A VM whose vCPUs have not started yet.
@@ -95,6 +98,8 @@ pub struct BuiltVm {
     pub serial: Arc<Mutex<SerialConsole>>,
     pub stop: Arc<AtomicBool>,
     pub devices: Vec<DeviceStats>,
+    /// Pauses and resumes the vCPUs.
+    pub run: Arc<RunControl>,
     /// `server=on` sockets, removed when the VM is dropped.
     #[allow(dead_code)]
     pub server_sockets: Vec<ServerSocket>,
@@ -166,7 +171,8 @@ pub fn build(
         let device =
             vhost_user::blk::connect(index, &disk.socket, disk.num_queues, disk.queue_size)
                 .map_err(BuildError::Disk)?;
-        pci.add_virtio(Box::new(device), &disk.socket, "vhost-user-blk")?;
+        let status = device.status();
+        pci.add_virtio(Box::new(device), status, "vhost-user-blk")?;
     }
     let mut server_sockets = Vec::new();
     for (index, net) in config.nets.iter().enumerate() {
@@ -186,7 +192,8 @@ pub fn build(
             vhost_user::net::connect(&spec)
         }
         .map_err(BuildError::Net)?;
-        pci.add_virtio(Box::new(device), &net.socket, "vhost-user-net")?;
+        let status = device.status();
+        pci.add_virtio(Box::new(device), status, "vhost-user-net")?;
     }
     let devices = pci.stats;
 
@@ -237,6 +244,7 @@ pub fn build(
         mmio: Arc::new(mmio),
         serial,
         stop: Arc::new(AtomicBool::new(false)),
+        run: Arc::new(RunControl::default()),
         devices,
         server_sockets,
     })
@@ -257,9 +265,10 @@ impl PciDevices<'_> {
     fn add_virtio(
         &mut self,
         device: Box<dyn VirtioDevice>,
-        socket: &Path,
+        status: Arc<DeviceStatus>,
         kind: &str,
     ) -> Result<(), BuildError> {
+        let socket = status.socket.clone();
         let name = device.name().to_string();
         let bar_addr = self.next_bar.next_multiple_of(virtio_pci::BAR_SIZE);
         self.next_bar = bar_addr + virtio_pci::BAR_SIZE;
@@ -294,9 +303,10 @@ impl PciDevices<'_> {
         );
         self.stats.push(DeviceStats {
             name,
-            socket: socket.to_path_buf(),
+            socket,
             bar: bar_counters,
             transport: transport_counters,
+            status,
         });
         Ok(())
     }
@@ -324,11 +334,18 @@ impl BuiltVm {
             mmio: self.mmio.clone(),
             exit: self.exit.clone(),
             stop: self.stop.clone(),
+            run: self.run.clone(),
         };
         let mut threads = Vec::new();
         for vcpu in self.vcpus.drain(..) {
             threads.push(vcpu.start(ctx.clone())?);
         }
+        self.run.set_threads(
+            threads
+                .iter()
+                .map(std::os::unix::thread::JoinHandleExt::as_pthread_t)
+                .collect(),
+        );
         Ok(threads)
     }
 }

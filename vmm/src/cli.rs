@@ -67,6 +67,25 @@ pub struct Args {
     )]
     pub nets: Vec<String>,
 
+    /// Serve the QMP control API on this Unix socket (see README.md for
+    /// the commands). A stale socket file is replaced; it is removed at exit.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Serve the QMP control API on this TCP address. Only loopback
+    /// addresses are accepted unless --api-tcp-allow-remote is given (QMP
+    /// has no authentication).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub api_tcp: Option<String>,
+
+    /// Allow --api-tcp on a non-loopback address.
+    #[arg(long)]
+    pub api_tcp_allow_remote: bool,
+
+    /// A name for the VM, reported by QMP's query-name.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
     /// Also write every ACPI table the VM gets to DIR/<SIGNATURE>.dat
     /// (e.g. for `iasl -d`), then boot as usual.
     #[arg(long, value_name = "DIR")]

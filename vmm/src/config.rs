@@ -20,6 +20,9 @@ pub struct VmConfig {
     pub dump_acpi: Option<PathBuf>,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    pub api_socket: Option<PathBuf>,
+    pub api_tcp: Option<std::net::SocketAddr>,
+    pub name: Option<String>,
 }
 
 /// A vhost-user-blk disk.
@@ -100,6 +103,10 @@ pub enum ConfigError {
     Disk { value: String, why: String },
     #[error("--net {value:?}: {why}")]
     Net { value: String, why: String },
+    #[error("--api-tcp {0:?}: not an address and port (e.g. 127.0.0.1:4444)")]
+    ApiTcp(String),
+    #[error("--api-tcp {0:?}: not a loopback address; add --api-tcp-allow-remote to listen on it (QMP has no authentication)")]
+    ApiTcpRemote(String),
     #[error("--net: socket {0:?} is given twice")]
     NetSocketTwice(PathBuf),
 }
@@ -142,9 +149,16 @@ impl VmConfig {
                 return Err(ConfigError::NetSocketTwice(net.socket.clone()));
             }
         }
+        let api_tcp = match &args.api_tcp {
+            None => None,
+            Some(text) => Some(parse_api_tcp(text, args.api_tcp_allow_remote)?),
+        };
         Ok(VmConfig {
             disks,
             nets,
+            api_socket: args.api_socket,
+            api_tcp,
+            name: args.name,
             kernel: args.kernel,
             initramfs: args.initramfs,
             cmdline: args.cmdline,
@@ -322,6 +336,26 @@ fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     })
 }
 
+/// `HOST:PORT` with an IP address or `localhost`; loopback only unless
+/// `allow_remote`.
+fn parse_api_tcp(text: &str, allow_remote: bool) -> Result<std::net::SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    let literal = text.replace("localhost:", "127.0.0.1:");
+    let addr = literal
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .filter(|_| {
+            text.rsplit_once(':')
+                .is_some_and(|(host, _)| !host.is_empty())
+        })
+        .ok_or_else(|| ConfigError::ApiTcp(text.to_string()))?;
+    if !allow_remote && !addr.ip().is_loopback() {
+        return Err(ConfigError::ApiTcpRemote(text.to_string()));
+    }
+    Ok(addr)
+}
+
 /// `aa:bb:cc:dd:ee:ff` (or with dashes), unicast only.
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -383,6 +417,10 @@ mod tests {
             dump_acpi: None,
             disks: Vec::new(),
             nets: Vec::new(),
+            api_socket: None,
+            api_tcp: None,
+            api_tcp_allow_remote: false,
+            name: None,
         }
     }
 
@@ -426,6 +464,31 @@ mod tests {
         ] {
             let err = parse_disk(bad).unwrap_err().to_string();
             assert!(err.starts_with(&format!("--disk {bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn api_tcp_is_loopback_unless_allowed() {
+        assert_eq!(parse_api_tcp("127.0.0.1:4444", false).unwrap().port(), 4444);
+        assert!(parse_api_tcp("localhost:4444", false).is_ok());
+        assert!(parse_api_tcp("[::1]:4444", false).is_ok());
+        assert_eq!(
+            parse_api_tcp("0.0.0.0:4444", false),
+            Err(ConfigError::ApiTcpRemote("0.0.0.0:4444".into()))
+        );
+        assert!(parse_api_tcp("0.0.0.0:4444", true).is_ok());
+        for bad in [
+            "4444",
+            ":4444",
+            "127.0.0.1",
+            "127.0.0.1:http",
+            "host name:1",
+        ] {
+            assert_eq!(
+                parse_api_tcp(bad, false),
+                Err(ConfigError::ApiTcp(bad.into())),
+                "{bad}"
+            );
         }
     }
 

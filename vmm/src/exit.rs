@@ -21,6 +21,8 @@ pub enum VmExit {
     Interrupted,
     /// SIGTERM.
     Terminated,
+    /// The control API's `quit`.
+    Quit,
 }
 
 impl VmExit {
@@ -33,6 +35,7 @@ impl VmExit {
             VmExit::KvmError => 5,
             VmExit::Interrupted => 130,
             VmExit::Terminated => 143,
+            VmExit::Quit => 0,
         }
     }
 }
@@ -103,6 +106,8 @@ mod tests {
             VmExit::Interrupted,
             VmExit::Terminated,
         ];
+        // Quit shares 0 with PowerOff: both are a clean, asked-for end.
+        assert_eq!(VmExit::Quit.exit_code(), VmExit::PowerOff.exit_code());
         let mut codes: Vec<u8> = all.iter().map(|e| e.exit_code()).collect();
         codes.sort();
         codes.dedup();

@@ -2,6 +2,7 @@
 //! the guest powers off or the VMM is told to stop, and exit with a status
 //! that says which (see README.md).
 
+mod api;
 mod arch;
 mod builder;
 mod bus;
@@ -87,8 +88,24 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         devices::serial::spawn_stdin_forwarder(vm.serial.clone(), vm.exit.clone(), tty)?;
     }
     let threads = vm.start()?;
+    let sink = std::sync::Arc::new(api::server::EventSink::default());
+    let control = std::sync::Arc::new(api::VmApi {
+        run: vm.run.clone(),
+        exit: vm.exit.clone(),
+        sink: sink.clone(),
+        name: config.name.clone(),
+        devices: vm.devices.iter().map(|d| d.status.clone()).collect(),
+    });
+    control.watch_devices();
+    let _api = api::server::start(
+        config.api_socket.as_deref(),
+        config.api_tcp,
+        control,
+        sink.clone(),
+    )?;
     let reason = signals.wait_for_exit(&vm.exit)?;
-    vstate::vcpu::stop_all(&vm.stop, threads, Duration::from_secs(2));
+    sink.emit("SHUTDOWN", Some(api::shutdown_data(reason)));
+    vstate::vcpu::stop_all(&vm.stop, &vm.run, threads, Duration::from_secs(2));
     terminal::restore();
     log::info!("VM stopped: {reason:?}");
     print_device_exits(&vm.devices);

@@ -3,7 +3,8 @@
 //! Booted through PVH (see `boot.rs`), it reports over COM1, one
 //! `testguest: ...` line per fact: hello, the command line, RAM from the PVH
 //! memory map, the RSDP, each ACPI table, the enabled CPU count; in `echo`
-//! mode it echoes serial input lines; it drives every virtio-blk disk
+//! mode it echoes serial input lines; in `count` mode it prints a counter
+//! about five times a second; it drives every virtio-blk disk
 //! (`virtio_blk`) and virtio-net NIC (`virtio_net`: `ip=`, `ping=`,
 //! `respond=`) it finds on PCI; then it powers off through ACPI, or
 //! with `reset` on the command line resets the machine, or with
@@ -18,6 +19,7 @@
 
 mod acpi;
 mod boot;
+mod clock;
 mod irq;
 mod mem;
 mod pcicfg;
@@ -123,6 +125,9 @@ fn run(start_info: u64) -> Result<(), Fail> {
         });
         result?;
     }
+    if has_word(b"count") {
+        count();
+    }
     if has_word(b"echo") {
         echo();
     }
@@ -160,6 +165,19 @@ fn walk_acpi(rsdp: &acpi::Rsdp) -> Result<Madt, Fail> {
         return Err(Fail::new("no FADT (FACP) table"));
     }
     madt.ok_or(Fail::new("no MADT (APIC) table"))
+}
+
+/// Prints `count N` about five times a second (by the time-stamp counter,
+/// so a paused VM prints nothing), up to `COUNT_MAX`.
+fn count() {
+    const COUNT_MAX: u32 = 3000;
+    for n in 1..=COUNT_MAX {
+        say!("count {n}");
+        let next = clock::Deadline::after(clock::SECOND / 5);
+        while !next.passed() {
+            core::hint::spin_loop();
+        }
+    }
 }
 
 /// Echoes serial input line by line until the line `poweroff`.

@@ -12,6 +12,7 @@
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};
 
+use crate::clock::{Deadline, SECOND};
 use crate::pcicfg::Function;
 use crate::serial::say;
 use crate::virtio_pci::{locate, rd, wr, Device, DESC_NEXT, DESC_WRITE};
@@ -41,9 +42,6 @@ const CTRL_BUF: u64 = 0x1_1000;
 const TX_BUF: u64 = 0x1_2000;
 const RX_BUFS: u64 = 0x2_0000;
 
-/// Time-stamp counter ticks in about a second (hosts run it at 1-4 GHz;
-/// only timeouts depend on it).
-const SECOND: u64 = 2_000_000_000;
 /// How long a transmission or control command may take.
 const COMPLETION_TIMEOUT: u64 = 10 * SECOND;
 /// How long each ARP or echo attempt waits for its reply, and attempts.
@@ -211,24 +209,6 @@ struct Nic {
     scratch: u64,
     /// Receive queues in use.
     pairs: usize,
-}
-
-/// A point in time, read from the time-stamp counter.
-struct Deadline(u64);
-
-impl Deadline {
-    fn after(ticks: u64) -> Self {
-        Deadline(tsc().saturating_add(ticks))
-    }
-
-    fn passed(&self) -> bool {
-        tsc() >= self.0
-    }
-}
-
-fn tsc() -> u64 {
-    // SAFETY: RDTSC only reads the time-stamp counter.
-    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 impl Nic {

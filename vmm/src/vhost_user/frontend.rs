@@ -5,8 +5,8 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use vhost::vhost_user::message::VhostUserConfigFlags;
@@ -71,6 +71,41 @@ pub struct DeviceSpec {
     pub queues_without_mq: usize,
 }
 
+/// Called when a device's backend connection changes (hang-up).
+pub type StatusListener = Box<dyn Fn(&DeviceStatus) + Send>;
+
+/// What the control API reports about a vhost-user device; shared with
+/// the connection watcher.
+pub struct DeviceStatus {
+    pub name: String,
+    pub socket: PathBuf,
+    pub device_type: u16,
+    pub backend_features: u64,
+    /// Negotiated at the last activation (0 before the driver starts it).
+    pub acked_features: AtomicU64,
+    pub queues: usize,
+    /// Set when the backend hung up or failed: the device stops.
+    pub broken: Arc<AtomicBool>,
+    listener: Mutex<Option<StatusListener>>,
+}
+
+impl DeviceStatus {
+    pub fn connected(&self) -> bool {
+        !self.broken.load(Ordering::Acquire)
+    }
+
+    /// Registers the function told about connection changes.
+    pub fn on_change(&self, listener: StatusListener) {
+        *crate::bus::lock(&self.listener) = Some(listener);
+    }
+
+    fn changed(&self) {
+        if let Some(listener) = crate::bus::lock(&self.listener).as_ref() {
+            listener(self);
+        }
+    }
+}
+
 pub struct VhostUserDevice {
     spec: DeviceSpec,
     frontend: Frontend,
@@ -78,6 +113,7 @@ pub struct VhostUserDevice {
     active_queues: Vec<usize>,
     /// Set when the backend hung up or failed: the device stops.
     broken: Arc<AtomicBool>,
+    status: Arc<DeviceStatus>,
     /// Given as the call fd of queues the driver left without a vector.
     unused_call: EventFd,
 }
@@ -155,13 +191,24 @@ impl VhostUserDevice {
             protocol
         );
         let broken = Arc::new(AtomicBool::new(false));
-        watch_hangup(spec.name.clone(), frontend.as_raw_fd(), broken.clone());
+        let status = Arc::new(DeviceStatus {
+            name: spec.name.clone(),
+            socket: socket.to_path_buf(),
+            device_type: spec.device_type,
+            backend_features,
+            acked_features: AtomicU64::new(0),
+            queues: spec.num_queues,
+            broken: broken.clone(),
+            listener: Mutex::new(None),
+        });
+        watch_hangup(frontend.as_raw_fd(), status.clone());
         Ok(VhostUserDevice {
             spec,
             frontend,
             backend_features,
             active_queues: Vec::new(),
             broken,
+            status,
             unused_call: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
                 FrontendError::Handshake {
                     path: socket.to_path_buf(),
@@ -184,10 +231,12 @@ impl VhostUserDevice {
     }
 }
 
-/// Logs once when the backend's socket hangs up, and marks the device broken.
-fn watch_hangup(name: String, fd: RawFd, broken: Arc<AtomicBool>) {
+/// Logs once when the backend's socket hangs up, marks the device broken
+/// and tells the status listener.
+fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) {
+    let name = status.name.clone();
     let spawned = std::thread::Builder::new()
-        .name(format!("{name}-watch"))
+        .name(format!("{}-watch", status.name))
         .spawn(move || loop {
             let mut pfd = libc::pollfd {
                 fd,
@@ -205,8 +254,9 @@ fn watch_hangup(name: String, fd: RawFd, broken: Arc<AtomicBool>) {
             }
             if pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
             {
-                broken.store(true, Ordering::Release);
+                status.broken.store(true, Ordering::Release);
                 log::error!("{name}: the vhost-user backend disconnected; the device is stopped");
+                status.changed();
                 return;
             }
         });
@@ -299,6 +349,10 @@ impl VirtioDevice for VhostUserDevice {
 }
 
 impl VhostUserDevice {
+    pub fn status(&self) -> Arc<DeviceStatus> {
+        self.status.clone()
+    }
+
     /// A handle that turns rings on and off while the device runs (the
     /// control queue of a multi-queue NIC).
     pub fn ring_switch(&self) -> RingSwitch {
@@ -325,6 +379,9 @@ impl VhostUserDevice {
         self.frontend
             .set_features(features)
             .map_err(|e| self.fail("SET_FEATURES", e))?;
+        self.status
+            .acked_features
+            .store(features & !PROTOCOL_FEATURES_BIT, Ordering::Relaxed);
 
         let mut regions = Vec::new();
         for region in mem.iter() {

@@ -102,6 +102,10 @@ impl NetDevice {
         }
     }
 
+    pub fn status(&self) -> std::sync::Arc<super::frontend::DeviceStatus> {
+        self.inner.status()
+    }
+
     /// Features only the VMM implements, never passed to the backend.
     fn vmm_features(&self) -> u64 {
         let mq = if self.queue_pairs > 1 {

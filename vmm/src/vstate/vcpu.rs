@@ -19,6 +19,7 @@ use crate::arch::x86_64::{cpuid, regs};
 use crate::bus::{MmioBus, PioBus};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::vstate::memory::GuestMemory;
+use crate::vstate::run_control::RunControl;
 
 #[derive(Debug, Error)]
 pub enum VcpuError {
@@ -35,7 +36,7 @@ pub enum VcpuError {
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> i32 {
+pub fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
@@ -55,6 +56,7 @@ pub struct VcpuContext {
     pub mmio: Arc<MmioBus>,
     pub exit: Arc<ExitNotifier>,
     pub stop: Arc<AtomicBool>,
+    pub run: Arc<RunControl>,
 }
 
 pub struct Vcpu {
@@ -103,9 +105,14 @@ impl Vcpu {
     }
 
     fn run(mut self, ctx: &VcpuContext) {
+        ctx.run.register_tid(self.id);
         // A device may have stopped the VM (power-off) during the last exit:
         // do not enter the guest again.
         while !ctx.stop.load(Ordering::Acquire) && !ctx.exit.is_stopping() {
+            ctx.run.park_if_paused(&ctx.stop);
+            if ctx.stop.load(Ordering::Acquire) {
+                return;
+            }
             if let Some(reason) = self.run_once(ctx) {
                 if matches!(reason, VmExit::TripleFault | VmExit::KvmError) {
                     self.log_state();
@@ -195,10 +202,17 @@ impl Vcpu {
     }
 }
 
-/// Stops every vCPU thread: sets the flag, then kicks until each has left
-/// KVM_RUN (a kick can land just before KVM_RUN starts, so it is repeated).
-pub fn stop_all(stop: &AtomicBool, threads: Vec<JoinHandle<()>>, timeout: Duration) {
+/// Stops every vCPU thread: sets the flag, releases paused ones, then kicks
+/// until each has left KVM_RUN (a kick can land just before KVM_RUN starts,
+/// so it is repeated).
+pub fn stop_all(
+    stop: &AtomicBool,
+    run: &RunControl,
+    threads: Vec<JoinHandle<()>>,
+    timeout: Duration,
+) {
     stop.store(true, Ordering::Release);
+    run.finish();
     let deadline = Instant::now() + timeout;
     for thread in threads {
         while !thread.is_finished() {

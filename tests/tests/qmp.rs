@@ -1,0 +1,236 @@
+//! The QMP control socket: stop really pauses the vCPUs and cont resumes
+//! them, quit ends the VMM with a SHUTDOWN event, bad input gets QMP errors
+//! or a closed connection but never stops the VM, and the Python qemu.qmp
+//! library (a client no one here wrote) drives it.
+
+use std::process::Command;
+use std::time::Duration;
+
+use vmm_tests::qmp::RawQmp;
+use vmm_tests::vm::{RunningVm, VmBuilder};
+use vmm_tests::{repo_root, require_kvm, test_guest};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn counting_vm(socket: &std::path::Path) -> RunningVm {
+    VmBuilder::new(test_guest())
+        .memory("64M")
+        .cmdline("count")
+        .arg("--api-socket")
+        .arg(socket.display().to_string())
+        .arg("--name")
+        .arg("qmp-test")
+        .spawn()
+}
+
+/// The highest `count N` the guest printed so far.
+fn last_count(vm: &RunningVm) -> u32 {
+    vm.console
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("testguest: count "))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn stop_pauses_the_guest_and_cont_resumes_it() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("qmp.sock");
+    let mut vm = counting_vm(&socket);
+    vm.expect_line("testguest: count 3", TIMEOUT);
+    let (mut qmp, greeting) = RawQmp::connect(&socket);
+    assert!(
+        greeting.starts_with(r#"{"QMP":{"capabilities":[]"#),
+        "{greeting}"
+    );
+    qmp.negotiate();
+    assert!(qmp
+        .request(r#"{"execute": "query-status"}"#)
+        .contains(r#""status":"running""#));
+    assert_eq!(
+        qmp.request(r#"{"execute": "stop", "id": 1}"#),
+        r#"{"id":1,"return":{}}"#
+    );
+    qmp.wait_event("STOP");
+    assert!(qmp
+        .request(r#"{"execute": "query-status"}"#)
+        .contains(r#""status":"paused""#));
+    let paused_at = last_count(&vm);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(last_count(&vm), paused_at, "the guest ran while paused");
+
+    assert_eq!(qmp.request(r#"{"execute": "cont"}"#), r#"{"return":{}}"#);
+    qmp.wait_event("RESUME");
+    vm.expect_line(&format!("testguest: count {}", paused_at + 2), TIMEOUT);
+
+    let cpus = qmp.request(r#"{"execute": "query-cpus-fast"}"#);
+    assert!(cpus.contains(r#""cpu-index":0"#), "{cpus}");
+    assert_eq!(
+        qmp.request(r#"{"execute": "query-name"}"#),
+        r#"{"return":{"name":"qmp-test"}}"#
+    );
+    assert_eq!(qmp.request(r#"{"execute": "quit"}"#), r#"{"return":{}}"#);
+    let shutdown = qmp.wait_event("SHUTDOWN");
+    assert!(
+        shutdown.contains(r#""reason":"host-qmp-quit""#),
+        "{shutdown}"
+    );
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    assert!(!socket.exists(), "the API socket is removed at exit");
+}
+
+#[test]
+fn bad_input_gets_errors_and_the_vm_keeps_running() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("qmp.sock");
+    let mut vm = counting_vm(&socket);
+    let (mut qmp, _) = RawQmp::connect(&socket);
+    let before = qmp.request(r#"{"execute": "query-status"}"#);
+    assert!(before.contains(r#""class":"CommandNotFound""#), "{before}");
+    qmp.negotiate();
+    for (input, expected) in [
+        (
+            "this is not json",
+            r#""class":"GenericError","desc":"JSON parse error"#,
+        ),
+        (
+            "{\"execute\": }",
+            r#""class":"GenericError","desc":"JSON parse error"#,
+        ),
+        (
+            r#"{"execute": "launch-missiles"}"#,
+            r#""class":"CommandNotFound""#,
+        ),
+        (r#"{"execute": 42, "id": 5}"#, r#""id":5"#),
+        (
+            r#"{"execute": "stop", "arguments": [1]}"#,
+            "'arguments' must be an object",
+        ),
+        (
+            r#"{"execute": "cont", "arguments": {"x": 1}}"#,
+            "Parameter 'x' is unexpected",
+        ),
+        (
+            r#"{"execute": "query-status", "bogus": 1}"#,
+            "'bogus' is unexpected",
+        ),
+    ] {
+        let reply = qmp.request(input);
+        assert!(reply.contains(r#"{"error":"#), "{input} -> {reply}");
+        assert!(reply.contains(expected), "{input} -> {reply}");
+    }
+    // A huge message closes that connection.
+    let mut huge = b"{\"execute\": \"".to_vec();
+    huge.resize(1 << 20, b'a');
+    qmp.send_until_closed(&huge);
+    let reply = qmp.read_line().unwrap_or_default();
+    assert!(reply.contains("too long"), "{reply}");
+    assert_eq!(qmp.read_line(), None, "the connection stays open");
+    drop(qmp);
+
+    // A client that leaves mid-message.
+    let (mut half, _) = RawQmp::connect(&socket);
+    half.negotiate();
+    half.send_raw(br#"{"execute": "sto"#);
+    drop(half);
+
+    // The VM still runs and the next client is served.
+    let (mut qmp, _) = RawQmp::connect(&socket);
+    qmp.negotiate();
+    assert!(qmp
+        .request(r#"{"execute": "query-status"}"#)
+        .contains(r#""status":"running""#));
+    let at = last_count(&vm);
+    vm.expect_line(&format!("testguest: count {}", at + 2), TIMEOUT);
+    qmp.request(r#"{"execute": "quit"}"#);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+}
+
+#[test]
+fn the_python_qemu_qmp_library_drives_the_vmm() {
+    require_kvm();
+    let python = repo_root().join("target/qmp-venv/bin/python3");
+    assert!(
+        python.is_file(),
+        "{} is missing: scripts/install-deps.sh makes it (a venv with qemu.qmp)",
+        python.display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("qmp.sock");
+    let mut vm = counting_vm(&socket);
+    vm.expect_line("testguest: count 2", TIMEOUT);
+    let out = Command::new(python)
+        .arg(repo_root().join("tests/qmp_client.py"))
+        .arg(&socket)
+        .output()
+        .expect("run tests/qmp_client.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "qmp_client.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "status running",
+        "status paused",
+        "status running again",
+        "event SHUTDOWN host-qmp-quit",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "no {line:?} in:\n{stdout}"
+        );
+    }
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+}
+
+#[test]
+fn the_api_also_listens_on_loopback_tcp() {
+    require_kvm();
+    use std::io::{BufRead, BufReader, Write};
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let mut vm = VmBuilder::new(test_guest())
+        .memory("64M")
+        .cmdline("count")
+        .arg("--api-tcp")
+        .arg(format!("127.0.0.1:{port}"))
+        .spawn();
+    vm.expect_line("testguest: count 1", TIMEOUT);
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("greeting");
+    assert!(line.starts_with(r#"{"QMP":"#), "{line}");
+    for (request, reply) in [
+        (r#"{"execute": "qmp_capabilities"}"#, r#"{"return":{}}"#),
+        (r#"{"execute": "quit"}"#, r#"{"return":{}}"#),
+    ] {
+        writeln!(writer, "{request}").expect("send");
+        line.clear();
+        reader.read_line(&mut line).expect("reply");
+        assert_eq!(line.trim_end(), reply);
+    }
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+}
+
+#[test]
+fn a_remote_api_address_needs_an_explicit_flag() {
+    let out = VmBuilder::new(test_guest())
+        .arg("--api-tcp")
+        .arg("0.0.0.0:4444")
+        .command()
+        .output()
+        .expect("run vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(r#"--api-tcp "0.0.0.0:4444": not a loopback address"#),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,113 @@
+//! Splits the bytes a QMP client sends into JSON values without parsing
+//! them: braces and brackets are counted outside strings. A value larger
+//! than `MAX_MESSAGE` ends the connection (the stream cannot be resynced);
+//! stray text between values is reported once per line.
+
+/// Largest message accepted from a client.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// The bytes of one complete JSON object or array.
+    Value(Vec<u8>),
+    /// Text that is not a JSON object or array (a parse error to report).
+    Garbage,
+    /// A value exceeded MAX_MESSAGE.
+    TooLong,
+}
+
+#[derive(Default)]
+pub struct Splitter {
+    current: Vec<u8>,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// Inside a run of stray text already reported.
+    in_garbage: bool,
+}
+
+impl Splitter {
+    /// Feeds bytes; returns the pieces they complete.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<Piece> {
+        let mut out = Vec::new();
+        for &b in bytes {
+            if self.depth == 0 {
+                match b {
+                    b'{' | b'[' => {
+                        self.in_garbage = false;
+                        self.current.clear();
+                        self.current.push(b);
+                        self.depth = 1;
+                    }
+                    b'\n' => self.in_garbage = false,
+                    b' ' | b'\t' | b'\r' => {}
+                    _ => {
+                        if !self.in_garbage {
+                            self.in_garbage = true;
+                            out.push(Piece::Garbage);
+                        }
+                    }
+                }
+                continue;
+            }
+            self.current.push(b);
+            if self.current.len() > MAX_MESSAGE {
+                out.push(Piece::TooLong);
+                *self = Splitter::default();
+                return out;
+            }
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        out.push(Piece::Value(std::mem::take(&mut self.current)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_split_across_reads_and_strings_are_respected() {
+        let mut s = Splitter::default();
+        assert!(s.push(br#"{"execute": "a}{"#).is_empty());
+        let pieces = s.push(br#"b", "x": [1, {"y": "\"}"}]} {"execute":"c"}"#);
+        assert_eq!(
+            pieces,
+            vec![
+                Piece::Value(br#"{"execute": "a}{b", "x": [1, {"y": "\"}"}]}"#.to_vec()),
+                Piece::Value(br#"{"execute":"c"}"#.to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn garbage_is_reported_once_per_line_and_long_values_are_cut() {
+        let mut s = Splitter::default();
+        assert_eq!(
+            s.push(b"hello world\nbye\n"),
+            vec![Piece::Garbage, Piece::Garbage]
+        );
+        let mut huge = b"{\"a\": \"".to_vec();
+        huge.resize(MAX_MESSAGE + 10, b'x');
+        assert_eq!(s.push(&huge), vec![Piece::TooLong]);
+    }
+}

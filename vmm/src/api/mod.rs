@@ -1,0 +1,133 @@
+//! The control API: a QMP server (QEMU's JSON protocol) on a Unix socket
+//! and/or a TCP address, so that the tools people already drive QEMU with
+//! drive this VMM too. `framing` cuts the byte stream into messages,
+//! `protocol` knows QMP's message shapes, `commands` runs commands against
+//! `VmControl`, `server` owns the sockets, and `VmApi` (here) is the
+//! `VmControl` of the running VM.
+
+pub mod commands;
+pub mod framing;
+pub mod protocol;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::exit::{ExitNotifier, VmExit};
+use crate::vhost_user::frontend::DeviceStatus;
+use crate::vstate::run_control::RunControl;
+use commands::{CpuInfo, DeviceInfo, RunState, VmControl};
+use server::EventSink;
+
+/// How long `stop` waits for every vCPU to leave the guest.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct VmApi {
+    pub run: Arc<RunControl>,
+    pub exit: Arc<ExitNotifier>,
+    pub sink: Arc<EventSink>,
+    pub name: Option<String>,
+    pub devices: Vec<Arc<DeviceStatus>>,
+}
+
+impl VmApi {
+    /// Sends a DEVICE_BACKEND event whenever a backend hangs up.
+    pub fn watch_devices(&self) {
+        for device in &self.devices {
+            let sink = self.sink.clone();
+            device.on_change(Box::new(move |status| {
+                sink.emit(
+                    "DEVICE_BACKEND",
+                    Some(json!({
+                        "device": status.name,
+                        "socket": status.socket.display().to_string(),
+                        "connected": status.connected(),
+                    })),
+                );
+            }));
+        }
+    }
+}
+
+impl VmControl for VmApi {
+    fn state(&self) -> RunState {
+        if self.exit.is_stopping() {
+            RunState::Shutdown
+        } else if self.run.is_paused() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    fn stop(&self) -> Result<(), String> {
+        self.run
+            .pause(crate::vstate::vcpu::kick_signal(), PAUSE_TIMEOUT)
+            .map_err(|e| {
+                // Do not leave the VM half paused.
+                self.run.resume();
+                e.to_string()
+            })
+    }
+
+    fn cont(&self) -> Result<(), String> {
+        self.run.resume();
+        Ok(())
+    }
+
+    fn quit(&self) {
+        self.exit.notify(VmExit::Quit);
+    }
+
+    fn cpus(&self) -> Vec<CpuInfo> {
+        self.run
+            .tids()
+            .into_iter()
+            .map(|(index, thread_id)| CpuInfo {
+                index: u32::from(index),
+                thread_id,
+            })
+            .collect()
+    }
+
+    fn name(&self) -> Option<String> {
+        self.name.clone()
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        self.devices
+            .iter()
+            .map(|d| DeviceInfo {
+                name: d.name.clone(),
+                kind: if d.device_type == 1 {
+                    "virtio-net"
+                } else {
+                    "virtio-blk"
+                },
+                socket: d.socket.display().to_string(),
+                backend_features: d.backend_features,
+                acked_features: d.acked_features.load(std::sync::atomic::Ordering::Relaxed),
+                queues: d.queues,
+                connected: d.connected(),
+            })
+            .collect()
+    }
+
+    fn emit(&self, event: &str, data: Option<Value>) {
+        self.sink.emit(event, data);
+    }
+}
+
+/// The SHUTDOWN event's data for an exit reason, as QEMU words it.
+pub fn shutdown_data(reason: VmExit) -> Value {
+    let (guest, why) = match reason {
+        VmExit::PowerOff => (true, "guest-shutdown"),
+        VmExit::Reset => (true, "guest-reset"),
+        VmExit::TripleFault | VmExit::KvmError => (true, "guest-panic"),
+        VmExit::Interrupted | VmExit::Terminated => (false, "host-signal"),
+        VmExit::Quit => (false, "host-qmp-quit"),
+    };
+    json!({ "guest": guest, "reason": why })
+}
