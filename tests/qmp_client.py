@@ -1,6 +1,8 @@
 """Drives the vmm's QMP socket with the qemu.qmp library (QEMU's own
-Python client): capabilities, query-status, stop, cont, then quit and the
-SHUTDOWN event. Prints one line per fact; exits non-zero on any surprise.
+Python client): capabilities, query-status, stop, cont, then
+system_powerdown and the POWERDOWN and SHUTDOWN events (the test guest
+powers off when it sees the ACPI power button). Prints one line per fact;
+exits non-zero on any surprise.
 
 Usage: qmp_client.py SOCKET
 """
@@ -25,8 +27,10 @@ async def main(socket_path: str) -> None:
         print("status", status["status"], "again")
         version = await client.execute("query-version")
         print("package", version["package"])
-        await client.execute("quit")
+        await client.execute("system_powerdown")
         async for event in listener:
+            if event["event"] == "POWERDOWN":
+                print("event POWERDOWN")
             if event["event"] == "SHUTDOWN":
                 print("event SHUTDOWN", event["data"]["reason"])
                 break

@@ -1,7 +1,8 @@
 //! The QMP control socket: stop really pauses the vCPUs and cont resumes
-//! them, quit ends the VMM with a SHUTDOWN event, bad input gets QMP errors
-//! or a closed connection but never stops the VM, and the Python qemu.qmp
-//! library (a client no one here wrote) drives it.
+//! them, quit ends the VMM with a SHUTDOWN event, system_powerdown presses
+//! the ACPI power button and the guest powers off, bad input gets QMP
+//! errors or a closed connection but never stops the VM, and the Python
+//! qemu.qmp library (a client no one here wrote) drives it.
 
 use std::process::Command;
 use std::time::Duration;
@@ -178,13 +179,15 @@ fn the_python_qemu_qmp_library_drives_the_vmm() {
         "status running",
         "status paused",
         "status running again",
-        "event SHUTDOWN host-qmp-quit",
+        "event POWERDOWN",
+        "event SHUTDOWN guest-shutdown",
     ] {
         assert!(
             stdout.lines().any(|l| l == line),
             "no {line:?} in:\n{stdout}"
         );
     }
+    vm.expect_line("testguest: power button", TIMEOUT);
     assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
 }
 

@@ -16,6 +16,7 @@ use crate::arch::x86_64::{acpi, boot, layout};
 use crate::bus::{MmioBus, PioBus};
 use crate::config::{SerialMode, VmConfig};
 use crate::devices::acpi_pm::{self, AcpiPm};
+use crate::devices::ged::{Ged, GedEvents};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{self, SerialConsole};
 use crate::exit::ExitNotifier;
@@ -47,6 +48,10 @@ pub enum BuildError {
     Acpi(#[from] acpi::AcpiError),
     #[error("cannot create the exit notifier")]
     ExitEvent(#[source] std::io::Error),
+    #[error("cannot set up the ACPI event interrupt")]
+    GedIrq(#[source] std::io::Error),
+    #[error("cannot connect the ACPI event interrupt to KVM")]
+    GedIrqfd(#[source] kvm_ioctls::Error),
     #[error("cannot set up the serial console interrupt")]
     SerialIrq(#[source] std::io::Error),
     #[error("cannot connect the serial console interrupt to KVM")]
@@ -100,6 +105,8 @@ pub struct BuiltVm {
     pub devices: Vec<DeviceStats>,
     /// Pauses and resumes the vCPUs.
     pub run: Arc<RunControl>,
+    /// ACPI events for the guest (the power button).
+    pub ged: Arc<GedEvents>,
     /// `server=on` sockets, removed when the VM is dropped.
     #[allow(dead_code)]
     pub server_sockets: Vec<ServerSocket>,
@@ -145,6 +152,10 @@ pub fn build(
         1,
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
     )?;
+    let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::GedIrq)?;
+    vm.register_irqfd(&ged_irq, layout::ports::GED_IRQ)
+        .map_err(BuildError::GedIrqfd)?;
+    let ged = GedEvents::new(ged_irq);
     let pci_bus = Arc::new(Mutex::new(PciBus::new()));
     pio.insert(
         u64::from(config_io::PORT_BASE),
@@ -158,6 +169,11 @@ pub fn build(
         Arc::new(Mutex::new(Ecam::new(pci_bus.clone()))),
     )?;
 
+    mmio.insert(
+        layout::GED_START,
+        layout::GED_SIZE,
+        Arc::new(Mutex::new(Ged(ged.clone()))),
+    )?;
     let mut pci = PciDevices {
         memory: &ram.memory,
         vm: &vm,
@@ -245,6 +261,7 @@ pub fn build(
         serial,
         stop: Arc::new(AtomicBool::new(false)),
         run: Arc::new(RunControl::default()),
+        ged,
         devices,
         server_sockets,
     })

@@ -91,6 +91,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
     let sink = std::sync::Arc::new(api::server::EventSink::default());
     let control = std::sync::Arc::new(api::VmApi {
         run: vm.run.clone(),
+        ged: vm.ged.clone(),
         exit: vm.exit.clone(),
         sink: sink.clone(),
         name: config.name.clone(),

@@ -315,3 +315,26 @@ pub fn s5_sleep_type(dsdt: &Table) -> Option<u8> {
         _ => None,
     }
 }
+
+/// The event register of the DSDT's Generic Event Device (ACPI0013), found
+/// by pattern like `s5_sleep_type`: after the `ACPI0013` string, the first
+/// SystemMemory OperationRegion with a DWord or QWord constant address.
+pub fn ged_event_register(dsdt: &Table) -> Option<u64> {
+    const EXT_OP: u8 = 0x5b;
+    const OP_REGION_OP: u8 = 0x80;
+    const SYSTEM_MEMORY: u8 = 0x00;
+    const DWORD_PREFIX: u8 = 0x0c;
+    const QWORD_PREFIX: u8 = 0x0e;
+    let b = dsdt.bytes;
+    let hid = b.windows(8).position(|w| w == b"ACPI0013")?;
+    let rest = &b[hid..];
+    let region = rest
+        .windows(7)
+        .position(|w| w[0] == EXT_OP && w[1] == OP_REGION_OP && w[6] == SYSTEM_MEMORY)?;
+    let value = &rest[region + 7..];
+    match *value.first()? {
+        DWORD_PREFIX if value.len() >= 5 => Some(u64::from(u32_at(value, 1))),
+        QWORD_PREFIX if value.len() >= 9 => Some(crate::phys::u64_at(value, 1)),
+        _ => None,
+    }
+}

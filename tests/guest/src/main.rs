@@ -34,7 +34,7 @@ mod virtio_pci;
 
 use core::fmt;
 use core::panic::PanicInfo;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use acpi::{Fadt, Madt, Table};
 use serial::{say, Bytes};
@@ -155,7 +155,11 @@ fn walk_acpi(rsdp: &acpi::Rsdp) -> Result<Madt, Fail> {
                 let fadt = Fadt(table);
                 power::set_fadt(&fadt);
                 have_fadt = true;
-                say!("acpi {}", Bytes(&fadt.dsdt()?.signature()));
+                let dsdt = fadt.dsdt()?;
+                say!("acpi {}", Bytes(&dsdt.signature()));
+                if let Some(register) = acpi::ged_event_register(&dsdt) {
+                    GED_REGISTER.store(register, Ordering::Relaxed);
+                }
             }
             Madt::SIGNATURE => madt = Some(Madt(table)),
             _ => {}
@@ -168,14 +172,21 @@ fn walk_acpi(rsdp: &acpi::Rsdp) -> Result<Madt, Fail> {
 }
 
 /// Prints `count N` about five times a second (by the time-stamp counter,
-/// so a paused VM prints nothing), up to `COUNT_MAX`.
+/// so a paused VM prints nothing), up to `COUNT_MAX`, or until the ACPI
+/// power button is pressed (looked at about a hundred times a second).
 fn count() {
     const COUNT_MAX: u32 = 3000;
     for n in 1..=COUNT_MAX {
         say!("count {n}");
-        let next = clock::Deadline::after(clock::SECOND / 5);
-        while !next.passed() {
-            core::hint::spin_loop();
+        for _ in 0..20 {
+            let next = clock::Deadline::after(clock::SECOND / 100);
+            while !next.passed() {
+                core::hint::spin_loop();
+            }
+            if power_button_pressed() {
+                say!("power button");
+                return;
+            }
         }
     }
 }
@@ -207,6 +218,21 @@ fn echo() {
 }
 
 static PANICKING: AtomicBool = AtomicBool::new(false);
+/// The ACPI Generic Event Device's event register, 0 if the DSDT has none.
+static GED_REGISTER: AtomicU64 = AtomicU64::new(0);
+
+/// True if the power button was pressed since the last look (reading the
+/// GED's event register clears it).
+fn power_button_pressed() -> bool {
+    let register = GED_REGISTER.load(Ordering::Relaxed);
+    if register == 0 {
+        return false;
+    }
+    // SAFETY: the register lies in the MMIO hole, identity-mapped below
+    // 4 GiB; the DSDT says the device decodes it.
+    let events = unsafe { core::ptr::read_volatile(register as *const u32) };
+    events & 1 != 0
+}
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {

@@ -51,6 +51,8 @@ pub trait VmControl: Send + Sync {
     fn cont(&self) -> Result<(), String>;
     /// Ends the VMM (QMP `quit`).
     fn quit(&self);
+    /// Presses the ACPI power button.
+    fn powerdown(&self) -> Result<(), String>;
     fn cpus(&self) -> Vec<CpuInfo>;
     fn name(&self) -> Option<String>;
     fn devices(&self) -> Vec<DeviceInfo>;
@@ -65,6 +67,7 @@ pub const COMMANDS: &[&str] = &[
     "stop",
     "cont",
     "quit",
+    "system_powerdown",
     "query-cpus-fast",
     "query-version",
     "query-commands",
@@ -212,6 +215,14 @@ fn run(name: &str, vm: &dyn VmControl) -> Result<Value, QmpError> {
                 })
                 .collect(),
         )),
+        "system_powerdown" => {
+            if vm.state() == RunState::Shutdown {
+                return Err(QmpError::generic("The VM has shut down"));
+            }
+            vm.powerdown().map_err(QmpError::generic)?;
+            vm.emit("POWERDOWN", None);
+            Ok(json!({}))
+        }
         "query-version" => Ok(version()),
         "query-commands" => Ok(Value::Array(
             COMMANDS.iter().map(|c| json!({ "name": c })).collect(),
@@ -304,6 +315,9 @@ mod tests {
         }
         fn quit(&self) {
             *self.quit.lock().unwrap() = true;
+        }
+        fn powerdown(&self) -> Result<(), String> {
+            Ok(())
         }
         fn cpus(&self) -> Vec<CpuInfo> {
             vec![CpuInfo {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::devices::ged::{GedEvents, EVENT_POWER_BUTTON};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::vhost_user::frontend::DeviceStatus;
 use crate::vstate::run_control::RunControl;
@@ -26,6 +27,7 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct VmApi {
     pub run: Arc<RunControl>,
+    pub ged: Arc<GedEvents>,
     pub exit: Arc<ExitNotifier>,
     pub sink: Arc<EventSink>,
     pub name: Option<String>,
@@ -79,6 +81,12 @@ impl VmControl for VmApi {
 
     fn quit(&self) {
         self.exit.notify(VmExit::Quit);
+    }
+
+    fn powerdown(&self) -> Result<(), String> {
+        self.ged
+            .raise(EVENT_POWER_BUTTON)
+            .map_err(|e| format!("cannot raise the ACPI event: {e}"))
     }
 
     fn cpus(&self) -> Vec<CpuInfo> {

@@ -126,6 +126,59 @@ fn dsdt(memory_bytes: u64) -> Vec<u8> {
     )
     .to_aml_bytes(&mut dsdt);
 
+    // The Generic Event Device: its interrupt runs _EVT, which reads the
+    // event register and notifies the power button on bit 0.
+    let ged_hid = "ACPI0013".to_string();
+    let ged_irq = aml::Interrupt::new(true, true, false, false, ports::GED_IRQ);
+    let ged_crs = aml::ResourceTemplate::new(vec![&ged_irq]);
+    let ged_addr = layout::GED_START;
+    let ged_len = 4u64;
+    let ged_region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &ged_addr,
+        &ged_len,
+    );
+    let ged_field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 32)],
+    );
+    let events = aml::Local(0);
+    let gdat = aml::Path::new("GDAT");
+    let read_events = aml::Store::new(&events, &gdat);
+    let power_bit = u64::from(crate::devices::ged::EVENT_POWER_BUTTON);
+    let masked = aml::And::new(&aml::ZERO, &events, &power_bit);
+    let pressed = aml::Equal::new(&masked, &power_bit);
+    let button = aml::Path::new("\\_SB_.PWRB");
+    let notify_value = 0x80u8;
+    let notify = aml::Notify::new(&button, &notify_value);
+    let on_power = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read_events, &on_power]);
+    aml::Device::new(
+        "_SB_.GED0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &ged_hid),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &ged_crs),
+            &ged_region,
+            &ged_field,
+            &evt,
+        ],
+    )
+    .to_aml_bytes(&mut dsdt);
+    let pwrb_hid = aml::EISAName::new("PNP0C0C");
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &pwrb_hid),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(&mut dsdt);
+
     // \_S5: SLP_TYP for soft-off, written to the sleep control register.
     let s5_typ = u64::from(SLP_TYP_S5);
     aml::Name::new("_S5_".into(), &aml::Package::new(vec![&s5_typ])).to_aml_bytes(&mut dsdt);

@@ -53,6 +53,9 @@ pub const PCI_MMIO32_END: u64 = 0xe000_0000;
 /// PCI ECAM (memory-mapped configuration space) for bus 0.
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
 pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// The ACPI Generic Event Device's event register (devices::ged).
+pub const GED_START: u64 = 0xfeb0_0000;
+pub const GED_SIZE: u64 = 0x10;
 /// In-kernel IOAPIC and LAPIC.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
@@ -66,6 +69,8 @@ pub mod ports {
     pub const SERIAL_BASE: u16 = 0x3f8;
     pub const SERIAL_LEN: u16 = 8;
     pub const SERIAL_IRQ: u32 = 4;
+    /// The ACPI Generic Event Device's interrupt (IOAPIC pin, edge).
+    pub const GED_IRQ: u32 = 5;
     /// i8042 command port: 0xFE on it pulses the CPU reset line.
     pub const I8042_COMMAND: u16 = 0x64;
     /// ACPI hardware-reduced sleep control (write SLP_TYP|SLP_EN) and status.
