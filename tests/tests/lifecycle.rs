@@ -1,5 +1,6 @@
-//! How the VM ends: guest reset, triple fault and stop signals each give
-//! their documented exit status.
+//! How the VM ends: a guest reset reboots in place (or, with --no-reboot,
+//! exits 3); triple fault and stop signals each give their documented exit
+//! status.
 
 use std::time::Duration;
 
@@ -9,9 +10,31 @@ use vmm_tests::{require_kvm, test_guest};
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[test]
-fn guest_reset_exits_3() {
+fn a_guest_reset_reboots_in_place() {
     require_kvm();
-    let mut vm = VmBuilder::new(test_guest()).cmdline("reset").spawn();
+    let mut vm = VmBuilder::new(test_guest())
+        .cpus(2)
+        .cmdline("resetonce")
+        .spawn();
+    vm.expect_line("testguest: resetting", TIMEOUT);
+    vm.expect_line("testguest: rebooted after reset", TIMEOUT);
+    vm.expect_line("testguest: poweroff", TIMEOUT);
+    let status = vm.wait_exit(TIMEOUT);
+    vm.assert_no_guest_failure();
+    assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr.text());
+    let console = vm.console.text();
+    assert_eq!(console.matches("testguest: hello").count(), 2, "{console}");
+    // Both processors came back after the reboot.
+    assert_eq!(console.matches("testguest: cpus 2").count(), 2, "{console}");
+}
+
+#[test]
+fn guest_reset_exits_3_with_no_reboot() {
+    require_kvm();
+    let mut vm = VmBuilder::new(test_guest())
+        .cmdline("reset")
+        .arg("--no-reboot")
+        .spawn();
     vm.expect_line("testguest: reset", TIMEOUT);
     let status = vm.wait_exit(TIMEOUT);
     vm.assert_no_guest_failure();

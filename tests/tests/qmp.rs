@@ -237,3 +237,63 @@ fn a_remote_api_address_needs_an_explicit_flag() {
         "{stderr}"
     );
 }
+
+#[test]
+fn system_reset_reboots_with_the_same_disk_backend() {
+    use vmm_tests::backend::Backend;
+    use vmm_tests::blk::{expect_disk, make_image};
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 0);
+    let disk_socket = dir.path().join("disk.sock");
+    let mut backend = Backend::vhost_blk(&disk_socket, &image, &[]);
+    let socket = dir.path().join("qmp.sock");
+    let mut vm = VmBuilder::new(test_guest())
+        .memory("128M")
+        .cmdline("count")
+        .arg("--api-socket")
+        .arg(socket.display().to_string())
+        .arg("--disk")
+        .arg(format!("socket={}", disk_socket.display()))
+        .spawn();
+    expect_disk(&vm, "00:01.0", 0, false);
+    vm.expect_line("testguest: count 2", TIMEOUT);
+    let (mut qmp, _) = RawQmp::connect(&socket);
+    qmp.negotiate();
+    assert_eq!(
+        qmp.request(r#"{"execute": "system_reset"}"#),
+        r#"{"return":{}}"#
+    );
+    let reset = qmp.wait_event("RESET");
+    assert!(
+        reset.contains(r#""reason":"host-qmp-system-reset""#),
+        "{reset}"
+    );
+    // The guest boots again and its disk checks pass again, on the same
+    // backend process and connection.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while vm.console.text().matches("write-read ok").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no second disk check after the reset:\n{}\n{}",
+            vm.console.text(),
+            vm.stderr.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(vm.console.text().matches("testguest: hello").count(), 2);
+    assert!(
+        backend.child.try_wait().expect("try_wait").is_none(),
+        "the backend is still the same process"
+    );
+    vm.expect_line("testguest: count 2", TIMEOUT);
+    qmp.request(r#"{"execute": "system_powerdown"}"#);
+    let shutdown = qmp.wait_event("SHUTDOWN");
+    assert!(
+        shutdown.contains(r#""reason":"guest-shutdown""#),
+        "{shutdown}"
+    );
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    vm.assert_no_guest_failure();
+}

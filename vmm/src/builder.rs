@@ -107,6 +107,11 @@ pub struct BuiltVm {
     pub run: Arc<RunControl>,
     /// ACPI events for the guest (the power button).
     pub ged: Arc<GedEvents>,
+    /// What an in-place reboot needs again.
+    pci_bus: Arc<Mutex<PciBus>>,
+    acpi_tables: Vec<acpi::AcpiTable>,
+    supported_msrs: Vec<u32>,
+    boot: BootSource,
     /// `server=on` sockets, removed when the VM is dropped.
     #[allow(dead_code)]
     pub server_sockets: Vec<ServerSocket>,
@@ -232,7 +237,7 @@ pub fn build(
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::KvmCaps)?;
     let msr_list = kvm.get_msr_index_list().map_err(BuildError::KvmCaps)?;
-    let supported_msrs = msr_list.as_slice();
+    let supported_msrs = msr_list.as_slice().to_vec();
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
         vcpus.push(Vcpu::new(
@@ -240,7 +245,7 @@ pub fn build(
             id,
             config.cpus,
             &base_cpuid,
-            supported_msrs,
+            &supported_msrs,
         )?);
     }
     vcpus[0].setup_boot_entry(&ram.memory, boot_info.entry)?;
@@ -262,9 +267,55 @@ pub fn build(
         stop: Arc::new(AtomicBool::new(false)),
         run: Arc::new(RunControl::default()),
         ged,
+        pci_bus,
+        acpi_tables: tables,
+        supported_msrs,
+        boot: BootSource {
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            cmdline: config.cmdline.clone(),
+            memory_bytes: config.memory_bytes,
+        },
         devices,
         server_sockets,
     })
+}
+
+/// The kernel and its arguments, loaded again on every reboot.
+struct BootSource {
+    kernel: std::path::PathBuf,
+    initramfs: Option<std::path::PathBuf>,
+    cmdline: String,
+    memory_bytes: u64,
+}
+
+impl BuiltVm {
+    /// Reboots in place after the vCPU threads have ended: every device is
+    /// reset (vhost-user devices stop their backends' rings and are set up
+    /// again when the guest's drivers start them), the kernel and ACPI
+    /// tables are loaded afresh, and the vCPUs return to their power-on
+    /// state. `start` then runs the guest again.
+    pub fn reboot(&mut self, vcpus: Vec<Vcpu>) -> Result<(), BuildError> {
+        crate::bus::lock(&self.pci_bus).reset_devices();
+        acpi::write_tables(&self.ram.memory, &self.acpi_tables)?;
+        let boot_info = boot::load(
+            &self.ram.memory,
+            &self.boot.kernel,
+            self.boot.initramfs.as_deref(),
+            &self.boot.cmdline,
+            self.boot.memory_bytes,
+            layout::ACPI_START,
+        )?;
+        for vcpu in &vcpus {
+            let entry = (vcpu.id() == 0).then_some(boot_info.entry);
+            vcpu.reset(&self.ram.memory, &self.supported_msrs, entry)?;
+        }
+        self.vcpus = vcpus;
+        self.stop.store(false, std::sync::atomic::Ordering::Release);
+        self.exit.rearm();
+        log::info!("VM rebooted in place");
+        Ok(())
+    }
 }
 
 /// Places virtio-pci devices on bus 0 with a BAR each.
@@ -344,7 +395,7 @@ fn dump_acpi(dir: &Path, tables: &[acpi::AcpiTable]) -> std::io::Result<()> {
 
 impl BuiltVm {
     /// Starts one thread per vCPU.
-    pub fn start(&mut self) -> Result<Vec<std::thread::JoinHandle<()>>, BuildError> {
+    pub fn start(&mut self) -> Result<Vec<std::thread::JoinHandle<Vcpu>>, BuildError> {
         vcpu::init_kick_signal()?;
         let ctx = VcpuContext {
             pio: self.pio.clone(),

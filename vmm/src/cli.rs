@@ -82,6 +82,11 @@ pub struct Args {
     #[arg(long)]
     pub api_tcp_allow_remote: bool,
 
+    /// Exit (status 3) when the guest resets or QMP asks for a reset,
+    /// instead of rebooting the VM in place.
+    #[arg(long)]
+    pub no_reboot: bool,
+
     /// A name for the VM, reported by QMP's query-name.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,

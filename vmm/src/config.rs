@@ -23,6 +23,7 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     pub api_tcp: Option<std::net::SocketAddr>,
     pub name: Option<String>,
+    pub no_reboot: bool,
 }
 
 /// A vhost-user-blk disk.
@@ -159,6 +160,7 @@ impl VmConfig {
             api_socket: args.api_socket,
             api_tcp,
             name: args.name,
+            no_reboot: args.no_reboot,
             kernel: args.kernel,
             initramfs: args.initramfs,
             cmdline: args.cmdline,
@@ -421,6 +423,7 @@ mod tests {
             api_tcp: None,
             api_tcp_allow_remote: false,
             name: None,
+            no_reboot: false,
         }
     }
 

@@ -23,6 +23,8 @@ pub enum VmExit {
     Terminated,
     /// The control API's `quit`.
     Quit,
+    /// The control API's `system_reset`.
+    ResetRequested,
 }
 
 impl VmExit {
@@ -36,6 +38,7 @@ impl VmExit {
             VmExit::Interrupted => 130,
             VmExit::Terminated => 143,
             VmExit::Quit => 0,
+            VmExit::ResetRequested => 3,
         }
     }
 }
@@ -78,6 +81,15 @@ impl ExitNotifier {
         *crate::bus::lock(&self.reason)
     }
 
+    /// Forgets the reason after an in-place reboot, so that the next stop
+    /// is reported again.
+    pub fn rearm(&self) {
+        let mut slot = crate::bus::lock(&self.reason);
+        *slot = None;
+        self.stopping.store(false, Ordering::Release);
+        let _ = self.event.read();
+    }
+
     pub fn event(&self) -> &EventFd {
         &self.event
     }
@@ -106,8 +118,13 @@ mod tests {
             VmExit::Interrupted,
             VmExit::Terminated,
         ];
-        // Quit shares 0 with PowerOff: both are a clean, asked-for end.
+        // Quit shares 0 with PowerOff (a clean, asked-for end), and a
+        // requested reset 3 with a guest reset (--no-reboot).
         assert_eq!(VmExit::Quit.exit_code(), VmExit::PowerOff.exit_code());
+        assert_eq!(
+            VmExit::ResetRequested.exit_code(),
+            VmExit::Reset.exit_code()
+        );
         let mut codes: Vec<u8> = all.iter().map(|e| e.exit_code()).collect();
         codes.sort();
         codes.dedup();

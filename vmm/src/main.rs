@@ -70,6 +70,9 @@ fn host_memory_bytes() -> u64 {
     (info.totalram as u64 + info.totalswap as u64) * u64::from(info.mem_unit)
 }
 
+/// How long vCPU threads get to leave the guest when the VM stops.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
     let kvm = vstate::vm::open_kvm()?;
     let limits = HostLimits {
@@ -87,7 +90,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         }
         devices::serial::spawn_stdin_forwarder(vm.serial.clone(), vm.exit.clone(), tty)?;
     }
-    let threads = vm.start()?;
+    let mut threads = vm.start()?;
     let sink = std::sync::Arc::new(api::server::EventSink::default());
     let control = std::sync::Arc::new(api::VmApi {
         run: vm.run.clone(),
@@ -104,9 +107,24 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         control,
         sink.clone(),
     )?;
-    let reason = signals.wait_for_exit(&vm.exit)?;
+    let reason = loop {
+        let reason = signals.wait_for_exit(&vm.exit)?;
+        let guest = match reason {
+            VmExit::Reset => true,
+            VmExit::ResetRequested => false,
+            _ => break reason,
+        };
+        if config.no_reboot {
+            break reason;
+        }
+        // Reboot in place: the same process, memory and backends.
+        let vcpus = vstate::vcpu::stop_all(&vm.stop, &vm.run, threads, STOP_TIMEOUT);
+        vm.reboot(vcpus)?;
+        sink.emit("RESET", Some(api::reset_data(guest)));
+        threads = vm.start()?;
+    };
     sink.emit("SHUTDOWN", Some(api::shutdown_data(reason)));
-    vstate::vcpu::stop_all(&vm.stop, &vm.run, threads, Duration::from_secs(2));
+    vstate::vcpu::stop_all(&vm.stop, &vm.run, threads, STOP_TIMEOUT);
     terminal::restore();
     log::info!("VM stopped: {reason:?}");
     print_device_exits(&vm.devices);

@@ -8,7 +8,8 @@
 //! (`virtio_blk`) and virtio-net NIC (`virtio_net`: `ip=`, `ping=`,
 //! `respond=`) it finds on PCI; then it powers off through ACPI, or
 //! with `reset` on the command line resets the machine, or with
-//! `triplefault` crashes it.
+//! `triplefault` crashes it, or with `resetonce` resets it once and powers
+//! off after the reboot.
 //! Any failure prints `testguest: FAIL <reason>` and powers off.
 //!
 //! It runs under emulating nested KVM at about a million instructions per
@@ -134,6 +135,9 @@ fn run(start_info: u64) -> Result<(), Fail> {
     if has_word(b"reset") {
         power::reset();
     }
+    if has_word(b"resetonce") {
+        reset_once();
+    }
     if has_word(b"triplefault") {
         power::triple_fault();
     }
@@ -191,7 +195,31 @@ fn count() {
     }
 }
 
-/// Echoes serial input line by line until the line `poweroff`.
+/// A word of RAM that survives a reset (the VMM reloads the kernel image,
+/// not this page): set before the guest resets itself.
+const RESET_MARKER_ADDR: u64 = 0x3f_e000;
+const RESET_MARKER: u64 = 0x7465_7374_7265_7365; // "testrese"
+
+/// Resets the machine on the first boot; on the next one, reports that
+/// the reset brought it back and carries on (to power-off).
+fn reset_once() {
+    let marker = RESET_MARKER_ADDR as *mut u64;
+    // SAFETY: the page is free RAM below the scratch areas, identity-mapped.
+    let seen = unsafe { core::ptr::read_volatile(marker) };
+    if seen == RESET_MARKER {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(marker, 0) };
+        say!("rebooted after reset");
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(marker, RESET_MARKER) };
+    say!("resetting");
+    power::reset();
+}
+
+/// Echoes serial input line by line until the line `poweroff` (or `reset`,
+/// which resets the machine).
 fn echo() {
     say!("echo ready");
     let mut line = [0u8; ECHO_LINE_MAX];
@@ -205,6 +233,9 @@ fn echo() {
                 say!("echo {}", Bytes(&line[..len]));
                 if line[..len] == *b"poweroff" {
                     return;
+                }
+                if line[..len] == *b"reset" {
+                    power::reset();
                 }
                 len = 0;
             }

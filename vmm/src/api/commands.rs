@@ -51,6 +51,8 @@ pub trait VmControl: Send + Sync {
     fn cont(&self) -> Result<(), String>;
     /// Ends the VMM (QMP `quit`).
     fn quit(&self);
+    /// Reboots the VM in place (or ends it with --no-reboot).
+    fn reset(&self);
     /// Presses the ACPI power button.
     fn powerdown(&self) -> Result<(), String>;
     fn cpus(&self) -> Vec<CpuInfo>;
@@ -68,6 +70,7 @@ pub const COMMANDS: &[&str] = &[
     "cont",
     "quit",
     "system_powerdown",
+    "system_reset",
     "query-cpus-fast",
     "query-version",
     "query-commands",
@@ -223,6 +226,13 @@ fn run(name: &str, vm: &dyn VmControl) -> Result<Value, QmpError> {
             vm.emit("POWERDOWN", None);
             Ok(json!({}))
         }
+        "system_reset" => {
+            if vm.state() == RunState::Shutdown {
+                return Err(QmpError::generic("The VM has shut down"));
+            }
+            vm.reset();
+            Ok(json!({}))
+        }
         "query-version" => Ok(version()),
         "query-commands" => Ok(Value::Array(
             COMMANDS.iter().map(|c| json!({ "name": c })).collect(),
@@ -319,6 +329,7 @@ mod tests {
         fn powerdown(&self) -> Result<(), String> {
             Ok(())
         }
+        fn reset(&self) {}
         fn cpus(&self) -> Vec<CpuInfo> {
             vec![CpuInfo {
                 index: 0,

@@ -83,6 +83,10 @@ impl VmControl for VmApi {
         self.exit.notify(VmExit::Quit);
     }
 
+    fn reset(&self) {
+        self.exit.notify(VmExit::ResetRequested);
+    }
+
     fn powerdown(&self) -> Result<(), String> {
         self.ged
             .raise(EVENT_POWER_BUTTON)
@@ -128,6 +132,16 @@ impl VmControl for VmApi {
     }
 }
 
+/// The RESET event's data.
+pub fn reset_data(guest: bool) -> Value {
+    let why = if guest {
+        "guest-reset"
+    } else {
+        "host-qmp-system-reset"
+    };
+    json!({ "guest": guest, "reason": why })
+}
+
 /// The SHUTDOWN event's data for an exit reason, as QEMU words it.
 pub fn shutdown_data(reason: VmExit) -> Value {
     let (guest, why) = match reason {
@@ -136,6 +150,7 @@ pub fn shutdown_data(reason: VmExit) -> Value {
         VmExit::TripleFault | VmExit::KvmError => (true, "guest-panic"),
         VmExit::Interrupted | VmExit::Terminated => (false, "host-signal"),
         VmExit::Quit => (false, "host-qmp-quit"),
+        VmExit::ResetRequested => (false, "host-qmp-system-reset"),
     };
     json!({ "guest": guest, "reason": why })
 }

@@ -65,6 +65,13 @@ impl PciBus {
             .ok_or(NoFreeSlot)
     }
 
+    /// Resets every device (platform reset).
+    pub fn reset_devices(&self) {
+        for device in self.slots.iter().flatten() {
+            crate::bus::lock(device).reset();
+        }
+    }
+
     pub fn add(&mut self, slot: u8, device: Arc<Mutex<dyn PciDevice>>) {
         self.slots[usize::from(slot)] = Some(device);
     }

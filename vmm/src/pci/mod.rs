@@ -15,4 +15,6 @@ pub trait PciDevice: Send {
     /// An access to one of the device's BARs (`bar` index, offset in it).
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// A platform reset: back to the state the device had at power-on.
+    fn reset(&mut self) {}
 }

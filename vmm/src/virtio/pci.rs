@@ -397,6 +397,16 @@ impl PciDevice for VirtioPciDevice {
         self.config.read(reg)
     }
 
+    fn reset(&mut self) {
+        // The device stops (its backend's rings too), MSI-X is disabled and
+        // memory decoding is off, as at power-on.
+        VirtioPciDevice::reset(self);
+        // MSI-X control is the top half of the capability's first dword.
+        self.config.write(self.msix_cap_reg, 3, &[0]);
+        self.msix.set_control(0);
+        self.config.write(1, 0, &[0, 0]);
+    }
+
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
         self.config.write(reg, offset, data);
         if reg == self.msix_cap_reg {

@@ -31,6 +31,8 @@ pub enum VcpuError {
     Regs(u8, #[source] regs::RegsError),
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot set the run state of vCPU {0}")]
+    MpState(u8, #[source] kvm_ioctls::Error),
     #[error("cannot start the thread of vCPU {0}")]
     Spawn(u8, #[source] std::io::Error),
 }
@@ -95,8 +97,37 @@ impl Vcpu {
         regs::setup_regs(&self.fd, mode).map_err(|e| VcpuError::Regs(self.id, e))
     }
 
-    /// Starts the vCPU's thread.
-    pub fn start(self, ctx: VcpuContext) -> Result<JoinHandle<()>, VcpuError> {
+    /// Puts the vCPU back in its power-on state for an in-place reboot:
+    /// MSRs, FPU and LAPIC as at creation; the boot processor at the
+    /// kernel's entry (`entry`), the others waiting for INIT/SIPI.
+    pub fn reset(
+        &self,
+        mem: &GuestMemory,
+        supported_msrs: &[u32],
+        entry: Option<regs::EntryMode>,
+    ) -> Result<(), VcpuError> {
+        let id = self.id;
+        regs::setup_msrs(&self.fd, supported_msrs).map_err(|e| VcpuError::Regs(id, e))?;
+        regs::setup_fpu(&self.fd).map_err(|e| VcpuError::Regs(id, e))?;
+        regs::setup_lapic(&self.fd).map_err(|e| VcpuError::Regs(id, e))?;
+        let mp_state = match entry {
+            Some(mode) => {
+                self.setup_boot_entry(mem, mode)?;
+                kvm_bindings::KVM_MP_STATE_RUNNABLE
+            }
+            None => kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+        };
+        self.fd
+            .set_mp_state(kvm_bindings::kvm_mp_state { mp_state })
+            .map_err(|e| VcpuError::MpState(id, e))
+    }
+
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Starts the vCPU's thread; the thread hands the vCPU back when it ends.
+    pub fn start(self, ctx: VcpuContext) -> Result<JoinHandle<Vcpu>, VcpuError> {
         let id = self.id;
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
@@ -104,23 +135,24 @@ impl Vcpu {
             .map_err(|e| VcpuError::Spawn(id, e))
     }
 
-    fn run(mut self, ctx: &VcpuContext) {
+    fn run(mut self, ctx: &VcpuContext) -> Vcpu {
         ctx.run.register_tid(self.id);
         // A device may have stopped the VM (power-off) during the last exit:
         // do not enter the guest again.
         while !ctx.stop.load(Ordering::Acquire) && !ctx.exit.is_stopping() {
             ctx.run.park_if_paused(&ctx.stop);
             if ctx.stop.load(Ordering::Acquire) {
-                return;
+                break;
             }
             if let Some(reason) = self.run_once(ctx) {
                 if matches!(reason, VmExit::TripleFault | VmExit::KvmError) {
                     self.log_state();
                 }
                 ctx.exit.notify(reason);
-                return;
+                break;
             }
         }
+        self
     }
 
     /// Runs the vCPU until its next exit; returns a reason to stop the VM.
@@ -205,28 +237,33 @@ impl Vcpu {
 /// Stops every vCPU thread: sets the flag, releases paused ones, then kicks
 /// until each has left KVM_RUN (a kick can land just before KVM_RUN starts,
 /// so it is repeated).
+/// Returns the vCPUs of the threads that ended (all of them, unless one
+/// hung or panicked).
 pub fn stop_all(
     stop: &AtomicBool,
     run: &RunControl,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<Vcpu>>,
     timeout: Duration,
-) {
+) -> Vec<Vcpu> {
     stop.store(true, Ordering::Release);
     run.finish();
+    let mut vcpus = Vec::with_capacity(threads.len());
     let deadline = Instant::now() + timeout;
     for thread in threads {
         while !thread.is_finished() {
             if Instant::now() > deadline {
                 log::warn!("a vCPU thread did not stop in {timeout:?}");
-                return;
+                return vcpus;
             }
             // SAFETY: the handle refers to a live thread that was not joined,
             // and the kick signal has a handler installed.
             unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
             std::thread::sleep(Duration::from_millis(2));
         }
-        if thread.join().is_err() {
-            log::error!("a vCPU thread panicked");
+        match thread.join() {
+            Ok(vcpu) => vcpus.push(vcpu),
+            Err(_) => log::error!("a vCPU thread panicked"),
         }
     }
+    vcpus
 }
