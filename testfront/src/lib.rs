@@ -6,6 +6,7 @@
 //! - `virtqueue`: the driver half of a split ring (EVENT_IDX included).
 //! - `connection`: the vhost-user negotiation and ring set-up.
 //! - `blk`: virtio-blk requests, one at a time, and raw chains for tests.
+//! - `net`: virtio-net frames sent and received, and raw chains for tests.
 //! - `pipeline`: up to `depth` virtio-blk requests in flight on one queue.
 //! - `load`: the engine of the `vhost-loadgen` benchmark.
 //!
@@ -16,9 +17,11 @@ pub mod blk;
 pub mod connection;
 pub mod load;
 pub mod memory;
+pub mod net;
 pub mod pipeline;
 pub mod virtqueue;
 
 pub use blk::{BlkClient, BlkError, Completion};
 pub use connection::{Connection, ConnectionError, Options};
+pub use net::{NetClient, NetError, NetOptions, Received};
 pub use pipeline::{Done, Pipeline, Request};

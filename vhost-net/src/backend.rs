@@ -1,0 +1,407 @@
+//! The vhost-user side: features, guest memory, and one worker thread per
+//! queue pair. A pair's thread waits on the rx and tx kicks and on the
+//! pair's tap queue, which is in its epoll set only while the rx ring has
+//! buffers: with none left, the tap is left unread (frames wait in the
+//! kernel) until the guest kicks the rx queue.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockWriteGuard, Weak};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::features::{self, NetConfig};
+use crate::tap::Tap;
+use crate::worker::{Pair, RxStop, Stats};
+
+/// A pair's queues, as its worker thread numbers them.
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+type Handler = VringEpollHandler<NetBackend>;
+type StateGuard<'a> = RwLockWriteGuard<'a, VringState<Mem>>;
+
+/// Shared by every connection: the tap queues outlive frontends.
+pub struct Device {
+    /// One tap queue per queue pair.
+    pub taps: Vec<Tap>,
+    pub queue_size: u16,
+}
+
+impl Device {
+    pub fn num_queues(&self) -> usize {
+        2 * self.taps.len()
+    }
+}
+
+/// A pair's state for one connection.
+struct PairState {
+    worker: Pair,
+    /// Whether the tap queue is in the worker's epoll set.
+    watching: bool,
+    /// The pair's rx ring, once its worker has seen it (for `stop_vring`).
+    rx_vring: Option<VringRwLock>,
+    /// A tap error was reported (once, until the tap works again).
+    tap_failed: bool,
+    /// A ring error was reported (once a connection: the guest's rings
+    /// are broken, and each kick would say so again).
+    ring_failed: bool,
+}
+
+/// One connection's backend (fresh per frontend, sharing the device).
+#[derive(Clone)]
+pub struct NetBackend {
+    device: Arc<Device>,
+    acked: Arc<AtomicU64>,
+    mem: Arc<RwLock<Option<Mem>>>,
+    pairs: Arc<Vec<Mutex<PairState>>>,
+    /// The worker threads' epoll handlers, by pair, set once the daemon
+    /// has made them (weak: they own clones of this backend).
+    handlers: Arc<OnceLock<Vec<Weak<Handler>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reports (once) that a ring's used or avail ring is outside guest memory.
+fn ring_failed(pair: usize, state: &mut PairState, queue: &str, e: &virtio_queue::Error) {
+    if !state.ring_failed {
+        log::error!("pair {pair}: the {queue} ring is unusable: {e}");
+        state.ring_failed = true;
+    }
+}
+
+impl NetBackend {
+    pub fn new(device: Arc<Device>) -> Self {
+        // The kernel steers frames to every attached queue of a multi-queue
+        // tap: until the frontend enables a pair, its queue is detached, so
+        // no flow lands where nobody reads.
+        for tap in &device.taps {
+            if let Err(e) = tap.set_attached(false) {
+                log::warn!("tap {}: cannot detach a queue: {e}", tap.name());
+            }
+        }
+        let pairs = (0..device.taps.len())
+            .map(|index| {
+                Mutex::new(PairState {
+                    worker: Pair::new(index),
+                    watching: false,
+                    rx_vring: None,
+                    tap_failed: false,
+                    ring_failed: false,
+                })
+            })
+            .collect();
+        NetBackend {
+            device,
+            acked: Arc::new(AtomicU64::new(0)),
+            mem: Arc::new(RwLock::new(None)),
+            pairs: Arc::new(pairs),
+            handlers: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Hands over the daemon's epoll handlers (one per pair, in order).
+    pub fn set_handlers(&self, handlers: &[Arc<Handler>]) {
+        let _ = self
+            .handlers
+            .set(handlers.iter().map(Arc::downgrade).collect());
+    }
+
+    /// Logs each pair's counters (at the end of a connection).
+    pub fn report(&self) {
+        for (pair, state) in self.pairs.iter().enumerate() {
+            let Stats {
+                rx_frames,
+                rx_dropped,
+                tx_frames,
+                tx_dropped,
+                bad_chains,
+            } = lock(state).worker.stats();
+            log::info!(
+                "pair {pair}: received {rx_frames} frames ({rx_dropped} dropped), sent {tx_frames} ({tx_dropped} dropped), {bad_chains} malformed chains"
+            );
+        }
+    }
+
+    /// The epoll event id of the tap: past the queues and the exit event.
+    fn tap_event(&self) -> u64 {
+        self.device.num_queues() as u64 + 1
+    }
+
+    fn config(&self) -> NetConfig {
+        NetConfig::from_features(self.acked.load(Ordering::Relaxed))
+    }
+
+    fn memory(&self) -> Option<Mem> {
+        self.mem.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Adds the pair's tap queue to its worker's epoll set, or removes it.
+    fn watch(&self, pair: usize, state: &mut PairState, on: bool) {
+        if state.watching == on {
+            return;
+        }
+        let handler = self
+            .handlers
+            .get()
+            .and_then(|h| h.get(pair))
+            .and_then(Weak::upgrade);
+        let (Some(handler), Some(tap)) = (handler, self.device.taps.get(pair)) else {
+            return;
+        };
+        let fd = tap.as_raw_fd();
+        let result = if on {
+            handler.register_listener(fd, EventSet::IN, self.tap_event())
+        } else {
+            handler.unregister_listener(fd, EventSet::IN, self.tap_event())
+        };
+        match result {
+            Ok(()) => state.watching = on,
+            Err(e) => log::error!("pair {pair}: cannot change the worker's watch of the tap: {e}"),
+        }
+    }
+
+    /// Signals the guest if it asked to be (EVENT_IDX) or always.
+    fn notify(&self, pair: usize, guard: &mut StateGuard<'_>, mem: &GuestMemoryMmap) {
+        match guard.get_queue_mut().needs_notification(mem) {
+            Ok(false) => {}
+            Ok(true) | Err(_) => {
+                if let Err(e) = guard.signal_used_queue() {
+                    log::warn!("pair {pair}: cannot signal the guest: {e}");
+                }
+            }
+        }
+    }
+
+    fn usable(guard: &StateGuard<'_>) -> bool {
+        guard.get_queue().ready() && guard.is_enabled()
+    }
+
+    /// Moves frames from the tap into the rx ring.
+    fn rx(&self, pair: usize, vring: &VringRwLock) {
+        let (Some(tap), Some(state)) = (self.device.taps.get(pair), self.pairs.get(pair)) else {
+            return;
+        };
+        let mut state = lock(state);
+        if state.rx_vring.is_none() {
+            state.rx_vring = Some(vring.clone());
+        }
+        let Some(atomic) = self.memory() else {
+            self.watch(pair, &mut state, false);
+            return;
+        };
+        let mem = atomic.memory();
+        let mut guard = vring.get_mut();
+        if !Self::usable(&guard) {
+            drop(guard);
+            self.watch(pair, &mut state, false);
+            // Steer the tap's frames to the pairs in use.
+            if let Err(e) = tap.set_attached(false) {
+                log::warn!("pair {pair}: cannot detach its tap queue: {e}");
+            }
+            return;
+        }
+        if let Err(e) = tap.set_attached(true) {
+            log::warn!("pair {pair}: cannot attach its tap queue: {e}");
+        }
+        let outcome = state
+            .worker
+            .rx(tap, guard.get_queue_mut(), &mem, self.config());
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                drop(guard);
+                ring_failed(pair, &mut state, "rx", &e);
+                self.watch(pair, &mut state, false);
+                return;
+            }
+        };
+        if outcome.used > 0 {
+            self.notify(pair, &mut guard, &mem);
+        }
+        drop(guard);
+        match outcome.stop {
+            RxStop::NoBuffers => self.watch(pair, &mut state, false),
+            RxStop::TapEmpty | RxStop::Budget => {
+                state.tap_failed = false;
+                self.watch(pair, &mut state, true);
+            }
+            RxStop::TapError(e) => {
+                if !state.tap_failed {
+                    log::error!(
+                        "pair {pair}: reading tap {} failed: {e}; retrying at the next rx kick",
+                        tap.name()
+                    );
+                    state.tap_failed = true;
+                }
+                self.watch(pair, &mut state, false);
+            }
+        }
+    }
+
+    /// Sends the tx ring's frames to the tap; with EVENT_IDX, until no
+    /// more arrive once notifications are back on.
+    fn tx(&self, pair: usize, vring: &VringRwLock) {
+        let (Some(tap), Some(state)) = (self.device.taps.get(pair), self.pairs.get(pair)) else {
+            return;
+        };
+        let mut state = lock(state);
+        let Some(atomic) = self.memory() else { return };
+        let mem = atomic.memory();
+        let cfg = self.config();
+        let mut guard = vring.get_mut();
+        if !Self::usable(&guard) {
+            return;
+        }
+        if let Err(e) = tap.set_attached(true) {
+            log::warn!("pair {pair}: cannot attach its tap queue: {e}");
+        }
+        loop {
+            let q = guard.get_queue_mut();
+            let result = q
+                .disable_notification(&*mem)
+                .and_then(|()| state.worker.tx(tap, q, &mem, cfg));
+            let used = match result {
+                Ok(used) => used,
+                Err(e) => return ring_failed(pair, &mut state, "tx", &e),
+            };
+            if used > 0 {
+                self.notify(pair, &mut guard, &mem);
+            }
+            match guard.get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => return ring_failed(pair, &mut state, "tx", &e),
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.device.num_queues()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.device.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        features::offered(self.device.taps.len())
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // No CONFIG: the VMM serves the configuration space.
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
+        let cfg = NetConfig::from_features(features);
+        let offload = features::tun_offload(features);
+        for tap in &self.device.taps {
+            if let Err(e) = tap.set_vnet_hdr_len(cfg.hdr_len) {
+                log::error!("tap {}: cannot set the header length: {e}", tap.name());
+            }
+            if let Err(e) = tap.set_offload(offload) {
+                log::warn!("tap {}: cannot set offloads {offload:#x}: {e}", tap.name());
+            }
+        }
+        log::debug!(
+            "features {features:#x}: {}-byte headers, mergeable rx buffers {}, tap offloads {offload:#x}",
+            cfg.hdr_len,
+            cfg.mrg_rxbuf
+        );
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // vhost-user-backend sets it on each ring's Queue, which acts on it.
+    }
+
+    /// Not offered (no CONFIG protocol feature): an empty answer, which
+    /// vhost-user reads as a failure.
+    fn get_config(&self, _offset: u32, _size: u32) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    /// One thread per pair: queues 2p (rx) and 2p + 1 (tx).
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.device.taps.len())
+            .map(|pair| 0b11u64 << (2 * pair))
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    /// The ring stops (GET_VRING_BASE): rx buffers taken ahead go back, so
+    /// that the base reported covers only buffers used.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if queue_index % 2 != 0 {
+            return Ok(());
+        }
+        let pair = (queue_index / 2) as usize;
+        let Some(state) = self.pairs.get(pair) else {
+            return Ok(());
+        };
+        let mut state = lock(state);
+        let (Some(vring), Some(atomic)) = (state.rx_vring.clone(), self.memory()) else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let mut guard = vring.get_mut();
+        match state.worker.release_rx(guard.get_queue_mut(), &mem) {
+            Ok(0) => {}
+            Ok(_) => self.notify(pair, &mut guard, &mem),
+            Err(e) => log::warn!("pair {pair}: cannot give back rx buffers: {e}"),
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let pair = thread_id;
+        let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
+            return Err(io::Error::other(format!("pair {pair} has no rings")));
+        };
+        match device_event {
+            RX_QUEUE => self.rx(pair, rx),
+            TX_QUEUE => self.tx(pair, tx),
+            // The tap is readable (or failed: the read tells).
+            e if u64::from(e) == self.tap_event() => self.rx(pair, rx),
+            e => return Err(io::Error::other(format!("unknown event {e}"))),
+        }
+        Ok(())
+    }
+}

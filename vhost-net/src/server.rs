@@ -1,0 +1,106 @@
+//! Serves one frontend after another on the socket until SIGTERM/SIGINT.
+
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::{Device, NetBackend};
+use crate::relay::Relay;
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("cannot set up the vhost-user daemon")]
+    Daemon(String),
+    #[error("--socket {0:?}: cannot serve")]
+    Serve(std::path::PathBuf, String),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Removes the socket and exits 0 on SIGTERM or SIGINT. A tap this
+/// process created goes away with its last queue.
+fn handle_stop_signals(socket: &Path) -> Result<(), ServeError> {
+    // SAFETY: an all-zero sigset is valid storage for sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: blocks the signals in this thread (threads spawned later inherit it).
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(ServeError::Signals(std::io::Error::from_raw_os_error(rc)));
+    }
+    let socket = socket.to_path_buf();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut signal = 0;
+            // SAFETY: `set` is initialised and `signal` is a valid out-pointer.
+            unsafe { libc::sigwait(&set, &mut signal) };
+            log::info!("signal {signal}: stopping");
+            let _ = std::fs::remove_file(&socket);
+            std::process::exit(0);
+        })
+        .map_err(ServeError::Signals)?;
+    Ok(())
+}
+
+/// Serves frontends one after another on one listening socket, so a new
+/// frontend can connect (and wait in the backlog) while the last one is
+/// being cleaned up. Each frontend talks to the vhost crate's handler
+/// through a `Relay` (see there for why), over a private abstract socket.
+pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
+    let device = Arc::new(device);
+    handle_stop_signals(socket)?;
+    let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
+    if socket.exists() {
+        std::fs::remove_file(socket).map_err(serve_err)?;
+    }
+    let public = UnixListener::bind(socket).map_err(serve_err)?;
+    let inner_addr =
+        SocketAddr::from_abstract_name(format!("vhost-net-relay-{}", std::process::id()))
+            .map_err(serve_err)?;
+    let mut listener = Listener::from(UnixListener::bind_addr(&inner_addr).map_err(serve_err)?);
+    loop {
+        let backend = NetBackend::new(device.clone());
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-net".into(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| ServeError::Daemon(format!("{e:?}")))?;
+        backend.set_handlers(&daemon.get_epoll_handlers());
+        log::info!("waiting for a frontend on {}", socket.display());
+        let frontend = match public.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => return Err(serve_err(e)),
+        };
+        let inner = UnixStream::connect_addr(&inner_addr).map_err(serve_err)?;
+        let relay = Relay::start(frontend, inner).map_err(serve_err)?;
+        if let Err(e) = daemon.start(&mut listener) {
+            // Accepting failed: the socket itself is broken.
+            return Err(ServeError::Serve(socket.to_path_buf(), format!("{e:?}")));
+        }
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => log::info!("frontend disconnected"),
+            // A misbehaving frontend ends its connection, not the backend.
+            Err(e) => log::warn!("connection ended: {e:?}"),
+        }
+        // Dropping the daemon stops and joins this connection's workers.
+        drop(daemon);
+        relay.join();
+        backend.report();
+    }
+}

@@ -1,0 +1,255 @@
+//! The host side: a tap interface opened through /dev/net/tun, one file
+//! descriptor (tap queue) per queue pair, frames preceded by a virtio-net
+//! header. Knows nothing of virtqueues; every `unsafe` ioctl of the backend
+//! is here.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use thiserror::Error;
+
+use crate::iovec::IoVecs;
+use crate::worker::FrameIo;
+
+const TUN_PATH: &str = "/dev/net/tun";
+
+#[derive(Debug, Error)]
+pub enum TapError {
+    #[error("--tap {0:?}: cannot open {TUN_PATH}")]
+    Open(String, #[source] io::Error),
+    #[error("--tap {name:?}: cannot attach to the tap (TUNSETIFF{hint})")]
+    Attach {
+        name: String,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl TapError {
+    fn is_einval(&self) -> bool {
+        matches!(self, TapError::Attach { source, .. } if source.raw_os_error() == Some(libc::EINVAL))
+    }
+}
+
+/// One queue of a tap interface.
+pub struct Tap {
+    file: File,
+    name: String,
+    multi_queue: bool,
+    /// Whether the kernel steers frames to this queue (TUNSETQUEUE).
+    attached: AtomicBool,
+}
+
+/// `struct ifreq` with the name and the flags (the only member used here).
+fn ifreq(name: &str, flags: libc::c_int) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // The name was checked to be at most 15 bytes, so the NUL stays.
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes().take(15)) {
+        *dst = src as libc::c_char;
+    }
+    // The kernel's flags are a short; every IFF_ flag used fits.
+    req.ifr_ifru.ifru_flags = flags as libc::c_short;
+    req
+}
+
+/// An ioctl whose argument is an `int` passed by value.
+fn ioctl_int(fd: RawFd, request: libc::Ioctl, value: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: these tun ioctls (TUNSETOFFLOAD) take their argument by
+    // value and touch no memory of ours; `fd` is an open descriptor.
+    let rc = unsafe { libc::ioctl(fd, request, value) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An ioctl whose argument points to an `int`.
+fn ioctl_int_ptr(fd: RawFd, request: libc::Ioctl, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which
+    // points to a live local for the duration of the call.
+    let rc = unsafe { libc::ioctl(fd, request, &value as *const libc::c_int) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn ioctl_ifreq(fd: RawFd, request: libc::Ioctl, req: &mut libc::ifreq) -> io::Result<()> {
+    // SAFETY: TUNSETIFF and TUNSETQUEUE read (and TUNSETIFF writes back)
+    // one `struct ifreq`, which `req` is, exclusively borrowed for the call.
+    let rc = unsafe { libc::ioctl(fd, request, req as *mut libc::ifreq) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Tap {
+    /// Opens `pairs` queues of the tap `name`, creating the interface if
+    /// it does not exist (it then lasts as long as the queues are open).
+    /// More than one queue needs a multi-queue tap; a single queue also
+    /// attaches to an existing multi-queue tap.
+    pub fn open_queues(name: &str, pairs: usize) -> Result<Vec<Tap>, TapError> {
+        let multi_queue = pairs > 1;
+        let mut taps = Vec::with_capacity(pairs);
+        let first = match Tap::open(name, multi_queue) {
+            Ok(tap) => tap,
+            // An existing multi-queue tap refuses a single-queue open; if
+            // it is not one, report the first refusal.
+            Err(e) if !multi_queue && e.is_einval() => Tap::open(name, true).map_err(|_| e)?,
+            Err(e) => return Err(e),
+        };
+        let multi_queue = first.multi_queue;
+        taps.push(first);
+        for _ in 1..pairs {
+            taps.push(Tap::open(name, multi_queue)?);
+        }
+        log::info!(
+            "attached to tap {name}: {pairs} queue{}{}",
+            if pairs == 1 { "" } else { "s" },
+            if multi_queue { ", multi-queue" } else { "" }
+        );
+        Ok(taps)
+    }
+
+    fn open(name: &str, multi_queue: bool) -> Result<Tap, TapError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(TUN_PATH)
+            .map_err(|e| TapError::Open(name.to_string(), e))?;
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if multi_queue {
+            flags |= libc::IFF_MULTI_QUEUE;
+        }
+        let mut req = ifreq(name, flags);
+        ioctl_ifreq(file.as_raw_fd(), libc::TUNSETIFF, &mut req).map_err(|source| {
+            let hint = match source.raw_os_error() {
+                Some(libc::EPERM) => ": CAP_NET_ADMIN is needed to create it",
+                Some(libc::EINVAL) if multi_queue => {
+                    ": not a tap, or a tap created without multi_queue"
+                }
+                Some(libc::EINVAL) => ": not a tap",
+                Some(libc::EBUSY) => ": another process holds its queue",
+                _ => "",
+            };
+            TapError::Attach {
+                name: name.to_string(),
+                hint,
+                source,
+            }
+        })?;
+        Ok(Tap {
+            file,
+            name: name.to_string(),
+            multi_queue,
+            attached: AtomicBool::new(true),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sets the length of the virtio-net header that precedes each frame
+    /// (10 or 12 bytes); it applies to every queue of the tap.
+    pub fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()> {
+        let len = libc::c_int::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        ioctl_int_ptr(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, len)
+    }
+
+    /// Sets the offloads (TUN_F_*) the reader of the tap accepts: which
+    /// frames may arrive with a partial checksum or as one large segment.
+    pub fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
+        ioctl_int(
+            self.file.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(flags),
+        )
+    }
+
+    /// Attaches or detaches this queue of a multi-queue tap, so that the
+    /// kernel stops steering frames to a queue pair the guest has turned
+    /// off. A single-queue tap is always attached.
+    pub fn set_attached(&self, attach: bool) -> io::Result<()> {
+        if !self.multi_queue || self.attached.load(Ordering::Relaxed) == attach {
+            return Ok(());
+        }
+        let flags = if attach {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        let mut req = ifreq("", flags);
+        ioctl_ifreq(self.file.as_raw_fd(), libc::TUNSETQUEUE, &mut req)?;
+        self.attached.store(attach, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl FrameIo for Tap {
+    fn read_frame(&self, iov: &IoVecs<'_>) -> io::Result<Option<usize>> {
+        let raw = iov.as_raw();
+        loop {
+            // SAFETY: every iovec points to memory valid for writes of its
+            // length while `iov` lives (IoVecs's invariant), and the count
+            // is that of the slice (at most MAX_IOVECS, which fits a c_int).
+            let n = unsafe {
+                libc::readv(
+                    self.file.as_raw_fd(),
+                    raw.as_ptr(),
+                    raw.len() as libc::c_int,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(0) => return Ok(None),
+                Ok(n) => return Ok(Some(n)),
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::Interrupted => continue,
+                        io::ErrorKind::WouldBlock => return Ok(None),
+                        _ => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_frame(&self, iov: &IoVecs<'_>) -> io::Result<usize> {
+        let raw = iov.as_raw();
+        loop {
+            // SAFETY: every iovec points to memory valid for reads of its
+            // length while `iov` lives (IoVecs's invariant), and the count
+            // is that of the slice (at most MAX_IOVECS, which fits a c_int).
+            let n = unsafe {
+                libc::writev(
+                    self.file.as_raw_fd(),
+                    raw.as_ptr(),
+                    raw.len() as libc::c_int,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(n) => return Ok(n),
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}

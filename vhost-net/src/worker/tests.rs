@@ -1,0 +1,485 @@
+//! The data path against virtio-queue's mock rings and an in-memory tap:
+//! frames in both directions, mergeable buffers, and the malformed chains a
+//! guest may post, each completed and counted without stopping the queue.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::{FrameIo, Pair, RxStop};
+use crate::features::{NetConfig, MAX_FRAME};
+use crate::iovec::IoVecs;
+
+const SIZE: u16 = 16;
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const W: u16 = VRING_DESC_F_WRITE as u16;
+const MRG: NetConfig = NetConfig {
+    hdr_len: 12,
+    mrg_rxbuf: true,
+};
+const ONE_CHAIN: NetConfig = NetConfig {
+    hdr_len: 12,
+    mrg_rxbuf: false,
+};
+
+/// A tap in memory: frames to read, frames written.
+#[derive(Default)]
+struct MemTap {
+    incoming: RefCell<VecDeque<Vec<u8>>>,
+    written: RefCell<Vec<Vec<u8>>>,
+}
+
+impl MemTap {
+    fn push(&self, frame: Vec<u8>) {
+        self.incoming.borrow_mut().push_back(frame);
+    }
+}
+
+impl FrameIo for MemTap {
+    fn read_frame(&self, iov: &IoVecs<'_>) -> io::Result<Option<usize>> {
+        let Some(frame) = self.incoming.borrow_mut().pop_front() else {
+            return Ok(None);
+        };
+        // Like the kernel: as much as fits, and the frame's whole length.
+        iov.scatter(&frame);
+        Ok(Some(frame.len()))
+    }
+
+    fn write_frame(&self, iov: &IoVecs<'_>) -> io::Result<usize> {
+        let data = iov.gather();
+        let n = data.len();
+        self.written.borrow_mut().push(data);
+        Ok(n)
+    }
+}
+
+/// The driver's side of a split ring in test memory: descriptors at 0,
+/// the avail ring at 0x1000, the used ring at 0x2000. (virtio-queue's
+/// `MockSplitQueue` lays a 16-entry used ring over the avail ring.)
+struct Driver<'a> {
+    mem: &'a GuestMemoryMmap,
+    next_desc: u16,
+    avail_idx: u16,
+    last_used: u16,
+}
+
+const DESC: u64 = 0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+
+impl<'a> Driver<'a> {
+    fn new(mem: &'a GuestMemoryMmap) -> (Self, Queue) {
+        // A fresh ring: zero the indices left by a previous one.
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(0)).unwrap();
+        let mut q = Queue::new(SIZE).unwrap();
+        q.set_size(SIZE);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        let d = Driver {
+            mem,
+            next_desc: 0,
+            avail_idx: 0,
+            last_used: 0,
+        };
+        (d, q)
+    }
+
+    fn publish(&mut self, head: u16) {
+        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % SIZE);
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
+    }
+
+    fn write_desc(&self, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(DESC + 16 * u64::from(id));
+        let desc = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+        self.mem.write_obj(desc, at).unwrap();
+    }
+
+    /// Writes a chain of (addr, len, flags) at the next free slots and
+    /// publishes it; returns its head.
+    fn add(&mut self, bufs: &[(u64, u32, u16)]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let id = (head + i as u16) % SIZE;
+            let last = i + 1 == bufs.len();
+            let flags = if last { flags } else { flags | NEXT };
+            self.write_desc(id, addr, len, flags, (id + 1) % SIZE);
+        }
+        self.next_desc = (head + bufs.len() as u16) % SIZE;
+        self.publish(head);
+        head
+    }
+
+    /// Writes raw descriptors (addr, len, flags, next) at slot `at`.. and
+    /// publishes `head`.
+    fn add_raw(&mut self, at: u16, descs: &[(u64, u32, u16, u16)], head: u16) {
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            self.write_desc(at + i as u16, addr, len, flags, next);
+        }
+        self.publish(head);
+    }
+
+    /// Used entries (id, len) since the last call.
+    fn used(&mut self) -> Vec<(u32, u32)> {
+        let mut out = Vec::new();
+        let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        while self.last_used != idx {
+            let at = USED + 4 + 8 * u64::from(self.last_used % SIZE);
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+            out.push((id, len));
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        out
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+}
+
+fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+}
+
+/// A frame of `len` bytes with recognisable contents.
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
+}
+
+/// A header (12 bytes, `num_buffers` unset) followed by `frame`.
+fn with_header(frame: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8; 12];
+    v[0] = 1; // NEEDS_CSUM, to see that the header passes through
+    v.extend_from_slice(frame);
+    v
+}
+
+#[test]
+fn tx_writes_the_header_and_the_frame_in_one_write() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    let data = with_header(&frame(60, 7));
+    mem.write_slice(&data[..12], GuestAddress(0x10000)).unwrap();
+    mem.write_slice(&data[12..], GuestAddress(0x20000)).unwrap();
+    let head = d.add(&[(0x10000, 12, 0), (0x20000, 60, 0)]);
+    let mut pair = Pair::new(0);
+    assert_eq!(pair.tx(&tap, &mut q, &mem, MRG).unwrap(), 1);
+    assert_eq!(*tap.written.borrow(), vec![data]);
+    assert_eq!(d.used(), [(u32::from(head), 0)]);
+    assert_eq!(pair.stats().tx_frames, 1);
+}
+
+#[test]
+fn malformed_tx_chains_are_completed_empty_and_the_queue_goes_on() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    let good = with_header(&frame(60, 1));
+    mem.write_slice(&good, GuestAddress(0x10000)).unwrap();
+    // Outside guest memory.
+    d.add(&[(0x10000, 12, 0), (0x1_0000_0000, 60, 0)]);
+    // A device-writable buffer in a tx chain.
+    d.add(&[(0x10000, 12, 0), (0x20000, 60, W)]);
+    // Longer than a frame can be.
+    d.add(&[(0x10000, 12, 0), (0x20000, MAX_FRAME as u32 + 1, 0)]);
+    // Empty.
+    d.add(&[(0x10000, 0, 0)]);
+    // A loop: 10 -> 11 -> 10.
+    d.add_raw(10, &[(0x10000, 12, NEXT, 11), (0x20000, 60, NEXT, 10)], 10);
+    // A head outside the queue: nothing to complete.
+    d.publish(SIZE + 3);
+    d.next_desc = 12;
+    let head = d.add(&[(0x10000, good.len() as u32, 0)]);
+    let mut pair = Pair::new(0);
+    assert_eq!(pair.tx(&tap, &mut q, &mem, MRG).unwrap(), 6);
+    assert_eq!(*tap.written.borrow(), vec![good]);
+    let used = d.used();
+    assert_eq!(used.len(), 6);
+    assert!(used.iter().all(|&(_, len)| len == 0));
+    assert_eq!(used.last(), Some(&(u32::from(head), 0)));
+    assert_eq!(pair.stats().bad_chains, 6);
+    assert_eq!(pair.stats().tx_frames, 1);
+}
+
+#[test]
+fn rx_fills_one_chain_per_frame_and_drops_frames_too_large_for_it() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    let a = d.add(&[(0x10000, 12, W), (0x20000, 100, W)]);
+    let b = d.add(&[(0x30000, 112, W)]);
+    tap.push(with_header(&frame(40, 1)));
+    tap.push(with_header(&frame(101, 2))); // 113 bytes: fits no chain
+    tap.push(with_header(&frame(100, 3)));
+    let mut pair = Pair::new(0);
+    let out = pair.rx(&tap, &mut q, &mem, ONE_CHAIN).unwrap();
+    assert!(matches!(out.stop, RxStop::NoBuffers), "{out:?}");
+    assert_eq!(d.used(), [(u32::from(a), 52), (u32::from(b), 112)]);
+    let mut hdr = with_header(&[]);
+    hdr[10] = 1; // num_buffers
+    assert_eq!(d.read(0x10000, 12), hdr);
+    assert_eq!(d.read(0x20000, 40), frame(40, 1));
+    assert_eq!(d.read(0x30000 + 12, 100), frame(100, 3));
+    let s = pair.stats();
+    assert_eq!((s.rx_frames, s.rx_dropped), (2, 1));
+}
+
+#[test]
+fn rx_spreads_a_frame_over_mergeable_buffers() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    let heads: Vec<u16> = (0..4u64)
+        .map(|i| d.add(&[(0x10000 + i * 0x1000, 64, W)]))
+        .collect();
+    let data = frame(150, 9);
+    tap.push(with_header(&data));
+    let mut pair = Pair::new(0);
+    let out = pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+    assert!(matches!(out.stop, RxStop::TapEmpty), "{out:?}");
+    assert_eq!(out.used, 3);
+    let ids: Vec<(u32, u32)> = heads[..3]
+        .iter()
+        .zip([64, 64, 34])
+        .map(|(&h, l)| (u32::from(h), l))
+        .collect();
+    assert_eq!(d.used(), ids);
+    let mut got = d.read(0x10000, 64);
+    got.extend(d.read(0x11000, 64));
+    got.extend(d.read(0x12000, 34));
+    assert_eq!(got[10..12], 3u16.to_le_bytes(), "num_buffers");
+    assert_eq!(got[12..], data[..]);
+
+    // The fourth buffer is still held: the next frame lands in it.
+    tap.push(with_header(&frame(20, 4)));
+    let out = pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+    assert_eq!(out.used, 1);
+    assert_eq!(d.used(), [(u32::from(heads[3]), 32)]);
+}
+
+#[test]
+fn a_frame_longer_than_the_buffers_waits_for_more_with_mrg_rxbuf() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    let first = d.add(&[(0x10000, 64, W)]);
+    let data = frame(200, 5);
+    tap.push(with_header(&data));
+    let mut pair = Pair::new(0);
+    let out = pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+    assert!(matches!(out.stop, RxStop::NoBuffers), "{out:?}");
+    assert!(d.used().is_empty());
+    // The guest adds buffers and kicks.
+    let more: Vec<u16> = (1..4u64)
+        .map(|i| d.add(&[(0x10000 + i * 0x1000, 64, W)]))
+        .collect();
+    let out = pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+    // Every buffer went into the frame.
+    assert!(matches!(out.stop, RxStop::NoBuffers), "{out:?}");
+    let used = d.used();
+    assert_eq!(
+        used,
+        [
+            (u32::from(first), 64),
+            (u32::from(more[0]), 64),
+            (u32::from(more[1]), 64),
+            (u32::from(more[2]), 20)
+        ]
+    );
+    let mut got = Vec::new();
+    for (i, len) in [64, 64, 64, 20].into_iter().enumerate() {
+        got.extend(d.read(0x10000 + i as u64 * 0x1000, len));
+    }
+    assert_eq!(got[10..12], 4u16.to_le_bytes());
+    assert_eq!(got[12..], data[..]);
+}
+
+#[test]
+fn malformed_rx_chains_are_completed_empty() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    let readable = d.add(&[(0x10000, 64, 0)]);
+    let outside = d.add(&[(0x1_0000_0000, 64, W)]);
+    let short = d.add(&[(0x10000, 8, W)]);
+    let good = d.add(&[(0x20000, 64, W)]);
+    tap.push(with_header(&frame(30, 1)));
+    let mut pair = Pair::new(0);
+    pair.rx(&tap, &mut q, &mem, ONE_CHAIN).unwrap();
+    let used = d.used();
+    assert_eq!(
+        used,
+        [
+            (u32::from(readable), 0),
+            (u32::from(outside), 0),
+            (u32::from(short), 0),
+            (u32::from(good), 42)
+        ]
+    );
+    assert_eq!(pair.stats().bad_chains, 3);
+}
+
+#[test]
+fn held_buffers_go_back_to_the_ring_when_it_stops() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    for i in 0..3u64 {
+        d.add(&[(0x10000 + i * 0x1000, 2048, W)]);
+    }
+    let mut pair = Pair::new(0);
+    // Nothing to read: the buffers are held (looked ahead), not used.
+    let out = pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+    assert!(matches!(out.stop, RxStop::TapEmpty), "{out:?}");
+    assert_eq!(q.next_avail(), 3);
+    assert_eq!(pair.release_rx(&mut q, &mem).unwrap(), 0);
+    assert_eq!(q.next_avail(), 0);
+    assert!(d.used().is_empty());
+
+    // A malformed chain completed between held ones: they are completed
+    // empty rather than given back.
+    let (mut d, mut q) = Driver::new(&mem);
+    d.add(&[(0x10000, 2048, W)]);
+    d.add(&[(0x10000, 2048, 0)]);
+    d.add(&[(0x11000, 2048, W)]);
+    let mut pair = Pair::new(0);
+    pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+    assert_eq!(d.used().len(), 1);
+    assert_eq!(pair.release_rx(&mut q, &mem).unwrap(), 2);
+    assert_eq!(d.used(), [(0, 0), (2, 0)]);
+    assert_eq!(q.next_avail(), 3);
+}
+
+#[test]
+fn a_legacy_header_has_no_num_buffers() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    let legacy = NetConfig {
+        hdr_len: 10,
+        mrg_rxbuf: false,
+    };
+    mem.write_slice(&[0xee; 64], GuestAddress(0x10000)).unwrap();
+    d.add(&[(0x10000, 64, W)]);
+    let mut data = vec![0u8; 10];
+    data.extend(frame(20, 3));
+    tap.push(data.clone());
+    let mut pair = Pair::new(0);
+    pair.rx(&tap, &mut q, &mem, legacy).unwrap();
+    assert_eq!(d.used(), [(0, 30)]);
+    assert_eq!(d.read(0x10000, 30), data);
+    assert_eq!(d.read(0x10000 + 30, 2), [0xee, 0xee]);
+}
+
+#[test]
+fn rx_keeps_going_as_the_ring_indices_wrap() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    let mut pair = Pair::new(0);
+    let mut total = 0;
+    for round in 0..10 {
+        for i in 0..SIZE as u64 {
+            d.add(&[(0x10000 + i * 0x1000, 128, W)]);
+        }
+        for _ in 0..SIZE {
+            tap.push(with_header(&frame(50, round)));
+        }
+        let out = pair.rx(&tap, &mut q, &mem, ONE_CHAIN).unwrap();
+        total += out.used;
+    }
+    assert_eq!(total, 160);
+    assert_eq!(d.used().len(), 160);
+}
+
+#[test]
+fn indirect_tables_are_followed_both_ways() {
+    const INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    let data = with_header(&frame(40, 2));
+    mem.write_slice(&data, GuestAddress(0x20000)).unwrap();
+    // A table at 0x8000: header, then frame.
+    let table = [
+        Descriptor::new(0x20000, 12, NEXT, 1),
+        Descriptor::new(0x20000 + 12, 40, 0, 0),
+    ];
+    for (i, desc) in table.into_iter().enumerate() {
+        let at = GuestAddress(0x8000 + 16 * i as u64);
+        mem.write_obj(RawDescriptor::from(desc), at).unwrap();
+    }
+    let head = d.add(&[(0x8000, 32, INDIRECT)]);
+    let mut pair = Pair::new(0);
+    assert_eq!(pair.tx(&tap, &mut q, &mem, MRG).unwrap(), 1);
+    assert_eq!(*tap.written.borrow(), vec![data]);
+    assert_eq!(d.used(), [(u32::from(head), 0)]);
+
+    // An rx chain of two writable buffers behind a table at 0x9000.
+    let (mut d, mut q) = Driver::new(&mem);
+    let table = [
+        Descriptor::new(0x30000, 20, W | NEXT, 1),
+        Descriptor::new(0x31000, 100, W, 0),
+    ];
+    for (i, desc) in table.into_iter().enumerate() {
+        let at = GuestAddress(0x9000 + 16 * i as u64);
+        mem.write_obj(RawDescriptor::from(desc), at).unwrap();
+    }
+    let head = d.add(&[(0x9000, 32, INDIRECT)]);
+    let incoming = with_header(&frame(50, 8));
+    tap.push(incoming.clone());
+    pair.rx(&tap, &mut q, &mem, ONE_CHAIN).unwrap();
+    assert_eq!(d.used(), [(u32::from(head), 62)]);
+    let mut got = d.read(0x30000, 20);
+    got.extend(d.read(0x31000, 42));
+    assert_eq!(got[12..], incoming[12..]);
+}
+
+#[test]
+fn a_flood_of_frames_that_fit_nowhere_still_ends_the_call() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    d.add(&[(0x10000, 64, W)]);
+    for _ in 0..200 {
+        tap.push(with_header(&frame(100, 0)));
+    }
+    let mut pair = Pair::new(0);
+    let out = pair.rx(&tap, &mut q, &mem, ONE_CHAIN).unwrap();
+    assert!(matches!(out.stop, RxStop::Budget), "{out:?}");
+    assert_eq!(pair.stats().rx_dropped, super::rx::BUDGET as u64);
+}
+
+#[test]
+fn a_frame_larger_than_the_whole_ring_is_dropped_not_waited_for() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    let heads: Vec<u16> = (0..u64::from(SIZE))
+        .map(|i| d.add(&[(0x10000 + i * 0x100, 20, W)]))
+        .collect();
+    tap.push(with_header(&frame(400, 1)));
+    tap.push(with_header(&frame(8, 2)));
+    let mut pair = Pair::new(0);
+    let out = pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+    assert!(matches!(out.stop, RxStop::TapEmpty), "{out:?}");
+    assert_eq!(d.used(), [(u32::from(heads[0]), 20)]);
+    assert_eq!(d.read(0x10000 + 12, 8), frame(8, 2));
+    assert_eq!(pair.stats().rx_dropped, 1);
+}

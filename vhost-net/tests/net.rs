@@ -1,0 +1,380 @@
+//! vhost-net against the test frontend on a real tap, no VM: frames reach
+//! the host and its answers come back, over mergeable buffers and two queue
+//! pairs; malformed descriptors, disconnects and a refused GET_CONFIG leave
+//! the backend serving; SIGTERM ends it cleanly; bad arguments are refused
+//! on one line. Each test has its own network namespace and tap.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::capture::Capture;
+use support::frames::{
+    arp_reply, arp_request, icmp_echo_request, is_arp_reply, is_echo_reply, parse_arp,
+};
+use support::{vhost_net_bin, Backend, Netns, GUEST_IP, GUEST_MAC, HOST_IP, TIMEOUT};
+use vhost_test_frontend::net::{NetOptions, Received, HDR_LEN};
+use vhost_test_frontend::virtqueue::{RawDesc, DESC_F_NEXT, DESC_F_WRITE};
+use vhost_test_frontend::NetClient;
+
+const ECHO_ID: u16 = 0x4e54;
+
+/// Asks the host for its MAC on `pair`; returns it.
+fn resolve_host(client: &mut NetClient, pair: usize) -> [u8; 6] {
+    let request = arp_request(GUEST_MAC, GUEST_IP, HOST_IP);
+    client.send(pair, &request).expect("send the ARP request");
+    let reply = client
+        .recv_matching(TIMEOUT, |r| {
+            is_arp_reply(&r.frame, HOST_IP, GUEST_IP).is_some()
+        })
+        .expect("receive")
+        .expect("no ARP reply from the host");
+    is_arp_reply(&reply.frame, HOST_IP, GUEST_IP).expect("an ARP reply")
+}
+
+/// Pings the host on `pair`; returns the reply. Answers the host's ARP
+/// requests for the guest meanwhile.
+fn ping(
+    client: &mut NetClient,
+    pair: usize,
+    host_mac: [u8; 6],
+    seq: u16,
+    payload: &[u8],
+) -> Received {
+    ping_from(client, pair, (GUEST_MAC, GUEST_IP), host_mac, seq, payload)
+}
+
+/// `ping` from another made-up guest.
+fn ping_from(
+    client: &mut NetClient,
+    pair: usize,
+    (mac, ip): ([u8; 6], [u8; 4]),
+    host_mac: [u8; 6],
+    seq: u16,
+    payload: &[u8],
+) -> Received {
+    let request = icmp_echo_request(mac, host_mac, ip, HOST_IP, ECHO_ID, seq, payload);
+    client.send(pair, &request).expect("send the echo request");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = client
+            .recv(left)
+            .expect("receive")
+            .unwrap_or_else(|| panic!("no echo reply {seq} from the host to {ip:?}"));
+        if frame.frame[..6] == mac && is_echo_reply(&frame.frame, HOST_IP, ECHO_ID, seq, payload) {
+            return frame;
+        }
+        if let Some(arp) = parse_arp(&frame.frame) {
+            if arp.op == 1 && arp.target_ip == ip {
+                let answer = arp_reply(mac, ip, arp.sender_mac, arp.sender_ip);
+                client.send(frame.pair, &answer).expect("answer ARP");
+            }
+        }
+    }
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7) as u8).collect()
+}
+
+#[test]
+fn arp_and_ping_reach_the_host_and_its_answers_come_back() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &[]);
+    let capture = Capture::start(&ns.name, &backend.tap);
+    let mut client = NetClient::connect(&backend.socket, 1).expect("connect");
+    assert_eq!(client.pairs(), 1);
+    let before = ns.tap_stat(&backend.tap, "rx_packets");
+
+    let host_mac = resolve_host(&mut client, 0);
+    let data = payload(56);
+    let request = icmp_echo_request(GUEST_MAC, host_mac, GUEST_IP, HOST_IP, ECHO_ID, 1, &data);
+    let reply = ping(&mut client, 0, host_mac, 1, &data);
+    assert_eq!(reply.header.len(), HDR_LEN);
+    assert_eq!(reply.frame[..6], GUEST_MAC);
+
+    // The host received exactly the frames sent (no header, no change),
+    // in order.
+    let seen = capture.wait_for(TIMEOUT, |f| {
+        parse_arp(f).is_some_and(|a| a.op == 1 && a.sender_mac == GUEST_MAC)
+    });
+    assert!(seen.is_some(), "the ARP request never reached the host");
+    let seen = capture.wait_for(TIMEOUT, |f| f == request.as_slice());
+    assert!(seen.is_some(), "the echo request never reached the host");
+    let after = ns.tap_stat(&backend.tap, "rx_packets");
+    assert!(after >= before + 2, "rx_packets {before} -> {after}");
+    backend.assert_alive();
+}
+
+#[test]
+fn a_frame_longer_than_one_buffer_spans_mergeable_buffers() {
+    let ns = Netns::new();
+    let backend = Backend::start(&ns, &[]);
+    let options = NetOptions {
+        rx_buffer_len: 256,
+        ..NetOptions::new(1)
+    };
+    let mut client = NetClient::connect_with(&backend.socket, options).expect("connect");
+    let host_mac = resolve_host(&mut client, 0);
+    let data = payload(1400);
+    let reply = ping(&mut client, 0, host_mac, 7, &data);
+    // 12 + 14 + 20 + 8 + 1400 bytes in 256-byte buffers.
+    assert_eq!(reply.buffers, 6, "num_buffers");
+}
+
+#[test]
+fn without_mrg_rxbuf_frames_larger_than_the_buffer_are_dropped() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &[]);
+    let options = NetOptions {
+        features: 0,
+        rx_buffer_len: 512,
+        ..NetOptions::new(1)
+    };
+    let mut client = NetClient::connect_with(&backend.socket, options).expect("connect");
+    let host_mac = resolve_host(&mut client, 0);
+    let small = payload(100);
+    assert_eq!(ping(&mut client, 0, host_mac, 1, &small).buffers, 1);
+
+    let big = payload(1000);
+    let request = icmp_echo_request(GUEST_MAC, host_mac, GUEST_IP, HOST_IP, ECHO_ID, 2, &big);
+    client.send(0, &request).expect("send");
+    let reply = client
+        .recv_matching(Duration::from_secs(1), |r| {
+            is_echo_reply(&r.frame, HOST_IP, ECHO_ID, 2, &big)
+        })
+        .expect("receive");
+    assert!(
+        reply.is_none(),
+        "a 1066-byte frame arrived in 512-byte buffers"
+    );
+    // The buffer the big reply did not fit takes the next frame.
+    assert_eq!(ping(&mut client, 0, host_mac, 3, &small).buffers, 1);
+    backend.assert_alive();
+}
+
+#[test]
+fn malformed_descriptors_are_completed_and_the_backend_goes_on() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &[]);
+    let mut client = NetClient::connect(&backend.socket, 1).expect("connect");
+    let buf = client.tx_buffer(0).expect("tx buffer");
+    client.write_mem(buf, &arp_request(GUEST_MAC, GUEST_IP, HOST_IP));
+    let desc = |addr: u64, len: u32, flags: u16, next: u16| RawDesc {
+        addr,
+        len,
+        flags,
+        next,
+    };
+    let cases: [(&str, Vec<RawDesc>); 6] = [
+        (
+            "an address outside guest memory",
+            vec![desc(1 << 40, 60, 0, 0)],
+        ),
+        (
+            "a device-writable tx buffer",
+            vec![desc(buf, 60, DESC_F_WRITE, 0)],
+        ),
+        ("a zero-length chain", vec![desc(buf, 0, 0, 0)]),
+        (
+            "a frame over 65550 bytes",
+            vec![desc(buf, 12 + 65551, 0, 0)],
+        ),
+        (
+            "a descriptor loop",
+            vec![desc(buf, 12, DESC_F_NEXT, 1), desc(buf, 60, DESC_F_NEXT, 0)],
+        ),
+        (
+            "a next index past the queue",
+            vec![desc(buf, 12, DESC_F_NEXT, 999)],
+        ),
+    ];
+    let tx_packets = ns.tap_stat(&backend.tap, "rx_packets");
+    for (what, chain) in &cases {
+        let used = client
+            .submit_raw(1, chain, TIMEOUT)
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+            .unwrap_or_else(|| panic!("{what}: never completed"));
+        assert_eq!(used.len, 0, "{what}");
+        backend.assert_alive();
+    }
+    assert_eq!(
+        ns.tap_stat(&backend.tap, "rx_packets"),
+        tx_packets,
+        "a malformed chain reached the host"
+    );
+
+    // Malformed rx chains: a device-readable buffer, one outside memory.
+    let options = NetOptions {
+        rx_buffers: 0,
+        ..NetOptions::new(1)
+    };
+    drop(client);
+    let mut client =
+        NetClient::connect_with(&backend.socket, options).expect("connect a second time");
+    for (what, chain) in [
+        ("a readable rx buffer", [desc(buf, 2048, 0, 0)]),
+        (
+            "an rx buffer outside memory",
+            [desc(1 << 40, 2048, DESC_F_WRITE, 0)],
+        ),
+    ] {
+        let used = client
+            .submit_raw(0, &chain, TIMEOUT)
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+            .unwrap_or_else(|| panic!("{what}: never completed"));
+        assert_eq!(used.len, 0, "{what}");
+    }
+    assert_eq!(client.post_rx(0, 64).expect("post rx buffers"), 64);
+    let host_mac = resolve_host(&mut client, 0);
+    ping(&mut client, 0, host_mac, 1, &payload(32));
+    backend.assert_alive();
+    let log = backend.log();
+    assert!(
+        log.contains("descriptor") || log.contains("dropped"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_new_frontend_is_served_after_a_disconnect() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &[]);
+    for round in 0..3u16 {
+        let mut client = NetClient::connect_retrying(&backend.socket, 1, TIMEOUT).expect("connect");
+        let host_mac = resolve_host(&mut client, 0);
+        ping(&mut client, 0, host_mac, round, &payload(64));
+        // Dropping the client closes the connection.
+    }
+    backend.assert_alive();
+}
+
+#[test]
+fn get_config_is_refused_and_the_backend_serves_on() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &[]);
+    let mut client = NetClient::connect(&backend.socket, 1).expect("connect");
+    assert!(client.conn.config.is_empty(), "CONFIG is not offered");
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    use vhost::vhost_user::VhostUserFrontend;
+    let result = client
+        .conn
+        .frontend
+        .get_config(0, 12, VhostUserConfigFlags::empty(), &[0u8; 12]);
+    assert!(result.is_err(), "GET_CONFIG was answered");
+    drop(client);
+    backend.assert_alive();
+    let mut client = NetClient::connect_retrying(&backend.socket, 1, TIMEOUT).expect("connect");
+    resolve_host(&mut client, 0);
+}
+
+#[test]
+fn two_queue_pairs_use_a_multi_queue_tap() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &["--num-queues", "4"]);
+    assert_ne!(
+        ns.tun_flags(&backend.tap) & libc::IFF_MULTI_QUEUE as u32,
+        0,
+        "the tap is not multi-queue"
+    );
+    let capture = Capture::start(&ns.name, &backend.tap);
+    let mut client = NetClient::connect(&backend.socket, 2).expect("connect");
+    assert_eq!(client.pairs(), 2);
+    // An ARP request on pair 1's tx queue reaches the host.
+    let request = arp_request(GUEST_MAC, GUEST_IP, HOST_IP);
+    let before = ns.tap_stat(&backend.tap, "rx_packets");
+    client.send(1, &request).expect("send on pair 1");
+    assert!(
+        capture
+            .wait_for(TIMEOUT, |f| f == request.as_slice())
+            .is_some(),
+        "the frame sent on pair 1 never reached the host"
+    );
+    assert!(ns.tap_stat(&backend.tap, "rx_packets") > before);
+    // The host's answers come back on whichever pair the tap picks.
+    let reply = client
+        .recv_matching(TIMEOUT, |r| {
+            is_arp_reply(&r.frame, HOST_IP, GUEST_IP).is_some()
+        })
+        .expect("receive")
+        .expect("no ARP reply");
+    let host_mac = is_arp_reply(&reply.frame, HOST_IP, GUEST_IP).expect("ARP reply");
+    for pair in 0..2 {
+        ping(&mut client, pair, host_mac, pair as u16, &payload(100));
+    }
+    backend.assert_alive();
+}
+
+#[test]
+fn the_queues_of_pairs_not_enabled_are_detached_from_the_tap() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &["--num-queues", "4"]);
+    // A frontend that uses one pair of two: the tap must not steer any
+    // flow to the second pair's queue, which nobody reads.
+    let mut client = NetClient::connect(&backend.socket, 1).expect("connect");
+    let host_mac = resolve_host(&mut client, 0);
+    for n in 0..16u8 {
+        let guest = ([0x02, 0, 0, 0, 1, n], [192, 0, 2, 100 + n]);
+        let hello = arp_request(guest.0, guest.1, HOST_IP);
+        client.send(0, &hello).expect("send");
+        ping_from(&mut client, 0, guest, host_mac, u16::from(n), &payload(20));
+    }
+    backend.assert_alive();
+}
+
+#[test]
+fn sigterm_exits_0_and_removes_the_socket() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &[]);
+    let client = NetClient::connect(&backend.socket, 1).expect("connect");
+    backend.signal(libc::SIGTERM);
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = backend.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{}", backend.log());
+    assert!(!backend.socket.exists(), "the socket is still there");
+    drop(client);
+}
+
+/// Runs vhost-net with `args` (it must fail at once); returns its stderr.
+fn refused(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("s.sock");
+    let out = Command::new(vhost_net_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .args(args)
+        .output()
+        .expect("run vhost-net");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    assert!(!socket.exists(), "{args:?} left a socket");
+    stderr
+}
+
+#[test]
+fn bad_arguments_are_refused_on_one_line() {
+    let long = refused(&["--tap", "a-16-byte-name.x"]);
+    assert!(
+        long.starts_with("error: --tap \"a-16-byte-name.x\""),
+        "{long}"
+    );
+    let odd = refused(&["--tap", "vnt0", "--num-queues", "3"]);
+    assert!(odd.starts_with("error: --num-queues \"3\""), "{odd}");
+    let size = refused(&["--tap", "vnt0", "--queue-size", "100"]);
+    assert!(size.starts_with("error: --queue-size"), "{size}");
+    // An interface that is not a tap (every namespace has lo).
+    let not_tap = refused(&["--tap", "lo"]);
+    assert!(
+        not_tap.starts_with("error: --tap \"lo\": cannot attach"),
+        "{not_tap}"
+    );
+}
