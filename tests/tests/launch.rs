@@ -1,0 +1,149 @@
+//! scripts/launch: a VM with a disk and a NIC started as one unit, and
+//! nothing left behind when it ends, whether the guest powers off or a
+//! backend is killed.
+
+use std::process::Command;
+use std::time::Duration;
+
+use vmm_tests::backend::workspace_bin;
+use vmm_tests::blk::make_image;
+use vmm_tests::net::{guest_ip, Netns, HOST_IP};
+use vmm_tests::vm::RunningVm;
+use vmm_tests::{repo_root, require_kvm, test_guest, vmm_bin};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn launcher() -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo_root().join("scripts/launch"))
+        .env("VMM_BIN", vmm_bin())
+        .env("VHOST_BLK_BIN", workspace_bin("vhost-blk", "VHOST_BLK_BIN"))
+        .env("VHOST_NET_BIN", workspace_bin("vhost-net", "VHOST_NET_BIN"));
+    cmd
+}
+
+/// Pids from the launcher's "started ... (pid N)" lines.
+fn started_pids(stderr: &str) -> Vec<u32> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("launch: ") && l.contains("started"))
+        .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
+        .collect()
+}
+
+fn assert_all_gone(stderr: &str, expected: usize) {
+    let pids = started_pids(stderr);
+    assert_eq!(pids.len(), expected, "{stderr}");
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} survived the launch:\n{stderr}"
+        );
+    }
+    let work = stderr
+        .split_whitespace()
+        .find(|w| w.contains("/vmm-launch-"))
+        .map(|w| w.trim_matches(|c| c == '(' || c == ')' || c == ':'))
+        .and_then(|w| std::path::Path::new(w).parent().map(|p| p.to_path_buf()));
+    let work = work.unwrap_or_else(|| panic!("no socket path in:\n{stderr}"));
+    assert!(!work.exists(), "{} (sockets) remains", work.display());
+}
+
+#[test]
+fn a_vm_with_a_disk_and_a_nic_starts_and_leaves_nothing_behind() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 0);
+    let ns = Netns::new();
+    let tap = ns.tap_with_address(false);
+    let config = dir.path().join("vm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[vm]\nkernel = {:?}\ncmdline = \"ip={} ping={HOST_IP}\"\nmemory = \"128M\"\n\n\
+             [[disk]]\nimage = \"disk.img\"\n\n[[net]]\ntap = {tap:?}\nnetns = {:?}\n",
+            test_guest().display().to_string(),
+            guest_ip(1),
+            ns.name
+        ),
+    )
+    .expect("write config");
+    let mut cmd = launcher();
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"));
+    let mut vm = RunningVm::spawn(cmd);
+    vm.expect_line("testguest: blk 00:01.0 write-read ok", TIMEOUT);
+    vm.expect_line("testguest: net 00:02.0 mac ", TIMEOUT);
+    vm.expect_line(
+        &format!("testguest: net ping {HOST_IP} 3/3 replies"),
+        TIMEOUT,
+    );
+    let status = vm.wait_exit(TIMEOUT);
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    vm.assert_no_guest_failure();
+    assert_all_gone(&stderr, 3);
+    for log in ["disk0.log", "net0.log"] {
+        assert!(dir.path().join("logs").join(log).is_file(), "no {log}");
+    }
+}
+
+#[test]
+fn a_killed_backend_is_reported_and_everything_is_torn_down() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 0);
+    let mut cmd = launcher();
+    cmd.arg("--kernel")
+        .arg(test_guest())
+        .args(["--cmdline", "count", "--memory", "64M", "--disk"])
+        .arg(&image)
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"));
+    let mut vm = RunningVm::spawn(cmd);
+    vm.expect_line("testguest: count 2", TIMEOUT);
+    let pid = vm
+        .stderr
+        .wait_for("launch: disk0: started vhost-blk (pid ", TIMEOUT)
+        .expect("backend line");
+    let pid: i32 = pid
+        .split("(pid ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse().ok())
+        .expect("pid");
+    // SAFETY: kill(2) with a pid the launcher reported and a valid signal.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let status = vm.wait_exit(TIMEOUT);
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "launch: disk0: the backend (pid {pid}) was killed by signal 9; tearing the VM down"
+        )),
+        "{stderr}"
+    );
+    assert_all_gone(&stderr, 2);
+}
+
+#[test]
+fn a_bad_config_is_one_clear_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[vm]\nkernel = \"nope\"\ncolour = \"blue\"\n").expect("write");
+    let out = launcher()
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "launch: error: [vm]: unknown key 'colour'"
+    );
+}

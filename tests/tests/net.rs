@@ -1,0 +1,132 @@
+//! The test guest's virtio-net driver on our vmm with our vhost-net
+//! backend on a tap: it pings the host, two guests on a bridge exchange
+//! frames, and two queue pairs are negotiated. Each test has its own
+//! network namespace (see `vmm_tests::net`).
+
+use std::time::Duration;
+
+use vmm_tests::backend::Backend;
+use vmm_tests::blk::{assert_kicks_bypassed_the_vmm, finish};
+use vmm_tests::net::{guest_ip, mac_text, test_mac, Capture, Netns, HOST_IP};
+use vmm_tests::vm::{RunningVm, VmBuilder};
+use vmm_tests::{require_kvm, test_guest};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Boots the test guest with one NIC on `socket` and the given cmdline.
+fn boot(socket: &std::path::Path, mac: [u8; 6], pairs: u32, cmdline: &str) -> RunningVm {
+    VmBuilder::new(test_guest())
+        .memory("128M")
+        .cmdline(cmdline)
+        .arg("--net")
+        .arg(format!(
+            "socket={},mac={},num_queues={pairs}",
+            socket.display(),
+            mac_text(mac)
+        ))
+        .spawn()
+}
+
+/// Waits for the guest's three echo replies from `host`.
+fn expect_ping(vm: &RunningVm, host: &str) {
+    vm.expect_line(&format!("testguest: net arp {host} is-at "), TIMEOUT);
+    for seq in 1..=3 {
+        vm.expect_line(
+            &format!("testguest: net ping {host} seq {seq} reply ok"),
+            TIMEOUT,
+        );
+    }
+    vm.expect_line(&format!("testguest: net ping {host} 3/3 replies"), TIMEOUT);
+}
+
+#[test]
+fn guest_pings_the_host_through_vhost_net() {
+    require_kvm();
+    let ns = Netns::new();
+    let tap = ns.tap_with_address(false);
+    let capture = Capture::start(&ns, &tap);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("net.sock");
+    let _backend = Backend::vhost_net(&ns, &socket, &tap, 1);
+    let mac = test_mac(1);
+    let guest = guest_ip(1);
+
+    let vm = boot(&socket, mac, 1, &format!("ip={guest} ping={HOST_IP}"));
+    let info = vm.expect_line("testguest: net 00:01.0 ", TIMEOUT);
+    assert_eq!(
+        info,
+        format!(
+            "testguest: net 00:01.0 mac {} link up pairs 1 mtu 1500",
+            mac_text(mac)
+        )
+    );
+    expect_ping(&vm, HOST_IP);
+    let log = finish(vm);
+    assert_kicks_bypassed_the_vmm(&log, "net0");
+    // The host saw the guest's echo requests on the tap.
+    let seen = capture.echo_requests(&guest, HOST_IP);
+    assert!(seen >= 3, "the capture on {tap} saw {seen} echo requests");
+}
+
+#[test]
+fn two_queue_pairs_are_negotiated() {
+    require_kvm();
+    let ns = Netns::new();
+    let tap = ns.tap_with_address(true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("net.sock");
+    let _backend = Backend::vhost_net(&ns, &socket, &tap, 2);
+    let vm = boot(
+        &socket,
+        test_mac(2),
+        2,
+        &format!("ip={} ping={HOST_IP}", guest_ip(1)),
+    );
+    let info = vm.expect_line("testguest: net 00:01.0 ", TIMEOUT);
+    assert!(info.ends_with(" link up pairs 2 mtu 1500"), "{info}");
+    vm.expect_line("testguest: net mq pairs 2 set ok", TIMEOUT);
+    expect_ping(&vm, HOST_IP);
+    finish(vm);
+}
+
+#[test]
+fn two_guests_on_a_bridge_exchange_frames() {
+    require_kvm();
+    let ns = Netns::new();
+    let bridge = ns.bridge();
+    let taps = [ns.tap(false), ns.tap(false)];
+    for tap in &taps {
+        ns.enslave(tap, &bridge);
+    }
+    // The responder's tap sees what the bridge forwards to it and what it
+    // sends back (a capture on the bridge device itself sees only frames
+    // for the host).
+    let capture = Capture::start(&ns, &taps[1]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sockets = [dir.path().join("a.sock"), dir.path().join("b.sock")];
+    let _backends: Vec<_> = sockets
+        .iter()
+        .zip(&taps)
+        .map(|(socket, tap)| Backend::vhost_net(&ns, socket, tap, 1))
+        .collect();
+    let (a, b) = (guest_ip(1), guest_ip(2));
+    let responder = boot(&sockets[1], test_mac(4), 1, &format!("ip={b} respond=3"));
+    responder.expect_line("testguest: net 00:01.0 ", TIMEOUT);
+    let pinger = boot(&sockets[0], test_mac(3), 1, &format!("ip={a} ping={b}"));
+    expect_ping(&pinger, &b);
+    for seq in 1..=3 {
+        responder.expect_line(
+            &format!("testguest: net answered echo seq {seq} from {a}"),
+            TIMEOUT,
+        );
+    }
+    responder.expect_line("testguest: net responder done 3", TIMEOUT);
+    finish(pinger);
+    finish(responder);
+    // The frames crossed the host's bridge.
+    assert!(capture.echo_requests(&a, &b) >= 3);
+    assert!(
+        capture.frames_from(test_mac(4)) >= 4,
+        "ARP and echo replies"
+    );
+}
