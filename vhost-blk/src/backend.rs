@@ -161,7 +161,13 @@ impl BlkBackend {
                             request::finish(&mem, io, ok)
                         }
                     };
-                    vring.add_used(*head, used).map_err(vq_err)?;
+                    // A head index the driver made up (outside the queue)
+                    // cannot be completed; skip it rather than end the
+                    // worker, so the queue keeps serving good requests.
+                    if let Err(e) = vring.add_used(*head, used) {
+                        log::warn!("queue {queue}: cannot complete head {head}: {e:?}");
+                        continue;
+                    }
                     completed += 1;
                 }
             }
