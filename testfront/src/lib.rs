@@ -9,6 +9,8 @@
 //! - `net`: virtio-net frames sent and received, and raw chains for tests.
 //! - `pipeline`: up to `depth` virtio-blk requests in flight on one queue.
 //! - `load`: the engine of the `vhost-loadgen` benchmark.
+//! - `netload`: the engine of the `vhost-netload` benchmark (frames through
+//!   a net backend and its tap, either way).
 //!
 //! Dropping a [`BlkClient`] (or a [`Connection`]) closes the socket; a new
 //! one can then connect to the same backend.
@@ -18,6 +20,7 @@ pub mod connection;
 pub mod load;
 pub mod memory;
 pub mod net;
+pub mod netload;
 pub mod pipeline;
 pub mod virtqueue;
 
