@@ -8,10 +8,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockWriteGuard, Weak};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -25,6 +26,8 @@ use crate::worker::{Pair, RxStop, Stats};
 /// A pair's queues, as its worker thread numbers them.
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
+/// How long a tx worker looks for more frames before it sleeps.
+const TX_POLL: Duration = Duration::from_micros(100);
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Handler = VringEpollHandler<NetBackend>;
@@ -278,12 +281,34 @@ impl NetBackend {
             };
             if used > 0 {
                 self.notify(pair, &mut guard, &mem);
+                // A sender that keeps its ring full refills it within
+                // microseconds: look for more for a moment before going
+                // back to sleep, which saves its kick and our wake-up.
+                if Self::more_within(guard.get_queue(), &mem, TX_POLL) {
+                    continue;
+                }
             }
             match guard.get_queue_mut().enable_notification(&*mem) {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => return ring_failed(pair, &mut state, "tx", &e),
             }
+        }
+    }
+
+    /// Whether the driver makes new chains available within `window`.
+    fn more_within(q: &Queue, mem: &GuestMemoryMmap, window: Duration) -> bool {
+        let deadline = Instant::now() + window;
+        loop {
+            match q.avail_idx(mem, Ordering::Acquire) {
+                Ok(idx) if idx.0 != q.next_avail() => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 }
