@@ -135,6 +135,12 @@ fn bad_input_gets_errors_and_the_vm_keeps_running() {
 
     // A client that leaves mid-message.
     let (mut half, _) = RawQmp::connect(&socket);
+    // A wrong argument type is an error, and negotiation can be retried.
+    let reply = half.request(r#"{"execute": "qmp_capabilities", "arguments": {"enable": 5}}"#);
+    assert!(
+        reply.contains(r#""desc":"Invalid parameter type for 'enable', expected: array""#),
+        "{reply}"
+    );
     half.negotiate();
     half.send_raw(br#"{"execute": "sto"#);
     drop(half);
@@ -296,4 +302,42 @@ fn system_reset_reboots_with_the_same_disk_backend() {
     );
     assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
     vm.assert_no_guest_failure();
+}
+
+#[test]
+fn a_backend_that_dies_is_a_device_backend_event() {
+    use vmm_tests::backend::Backend;
+    use vmm_tests::blk::{expect_disk, make_image};
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 0);
+    let disk_socket = dir.path().join("disk.sock");
+    let backend = Backend::vhost_blk(&disk_socket, &image, &[]);
+    let socket = dir.path().join("qmp.sock");
+    let mut vm = VmBuilder::new(test_guest())
+        .memory("128M")
+        .cmdline("count")
+        .arg("--api-socket")
+        .arg(socket.display().to_string())
+        .arg("--disk")
+        .arg(format!("socket={}", disk_socket.display()))
+        .spawn();
+    expect_disk(&vm, "00:01.0", 0, false);
+    let (mut qmp, _) = RawQmp::connect(&socket);
+    qmp.negotiate();
+    let devices = qmp.request(r#"{"execute": "query-vhost-user"}"#);
+    assert!(devices.contains(r#""connected":true"#), "{devices}");
+    assert!(devices.contains(r#""type":"virtio-blk""#), "{devices}");
+    backend.signal(libc::SIGKILL);
+    let event = qmp.wait_event("DEVICE_BACKEND");
+    assert!(event.contains(r#""device":"disk0""#), "{event}");
+    assert!(event.contains(r#""connected":false"#), "{event}");
+    let devices = qmp.request(r#"{"execute": "query-vhost-user"}"#);
+    assert!(devices.contains(r#""connected":false"#), "{devices}");
+    // The VM runs on without its disk.
+    let at = last_count(&vm);
+    vm.expect_line(&format!("testguest: count {}", at + 2), TIMEOUT);
+    qmp.request(r#"{"execute": "quit"}"#);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
 }
