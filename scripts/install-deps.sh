@@ -9,7 +9,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 packages=(acpica-tools lz4 binutils time qemu-system-x86 qemu-system-common dpdk-dev iproute2
-          socat python3 python3-venv)
+          socat python3 python3-venv openvswitch-switch-dpdk)
 need=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")

@@ -117,3 +117,37 @@ fn the_dpdk_launcher_pairs_a_vm_with_testpmd_and_cleans_up() {
         );
     }
 }
+
+/// scripts/vm-ovs.sh: OVS-DPDK (a private ovs-vswitchd with DPDK, a netdev
+/// bridge, a dpdkvhostuserclient port) carries the guest's ping to the
+/// bridge's address, with the vmm as the socket server; nothing is left.
+#[test]
+fn ovs_dpdk_carries_the_guest_ping() {
+    require_kvm();
+    let mut vm = RunningVm::spawn({
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(vmm_tests::repo_root().join("scripts/vm-ovs.sh"))
+            .env("VMM_BIN", vmm_tests::vmm_bin())
+            .arg("--kernel")
+            .arg(test_guest());
+        cmd
+    });
+    expect_ping(&vm, HOST_IP);
+    let status = vm.wait_exit(TIMEOUT);
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let netns = stderr
+        .split("netns ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap_or_else(|| panic!("no namespace in:\n{stderr}"))
+        .to_string();
+    let namespaces = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    assert!(
+        !String::from_utf8_lossy(&namespaces.stdout).contains(&netns),
+        "vm-ovs.sh left its namespace {netns}"
+    );
+}
