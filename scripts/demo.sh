@@ -1,43 +1,50 @@
 #!/usr/bin/env bash
-# Builds everything and boots the demo VM: the project's test guest with
-# 2 vCPUs, 512 MiB and a 64 MiB virtio-blk disk served by a separate
-# vhost-blk process, console on this terminal. The guest reports what it
-# found (CPUs, memory, ACPI tables, PCI devices, the disk), writes and reads
-# back its disk, and powers off; the backend and its files are then removed.
+# Builds everything and boots the demo VM through scripts/launch: the
+# project's test guest with 2 vCPUs, 512 MiB, a 64 MiB virtio-blk disk served
+# by a vhost-blk process and a virtio-net NIC served by a vhost-net process
+# on a tap, console on this terminal. The tap lives in a network namespace
+# made for the demo, with the host side at 192.0.2.1/24, so nothing touches
+# this machine's own networks. The guest reports what it found (CPUs,
+# memory, ACPI tables, PCI devices, the disk, the NIC), writes and reads back
+# its disk, pings 192.0.2.1 from 192.0.2.2, and powers off; the launcher then
+# stops the backends and removes their sockets, and this script removes the
+# namespace and the image.
 # With --interactive the guest then waits for lines to echo back; type
 # "poweroff" to end it (Ctrl-A x quits the VMM at any time).
+# Needs root (network namespaces and taps) and /dev/kvm.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CMDLINE="demo"
+CMDLINE="demo ip=192.0.2.2 ping=192.0.2.1"
 if [[ "${1:-}" == "--interactive" ]]; then
-    CMDLINE="demo echo"
+    CMDLINE="$CMDLINE echo"
 fi
-echo "demo: building the vmm, vhost-blk and the test guest" >&2
-(cd "$ROOT" && cargo build --release -p vmm -p vhost-blk)
+if [[ $(id -u) -ne 0 ]]; then
+    echo "demo: the NIC's tap and namespace need root: run it with sudo" >&2
+    exit 1
+fi
+echo "demo: building the vmm, vhost-blk, vhost-net and the test guest" >&2
+(cd "$ROOT" && cargo build --release -p vmm -p vhost-blk -p vhost-net)
 "$ROOT/scripts/build-guest.sh" >/dev/null
 
 WORK="$(mktemp -d)"
-BACKEND=""
+NS="vmmdemo$$"
 cleanup() {
-    if [[ -n "$BACKEND" ]]; then
-        kill "$BACKEND" 2>/dev/null || true
-        wait "$BACKEND" 2>/dev/null || true
-    fi
+    ip netns del "$NS" 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
 
 truncate -s 64M "$WORK/disk0.img"
-"$ROOT/target/release/vhost-blk" --socket "$WORK/disk0.sock" --image "$WORK/disk0.img" \
-    --serial demo-disk0 2>"$WORK/vhost-blk.log" &
-BACKEND=$!
-for _ in $(seq 100); do [[ -S "$WORK/disk0.sock" ]] && break; sleep 0.05; done
-[[ -S "$WORK/disk0.sock" ]] || { echo "demo: vhost-blk did not start:" >&2; cat "$WORK/vhost-blk.log" >&2; exit 1; }
+ip netns add "$NS"
+ip -n "$NS" tuntap add dev demotap0 mode tap
+ip -n "$NS" addr add 192.0.2.1/24 dev demotap0
+ip -n "$NS" link set demotap0 up
 
-echo "demo: booting target/guest/testguest.elf with a vhost-user disk" >&2
+echo "demo: booting target/guest/testguest.elf with a vhost-user disk and NIC" >&2
 status=0
-"$ROOT/target/release/vmm" --kernel "$ROOT/target/guest/testguest.elf" \
-    --cpus 2 --memory 512M --cmdline "$CMDLINE" --serial stdio \
-    --disk "socket=$WORK/disk0.sock" || status=$?
+"$ROOT/scripts/launch" --kernel "$ROOT/target/guest/testguest.elf" \
+    --cpus 2 --memory 512M --cmdline "$CMDLINE" \
+    --disk "$WORK/disk0.img" --net "demotap0,netns=$NS" \
+    --log-dir "$WORK/logs" || status=$?
 echo "demo: the VM exited with status $status" >&2
 exit "$status"

@@ -1,7 +1,8 @@
 //! DPDK's vhost PMD as the network backend of our vmm: dpdk-testpmd
 //! forwards between its vhost-user port and a tap port it creates, and the
 //! test guest pings the host across it, with DPDK as the socket server and
-//! with the VMM as the server (DPDK `client=1`).
+//! with the VMM as the server (DPDK `client=1`); OVS-DPDK's
+//! dpdkvhostuserclient port carries it as well (scripts/vm-ovs.sh).
 
 use std::time::Duration;
 
