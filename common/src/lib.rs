@@ -1,5 +1,7 @@
-//! What more than one binary of the project needs: logging set-up and the
-//! printing of error chains at the top level of a process.
+//! What more than one binary of the project needs: logging set-up, the
+//! printing of error chains at the top level of a process, and how a
+//! backend stops on a signal.
 
 pub mod error_chain;
 pub mod logging;
+pub mod stop;

@@ -23,44 +23,15 @@ pub enum ServeError {
     Signals(#[source] std::io::Error),
 }
 
-/// Removes the socket and exits 0 on SIGTERM or SIGINT. A tap this
-/// process created goes away with its last queue.
-fn handle_stop_signals(socket: &Path) -> Result<(), ServeError> {
-    // SAFETY: an all-zero sigset is valid storage for sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is valid; the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-    }
-    // SAFETY: blocks the signals in this thread (threads spawned later inherit it).
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(ServeError::Signals(std::io::Error::from_raw_os_error(rc)));
-    }
-    let socket = socket.to_path_buf();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut signal = 0;
-            // SAFETY: `set` is initialised and `signal` is a valid out-pointer.
-            unsafe { libc::sigwait(&set, &mut signal) };
-            log::info!("signal {signal}: stopping");
-            let _ = std::fs::remove_file(&socket);
-            std::process::exit(0);
-        })
-        .map_err(ServeError::Signals)?;
-    Ok(())
-}
-
 /// Serves frontends one after another on one listening socket, so a new
 /// frontend can connect (and wait in the backlog) while the last one is
 /// being cleaned up. Each frontend talks to the vhost crate's handler
 /// through a `Relay` (see there for why), over a private abstract socket.
 pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     let device = Arc::new(device);
-    handle_stop_signals(socket)?;
+    // A tap this process created goes away with its last queue.
+    vmm_common::stop::exit_on_stop_signals(socket.to_path_buf(), || {})
+        .map_err(ServeError::Signals)?;
     let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
     if socket.exists() {
         std::fs::remove_file(socket).map_err(serve_err)?;

@@ -248,17 +248,7 @@ fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
                     .filter(|n| (1..=MAX_QUEUES).contains(n))
                     .ok_or_else(|| bad(format!("num_queues={value} is not 1 to {MAX_QUEUES}")))?;
             }
-            "queue_size" => {
-                queue_size = value
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|n| n.is_power_of_two())
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "queue_size={value} is not a power of two up to 32768"
-                        ))
-                    })?;
-            }
+            "queue_size" => queue_size = parse_queue_size(value).map_err(bad)?,
             _ => return Err(bad(format!("unknown or empty option {part:?}"))),
         }
     }
@@ -268,6 +258,15 @@ fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
         num_queues,
         queue_size,
     })
+}
+
+/// A ring size: a power of two up to 32768.
+fn parse_queue_size(value: &str) -> Result<u16, String> {
+    value
+        .parse::<u16>()
+        .ok()
+        .filter(|n| n.is_power_of_two())
+        .ok_or_else(|| format!("queue_size={value} is not a power of two up to 32768"))
 }
 
 /// Parses `socket=PATH[,mac=MAC][,num_queues=N][,queue_size=N][,server=on|off]`.
@@ -306,17 +305,7 @@ fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
                         ))
                     })?;
             }
-            "queue_size" => {
-                queue_size = value
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|n| n.is_power_of_two())
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "queue_size={value} is not a power of two up to 32768"
-                        ))
-                    })?;
-            }
+            "queue_size" => queue_size = parse_queue_size(value).map_err(bad)?,
             "server" => {
                 server = match value {
                     "on" | "true" | "yes" => true,
