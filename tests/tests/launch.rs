@@ -147,3 +147,33 @@ fn a_bad_config_is_one_clear_line() {
         "launch: error: [vm]: unknown key 'colour'"
     );
 }
+
+#[test]
+fn a_signal_to_the_launcher_stops_everything() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 0);
+    let api = dir.path().join("vm.qmp");
+    let mut cmd = launcher();
+    cmd.arg("--kernel")
+        .arg(test_guest())
+        .args(["--cmdline", "count", "--memory", "64M", "--disk"])
+        .arg(&image)
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"));
+    let mut vm = RunningVm::spawn(cmd);
+    vm.expect_line("testguest: count 2", TIMEOUT);
+    vm.signal(libc::SIGINT);
+    let status = vm.wait_exit(TIMEOUT);
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("launch: signal 2: stopping the VM"),
+        "{stderr}"
+    );
+    assert_all_gone(&stderr, 2);
+    assert!(!api.exists(), "the vmm's API socket remains");
+}

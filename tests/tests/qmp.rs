@@ -267,6 +267,26 @@ fn system_reset_reboots_with_the_same_disk_backend() {
     vm.expect_line("testguest: count 2", TIMEOUT);
     let (mut qmp, _) = RawQmp::connect(&socket);
     qmp.negotiate();
+    let blocks = qmp.request(r#"{"execute": "query-block"}"#);
+    assert!(blocks.contains(r#""device":"disk0""#), "{blocks}");
+    assert!(
+        blocks.contains(&format!(r#""socket":"{}""#, disk_socket.display())),
+        "{blocks}"
+    );
+    let commands = qmp.request(r#"{"execute": "query-commands"}"#);
+    for name in [
+        "system_reset",
+        "system_powerdown",
+        "query-vhost-user",
+        "stop",
+    ] {
+        assert!(
+            commands.contains(&format!(r#"{{"name":"{name}"}}"#)),
+            "{commands}"
+        );
+    }
+    let version = qmp.request(r#"{"execute": "query-version"}"#);
+    assert!(version.contains(r#""package":"vmm "#), "{version}");
     assert_eq!(
         qmp.request(r#"{"execute": "system_reset"}"#),
         r#"{"return":{}}"#
