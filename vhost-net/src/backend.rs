@@ -28,6 +28,8 @@ const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
 /// How long a tx worker looks for more frames before it sleeps.
 const TX_POLL: Duration = Duration::from_micros(100);
+/// Tx completions signalled at once while the sender keeps the ring busy.
+const TX_SIGNAL_BATCH: u32 = 32;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Handler = VringEpollHandler<NetBackend>;
@@ -270,6 +272,9 @@ impl NetBackend {
         if let Err(e) = tap.set_attached(true) {
             log::warn!("pair {pair}: cannot attach its tap queue: {e}");
         }
+        // Completions not yet signalled: a busy sender is told every
+        // TX_SIGNAL_BATCH frames, and always before the worker sleeps.
+        let mut unsignalled = 0;
         loop {
             let q = guard.get_queue_mut();
             let result = q
@@ -279,14 +284,20 @@ impl NetBackend {
                 Ok(used) => used,
                 Err(e) => return ring_failed(pair, &mut state, "tx", &e),
             };
-            if used > 0 {
+            unsignalled += used;
+            if unsignalled >= TX_SIGNAL_BATCH {
                 self.notify(pair, &mut guard, &mem);
-                // A sender that keeps its ring full refills it within
-                // microseconds: look for more for a moment before going
-                // back to sleep, which saves its kick and our wake-up.
-                if Self::more_within(guard.get_queue(), &mem, TX_POLL) {
-                    continue;
-                }
+                unsignalled = 0;
+            }
+            // A sender that keeps its ring full refills it within
+            // microseconds: look for more for a moment before going back to
+            // sleep, which saves its kick and our wake-up.
+            if used > 0 && Self::more_within(guard.get_queue(), &mem, TX_POLL) {
+                continue;
+            }
+            if unsignalled > 0 {
+                self.notify(pair, &mut guard, &mem);
+                unsignalled = 0;
             }
             match guard.get_queue_mut().enable_notification(&*mem) {
                 Ok(true) => continue,
