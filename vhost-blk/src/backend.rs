@@ -94,7 +94,7 @@ impl BlkBackend {
     /// and writes together through the queue's io_uring (the rest inline),
     /// completes them, then signals once. With EVENT_IDX, re-enables
     /// notifications and loops if more arrived.
-    fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
+    pub(crate) fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(());
         };

@@ -277,3 +277,57 @@ fn a_descriptor_loop_ends() {
         IOERR
     );
 }
+
+/// A head index outside the queue (a guest bug or attack) is skipped, and
+/// the good request after it still completes: the worker does not end.
+#[test]
+fn a_made_up_head_index_does_not_stop_the_queue() {
+    use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+    use vm_memory::GuestMemoryAtomic;
+
+    use crate::backend::{BlkBackend, Device};
+
+    let rig = Rig::new();
+    let vq = MockSplitQueue::new(&rig.mem, 16);
+    rig.header(VIRTIO_BLK_T_IN, 1);
+    let next = VRING_DESC_F_NEXT as u16;
+    for (i, (addr, len, flags)) in [(HEADER, 16, next), (DATA, 512, W | next), (STATUS, 1, W)]
+        .into_iter()
+        .enumerate()
+    {
+        let desc = Descriptor::new(addr, len, flags, i as u16 + 1);
+        vq.desc_table()
+            .store(i as u16, RawDescriptor::from(desc))
+            .unwrap();
+    }
+    // avail ring: a head of 99 in a 16-entry queue, then the real chain.
+    vq.avail().ring().ref_at(0).unwrap().store(u16::to_le(99));
+    vq.avail().ring().ref_at(1).unwrap().store(u16::to_le(0));
+    vq.avail().idx().store(u16::to_le(2));
+
+    let backend = BlkBackend::new(Arc::new(Device {
+        target: rig.target(false),
+        num_queues: 1,
+        queue_size: 16,
+    }));
+    backend
+        .update_memory(GuestMemoryAtomic::new(rig.mem.clone()))
+        .unwrap();
+    let vring = VringRwLock::new(GuestMemoryAtomic::new(rig.mem.clone()), 16).unwrap();
+    vring
+        .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+        .unwrap();
+    vring.set_queue_size(16);
+    vring.set_queue_ready(true);
+
+    backend
+        .process_queue(0, &vring)
+        .expect("the queue keeps working");
+    assert_eq!(u16::from_le(vq.used().idx().load()), 1, "one completion");
+    let elem = vq.used().ring().ref_at(0).unwrap().load();
+    assert_eq!(elem.id(), 0, "the good chain completed");
+    assert_eq!(rig.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+    let mut sector = [0u8; 512];
+    rig.mem.read_slice(&mut sector, GuestAddress(DATA)).unwrap();
+    assert!(sector.iter().all(|&b| b == 1), "sector 1 was read");
+}
