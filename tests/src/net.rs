@@ -222,6 +222,52 @@ impl Drop for Capture {
     }
 }
 
+/// Sends one raw Ethernet frame out of `ifname` inside `ns` (towards
+/// whatever reads the tap: the backend, then the guest).
+pub fn send_frame(ns: &Netns, ifname: &str, frame: &[u8]) {
+    let (ns_name, ifname, frame) = (ns.name.clone(), ifname.to_string(), frame.to_vec());
+    std::thread::spawn(move || {
+        enter_netns(&ns_name);
+        let fd = open_capture(&ifname);
+        // SAFETY: `frame` is readable for its length; `fd` is an open
+        // AF_PACKET socket bound to the interface.
+        let n = unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send on {ifname}: {}",
+            std::io::Error::last_os_error()
+        );
+    })
+    .join()
+    .expect("the sending thread");
+}
+
+/// An ARP request for `target` from `sender_ip` at `sender_mac`.
+pub fn arp_request(sender_mac: [u8; 6], sender_ip: &str, target: &str) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&parse_ipv4(sender_ip));
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&parse_ipv4(target));
+    f.resize(60, 0);
+    f
+}
+
+impl Capture {
+    /// ARP replies (operation 2) sent by `mac` seen so far.
+    pub fn arp_replies_from(&self, mac: [u8; 6]) -> usize {
+        self.frames
+            .lock()
+            .expect("capture lock")
+            .iter()
+            .filter(|f| f.len() >= 42 && f[6..12] == mac && f[12..14] == [0x08, 0x06] && f[21] == 2)
+            .count()
+    }
+}
+
 /// Moves the calling thread into the namespace `name`.
 fn enter_netns(name: &str) {
     let path = format!("/run/netns/{name}");

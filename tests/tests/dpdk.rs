@@ -152,3 +152,72 @@ fn ovs_dpdk_carries_the_guest_ping() {
         "vm-ovs.sh left its namespace {netns}"
     );
 }
+
+/// With server=on, a DPDK that restarts (client=1 reconnects) gets the NIC
+/// back while the guest runs: QMP reports the backend gone and back, and
+/// the guest answers ARP through the new DPDK, so its rings were handed
+/// over again where they stood.
+#[test]
+fn a_restarted_testpmd_reconnects_to_a_running_guest() {
+    use vmm_tests::net::{arp_request, send_frame, Capture};
+    use vmm_tests::qmp::RawQmp;
+    require_kvm();
+    require_testpmd();
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("vmm.sock");
+    let api = dir.path().join("vm.qmp");
+    let mac = test_mac(30);
+    let mut vm = VmBuilder::new(test_guest())
+        .memory("128M")
+        .cmdline(&format!("ip={} respond=1000", guest_ip(1)))
+        .arg("--net")
+        .arg(format!(
+            "socket={},server=on,mac={}",
+            socket.display(),
+            mac_text(mac)
+        ))
+        .arg("--api-socket")
+        .arg(api.display().to_string())
+        .spawn();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "no vmm socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tap = unique_name("vd");
+    let probe = |what: &str| {
+        ns.wait_for_link(&tap, TIMEOUT);
+        let capture = Capture::start(&ns, &tap);
+        let request = arp_request([0x02, 0, 0, 0, 0, 0x09], HOST_IP, &guest_ip(1));
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while capture.arp_replies_from(mac) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no ARP reply from the guest {what}"
+            );
+            send_frame(&ns, &tap, &request);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let first = Testpmd::start(&ns, &socket, &tap, true, 1);
+    vm.expect_line("testguest: net 00:01.0 ", TIMEOUT);
+    let (mut qmp, _) = RawQmp::connect(&api);
+    qmp.negotiate();
+    probe("through the first testpmd");
+
+    drop(first);
+    let gone = qmp.wait_event("DEVICE_BACKEND");
+    assert!(gone.contains(r#""connected":false"#), "{gone}");
+    qmp.events.clear();
+    let _second = Testpmd::start(&ns, &socket, &tap, true, 1);
+    let back = qmp.wait_event("DEVICE_BACKEND");
+    assert!(back.contains(r#""connected":true"#), "{back}");
+    let devices = qmp.request(r#"{"execute": "query-vhost-user"}"#);
+    assert!(devices.contains(r#""connected":true"#), "{devices}");
+    probe("through the restarted testpmd");
+
+    qmp.request(r#"{"execute": "quit"}"#);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    vm.assert_no_guest_failure();
+}

@@ -70,6 +70,8 @@ pub enum BuildError {
     Net(#[source] vhost_user::frontend::FrontendError),
     #[error("--net server=on")]
     Listen(#[from] vhost_user::listener::ListenError),
+    #[error("cannot start the thread that takes reconnecting backends")]
+    ReconnectThread(#[source] std::io::Error),
     #[error("cannot create the PCI device for {0}")]
     Transport(String, #[source] virtio_pci::TransportError),
     #[error("too many PCI devices")]
@@ -204,17 +206,26 @@ pub fn build(
             queue_pairs: net.queue_pairs,
             queue_size: net.queue_size,
         };
-        let device = if net.server {
+        if net.server {
             let server = ServerSocket::bind(&net.socket)?;
             let stream = server.accept(interrupt)?;
+            let device = vhost_user::net::from_stream(&spec, stream).map_err(BuildError::Net)?;
+            let status = device.status();
+            let transport = pci.add_virtio(Box::new(device), status.clone(), "vhost-user-net")?;
+            // DPDK (client=1) and OVS reconnect after a restart.
+            server
+                .serve_reconnects(
+                    format!("net{index}"),
+                    move || !status.connected(),
+                    move |stream| crate::bus::lock(&transport).reconnect_backend(stream),
+                )
+                .map_err(BuildError::ReconnectThread)?;
             server_sockets.push(server);
-            vhost_user::net::from_stream(&spec, stream)
         } else {
-            vhost_user::net::connect(&spec)
+            let device = vhost_user::net::connect(&spec).map_err(BuildError::Net)?;
+            let status = device.status();
+            pci.add_virtio(Box::new(device), status, "vhost-user-net")?;
         }
-        .map_err(BuildError::Net)?;
-        let status = device.status();
-        pci.add_virtio(Box::new(device), status, "vhost-user-net")?;
     }
     let devices = pci.stats;
 
@@ -335,7 +346,7 @@ impl PciDevices<'_> {
         device: Box<dyn VirtioDevice>,
         status: Arc<DeviceStatus>,
         kind: &str,
-    ) -> Result<(), BuildError> {
+    ) -> Result<Arc<Mutex<VirtioPciDevice>>, BuildError> {
         let socket = status.socket.clone();
         let name = device.name().to_string();
         let bar_addr = self.next_bar.next_multiple_of(virtio_pci::BAR_SIZE);
@@ -360,7 +371,7 @@ impl PciDevices<'_> {
             bar_addr,
             virtio_pci::BAR_SIZE,
             Arc::new(Mutex::new(BarRegion::new(
-                transport,
+                transport.clone(),
                 0,
                 bar_counters.clone(),
             ))),
@@ -376,7 +387,7 @@ impl PciDevices<'_> {
             transport: transport_counters,
             status,
         });
-        Ok(())
+        Ok(transport)
     }
 }
 

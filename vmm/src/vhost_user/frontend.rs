@@ -12,7 +12,7 @@ use thiserror::Error;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::virtio::device::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -106,9 +106,32 @@ impl DeviceStatus {
     }
 }
 
+/// What the last activation handed the backend, kept to hand it again to a
+/// backend that reconnects while the driver runs.
+struct Activation {
+    mem: GuestMemory,
+    features: u64,
+    queues: Vec<SavedQueue>,
+}
+
+struct SavedQueue {
+    index: u16,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    kick: EventFd,
+    call: Option<EventFd>,
+}
+
 pub struct VhostUserDevice {
     spec: DeviceSpec,
-    frontend: Frontend,
+    /// The connection; replaced when a backend reconnects (shared with the
+    /// control queue's `RingSwitch`).
+    frontend: Arc<Mutex<Frontend>>,
+    /// Whether each ring is enabled, as last set.
+    ring_enabled: Arc<Mutex<Vec<bool>>>,
+    activation: Option<Activation>,
     backend_features: u64,
     active_queues: Vec<usize>,
     /// Set when the backend hung up or failed: the device stops.
@@ -137,11 +160,13 @@ impl VhostUserDevice {
         Self::handshake(spec, frontend, socket)
     }
 
-    fn handshake(
-        spec: DeviceSpec,
-        mut frontend: Frontend,
+    /// The handshake that does not depend on the driver: owner, features,
+    /// protocol features, queue count. Returns the backend's features.
+    fn negotiate(
+        spec: &DeviceSpec,
+        frontend: &mut Frontend,
         socket: &Path,
-    ) -> Result<Self, FrontendError> {
+    ) -> Result<u64, FrontendError> {
         let path = socket.to_path_buf();
         let step = |step: &'static str| {
             let path = path.clone();
@@ -190,6 +215,15 @@ impl VhostUserDevice {
             socket.display(),
             protocol
         );
+        Ok(backend_features)
+    }
+
+    fn handshake(
+        spec: DeviceSpec,
+        mut frontend: Frontend,
+        socket: &Path,
+    ) -> Result<Self, FrontendError> {
+        let backend_features = Self::negotiate(&spec, &mut frontend, socket)?;
         let broken = Arc::new(AtomicBool::new(false));
         let status = Arc::new(DeviceStatus {
             name: spec.name.clone(),
@@ -203,8 +237,10 @@ impl VhostUserDevice {
         });
         watch_hangup(frontend.as_raw_fd(), status.clone());
         Ok(VhostUserDevice {
+            ring_enabled: Arc::new(Mutex::new(vec![false; spec.num_queues])),
+            activation: None,
             spec,
-            frontend,
+            frontend: Arc::new(Mutex::new(frontend)),
             backend_features,
             active_queues: Vec::new(),
             broken,
@@ -300,7 +336,7 @@ impl VirtioDevice for VhostUserDevice {
         let start = end - data.len();
         let request = vec![0u8; end];
         match self
-            .frontend
+            .fe()
             .get_config(0, end as u32, VhostUserConfigFlags::empty(), &request)
         {
             Ok((_, mut reply)) if reply.len() == end => {
@@ -327,7 +363,7 @@ impl VirtioDevice for VhostUserDevice {
             return;
         };
         if let Err(e) = self
-            .frontend
+            .fe()
             .set_config(offset, VhostUserConfigFlags::empty(), data)
         {
             log::warn!("{}: SET_CONFIG at {offset:#x} failed: {e}", self.spec.name);
@@ -359,8 +395,14 @@ impl VhostUserDevice {
         RingSwitch {
             name: self.spec.name.clone(),
             frontend: self.frontend.clone(),
+            enabled: self.ring_enabled.clone(),
             broken: self.broken.clone(),
         }
+    }
+
+    /// The current connection (a cheap handle on it).
+    fn fe(&self) -> Frontend {
+        crate::bus::lock(&self.frontend).clone()
     }
 
     /// Hands the backend the features, the memory table and every ring; the
@@ -375,9 +417,49 @@ impl VhostUserDevice {
         if self.broken.load(Ordering::Acquire) {
             return Err(ActivateError("the backend is gone".into()));
         }
-        let features = (driver_features & self.features()) | PROTOCOL_FEATURES_BIT;
-        self.frontend
-            .set_features(features)
+        let mut saved = Vec::with_capacity(queues.len());
+        for q in queues {
+            let dup = |fd: &EventFd| {
+                fd.try_clone().map_err(|e| {
+                    ActivateError(format!("cannot keep ring {}'s eventfd: {e}", q.index))
+                })
+            };
+            saved.push(SavedQueue {
+                index: q.index,
+                size: q.size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                kick: dup(q.kick)?,
+                call: q.call.map(dup).transpose()?,
+            });
+        }
+        {
+            let mut flags = crate::bus::lock(&self.ring_enabled);
+            for q in queues {
+                if let Some(flag) = flags.get_mut(usize::from(q.index)) {
+                    *flag = enabled(q.index);
+                }
+            }
+        }
+        let activation = Activation {
+            mem: mem.clone(),
+            features: driver_features,
+            queues: saved,
+        };
+        self.hand_rings(&activation, false)?;
+        self.activation = Some(activation);
+        Ok(())
+    }
+
+    /// Sends an activation to the backend. `resume`: the rings continue
+    /// from where the guest's used rings are (a backend that reconnected),
+    /// rather than from 0.
+    fn hand_rings(&mut self, act: &Activation, resume: bool) -> Result<(), ActivateError> {
+        let mut fe = self.fe();
+        let mem = &act.mem;
+        let features = (act.features & self.features()) | PROTOCOL_FEATURES_BIT;
+        fe.set_features(features)
             .map_err(|e| self.fail("SET_FEATURES", e))?;
         self.status
             .acked_features
@@ -396,12 +478,12 @@ impl VhostUserDevice {
                 mmap_handle: file.file().as_raw_fd(),
             });
         }
-        self.frontend
-            .set_mem_table(&regions)
+        fe.set_mem_table(&regions)
             .map_err(|e| self.fail("SET_MEM_TABLE", e))?;
 
+        let flags = crate::bus::lock(&self.ring_enabled).clone();
         self.active_queues.clear();
-        for queue in queues {
+        for queue in &act.queues {
             let index = usize::from(queue.index);
             let ring = VringConfigData {
                 queue_max_size: self.spec.queue_size,
@@ -412,24 +494,28 @@ impl VhostUserDevice {
                 avail_ring_addr: Self::host_addr(mem, queue.avail)?,
                 log_addr: None,
             };
-            let call = queue.call.unwrap_or(&self.unused_call);
-            self.frontend
-                .set_vring_num(index, queue.size)
+            // A new backend starts where the guest's used ring stands: what
+            // the old one completed stays completed, the rest is redone.
+            let base = if resume {
+                mem.read_obj::<u16>(GuestAddress(queue.used + 2))
+                    .map(u16::from_le)
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            let call = queue.call.as_ref().unwrap_or(&self.unused_call);
+            fe.set_vring_num(index, queue.size)
                 .map_err(|e| self.fail("SET_VRING_NUM", e))?;
-            self.frontend
-                .set_vring_addr(index, &ring)
+            fe.set_vring_addr(index, &ring)
                 .map_err(|e| self.fail("SET_VRING_ADDR", e))?;
-            self.frontend
-                .set_vring_base(index, 0)
+            fe.set_vring_base(index, base)
                 .map_err(|e| self.fail("SET_VRING_BASE", e))?;
-            self.frontend
-                .set_vring_call(index, call)
+            fe.set_vring_call(index, call)
                 .map_err(|e| self.fail("SET_VRING_CALL", e))?;
-            self.frontend
-                .set_vring_kick(index, queue.kick)
+            fe.set_vring_kick(index, &queue.kick)
                 .map_err(|e| self.fail("SET_VRING_KICK", e))?;
-            self.frontend
-                .set_vring_enable(index, enabled(queue.index))
+            let enable = flags.get(index).copied().unwrap_or(false);
+            fe.set_vring_enable(index, enable)
                 .map_err(|e| self.fail("SET_VRING_ENABLE", e))?;
             self.active_queues.push(index);
         }
@@ -441,21 +527,51 @@ impl VhostUserDevice {
         Ok(())
     }
 
+    /// Takes a backend that connected again (`server=on`): the handshake,
+    /// then, if the driver had started the device, the memory table and
+    /// every ring as they stand. Tells the status listener.
+    pub fn reattach(&mut self, stream: UnixStream) -> Result<(), String> {
+        let socket = self.status.socket.clone();
+        let mut frontend = Frontend::from_stream(stream, self.spec.num_queues as u64);
+        let features = Self::negotiate(&self.spec, &mut frontend, &socket)
+            .map_err(|e| vmm_common::error_chain::render(&e))?;
+        let needed = self.status.acked_features.load(Ordering::Relaxed);
+        if self.activation.is_some() && features & needed != needed {
+            return Err(format!(
+                "the new backend lacks features {:#x} the driver uses",
+                needed & !features
+            ));
+        }
+        watch_hangup(frontend.as_raw_fd(), self.status.clone());
+        *crate::bus::lock(&self.frontend) = frontend;
+        self.broken.store(false, Ordering::Release);
+        if let Some(activation) = self.activation.take() {
+            let result = self.hand_rings(&activation, true);
+            self.activation = Some(activation);
+            result.map_err(|e| e.to_string())?;
+        }
+        log::warn!("{}: the vhost-user backend reconnected", self.spec.name);
+        self.status.changed();
+        Ok(())
+    }
+
     /// Stops every ring the device started.
     pub fn stop_rings(&mut self) {
+        self.activation = None;
         if self.broken.load(Ordering::Acquire) {
             self.active_queues.clear();
             return;
         }
+        let mut fe = self.fe();
         for index in std::mem::take(&mut self.active_queues) {
             // GET_VRING_BASE stops the ring in the backend.
-            if let Err(e) = self.frontend.set_vring_enable(index, false) {
+            if let Err(e) = fe.set_vring_enable(index, false) {
                 log::warn!(
                     "{}: SET_VRING_ENABLE 0 on ring {index} failed: {e}",
                     self.spec.name
                 );
             }
-            if let Err(e) = self.frontend.get_vring_base(index) {
+            if let Err(e) = fe.get_vring_base(index) {
                 log::warn!(
                     "{}: GET_VRING_BASE on ring {index} failed: {e}",
                     self.spec.name
@@ -469,16 +585,21 @@ impl VhostUserDevice {
 /// Turns a running device's rings on and off.
 pub struct RingSwitch {
     name: String,
-    frontend: Frontend,
+    frontend: Arc<Mutex<Frontend>>,
+    enabled: Arc<Mutex<Vec<bool>>>,
     broken: Arc<AtomicBool>,
 }
 
 impl RingSwitch {
     pub fn set(&mut self, index: usize, enable: bool) -> bool {
+        if let Some(flag) = crate::bus::lock(&self.enabled).get_mut(index) {
+            *flag = enable;
+        }
         if self.broken.load(Ordering::Acquire) {
             return false;
         }
-        match self.frontend.set_vring_enable(index, enable) {
+        let mut fe = crate::bus::lock(&self.frontend).clone();
+        match fe.set_vring_enable(index, enable) {
             Ok(()) => true,
             Err(e) => {
                 log::warn!(

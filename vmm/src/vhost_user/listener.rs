@@ -101,6 +101,43 @@ impl ServerSocket {
     }
 }
 
+impl ServerSocket {
+    /// Serves backends that connect again, for the life of the process: each
+    /// time the device's backend has gone (`gone` returns true), the next
+    /// connection is handed to `attach`.
+    pub fn serve_reconnects(
+        &self,
+        name: String,
+        gone: impl Fn() -> bool + Send + 'static,
+        attach: impl Fn(UnixStream) -> Result<(), String> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let listener = self.listener.try_clone()?;
+        let path = self.path.clone();
+        std::thread::Builder::new()
+            .name(format!("{name}-listen"))
+            .spawn(move || loop {
+                while !gone() {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        if let Err(e) = attach(stream) {
+                            log::error!(
+                                "{name}: a backend connected to {} but: {e}",
+                                path.display()
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        log::error!("{name}: accepting on {} failed: {e}", path.display());
+                        return;
+                    }
+                }
+            })?;
+        Ok(())
+    }
+}
+
 impl Drop for ServerSocket {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_file(&self.path) {

@@ -215,6 +215,10 @@ impl VirtioDevice for NetDevice {
         self.control = None;
         self.inner.stop_rings();
     }
+
+    fn reconnect(&mut self, stream: UnixStream) -> Result<(), String> {
+        self.inner.reattach(stream)
+    }
 }
 
 #[cfg(test)]

@@ -203,6 +203,14 @@ impl VirtioPciDevice {
         })
     }
 
+    /// Hands a backend that connected again to the device.
+    pub fn reconnect_backend(
+        &mut self,
+        stream: std::os::unix::net::UnixStream,
+    ) -> Result<(), String> {
+        self.device.reconnect(stream)
+    }
+
     pub fn counters(&self) -> Arc<TransportCounters> {
         self.counters.clone()
     }
