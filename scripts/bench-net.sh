@@ -13,10 +13,14 @@
 # addresses; the test frames use a local EtherType the host stack drops).
 # DPDK runs without hugepages (--no-huge -m 1024), as in scripts/vm-dpdk.sh;
 # its forwarding core polls, so it keeps one of the cores busy throughout.
-# Usage: scripts/bench-net.sh [SECONDS per run, default 5]
+# Only one backend runs at a time. Figures on a shared machine move by 10-20%
+# from one run to the next, so the backends take turns for ROUNDS rounds and
+# the table shows each one's median, with the lowest and highest ratio.
+# Usage: scripts/bench-net.sh [SECONDS per run, default 5] [ROUNDS, default 3]
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SECS="${1:-5}"
+ROUNDS="${2:-3}"
 for tool in dpdk-testpmd ip python3; do
     command -v "$tool" >/dev/null || { echo "bench-net: $tool not found (apt-get install dpdk-dev iproute2)" >&2; exit 1; }
 done
@@ -68,36 +72,47 @@ stop_backends() {
     PIDS=()
 }
 
-declare -A PPS GBPS
-run() { # kind direction size socket tap
-    local kind="$1" dir="$2" size="$3" sock="$4" tap="$5" json
+# One line per run: round kind direction size pps.
+RESULTS="$WORK/results"
+run() { # round kind direction size socket tap
+    local round="$1" kind="$2" dir="$3" size="$4" sock="$5" tap="$6" json pps
     json="$(ip netns exec "$NS" "$LOAD" --socket "$sock" --iface "$tap" --direction "$dir" \
         --frame-size "$size" --time "$SECS" --json | tail -n 1)"
-    PPS["$kind,$dir,$size"]="$(python3 -c 'import json,sys; print(int(json.loads(sys.argv[1])["pps"]))' "$json")"
-    GBPS["$kind,$dir,$size"]="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["gbps"])' "$json")"
-    echo "bench-net: $kind $dir ${size}B: ${PPS["$kind,$dir,$size"]} pps" >&2
+    pps="$(python3 -c 'import json,sys; print(int(json.loads(sys.argv[1])["pps"]))' "$json")"
+    echo "$round $kind $dir $size $pps" >>"$RESULTS"
+    echo "bench-net: round $round/$ROUNDS: $kind $dir ${size}B: $pps pps" >&2
 }
 
-for kind in vhost-net dpdk; do
-    sock="$WORK/$kind.sock"
-    tap="bn$kind"
-    tap="${tap:0:15}"
-    start_backend "$kind" "$sock" "$tap"
-    for dir in tx rx; do
-        for size in 64 1500; do
-            run "$kind" "$dir" "$size" "$sock" "$tap"
+for round in $(seq "$ROUNDS"); do
+    for kind in vhost-net dpdk; do
+        sock="$WORK/$kind.sock"
+        tap="bn$kind"
+        tap="${tap:0:15}"
+        start_backend "$kind" "$sock" "$tap"
+        for dir in tx rx; do
+            for size in 64 1500; do
+                run "$round" "$kind" "$dir" "$size" "$sock" "$tap"
+            done
         done
+        stop_backends
     done
-    stop_backends
 done
 
-printf '%-14s %14s %14s %9s %12s %12s\n' workload "vhost-net pps" "dpdk pps" "vs dpdk" "vhost Gb/s" "dpdk Gb/s"
-for dir in tx rx; do
-    for size in 64 1500; do
-        ours="${PPS["vhost-net,$dir,$size"]}"
-        theirs="${PPS["dpdk,$dir,$size"]}"
-        ratio="$(python3 -c "print(f'{$ours / max($theirs, 1):.2f}x')")"
-        printf '%-14s %14s %14s %9s %12.3f %12.3f\n' "$dir ${size}B" "$ours" "$theirs" "$ratio" \
-            "${GBPS["vhost-net,$dir,$size"]}" "${GBPS["dpdk,$dir,$size"]}"
-    done
-done
+python3 - "$RESULTS" <<'PY'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    rnd, kind, d, size, pps = line.split()
+    runs.setdefault((kind, d, int(size)), {})[rnd] = int(pps)
+rounds = len(next(iter(runs.values())))
+print(f"{rounds} rounds; medians, and the lowest and highest ratio of a round")
+print(f"{'workload':<10} {'vhost-net pps':>14} {'dpdk pps':>10} {'vs dpdk':>8} {'range':>12} {'vhost Gb/s':>11} {'dpdk Gb/s':>10}")
+for d in ("tx", "rx"):
+    for size in (64, 1500):
+        ours, theirs = runs[("vhost-net", d, size)], runs[("dpdk", d, size)]
+        mo, mt = statistics.median(ours.values()), statistics.median(theirs.values())
+        ratios = [ours[r] / max(theirs[r], 1) for r in ours if r in theirs]
+        gb = lambda pps: pps * size * 8 / 1e9
+        print(f"{d + ' ' + str(size) + 'B':<10} {mo:>14.0f} {mt:>10.0f} {mo / max(mt, 1):>7.2f}x "
+              f"{min(ratios):>5.2f}-{max(ratios):.2f}x {gb(mo):>11.3f} {gb(mt):>10.3f}")
+PY

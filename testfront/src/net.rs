@@ -48,6 +48,8 @@ pub enum NetError {
     ShortRx(u32),
     #[error("the backend says a frame spans {0} buffers")]
     BadNumBuffers(u16),
+    #[error("out of guest memory for a burst of {0} frames")]
+    NoMemory(usize),
 }
 
 /// What to set up.
@@ -295,6 +297,58 @@ impl NetClient {
             },
         ];
         self.submit(tx_queue(pair), &bufs)?;
+        Ok(())
+    }
+
+    /// Sends `frames` on `pair`'s tx queue as one burst: every chain (one
+    /// buffer each, header then frame) is made available before a single
+    /// kick, so the backend finds them together. Waits for all of them to
+    /// complete. Each burst takes fresh guest memory.
+    pub fn send_burst(&mut self, pair: usize, frames: &[Vec<u8>]) -> Result<(), NetError> {
+        let q = self.queue(tx_queue(pair))?;
+        if let Some(long) = frames.iter().find(|f| f.len() > MAX_FRAME) {
+            return Err(NetError::TooLarge(long.len()));
+        }
+        let mut bufs = Vec::with_capacity(frames.len());
+        for frame in frames {
+            let len = (HDR_LEN + frame.len()) as u64;
+            let addr = self
+                .conn
+                .memory
+                .alloc(len, 64)
+                .ok_or(NetError::NoMemory(frames.len()))?;
+            let _ = self.mem().write_slice(&[0u8; HDR_LEN], GuestAddress(addr));
+            let _ = self
+                .mem()
+                .write_slice(frame, GuestAddress(addr + HDR_LEN as u64));
+            bufs.push(Buf {
+                addr,
+                len: len as u32,
+                write: false,
+            });
+        }
+        let mem = &self.conn.memory.mem;
+        let vq = &mut self.conn.queues[q];
+        for buf in &bufs {
+            vq.add(mem, std::slice::from_ref(buf))?
+                .ok_or(NetError::QueueBusy(tx_queue(pair)))?;
+        }
+        vq.kick(mem, u16::try_from(bufs.len()).unwrap_or(u16::MAX))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut done = Vec::new();
+        while done.len() < bufs.len() {
+            let mem = &self.conn.memory.mem;
+            let vq = &mut self.conn.queues[q];
+            vq.reap(mem, &mut done)?;
+            let now = Instant::now();
+            if done.len() >= bufs.len() {
+                break;
+            }
+            if now >= deadline {
+                return Err(NetError::Timeout(self.timeout));
+            }
+            vq.wait(deadline - now)?;
+        }
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 use std::marker::PhantomData;
 
 use thiserror::Error;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 /// The most iovecs one readv/writev takes (Linux's UIO_MAXIOV).
 pub const MAX_IOVECS: usize = 1024;
@@ -18,6 +18,14 @@ pub enum IovError {
     #[error("more than {MAX_IOVECS} buffers in one frame")]
     TooMany,
 }
+
+/// The allocation of an `IoVecs`, empty, kept for reuse.
+#[derive(Default)]
+pub struct IovStorage(Vec<libc::iovec>);
+
+// SAFETY: the vector is always empty (`into_storage` clears it, and only
+// `reusing` opens it), so no pointer goes from one thread to another.
+unsafe impl Send for IovStorage {}
 
 /// A gather/scatter list whose pointers borrow `'a` memory.
 pub struct IoVecs<'a> {
@@ -36,8 +44,15 @@ impl<'a> IoVecs<'a> {
     /// Keeps `n` iovecs for local buffers: guest buffers take at most
     /// `MAX_IOVECS - n`.
     pub fn reserving(n: usize) -> Self {
+        Self::reusing(IovStorage::default(), n)
+    }
+
+    /// Like `reserving`, in the allocation of `iov` (emptied): see
+    /// `into_storage`.
+    pub fn reusing(storage: IovStorage, n: usize) -> Self {
+        let IovStorage(iov) = storage;
         IoVecs {
-            iov: Vec::new(),
+            iov,
             bytes: 0,
             guest_limit: MAX_IOVECS.saturating_sub(n),
             _borrow: PhantomData,
@@ -70,6 +85,32 @@ impl<'a> IoVecs<'a> {
         }
         self.bytes += len;
         Ok(())
+    }
+
+    /// Adds a slice of guest memory, already checked to be inside it.
+    pub fn push_slice(&mut self, slice: &VolatileSlice<'a, ()>) -> Result<(), IovError> {
+        if self.iov.len() >= self.guest_limit {
+            return Err(IovError::TooMany);
+        }
+        self.iov.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: slice.len(),
+        });
+        self.bytes += slice.len();
+        Ok(())
+    }
+
+    /// Removes every iovec (keeping the allocation).
+    pub fn clear(&mut self) {
+        self.iov.clear();
+        self.bytes = 0;
+    }
+
+    /// Gives back the allocation, for `reusing` (no pointer survives).
+    pub fn into_storage(self) -> IovStorage {
+        let mut iov = self.iov;
+        iov.clear();
+        IovStorage(iov)
     }
 
     /// Adds a buffer of this process (the overflow area of a frame).

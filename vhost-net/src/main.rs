@@ -9,6 +9,7 @@ mod iovec;
 mod relay;
 mod server;
 mod tap;
+mod uring;
 mod worker;
 
 use std::process::ExitCode;

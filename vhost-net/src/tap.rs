@@ -8,10 +8,12 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use thiserror::Error;
 
 use crate::iovec::IoVecs;
+use crate::uring::BatchWriter;
 use crate::worker::FrameIo;
 
 const TUN_PATH: &str = "/dev/net/tun";
@@ -42,6 +44,9 @@ pub struct Tap {
     multi_queue: bool,
     /// Whether the kernel steers frames to this queue (TUNSETQUEUE).
     attached: AtomicBool,
+    /// Writes batches of frames with one system call; used by the queue
+    /// pair's worker only, so the lock is never contended.
+    writer: Mutex<BatchWriter>,
 }
 
 /// `struct ifreq` with the name and the flags (the only member used here).
@@ -150,6 +155,7 @@ impl Tap {
             name: name.to_string(),
             multi_queue,
             attached: AtomicBool::new(true),
+            writer: Mutex::new(BatchWriter::default()),
         })
     }
 
@@ -251,5 +257,16 @@ impl FrameIo for Tap {
                 }
             }
         }
+    }
+
+    fn write_frames(&self, frames: &[IoVecs<'_>], results: &mut Vec<io::Result<usize>>) {
+        results.clear();
+        if frames.len() > 1 {
+            let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            if writer.write(self.file.as_raw_fd(), frames, results) {
+                return;
+            }
+        }
+        results.extend(frames.iter().map(|f| self.write_frame(f)));
     }
 }

@@ -4,9 +4,9 @@ use std::ops::Deref;
 
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
-use crate::iovec::MAX_IOVECS;
+use crate::iovec::{IoVecs, MAX_IOVECS};
 
 /// Buffers one chain may have: one iovec each, with one left for the
 /// receive path's overflow area.
@@ -17,6 +17,47 @@ pub const MAX_SEGS: usize = MAX_IOVECS - 1;
 pub struct Seg {
     pub addr: GuestAddress,
     pub len: usize,
+}
+
+/// Where `collect` puts a chain's buffers: guest addresses to keep
+/// (`Vec<Seg>`), or iovecs to use at once (`IoVecs`).
+pub trait Buffers<'a> {
+    fn clear(&mut self);
+    fn count(&self) -> usize;
+    /// Adds `slice`, which is guest memory at `addr`.
+    fn add(&mut self, addr: GuestAddress, slice: &VolatileSlice<'a, ()>);
+}
+
+impl<'a> Buffers<'a> for Vec<Seg> {
+    fn clear(&mut self) {
+        Vec::clear(self);
+    }
+
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn add(&mut self, addr: GuestAddress, slice: &VolatileSlice<'a, ()>) {
+        self.push(Seg {
+            addr,
+            len: slice.len(),
+        });
+    }
+}
+
+impl<'a> Buffers<'a> for IoVecs<'a> {
+    fn clear(&mut self) {
+        IoVecs::clear(self);
+    }
+
+    fn count(&self) -> usize {
+        IoVecs::count(self)
+    }
+
+    fn add(&mut self, _addr: GuestAddress, slice: &VolatileSlice<'a, ()>) {
+        // `collect` stops at MAX_SEGS, below the iovec limit.
+        let _ = self.push_slice(slice);
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -41,13 +82,13 @@ pub enum BadChain {
 /// device-writable (`writable`) or device-readable, inside guest memory,
 /// and that the chain ends, holds at most `MAX_SEGS` buffers and from
 /// `min_len` to `max_len` bytes. Returns the total length.
-pub fn collect<M>(
+pub fn collect<'a, M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap,
+    mem: &'a GuestMemoryMmap,
     writable: bool,
     min_len: u64,
     max_len: u64,
-    out: &mut Vec<Seg>,
+    out: &mut impl Buffers<'a>,
 ) -> Result<u64, BadChain>
 where
     M: Deref<Target = GuestMemoryMmap>,
@@ -79,17 +120,14 @@ where
                 len,
             };
             let slice = slice.map_err(|_| outside)?;
-            if out.len() == MAX_SEGS {
+            if out.count() == MAX_SEGS {
                 return Err(BadChain::TooMany);
             }
             let addr = desc.addr().checked_add(offset).ok_or(BadChain::Outside {
                 addr: desc.addr().0,
                 len,
             })?;
-            out.push(Seg {
-                addr,
-                len: slice.len(),
-            });
+            out.add(addr, &slice);
             offset += slice.len() as u64;
         }
     }

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-pub use chain::Seg;
 pub use rx::{RxOutcome, RxStop};
+pub use tx::TX_BATCH;
 
 use crate::features::NetConfig;
 use crate::iovec::IoVecs;
@@ -37,6 +37,12 @@ pub trait FrameIo {
     fn read_frame(&self, iov: &IoVecs<'_>) -> io::Result<Option<usize>>;
     /// Writes one frame made of `iov`.
     fn write_frame(&self, iov: &IoVecs<'_>) -> io::Result<usize>;
+    /// Writes each of `frames`, in order; `results` gets one result per
+    /// frame. A tap does it with one system call.
+    fn write_frames(&self, frames: &[IoVecs<'_>], results: &mut Vec<io::Result<usize>>) {
+        results.clear();
+        results.extend(frames.iter().map(|f| self.write_frame(f)));
+    }
 }
 
 /// Per-pair counters, reported when a frontend disconnects.
@@ -144,8 +150,8 @@ fn complete(
 pub struct Pair {
     counters: Counters,
     rx: rx::Rx,
-    /// Reused by every tx chain.
-    tx_segs: Vec<Seg>,
+    /// Reused by every tx batch.
+    tx: tx::TxScratch,
 }
 
 impl Pair {
@@ -156,7 +162,7 @@ impl Pair {
                 ..Counters::default()
             },
             rx: rx::Rx::new(),
-            tx_segs: Vec::new(),
+            tx: tx::TxScratch::default(),
         }
     }
 
@@ -164,8 +170,9 @@ impl Pair {
         self.counters.stats
     }
 
-    /// Sends every chain available on the tx queue to `tap`; returns the
-    /// number of chains completed.
+    /// Sends a batch of the chains available on the tx queue (at most
+    /// `TX_BATCH`) to `tap`; returns the number of chains completed, 0 when
+    /// the queue is empty.
     pub fn tx<T: FrameIo>(
         &mut self,
         tap: &T,
@@ -173,7 +180,7 @@ impl Pair {
         mem: &GuestMemoryMmap,
         cfg: NetConfig,
     ) -> Result<u32, virtio_queue::Error> {
-        tx::process(tap, q, mem, cfg, &mut self.tx_segs, &mut self.counters)
+        tx::process(tap, q, mem, cfg, &mut self.tx, &mut self.counters)
     }
 
     /// Moves frames from `tap` into the rx queue until the tap is empty,
