@@ -7,11 +7,16 @@
 # disk) and a file on disk opened with O_DIRECT (vhost-blk --direct,
 # qemu-storage-daemon cache.direct=on, fio --direct=1).
 # Workloads: 4k random read at depth 32 on 1 and 2 queues, 64k sequential
-# read and 64k sequential write at depth 32 on 1 queue.
-# Usage: scripts/bench-blk.sh [SECONDS per run, default 5]
+# read and 64k sequential write at depth 32 on 1 queue. The load generator
+# plays a polling guest driver: it watches its used rings for 50 us before
+# it sleeps, for both backends alike.
+# The three take turns for ROUNDS rounds (figures on a shared machine move
+# by 10-30% between runs); the table shows medians and the range of ratios.
+# Usage: scripts/bench-blk.sh [SECONDS per run, default 5] [ROUNDS, default 3]
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SECS="${1:-5}"
+ROUNDS="${2:-3}"
 SIZE=1G
 for tool in qemu-storage-daemon fio python3; do
     command -v "$tool" >/dev/null || { echo "bench-blk: $tool not found (apt-get install qemu-system-common fio)" >&2; exit 1; }
@@ -76,19 +81,23 @@ fio_ceiling() { # image direct jobs size rw -> "iops mbps"
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print(round(d["iops"]), round(d["bw_bytes"]/1e6,1))'
 }
 
-declare -a ROWS
+# One line per run: label|kind|round|iops mbps.
+RESULTS="$WORK/results"
 run_case() { # label image direct queues size pattern op fio_rw
     local label="$1" image="$2" direct="$3" queues="$4" size="$5" pattern="$6" op="$7" rw="$8"
-    local sock="$WORK/b.sock" ours qsd ceil
-    start_backend vhost-blk "$image" "$direct" "$queues" "$sock"
-    ours="$(loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
-    stop_backend
-    start_backend qsd "$image" "$direct" "$queues" "$sock"
-    qsd="$(loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
-    stop_backend
-    ceil="$(fio_ceiling "$image" "$direct" "$queues" "$size" "$rw")"
-    ROWS+=("$label|$ours|$qsd|$ceil")
-    echo "bench-blk: $label: vhost-blk $ours, qsd $qsd, fio $ceil (IOPS MB/s)" >&2
+    local sock="$WORK/b.sock" ours qsd ceil round
+    for round in $(seq "$ROUNDS"); do
+        start_backend vhost-blk "$image" "$direct" "$queues" "$sock"
+        ours="$(loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
+        stop_backend
+        start_backend qsd "$image" "$direct" "$queues" "$sock"
+        qsd="$(loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
+        stop_backend
+        ceil="$(fio_ceiling "$image" "$direct" "$queues" "$size" "$rw")"
+        printf '%s|vhost-blk|%s|%s\n%s|qsd|%s|%s\n%s|fio|%s|%s\n' \
+            "$label" "$round" "$ours" "$label" "$round" "$qsd" "$label" "$round" "$ceil" >>"$RESULTS"
+        echo "bench-blk: round $round/$ROUNDS: $label: vhost-blk $ours, qsd $qsd, fio $ceil (IOPS MB/s)" >&2
+    done
 }
 
 for medium in tmpfs disk; do
@@ -102,12 +111,25 @@ for medium in tmpfs disk; do
     rm -f "$image"
 done
 
-python3 - "${ROWS[@]}" <<'PY'
-import sys
+python3 - "$RESULTS" <<'PY'
+import statistics, sys
+runs, labels = {}, []
+for line in open(sys.argv[1]):
+    label, kind, rnd, figures = line.strip().split("|")
+    iops, mbps = map(float, figures.split())
+    if label not in labels:
+        labels.append(label)
+    runs.setdefault((label, kind), {})[rnd] = (iops, mbps)
+rounds = len(runs[(labels[0], "fio")])
 print()
-print(f"{'workload':24s} {'vhost-blk IOPS':>14s} {'qsd IOPS':>10s} {'fio IOPS':>10s} {'vs qsd':>7s} {'vs fio':>7s} {'vhost-blk MB/s':>15s}")
-for row in sys.argv[1:]:
-    label, ours, qsd, ceil = row.split("|")
-    oi, om = map(float, ours.split()); qi, _ = map(float, qsd.split()); fi, _ = map(float, ceil.split())
-    print(f"{label:24s} {oi:14.0f} {qi:10.0f} {fi:10.0f} {oi/qi:6.2f}x {oi/fi:6.2f}x {om:15.1f}")
+print(f"{rounds} rounds; medians, and the lowest and highest ratio of a round")
+print(f"{'workload':24s} {'vhost-blk IOPS':>14s} {'qsd IOPS':>10s} {'fio IOPS':>10s} {'vs qsd':>7s} {'range':>12s} {'vs fio':>7s} {'range':>12s} {'vhost-blk MB/s':>15s}")
+for label in labels:
+    ours, qsd, fio = (runs[(label, k)] for k in ("vhost-blk", "qsd", "fio"))
+    med = lambda r, i=0: statistics.median(v[i] for v in r.values())
+    vs_qsd = [ours[r][0] / qsd[r][0] for r in ours]
+    vs_fio = [ours[r][0] / fio[r][0] for r in ours]
+    print(f"{label:24s} {med(ours):14.0f} {med(qsd):10.0f} {med(fio):10.0f} "
+          f"{med(ours) / med(qsd):6.2f}x {min(vs_qsd):5.2f}-{max(vs_qsd):.2f}x "
+          f"{med(ours) / med(fio):6.2f}x {min(vs_fio):5.2f}-{max(vs_fio):.2f}x {med(ours, 1):15.1f}")
 PY

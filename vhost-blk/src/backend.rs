@@ -3,29 +3,35 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-
-use io_uring::{opcode, types, IoUring};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::queue_io::{Completed, QueueIo};
 use crate::request::{self, BlkTarget, Parsed, SECTOR_SIZE, SEG_MAX};
 
-/// Reads and writes submitted to io_uring at once, per queue.
+/// Reads and writes in flight at once, per queue.
 const RING_ENTRIES: u32 = 256;
+
+/// How long a worker that emptied its ring watches it for new requests
+/// before it sleeps: a driver that keeps requests in flight submits the
+/// next ones within microseconds of its completions, and watching saves its
+/// kick and the worker's wake-up.
+const POLL: Duration = Duration::from_micros(50);
 
 /// Largest discard / write-zeroes request, in sectors.
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
@@ -53,6 +59,8 @@ pub struct Device {
     pub queue_size: u16,
 }
 
+type Handler = VringEpollHandler<BlkBackend>;
+
 /// One connection's backend (fresh per frontend, sharing the device).
 #[derive(Clone)]
 pub struct BlkBackend {
@@ -60,17 +68,33 @@ pub struct BlkBackend {
     config: Arc<Vec<u8>>,
     event_idx: Arc<AtomicBool>,
     mem: Arc<RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>>,
-    /// One io_uring per queue, made by the queue's worker on first use.
-    rings: Arc<Vec<Mutex<RingState>>>,
+    /// Per queue: its asynchronous transfers, made by the queue's worker on
+    /// first use.
+    queues: Arc<Vec<Mutex<QueueState>>>,
+    /// The worker threads' epoll handlers, by queue, set once the daemon
+    /// exists (weak: the daemon owns them).
+    handlers: Arc<OnceLock<Vec<Weak<Handler>>>>,
 }
 
 #[derive(Default)]
-enum RingState {
+struct QueueState {
+    io: AsyncIo,
+    /// The queue's ring, once its worker has seen it (for `stop_vring`).
+    vring: Option<VringRwLock>,
+}
+
+#[derive(Default)]
+enum AsyncIo {
     #[default]
     Untried,
-    Ready(Box<IoUring>),
-    /// io_uring is unavailable: requests run synchronously.
+    Ready(Box<QueueIo>),
+    /// The disk has no asynchronous path, or io_uring is unavailable:
+    /// requests run synchronously.
     Unavailable,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl BlkBackend {
@@ -81,154 +105,201 @@ impl BlkBackend {
             config,
             event_idx: Arc::new(AtomicBool::new(false)),
             mem: Arc::new(RwLock::new(None)),
-            rings: Arc::new(
+            queues: Arc::new(
                 (0..device.num_queues)
-                    .map(|_| Mutex::new(RingState::Untried))
+                    .map(|_| Mutex::new(QueueState::default()))
                     .collect(),
             ),
+            handlers: Arc::new(OnceLock::new()),
             device,
         }
     }
 
-    /// Drains the ring: parses every available request, runs plain reads
-    /// and writes together through the queue's io_uring (the rest inline),
-    /// completes them, then signals once. With EVENT_IDX, re-enables
-    /// notifications and loops if more arrived.
+    /// Hands over the daemon's epoll handlers (one per queue, in order).
+    pub fn set_handlers(&self, handlers: &[Arc<Handler>]) {
+        let _ = self
+            .handlers
+            .set(handlers.iter().map(Arc::downgrade).collect());
+    }
+
+    /// The epoll event id of a queue's completions: past its ring and the
+    /// exit event.
+    fn done_event(&self) -> u64 {
+        u64::from(self.device.num_queues) + 1
+    }
+
+    /// Makes the queue's io_uring and puts its completion eventfd in the
+    /// queue worker's epoll set.
+    fn setup_async(&self, queue: usize) -> AsyncIo {
+        let disk = &self.device.target.disk;
+        if disk.async_fd().is_none() || disk.async_alignment().is_none() {
+            return AsyncIo::Unavailable;
+        }
+        let qio = match QueueIo::new(RING_ENTRIES) {
+            Ok(qio) => qio,
+            Err(e) => {
+                log::warn!("io_uring unavailable ({e}); queue {queue} runs synchronously");
+                return AsyncIo::Unavailable;
+            }
+        };
+        let handler = self
+            .handlers
+            .get()
+            .and_then(|h| h.get(queue))
+            .and_then(Weak::upgrade);
+        let Some(handler) = handler else {
+            log::warn!("queue {queue}: no worker to watch its transfers; it runs synchronously");
+            return AsyncIo::Unavailable;
+        };
+        if let Err(e) = handler.register_listener(qio.event_fd(), EventSet::IN, self.done_event()) {
+            log::warn!("queue {queue}: cannot watch its transfers ({e}); it runs synchronously");
+            return AsyncIo::Unavailable;
+        }
+        AsyncIo::Ready(Box::new(qio))
+    }
+
+    /// Completes finished transfers in the used ring; returns how many.
+    fn complete(
+        queue: usize,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        done: &mut Vec<Completed>,
+    ) -> u32 {
+        let mut completed = 0;
+        for c in done.drain(..) {
+            let used = request::finish(mem, &c.io, c.ok);
+            if add_used(queue, vring, c.head, used) {
+                completed += 1;
+            }
+        }
+        completed
+    }
+
+    /// Serves the ring: completes finished transfers, parses every
+    /// available request (while the queue has room for transfers), runs
+    /// the synchronous ones inline and hands reads and writes to io_uring
+    /// when the disk takes them asynchronously, then signals once. With
+    /// EVENT_IDX, re-enables notifications and loops if more arrived.
     pub(crate) fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(());
         };
-        let mem = atomic.memory();
+        let mem: Arc<GuestMemoryMmap> = atomic.memory().into_inner();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let Some(ring_lock) = self.rings.get(queue) else {
+        let Some(state) = self.queues.get(queue) else {
             return Ok(());
         };
-        let mut ring_state = ring_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let RingState::Untried = *ring_state {
-            let disk = &self.device.target.disk;
-            *ring_state = if disk.async_fd().is_none() || disk.async_alignment().is_none() {
-                RingState::Unavailable
-            } else {
-                match IoUring::new(RING_ENTRIES) {
-                    Ok(ring) => RingState::Ready(Box::new(ring)),
-                    Err(e) => {
-                        log::warn!("io_uring unavailable ({e}); queue {queue} runs synchronously");
-                        RingState::Unavailable
-                    }
-                }
-            };
+        let mut state = lock(state);
+        if state.vring.is_none() {
+            state.vring = Some(vring.clone());
         }
+        if let AsyncIo::Untried = state.io {
+            state.io = self.setup_async(queue);
+        }
+        let disk_fd = self.device.target.disk.async_fd();
         let vq_err = |e: virtio_queue::Error| io::Error::other(format!("{e:?}"));
-        let mut batch: Vec<(u16, Parsed)> = Vec::new();
+        let mut finished = Vec::new();
         loop {
             if event_idx {
                 vring.disable_notification().map_err(vq_err)?;
             }
-            let mut completed = 0;
+            let mut qio = match &mut state.io {
+                AsyncIo::Ready(qio) => Some(qio.as_mut()),
+                _ => None,
+            };
+            if let Some(qio) = qio.as_deref_mut() {
+                qio.reap(&mut finished);
+            }
+            let mut completed = Self::complete(queue, vring, &mem, &mut finished);
+            let mut full = false;
             loop {
-                batch.clear();
-                let mut pending = 0u32;
-                let ring = match &mut *ring_state {
-                    RingState::Ready(ring) => Some(ring),
-                    _ => None,
-                };
-                let allow_async = ring.is_some();
-                while pending < RING_ENTRIES {
-                    let chain = vring
-                        .get_mut()
-                        .get_queue_mut()
-                        .pop_descriptor_chain(mem.clone());
-                    let Some(chain) = chain else { break };
-                    let head = chain.head_index();
-                    let parsed = request::parse(&self.device.target, &mem, chain, allow_async);
-                    if let Parsed::Io(_) = parsed {
-                        pending += 1;
-                    }
-                    batch.push((head, parsed));
-                }
-                if batch.is_empty() {
+                if qio.as_deref().is_some_and(|q| !q.has_room()) {
+                    full = true;
                     break;
                 }
-                let results = match ring {
-                    Some(ring) if pending > 0 => self.run_batch(ring, &batch, pending)?,
-                    _ => Vec::new(),
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let used = match request::parse(&self.device.target, &mem, chain, qio.is_some()) {
+                    Parsed::Done(used) => used,
+                    Parsed::Io(io) => match (qio.as_deref_mut(), disk_fd) {
+                        (Some(qio), Some(fd)) => match qio.start(fd, head, io, mem.clone()) {
+                            Ok(()) => continue,
+                            // There was room a moment ago.
+                            Err(io) => request::finish(&mem, &io, false),
+                        },
+                        // Not asked for: fail it rather than drop it.
+                        _ => request::finish(&mem, &io, false),
+                    },
                 };
-                for (i, (head, parsed)) in batch.iter().enumerate() {
-                    let used = match parsed {
-                        Parsed::Done(used) => *used,
-                        Parsed::Io(io) => {
-                            let ok = results.get(i).copied().flatten() == Some(io.len as i32);
-                            request::finish(&mem, io, ok)
-                        }
-                    };
-                    // A head index the driver made up (outside the queue)
-                    // cannot be completed; skip it rather than end the
-                    // worker, so the queue keeps serving good requests.
-                    if let Err(e) = vring.add_used(*head, used) {
-                        log::warn!("queue {queue}: cannot complete head {head}: {e:?}");
-                        continue;
-                    }
+                if add_used(queue, vring, head, used) {
                     completed += 1;
                 }
             }
+            if let Some(qio) = qio.as_deref_mut() {
+                qio.submit()?;
+                qio.reap(&mut finished);
+            }
+            completed += Self::complete(queue, vring, &mem, &mut finished);
             if completed > 0 {
                 let notify = !event_idx || vring.needs_notification().map_err(vq_err)?;
                 if notify {
                     vring.signal_used_queue()?;
                 }
             }
+            if full {
+                // A completion brings the worker back for the rest.
+                return Ok(());
+            }
+            // Synchronous requests only: a queue whose transfers wait for a
+            // device does better sleeping (watching would take the core
+            // that the device's completions need).
+            if completed > 0
+                && qio.is_none()
+                && event_idx
+                && more_within(vring.get_ref().get_queue(), &mem, POLL)
+            {
+                continue;
+            }
             if !event_idx || !vring.enable_notification().map_err(vq_err)? {
                 return Ok(());
             }
         }
     }
+}
 
-    /// Submits the batch's transfers and waits for all of them; returns each
-    /// request's result (bytes moved or -errno) by batch index.
-    fn run_batch(
-        &self,
-        ring: &mut IoUring,
-        batch: &[(u16, Parsed)],
-        pending: u32,
-    ) -> io::Result<Vec<Option<i32>>> {
-        let Some(fd) = self.device.target.disk.async_fd() else {
-            return Ok(Vec::new());
-        };
-        for (i, (_, parsed)) in batch.iter().enumerate() {
-            let Parsed::Io(io) = parsed else { continue };
-            let entry = if io.write {
-                opcode::Writev::new(types::Fd(fd), io.iovecs.as_ptr(), io.iovecs.len() as u32)
-                    .offset(io.offset)
-                    .build()
-            } else {
-                opcode::Readv::new(types::Fd(fd), io.iovecs.as_ptr(), io.iovecs.len() as u32)
-                    .offset(io.offset)
-                    .build()
-            }
-            .user_data(i as u64);
-            // SAFETY: the iovecs and the guest buffers they point to stay
-            // valid until this function has reaped every completion: the
-            // batch and the guest memory guard outlive the wait below.
-            unsafe { ring.submission().push(&entry) }
-                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+/// Puts `head` in the used ring; false (and a warning) for a head index the
+/// driver made up (outside the queue), which is skipped rather than ending
+/// the worker, so the queue keeps serving good requests.
+fn add_used(queue: usize, vring: &VringRwLock, head: u16, used: u32) -> bool {
+    match vring.add_used(head, used) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("queue {queue}: cannot complete head {head}: {e:?}");
+            false
         }
-        let mut results = vec![None; batch.len()];
-        let mut reaped = 0u32;
-        while reaped < pending {
-            match ring.submit_and_wait((pending - reaped) as usize) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            for cqe in ring.completion() {
-                if let Some(slot) = results.get_mut(cqe.user_data() as usize) {
-                    *slot = Some(cqe.result());
-                }
-                reaped += 1;
-            }
-        }
-        Ok(results)
     }
+}
+
+/// Whether the driver makes new requests available within `window`.
+fn more_within(q: &Queue, mem: &GuestMemoryMmap, window: Duration) -> bool {
+    let deadline = Instant::now() + window;
+    for spin in 0u32.. {
+        match q.avail_idx(mem, Ordering::Acquire) {
+            Ok(idx) if idx.0 != q.next_avail() => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        // The clock is read every few rounds only.
+        if spin % 16 == 15 && Instant::now() >= deadline {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+    false
 }
 
 impl VhostUserBackend for BlkBackend {
@@ -306,14 +377,54 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
+        // One queue per worker thread: the thread's index is the queue's.
+        let queue = thread_id;
         let vring = vrings
-            .get(usize::from(device_event))
-            .ok_or_else(|| io::Error::other(format!("event for unknown queue {device_event}")))?;
-        self.process_queue(usize::from(device_event), vring)
+            .first()
+            .ok_or_else(|| io::Error::other(format!("queue {queue} has no ring")))?;
+        if u64::from(device_event) == self.done_event() {
+            if let Some(state) = self.queues.get(queue) {
+                if let AsyncIo::Ready(qio) = &lock(state).io {
+                    qio.clear_event();
+                }
+            }
+        } else if device_event != 0 {
+            return Err(io::Error::other(format!(
+                "queue {queue}: unknown event {device_event}"
+            )));
+        }
+        self.process_queue(queue, vring)
+    }
+
+    /// The ring stops (GET_VRING_BASE): every transfer in flight finishes
+    /// and is completed first, so the base reported covers no request the
+    /// kernel may still be reading or writing.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let Some(state) = self.queues.get(queue_index as usize) else {
+            return Ok(());
+        };
+        let mut state = lock(state);
+        let vring = state.vring.clone();
+        let AsyncIo::Ready(qio) = &mut state.io else {
+            return Ok(());
+        };
+        let mut finished = Vec::new();
+        let drained = qio.drain(&mut finished);
+        let (Some(vring), Some(atomic)) = (
+            vring,
+            self.mem.read().unwrap_or_else(|p| p.into_inner()).clone(),
+        ) else {
+            return drained;
+        };
+        let mem = atomic.memory();
+        if Self::complete(queue_index as usize, &vring, &mem, &mut finished) > 0 {
+            vring.signal_used_queue()?;
+        }
+        drained
     }
 }

@@ -4,6 +4,7 @@ mod backend;
 mod cli;
 mod config;
 mod disk;
+mod queue_io;
 mod request;
 mod server;
 

@@ -40,10 +40,11 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
         let backend = BlkBackend::new(device.clone());
         let mut daemon = VhostUserDaemon::new(
             "vhost-blk".into(),
-            backend,
+            backend.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| ServeError::Daemon(format!("{e:?}")))?;
+        backend.set_handlers(&daemon.get_epoll_handlers());
         log::info!("waiting for a frontend on {}", socket.display());
         if let Err(e) = daemon.start(&mut listener) {
             // Accepting failed: the socket itself is broken.
