@@ -8,7 +8,7 @@
 # qemu-storage-daemon cache.direct=on, fio --direct=1).
 # Workloads: 4k random read at depth 32 on 1 and 2 queues, 64k sequential
 # read and 64k sequential write at depth 32 on 1 queue. The load generator
-# plays a polling guest driver: it watches its used rings for 50 us before
+# plays a polling guest driver: it watches its used rings for 10 us before
 # it sleeps, for both backends alike.
 # The three take turns for ROUNDS rounds (figures on a shared machine move
 # by 10-30% between runs); the table shows medians and the range of ratios.
