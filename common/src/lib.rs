@@ -4,4 +4,5 @@
 
 pub mod error_chain;
 pub mod logging;
+pub mod ring_watch;
 pub mod stop;

@@ -4,7 +4,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
@@ -14,12 +14,14 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+
+use vmm_common::ring_watch::avail_within;
 
 use crate::queue_io::{Completed, QueueIo};
 use crate::request::{self, BlkTarget, Parsed, SECTOR_SIZE, SEG_MAX};
@@ -260,7 +262,7 @@ impl BlkBackend {
             if completed > 0
                 && qio.is_none()
                 && event_idx
-                && more_within(vring.get_ref().get_queue(), &mem, POLL)
+                && avail_within(vring.get_ref().get_queue(), &mem, POLL)
             {
                 continue;
             }
@@ -282,24 +284,6 @@ fn add_used(queue: usize, vring: &VringRwLock, head: u16, used: u32) -> bool {
             false
         }
     }
-}
-
-/// Whether the driver makes new requests available within `window`.
-fn more_within(q: &Queue, mem: &GuestMemoryMmap, window: Duration) -> bool {
-    let deadline = Instant::now() + window;
-    for spin in 0u32.. {
-        match q.avail_idx(mem, Ordering::Acquire) {
-            Ok(idx) if idx.0 != q.next_avail() => return true,
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-        // The clock is read every few rounds only.
-        if spin % 16 == 15 && Instant::now() >= deadline {
-            return false;
-        }
-        std::hint::spin_loop();
-    }
-    false
 }
 
 impl VhostUserBackend for BlkBackend {

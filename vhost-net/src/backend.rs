@@ -8,16 +8,18 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockWriteGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+
+use vmm_common::ring_watch::avail_within;
 
 use crate::features::{self, NetConfig};
 use crate::tap::Tap;
@@ -295,7 +297,7 @@ impl NetBackend {
             // A sender that keeps its ring full refills it within
             // microseconds: look for more for a moment before going back to
             // sleep, which saves its kick and our wake-up.
-            if used > 0 && Self::more_within(guard.get_queue(), &mem, TX_POLL) {
+            if used > 0 && avail_within(guard.get_queue(), &mem, TX_POLL) {
                 continue;
             }
             if unsignalled > 0 {
@@ -308,24 +310,6 @@ impl NetBackend {
                 Err(e) => return ring_failed(pair, &mut state, "tx", &e),
             }
         }
-    }
-
-    /// Whether the driver makes new chains available within `window`.
-    fn more_within(q: &Queue, mem: &GuestMemoryMmap, window: Duration) -> bool {
-        let deadline = Instant::now() + window;
-        for spin in 0u32.. {
-            match q.avail_idx(mem, Ordering::Acquire) {
-                Ok(idx) if idx.0 != q.next_avail() => return true,
-                Ok(_) => {}
-                Err(_) => return false,
-            }
-            // The clock is read every few rounds only.
-            if spin % 16 == 15 && Instant::now() >= deadline {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
-        false
     }
 }
 
