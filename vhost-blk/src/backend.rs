@@ -229,7 +229,10 @@ impl BlkBackend {
                     Parsed::Done(used) => used,
                     Parsed::Io(io) => match (qio.as_deref_mut(), disk_fd) {
                         (Some(qio), Some(fd)) => match qio.start(fd, head, io, mem.clone()) {
-                            Ok(()) => continue,
+                            Ok(()) => {
+                                qio.submit_due()?;
+                                continue;
+                            }
                             // There was room a moment ago.
                             Err(io) => request::finish(&mem, &io, false),
                         },
