@@ -1,13 +1,17 @@
 //! The test guest's virtio-net driver on our vmm with our vhost-net
 //! backend on a tap: it pings the host, two guests on a bridge exchange
-//! frames, and two queue pairs are negotiated. Each test has its own
-//! network namespace (see `vmm_tests::net`).
+//! frames, two queue pairs are negotiated, and a restarted backend takes
+//! over a running guest's NIC. Each test has its own network namespace
+//! (see `vmm_tests::net`).
 
 use std::time::Duration;
 
 use vmm_tests::backend::Backend;
 use vmm_tests::blk::{assert_kicks_bypassed_the_vmm, finish};
-use vmm_tests::net::{guest_ip, mac_text, test_mac, Capture, Netns, HOST_IP};
+use vmm_tests::net::{
+    arp_request, guest_ip, mac_text, send_frame, test_mac, Capture, Netns, HOST_IP,
+};
+use vmm_tests::qmp::RawQmp;
 use vmm_tests::vm::{RunningVm, VmBuilder};
 use vmm_tests::{require_kvm, test_guest};
 
@@ -66,6 +70,66 @@ fn guest_pings_the_host_through_vhost_net() {
     // The host saw the guest's echo requests on the tap.
     let seen = capture.echo_requests(&guest, HOST_IP);
     assert!(seen >= 3, "the capture on {tap} saw {seen} echo requests");
+}
+
+/// A vhost-net that dies while the guest runs is taken back when it
+/// restarts on the same socket: the VMM dials it again, QMP reports the
+/// backend gone and back, and the guest answers ARP through the new
+/// backend, so its rings were handed over where they stood.
+#[test]
+fn a_restarted_vhost_net_takes_over_the_running_guest() {
+    require_kvm();
+    let ns = Netns::new();
+    let tap = ns.tap_with_address(false);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("net.sock");
+    let api = dir.path().join("vm.qmp");
+    let mac = test_mac(31);
+    let guest = guest_ip(1);
+    let first = Backend::vhost_net(&ns, &socket, &tap, 1);
+    let mut vm = VmBuilder::new(test_guest())
+        .memory("128M")
+        .cmdline(&format!("ip={guest} respond=1000"))
+        .arg("--net")
+        .arg(format!("socket={},mac={}", socket.display(), mac_text(mac)))
+        .arg("--api-socket")
+        .arg(api.display().to_string())
+        .spawn();
+    let probe = |what: &str| {
+        let capture = Capture::start(&ns, &tap);
+        let request = arp_request([0x02, 0, 0, 0, 0, 0x09], HOST_IP, &guest);
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while capture.arp_replies_from(mac) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no ARP reply from the guest {what}"
+            );
+            send_frame(&ns, &tap, &request);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    vm.expect_line("testguest: net 00:01.0 ", TIMEOUT);
+    let (mut qmp, _) = RawQmp::connect(&api);
+    qmp.negotiate();
+    probe("through the first vhost-net");
+
+    drop(first);
+    let gone = qmp.wait_event("DEVICE_BACKEND");
+    assert!(gone.contains(r#""connected":false"#), "{gone}");
+    qmp.events.clear();
+    let _second = Backend::vhost_net(&ns, &socket, &tap, 1);
+    let back = qmp.wait_event("DEVICE_BACKEND");
+    assert!(back.contains(r#""connected":true"#), "{back}");
+    probe("through the restarted vhost-net");
+
+    qmp.request(r#"{"execute": "quit"}"#);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    vm.assert_no_guest_failure();
+    let log = vm.stderr.text();
+    assert!(
+        log.contains("net0: the vhost-user backend reconnected"),
+        "{log}"
+    );
 }
 
 #[test]

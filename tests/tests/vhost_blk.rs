@@ -2,8 +2,10 @@
 //! image (capacity, serial, pre-written bytes), its writes land in the image
 //! file byte for byte, read-only disks reject writes, the backend serves the
 //! next VM after a disconnect, refuses a second writer of the same image,
-//! and exits cleanly on SIGTERM.
+//! exits cleanly on SIGTERM, and a restarted backend takes over a running
+//! guest's disk.
 
+use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,6 +14,8 @@ use vmm_tests::blk::{
     assert_kicks_bypassed_the_vmm, expect_disk, finish, guest_pattern, make_image,
     read_pattern_area, two_disks_one_mq_one_read_only,
 };
+use vmm_tests::pty::Pty;
+use vmm_tests::qmp::RawQmp;
 use vmm_tests::vm::VmBuilder;
 use vmm_tests::{require_kvm, test_guest};
 
@@ -36,6 +40,55 @@ fn guest_reads_and_writes_through_vhost_blk_and_the_next_vm_too() {
         assert_kicks_bypassed_the_vmm(&log, "disk0");
         assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
     }
+}
+
+/// A vhost-blk that dies while the guest runs is taken back when it
+/// restarts: the guest reads through the first backend and stops (with
+/// `diskwait`); the backend is killed, QMP reports it gone, a new one starts
+/// on the same socket, the VMM dials it and QMP reports it back; the
+/// guest's writes and read-back then go through the new backend, and land
+/// in the image.
+#[test]
+fn a_restarted_vhost_blk_takes_over_the_running_guest() {
+    require_kvm();
+    let timeout = Duration::from_secs(90);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk0.img");
+    make_image(&image, 0);
+    let socket = dir.path().join("disk0.sock");
+    let api = dir.path().join("vm.qmp");
+    let first = Backend::vhost_blk(&socket, &image, &[]);
+    let pty = Pty::open();
+    let vm = pty.spawn(
+        VmBuilder::new(test_guest())
+            .cmdline("diskwait")
+            .arg("--disk")
+            .arg(format!("socket={}", socket.display()))
+            .arg("--api-socket")
+            .arg(api.display().to_string())
+            .command(),
+    );
+    vm.expect_line("testguest: blk 00:01.0 waiting", timeout);
+    let (mut qmp, _) = RawQmp::connect(&api);
+    qmp.negotiate();
+
+    drop(first);
+    let gone = qmp.wait_event("DEVICE_BACKEND");
+    assert!(gone.contains(r#""connected":false"#), "{gone}");
+    qmp.events.clear();
+    let _second = Backend::vhost_blk(&socket, &image, &[]);
+    let back = qmp.wait_event("DEVICE_BACKEND");
+    assert!(back.contains(r#""connected":true"#), "{back}");
+
+    let mut master = pty.master.try_clone().expect("dup master");
+    master.write_all(b"\r").expect("wake the guest");
+    vm.expect_line("testguest: blk 00:01.0 write-read ok", timeout);
+    let log = finish(vm);
+    assert!(
+        log.contains("disk0: the vhost-user backend reconnected"),
+        "{log}"
+    );
+    assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
 }
 
 #[test]

@@ -195,7 +195,8 @@ pub fn build(
             vhost_user::blk::connect(index, &disk.socket, disk.num_queues, disk.queue_size)
                 .map_err(BuildError::Disk)?;
         let status = device.status();
-        pci.add_virtio(Box::new(device), status, "vhost-user-blk")?;
+        let transport = pci.add_virtio(Box::new(device), status.clone(), "vhost-user-blk")?;
+        redial_when_gone(format!("disk{index}"), &disk.socket, status, transport)?;
     }
     let mut server_sockets = Vec::new();
     for (index, net) in config.nets.iter().enumerate() {
@@ -216,7 +217,7 @@ pub fn build(
             server
                 .serve_reconnects(
                     format!("net{index}"),
-                    move || !status.connected(),
+                    move || status.hung_up(),
                     move |stream| crate::bus::lock(&transport).reconnect_backend(stream),
                 )
                 .map_err(BuildError::ReconnectThread)?;
@@ -224,7 +225,8 @@ pub fn build(
         } else {
             let device = vhost_user::net::connect(&spec).map_err(BuildError::Net)?;
             let status = device.status();
-            pci.add_virtio(Box::new(device), status, "vhost-user-net")?;
+            let transport = pci.add_virtio(Box::new(device), status.clone(), "vhost-user-net")?;
+            redial_when_gone(format!("net{index}"), &net.socket, status, transport)?;
         }
     }
     let devices = pci.stats;
@@ -393,6 +395,24 @@ impl PciDevices<'_> {
 
 /// Writes each table to DIR/<SIG>.dat, through a temporary file so that no
 /// half-written table is left behind.
+/// A device whose backend listens: when the backend dies, the VMM dials
+/// its socket until a restarted backend answers, and hands it the device.
+fn redial_when_gone(
+    name: String,
+    socket: &Path,
+    status: Arc<DeviceStatus>,
+    transport: Arc<Mutex<VirtioPciDevice>>,
+) -> Result<(), BuildError> {
+    vhost_user::reconnect::spawn(
+        name,
+        socket.to_path_buf(),
+        vhost_user::reconnect::Source::Dial,
+        move || status.hung_up(),
+        move |stream| crate::bus::lock(&transport).reconnect_backend(stream),
+    )
+    .map_err(BuildError::ReconnectThread)
+}
+
 fn dump_acpi(dir: &Path, tables: &[acpi::AcpiTable]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     for table in tables {

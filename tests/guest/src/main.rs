@@ -6,7 +6,9 @@
 //! mode it echoes serial input lines; in `count` mode it prints a counter
 //! about five times a second; it drives every virtio-blk disk
 //! (`virtio_blk`) and virtio-net NIC (`virtio_net`: `ip=`, `ping=`,
-//! `respond=`) it finds on PCI; then it powers off through ACPI, or
+//! `respond=`) it finds on PCI (with `diskwait`, each disk waits for a
+//! line on the serial port between its first read and its writes, while
+//! the test swaps the backend); then it powers off through ACPI, or
 //! with `reset` on the command line resets the machine, or with
 //! `triplefault` crashes it, or with `resetonce` resets it once and powers
 //! off after the reboot.
@@ -113,7 +115,7 @@ fn run(start_info: u64) -> Result<(), Fail> {
             const VIRTIO_BLK_MODERN: u16 = 0x1042;
             if vendor == VIRTIO_VENDOR && device == VIRTIO_BLK_MODERN && !has_word(b"noblk") {
                 if result.is_ok() {
-                    result = virtio_blk::test_disk(f, disks);
+                    result = virtio_blk::test_disk(f, disks, has_word(b"diskwait"));
                 }
                 disks += 1;
             }

@@ -111,7 +111,9 @@ fn pattern_byte(i: u64, index: u8) -> u8 {
 }
 
 /// Drives the disk at `f`, found `index`-th, and reports what it saw.
-pub fn test_disk(f: Function, index: u8) -> Result<(), Fail> {
+/// With `wait`, it stops after its first read until a line arrives on the
+/// serial port (a test restarts the backend meanwhile).
+pub fn test_disk(f: Function, index: u8, wait: bool) -> Result<(), Fail> {
     let bdf = (f.slot, f.function);
     f.enable();
     let dev = locate(f)?;
@@ -224,6 +226,10 @@ pub fn test_disk(f: Function, index: u8) -> Result<(), Fail> {
         hex[2 * i as usize + 1] = b"0123456789abcdef"[usize::from(b & 0xf)];
     }
     say!("blk 00:{:02x}.{} sector0 {}", bdf.0, bdf.1, Bytes(&hex));
+    if wait {
+        say!("blk 00:{:02x}.{} waiting", bdf.0, bdf.1);
+        while !matches!(crate::serial::read_byte(), b'\n' | b'\r') {}
+    }
 
     for i in 0..4096u64 {
         wr(buf + i, pattern_byte(i, index));

@@ -86,12 +86,20 @@ pub struct DeviceStatus {
     pub queues: usize,
     /// Set when the backend hung up or failed: the device stops.
     pub broken: Arc<AtomicBool>,
+    /// Set when the backend's connection closed (not when a backend that
+    /// is still connected failed a request): a new backend may take over.
+    hung_up: AtomicBool,
     listener: Mutex<Option<StatusListener>>,
 }
 
 impl DeviceStatus {
     pub fn connected(&self) -> bool {
         !self.broken.load(Ordering::Acquire)
+    }
+
+    /// Whether the backend's connection has closed since it last connected.
+    pub fn hung_up(&self) -> bool {
+        self.hung_up.load(Ordering::Acquire)
     }
 
     /// Registers the function told about connection changes.
@@ -233,6 +241,7 @@ impl VhostUserDevice {
             acked_features: AtomicU64::new(0),
             queues: spec.num_queues,
             broken: broken.clone(),
+            hung_up: AtomicBool::new(false),
             listener: Mutex::new(None),
         });
         watch_hangup(frontend.as_raw_fd(), status.clone());
@@ -279,8 +288,10 @@ fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) {
                 events: libc::POLLRDHUP,
                 revents: 0,
             };
-            // SAFETY: `pfd` is a valid pollfd; the socket stays open for the
-            // process's lifetime (devices are never dropped while it runs).
+            // SAFETY: `pfd` is a valid pollfd. The socket stays open while
+            // this thread polls it: devices are never dropped while the VMM
+            // runs, and a connection is replaced (and closed) only after it
+            // hung up, once this thread has seen that and returned.
             let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
             if rc < 0 {
                 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -291,6 +302,7 @@ fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) {
             if pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
             {
                 status.broken.store(true, Ordering::Release);
+                status.hung_up.store(true, Ordering::Release);
                 log::error!("{name}: the vhost-user backend disconnected; the device is stopped");
                 status.changed();
                 return;
@@ -381,6 +393,10 @@ impl VirtioDevice for VhostUserDevice {
 
     fn reset(&mut self) {
         self.stop_rings();
+    }
+
+    fn reconnect(&mut self, stream: UnixStream) -> Result<(), String> {
+        self.reattach(stream)
     }
 }
 
@@ -527,7 +543,9 @@ impl VhostUserDevice {
         Ok(())
     }
 
-    /// Takes a backend that connected again (`server=on`): the handshake,
+    /// Takes a new backend connection after the last one closed (the
+    /// backend connected to our `server=on` socket, or answered when the
+    /// VMM dialed its socket again): the handshake,
     /// then, if the driver had started the device, the memory table and
     /// every ring as they stand. Tells the status listener.
     pub fn reattach(&mut self, stream: UnixStream) -> Result<(), String> {
@@ -545,6 +563,7 @@ impl VhostUserDevice {
         watch_hangup(frontend.as_raw_fd(), self.status.clone());
         *crate::bus::lock(&self.frontend) = frontend;
         self.broken.store(false, Ordering::Release);
+        self.status.hung_up.store(false, Ordering::Release);
         if let Some(activation) = self.activation.take() {
             let result = self.hand_rings(&activation, true);
             self.activation = Some(activation);

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use super::reconnect;
+
 #[derive(Debug, Error)]
 pub enum ListenError {
     #[error("{0:?} already exists and is not a stale socket")]
@@ -111,30 +113,8 @@ impl ServerSocket {
         gone: impl Fn() -> bool + Send + 'static,
         attach: impl Fn(UnixStream) -> Result<(), String> + Send + 'static,
     ) -> std::io::Result<()> {
-        let listener = self.listener.try_clone()?;
-        let path = self.path.clone();
-        std::thread::Builder::new()
-            .name(format!("{name}-listen"))
-            .spawn(move || loop {
-                while !gone() {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        if let Err(e) = attach(stream) {
-                            log::error!(
-                                "{name}: a backend connected to {} but: {e}",
-                                path.display()
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        log::error!("{name}: accepting on {} failed: {e}", path.display());
-                        return;
-                    }
-                }
-            })?;
-        Ok(())
+        let source = reconnect::Source::Listener(self.listener.try_clone()?);
+        reconnect::spawn(name, self.path.clone(), source, gone, attach)
     }
 }
 

@@ -8,3 +8,4 @@ pub mod frontend;
 pub mod listener;
 pub mod net;
 pub mod net_ctrl;
+pub mod reconnect;

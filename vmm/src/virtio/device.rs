@@ -47,7 +47,7 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// The driver reset the device: stop the data path.
     fn reset(&mut self);
-    /// A backend connected again to the device's `server=on` socket.
+    /// A new backend connection, after the last one was lost.
     fn reconnect(&mut self, _stream: std::os::unix::net::UnixStream) -> Result<(), String> {
         Err("this device cannot take a new backend".into())
     }
