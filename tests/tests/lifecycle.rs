@@ -26,6 +26,15 @@ fn a_guest_reset_reboots_in_place() {
     assert_eq!(console.matches("testguest: hello").count(), 2, "{console}");
     // Both processors came back after the reboot.
     assert_eq!(console.matches("testguest: cpus 2").count(), 2, "{console}");
+    // The IOAPIC too, at its power-on state (masked, vector 0) although the
+    // first boot changed the entry's vector before the reset.
+    assert_eq!(
+        console
+            .matches("testguest: ioapic pin15 0x00010000")
+            .count(),
+        2,
+        "{console}"
+    );
 }
 
 #[test]

@@ -113,6 +113,7 @@ pub struct BuiltVm {
     pci_bus: Arc<Mutex<PciBus>>,
     acpi_tables: Vec<acpi::AcpiTable>,
     supported_msrs: Vec<u32>,
+    platform: vm::PlatformState,
     boot: BootSource,
     /// `server=on` sockets, removed when the VM is dropped.
     #[allow(dead_code)]
@@ -128,6 +129,7 @@ pub fn build(
 ) -> Result<BuiltVm, BuildError> {
     let ram = memory::create_guest_ram(config.memory_bytes)?;
     let vm = Arc::new(vm::create_vm(kvm, &ram.memory)?);
+    let platform = vm::PlatformState::save(&vm)?;
     let router = Arc::new(GsiRouter::new(vm.clone()));
     let exit = Arc::new(ExitNotifier::new().map_err(BuildError::ExitEvent)?);
 
@@ -283,6 +285,7 @@ pub fn build(
         pci_bus,
         acpi_tables: tables,
         supported_msrs,
+        platform,
         boot: BootSource {
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
@@ -306,10 +309,12 @@ impl BuiltVm {
     /// Reboots in place after the vCPU threads have ended: every device is
     /// reset (vhost-user devices stop their backends' rings and are set up
     /// again when the guest's drivers start them), the kernel and ACPI
-    /// tables are loaded afresh, and the vCPUs return to their power-on
-    /// state. `start` then runs the guest again.
+    /// tables are loaded afresh, and the interrupt controllers, the PIT
+    /// and the vCPUs return to their power-on state. `start` then runs the
+    /// guest again.
     pub fn reboot(&mut self, vcpus: Vec<Vcpu>) -> Result<(), BuildError> {
         crate::bus::lock(&self.pci_bus).reset_devices();
+        self.platform.restore(&self.vm)?;
         acpi::write_tables(&self.ram.memory, &self.acpi_tables)?;
         let boot_info = boot::load(
             &self.ram.memory,

@@ -205,6 +205,10 @@ const RESET_MARKER: u64 = 0x7465_7374_7265_7365; // "testrese"
 /// Resets the machine on the first boot; on the next one, reports that
 /// the reset brought it back and carries on (to power-off).
 fn reset_once() {
+    // The IOAPIC must come back from a reboot as at power-on: report one
+    // redirection entry on each boot, and change it (still masked) before
+    // the reset.
+    say!("ioapic pin15 {:#010x}", ioapic_redirection_low(15));
     let marker = RESET_MARKER_ADDR as *mut u64;
     // SAFETY: the page is free RAM below the scratch areas, identity-mapped.
     let seen = unsafe { core::ptr::read_volatile(marker) };
@@ -216,8 +220,31 @@ fn reset_once() {
     }
     // SAFETY: as above.
     unsafe { core::ptr::write_volatile(marker, RESET_MARKER) };
+    set_ioapic_redirection_low(15, 1 << 16 | 0x35);
     say!("resetting");
     power::reset();
+}
+
+/// The IOAPIC's registers: the index (IOREGSEL) and the window (IOWIN).
+const IOAPIC_SELECT: u64 = 0xfec0_0000;
+const IOAPIC_WINDOW: u64 = 0xfec0_0010;
+
+/// The low half of the IOAPIC redirection entry for `pin`.
+fn ioapic_redirection_low(pin: u32) -> u32 {
+    // SAFETY: the IOAPIC's registers, identity-mapped like all of the low
+    // 4 GiB; the index write selects the register the window then reads.
+    unsafe {
+        core::ptr::write_volatile(IOAPIC_SELECT as *mut u32, 0x10 + 2 * pin);
+        core::ptr::read_volatile(IOAPIC_WINDOW as *const u32)
+    }
+}
+
+fn set_ioapic_redirection_low(pin: u32, value: u32) {
+    // SAFETY: as in `ioapic_redirection_low`.
+    unsafe {
+        core::ptr::write_volatile(IOAPIC_SELECT as *mut u32, 0x10 + 2 * pin);
+        core::ptr::write_volatile(IOAPIC_WINDOW as *mut u32, value);
+    }
 }
 
 /// Echoes serial input line by line until the line `poweroff` (or `reset`,

@@ -1,7 +1,10 @@
 //! The KVM VM: its memory slots, the in-kernel irqchip (PIC, IOAPIC,
 //! LAPICs) and PIT, and the host limits the configuration is checked against.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -81,4 +84,46 @@ pub fn create_vm(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, VmError> {
             .map_err(|e| VmError::Kvm("register guest memory with KVM", e))?;
     }
     Ok(vm)
+}
+
+/// The PICs, the IOAPIC and the PIT as KVM created them. An in-place
+/// reboot puts them back, so the next boot finds them at power-on state
+/// rather than as the last guest left them (its redirection entries, its
+/// masks, a running timer).
+pub struct PlatformState {
+    chips: Vec<kvm_irqchip>,
+    pit: kvm_pit_state2,
+}
+
+impl PlatformState {
+    /// Reads the state of a VM that has not run yet.
+    pub fn save(vm: &VmFd) -> Result<Self, VmError> {
+        let mut chips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map_err(|e| VmError::Kvm("read the irqchip state", e))?;
+            chips.push(chip);
+        }
+        let pit = vm
+            .get_pit2()
+            .map_err(|e| VmError::Kvm("read the PIT state", e))?;
+        Ok(PlatformState { chips, pit })
+    }
+
+    pub fn restore(&self, vm: &VmFd) -> Result<(), VmError> {
+        for chip in &self.chips {
+            vm.set_irqchip(chip)
+                .map_err(|e| VmError::Kvm("reset the irqchip", e))?;
+        }
+        vm.set_pit2(&self.pit)
+            .map_err(|e| VmError::Kvm("reset the PIT", e))
+    }
 }
