@@ -268,6 +268,30 @@ impl Capture {
     }
 }
 
+/// Sends ARP requests for `guest_ip` into `tap` (from the host's address)
+/// every 200 ms until the guest whose NIC has `mac` answers one; panics
+/// naming `what` after `timeout`.
+pub fn expect_arp_reply(
+    ns: &Netns,
+    tap: &str,
+    mac: [u8; 6],
+    guest_ip: &str,
+    what: &str,
+    timeout: Duration,
+) {
+    let capture = Capture::start(ns, tap);
+    let request = arp_request([0x02, 0, 0, 0, 0, 0x09], HOST_IP, guest_ip);
+    let deadline = Instant::now() + timeout;
+    while capture.arp_replies_from(mac) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no ARP reply from the guest {what}"
+        );
+        send_frame(ns, tap, &request);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Moves the calling thread into the namespace `name`.
 fn enter_netns(name: &str) {
     let path = format!("/run/netns/{name}");

@@ -93,6 +93,16 @@ impl RawQmp {
         }
     }
 
+    /// Waits for the DEVICE_BACKEND event, checks that it reports the
+    /// backend `connected` or not, and forgets the events read so far.
+    pub fn expect_backend(&mut self, connected: bool) -> String {
+        let event = self.wait_event("DEVICE_BACKEND");
+        let expected = format!("\"connected\":{connected}");
+        assert!(event.contains(&expected), "{event}");
+        self.events.clear();
+        event
+    }
+
     /// Negotiates capabilities.
     pub fn negotiate(&mut self) {
         let reply = self.request(r#"{"execute": "qmp_capabilities"}"#);

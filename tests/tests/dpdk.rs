@@ -159,7 +159,7 @@ fn ovs_dpdk_carries_the_guest_ping() {
 /// over again where they stood.
 #[test]
 fn a_restarted_testpmd_reconnects_to_a_running_guest() {
-    use vmm_tests::net::{arp_request, send_frame, Capture};
+    use vmm_tests::net::expect_arp_reply;
     use vmm_tests::qmp::RawQmp;
     require_kvm();
     require_testpmd();
@@ -188,17 +188,7 @@ fn a_restarted_testpmd_reconnects_to_a_running_guest() {
     let tap = unique_name("vd");
     let probe = |what: &str| {
         ns.wait_for_link(&tap, TIMEOUT);
-        let capture = Capture::start(&ns, &tap);
-        let request = arp_request([0x02, 0, 0, 0, 0, 0x09], HOST_IP, &guest_ip(1));
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        while capture.arp_replies_from(mac) == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no ARP reply from the guest {what}"
-            );
-            send_frame(&ns, &tap, &request);
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        expect_arp_reply(&ns, &tap, mac, &guest_ip(1), what, TIMEOUT);
     };
     let first = Testpmd::start(&ns, &socket, &tap, true, 1);
     vm.expect_line("testguest: net 00:01.0 ", TIMEOUT);
@@ -207,12 +197,9 @@ fn a_restarted_testpmd_reconnects_to_a_running_guest() {
     probe("through the first testpmd");
 
     drop(first);
-    let gone = qmp.wait_event("DEVICE_BACKEND");
-    assert!(gone.contains(r#""connected":false"#), "{gone}");
-    qmp.events.clear();
+    qmp.expect_backend(false);
     let _second = Testpmd::start(&ns, &socket, &tap, true, 1);
-    let back = qmp.wait_event("DEVICE_BACKEND");
-    assert!(back.contains(r#""connected":true"#), "{back}");
+    qmp.expect_backend(true);
     let devices = qmp.request(r#"{"execute": "query-vhost-user"}"#);
     assert!(devices.contains(r#""connected":true"#), "{devices}");
     probe("through the restarted testpmd");

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use vmm_tests::backend::Backend;
 use vmm_tests::blk::{assert_kicks_bypassed_the_vmm, finish};
-use vmm_tests::net::{
-    arp_request, guest_ip, mac_text, send_frame, test_mac, Capture, Netns, HOST_IP,
-};
+use vmm_tests::net::{expect_arp_reply, guest_ip, mac_text, test_mac, Capture, Netns, HOST_IP};
 use vmm_tests::qmp::RawQmp;
 use vmm_tests::vm::{RunningVm, VmBuilder};
 use vmm_tests::{require_kvm, test_guest};
@@ -95,31 +93,16 @@ fn a_restarted_vhost_net_takes_over_the_running_guest() {
         .arg("--api-socket")
         .arg(api.display().to_string())
         .spawn();
-    let probe = |what: &str| {
-        let capture = Capture::start(&ns, &tap);
-        let request = arp_request([0x02, 0, 0, 0, 0, 0x09], HOST_IP, &guest);
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        while capture.arp_replies_from(mac) == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no ARP reply from the guest {what}"
-            );
-            send_frame(&ns, &tap, &request);
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let probe = |what: &str| expect_arp_reply(&ns, &tap, mac, &guest, what, TIMEOUT);
     vm.expect_line("testguest: net 00:01.0 ", TIMEOUT);
     let (mut qmp, _) = RawQmp::connect(&api);
     qmp.negotiate();
     probe("through the first vhost-net");
 
     drop(first);
-    let gone = qmp.wait_event("DEVICE_BACKEND");
-    assert!(gone.contains(r#""connected":false"#), "{gone}");
-    qmp.events.clear();
+    qmp.expect_backend(false);
     let _second = Backend::vhost_net(&ns, &socket, &tap, 1);
-    let back = qmp.wait_event("DEVICE_BACKEND");
-    assert!(back.contains(r#""connected":true"#), "{back}");
+    qmp.expect_backend(true);
     probe("through the restarted vhost-net");
 
     qmp.request(r#"{"execute": "quit"}"#);
