@@ -398,8 +398,6 @@ impl PciDevices<'_> {
     }
 }
 
-/// Writes each table to DIR/<SIG>.dat, through a temporary file so that no
-/// half-written table is left behind.
 /// A device whose backend listens: when the backend dies, the VMM dials
 /// its socket until a restarted backend answers, and hands it the device.
 fn redial_when_gone(
@@ -418,6 +416,8 @@ fn redial_when_gone(
     .map_err(BuildError::ReconnectThread)
 }
 
+/// Writes each table to DIR/<SIG>.dat, through a temporary file so that no
+/// half-written table is left behind.
 fn dump_acpi(dir: &Path, tables: &[acpi::AcpiTable]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     for table in tables {

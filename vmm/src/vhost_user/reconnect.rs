@@ -10,7 +10,7 @@
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How often the VMM checks whether a backend has gone.
@@ -30,7 +30,7 @@ pub enum Source {
 
 impl Source {
     /// Waits for the next connection; an error ends the reconnecting.
-    fn next(&self, path: &PathBuf, name: &str) -> io::Result<UnixStream> {
+    fn next(&self, path: &Path, name: &str) -> io::Result<UnixStream> {
         match self {
             Source::Listener(listener) => listener.accept().map(|(stream, _)| stream),
             Source::Dial => {
