@@ -67,8 +67,12 @@ impl BatchWriter {
             // SAFETY: the iovec array and the buffers it points to (guest
             // memory, borrowed by `frames` for this call) stay valid until
             // every entry queued here has completed: the loop below reaps
-            // them all before this function returns, or drops the ring,
-            // which cancels what is in flight, if the kernel fails.
+            // them all before this function returns. If the kernel fails
+            // instead, the ring is dropped with entries possibly still
+            // running: the kernel copied each iovec array when it took the
+            // entry, and reads the frames through this process's mapping
+            // of guest memory (a fault there fails the write, it cannot
+            // touch memory this process does not map).
             if unsafe { ring.submission().push(&entry) }.is_err() {
                 break;
             }
