@@ -2,7 +2,8 @@
 # Runs the whole test suite: builds the test guest, fetches the Linux kernel
 # for the early-boot check, builds the workspace, checks formatting and
 # clippy, then runs every unit and integration test (the integration tests
-# boot real guests on /dev/kvm and fail without it).
+# boot real guests on /dev/kvm and fail without it), and finally the
+# README's demo, checking what its guest reports.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -28,3 +29,22 @@ step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 step "tests"
 cargo test --workspace
+step "the README's demo (scripts/demo.sh)"
+# The main command README.md gives: it must boot the guest with its
+# vhost-user disk and NIC, and the guest's own checks must pass.
+demo_out="$(mktemp)"
+trap 'rm -f "$demo_out"' EXIT
+scripts/demo.sh >"$demo_out"
+for line in "blk 00:01.0 write-read ok" "net ping 192.0.2.1 3/3 replies" "poweroff"; do
+    if ! grep -qx "testguest: $line" "$demo_out"; then
+        echo "test.sh: the demo's guest did not report \"$line\":" >&2
+        cat "$demo_out" >&2
+        exit 1
+    fi
+done
+if grep -q "testguest: FAIL" "$demo_out"; then
+    echo "test.sh: the demo's guest reported a failure:" >&2
+    cat "$demo_out" >&2
+    exit 1
+fi
+echo "test.sh: the demo booted and its guest's checks passed"
