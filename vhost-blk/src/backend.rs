@@ -192,6 +192,11 @@ impl BlkBackend {
             return Ok(());
         };
         let mut state = lock(state);
+        // A stopped ring (GET_VRING_BASE) is the frontend's again: a late
+        // completion event must not touch it.
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
         if state.vring.is_none() {
             state.vring = Some(vring.clone());
         }
@@ -214,6 +219,7 @@ impl BlkBackend {
             }
             let mut completed = Self::complete(queue, vring, &mem, &mut finished);
             let mut full = false;
+            let mut refused = None;
             loop {
                 if qio.as_deref().is_some_and(|q| !q.has_room()) {
                     full = true;
@@ -229,10 +235,13 @@ impl BlkBackend {
                     Parsed::Done(used) => used,
                     Parsed::Io(io) => match (qio.as_deref_mut(), disk_fd) {
                         (Some(qio), Some(fd)) => match qio.start(fd, head, io, mem.clone()) {
-                            Ok(()) => {
-                                qio.submit_due()?;
-                                continue;
-                            }
+                            Ok(()) => match qio.submit_due() {
+                                Ok(()) => continue,
+                                Err(e) => {
+                                    refused = Some(e);
+                                    break;
+                                }
+                            },
                             // There was room a moment ago.
                             Err(io) => request::finish(&mem, &io, false),
                         },
@@ -244,9 +253,24 @@ impl BlkBackend {
                     completed += 1;
                 }
             }
-            if let Some(qio) = qio.as_deref_mut() {
-                qio.submit()?;
-                qio.reap(&mut finished);
+            let is_async = qio.is_some();
+            if let Some(qio) = qio {
+                if refused.is_none() {
+                    refused = qio.submit().err();
+                }
+                match &refused {
+                    None => qio.reap(&mut finished),
+                    Some(e) => {
+                        log::error!(
+                            "queue {queue}: io_uring refused transfers ({e}); the queue runs synchronously from now on"
+                        );
+                        qio.abandon(&mut finished);
+                    }
+                }
+            }
+            if refused.is_some() {
+                // The transfers it never took complete below as failed.
+                state.io = AsyncIo::Unavailable;
             }
             completed += Self::complete(queue, vring, &mem, &mut finished);
             if completed > 0 {
@@ -254,6 +278,10 @@ impl BlkBackend {
                 if notify {
                     vring.signal_used_queue()?;
                 }
+            }
+            if refused.is_some() {
+                // The chains still available go through the synchronous path.
+                continue;
             }
             if full {
                 // A completion brings the worker back for the rest.
@@ -263,7 +291,7 @@ impl BlkBackend {
             // device does better sleeping (watching would take the core
             // that the device's completions need).
             if completed > 0
-                && qio.is_none()
+                && !is_async
                 && event_idx
                 && avail_within(vring.get_ref().get_queue(), &mem, POLL)
             {
@@ -400,6 +428,8 @@ impl VhostUserBackend for BlkBackend {
         let AsyncIo::Ready(qio) = &mut state.io else {
             return Ok(());
         };
+        // The completions are taken here: the worker need not wake for them.
+        qio.clear_event();
         let mut finished = Vec::new();
         let drained = qio.drain(&mut finished);
         let (Some(vring), Some(atomic)) = (

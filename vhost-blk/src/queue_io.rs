@@ -23,6 +23,12 @@ use crate::request::PendingIo;
 
 /// Transfers queued with `start` that `submit_due` hands to the kernel.
 const SUBMIT_EVERY: usize = 2;
+/// How often, and how far apart, a submission the kernel has no resources
+/// for is tried again when nothing it holds will complete meanwhile.
+const SUBMIT_RETRIES: u32 = 100;
+const SUBMIT_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+/// io_uring_enter's flag to wait for completions (include/uapi/linux/io_uring.h).
+const IORING_ENTER_GETEVENTS: u32 = 1;
 
 struct InFlight {
     head: u16,
@@ -113,8 +119,10 @@ impl QueueIo {
         // SAFETY: the iovec array (owned by `io`, which moves into the slot
         // below and stays there untouched) and the guest memory it points
         // to (kept mapped by `mem`, stored with it) live until the
-        // completion of this entry is reaped, or until `Drop` has waited
-        // for it.
+        // completion of this entry is reaped: `drain`, `abandon` and `Drop`
+        // wait for every entry the kernel took, and if they cannot, leak
+        // the slots rather than free them; the entries `abandon` hands
+        // back are never submitted (the ring is dropped unentered).
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
             self.free.push(slot);
             return Err(io);
@@ -137,16 +145,87 @@ impl QueueIo {
         Ok(())
     }
 
-    /// Hands the queued transfers to the kernel without waiting.
+    /// Hands the queued transfers to the kernel without waiting. When the
+    /// kernel is short of resources (EAGAIN, EBUSY), what it already holds
+    /// will complete and bring the worker back to try again, so the rest
+    /// stays queued; with nothing in the kernel, this waits a little for
+    /// resources instead. Any other error is for `abandon`.
     pub fn submit(&mut self) -> io::Result<()> {
+        let mut retries = 0;
         while self.unsubmitted > 0 {
             match self.ring.submit() {
                 Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                    if self.in_kernel() > 0 {
+                        return Ok(());
+                    }
+                    if retries == SUBMIT_RETRIES {
+                        return Err(e);
+                    }
+                    retries += 1;
+                    std::thread::sleep(SUBMIT_RETRY_PAUSE);
+                }
                 Err(e) => return Err(e),
             }
         }
         Ok(())
+    }
+
+    /// Transfers the kernel has taken and not yet completed.
+    fn in_kernel(&self) -> usize {
+        self.in_flight().saturating_sub(self.unsubmitted)
+    }
+
+    /// Waits for at least one completion without submitting anything.
+    fn wait_for_completion(&self) -> io::Result<()> {
+        loop {
+            // SAFETY: io_uring_enter with nothing to submit and GETEVENTS
+            // only waits for completions; it reads no submission entries.
+            let entered = unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 1, IORING_ENTER_GETEVENTS, None)
+            };
+            match entered {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Gives the ring up after the kernel refused a submission: waits for
+    /// every transfer the kernel took, and hands back the ones it never
+    /// took as failed. The ring must not be entered again with entries to
+    /// submit (the queue drops it): its submission queue still names
+    /// transfers that are gone.
+    pub fn abandon(&mut self, out: &mut Vec<Completed>) {
+        while self.in_kernel() > 0 {
+            if let Err(e) = self.wait_for_completion() {
+                log::error!(
+                    "cannot wait for {} transfers in the kernel ({e}); their guest memory stays mapped",
+                    self.in_kernel()
+                );
+                // The kernel may still use those buffers: never unmap them.
+                std::mem::forget(std::mem::take(&mut self.slots));
+                self.free.clear();
+                self.unsubmitted = 0;
+                return;
+            }
+            self.reap(out);
+        }
+        for (slot, entry) in self.slots.iter_mut().enumerate() {
+            if let Some(never_taken) = entry.take() {
+                self.free.push(slot);
+                out.push(Completed {
+                    head: never_taken.head,
+                    io: never_taken.io,
+                    ok: false,
+                });
+            }
+        }
+        self.unsubmitted = 0;
     }
 
     /// Takes every completed transfer, without waiting.
@@ -167,14 +246,20 @@ impl QueueIo {
     }
 
     /// Submits what is queued and waits until nothing is in flight; every
-    /// transfer completed meanwhile goes to `out`.
+    /// transfer completed meanwhile goes to `out`. If the kernel refuses
+    /// the rest, what it took is still waited for and the rest comes back
+    /// failed (`abandon`) before the error is returned.
     pub fn drain(&mut self, out: &mut Vec<Completed>) -> io::Result<()> {
-        self.submit()?;
         while self.in_flight() > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            if let Err(e) = self.submit() {
+                self.abandon(out);
+                return Err(e);
+            }
+            if self.in_kernel() > 0 {
+                if let Err(e) = self.wait_for_completion() {
+                    self.abandon(out);
+                    return Err(e);
+                }
             }
             self.reap(out);
         }
@@ -184,11 +269,72 @@ impl QueueIo {
 
 impl Drop for QueueIo {
     /// The kernel may still be writing into guest memory that is about to
-    /// be unmapped: wait for every transfer first.
+    /// be unmapped: wait for every transfer first (`drain` leaves nothing
+    /// in the kernel, or keeps the memory of what it could not wait for).
     fn drop(&mut self) {
         let mut lost = Vec::new();
         if let Err(e) = self.drain(&mut lost) {
             log::error!("cannot wait for transfers in flight: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+    use super::*;
+
+    const PAGE: u64 = 0x1000;
+
+    fn page_write(mem: &GuestMemoryMmap, page: u64, offset: u64) -> PendingIo {
+        let host = mem
+            .get_host_address(GuestAddress(page * PAGE))
+            .expect("in guest memory");
+        PendingIo::for_test(true, offset, host, PAGE as u32)
+    }
+
+    /// A ring the kernel refuses is given up: the transfer it took is
+    /// waited for and completes; those it never took come back failed and
+    /// never reach the file, even when the ring is dropped afterwards.
+    #[test]
+    fn abandoned_transfers_come_back_failed_and_never_reach_the_file() {
+        let mem = Arc::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 * PAGE as usize)])
+                .expect("guest memory"),
+        );
+        mem.write_slice(&[0xaa; PAGE as usize], GuestAddress(0))
+            .expect("fill page 0");
+        mem.write_slice(&[0xbb; PAGE as usize], GuestAddress(PAGE))
+            .expect("fill page 1");
+        let file = tempfile::tempfile().expect("temp file");
+        file.set_len(4 * PAGE).expect("size the file");
+        let fd = file.as_raw_fd();
+
+        let mut qio = QueueIo::new(8).expect("io_uring");
+        assert!(qio
+            .start(fd, 1, page_write(&mem, 0, 0), mem.clone())
+            .is_ok());
+        qio.submit().expect("submit");
+        assert!(qio
+            .start(fd, 2, page_write(&mem, 1, PAGE), mem.clone())
+            .is_ok());
+        assert!(qio
+            .start(fd, 3, page_write(&mem, 1, 2 * PAGE), mem.clone())
+            .is_ok());
+        let mut out = Vec::new();
+        qio.abandon(&mut out);
+        assert_eq!(qio.in_flight(), 0);
+        drop(qio);
+
+        let mut seen: Vec<(u16, bool)> = out.iter().map(|c| (c.head, c.ok)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, [(1, true), (2, false), (3, false)]);
+        let mut image = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut image).expect("read the file");
+        assert!(image[..PAGE as usize].iter().all(|&b| b == 0xaa));
+        assert!(image[PAGE as usize..].iter().all(|&b| b == 0));
     }
 }

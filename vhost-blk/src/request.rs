@@ -57,10 +57,32 @@ pub struct PendingIo {
     status_addr: u64,
 }
 
-// SAFETY: the iovecs point into guest memory that the worker keeps mapped
-// (it holds the memory guard) until the transfer completes; the struct is
-// only moved between the worker's own stack frames.
+// SAFETY: the iovecs point into guest memory, which stays mapped while a
+// transfer may use them: the queue keeps the memory (an Arc) with every
+// transfer in flight, and nothing reads the iovecs once it has completed.
+// A PendingIo moves between the queue's worker and the thread that stops
+// the queue, always under the queue's mutex.
 unsafe impl Send for PendingIo {}
+
+#[cfg(test)]
+impl PendingIo {
+    /// A transfer of `len` bytes at host address `buf` (no status byte).
+    pub fn for_test(write: bool, offset: u64, buf: *mut u8, len: u32) -> Self {
+        PendingIo {
+            write,
+            offset,
+            iovecs: vec![libc::iovec {
+                iov_base: buf.cast(),
+                iov_len: len as usize,
+            }],
+            len,
+            status_addr: 0,
+        }
+    }
+}
+
+/// Linux's MAX_RW_COUNT: the most one read or write system call moves.
+const MAX_ASYNC_TRANSFER: u64 = 0x7fff_f000;
 
 pub enum Parsed {
     /// The request is complete (status written); the used length.
@@ -192,7 +214,9 @@ fn async_transfer(
         });
         total += u64::from(d.len());
     }
-    if total % SECTOR_SIZE != 0 || total > u64::from(u32::MAX) {
+    // One readv or writev moves at most MAX_RW_COUNT bytes; a longer
+    // request goes through the synchronous path, which loops.
+    if total % SECTOR_SIZE != 0 || total > MAX_ASYNC_TRANSFER {
         return None;
     }
     let offset = disk_range(target, sector, total).ok()?;

@@ -37,7 +37,7 @@ pub struct BatchWriter {
 impl BatchWriter {
     /// Writes each of `frames` (at most `TX_BATCH`) to `fd` and appends
     /// one result per frame, in order, to `results`. Returns false, having
-    /// written nothing, when io_uring is unavailable.
+    /// written nothing, when io_uring is unavailable or refuses the batch.
     pub fn write(
         &mut self,
         fd: RawFd,
@@ -79,14 +79,22 @@ impl BatchWriter {
             queued += 1;
         }
         let mut reaped = 0usize;
+        let mut submitted = false;
         while reaped < queued {
             match ring.submit_and_wait(queued - reaped) {
-                Ok(_) => {}
+                Ok(_) => submitted = true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     log::warn!("io_uring submission failed ({e}); writing frame by frame");
                     self.state = State::Unavailable;
-                    return true;
+                    if submitted {
+                        // Some frames went out: they are not written twice.
+                        return true;
+                    }
+                    // None went out (io_uring_enter fails only when it took
+                    // nothing): the caller writes this batch itself.
+                    results.truncate(first);
+                    return false;
                 }
             }
             for cqe in ring.completion() {
