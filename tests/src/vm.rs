@@ -109,13 +109,34 @@ impl Output {
     /// Waits until a complete line (ended by a newline) contains `pattern`;
     /// returns that line without its line ending.
     pub fn wait_for(&self, pattern: &str, timeout: Duration) -> Result<String, String> {
+        self.wait_for_nth(pattern, 1, timeout)
+    }
+
+    /// How many complete lines contain `pattern` so far.
+    pub fn count(&self, pattern: &str) -> usize {
+        let text = self.text();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete.lines().filter(|l| l.contains(pattern)).count()
+    }
+
+    /// Waits until `n` complete lines contain `pattern`; returns the `n`th.
+    pub fn wait_for_nth(
+        &self,
+        pattern: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         let (lock, cvar) = &*self.inner;
         let mut state = lock.lock().expect("output lock");
         loop {
             let text = String::from_utf8_lossy(&state.0);
             let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-            if let Some(line) = complete.lines().find(|l| l.contains(pattern)) {
+            let found = complete
+                .lines()
+                .filter(|l| l.contains(pattern))
+                .nth(n.saturating_sub(1));
+            if let Some(line) = found {
                 return Ok(line.trim_end_matches('\r').to_string());
             }
             let now = Instant::now();
@@ -126,7 +147,7 @@ impl Output {
                     "timed out"
                 };
                 return Err(format!(
-                    "{why} waiting for {pattern:?}; output so far:\n{}",
+                    "{why} waiting for line {n} with {pattern:?}; output so far:\n{}",
                     tail(&text, 60)
                 ));
             }

@@ -2,9 +2,11 @@
 //! on our vmm with qemu-storage-daemon (a vhost-user-blk backend no one here
 //! wrote) as the backend. Checks what the guest saw (capacity, pre-written
 //! bytes), what reached the image file (the guest's writes, byte for byte),
-//! read-only rejection, that the guest's kicks never exited to the VMM, and
-//! that a backend's death stops its device but not the VMM.
+//! read-only rejection, that the guest's kicks never exited to the VMM,
+//! that a backend's death stops its device but not the VMM, and that a
+//! backend that is missing or never answers is a clear error at start.
 
+use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
 use vmm_tests::backend::{require_qemu_storage_daemon, Backend};
@@ -90,4 +92,34 @@ fn a_missing_backend_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("nobody.sock"), "{stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("testguest:"));
+}
+
+/// A socket that accepts the VMM's connection and then says nothing: the
+/// VMM gives up after its reply timeout with an error naming the socket,
+/// rather than waiting for ever.
+#[test]
+fn a_backend_that_never_answers_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("mute.sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
+    // Accepts and holds every connection, reading nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let mut vm = VmBuilder::new(test_guest())
+        .arg("--disk")
+        .arg(format!("socket={}", socket.display()))
+        .spawn();
+    let status = vm.wait_exit(Duration::from_secs(60));
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("mute.sock") && last.contains("did not answer"),
+        "{stderr}"
+    );
+    assert!(!vm.console.text().contains("testguest:"));
 }

@@ -2,8 +2,9 @@
 //! image (capacity, serial, pre-written bytes), its writes land in the image
 //! file byte for byte, read-only disks reject writes, the backend serves the
 //! next VM after a disconnect, refuses a second writer of the same image,
-//! exits cleanly on SIGTERM, and a restarted backend takes over a running
-//! guest's disk.
+//! exits cleanly on SIGTERM, a restarted backend takes over a running
+//! guest's disk, and a backend that stops answering is cut off and taken
+//! back when it answers again.
 
 use std::io::Write;
 use std::process::Command;
@@ -86,6 +87,65 @@ fn a_restarted_vhost_blk_takes_over_the_running_guest() {
         "{log}"
     );
     assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
+}
+
+/// A vhost-blk that stops answering (SIGSTOP) while the VMM resets the
+/// device: the reset gives up after the reply timeout instead of hanging
+/// the VMM, the log names the device, QMP reports the backend gone; once
+/// the backend runs again the VMM takes it back, and after another reset
+/// the guest's disk checks pass through it.
+#[test]
+fn a_backend_that_stops_answering_is_cut_off_and_taken_back() {
+    require_kvm();
+    let timeout = Duration::from_secs(90);
+    let ok = "testguest: blk 00:01.0 write-read ok";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk0.img");
+    make_image(&image, 0);
+    let socket = dir.path().join("disk0.sock");
+    let api = dir.path().join("vm.qmp");
+    let backend = Backend::vhost_blk(&socket, &image, &[]);
+    let mut vm = VmBuilder::new(test_guest())
+        .cmdline("echo")
+        .arg("--disk")
+        .arg(format!("socket={}", socket.display()))
+        .arg("--api-socket")
+        .arg(api.display().to_string())
+        .spawn();
+    vm.expect_line(ok, timeout);
+    vm.expect_line("testguest: echo ready", timeout);
+    let (mut qmp, _) = RawQmp::connect(&api);
+    qmp.negotiate();
+
+    backend.signal(libc::SIGSTOP);
+    assert_eq!(
+        qmp.request(r#"{"execute": "system_reset"}"#),
+        r#"{"return":{}}"#
+    );
+    let cut = vm
+        .stderr
+        .wait_for("did not answer within", Duration::from_secs(30));
+    backend.signal(libc::SIGCONT);
+    let cut = cut.unwrap_or_else(|e| panic!("the reset waited on the stopped backend: {e}"));
+    assert!(cut.contains("disk0"), "{cut}");
+    qmp.expect_backend(false);
+    qmp.expect_backend(true);
+    // The VMM still answers, and the device works again.
+    assert!(qmp
+        .request(r#"{"execute": "query-status"}"#)
+        .contains("\"running\""));
+    let seen = vm.console.count(ok);
+    assert_eq!(
+        qmp.request(r#"{"execute": "system_reset"}"#),
+        r#"{"return":{}}"#
+    );
+    if let Err(e) = vm.console.wait_for_nth(ok, seen + 1, timeout) {
+        panic!("{e}\nvmm stderr:\n{}", vm.stderr.text());
+    }
+    assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
+    vm.signal(libc::SIGTERM);
+    let status = vm.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(143), "stderr: {}", vm.stderr.text());
 }
 
 #[test]

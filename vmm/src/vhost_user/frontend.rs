@@ -15,6 +15,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::deadline::{self, Deadline, REPLY_TIMEOUT};
 use crate::virtio::device::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemory;
 
@@ -39,6 +40,12 @@ pub enum FrontendError {
         step: &'static str,
         #[source]
         source: vhost::Error,
+    },
+    #[error("the vhost-user backend at {path:?} did not answer {step} within {secs} s")]
+    NoReply {
+        path: PathBuf,
+        step: &'static str,
+        secs: u64,
     },
     #[error("the vhost-user backend at {0:?} does not offer {1}")]
     Missing(PathBuf, &'static str),
@@ -176,9 +183,21 @@ impl VhostUserDevice {
         socket: &Path,
     ) -> Result<u64, FrontendError> {
         let path = socket.to_path_buf();
+        let deadline = deadline::arm(frontend, &spec.name);
         let step = |step: &'static str| {
             let path = path.clone();
-            move |source| FrontendError::Handshake { path, step, source }
+            let expired = &deadline;
+            move |source| {
+                if expired.expired() {
+                    FrontendError::NoReply {
+                        path,
+                        step,
+                        secs: REPLY_TIMEOUT.as_secs(),
+                    }
+                } else {
+                    FrontendError::Handshake { path, step, source }
+                }
+            }
         };
         frontend.set_owner().map_err(step("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
@@ -264,8 +283,14 @@ impl VhostUserDevice {
         })
     }
 
-    fn fail(&self, what: &str, e: impl std::fmt::Display) -> ActivateError {
+    fn fail(&self, deadline: &Deadline, what: &str, e: impl std::fmt::Display) -> ActivateError {
         self.broken.store(true, Ordering::Release);
+        if deadline.expired() {
+            return ActivateError(format!(
+                "the backend did not answer {what} within {} s; the device is stopped",
+                REPLY_TIMEOUT.as_secs()
+            ));
+        }
         ActivateError(format!("{what} failed: {e}; the device is stopped"))
     }
 
@@ -347,10 +372,9 @@ impl VirtioDevice for VhostUserDevice {
         };
         let start = end - data.len();
         let request = vec![0u8; end];
-        match self
-            .fe()
-            .get_config(0, end as u32, VhostUserConfigFlags::empty(), &request)
-        {
+        let mut fe = self.fe();
+        let _deadline = deadline::arm(&fe, &self.spec.name);
+        match fe.get_config(0, end as u32, VhostUserConfigFlags::empty(), &request) {
             Ok((_, mut reply)) if reply.len() == end => {
                 if let Some(field) = self.spec.queue_count_field.map(|f| f as usize) {
                     let count = (self.spec.num_queues as u16).to_le_bytes();
@@ -374,10 +398,9 @@ impl VirtioDevice for VhostUserDevice {
         let Ok(offset) = u32::try_from(offset) else {
             return;
         };
-        if let Err(e) = self
-            .fe()
-            .set_config(offset, VhostUserConfigFlags::empty(), data)
-        {
+        let mut fe = self.fe();
+        let _deadline = deadline::arm(&fe, &self.spec.name);
+        if let Err(e) = fe.set_config(offset, VhostUserConfigFlags::empty(), data) {
             log::warn!("{}: SET_CONFIG at {offset:#x} failed: {e}", self.spec.name);
         }
     }
@@ -473,10 +496,11 @@ impl VhostUserDevice {
     /// rather than from 0.
     fn hand_rings(&mut self, act: &Activation, resume: bool) -> Result<(), ActivateError> {
         let mut fe = self.fe();
+        let deadline = deadline::arm(&fe, &self.spec.name);
         let mem = &act.mem;
         let features = (act.features & self.features()) | PROTOCOL_FEATURES_BIT;
         fe.set_features(features)
-            .map_err(|e| self.fail("SET_FEATURES", e))?;
+            .map_err(|e| self.fail(&deadline, "SET_FEATURES", e))?;
         self.status
             .acked_features
             .store(features & !PROTOCOL_FEATURES_BIT, Ordering::Relaxed);
@@ -495,7 +519,7 @@ impl VhostUserDevice {
             });
         }
         fe.set_mem_table(&regions)
-            .map_err(|e| self.fail("SET_MEM_TABLE", e))?;
+            .map_err(|e| self.fail(&deadline, "SET_MEM_TABLE", e))?;
 
         let flags = crate::bus::lock(&self.ring_enabled).clone();
         self.active_queues.clear();
@@ -521,18 +545,18 @@ impl VhostUserDevice {
             };
             let call = queue.call.as_ref().unwrap_or(&self.unused_call);
             fe.set_vring_num(index, queue.size)
-                .map_err(|e| self.fail("SET_VRING_NUM", e))?;
+                .map_err(|e| self.fail(&deadline, "SET_VRING_NUM", e))?;
             fe.set_vring_addr(index, &ring)
-                .map_err(|e| self.fail("SET_VRING_ADDR", e))?;
+                .map_err(|e| self.fail(&deadline, "SET_VRING_ADDR", e))?;
             fe.set_vring_base(index, base)
-                .map_err(|e| self.fail("SET_VRING_BASE", e))?;
+                .map_err(|e| self.fail(&deadline, "SET_VRING_BASE", e))?;
             fe.set_vring_call(index, call)
-                .map_err(|e| self.fail("SET_VRING_CALL", e))?;
+                .map_err(|e| self.fail(&deadline, "SET_VRING_CALL", e))?;
             fe.set_vring_kick(index, &queue.kick)
-                .map_err(|e| self.fail("SET_VRING_KICK", e))?;
+                .map_err(|e| self.fail(&deadline, "SET_VRING_KICK", e))?;
             let enable = flags.get(index).copied().unwrap_or(false);
             fe.set_vring_enable(index, enable)
-                .map_err(|e| self.fail("SET_VRING_ENABLE", e))?;
+                .map_err(|e| self.fail(&deadline, "SET_VRING_ENABLE", e))?;
             self.active_queues.push(index);
         }
         log::info!(
@@ -582,6 +606,7 @@ impl VhostUserDevice {
             return;
         }
         let mut fe = self.fe();
+        let _deadline = deadline::arm(&fe, &self.spec.name);
         for index in std::mem::take(&mut self.active_queues) {
             // GET_VRING_BASE stops the ring in the backend.
             if let Err(e) = fe.set_vring_enable(index, false) {
@@ -618,6 +643,7 @@ impl RingSwitch {
             return false;
         }
         let mut fe = crate::bus::lock(&self.frontend).clone();
+        let _deadline = deadline::arm(&fe, &self.name);
         match fe.set_vring_enable(index, enable) {
             Ok(()) => true,
             Err(e) => {

@@ -4,6 +4,7 @@
 //! eventfds, then stays out of the way.
 
 pub mod blk;
+pub mod deadline;
 pub mod frontend;
 pub mod listener;
 pub mod net;
