@@ -4,9 +4,12 @@
 //! bytes), what reached the image file (the guest's writes, byte for byte),
 //! read-only rejection, that the guest's kicks never exited to the VMM,
 //! that a backend's death stops its device but not the VMM, and that a
-//! backend that is missing or never answers is a clear error at start.
+//! backend that is missing, never answers or answers nonsense is a clear
+//! error at start.
 
+use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::time::Duration;
 
 use vmm_tests::backend::{require_qemu_storage_daemon, Backend};
@@ -94,21 +97,29 @@ fn a_missing_backend_is_a_clear_error() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("testguest:"));
 }
 
-/// A socket that accepts the VMM's connection and then says nothing: the
-/// VMM gives up after its reply timeout with an error naming the socket,
-/// rather than waiting for ever.
-#[test]
-fn a_backend_that_never_answers_is_a_clear_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("mute.sock");
-    let listener = UnixListener::bind(&socket).expect("bind");
-    // Accepts and holds every connection, reading nothing.
+/// A fake backend on `socket`: it accepts every connection, reads what
+/// the VMM sends and answers each read with `answer` (nothing when empty),
+/// keeping the connection open.
+fn fake_backend(socket: &Path, answer: &'static [u8]) {
+    let listener = UnixListener::bind(socket).expect("bind");
     std::thread::spawn(move || {
-        let mut held = Vec::new();
         for stream in listener.incoming() {
-            held.push(stream);
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || (!answer.is_empty() && stream.write_all(answer).is_err()) {
+                        return;
+                    }
+                }
+            });
         }
     });
+}
+
+/// Starts the test guest with a disk on `socket`; expects exit status 1
+/// and a last stderr line naming the socket and containing `why`.
+fn refused_at_start(socket: &Path, why: &str) {
     let mut vm = VmBuilder::new(test_guest())
         .arg("--disk")
         .arg(format!("socket={}", socket.display()))
@@ -116,10 +127,29 @@ fn a_backend_that_never_answers_is_a_clear_error() {
     let status = vm.wait_exit(Duration::from_secs(60));
     let stderr = vm.stderr.text();
     assert_eq!(status.code(), Some(1), "{stderr}");
+    let name = socket.file_name().expect("file name").to_string_lossy();
     let last = stderr.lines().last().unwrap_or_default();
-    assert!(
-        last.contains("mute.sock") && last.contains("did not answer"),
-        "{stderr}"
-    );
+    assert!(last.contains(&*name) && last.contains(why), "{stderr}");
     assert!(!vm.console.text().contains("testguest:"));
+}
+
+/// A socket that accepts the VMM's connection and then says nothing: the
+/// VMM gives up after its reply timeout with an error naming the socket,
+/// rather than waiting for ever.
+#[test]
+fn a_backend_that_never_answers_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("mute.sock");
+    fake_backend(&socket, b"");
+    refused_at_start(&socket, "did not answer GET_FEATURES within");
+}
+
+/// A socket that answers with bytes that are not vhost-user: a clear error
+/// at start naming the socket and the step.
+#[test]
+fn a_backend_that_answers_nonsense_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("babble.sock");
+    fake_backend(&socket, &[0xab; 64]);
+    refused_at_start(&socket, "failed GET_FEATURES");
 }

@@ -1,7 +1,8 @@
 //! vhost-blk without a VM: the test frontend connects to the backend's
 //! socket, gives it a memfd as guest memory and builds the rings itself.
-//! Every request type, the malformed ones, reconnection, signals, the image
-//! lock, the load generator, and qemu-storage-daemon driven the same way.
+//! Every request type, the malformed ones, malformed vhost-user messages,
+//! reconnection, signals, the image lock, the load generator, and
+//! qemu-storage-daemon driven the same way.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use vhost_test_frontend::blk::{BlkClient, S_IOERR, S_OK, S_UNSUPP, S_UNWRITTEN, T_IN, T_OUT};
 use vhost_test_frontend::load::{self, LoadSpec, Report};
+use vhost_test_frontend::malformed;
 use vhost_test_frontend::virtqueue::RingError;
 use vhost_test_frontend::virtqueue::{Buf, RawDesc, DESC_F_NEXT, DESC_F_WRITE};
 use vhost_test_frontend::{BlkError, Request};
@@ -753,4 +755,34 @@ fn a_frontend_leaving_with_direct_transfers_in_flight_leaves_the_backend_serving
     let mut buf = vec![0u8; 512];
     assert_eq!(client.read(0, 9, &mut buf).expect("read"), S_OK);
     assert!(buf.iter().all(|&b| b == 9));
+}
+
+/// Frontends that send nonsense over the socket lose their connection (a
+/// partial header, once the frontend hangs up); the backend keeps serving,
+/// and the next frontend's reads work.
+#[test]
+fn malformed_vhost_user_messages_drop_the_frontend_not_the_backend() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let socket = dir.path().join("blk.sock");
+    let mut backend = Backend::vhost_blk(&socket, &img, &[]);
+    for (what, bytes) in malformed::nonsense() {
+        let closed = malformed::backend_hangs_up(&socket, &bytes, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(closed, "{what}: the backend kept the connection open");
+        assert!(
+            backend.child.try_wait().expect("try_wait").is_none(),
+            "{what}: the backend exited; log:\n{}",
+            backend.log.text()
+        );
+        let mut client = connect(&socket, 1);
+        let mut buf = [0u8; 512];
+        assert_eq!(client.read(0, 9, &mut buf).expect("read"), S_OK, "{what}");
+        assert!(buf.iter().all(|&b| b == 9), "{what}");
+    }
+    backend.signal(libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut backend, Duration::from_secs(10)).code(),
+        Some(0)
+    );
 }

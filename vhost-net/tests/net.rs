@@ -1,8 +1,9 @@
 //! vhost-net against the test frontend on a real tap, no VM: frames reach
 //! the host and its answers come back, over mergeable buffers and two queue
-//! pairs; malformed descriptors, disconnects and a refused GET_CONFIG leave
-//! the backend serving; SIGTERM ends it cleanly; bad arguments are refused
-//! on one line. Each test has its own network namespace and tap.
+//! pairs; malformed descriptors, malformed vhost-user messages, disconnects
+//! and a refused GET_CONFIG leave the backend serving; SIGTERM ends it
+//! cleanly; bad arguments are refused on one line. Each test has its own
+//! network namespace and tap.
 
 mod support;
 
@@ -14,6 +15,7 @@ use support::frames::{
     arp_reply, arp_request, icmp_echo_request, is_arp_reply, is_echo_reply, parse_arp,
 };
 use support::{vhost_net_bin, Backend, Netns, GUEST_IP, GUEST_MAC, HOST_IP, TIMEOUT};
+use vhost_test_frontend::malformed;
 use vhost_test_frontend::net::{NetOptions, Received, HDR_LEN};
 use vhost_test_frontend::virtqueue::{RawDesc, DESC_F_NEXT, DESC_F_WRITE};
 use vhost_test_frontend::NetClient;
@@ -288,6 +290,25 @@ fn a_new_frontend_is_served_after_a_disconnect() {
         ping(&mut client, 0, host_mac, round, &payload(64));
         // Dropping the client closes the connection.
     }
+    backend.assert_alive();
+}
+
+/// Frontends that send nonsense over the socket lose their connection;
+/// the backend keeps serving, and the next frontend's frames reach the
+/// host.
+#[test]
+fn malformed_vhost_user_messages_drop_the_frontend_not_the_backend() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &[]);
+    for (what, bytes) in malformed::nonsense() {
+        let closed = malformed::backend_hangs_up(&backend.socket, &bytes, TIMEOUT)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(closed, "{what}: the backend kept the connection open");
+        backend.assert_alive();
+    }
+    let mut client = NetClient::connect_retrying(&backend.socket, 1, TIMEOUT).expect("connect");
+    let host_mac = resolve_host(&mut client, 0);
+    ping(&mut client, 0, host_mac, 1, &payload(64));
     backend.assert_alive();
 }
 
