@@ -19,14 +19,20 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::Frontend;
 
 /// How long a backend may take to answer. Backends answer in microseconds;
-/// the longest legitimate wait is GET_VRING_BASE, which finishes the
-/// ring's in-flight requests first.
+/// the longest legitimate waits are GET_VRING_BASE, which finishes the
+/// ring's in-flight requests first, and SET_MEM_TABLE to a backend that
+/// pins guest memory (see `MEM_TABLE_PER_GIB`).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// What a memory table adds to the limit per GiB of guest memory, for
+/// backends that map it for DMA or fault it all in (SPDK, DPDK with
+/// populate).
+pub const MEM_TABLE_PER_GIB: Duration = Duration::from_secs(1);
 
 struct Armed {
     id: u64,
     fd: RawFd,
     name: String,
+    limit: Duration,
     due: Instant,
     expired: Arc<AtomicBool>,
 }
@@ -41,6 +47,7 @@ struct Watchdog {
 /// The running exchange's clock: dropping it stops the clock.
 pub struct Deadline {
     id: Option<u64>,
+    limit: Duration,
     expired: Arc<AtomicBool>,
     /// Keeps the connection, and so the watched fd, open while armed.
     _connection: Frontend,
@@ -50,6 +57,11 @@ impl Deadline {
     /// Whether the backend overran and its connection was shut down.
     pub fn expired(&self) -> bool {
         self.expired.load(Ordering::Acquire)
+    }
+
+    /// The limit, in whole seconds (for messages).
+    pub fn secs(&self) -> u64 {
+        self.limit.as_secs()
     }
 }
 
@@ -61,10 +73,10 @@ impl Drop for Deadline {
     }
 }
 
-/// Starts the clock on an exchange with `connection` for device `name`.
-/// Without a watchdog thread (it could not be started) the exchange simply
-/// has no limit; that was logged once.
-pub fn arm(connection: &Frontend, name: &str) -> Deadline {
+/// Starts the clock on an exchange with `connection` for device `name`,
+/// to run out after `limit`. Without a watchdog thread (it could not be
+/// started) the exchange simply has no limit; that was logged once.
+pub fn arm(connection: &Frontend, name: &str, limit: Duration) -> Deadline {
     let expired = Arc::new(AtomicBool::new(false));
     let id = watchdog().map(|dog| {
         let id = dog.next_id.fetch_add(1, Ordering::Relaxed);
@@ -72,7 +84,8 @@ pub fn arm(connection: &Frontend, name: &str) -> Deadline {
             id,
             fd: connection.as_raw_fd(),
             name: name.to_string(),
-            due: Instant::now() + REPLY_TIMEOUT,
+            limit,
+            due: Instant::now() + limit,
             expired: expired.clone(),
         });
         dog.changed.notify_one();
@@ -80,6 +93,7 @@ pub fn arm(connection: &Frontend, name: &str) -> Deadline {
     });
     Deadline {
         id,
+        limit,
         expired,
         _connection: connection.clone(),
     }
@@ -114,7 +128,7 @@ impl Watchdog {
                 log::error!(
                     "{}: the vhost-user backend did not answer within {} s; closing its connection",
                     a.name,
-                    REPLY_TIMEOUT.as_secs()
+                    a.limit.as_secs()
                 );
                 a.expired.store(true, Ordering::Release);
                 // SAFETY: the fd is open: the `Deadline` that armed this

@@ -15,7 +15,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::deadline::{self, Deadline, REPLY_TIMEOUT};
+use super::deadline::{self, Deadline, MEM_TABLE_PER_GIB, REPLY_TIMEOUT};
 use crate::virtio::device::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemory;
 
@@ -183,7 +183,7 @@ impl VhostUserDevice {
         socket: &Path,
     ) -> Result<u64, FrontendError> {
         let path = socket.to_path_buf();
-        let deadline = deadline::arm(frontend, &spec.name);
+        let deadline = deadline::arm(frontend, &spec.name, REPLY_TIMEOUT);
         let step = |step: &'static str| {
             let path = path.clone();
             let expired = &deadline;
@@ -192,7 +192,7 @@ impl VhostUserDevice {
                     FrontendError::NoReply {
                         path,
                         step,
-                        secs: REPLY_TIMEOUT.as_secs(),
+                        secs: expired.secs(),
                     }
                 } else {
                     FrontendError::Handshake { path, step, source }
@@ -288,7 +288,7 @@ impl VhostUserDevice {
         if deadline.expired() {
             return ActivateError(format!(
                 "the backend did not answer {what} within {} s; the device is stopped",
-                REPLY_TIMEOUT.as_secs()
+                deadline.secs()
             ));
         }
         ActivateError(format!("{what} failed: {e}; the device is stopped"))
@@ -373,7 +373,7 @@ impl VirtioDevice for VhostUserDevice {
         let start = end - data.len();
         let request = vec![0u8; end];
         let mut fe = self.fe();
-        let _deadline = deadline::arm(&fe, &self.spec.name);
+        let _deadline = deadline::arm(&fe, &self.spec.name, REPLY_TIMEOUT);
         match fe.get_config(0, end as u32, VhostUserConfigFlags::empty(), &request) {
             Ok((_, mut reply)) if reply.len() == end => {
                 if let Some(field) = self.spec.queue_count_field.map(|f| f as usize) {
@@ -399,7 +399,7 @@ impl VirtioDevice for VhostUserDevice {
             return;
         };
         let mut fe = self.fe();
-        let _deadline = deadline::arm(&fe, &self.spec.name);
+        let _deadline = deadline::arm(&fe, &self.spec.name, REPLY_TIMEOUT);
         if let Err(e) = fe.set_config(offset, VhostUserConfigFlags::empty(), data) {
             log::warn!("{}: SET_CONFIG at {offset:#x} failed: {e}", self.spec.name);
         }
@@ -496,7 +496,9 @@ impl VhostUserDevice {
     /// rather than from 0.
     fn hand_rings(&mut self, act: &Activation, resume: bool) -> Result<(), ActivateError> {
         let mut fe = self.fe();
-        let deadline = deadline::arm(&fe, &self.spec.name);
+        let gib = act.mem.iter().map(|r| r.len()).sum::<u64>() >> 30;
+        let limit = REPLY_TIMEOUT + MEM_TABLE_PER_GIB * u32::try_from(gib).unwrap_or(u32::MAX);
+        let deadline = deadline::arm(&fe, &self.spec.name, limit);
         let mem = &act.mem;
         let features = (act.features & self.features()) | PROTOCOL_FEATURES_BIT;
         fe.set_features(features)
@@ -606,7 +608,7 @@ impl VhostUserDevice {
             return;
         }
         let mut fe = self.fe();
-        let _deadline = deadline::arm(&fe, &self.spec.name);
+        let _deadline = deadline::arm(&fe, &self.spec.name, REPLY_TIMEOUT);
         for index in std::mem::take(&mut self.active_queues) {
             // GET_VRING_BASE stops the ring in the backend.
             if let Err(e) = fe.set_vring_enable(index, false) {
@@ -643,7 +645,7 @@ impl RingSwitch {
             return false;
         }
         let mut fe = crate::bus::lock(&self.frontend).clone();
-        let _deadline = deadline::arm(&fe, &self.name);
+        let _deadline = deadline::arm(&fe, &self.name, REPLY_TIMEOUT);
         match fe.set_vring_enable(index, enable) {
             Ok(()) => true,
             Err(e) => {
