@@ -141,7 +141,7 @@ fn a_backend_that_never_answers_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("mute.sock");
     fake_backend(&socket, b"");
-    refused_at_start(&socket, "did not answer GET_FEATURES within");
+    refused_at_start(&socket, "no answer to GET_FEATURES within");
 }
 
 /// A socket that answers with bytes that are not vhost-user: a clear error
@@ -151,5 +151,5 @@ fn a_backend_that_answers_nonsense_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("babble.sock");
     fake_backend(&socket, &[0xab; 64]);
-    refused_at_start(&socket, "failed GET_FEATURES");
+    refused_at_start(&socket, "GET_FEATURES failed");
 }

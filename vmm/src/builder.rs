@@ -24,7 +24,7 @@ use crate::interrupts::msi::GsiRouter;
 use crate::pci::bus::{BarExitCounters, BarRegion, Ecam, PciBus};
 use crate::pci::config_io::{self, PciConfigIo};
 use crate::vhost_user;
-use crate::vhost_user::frontend::DeviceStatus;
+use crate::vhost_user::frontend::{DeviceStatus, Handshake};
 use crate::vhost_user::listener::ServerSocket;
 use crate::vhost_user::net::NetSpec;
 use crate::virtio::device::VirtioDevice;
@@ -197,8 +197,15 @@ pub fn build(
             vhost_user::blk::connect(index, &disk.socket, disk.num_queues, disk.queue_size)
                 .map_err(BuildError::Disk)?;
         let status = device.status();
+        let handshake = device.handshake();
         let transport = pci.add_virtio(Box::new(device), status.clone(), "vhost-user-blk")?;
-        redial_when_gone(format!("disk{index}"), &disk.socket, status, transport)?;
+        redial_when_gone(
+            format!("disk{index}"),
+            &disk.socket,
+            status,
+            handshake,
+            transport,
+        )?;
     }
     let mut server_sockets = Vec::new();
     for (index, net) in config.nets.iter().enumerate() {
@@ -214,21 +221,32 @@ pub fn build(
             let stream = server.accept(interrupt)?;
             let device = vhost_user::net::from_stream(&spec, stream).map_err(BuildError::Net)?;
             let status = device.status();
+            let handshake = device.handshake();
             let transport = pci.add_virtio(Box::new(device), status.clone(), "vhost-user-net")?;
             // DPDK (client=1) and OVS reconnect after a restart.
             server
                 .serve_reconnects(
                     format!("net{index}"),
                     move || status.hung_up(),
-                    move |stream| crate::bus::lock(&transport).reconnect_backend(stream),
+                    move |stream| {
+                        let backend = handshake.run(stream)?;
+                        crate::bus::lock(&transport).reconnect_backend(backend)
+                    },
                 )
                 .map_err(BuildError::ReconnectThread)?;
             server_sockets.push(server);
         } else {
             let device = vhost_user::net::connect(&spec).map_err(BuildError::Net)?;
             let status = device.status();
+            let handshake = device.handshake();
             let transport = pci.add_virtio(Box::new(device), status.clone(), "vhost-user-net")?;
-            redial_when_gone(format!("net{index}"), &net.socket, status, transport)?;
+            redial_when_gone(
+                format!("net{index}"),
+                &net.socket,
+                status,
+                handshake,
+                transport,
+            )?;
         }
     }
     let devices = pci.stats;
@@ -399,11 +417,13 @@ impl PciDevices<'_> {
 }
 
 /// A device whose backend listens: when the backend dies, the VMM dials
-/// its socket until a restarted backend answers, and hands it the device.
+/// its socket until a restarted backend answers, negotiates with it
+/// (without holding the device), and hands it the device.
 fn redial_when_gone(
     name: String,
     socket: &Path,
     status: Arc<DeviceStatus>,
+    handshake: Handshake,
     transport: Arc<Mutex<VirtioPciDevice>>,
 ) -> Result<(), BuildError> {
     vhost_user::reconnect::spawn(
@@ -411,7 +431,10 @@ fn redial_when_gone(
         socket.to_path_buf(),
         vhost_user::reconnect::Source::Dial,
         move || status.hung_up(),
-        move |stream| crate::bus::lock(&transport).reconnect_backend(stream),
+        move |stream| {
+            let backend = handshake.run(stream)?;
+            crate::bus::lock(&transport).reconnect_backend(backend)
+        },
     )
     .map_err(BuildError::ReconnectThread)
 }

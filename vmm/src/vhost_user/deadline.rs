@@ -5,17 +5,17 @@
 //! start-up, a vCPU reading the device's config space, or the main thread
 //! resetting devices on reboot, which then ignores SIGTERM too.
 //!
-//! `arm` starts the clock before an exchange; the guard it returns stops
-//! it. One watchdog thread shuts down the socket of every exchange that
-//! overruns: the waiting call returns an error at once, the device stops as
-//! if its backend had died (and is taken back if the backend comes back),
-//! and the log names it.
+//! `exchange` runs one request with its own clock. One watchdog thread
+//! shuts down the socket of every exchange that overruns: the waiting call
+//! returns an error at once, the device stops as if its backend had died
+//! (and is taken back if the backend comes back), and the log names it.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use thiserror::Error;
 use vhost::vhost_user::Frontend;
 
 /// How long a backend may take to answer. Backends answer in microseconds;
@@ -44,10 +44,50 @@ struct Watchdog {
     next_id: AtomicU64,
 }
 
-/// The running exchange's clock: dropping it stops the clock.
-pub struct Deadline {
-    id: Option<u64>,
+/// One exchange with a backend that did not work out.
+#[derive(Debug, Error)]
+pub enum ExchangeError {
+    #[error("no answer to {step} within {secs} s")]
+    NoReply { step: &'static str, secs: u64 },
+    #[error("{step} failed: {source}")]
+    Failed {
+        step: &'static str,
+        source: vhost::Error,
+    },
+}
+
+impl ExchangeError {
+    /// Whether the limit ran out (the connection is then shut down).
+    pub fn timed_out(&self) -> bool {
+        matches!(self, ExchangeError::NoReply { .. })
+    }
+}
+
+/// Runs `call`, the request `step` (e.g. "GET_FEATURES") of device `name`
+/// on `connection`, giving the backend `limit` to answer.
+pub fn exchange<T>(
+    connection: &mut Frontend,
+    name: &str,
+    step: &'static str,
     limit: Duration,
+    call: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+) -> Result<T, ExchangeError> {
+    let deadline = arm(connection, name, limit);
+    call(connection).map_err(|source| {
+        if deadline.expired() {
+            ExchangeError::NoReply {
+                step,
+                secs: limit.as_secs(),
+            }
+        } else {
+            ExchangeError::Failed { step, source }
+        }
+    })
+}
+
+/// The running exchange's clock: dropping it stops the clock.
+struct Deadline {
+    id: Option<u64>,
     expired: Arc<AtomicBool>,
     /// Keeps the connection, and so the watched fd, open while armed.
     _connection: Frontend,
@@ -55,13 +95,8 @@ pub struct Deadline {
 
 impl Deadline {
     /// Whether the backend overran and its connection was shut down.
-    pub fn expired(&self) -> bool {
+    fn expired(&self) -> bool {
         self.expired.load(Ordering::Acquire)
-    }
-
-    /// The limit, in whole seconds (for messages).
-    pub fn secs(&self) -> u64 {
-        self.limit.as_secs()
     }
 }
 
@@ -76,13 +111,17 @@ impl Drop for Deadline {
 /// Starts the clock on an exchange with `connection` for device `name`,
 /// to run out after `limit`. Without a watchdog thread (it could not be
 /// started) the exchange simply has no limit; that was logged once.
-pub fn arm(connection: &Frontend, name: &str, limit: Duration) -> Deadline {
+fn arm(connection: &Frontend, name: &str, limit: Duration) -> Deadline {
     let expired = Arc::new(AtomicBool::new(false));
+    // Taken before the watchdog's lock: it waits while another thread's
+    // exchange on this connection is under way, and that exchange's own
+    // deadline must be able to fire meanwhile.
+    let fd = connection.as_raw_fd();
     let id = watchdog().map(|dog| {
         let id = dog.next_id.fetch_add(1, Ordering::Relaxed);
         crate::bus::lock(&dog.armed).push(Armed {
             id,
-            fd: connection.as_raw_fd(),
+            fd,
             name: name.to_string(),
             limit,
             due: Instant::now() + limit,
@@ -93,7 +132,6 @@ pub fn arm(connection: &Frontend, name: &str, limit: Duration) -> Deadline {
     });
     Deadline {
         id,
-        limit,
         expired,
         _connection: connection.clone(),
     }
@@ -151,5 +189,90 @@ impl Watchdog {
                 }
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use vhost::VhostBackend;
+
+    const GET_FEATURES: u32 = 1;
+
+    /// A frontend on one end of a socket pair; the other end is the
+    /// "backend", which answers GET_FEATURES with `features` after `delay`
+    /// (never when None).
+    fn frontend_with_backend(delay: Option<Duration>, features: u64) -> Frontend {
+        let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
+        std::thread::spawn(move || {
+            let mut header = [0u8; 12];
+            if theirs.read_exact(&mut header).is_err() {
+                return;
+            }
+            let Some(delay) = delay else {
+                // Hold the connection without a word until it is shut.
+                let _ = theirs.read(&mut header);
+                return;
+            };
+            std::thread::sleep(delay);
+            let mut reply = Vec::new();
+            reply.extend_from_slice(&GET_FEATURES.to_le_bytes());
+            reply.extend_from_slice(&(1u32 | 0x4).to_le_bytes());
+            reply.extend_from_slice(&8u32.to_le_bytes());
+            reply.extend_from_slice(&features.to_le_bytes());
+            let _ = theirs.write_all(&reply);
+            let _ = theirs.read(&mut header);
+        });
+        Frontend::from_stream(ours, 1)
+    }
+
+    #[test]
+    fn a_silent_backend_runs_out_of_time_and_is_cut_off() {
+        let mut fe = frontend_with_backend(None, 0);
+        let limit = Duration::from_millis(200);
+        let result = exchange(&mut fe, "disk9", "GET_FEATURES", limit, |f| {
+            f.get_features()
+        });
+        let e = result.expect_err("a silent backend answered");
+        assert!(e.timed_out(), "{e}");
+        assert_eq!(e.to_string(), "no answer to GET_FEATURES within 0 s");
+        // The connection is shut down: the next request fails at once.
+        let next = exchange(&mut fe, "disk9", "GET_FEATURES", REPLY_TIMEOUT, |f| {
+            f.get_features()
+        });
+        assert!(
+            matches!(next, Err(ExchangeError::Failed { .. })),
+            "{next:?}"
+        );
+    }
+
+    #[test]
+    fn an_answer_within_the_limit_is_taken_and_the_clock_stops() {
+        let mut fe = frontend_with_backend(Some(Duration::from_millis(50)), 0x1234);
+        let limit = Duration::from_millis(500);
+        let features = exchange(&mut fe, "disk9", "GET_FEATURES", limit, |f| {
+            f.get_features()
+        })
+        .expect("answered in time");
+        assert_eq!(features, 0x1234);
+        // The finished exchange's clock is gone: nothing shuts the socket
+        // down after its limit.
+        std::thread::sleep(limit * 2);
+        let mut peek = [0u8; 1];
+        let fd = fe.as_raw_fd();
+        // SAFETY: a non-blocking peek into a local buffer on an fd `fe` owns.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                peek.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        assert_eq!(n, -1, "the socket was shut down (recv gave {n})");
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock, "{err}");
     }
 }

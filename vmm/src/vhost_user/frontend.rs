@@ -15,7 +15,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::deadline::{self, Deadline, MEM_TABLE_PER_GIB, REPLY_TIMEOUT};
+use super::deadline::{exchange, ExchangeError, MEM_TABLE_PER_GIB, REPLY_TIMEOUT};
 use crate::virtio::device::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemory;
 
@@ -34,19 +34,14 @@ const MAX_CONFIG_ACCESS: usize = 256;
 pub enum FrontendError {
     #[error("cannot connect to the vhost-user backend at {0:?}")]
     Connect(PathBuf, #[source] vhost::Error),
-    #[error("the vhost-user backend at {path:?} failed {step}")]
-    Handshake {
+    #[error("the vhost-user backend at {path:?}")]
+    Exchange {
         path: PathBuf,
-        step: &'static str,
         #[source]
-        source: vhost::Error,
+        source: ExchangeError,
     },
-    #[error("the vhost-user backend at {path:?} did not answer {step} within {secs} s")]
-    NoReply {
-        path: PathBuf,
-        step: &'static str,
-        secs: u64,
-    },
+    #[error("cannot create an eventfd for the device at {0:?}")]
+    EventFd(PathBuf, #[source] std::io::Error),
     #[error("the vhost-user backend at {0:?} does not offer {1}")]
     Missing(PathBuf, &'static str),
     #[error("the vhost-user backend at {path:?} offers {offered} queues, {wanted} were asked for")]
@@ -58,6 +53,7 @@ pub enum FrontendError {
 }
 
 /// What a device type asks of the generic frontend.
+#[derive(Clone)]
 pub struct DeviceSpec {
     pub name: String,
     pub device_type: u16,
@@ -76,6 +72,28 @@ pub struct DeviceSpec {
     /// How many queues a backend without the MQ protocol feature serves
     /// (1 for a disk, 2 for a NIC: one RX and one TX).
     pub queues_without_mq: usize,
+}
+
+/// Negotiates with a device's next backend, away from the device itself,
+/// so a backend that is slow to answer holds no lock the guest needs.
+pub struct Handshake {
+    spec: DeviceSpec,
+    socket: PathBuf,
+}
+
+/// A backend connection that went through the handshake.
+pub struct NewBackend {
+    frontend: Frontend,
+    features: u64,
+}
+
+impl Handshake {
+    pub fn run(&self, stream: UnixStream) -> Result<NewBackend, String> {
+        let mut frontend = Frontend::from_stream(stream, self.spec.num_queues as u64);
+        let features = VhostUserDevice::negotiate(&self.spec, &mut frontend, &self.socket)
+            .map_err(|e| vmm_common::error_chain::render(&e))?;
+        Ok(NewBackend { frontend, features })
+    }
 }
 
 /// Called when a device's backend connection changes (hang-up).
@@ -162,7 +180,7 @@ impl VhostUserDevice {
     pub fn connect(spec: DeviceSpec, socket: &Path) -> Result<Self, FrontendError> {
         let frontend = Frontend::connect(socket, spec.num_queues as u64)
             .map_err(|e| FrontendError::Connect(socket.to_path_buf(), e))?;
-        Self::handshake(spec, frontend, socket)
+        Self::set_up(spec, frontend, socket)
     }
 
     /// Negotiates with a backend that connected to our listening socket.
@@ -172,7 +190,7 @@ impl VhostUserDevice {
         socket: &Path,
     ) -> Result<Self, FrontendError> {
         let frontend = Frontend::from_stream(stream, spec.num_queues as u64);
-        Self::handshake(spec, frontend, socket)
+        Self::set_up(spec, frontend, socket)
     }
 
     /// The handshake that does not depend on the driver: owner, features,
@@ -183,24 +201,16 @@ impl VhostUserDevice {
         socket: &Path,
     ) -> Result<u64, FrontendError> {
         let path = socket.to_path_buf();
-        let deadline = deadline::arm(frontend, &spec.name, REPLY_TIMEOUT);
-        let step = |step: &'static str| {
-            let path = path.clone();
-            let expired = &deadline;
-            move |source| {
-                if expired.expired() {
-                    FrontendError::NoReply {
-                        path,
-                        step,
-                        secs: expired.secs(),
-                    }
-                } else {
-                    FrontendError::Handshake { path, step, source }
-                }
-            }
+        let failed = |source| FrontendError::Exchange {
+            path: path.clone(),
+            source,
         };
-        frontend.set_owner().map_err(step("SET_OWNER"))?;
-        let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
+        let name = spec.name.as_str();
+        let limit = REPLY_TIMEOUT;
+        exchange(frontend, name, "SET_OWNER", limit, |f| f.set_owner()).map_err(failed)?;
+        let backend_features =
+            exchange(frontend, name, "GET_FEATURES", limit, |f| f.get_features())
+                .map_err(failed)?;
         if backend_features & VIRTIO_F_VERSION_1 == 0 {
             return Err(FrontendError::Missing(path, "VIRTIO_F_VERSION_1"));
         }
@@ -210,22 +220,27 @@ impl VhostUserDevice {
                 "VHOST_USER_F_PROTOCOL_FEATURES",
             ));
         }
-        let offered = frontend
-            .get_protocol_features()
-            .map_err(step("GET_PROTOCOL_FEATURES"))?;
+        let offered = exchange(frontend, name, "GET_PROTOCOL_FEATURES", limit, |f| {
+            f.get_protocol_features()
+        })
+        .map_err(failed)?;
         let mut wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
         if spec.config_from_backend {
             wanted |= VhostUserProtocolFeatures::CONFIG;
         }
         let protocol = offered & wanted;
-        frontend
-            .set_protocol_features(protocol)
-            .map_err(step("SET_PROTOCOL_FEATURES"))?;
+        exchange(frontend, name, "SET_PROTOCOL_FEATURES", limit, |f| {
+            f.set_protocol_features(protocol)
+        })
+        .map_err(failed)?;
         if spec.config_from_backend && !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(FrontendError::Missing(path, "the CONFIG protocol feature"));
         }
         if spec.num_queues > 1 && protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let max = frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))?;
+            let max = exchange(frontend, name, "GET_QUEUE_NUM", limit, |f| {
+                f.get_queue_num()
+            })
+            .map_err(failed)?;
             if max < spec.num_queues as u64 {
                 return Err(FrontendError::TooManyQueues {
                     path,
@@ -245,7 +260,8 @@ impl VhostUserDevice {
         Ok(backend_features)
     }
 
-    fn handshake(
+    /// The handshake, then the device around the connection.
+    fn set_up(
         spec: DeviceSpec,
         mut frontend: Frontend,
         socket: &Path,
@@ -273,25 +289,14 @@ impl VhostUserDevice {
             active_queues: Vec::new(),
             broken,
             status,
-            unused_call: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
-                FrontendError::Handshake {
-                    path: socket.to_path_buf(),
-                    step: "set-up (eventfd)",
-                    source: vhost::Error::IOError(e),
-                }
-            })?,
+            unused_call: EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| FrontendError::EventFd(socket.to_path_buf(), e))?,
         })
     }
 
-    fn fail(&self, deadline: &Deadline, what: &str, e: impl std::fmt::Display) -> ActivateError {
+    fn fail(&self, e: ExchangeError) -> ActivateError {
         self.broken.store(true, Ordering::Release);
-        if deadline.expired() {
-            return ActivateError(format!(
-                "the backend did not answer {what} within {} s; the device is stopped",
-                deadline.secs()
-            ));
-        }
-        ActivateError(format!("{what} failed: {e}; the device is stopped"))
+        ActivateError(format!("{e}; the device is stopped"))
     }
 
     fn host_addr(mem: &GuestMemory, gpa: u64) -> Result<u64, ActivateError> {
@@ -372,9 +377,10 @@ impl VirtioDevice for VhostUserDevice {
         };
         let start = end - data.len();
         let request = vec![0u8; end];
-        let mut fe = self.fe();
-        let _deadline = deadline::arm(&fe, &self.spec.name, REPLY_TIMEOUT);
-        match fe.get_config(0, end as u32, VhostUserConfigFlags::empty(), &request) {
+        let name = &self.spec.name;
+        match exchange(&mut self.fe(), name, "GET_CONFIG", REPLY_TIMEOUT, |f| {
+            f.get_config(0, end as u32, VhostUserConfigFlags::empty(), &request)
+        }) {
             Ok((_, mut reply)) if reply.len() == end => {
                 if let Some(field) = self.spec.queue_count_field.map(|f| f as usize) {
                     let count = (self.spec.num_queues as u16).to_le_bytes();
@@ -387,7 +393,7 @@ impl VirtioDevice for VhostUserDevice {
                 data.copy_from_slice(&reply[start..]);
             }
             Ok(_) => log::warn!("{}: short GET_CONFIG reply", self.spec.name),
-            Err(e) => log::warn!("{}: GET_CONFIG of {end} bytes failed: {e}", self.spec.name),
+            Err(e) => log::warn!("{name}: reading {end} bytes of config space: {e}"),
         }
     }
 
@@ -398,10 +404,17 @@ impl VirtioDevice for VhostUserDevice {
         let Ok(offset) = u32::try_from(offset) else {
             return;
         };
-        let mut fe = self.fe();
-        let _deadline = deadline::arm(&fe, &self.spec.name, REPLY_TIMEOUT);
-        if let Err(e) = fe.set_config(offset, VhostUserConfigFlags::empty(), data) {
-            log::warn!("{}: SET_CONFIG at {offset:#x} failed: {e}", self.spec.name);
+        if let Err(e) = exchange(
+            &mut self.fe(),
+            &self.spec.name,
+            "SET_CONFIG",
+            REPLY_TIMEOUT,
+            |f| f.set_config(offset, VhostUserConfigFlags::empty(), data),
+        ) {
+            log::warn!(
+                "{}: writing config space at {offset:#x}: {e}",
+                self.spec.name
+            );
         }
     }
 
@@ -418,14 +431,22 @@ impl VirtioDevice for VhostUserDevice {
         self.stop_rings();
     }
 
-    fn reconnect(&mut self, stream: UnixStream) -> Result<(), String> {
-        self.reattach(stream)
+    fn reconnect(&mut self, backend: NewBackend) -> Result<(), String> {
+        self.reattach(backend)
     }
 }
 
 impl VhostUserDevice {
     pub fn status(&self) -> Arc<DeviceStatus> {
         self.status.clone()
+    }
+
+    /// What negotiates with this device's next backend.
+    pub fn handshake(&self) -> Handshake {
+        Handshake {
+            spec: self.spec.clone(),
+            socket: self.status.socket.clone(),
+        }
     }
 
     /// A handle that turns rings on and off while the device runs (the
@@ -496,13 +517,14 @@ impl VhostUserDevice {
     /// rather than from 0.
     fn hand_rings(&mut self, act: &Activation, resume: bool) -> Result<(), ActivateError> {
         let mut fe = self.fe();
-        let gib = act.mem.iter().map(|r| r.len()).sum::<u64>() >> 30;
-        let limit = REPLY_TIMEOUT + MEM_TABLE_PER_GIB * u32::try_from(gib).unwrap_or(u32::MAX);
-        let deadline = deadline::arm(&fe, &self.spec.name, limit);
+        let name = self.spec.name.clone();
+        let limit = REPLY_TIMEOUT;
         let mem = &act.mem;
         let features = (act.features & self.features()) | PROTOCOL_FEATURES_BIT;
-        fe.set_features(features)
-            .map_err(|e| self.fail(&deadline, "SET_FEATURES", e))?;
+        exchange(&mut fe, &name, "SET_FEATURES", limit, |f| {
+            f.set_features(features)
+        })
+        .map_err(|e| self.fail(e))?;
         self.status
             .acked_features
             .store(features & !PROTOCOL_FEATURES_BIT, Ordering::Relaxed);
@@ -520,8 +542,12 @@ impl VhostUserDevice {
                 mmap_handle: file.file().as_raw_fd(),
             });
         }
-        fe.set_mem_table(&regions)
-            .map_err(|e| self.fail(&deadline, "SET_MEM_TABLE", e))?;
+        let gib = mem.iter().map(|r| r.len()).sum::<u64>() >> 30;
+        let table_limit = limit + MEM_TABLE_PER_GIB * u32::try_from(gib).unwrap_or(u32::MAX);
+        exchange(&mut fe, &name, "SET_MEM_TABLE", table_limit, |f| {
+            f.set_mem_table(&regions)
+        })
+        .map_err(|e| self.fail(e))?;
 
         let flags = crate::bus::lock(&self.ring_enabled).clone();
         self.active_queues.clear();
@@ -546,19 +572,31 @@ impl VhostUserDevice {
                 0
             };
             let call = queue.call.as_ref().unwrap_or(&self.unused_call);
-            fe.set_vring_num(index, queue.size)
-                .map_err(|e| self.fail(&deadline, "SET_VRING_NUM", e))?;
-            fe.set_vring_addr(index, &ring)
-                .map_err(|e| self.fail(&deadline, "SET_VRING_ADDR", e))?;
-            fe.set_vring_base(index, base)
-                .map_err(|e| self.fail(&deadline, "SET_VRING_BASE", e))?;
-            fe.set_vring_call(index, call)
-                .map_err(|e| self.fail(&deadline, "SET_VRING_CALL", e))?;
-            fe.set_vring_kick(index, &queue.kick)
-                .map_err(|e| self.fail(&deadline, "SET_VRING_KICK", e))?;
+            exchange(&mut fe, &name, "SET_VRING_NUM", limit, |f| {
+                f.set_vring_num(index, queue.size)
+            })
+            .map_err(|e| self.fail(e))?;
+            exchange(&mut fe, &name, "SET_VRING_ADDR", limit, |f| {
+                f.set_vring_addr(index, &ring)
+            })
+            .map_err(|e| self.fail(e))?;
+            exchange(&mut fe, &name, "SET_VRING_BASE", limit, |f| {
+                f.set_vring_base(index, base)
+            })
+            .map_err(|e| self.fail(e))?;
+            exchange(&mut fe, &name, "SET_VRING_CALL", limit, |f| {
+                f.set_vring_call(index, call)
+            })
+            .map_err(|e| self.fail(e))?;
+            exchange(&mut fe, &name, "SET_VRING_KICK", limit, |f| {
+                f.set_vring_kick(index, &queue.kick)
+            })
+            .map_err(|e| self.fail(e))?;
             let enable = flags.get(index).copied().unwrap_or(false);
-            fe.set_vring_enable(index, enable)
-                .map_err(|e| self.fail(&deadline, "SET_VRING_ENABLE", e))?;
+            exchange(&mut fe, &name, "SET_VRING_ENABLE", limit, |f| {
+                f.set_vring_enable(index, enable)
+            })
+            .map_err(|e| self.fail(e))?;
             self.active_queues.push(index);
         }
         log::info!(
@@ -574,11 +612,8 @@ impl VhostUserDevice {
     /// VMM dialed its socket again): the handshake,
     /// then, if the driver had started the device, the memory table and
     /// every ring as they stand. Tells the status listener.
-    pub fn reattach(&mut self, stream: UnixStream) -> Result<(), String> {
-        let socket = self.status.socket.clone();
-        let mut frontend = Frontend::from_stream(stream, self.spec.num_queues as u64);
-        let features = Self::negotiate(&self.spec, &mut frontend, &socket)
-            .map_err(|e| vmm_common::error_chain::render(&e))?;
+    pub fn reattach(&mut self, backend: NewBackend) -> Result<(), String> {
+        let NewBackend { frontend, features } = backend;
         let needed = self.status.acked_features.load(Ordering::Relaxed);
         if self.activation.is_some() && features & needed != needed {
             return Err(format!(
@@ -608,20 +643,28 @@ impl VhostUserDevice {
             return;
         }
         let mut fe = self.fe();
-        let _deadline = deadline::arm(&fe, &self.spec.name, REPLY_TIMEOUT);
+        let name = &self.spec.name;
+        // After a timeout the connection is shut down: no ring is left to
+        // stop.
         for index in std::mem::take(&mut self.active_queues) {
-            // GET_VRING_BASE stops the ring in the backend.
-            if let Err(e) = fe.set_vring_enable(index, false) {
-                log::warn!(
-                    "{}: SET_VRING_ENABLE 0 on ring {index} failed: {e}",
-                    self.spec.name
-                );
+            let off = exchange(&mut fe, name, "SET_VRING_ENABLE", REPLY_TIMEOUT, |f| {
+                f.set_vring_enable(index, false)
+            });
+            if let Err(e) = &off {
+                log::warn!("{name}: stopping ring {index}: {e}");
+                if e.timed_out() {
+                    break;
+                }
             }
-            if let Err(e) = fe.get_vring_base(index) {
-                log::warn!(
-                    "{}: GET_VRING_BASE on ring {index} failed: {e}",
-                    self.spec.name
-                );
+            // GET_VRING_BASE stops the ring in the backend.
+            let stopped = exchange(&mut fe, name, "GET_VRING_BASE", REPLY_TIMEOUT, |f| {
+                f.get_vring_base(index)
+            });
+            if let Err(e) = &stopped {
+                log::warn!("{name}: stopping ring {index}: {e}");
+                if e.timed_out() {
+                    break;
+                }
             }
         }
         log::info!("{}: reset", self.spec.name);
@@ -645,14 +688,19 @@ impl RingSwitch {
             return false;
         }
         let mut fe = crate::bus::lock(&self.frontend).clone();
-        let _deadline = deadline::arm(&fe, &self.name, REPLY_TIMEOUT);
-        match fe.set_vring_enable(index, enable) {
+        match exchange(
+            &mut fe,
+            &self.name,
+            "SET_VRING_ENABLE",
+            REPLY_TIMEOUT,
+            |f| f.set_vring_enable(index, enable),
+        ) {
             Ok(()) => true,
             Err(e) => {
                 log::warn!(
-                    "{}: SET_VRING_ENABLE {} on ring {index} failed: {e}",
+                    "{}: turning ring {index} {}: {e}",
                     self.name,
-                    u8::from(enable)
+                    if enable { "on" } else { "off" }
                 );
                 false
             }

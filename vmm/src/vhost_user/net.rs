@@ -6,7 +6,7 @@
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use super::frontend::{DeviceSpec, FrontendError, VhostUserDevice};
+use super::frontend::{DeviceSpec, FrontendError, Handshake, NewBackend, VhostUserDevice};
 use super::net_ctrl::{ControlQueue, ControlRing, Controller};
 use crate::virtio::device::{ActivateError, ActiveQueue, VirtioDevice};
 use crate::vstate::memory::GuestMemory;
@@ -104,6 +104,11 @@ impl NetDevice {
 
     pub fn status(&self) -> std::sync::Arc<super::frontend::DeviceStatus> {
         self.inner.status()
+    }
+
+    /// What negotiates with this NIC's next backend.
+    pub fn handshake(&self) -> Handshake {
+        self.inner.handshake()
     }
 
     /// Features only the VMM implements, never passed to the backend.
@@ -216,8 +221,8 @@ impl VirtioDevice for NetDevice {
         self.inner.stop_rings();
     }
 
-    fn reconnect(&mut self, stream: UnixStream) -> Result<(), String> {
-        self.inner.reattach(stream)
+    fn reconnect(&mut self, backend: NewBackend) -> Result<(), String> {
+        self.inner.reattach(backend)
     }
 }
 

@@ -47,8 +47,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// The driver reset the device: stop the data path.
     fn reset(&mut self);
-    /// A new backend connection, after the last one was lost.
-    fn reconnect(&mut self, _stream: std::os::unix::net::UnixStream) -> Result<(), String> {
+    /// A new backend, after the last one was lost.
+    fn reconnect(
+        &mut self,
+        _backend: crate::vhost_user::frontend::NewBackend,
+    ) -> Result<(), String> {
         Err("this device cannot take a new backend".into())
     }
 }

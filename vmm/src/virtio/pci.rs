@@ -206,9 +206,9 @@ impl VirtioPciDevice {
     /// Hands a backend that connected again to the device.
     pub fn reconnect_backend(
         &mut self,
-        stream: std::os::unix::net::UnixStream,
+        backend: crate::vhost_user::frontend::NewBackend,
     ) -> Result<(), String> {
-        self.device.reconnect(stream)
+        self.device.reconnect(backend)
     }
 
     pub fn counters(&self) -> Arc<TransportCounters> {
