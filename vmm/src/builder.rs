@@ -228,10 +228,7 @@ pub fn build(
                 .serve_reconnects(
                     format!("net{index}"),
                     move || status.hung_up(),
-                    move |stream| {
-                        let backend = handshake.run(stream)?;
-                        crate::bus::lock(&transport).reconnect_backend(backend)
-                    },
+                    take_back(handshake, transport),
                 )
                 .map_err(BuildError::ReconnectThread)?;
             server_sockets.push(server);
@@ -416,6 +413,18 @@ impl PciDevices<'_> {
     }
 }
 
+/// What a device does with a new backend connection: the handshake first,
+/// without holding the device, then the device takes the backend.
+fn take_back(
+    handshake: Handshake,
+    transport: Arc<Mutex<VirtioPciDevice>>,
+) -> impl Fn(std::os::unix::net::UnixStream) -> Result<(), String> + Send + 'static {
+    move |stream| {
+        let backend = handshake.run(stream)?;
+        crate::bus::lock(&transport).reconnect_backend(backend)
+    }
+}
+
 /// A device whose backend listens: when the backend dies, the VMM dials
 /// its socket until a restarted backend answers, negotiates with it
 /// (without holding the device), and hands it the device.
@@ -431,10 +440,7 @@ fn redial_when_gone(
         socket.to_path_buf(),
         vhost_user::reconnect::Source::Dial,
         move || status.hung_up(),
-        move |stream| {
-            let backend = handshake.run(stream)?;
-            crate::bus::lock(&transport).reconnect_backend(backend)
-        },
+        take_back(handshake, transport),
     )
     .map_err(BuildError::ReconnectThread)
 }
