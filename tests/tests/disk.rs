@@ -144,6 +144,21 @@ fn a_backend_that_never_answers_is_a_clear_error() {
     refused_at_start(&socket, "no answer to GET_FEATURES within");
 }
 
+/// A backend that stopped accepting connections, its listen queue full:
+/// the VMM gives up connecting after its limit instead of waiting for ever.
+#[test]
+fn a_backend_that_accepts_no_connection_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("full.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    // SAFETY: listen() on the listener's own socket; no pointers.
+    let rc = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 0) };
+    assert_eq!(rc, 0, "listen");
+    // With a backlog of 0, one connection waiting to be accepted fills it.
+    let _waiting = std::os::unix::net::UnixStream::connect(&socket).expect("first connection");
+    refused_at_start(&socket, "listen queue stayed full");
+}
+
 /// A socket that answers with bytes that are not vhost-user: a clear error
 /// at start naming the socket and the step.
 #[test]

@@ -129,6 +129,17 @@ fn a_backend_that_stops_answering_is_cut_off_and_taken_back() {
     let cut = cut.unwrap_or_else(|e| panic!("the reset waited on the stopped backend: {e}"));
     assert!(cut.contains("disk0"), "{cut}");
     qmp.expect_backend(false);
+    // The hang-up that follows is reported as the VMM's doing.
+    vm.stderr
+        .wait_for(
+            "disk0: cut off from its vhost-user backend",
+            Duration::from_secs(10),
+        )
+        .expect("the hang-up was not put down to the timeout");
+    assert!(!vm
+        .stderr
+        .text()
+        .contains("disk0: the vhost-user backend disconnected"));
     qmp.expect_backend(true);
     // The VMM still answers, and the device works again.
     assert!(qmp

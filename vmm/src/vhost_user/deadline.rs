@@ -9,8 +9,15 @@
 //! shuts down the socket of every exchange that overruns: the waiting call
 //! returns an error at once, the device stops as if its backend had died
 //! (and is taken back if the backend comes back), and the log names it.
+//!
+//! `dial` gives connecting the same limit: `connect` on a Unix socket waits
+//! for as long as the backend leaves its listen queue full.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -85,6 +92,68 @@ pub fn exchange<T>(
     })
 }
 
+/// Connects to the backend listening on `path`, giving it `limit` to make
+/// room in its listen queue (a backend that stopped accepting fills it).
+pub fn dial(path: &Path, limit: Duration) -> io::Result<UnixStream> {
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let name = path.as_os_str().as_bytes();
+    if name.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the socket path is longer than {} bytes",
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (to, &from) in addr.sun_path.iter_mut().zip(name) {
+        *to = from as libc::c_char;
+    }
+    // SAFETY: socket() takes no pointers; the fd it returns is ours alone.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // A Unix socket's connect waits for room in the listen queue for as
+    // long as its send timeout.
+    stream.set_write_timeout(Some(limit))?;
+    let len = std::mem::size_of::<libc::sa_family_t>() + name.len() + 1;
+    loop {
+        // SAFETY: `addr` is a valid sockaddr_un whose first `len` bytes
+        // hold the family and the NUL-terminated path; connect only reads it.
+        let rc = unsafe {
+            libc::connect(
+                stream.as_raw_fd(),
+                std::ptr::addr_of!(addr).cast(),
+                len as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "its listen queue stayed full for {} s (the backend is not accepting)",
+                        limit.as_secs()
+                    ),
+                ))
+            }
+            _ => return Err(e),
+        }
+    }
+    stream.set_write_timeout(None)?;
+    Ok(stream)
+}
+
 /// The running exchange's clock: dropping it stops the clock.
 struct Deadline {
     id: Option<u64>,
@@ -137,6 +206,18 @@ fn arm(connection: &Frontend, name: &str, limit: Duration) -> Deadline {
     }
 }
 
+/// Sockets the watchdog shut down and no one has asked about yet.
+static CUT_OFF: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+/// Whether the watchdog shut socket `fd` down since the last call for it
+/// (so a hang-up on it was ours, not the backend's).
+pub fn take_cut_off(fd: RawFd) -> bool {
+    let mut cut = crate::bus::lock(&CUT_OFF);
+    let before = cut.len();
+    cut.retain(|&c| c != fd);
+    cut.len() != before
+}
+
 fn watchdog() -> Option<&'static Watchdog> {
     static DOG: OnceLock<Option<&'static Watchdog>> = OnceLock::new();
     *DOG.get_or_init(|| {
@@ -169,6 +250,7 @@ impl Watchdog {
                     a.limit.as_secs()
                 );
                 a.expired.store(true, Ordering::Release);
+                crate::bus::lock(&CUT_OFF).push(a.fd);
                 // SAFETY: the fd is open: the `Deadline` that armed this
                 // entry holds the connection until it has removed the entry
                 // under this lock. Shutting a socket down changes no memory
@@ -196,7 +278,6 @@ impl Watchdog {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
     use vhost::VhostBackend;
 
     const GET_FEATURES: u32 = 1;
@@ -274,5 +355,45 @@ mod tests {
         let err = std::io::Error::last_os_error();
         assert_eq!(n, -1, "the socket was shut down (recv gave {n})");
         assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock, "{err}");
+    }
+
+    /// A listener that takes one pending connection and no more (backlog 0).
+    fn listener_with_no_room(path: &Path) -> OwnedFd {
+        let listener = std::os::unix::net::UnixListener::bind(path).expect("bind");
+        // SAFETY: listen() on a socket fd the listener owns; it takes no
+        // pointers.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        OwnedFd::from(listener)
+    }
+
+    #[test]
+    fn dialing_a_backend_that_accepts_nothing_runs_out_of_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("full.sock");
+        let _listener = listener_with_no_room(&path);
+        let _first = dial(&path, REPLY_TIMEOUT).expect("the queue has room for one");
+        let started = Instant::now();
+        let e = dial(&path, Duration::from_millis(300)).expect_err("the queue is full");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("listen queue"), "{e}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(250), "{waited:?}");
+        assert!(waited < REPLY_TIMEOUT, "{waited:?}");
+    }
+
+    #[test]
+    fn a_dialed_connection_has_no_send_limit_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ok.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let stream = dial(&path, Duration::from_millis(300)).expect("connect");
+        let (mut theirs, _) = listener.accept().expect("accept");
+        assert_eq!(stream.write_timeout().expect("timeout"), None);
+        (&stream).write_all(b"ping").expect("write");
+        let mut got = [0u8; 4];
+        theirs.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"ping");
+        let missing = dial(&dir.path().join("none.sock"), REPLY_TIMEOUT).expect_err("no socket");
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound, "{missing}");
     }
 }

@@ -15,7 +15,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::deadline::{exchange, ExchangeError, MEM_TABLE_PER_GIB, REPLY_TIMEOUT};
+use super::deadline::{self, exchange, ExchangeError, MEM_TABLE_PER_GIB, REPLY_TIMEOUT};
 use crate::virtio::device::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemory;
 
@@ -33,7 +33,7 @@ const MAX_CONFIG_ACCESS: usize = 256;
 #[derive(Debug, Error)]
 pub enum FrontendError {
     #[error("cannot connect to the vhost-user backend at {0:?}")]
-    Connect(PathBuf, #[source] vhost::Error),
+    Connect(PathBuf, #[source] std::io::Error),
     #[error("the vhost-user backend at {path:?}")]
     Exchange {
         path: PathBuf,
@@ -178,9 +178,9 @@ impl VhostUserDevice {
     /// Connects to a backend listening on `socket` and negotiates everything
     /// that does not depend on the driver.
     pub fn connect(spec: DeviceSpec, socket: &Path) -> Result<Self, FrontendError> {
-        let frontend = Frontend::connect(socket, spec.num_queues as u64)
+        let stream = deadline::dial(socket, REPLY_TIMEOUT)
             .map_err(|e| FrontendError::Connect(socket.to_path_buf(), e))?;
-        Self::set_up(spec, frontend, socket)
+        Self::from_stream(spec, stream, socket)
     }
 
     /// Negotiates with a backend that connected to our listening socket.
@@ -310,6 +310,8 @@ impl VhostUserDevice {
 /// and tells the status listener.
 fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) {
     let name = status.name.clone();
+    // A mark left by an earlier connection that had this fd number.
+    deadline::take_cut_off(fd);
     let spawned = std::thread::Builder::new()
         .name(format!("{}-watch", status.name))
         .spawn(move || loop {
@@ -333,7 +335,15 @@ fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) {
             {
                 status.broken.store(true, Ordering::Release);
                 status.hung_up.store(true, Ordering::Release);
-                log::error!("{name}: the vhost-user backend disconnected; the device is stopped");
+                if deadline::take_cut_off(fd) {
+                    log::error!(
+                        "{name}: cut off from its vhost-user backend; the device is stopped"
+                    );
+                } else {
+                    log::error!(
+                        "{name}: the vhost-user backend disconnected; the device is stopped"
+                    );
+                }
                 status.changed();
                 return;
             }

@@ -7,10 +7,11 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use thiserror::Error;
 
-use super::reconnect;
+use super::{deadline, reconnect};
 
 #[derive(Debug, Error)]
 pub enum ListenError {
@@ -40,8 +41,12 @@ impl ServerSocket {
             if !meta.file_type().is_socket() {
                 return Err(ListenError::PathInUse(path.to_path_buf()));
             }
-            match UnixStream::connect(path) {
+            // A listener whose queue is full (TimedOut) is alive too.
+            match deadline::dial(path, Duration::from_secs(1)) {
                 Ok(_) => return Err(ListenError::SocketInUse(path.to_path_buf())),
+                Err(e) if e.kind() == ErrorKind::TimedOut => {
+                    return Err(ListenError::SocketInUse(path.to_path_buf()))
+                }
                 Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
                     log::info!("removing the stale socket {}", path.display());
                     std::fs::remove_file(path)
@@ -157,5 +162,20 @@ mod tests {
             ServerSocket::bind(&file),
             Err(ListenError::PathInUse(_))
         ));
+    }
+
+    #[test]
+    fn a_live_socket_with_a_full_queue_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("busy.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        // SAFETY: listen() on the listener's own socket; no pointers.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let _waiting = UnixStream::connect(&path).expect("fills the queue");
+        assert!(matches!(
+            ServerSocket::bind(&path),
+            Err(ListenError::SocketInUse(_))
+        ));
+        assert!(path.exists(), "the live socket is left alone");
     }
 }

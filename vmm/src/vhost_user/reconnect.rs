@@ -13,6 +13,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::deadline::{self, REPLY_TIMEOUT};
+
 /// How often the VMM checks whether a backend has gone.
 const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 /// How often it dials a backend's socket until the backend is back.
@@ -39,7 +41,7 @@ impl Source {
                     path.display()
                 );
                 loop {
-                    match UnixStream::connect(path) {
+                    match deadline::dial(path, REPLY_TIMEOUT) {
                         Ok(stream) => return Ok(stream),
                         Err(_) => std::thread::sleep(DIAL_INTERVAL),
                     }
