@@ -339,6 +339,12 @@ impl BlkClient {
         self.mem().read_slice(buf, GuestAddress(addr)).is_ok()
     }
 
+    /// Writes guest memory at `addr` (canaries around what a test hands
+    /// the backend); false when it is outside guest memory.
+    pub fn write_mem(&self, addr: u64, data: &[u8]) -> bool {
+        self.mem().write_slice(data, GuestAddress(addr)).is_ok()
+    }
+
     /// The slot's status byte as it is now.
     pub fn status_byte(&self) -> u8 {
         self.mem()
