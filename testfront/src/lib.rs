@@ -9,6 +9,7 @@
 //! - `net`: virtio-net frames sent and received, and raw chains for tests.
 //! - `pipeline`: up to `depth` virtio-blk requests in flight on one queue.
 //! - `malformed`: vhost-user messages no frontend should send.
+//! - `fuzz`: random and mutated descriptor chains.
 //! - `load`: the engine of the `vhost-loadgen` benchmark.
 //! - `netload`: the engine of the `vhost-netload` benchmark (frames through
 //!   a net backend and its tap, either way).
@@ -18,6 +19,7 @@
 
 pub mod blk;
 pub mod connection;
+pub mod fuzz;
 pub mod load;
 pub mod malformed;
 pub mod memory;

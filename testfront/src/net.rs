@@ -224,6 +224,11 @@ impl NetClient {
         self.mem().write_slice(bytes, GuestAddress(addr)).is_ok()
     }
 
+    /// Reads guest memory at `addr` into `buf`; false when outside.
+    pub fn read_mem(&self, addr: u64, buf: &mut [u8]) -> bool {
+        self.mem().read_slice(buf, GuestAddress(addr)).is_ok()
+    }
+
     fn queue(&self, index: usize) -> Result<usize, NetError> {
         if index < self.conn.queues.len() {
             Ok(index)

@@ -44,7 +44,7 @@ pub struct Buf {
 }
 
 /// A raw descriptor, for building malformed chains in tests.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawDesc {
     pub addr: u64,
     pub len: u32,

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vhost_test_frontend::blk::{BlkClient, S_IOERR, S_OK, S_UNSUPP, S_UNWRITTEN, T_IN, T_OUT};
+use vhost_test_frontend::fuzz::{writable_room, ChainFuzzer, Target};
 use vhost_test_frontend::load::{self, LoadSpec, Report};
 use vhost_test_frontend::malformed;
 use vhost_test_frontend::virtqueue::RingError;
@@ -284,147 +285,22 @@ fn malformed_requests_get_a_status_and_the_backend_keeps_serving() {
     assert!(buf.iter().all(|&b| b == 2));
 }
 
-/// Random numbers and the "interesting" values the chain fuzzer draws.
-struct Fuzz {
-    rng: vhost_test_frontend::load::Rng,
-    slot: vhost_test_frontend::blk::Slot,
-}
-
-impl Fuzz {
-    const INDIRECT: u16 = 4;
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.rng.next_u64() % n
+/// A request header for the chain fuzzer: a known type at an in-range,
+/// end-of-disk or random sector, or 32 random bytes.
+fn fuzz_header(fuzz: &mut ChainFuzzer, client: &BlkClient, sectors: u64) {
+    const KINDS: [u32; 7] = [T_IN, T_OUT, 4, 8, 11, 13, 0x4242];
+    if fuzz.below(4) == 0 {
+        let bytes: Vec<u8> = (0..32).map(|_| fuzz.below(256) as u8).collect();
+        client.prepare_header_bytes(&bytes);
+        return;
     }
-
-    /// Inside the request's buffers, at or past the end of guest memory,
-    /// anywhere.
-    fn addr(&mut self) -> u64 {
-        let mem_end = vhost_test_frontend::blk::DEFAULT_MEM;
-        match self.below(8) {
-            0 | 1 => self.slot.header,
-            2 | 3 => self.slot.data + self.below(8) * 512,
-            4 => self.slot.status,
-            5 => mem_end - self.below(4096),
-            6 => self.rng.next_u64(),
-            _ => 1 << 40,
-        }
-    }
-
-    fn len(&mut self) -> u32 {
-        match self.below(8) {
-            0 => 0,
-            1 => 1,
-            2 => 16,
-            3 => 512,
-            4 => 4096,
-            5 => self.below(70_000) as u32,
-            6 => u32::MAX,
-            _ => 8,
-        }
-    }
-
-    fn flags(&mut self, last: bool) -> u16 {
-        let mut flags = 0;
-        if !last || self.below(8) == 0 {
-            flags |= DESC_F_NEXT;
-        }
-        if self.below(2) == 0 {
-            flags |= DESC_F_WRITE;
-        }
-        if self.below(16) == 0 {
-            flags |= Self::INDIRECT;
-        }
-        flags
-    }
-
-    fn next(&mut self, d: usize) -> u16 {
-        if self.below(8) == 0 {
-            self.below(70) as u16
-        } else {
-            d as u16 + 1
-        }
-    }
-
-    /// A request's header: a known type at an in-range, end-of-disk or
-    /// random sector, or 32 random bytes.
-    fn header(&mut self, client: &BlkClient, sectors: u64) {
-        const KINDS: [u32; 7] = [T_IN, T_OUT, 4, 8, 11, 13, 0x4242];
-        if self.below(4) == 0 {
-            let bytes: Vec<u8> = (0..32).map(|_| self.below(256) as u8).collect();
-            client.prepare_header_bytes(&bytes);
-            return;
-        }
-        let sector = match self.below(3) {
-            0 => self.below(sectors),
-            1 => sectors - self.below(4),
-            _ => self.rng.next_u64(),
-        };
-        let kind = KINDS[self.below(KINDS.len() as u64) as usize];
-        client.prepare_header(kind, sector);
-    }
-
-    /// Either descriptors drawn wholly at random, or a well-formed chain
-    /// (header, data, status) left as it is or with one field changed.
-    fn chain(&mut self) -> Vec<RawDesc> {
-        if self.below(3) == 0 {
-            let n = 1 + self.below(5) as usize;
-            return (0..n)
-                .map(|d| RawDesc {
-                    addr: self.addr(),
-                    len: self.len(),
-                    flags: self.flags(d + 1 == n),
-                    next: self.next(d),
-                })
-                .collect();
-        }
-        let data_len = [0, 512, 4096, 8192][self.below(4) as usize];
-        let device_writes = self.below(2) == 0;
-        let bufs = self.slot.chain(data_len, device_writes);
-        let n = bufs.len();
-        let mut chain: Vec<RawDesc> = bufs
-            .iter()
-            .enumerate()
-            .map(|(d, b)| RawDesc {
-                addr: b.addr,
-                len: b.len,
-                flags: if b.write { DESC_F_WRITE } else { 0 }
-                    | if d + 1 < n { DESC_F_NEXT } else { 0 },
-                next: d as u16 + 1,
-            })
-            .collect();
-        if self.below(2) == 0 {
-            let d = self.below(n as u64) as usize;
-            match self.below(4) {
-                0 => chain[d].addr = self.addr(),
-                1 => chain[d].len = self.len(),
-                2 => chain[d].flags = self.flags(d + 1 == n),
-                _ => chain[d].next = self.next(d),
-            }
-        }
-        chain
-    }
-}
-
-/// What a plain chain (no indirect table, no link off it or back into it)
-/// lets the backend write, in bytes; None for any other chain.
-fn writable_room(chain: &[RawDesc]) -> Option<u64> {
-    let mut room = 0;
-    for (d, c) in chain.iter().enumerate() {
-        if c.flags & Fuzz::INDIRECT != 0 {
-            return None;
-        }
-        if c.flags & DESC_F_WRITE != 0 {
-            room += u64::from(c.len);
-        }
-        if c.flags & DESC_F_NEXT == 0 {
-            return Some(room);
-        }
-        if usize::from(c.next) != d + 1 || d + 1 == chain.len() {
-            return None;
-        }
-    }
-    None
+    let sector = match fuzz.below(3) {
+        0 => fuzz.below(sectors),
+        1 => sectors - fuzz.below(4),
+        _ => fuzz.next_u64(),
+    };
+    let kind = KINDS[fuzz.below(KINDS.len() as u64) as usize];
+    client.prepare_header(kind, sector);
 }
 
 /// Descriptor chains made at random, and well-formed ones with one field
@@ -461,14 +337,31 @@ fn random_descriptor_chains_never_crash_hang_or_stray() {
         let canary_len = slot.capacity as usize - (128 << 10);
         assert!(client.write_mem(canary_at, &vec![CANARY; canary_len]));
         let sectors = (IMAGE_SIZE / 512) as u64;
-        let mut fuzz = Fuzz {
-            rng: vhost_test_frontend::load::Rng::new(seed),
-            slot,
-        };
+        let targets = vec![
+            Target {
+                addr: slot.header,
+                spread: 1,
+            },
+            Target {
+                addr: slot.data,
+                spread: 4096,
+            },
+            Target {
+                addr: slot.status,
+                spread: 1,
+            },
+        ];
+        let mut fuzz = ChainFuzzer::new(seed, targets, vhost_test_frontend::blk::DEFAULT_MEM);
         let mut statuses = std::collections::BTreeMap::new();
         for i in 0..CHAINS {
-            fuzz.header(&client, sectors);
-            let chain = fuzz.chain();
+            fuzz_header(&mut fuzz, &client, sectors);
+            let chain = if fuzz.below(3) == 0 {
+                fuzz.random()
+            } else {
+                let data_len = [0, 512, 4096, 8192][fuzz.below(4) as usize];
+                let device_writes = fuzz.below(2) == 0;
+                fuzz.mutated(&slot.chain(data_len, device_writes))
+            };
             let done = client
                 .submit_raw_timeout(0, &chain, Duration::from_secs(1))
                 .unwrap_or_else(|e| panic!("{mode} chain {i} {chain:?}: {e:?}"));
