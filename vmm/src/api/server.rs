@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
 use thiserror::Error;
@@ -97,6 +98,21 @@ impl Listener {
     }
 }
 
+/// Removes a socket file at `path` that no process listens on (one left by
+/// a VMM that died). A live socket stays, and binding it fails: a full
+/// listen queue counts as live, without waiting for room in it.
+fn remove_stale_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    let stale = || {
+        crate::vhost_user::deadline::dial(path, Duration::from_secs(1))
+            .is_err_and(|e| e.kind() != ErrorKind::TimedOut)
+    };
+    if is_socket && stale() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Starts listening and serving clients on a thread.
 pub fn start(
     unix: Option<&Path>,
@@ -107,14 +123,7 @@ pub fn start(
     let mut listeners = Vec::new();
     let mut server = ApiServer { unix_path: None };
     if let Some(path) = unix {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            use std::os::unix::fs::FileTypeExt;
-            if meta.file_type().is_socket()
-                && std::os::unix::net::UnixStream::connect(path).is_err()
-            {
-                let _ = std::fs::remove_file(path);
-            }
-        }
+        remove_stale_socket(path);
         let listener =
             UnixListener::bind(path).map_err(|e| ApiError::Unix(path.to_path_buf(), e))?;
         server.unix_path = Some(path.to_path_buf());
@@ -255,4 +264,33 @@ fn version_triple() -> (u64, u64, u64) {
     let v = super::commands::version();
     let n = |k: &str| v["qemu"][k].as_u64().unwrap_or(0);
     (n("major"), n("minor"), n("micro"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    #[test]
+    fn only_a_socket_no_one_listens_on_is_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stale = dir.path().join("stale.sock");
+        drop(UnixListener::bind(&stale).expect("bind"));
+        remove_stale_socket(&stale);
+        assert!(!stale.exists(), "the stale socket is removed");
+
+        let busy = dir.path().join("busy.sock");
+        let listener = UnixListener::bind(&busy).expect("bind");
+        // SAFETY: listen() on the listener's own socket; no pointers.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let _waiting = UnixStream::connect(&busy).expect("fills the queue");
+        remove_stale_socket(&busy);
+        assert!(busy.exists(), "a live socket with a full queue stays");
+
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").expect("write");
+        remove_stale_socket(&plain);
+        assert!(plain.exists(), "a file that is not a socket stays");
+    }
 }
