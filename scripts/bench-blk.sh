@@ -12,6 +12,11 @@
 # it sleeps, for both backends alike.
 # The three take turns for ROUNDS rounds (figures on a shared machine move
 # by 10-30% between runs); the table shows medians and the range of ratios.
+# For the image on disk, a second table shows how many requests each tool
+# kept in the disk's queue on average (its IOPS times the block layer's
+# latency, from the block device's counters): how well it keeps the disk
+# busy, a figure the disk's own speed, which drifts between runs, does not
+# move.
 # Usage: scripts/bench-blk.sh [SECONDS per run, default 5] [ROUNDS, default 3]
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -81,29 +86,57 @@ fio_ceiling() { # image direct jobs size rw -> "iops mbps"
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print(round(d["iops"]), round(d["bw_bytes"]/1e6,1))'
 }
 
-# One line per run: label|kind|round|iops mbps.
+# The block device's counters file under an image, or nothing (tmpfs).
+disk_stat_of() {
+    local dev
+    dev="$(stat -c '%Hd:%Ld' "$1")"
+    if [[ -r "/sys/dev/block/$dev/stat" ]]; then echo "/sys/dev/block/$dev/stat"; fi
+}
+
+disk_counters() { # stat-file -> "requests busy-ms" (reads and writes)
+    if [[ -n "$1" ]]; then awk '{print $1 + $5, $4 + $8}' "$1"; else echo "0 0"; fi
+}
+
+measured() { # stat-file command... -> "iops mbps requests-at-disk" ("-" without a disk)
+    local stat_file="$1" before out after
+    shift
+    before="$(disk_counters "$stat_file")"
+    out="$("$@")"
+    after="$(disk_counters "$stat_file")"
+    python3 - "$out" "$before" "$after" <<'PY'
+import sys
+iops, mbps = sys.argv[1].split()
+(n0, t0), (n1, t1) = (map(int, a.split()) for a in sys.argv[2:4])
+at_disk = f"{float(iops) * (t1 - t0) / 1000 / (n1 - n0):.1f}" if n1 > n0 else "-"
+print(iops, mbps, at_disk)
+PY
+}
+
+# One line per run: label|kind|round|iops mbps requests-at-disk.
 RESULTS="$WORK/results"
 run_case() { # label image direct queues size pattern op fio_rw
     local label="$1" image="$2" direct="$3" queues="$4" size="$5" pattern="$6" op="$7" rw="$8"
-    local sock="$WORK/b.sock" ours qsd ceil round
+    local sock="$WORK/b.sock" ours qsd ceil round stat_file
+    stat_file="$(disk_stat_of "$image")"
     for round in $(seq "$ROUNDS"); do
         start_backend vhost-blk "$image" "$direct" "$queues" "$sock"
-        ours="$(loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
+        ours="$(measured "$stat_file" loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
         stop_backend
         start_backend qsd "$image" "$direct" "$queues" "$sock"
-        qsd="$(loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
+        qsd="$(measured "$stat_file" loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
         stop_backend
-        ceil="$(fio_ceiling "$image" "$direct" "$queues" "$size" "$rw")"
+        ceil="$(measured "$stat_file" fio_ceiling "$image" "$direct" "$queues" "$size" "$rw")"
         printf '%s|vhost-blk|%s|%s\n%s|qsd|%s|%s\n%s|fio|%s|%s\n' \
             "$label" "$round" "$ours" "$label" "$round" "$qsd" "$label" "$round" "$ceil" >>"$RESULTS"
-        echo "bench-blk: round $round/$ROUNDS: $label: vhost-blk $ours, qsd $qsd, fio $ceil (IOPS MB/s)" >&2
+        echo "bench-blk: round $round/$ROUNDS: $label: vhost-blk $ours, qsd $qsd, fio $ceil (IOPS MB/s at-disk)" >&2
     done
 }
 
 for medium in tmpfs disk; do
     if [[ "$medium" == tmpfs ]]; then image="$SHM/disk.img"; direct=0; else image="$WORK/disk.img"; direct=1; fi
     echo "bench-blk: preparing a $SIZE image on $medium" >&2
-    dd if=/dev/urandom of="$image" bs=1M count=1024 status=none
+    # Written through before the first run, so no write-back competes with it.
+    dd if=/dev/urandom of="$image" bs=1M count=1024 conv=fsync status=none
     run_case "$medium 4k randread q1"  "$image" "$direct" 1 4k  rand read  randread
     run_case "$medium 4k randread q2"  "$image" "$direct" 2 4k  rand read  randread
     run_case "$medium 64k seqread q1"  "$image" "$direct" 1 64k seq  read  read
@@ -116,10 +149,11 @@ import statistics, sys
 runs, labels = {}, []
 for line in open(sys.argv[1]):
     label, kind, rnd, figures = line.strip().split("|")
-    iops, mbps = map(float, figures.split())
+    iops, mbps, at_disk = figures.split()
     if label not in labels:
         labels.append(label)
-    runs.setdefault((label, kind), {})[rnd] = (iops, mbps)
+    at_disk = None if at_disk == "-" else float(at_disk)
+    runs.setdefault((label, kind), {})[rnd] = (float(iops), float(mbps), at_disk)
 rounds = len(runs[(labels[0], "fio")])
 print()
 print(f"{rounds} rounds; medians, and the lowest and highest ratio of a round")
@@ -132,4 +166,12 @@ for label in labels:
     print(f"{label:24s} {med(ours):14.0f} {med(qsd):10.0f} {med(fio):10.0f} "
           f"{med(ours) / med(qsd):6.2f}x {min(vs_qsd):5.2f}-{max(vs_qsd):.2f}x "
           f"{med(ours) / med(fio):6.2f}x {min(vs_fio):5.2f}-{max(vs_fio):.2f}x {med(ours, 1):15.1f}")
+on_disk = [l for l in labels if all(v[2] is not None for k in ("vhost-blk", "qsd", "fio") for v in runs[(l, k)].values())]
+if on_disk:
+    print()
+    print("requests in the disk's queue, mean over a run (IOPS x the block layer's latency; the load keeps 32 per queue in flight)")
+    print(f"{'workload':24s} {'vhost-blk':>10s} {'qsd':>10s} {'fio':>10s} {'vs qsd':>7s} {'vs fio':>7s}")
+    for label in on_disk:
+        ours, qsd, fio = (statistics.median(v[2] for v in runs[(label, k)].values()) for k in ("vhost-blk", "qsd", "fio"))
+        print(f"{label:24s} {ours:10.1f} {qsd:10.1f} {fio:10.1f} {ours / qsd:6.2f}x {ours / fio:6.2f}x")
 PY
