@@ -93,11 +93,11 @@ disk_stat_of() {
     if [[ -r "/sys/dev/block/$dev/stat" ]]; then echo "/sys/dev/block/$dev/stat"; fi
 }
 
-disk_counters() { # stat-file -> "requests busy-ms" (reads and writes)
+disk_counters() { # stat-file -> "requests done, ms they spent queued" (reads and writes)
     if [[ -n "$1" ]]; then awk '{print $1 + $5, $4 + $8}' "$1"; else echo "0 0"; fi
 }
 
-measured() { # stat-file command... -> "iops mbps requests-at-disk" ("-" without a disk)
+measured() { # stat-file command... -> "iops mbps requests-in-queue" ("-" without a disk)
     local stat_file="$1" before out after
     shift
     before="$(disk_counters "$stat_file")"
@@ -107,12 +107,12 @@ measured() { # stat-file command... -> "iops mbps requests-at-disk" ("-" without
 import sys
 iops, mbps = sys.argv[1].split()
 (n0, t0), (n1, t1) = (map(int, a.split()) for a in sys.argv[2:4])
-at_disk = f"{float(iops) * (t1 - t0) / 1000 / (n1 - n0):.1f}" if n1 > n0 else "-"
-print(iops, mbps, at_disk)
+in_queue = f"{float(iops) * (t1 - t0) / 1000 / (n1 - n0):.1f}" if n1 > n0 else "-"
+print(iops, mbps, in_queue)
 PY
 }
 
-# One line per run: label|kind|round|iops mbps requests-at-disk.
+# One line per run: label|kind|round|iops mbps requests-in-queue.
 RESULTS="$WORK/results"
 run_case() { # label image direct queues size pattern op fio_rw
     local label="$1" image="$2" direct="$3" queues="$4" size="$5" pattern="$6" op="$7" rw="$8"
@@ -128,7 +128,7 @@ run_case() { # label image direct queues size pattern op fio_rw
         ceil="$(measured "$stat_file" fio_ceiling "$image" "$direct" "$queues" "$size" "$rw")"
         printf '%s|vhost-blk|%s|%s\n%s|qsd|%s|%s\n%s|fio|%s|%s\n' \
             "$label" "$round" "$ours" "$label" "$round" "$qsd" "$label" "$round" "$ceil" >>"$RESULTS"
-        echo "bench-blk: round $round/$ROUNDS: $label: vhost-blk $ours, qsd $qsd, fio $ceil (IOPS MB/s at-disk)" >&2
+        echo "bench-blk: round $round/$ROUNDS: $label: vhost-blk $ours, qsd $qsd, fio $ceil (IOPS MB/s in-queue)" >&2
     done
 }
 
@@ -149,11 +149,11 @@ import statistics, sys
 runs, labels = {}, []
 for line in open(sys.argv[1]):
     label, kind, rnd, figures = line.strip().split("|")
-    iops, mbps, at_disk = figures.split()
+    iops, mbps, in_queue = figures.split()
     if label not in labels:
         labels.append(label)
-    at_disk = None if at_disk == "-" else float(at_disk)
-    runs.setdefault((label, kind), {})[rnd] = (float(iops), float(mbps), at_disk)
+    in_queue = None if in_queue == "-" else float(in_queue)
+    runs.setdefault((label, kind), {})[rnd] = (float(iops), float(mbps), in_queue)
 rounds = len(runs[(labels[0], "fio")])
 print()
 print(f"{rounds} rounds; medians, and the lowest and highest ratio of a round")
