@@ -47,6 +47,11 @@ impl RawQmp {
         }
     }
 
+    /// Another handle on the connection, for writing from another thread.
+    pub fn writer(&self) -> UnixStream {
+        self.writer.try_clone().expect("clone the QMP connection")
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).expect("send");
     }

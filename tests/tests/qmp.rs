@@ -244,6 +244,40 @@ fn a_remote_api_address_needs_an_explicit_flag() {
     );
 }
 
+/// A client that floods commands and never reads a reply holds up
+/// nothing: the guest keeps running, and SIGTERM still ends the VMM at
+/// once (the SHUTDOWN event cannot wait on that client).
+#[test]
+fn a_client_that_stops_reading_holds_up_nothing() {
+    use std::io::Write;
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("qmp.sock");
+    let mut vm = counting_vm(&socket);
+    vm.expect_line("testguest: count 2", TIMEOUT);
+    let (mut qmp, _) = RawQmp::connect(&socket);
+    qmp.negotiate();
+    // Far more replies than the socket buffers and the VMM's queue hold;
+    // written from a thread, whose writes block once the VMM stops reading.
+    let mut writer = qmp.writer();
+    let flood = std::thread::spawn(move || {
+        let lines = br#"{"execute": "query-status"}"#.repeat(1000);
+        for _ in 0..100 {
+            if writer.write_all(&lines).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let at = last_count(&vm);
+    vm.expect_line(&format!("testguest: count {}", at + 2), TIMEOUT);
+    vm.signal(libc::SIGTERM);
+    let status = vm.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(143), "{}", vm.stderr.text());
+    drop(qmp);
+    flood.join().expect("the flood thread");
+}
+
 #[test]
 fn system_reset_reboots_with_the_same_disk_backend() {
     use vmm_tests::backend::Backend;

@@ -124,6 +124,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         threads = vm.start()?;
     };
     sink.emit("SHUTDOWN", Some(api::shutdown_data(reason)));
+    sink.flush(Duration::from_secs(1));
     vstate::vcpu::stop_all(&vm.stop, &vm.run, threads, STOP_TIMEOUT);
     terminal::restore();
     log::info!("VM stopped: {reason:?}");

@@ -1,14 +1,18 @@
 //! The QMP listener: a thread that accepts clients on the Unix socket
 //! and/or the TCP address, one client at a time, and runs each client's
 //! commands. Events go to the client that has negotiated capabilities.
+//! What a client is sent goes through a queue that a thread of its own
+//! writes out, so a client that stops reading holds up nothing else.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use thiserror::Error;
@@ -28,31 +32,162 @@ pub enum ApiError {
     Thread(#[source] std::io::Error),
 }
 
-/// Writes events (and replies) to the current client.
+/// Sends events to the current client.
 #[derive(Default)]
 pub struct EventSink {
-    client: Mutex<Option<Box<dyn Write + Send>>>,
+    client: Mutex<Option<Outbox>>,
 }
 
 impl EventSink {
-    /// Sends `event` to the connected, negotiated client, if any.
+    /// Sends `event` to the connected, negotiated client, if any. Never
+    /// waits on the client: a client too far behind is disconnected.
     pub fn emit(&self, name: &str, data: Option<Value>) {
         let message = protocol::event(name, data);
         log::debug!("QMP event {message}");
-        let mut client = lock(&self.client);
-        if let Some(writer) = client.as_mut() {
-            if send(writer.as_mut(), &message).is_err() {
-                *client = None;
+        let outbox = lock(&self.client).clone();
+        if let Some(outbox) = outbox {
+            if !outbox.post_event(&message) {
+                let mut client = lock(&self.client);
+                if client.as_ref().is_some_and(|c| c.same_client(&outbox)) {
+                    *client = None;
+                }
+            }
+        }
+    }
+
+    /// Waits up to `limit` for the client to be sent what was queued for
+    /// it (the last event before the VMM exits).
+    pub fn flush(&self, limit: Duration) {
+        let outbox = lock(&self.client).clone();
+        if let Some(outbox) = outbox {
+            let deadline = Instant::now() + limit;
+            while outbox.unsent.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
     }
 }
 
-fn send(writer: &mut (dyn Write + Send), value: &Value) -> std::io::Result<()> {
-    let mut line = value.to_string();
-    line.push_str("\r\n");
-    writer.write_all(line.as_bytes())?;
-    writer.flush()
+/// Messages queued for a client beyond what its socket buffers.
+const OUTBOX_LINES: usize = 256;
+
+/// A client's outgoing messages: a bounded queue that a writer thread
+/// empties into the socket, so that nothing that sends an event (the
+/// main thread, a device's connection watcher) waits on a client that
+/// stopped reading.
+#[derive(Clone)]
+struct Outbox {
+    queue: SyncSender<String>,
+    conn: Arc<Conn>,
+    /// Queued and not yet written (or given up).
+    unsent: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    fn start(conn: Conn) -> std::io::Result<Self> {
+        let conn = Arc::new(conn);
+        let (queue, lines) = sync_channel::<String>(OUTBOX_LINES);
+        let unsent = Arc::new(AtomicUsize::new(0));
+        let (out, count) = (conn.clone(), unsent.clone());
+        std::thread::Builder::new()
+            .name("qmp-out".into())
+            .spawn(move || write_lines(&out, &lines, &count))?;
+        Ok(Outbox {
+            queue,
+            conn,
+            unsent,
+        })
+    }
+
+    fn line(value: &Value) -> String {
+        let mut line = value.to_string();
+        line.push_str("\r\n");
+        line
+    }
+
+    /// Queues a reply, waiting while the queue is full: a client that
+    /// does not read its replies is not read from either. False once the
+    /// connection is gone.
+    fn post_reply(&self, value: &Value) -> bool {
+        self.unsent.fetch_add(1, Ordering::AcqRel);
+        let sent = self.queue.send(Self::line(value)).is_ok();
+        if !sent {
+            self.unsent.fetch_sub(1, Ordering::AcqRel);
+        }
+        sent
+    }
+
+    /// Queues an event without waiting; a client whose queue is full is
+    /// disconnected. False when the event was not queued.
+    fn post_event(&self, value: &Value) -> bool {
+        self.unsent.fetch_add(1, Ordering::AcqRel);
+        match self.queue.try_send(Self::line(value)) {
+            Ok(()) => true,
+            Err(full_or_gone) => {
+                self.unsent.fetch_sub(1, Ordering::AcqRel);
+                if matches!(full_or_gone, TrySendError::Full(_)) {
+                    log::warn!("the QMP client does not read what it is sent; disconnecting it");
+                    self.conn.shutdown();
+                }
+                false
+            }
+        }
+    }
+
+    fn same_client(&self, other: &Outbox) -> bool {
+        Arc::ptr_eq(&self.conn, &other.conn)
+    }
+}
+
+/// Writes queued lines until every sender is gone. After a failed write
+/// the connection is shut down (its reader sees the end too) and the rest
+/// is dropped.
+fn write_lines(conn: &Conn, lines: &Receiver<String>, unsent: &AtomicUsize) {
+    let mut failed = false;
+    for line in lines {
+        if !failed && conn.write_all(line.as_bytes()).is_err() {
+            failed = true;
+            conn.shutdown();
+        }
+        unsent.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A client connection.
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => (&*s).read(buf),
+            Conn::Tcp(s) => (&*s).read(buf),
+        }
+    }
+
+    fn write_all(&self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => (&*s).write_all(data),
+            Conn::Tcp(s) => (&*s).write_all(data),
+        }
+    }
+
+    /// Ends the connection both ways, for every clone of it.
+    fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
 }
 
 /// The listening sockets; the Unix socket file is removed on drop.
@@ -81,18 +216,14 @@ impl Listener {
         }
     }
 
-    /// Accepts one client: a reader and a writer on the same connection.
-    fn accept(&self) -> std::io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+    fn accept(&self) -> std::io::Result<Conn> {
         match self {
-            Listener::Unix(l) => {
-                let (stream, _) = l.accept()?;
-                Ok((Box::new(stream.try_clone()?), Box::new(stream)))
-            }
+            Listener::Unix(l) => Ok(Conn::Unix(l.accept()?.0)),
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept()?;
                 log::info!("QMP client from {peer}");
                 stream.set_nodelay(true)?;
-                Ok((Box::new(stream.try_clone()?), Box::new(stream)))
+                Ok(Conn::Tcp(stream))
             }
         }
     }
@@ -171,7 +302,7 @@ fn accept_loop(listeners: &[Listener], vm: &dyn VmControl, sink: &EventSink) {
                 continue;
             }
             match listener.accept() {
-                Ok((reader, writer)) => serve_client(reader, writer, vm, sink),
+                Ok(conn) => serve_client(conn, vm, sink),
                 Err(e) => log::warn!("QMP accept failed: {e}"),
             }
         }
@@ -179,19 +310,16 @@ fn accept_loop(listeners: &[Listener], vm: &dyn VmControl, sink: &EventSink) {
 }
 
 /// Runs one client until it disconnects or sends something unrecoverable.
-fn serve_client(
-    mut reader: Box<dyn Read + Send>,
-    writer: Box<dyn Write + Send>,
-    vm: &dyn VmControl,
-    sink: &EventSink,
-) {
-    let writer: Arc<Mutex<Box<dyn Write + Send>>> = Arc::new(Mutex::new(writer));
-    let reply = |value: Value| -> bool {
-        let mut w = lock(&writer);
-        send(w.as_mut(), &value).is_ok()
+fn serve_client(conn: Conn, vm: &dyn VmControl, sink: &EventSink) {
+    let outbox = match conn.try_clone().and_then(Outbox::start) {
+        Ok(outbox) => outbox,
+        Err(e) => {
+            log::warn!("cannot serve a QMP client: {e}");
+            return;
+        }
     };
     let (major, minor, micro) = version_triple();
-    if !reply(protocol::greeting(major, minor, micro)) {
+    if !outbox.post_reply(&protocol::greeting(major, minor, micro)) {
         return;
     }
     let mut session = Session::default();
@@ -199,7 +327,7 @@ fn serve_client(
     let mut buf = [0u8; 4096];
     let mut subscribed = false;
     'conn: loop {
-        let n = match reader.read(&mut buf) {
+        let n = match conn.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -217,7 +345,7 @@ fn serve_client(
                         if !subscribed && request.execute == "qmp_capabilities" {
                             // Events flow once capabilities are negotiated.
                             subscribed = true;
-                            *lock(&sink.client) = Some(Box::new(SharedWriter(writer.clone())));
+                            *lock(&sink.client) = Some(outbox.clone());
                         }
                         if after == After::Quit {
                             log::info!("QMP quit");
@@ -231,33 +359,23 @@ fn serve_client(
                     None,
                 ),
                 Piece::TooLong => {
-                    let _ = reply(protocol::error(
+                    outbox.post_reply(&protocol::error(
                         &QmpError::generic("JSON parse error, message too long"),
                         None,
                     ));
                     break 'conn;
                 }
             };
-            if !reply(message) {
+            if !outbox.post_reply(&message) {
                 break 'conn;
             }
         }
     }
-    *lock(&sink.client) = None;
+    let mut client = lock(&sink.client);
+    if client.as_ref().is_some_and(|c| c.same_client(&outbox)) {
+        *client = None;
+    }
     log::info!("QMP client disconnected");
-}
-
-/// The client's writer, shared by replies and events.
-struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
-
-impl Write for SharedWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        lock(&self.0).write(data)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        lock(&self.0).flush()
-    }
 }
 
 fn version_triple() -> (u64, u64, u64) {
