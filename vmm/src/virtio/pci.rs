@@ -322,7 +322,16 @@ impl VirtioPciDevice {
             return;
         }
         let old = self.status;
-        let mut status = status;
+        // Only a reset clears status bits (VIRTIO 1.2, 2.1.2): a driver
+        // that clears DRIVER_OK any other way has not stopped the device.
+        if status & old != old {
+            log::warn!(
+                "{}: the driver cleared status bits {:#x} without a reset; they stay",
+                self.device.name(),
+                old & !status
+            );
+        }
+        let mut status = status | old;
         if status & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
             let unknown = self.driver_features & !self.device_features;
             if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
@@ -334,10 +343,20 @@ impl VirtioPciDevice {
                 status &= !STATUS_FEATURES_OK;
             }
         }
-        self.status = status;
         if status & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 {
+            if status & STATUS_FEATURES_OK == 0 {
+                log::warn!(
+                    "{}: DRIVER_OK without accepted features; the device needs a reset",
+                    self.device.name()
+                );
+                self.status = (status & !STATUS_DRIVER_OK) | STATUS_NEEDS_RESET;
+                return;
+            }
+            self.status = status;
             self.activate();
+            return;
         }
+        self.status = status;
     }
 
     fn activate(&mut self) {
@@ -550,14 +569,13 @@ mod tests {
 
     /// Drives the transport the way a guest driver does, against a mock
     /// device: needs /dev/kvm for the ioeventfds and MSI routes.
-    #[test]
-    fn driver_sequence_activates_and_resets_the_device() {
+    fn mock_transport() -> (VirtioPciDevice, Arc<Mutex<Record>>) {
         let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
         let ram = create_guest_ram(16 << 20).unwrap();
         let vm = Arc::new(crate::vstate::vm::create_vm(&kvm, &ram.memory).unwrap());
         let router = Arc::new(GsiRouter::new(vm.clone()));
         let record = Arc::new(Mutex::new(Record::default()));
-        let mut dev = VirtioPciDevice::new(
+        let dev = VirtioPciDevice::new(
             Box::new(MockDevice(record.clone())),
             ram.memory.clone(),
             &vm,
@@ -565,6 +583,12 @@ mod tests {
             0xc000_0000,
         )
         .unwrap();
+        (dev, record)
+    }
+
+    #[test]
+    fn driver_sequence_activates_and_resets_the_device() {
+        let (mut dev, record) = mock_transport();
 
         // Identity and capabilities.
         assert_eq!(dev.config_read(0), 0x1042_1af4);
@@ -630,5 +654,29 @@ mod tests {
         assert_eq!(read(&mut dev, 0x14, 1), 0);
         write(&mut dev, 0x16, 1, 2);
         assert_eq!(read(&mut dev, 0x1c, 2), 0, "reset disables the queues");
+    }
+
+    /// Status bits clear only on reset, so a driver that drops DRIVER_OK
+    /// and then resets still stops the device; DRIVER_OK with refused
+    /// features starts nothing.
+    #[test]
+    fn status_bits_clear_only_on_reset_and_driver_ok_needs_features() {
+        let (mut dev, record) = mock_transport();
+        write(&mut dev, 0x14, 1 | 2, 1);
+        write(&mut dev, 0x08, 1, 4);
+        write(&mut dev, 0x0c, 1, 4);
+        write(&mut dev, 0x14, 1 | 2 | 8 | 4, 1);
+        assert_eq!(record.lock().unwrap().activated.len(), 1);
+        write(&mut dev, 0x14, 1, 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 1 | 2 | 8 | 4);
+        write(&mut dev, 0x14, 0, 1);
+        assert_eq!(record.lock().unwrap().resets, 1);
+
+        // Without VERSION_1 the features are refused, in the same write
+        // as DRIVER_OK.
+        write(&mut dev, 0x14, 1 | 2, 1);
+        write(&mut dev, 0x14, 1 | 2 | 8 | 4, 1);
+        assert_eq!(record.lock().unwrap().activated.len(), 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 1 | 2 | STATUS_NEEDS_RESET as u64);
     }
 }
