@@ -6,7 +6,9 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
 
-/// The reasons a VM stops. The first one reported wins.
+/// The reasons a VM stops. The first one reported wins, except that the
+/// user's stop (a signal, Ctrl-A x, `quit`) overrides a reset that is
+/// still pending: a VM told to stop during a reboot stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmExit {
     /// The guest powered off through ACPI (S5) or its documented port.
@@ -28,6 +30,17 @@ pub enum VmExit {
 }
 
 impl VmExit {
+    fn is_reset(self) -> bool {
+        matches!(self, VmExit::Reset | VmExit::ResetRequested)
+    }
+
+    fn is_user_stop(self) -> bool {
+        matches!(
+            self,
+            VmExit::Interrupted | VmExit::Terminated | VmExit::Quit
+        )
+    }
+
     /// The process exit status. Documented in README.md.
     pub fn exit_code(self) -> u8 {
         match self {
@@ -62,7 +75,11 @@ impl ExitNotifier {
 
     pub fn notify(&self, reason: VmExit) {
         let mut slot = crate::bus::lock(&self.reason);
-        if slot.is_none() {
+        let first = match *slot {
+            None => true,
+            Some(pending) => pending.is_reset() && reason.is_user_stop(),
+        };
+        if first {
             log::info!("VM stopping: {reason:?}");
             *slot = Some(reason);
             self.stopping.store(true, Ordering::Release);
@@ -81,10 +98,14 @@ impl ExitNotifier {
         *crate::bus::lock(&self.reason)
     }
 
-    /// Forgets the reason after an in-place reboot, so that the next stop
-    /// is reported again.
+    /// Forgets the reset after an in-place reboot, so that the next stop
+    /// is reported again. A stop that came during the reboot stays: the
+    /// restarted vCPUs see it at once and the main thread ends the VM.
     pub fn rearm(&self) {
         let mut slot = crate::bus::lock(&self.reason);
+        if slot.is_some_and(|reason| !reason.is_reset()) {
+            return;
+        }
         *slot = None;
         self.stopping.store(false, Ordering::Release);
         let _ = self.event.read();
@@ -106,6 +127,25 @@ mod tests {
         notifier.notify(VmExit::KvmError);
         assert_eq!(notifier.reason(), Some(VmExit::PowerOff));
         assert_eq!(notifier.event().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_stop_during_a_reboot_survives_the_rearm() {
+        let notifier = ExitNotifier::new().unwrap();
+        notifier.notify(VmExit::ResetRequested);
+        notifier.notify(VmExit::TripleFault);
+        assert_eq!(notifier.reason(), Some(VmExit::ResetRequested));
+        notifier.notify(VmExit::Quit);
+        assert_eq!(notifier.reason(), Some(VmExit::Quit));
+        notifier.rearm();
+        assert_eq!(notifier.reason(), Some(VmExit::Quit));
+        assert!(notifier.is_stopping());
+
+        let notifier = ExitNotifier::new().unwrap();
+        notifier.notify(VmExit::Reset);
+        notifier.rearm();
+        assert_eq!(notifier.reason(), None);
+        assert!(!notifier.is_stopping());
     }
 
     #[test]
