@@ -35,6 +35,13 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// populate).
 pub const MEM_TABLE_PER_GIB: Duration = Duration::from_secs(1);
 
+/// The longest a backend may take over one message: SET_MEM_TABLE for
+/// `memory_bytes` of guest memory.
+pub fn longest_reply(memory_bytes: u64) -> Duration {
+    let gib = u32::try_from(memory_bytes >> 30).unwrap_or(u32::MAX);
+    REPLY_TIMEOUT + MEM_TABLE_PER_GIB * gib
+}
+
 struct Armed {
     id: u64,
     fd: RawFd,

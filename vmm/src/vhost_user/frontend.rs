@@ -15,7 +15,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::deadline::{self, exchange, ExchangeError, MEM_TABLE_PER_GIB, REPLY_TIMEOUT};
+use super::deadline::{self, exchange, ExchangeError, REPLY_TIMEOUT};
 use crate::virtio::device::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemory;
 
@@ -552,8 +552,7 @@ impl VhostUserDevice {
                 mmap_handle: file.file().as_raw_fd(),
             });
         }
-        let gib = mem.iter().map(|r| r.len()).sum::<u64>() >> 30;
-        let table_limit = limit + MEM_TABLE_PER_GIB * u32::try_from(gib).unwrap_or(u32::MAX);
+        let table_limit = deadline::longest_reply(mem.iter().map(|r| r.len()).sum());
         exchange(&mut fe, &name, "SET_MEM_TABLE", table_limit, |f| {
             f.set_mem_table(&regions)
         })
@@ -631,10 +630,13 @@ impl VhostUserDevice {
                 needed & !features
             ));
         }
-        watch_hangup(frontend.as_raw_fd(), self.status.clone());
+        let fd = frontend.as_raw_fd();
         *crate::bus::lock(&self.frontend) = frontend;
+        // Cleared before the watcher starts: a connection that is already
+        // gone must leave the device marked broken and hung up.
         self.broken.store(false, Ordering::Release);
         self.status.hung_up.store(false, Ordering::Release);
+        watch_hangup(fd, self.status.clone());
         if let Some(activation) = self.activation.take() {
             let result = self.hand_rings(&activation, true);
             self.activation = Some(activation);
