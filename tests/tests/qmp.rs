@@ -244,6 +244,29 @@ fn a_remote_api_address_needs_an_explicit_flag() {
     );
 }
 
+#[test]
+fn an_api_address_in_use_stops_the_vmm_before_the_guest_runs() {
+    require_kvm();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("address");
+    let out = VmBuilder::new(test_guest())
+        .cmdline("count")
+        .arg("--api-tcp")
+        .arg(addr.to_string())
+        .command()
+        .output()
+        .expect("run vmm");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("--api-tcp {addr}: cannot listen")),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("testguest"), "the guest ran:\n{stdout}");
+}
+
 /// A client that floods commands and never reads a reply holds up
 /// nothing: the guest keeps running, and SIGTERM still ends the VMM at
 /// once (the SHUTDOWN event cannot wait on that client).
@@ -347,6 +370,9 @@ fn system_reset_reboots_with_the_same_disk_backend() {
         backend.child.try_wait().expect("try_wait").is_none(),
         "the backend is still the same process"
     );
+    // The one vCPU, on the thread the reboot started, not its predecessor.
+    let cpus = qmp.request(r#"{"execute": "query-cpus-fast"}"#);
+    assert_eq!(cpus.matches(r#""cpu-index""#).count(), 1, "{cpus}");
     vm.expect_line("testguest: count 2", TIMEOUT);
     qmp.request(r#"{"execute": "system_powerdown"}"#);
     let shutdown = qmp.wait_event("SHUTDOWN");

@@ -47,11 +47,14 @@ impl RunControl {
         lock(&self.state).threads = threads;
     }
 
-    /// Called by each vCPU thread as it starts.
+    /// Called by each vCPU thread as it starts; replaces the thread id an
+    /// earlier start (before a reboot) recorded for the same vCPU.
     pub fn register_tid(&self, index: u8) {
         // SAFETY: gettid(2) has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        lock(&self.state).tids.push((index, i64::from(tid)));
+        let tid = i64::from(unsafe { libc::gettid() });
+        let mut state = lock(&self.state);
+        state.tids.retain(|&(i, _)| i != index);
+        state.tids.push((index, tid));
     }
 
     /// The vCPUs' kernel thread ids, by index.
