@@ -458,6 +458,10 @@ fn dump_acpi(dir: &Path, tables: &[acpi::AcpiTable]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long the vCPUs a failed start did start get to stop: they have not
+/// reached a device yet.
+const STOP_AFTER_FAILED_START: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl BuiltVm {
     /// Starts one thread per vCPU.
     pub fn start(&mut self) -> Result<Vec<std::thread::JoinHandle<Vcpu>>, BuildError> {
@@ -468,10 +472,23 @@ impl BuiltVm {
             exit: self.exit.clone(),
             stop: self.stop.clone(),
             run: self.run.clone(),
+            _memory: self.ram.memory.clone(),
         };
         let mut threads = Vec::new();
-        for vcpu in self.vcpus.drain(..) {
-            threads.push(vcpu.start(ctx.clone())?);
+        let vcpus: Vec<Vcpu> = self.vcpus.drain(..).collect();
+        for vcpu in vcpus {
+            match vcpu.start(ctx.clone()) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    // Nothing runs a guest that lacks a vCPU.
+                    if let Err(stop) =
+                        vcpu::stop_all(&self.stop, &self.run, threads, STOP_AFTER_FAILED_START)
+                    {
+                        log::error!("{stop}");
+                    }
+                    return Err(e.into());
+                }
+            }
         }
         self.run.set_threads(
             threads

@@ -70,8 +70,10 @@ fn host_memory_bytes() -> u64 {
     (info.totalram as u64 + info.totalswap as u64) * u64::from(info.mem_unit)
 }
 
-/// How long vCPU threads get to leave the guest when the VM stops.
-const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long vCPU threads get to leave the guest when the VM stops, on top
+/// of the longest a vCPU may wait on a vhost-user backend (a device it
+/// starts or resets in the middle of an exit).
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
     let kvm = vstate::vm::open_kvm()?;
@@ -90,7 +92,6 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         }
         devices::serial::spawn_stdin_forwarder(vm.serial.clone(), vm.exit.clone(), tty)?;
     }
-    let mut threads = vm.start()?;
     let sink = std::sync::Arc::new(api::server::EventSink::default());
     let control = std::sync::Arc::new(api::VmApi {
         run: vm.run.clone(),
@@ -107,6 +108,8 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         control,
         sink.clone(),
     )?;
+    let stop_timeout = STOP_GRACE + vhost_user::deadline::longest_reply(config.memory_bytes);
+    let mut threads = vm.start()?;
     let reason = loop {
         let reason = signals.wait_for_exit(&vm.exit)?;
         let guest = match reason {
@@ -117,15 +120,20 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         if config.no_reboot {
             break reason;
         }
-        // Reboot in place: the same process, memory and backends.
-        let vcpus = vstate::vcpu::stop_all(&vm.stop, &vm.run, threads, STOP_TIMEOUT);
+        // Reboot in place: the same process, memory and backends; never
+        // with a vCPU missing or one still running the old guest.
+        let vcpus = vstate::vcpu::stop_all(&vm.stop, &vm.run, threads, stop_timeout)
+            .map_err(|e| format!("cannot reboot: {e}"))?;
         vm.reboot(vcpus)?;
         sink.emit("RESET", Some(api::reset_data(guest)));
         threads = vm.start()?;
     };
     sink.emit("SHUTDOWN", Some(api::shutdown_data(reason)));
     sink.flush(Duration::from_secs(1));
-    vstate::vcpu::stop_all(&vm.stop, &vm.run, threads, STOP_TIMEOUT);
+    if let Err(e) = vstate::vcpu::stop_all(&vm.stop, &vm.run, threads, stop_timeout) {
+        // The process ends anyway, and that ends the threads.
+        log::error!("{e}");
+    }
     terminal::restore();
     log::info!("VM stopped: {reason:?}");
     print_device_exits(&vm.devices);

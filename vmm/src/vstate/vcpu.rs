@@ -59,6 +59,9 @@ pub struct VcpuContext {
     pub exit: Arc<ExitNotifier>,
     pub stop: Arc<AtomicBool>,
     pub run: Arc<RunControl>,
+    /// Keeps guest RAM mapped while the thread may still run the guest,
+    /// even if the VM is dropped first (a thread that did not stop).
+    pub _memory: GuestMemory,
 }
 
 pub struct Vcpu {
@@ -234,36 +237,64 @@ impl Vcpu {
     }
 }
 
+#[derive(Debug, Error)]
+pub enum StopError {
+    #[error(
+        "{stuck} of {total} vCPU threads did not stop within {timeout:?} \
+         (one may be waiting on a vhost-user backend)"
+    )]
+    Timeout {
+        stuck: usize,
+        total: usize,
+        timeout: Duration,
+    },
+    #[error("{0} vCPU threads panicked")]
+    Panicked(usize),
+}
+
 /// Stops every vCPU thread: sets the flag, releases paused ones, then kicks
-/// until each has left KVM_RUN (a kick can land just before KVM_RUN starts,
-/// so it is repeated).
-/// Returns the vCPUs of the threads that ended (all of them, unless one
-/// hung or panicked).
+/// each thread still running until it has left KVM_RUN (a kick can land
+/// just before KVM_RUN starts, so it is repeated).
+/// Returns every vCPU, or an error if a thread did not end within
+/// `timeout` (it keeps running, and keeps guest RAM mapped) or panicked.
 pub fn stop_all(
     stop: &AtomicBool,
     run: &RunControl,
     threads: Vec<JoinHandle<Vcpu>>,
     timeout: Duration,
-) -> Vec<Vcpu> {
+) -> Result<Vec<Vcpu>, StopError> {
     stop.store(true, Ordering::Release);
     run.finish();
-    let mut vcpus = Vec::with_capacity(threads.len());
     let deadline = Instant::now() + timeout;
-    for thread in threads {
-        while !thread.is_finished() {
-            if Instant::now() > deadline {
-                log::warn!("a vCPU thread did not stop in {timeout:?}");
-                return vcpus;
-            }
-            // SAFETY: the handle refers to a live thread that was not joined,
-            // and the kick signal has a handler installed.
-            unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
-            std::thread::sleep(Duration::from_millis(2));
+    loop {
+        let running: Vec<&JoinHandle<Vcpu>> = threads.iter().filter(|t| !t.is_finished()).collect();
+        if running.is_empty() {
+            break;
         }
+        if Instant::now() > deadline {
+            return Err(StopError::Timeout {
+                stuck: running.len(),
+                total: threads.len(),
+                timeout,
+            });
+        }
+        for thread in running {
+            // SAFETY: the handle refers to a live thread that was not
+            // joined, and the kick signal has a handler installed.
+            unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut vcpus = Vec::with_capacity(threads.len());
+    let mut panicked = 0;
+    for thread in threads {
         match thread.join() {
             Ok(vcpu) => vcpus.push(vcpu),
-            Err(_) => log::error!("a vCPU thread panicked"),
+            Err(_) => panicked += 1,
         }
     }
-    vcpus
+    if panicked > 0 {
+        return Err(StopError::Panicked(panicked));
+    }
+    Ok(vcpus)
 }

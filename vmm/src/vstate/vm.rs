@@ -78,8 +78,9 @@ pub fn create_vm(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, VmError> {
             userspace_addr: region.as_ptr() as u64,
             flags: 0,
         };
-        // SAFETY: the region is a live mapping owned by `memory`, which the
-        // caller keeps alive for as long as the VM exists.
+        // SAFETY: the region is a live mapping owned by `memory`; the
+        // caller keeps it mapped while the VM can run: the built VM holds
+        // it, and so does every vCPU thread (`VcpuContext::_memory`).
         unsafe { vm.set_user_memory_region(mem_region) }
             .map_err(|e| VmError::Kvm("register guest memory with KVM", e))?;
     }
