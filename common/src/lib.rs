@@ -5,4 +5,5 @@
 pub mod error_chain;
 pub mod logging;
 pub mod ring_watch;
+pub mod socket_path;
 pub mod stop;

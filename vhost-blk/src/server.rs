@@ -12,9 +12,14 @@ use crate::backend::{BlkBackend, Device};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
-    #[error("cannot set up the vhost-user daemon")]
+    #[error("cannot set up the vhost-user daemon: {0}")]
     Daemon(String),
-    #[error("--socket {0:?}: cannot serve")]
+    #[error("--socket {0:?}: cannot listen")]
+    Claim(
+        std::path::PathBuf,
+        #[source] vmm_common::socket_path::Unusable,
+    ),
+    #[error("--socket {0:?}: cannot serve: {1}")]
     Serve(std::path::PathBuf, String),
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
@@ -34,7 +39,9 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
         }
     })
     .map_err(ServeError::Signals)?;
-    let mut listener = Listener::new(socket, true)
+    vmm_common::socket_path::claim(socket)
+        .map_err(|e| ServeError::Claim(socket.to_path_buf(), e))?;
+    let mut listener = Listener::new(socket, false)
         .map_err(|e| ServeError::Serve(socket.to_path_buf(), e.to_string()))?;
     loop {
         let backend = BlkBackend::new(device.clone());

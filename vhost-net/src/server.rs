@@ -1,7 +1,6 @@
 //! Serves one frontend after another on the socket until SIGTERM/SIGINT.
 
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,9 +14,14 @@ use crate::relay::Relay;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
-    #[error("cannot set up the vhost-user daemon")]
+    #[error("cannot set up the vhost-user daemon: {0}")]
     Daemon(String),
-    #[error("--socket {0:?}: cannot serve")]
+    #[error("--socket {0:?}: cannot listen")]
+    Claim(
+        std::path::PathBuf,
+        #[source] vmm_common::socket_path::Unusable,
+    ),
+    #[error("--socket {0:?}: cannot serve: {1}")]
     Serve(std::path::PathBuf, String),
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
@@ -26,21 +30,39 @@ pub enum ServeError {
 /// Serves frontends one after another on one listening socket, so a new
 /// frontend can connect (and wait in the backlog) while the last one is
 /// being cleaned up. Each frontend talks to the vhost crate's handler
-/// through a `Relay` (see there for why), over a private abstract socket.
+/// through a `Relay` (see there for why), over an inner socket in a
+/// directory only this user may enter (mode 0700): no other local user
+/// can connect to it in the relay's place. The socket and the directory
+/// go when the backend stops or fails.
 pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     let device = Arc::new(device);
-    // A tap this process created goes away with its last queue.
-    vmm_common::stop::exit_on_stop_signals(socket.to_path_buf(), || {})
-        .map_err(ServeError::Signals)?;
     let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
-    if socket.exists() {
-        std::fs::remove_file(socket).map_err(serve_err)?;
-    }
+    let private = tempfile::Builder::new()
+        .prefix("vhost-net-")
+        .tempdir()
+        .map_err(serve_err)?;
+    let private_path = private.path().to_path_buf();
+    // A tap this process created goes away with its last queue.
+    vmm_common::stop::exit_on_stop_signals(socket.to_path_buf(), move || {
+        let _ = std::fs::remove_dir_all(&private_path);
+    })
+    .map_err(ServeError::Signals)?;
+    vmm_common::socket_path::claim(socket)
+        .map_err(|e| ServeError::Claim(socket.to_path_buf(), e))?;
     let public = UnixListener::bind(socket).map_err(serve_err)?;
-    let inner_addr =
-        SocketAddr::from_abstract_name(format!("vhost-net-relay-{}", std::process::id()))
-            .map_err(serve_err)?;
-    let mut listener = Listener::from(UnixListener::bind_addr(&inner_addr).map_err(serve_err)?);
+    let result = serve_frontends(socket, &public, &private.path().join("relay.sock"), &device);
+    let _ = std::fs::remove_file(socket);
+    result
+}
+
+fn serve_frontends(
+    socket: &Path,
+    public: &UnixListener,
+    inner_path: &Path,
+    device: &Arc<Device>,
+) -> Result<(), ServeError> {
+    let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
+    let mut listener = Listener::from(UnixListener::bind(inner_path).map_err(serve_err)?);
     loop {
         let backend = NetBackend::new(device.clone());
         let mut daemon = VhostUserDaemon::new(
@@ -55,7 +77,7 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
             Ok((stream, _)) => stream,
             Err(e) => return Err(serve_err(e)),
         };
-        let inner = UnixStream::connect_addr(&inner_addr).map_err(serve_err)?;
+        let inner = UnixStream::connect(inner_path).map_err(serve_err)?;
         let relay = Relay::start(frontend, inner).map_err(serve_err)?;
         if let Err(e) = daemon.start(&mut listener) {
             // Accepting failed: the socket itself is broken.

@@ -1,0 +1,128 @@
+//! Taking a path for a listening Unix socket: a socket file left by a
+//! process that died is removed, but a file that is not a socket, and a
+//! socket something still listens on, are never touched.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+/// Why a path cannot be listened on.
+#[derive(Debug)]
+pub enum Unusable {
+    /// Something other than a socket is there (an image, a directory).
+    NotASocket,
+    /// A process listens on the socket.
+    InUse,
+    Io(io::Error),
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unusable::NotASocket => write!(f, "the path exists and is not a socket"),
+            Unusable::InUse => write!(f, "another process listens on it"),
+            Unusable::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for Unusable {}
+
+/// Makes `path` free for `bind`: nothing there, or a stale socket (no one
+/// listens on it), which is removed.
+pub fn claim(path: &Path) -> Result<(), Unusable> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Unusable::Io(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Unusable::NotASocket);
+    }
+    match probe(path) {
+        Ok(()) => Err(Unusable::InUse),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            std::fs::remove_file(path).map_err(Unusable::Io)
+        }
+        // Removed meanwhile.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        // A full listen queue: a live listener that is busy.
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Err(Unusable::InUse),
+        Err(e) => Err(Unusable::Io(e)),
+    }
+}
+
+/// Connects to the socket at `path` without waiting for room in its
+/// listen queue (std's connect would block on a full one).
+fn probe(path: &Path) -> io::Result<()> {
+    // SAFETY: an all-zero sockaddr_un is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (slot, byte) in addr.sun_path.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; no pointers.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is a valid sockaddr_un of the size passed, and the
+    // socket is open for the duration of the call.
+    let rc = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    #[test]
+    fn only_stale_sockets_are_removed() {
+        let dir = std::env::temp_dir().join(format!("socket-path-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+
+        let stale = dir.join("stale.sock");
+        drop(UnixListener::bind(&stale).expect("bind"));
+        assert!(claim(&stale).is_ok());
+        assert!(!stale.exists());
+
+        let live = dir.join("live.sock");
+        let _listener = UnixListener::bind(&live).expect("bind");
+        assert!(matches!(claim(&live), Err(Unusable::InUse)));
+        assert!(live.exists());
+
+        let image = dir.join("disk.img");
+        std::fs::write(&image, b"data").expect("write");
+        assert!(matches!(claim(&image), Err(Unusable::NotASocket)));
+        assert_eq!(std::fs::read(&image).expect("read"), b"data");
+
+        assert!(claim(&dir.join("absent.sock")).is_ok());
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+}
