@@ -564,6 +564,59 @@ fn a_second_writable_backend_on_the_same_image_is_refused() {
     assert!(buf.iter().all(|&b| b == 5));
 }
 
+/// `--socket` never deletes what it names: a file that is not a socket (the
+/// image itself, say) and a socket another backend listens on are refused,
+/// untouched; only a socket no one listens on any more is taken over.
+#[test]
+fn the_socket_path_is_taken_only_from_a_dead_backend() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let before = std::fs::read(&img).expect("read the image");
+    let run = |socket: &Path| {
+        Command::new(vhost_blk_bin())
+            .arg("--socket")
+            .arg(socket)
+            .arg("--image")
+            .arg(&img)
+            .arg("--readonly")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vhost-blk")
+    };
+    let out = run(&img);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&img).expect("read the image"), before);
+
+    let live = dir.path().join("live.sock");
+    let _first = Backend::vhost_blk(&live, &img, &["--readonly"]);
+    let out = run(&live);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another process listens on it"), "{stderr}");
+    let mut client = connect(&live, 1);
+    let mut buf = [0u8; 512];
+    assert_eq!(client.read(0, 5, &mut buf).expect("read"), S_OK);
+
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    let mut second = Command::new(vhost_blk_bin())
+        .arg("--socket")
+        .arg(&stale)
+        .arg("--image")
+        .arg(&img)
+        .arg("--readonly")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start vhost-blk");
+    let mut client = connect(&stale, 1);
+    assert_eq!(client.read(0, 5, &mut buf).expect("read"), S_OK);
+    second.kill().expect("kill");
+    second.wait().expect("wait");
+}
+
 /// On a backend started with `args` and two queues, each queue writes then
 /// reads back 200 blocks of `len` bytes (queue q: blocks q, q + 2, ...)
 /// with up to 16 requests in flight; checks the data, and the image after.
@@ -659,6 +712,17 @@ fn direct_transfers_in_flight_complete_out_of_order_with_the_right_data() {
     let target = vmm_tests::repo_root().join("target");
     let dir = tempfile::tempdir_in(&target).expect("tempdir in target/");
     pipelined_writes_then_reads(dir.path(), &["--direct"], 4096);
+}
+
+#[test]
+fn direct_sector_writes_from_two_queues_into_one_block_all_land() {
+    // 512-byte writes with --direct are read-modify-writes of whole 4 KiB
+    // blocks; queue 0 writes the even sectors and queue 1 the odd ones, so
+    // both keep rewriting the same blocks at once, and none may undo the
+    // other's sector.
+    let target = vmm_tests::repo_root().join("target");
+    let dir = tempfile::tempdir_in(&target).expect("tempdir in target/");
+    pipelined_writes_then_reads(dir.path(), &["--direct"], 512);
 }
 
 fn short_load(socket: &Path, queues: usize, write: bool) -> Report {
