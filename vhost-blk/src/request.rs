@@ -155,7 +155,16 @@ pub fn parse(
     else {
         return Parsed::Done(0);
     };
-    let (status, written) = if too_many || descs.len() < 2 {
+    // The header alone in the first descriptor and the status byte alone
+    // in the last, as every driver lays them out. Another layout (data
+    // sharing a descriptor with either) fails rather than completing
+    // without moving the data it holds.
+    let one_piece_each =
+        descs.first().is_some_and(|h| h.len() == HEADER_LEN) && status_desc.len() == 1;
+    let (status, written) = if too_many || descs.len() < 2 || !one_piece_each {
+        if !one_piece_each {
+            log::debug!("request whose header or status shares a descriptor failed");
+        }
         (VIRTIO_BLK_S_IOERR as u8, 0)
     } else {
         let data = &descs[1..descs.len() - 1];
@@ -187,7 +196,7 @@ fn async_transfer(
     data: &[Descriptor],
 ) -> Option<PendingIo> {
     let align = target.disk.async_alignment()?;
-    if header.is_write_only() || header.len() < HEADER_LEN || data.is_empty() {
+    if header.is_write_only() || data.is_empty() {
         return None;
     }
     let kind: u32 = mem.read_obj(header.addr()).ok()?;
@@ -249,7 +258,7 @@ fn run(
     header: &Descriptor,
     data: &[Descriptor],
 ) -> Result<u32, Failure> {
-    if header.is_write_only() || header.len() < HEADER_LEN {
+    if header.is_write_only() {
         return Err(Failure::IoErr);
     }
     let kind: u32 = mem.read_obj(header.addr()).map_err(|_| Failure::IoErr)?;

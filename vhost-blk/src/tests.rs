@@ -236,6 +236,24 @@ fn malformed_requests_get_a_status_not_a_panic() {
             .1,
         IOERR
     );
+    // Data sharing a descriptor with the header or with the status byte
+    // fails, rather than completing with the data never moved.
+    rig.header(VIRTIO_BLK_T_OUT, 2);
+    rig.mem
+        .write_slice(&[0xcd; 512], GuestAddress(HEADER + 16))
+        .unwrap();
+    assert_eq!(
+        rig.run(false, &[(HEADER, 16 + 512, 0), (STATUS, 1, W)]),
+        (1, IOERR)
+    );
+    assert!(rig.disk.bytes.lock().unwrap()[2 * 512..3 * 512]
+        .iter()
+        .all(|&b| b == 2));
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(
+        rig.run(false, &[(HEADER, 16, 0), (STATUS - 512, 513, W)]),
+        (1, IOERR)
+    );
     // A data buffer outside guest memory.
     assert_eq!(
         rig.run(
