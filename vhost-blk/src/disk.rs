@@ -2,7 +2,8 @@
 //!
 //! `RawFile` serves a raw image with positioned reads and writes straight
 //! into guest memory (no copy), O_DIRECT on request (with an aligned bounce
-//! buffer for unaligned guest buffers), and an advisory lock so two
+//! buffer for unaligned guest buffers, one read-modify-write at a time),
+//! and an advisory lock so two
 //! writable backends cannot open the same image. `MemDisk` is for tests.
 
 use std::fs::{File, OpenOptions};
@@ -10,7 +11,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-#[cfg(test)]
 use std::sync::Mutex;
 
 use thiserror::Error;
@@ -62,6 +62,10 @@ pub struct RawFile {
     file: File,
     size: u64,
     direct: bool,
+    /// Held over each read-modify-write of whole blocks: two queues
+    /// writing different sectors of one block must not each write back
+    /// the block as it was before the other's write.
+    read_modify_write: Mutex<()>,
 }
 
 impl RawFile {
@@ -95,7 +99,12 @@ impl RawFile {
         if size % 512 != 0 {
             return Err(DiskError::Size(path.to_path_buf(), size));
         }
-        Ok(RawFile { file, size, direct })
+        Ok(RawFile {
+            file,
+            size,
+            direct,
+            read_modify_write: Mutex::new(()),
+        })
     }
 
     fn aligned(&self, offset: u64, buf: &GuestBuf<'_>) -> bool {
@@ -230,6 +239,10 @@ impl Disk for RawFile {
             };
         }
         // Read-modify-write through an aligned buffer.
+        let _only_one = self
+            .read_modify_write
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let head = (offset % DIRECT_ALIGN as u64) as usize;
         let mut bounce = Bounce::new(head + buf.len())?;
         let len = bounce.layout.size();
