@@ -20,7 +20,10 @@
 //! a ring outside it) fails here, by name, rather than silently later.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -61,6 +64,8 @@ pub enum ConnectionError {
     Memory(#[source] std::io::Error),
     #[error("cannot create a queue's eventfds")]
     EventFd(#[source] std::io::Error),
+    #[error("the backend accepted the connection and did not answer within {0:?}")]
+    NoAnswer(Duration),
     #[error("cannot duplicate the socket")]
     Dup(#[source] std::io::Error),
     #[error("{0} bytes of guest memory are not enough")]
@@ -85,6 +90,41 @@ impl ConnectionError {
             ),
             _ => false,
         }
+    }
+}
+
+/// Shuts a connection down if it is still armed after `limit`.
+struct Watch {
+    cancel: mpsc::Sender<()>,
+    fired: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Watch {
+    fn arm(stream: UnixStream, limit: Duration) -> std::io::Result<Self> {
+        let (cancel, cancelled) = mpsc::channel::<()>();
+        let fired = Arc::new(AtomicBool::new(false));
+        let flag = fired.clone();
+        let thread = std::thread::Builder::new()
+            .name("handshake-watch".into())
+            .spawn(move || {
+                if let Err(mpsc::RecvTimeoutError::Timeout) = cancelled.recv_timeout(limit) {
+                    flag.store(true, Ordering::Release);
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                }
+            })?;
+        Ok(Watch {
+            cancel,
+            fired,
+            thread,
+        })
+    }
+
+    /// Stops watching; true if the connection was shut down meanwhile.
+    fn disarm(self) -> bool {
+        drop(self.cancel);
+        let _ = self.thread.join();
+        self.fired.load(Ordering::Acquire)
     }
 }
 
@@ -128,8 +168,32 @@ impl Connection {
         if size == 0 || !size.is_power_of_two() {
             return Err(ConnectionError::QueueSize(size));
         }
-        let mut frontend = Frontend::connect(socket, options.num_queues as u64)
-            .map_err(|e| ConnectionError::Connect(socket.to_path_buf(), e))?;
+        let connect_err = |e: std::io::Error| {
+            ConnectionError::Connect(
+                socket.to_path_buf(),
+                vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e)),
+            )
+        };
+        let stream = UnixStream::connect(socket).map_err(connect_err)?;
+        // A backend that accepts and never answers is an error, not a hang
+        // (the vhost crate retries a receive timeout, so the socket is shut
+        // down instead).
+        let watch = Watch::arm(stream.try_clone().map_err(connect_err)?, REQUEST_TIMEOUT)
+            .map_err(connect_err)?;
+        let frontend = Frontend::from_stream(stream, options.num_queues as u64);
+        let connection = Self::negotiate(socket, frontend, options);
+        if watch.disarm() {
+            return Err(ConnectionError::NoAnswer(REQUEST_TIMEOUT));
+        }
+        connection
+    }
+
+    fn negotiate(
+        socket: &Path,
+        mut frontend: Frontend,
+        options: Options,
+    ) -> Result<Self, ConnectionError> {
+        let size = options.queue_size;
         req("SET_OWNER", frontend.set_owner())?;
         let offered = req("GET_FEATURES", frontend.get_features())?;
         if offered & (1 << VIRTIO_F_VERSION_1) == 0 {
@@ -274,4 +338,44 @@ fn read_config(frontend: &mut Frontend, len: u32) -> Result<Vec<u8>, ConnectionE
         frontend.get_config(0, len, VhostUserConfigFlags::empty(), &buf),
     )?;
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn a_backend_that_accepts_and_never_answers_is_an_error() {
+        let socket =
+            std::env::temp_dir().join(format!("testfront-silent-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).expect("bind");
+        let silent = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            // Holds the connection open without a word until the client
+            // gives up and shuts it down.
+            let mut byte = [0u8; 64];
+            while std::io::Read::read(&mut &stream, &mut byte).is_ok_and(|n| n > 0) {}
+        });
+        let options = Options {
+            mem_size: 1 << 20,
+            num_queues: 1,
+            queue_size: 8,
+            device_features: 0,
+            event_idx: false,
+        };
+        let started = Instant::now();
+        let result = Connection::connect(&socket, options);
+        assert!(
+            matches!(result, Err(ConnectionError::NoAnswer(_))),
+            "{:?}",
+            result.err()
+        );
+        assert!(started.elapsed() < REQUEST_TIMEOUT + Duration::from_secs(5));
+        silent.join().expect("the silent backend");
+        let _ = std::fs::remove_file(&socket);
+    }
 }
