@@ -47,6 +47,17 @@ pub enum LoadError {
     Size(u32),
     #[error("--mem {given} is too small: {needed} bytes are needed")]
     MemTooSmall { given: u64, needed: u64 },
+    #[error(
+        "the backend refused queues of {queue_size} (3 descriptors for each of --depth \
+         {depth}, to a power of two): lower --depth, or raise the backend's queue size \
+         (vhost-blk --queue-size)"
+    )]
+    QueueSize {
+        queue_size: u16,
+        depth: usize,
+        #[source]
+        source: vhost::Error,
+    },
     #[error("the disk ({0} bytes) is smaller than one request")]
     DiskTooSmall(u64),
     #[error("{0} requests failed (status not OK)")]
@@ -254,6 +265,13 @@ pub fn run(
             Err(e) if e.is_transient() && Instant::now() < connect_deadline => {
                 log::debug!("{}: {e}; retrying", socket.display());
                 std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(ConnectionError::Request("SET_VRING_NUM", source)) => {
+                return Err(LoadError::QueueSize {
+                    queue_size,
+                    depth: spec.depth,
+                    source,
+                })
             }
             other => break other?,
         }
