@@ -149,6 +149,23 @@ fn a_bad_config_is_one_clear_line() {
 }
 
 #[test]
+fn a_bad_queue_count_is_one_clear_line() {
+    let out = launcher()
+        .arg("--kernel")
+        .arg(vmm_tests::test_guest())
+        .arg("--net")
+        .arg("tap0,queues=x")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "launch: error: net 0: queues='x' is not a positive number"
+    );
+}
+
+#[test]
 fn a_signal_to_the_launcher_stops_everything() {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
