@@ -117,6 +117,15 @@ mod tests {
         assert!(matches!(claim(&live), Err(Unusable::InUse)));
         assert!(live.exists());
 
+        // A live listener whose queue is full is refused at once.
+        let busy = dir.join("busy.sock");
+        let listener = UnixListener::bind(&busy).expect("bind");
+        // SAFETY: listen() on the listener's own socket; no pointers.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let _waiting = std::os::unix::net::UnixStream::connect(&busy).expect("fills the queue");
+        assert!(matches!(claim(&busy), Err(Unusable::InUse)));
+        assert!(busy.exists());
+
         let image = dir.join("disk.img");
         std::fs::write(&image, b"data").expect("write");
         assert!(matches!(claim(&image), Err(Unusable::NotASocket)));

@@ -26,6 +26,8 @@ use crate::bus::lock;
 pub enum ApiError {
     #[error("--api-socket {0:?}: cannot listen")]
     Unix(PathBuf, #[source] std::io::Error),
+    #[error("--api-socket {0:?}: cannot listen")]
+    Claim(PathBuf, #[source] vmm_common::socket_path::Unusable),
     #[error("--api-tcp {0}: cannot listen")]
     Tcp(SocketAddr, #[source] std::io::Error),
     #[error("cannot start the API thread")]
@@ -229,21 +231,6 @@ impl Listener {
     }
 }
 
-/// Removes a socket file at `path` that no process listens on (one left by
-/// a VMM that died). A live socket stays, and binding it fails: a full
-/// listen queue counts as live, without waiting for room in it.
-fn remove_stale_socket(path: &Path) {
-    use std::os::unix::fs::FileTypeExt;
-    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
-    let stale = || {
-        crate::vhost_user::deadline::dial(path, Duration::from_secs(1))
-            .is_err_and(|e| e.kind() != ErrorKind::TimedOut)
-    };
-    if is_socket && stale() {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
 /// Starts listening and serving clients on a thread.
 pub fn start(
     unix: Option<&Path>,
@@ -254,7 +241,8 @@ pub fn start(
     let mut listeners = Vec::new();
     let mut server = ApiServer { unix_path: None };
     if let Some(path) = unix {
-        remove_stale_socket(path);
+        // Only a socket file left by a VMM that died is replaced.
+        vmm_common::socket_path::claim(path).map_err(|e| ApiError::Claim(path.to_path_buf(), e))?;
         let listener =
             UnixListener::bind(path).map_err(|e| ApiError::Unix(path.to_path_buf(), e))?;
         server.unix_path = Some(path.to_path_buf());
@@ -382,33 +370,4 @@ fn version_triple() -> (u64, u64, u64) {
     let v = super::commands::version();
     let n = |k: &str| v["qemu"][k].as_u64().unwrap_or(0);
     (n("major"), n("minor"), n("micro"))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::os::unix::net::UnixStream;
-
-    use super::*;
-
-    #[test]
-    fn only_a_socket_no_one_listens_on_is_removed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let stale = dir.path().join("stale.sock");
-        drop(UnixListener::bind(&stale).expect("bind"));
-        remove_stale_socket(&stale);
-        assert!(!stale.exists(), "the stale socket is removed");
-
-        let busy = dir.path().join("busy.sock");
-        let listener = UnixListener::bind(&busy).expect("bind");
-        // SAFETY: listen() on the listener's own socket; no pointers.
-        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
-        let _waiting = UnixStream::connect(&busy).expect("fills the queue");
-        remove_stale_socket(&busy);
-        assert!(busy.exists(), "a live socket with a full queue stays");
-
-        let plain = dir.path().join("plain");
-        std::fs::write(&plain, b"x").expect("write");
-        remove_stale_socket(&plain);
-        assert!(plain.exists(), "a file that is not a socket stays");
-    }
 }

@@ -4,14 +4,12 @@
 
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use thiserror::Error;
 
-use super::{deadline, reconnect};
+use super::reconnect;
 
 #[derive(Debug, Error)]
 pub enum ListenError {
@@ -37,23 +35,12 @@ impl ServerSocket {
     /// Listens on `path`. A socket file left by a process that died is
     /// replaced; anything else at that path is an error.
     pub fn bind(path: &Path) -> Result<Self, ListenError> {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(ListenError::PathInUse(path.to_path_buf()));
-            }
-            // A listener whose queue is full (TimedOut) is alive too.
-            match deadline::dial(path, Duration::from_secs(1)) {
-                Ok(_) => return Err(ListenError::SocketInUse(path.to_path_buf())),
-                Err(e) if e.kind() == ErrorKind::TimedOut => {
-                    return Err(ListenError::SocketInUse(path.to_path_buf()))
-                }
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                    log::info!("removing the stale socket {}", path.display());
-                    std::fs::remove_file(path)
-                        .map_err(|e| ListenError::Bind(path.to_path_buf(), e))?;
-                }
-                Err(e) => return Err(ListenError::Bind(path.to_path_buf(), e)),
-            }
+        use vmm_common::socket_path::{claim, Unusable};
+        match claim(path) {
+            Ok(()) => {}
+            Err(Unusable::NotASocket) => return Err(ListenError::PathInUse(path.to_path_buf())),
+            Err(Unusable::InUse) => return Err(ListenError::SocketInUse(path.to_path_buf())),
+            Err(Unusable::Io(e)) => return Err(ListenError::Bind(path.to_path_buf(), e)),
         }
         let listener =
             UnixListener::bind(path).map_err(|e| ListenError::Bind(path.to_path_buf(), e))?;
