@@ -155,35 +155,69 @@ pub fn parse(
     else {
         return Parsed::Done(0);
     };
-    // The header alone in the first descriptor and the status byte alone
-    // in the last, as every driver lays them out. Another layout (data
-    // sharing a descriptor with either) fails rather than completing
-    // without moving the data it holds.
-    let one_piece_each =
-        descs.first().is_some_and(|h| h.len() == HEADER_LEN) && status_desc.len() == 1;
-    let (status, written) = if too_many || descs.len() < 2 || !one_piece_each {
-        if !one_piece_each {
-            log::debug!("request whose header or status shares a descriptor failed");
-        }
-        (VIRTIO_BLK_S_IOERR as u8, 0)
-    } else {
-        let data = &descs[1..descs.len() - 1];
-        if allow_async {
-            if let Some(mut io) = async_transfer(target, mem, &descs[0], data) {
-                io.status_addr = status_addr;
-                return Parsed::Io(io);
+    let (status, written) = match split_layout(descs, status_desc) {
+        Some((header, data)) if !too_many => {
+            let data = &data.0[..data.1];
+            if allow_async {
+                if let Some(mut io) = async_transfer(target, mem, &header, data) {
+                    io.status_addr = status_addr;
+                    return Parsed::Io(io);
+                }
+            }
+            match run(target, mem, &header, data) {
+                Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+                Err(failure) => (failure.status(), 0),
             }
         }
-        match run(target, mem, &descs[0], data) {
-            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
-            Err(failure) => (failure.status(), 0),
-        }
+        _ => (VIRTIO_BLK_S_IOERR as u8, 0),
     };
     if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
         log::debug!("status byte at {status_addr:#x} is outside guest memory");
         return Parsed::Done(0);
     }
     Parsed::Done(written + 1)
+}
+
+/// Up to `MAX_DESCRIPTORS` data pieces and how many there are.
+type DataPieces = ([Descriptor; MAX_DESCRIPTORS], usize);
+
+/// Splits a chain into the 16-byte header and the data between it and the
+/// status byte, whatever the layout (VIRTIO 1.x lets a driver share a
+/// descriptor between the header and data, or data and the status): the
+/// header is the start of the first descriptor, the status the last byte
+/// of the last one, and the data what lies between. None when the first
+/// descriptor is too short for the header or the chain has one descriptor.
+fn split_layout(descs: &[Descriptor], status: &Descriptor) -> Option<(Descriptor, DataPieces)> {
+    let (first, _) = descs.split_first()?;
+    if descs.len() < 2 || first.len() < HEADER_LEN {
+        return None;
+    }
+    let header = Descriptor::new(first.addr().0, HEADER_LEN, first.flags(), 0);
+    let mut data = ([Descriptor::new(0, 0, 0, 0); MAX_DESCRIPTORS], 0);
+    let mut push = |d: Descriptor| {
+        if d.len() > 0 {
+            data.0[data.1] = d;
+            data.1 += 1;
+        }
+    };
+    // The first and last pieces replace the descriptors they come from, so
+    // there are never more pieces than descriptors.
+    push(Descriptor::new(
+        first.addr().0.checked_add(u64::from(HEADER_LEN))?,
+        first.len() - HEADER_LEN,
+        first.flags(),
+        0,
+    ));
+    for d in &descs[1..descs.len() - 1] {
+        push(*d);
+    }
+    push(Descriptor::new(
+        status.addr().0,
+        status.len() - 1,
+        status.flags(),
+        0,
+    ));
+    Some((header, data))
 }
 
 /// A well-formed IN or OUT the disk can run asynchronously: its iovecs.
