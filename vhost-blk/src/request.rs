@@ -142,9 +142,13 @@ pub fn parse(
         descs[count] = desc;
         count += 1;
     }
-    let descs = &descs[..count];
+    let descs = &mut descs[..count];
     // The status byte is the last byte of the last, device-writable descriptor.
-    let Some(status_desc) = descs.last().filter(|d| d.is_write_only() && d.len() >= 1) else {
+    let Some(status_desc) = descs
+        .last()
+        .copied()
+        .filter(|d| d.is_write_only() && d.len() >= 1)
+    else {
         log::debug!("request without a status byte dropped");
         return Parsed::Done(0);
     };
@@ -155,9 +159,8 @@ pub fn parse(
     else {
         return Parsed::Done(0);
     };
-    let (status, written) = match split_layout(descs, status_desc) {
+    let (status, written) = match split_layout(descs) {
         Some((header, data)) if !too_many => {
-            let data = &data.0[..data.1];
             if allow_async {
                 if let Some(mut io) = async_transfer(target, mem, &header, data) {
                     io.status_addr = status_addr;
@@ -178,46 +181,26 @@ pub fn parse(
     Parsed::Done(written + 1)
 }
 
-/// Up to `MAX_DESCRIPTORS` data pieces and how many there are.
-type DataPieces = ([Descriptor; MAX_DESCRIPTORS], usize);
-
 /// Splits a chain into the 16-byte header and the data between it and the
 /// status byte, whatever the layout (VIRTIO 1.x lets a driver share a
 /// descriptor between the header and data, or data and the status): the
 /// header is the start of the first descriptor, the status the last byte
-/// of the last one, and the data what lies between. None when the first
+/// of the last one, and the data what lies between. The first and last
+/// descriptors are trimmed in place to their data. None when the first
 /// descriptor is too short for the header or the chain has one descriptor.
-fn split_layout(descs: &[Descriptor], status: &Descriptor) -> Option<(Descriptor, DataPieces)> {
-    let (first, _) = descs.split_first()?;
-    if descs.len() < 2 || first.len() < HEADER_LEN {
+fn split_layout(descs: &mut [Descriptor]) -> Option<(Descriptor, &[Descriptor])> {
+    let count = descs.len();
+    let (first, last) = (*descs.first()?, *descs.last()?);
+    if count < 2 || first.len() < HEADER_LEN {
         return None;
     }
     let header = Descriptor::new(first.addr().0, HEADER_LEN, first.flags(), 0);
-    let mut data = ([Descriptor::new(0, 0, 0, 0); MAX_DESCRIPTORS], 0);
-    let mut push = |d: Descriptor| {
-        if d.len() > 0 {
-            data.0[data.1] = d;
-            data.1 += 1;
-        }
-    };
-    // The first and last pieces replace the descriptors they come from, so
-    // there are never more pieces than descriptors.
-    push(Descriptor::new(
-        first.addr().0.checked_add(u64::from(HEADER_LEN))?,
-        first.len() - HEADER_LEN,
-        first.flags(),
-        0,
-    ));
-    for d in &descs[1..descs.len() - 1] {
-        push(*d);
-    }
-    push(Descriptor::new(
-        status.addr().0,
-        status.len() - 1,
-        status.flags(),
-        0,
-    ));
-    Some((header, data))
+    let after_header = first.addr().0.checked_add(u64::from(HEADER_LEN))?;
+    descs[0] = Descriptor::new(after_header, first.len() - HEADER_LEN, first.flags(), 0);
+    descs[count - 1] = Descriptor::new(last.addr().0, last.len() - 1, last.flags(), 0);
+    let start = usize::from(descs[0].len() == 0);
+    let end = count - usize::from(descs[count - 1].len() == 0);
+    Some((header, &descs[start..end.max(start)]))
 }
 
 /// A well-formed IN or OUT the disk can run asynchronously: its iovecs.
