@@ -130,38 +130,37 @@ fn a_killed_backend_is_reported_and_everything_is_torn_down() {
     assert_all_gone(&stderr, 2);
 }
 
+/// Runs the launcher with `args`; expects status 1 and exactly `line` on
+/// stderr.
+fn refused_with(args: &[&std::ffi::OsStr], line: &str) {
+    let out = launcher().args(args).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end(), line);
+}
+
 #[test]
 fn a_bad_config_is_one_clear_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[vm]\nkernel = \"nope\"\ncolour = \"blue\"\n").expect("write");
-    let out = launcher()
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert_eq!(
-        stderr.trim_end(),
-        "launch: error: [vm]: unknown key 'colour'"
+    refused_with(
+        &["--config".as_ref(), config.as_os_str()],
+        "launch: error: [vm]: unknown key 'colour'",
     );
 }
 
 #[test]
 fn a_bad_queue_count_is_one_clear_line() {
-    let out = launcher()
-        .arg("--kernel")
-        .arg(vmm_tests::test_guest())
-        .arg("--net")
-        .arg("tap0,queues=x")
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert_eq!(
-        stderr.trim_end(),
-        "launch: error: net 0: queues='x' is not a positive number"
+    let guest = vmm_tests::test_guest();
+    refused_with(
+        &[
+            "--kernel".as_ref(),
+            guest.as_os_str(),
+            "--net".as_ref(),
+            "tap0,queues=x".as_ref(),
+        ],
+        "launch: error: net 0: queues='x' is not a positive number",
     );
 }
 
