@@ -159,7 +159,7 @@ pub fn parse(
     else {
         return Parsed::Done(0);
     };
-    let (status, written) = match split_layout(descs) {
+    let (status, written) = match split_layout(mem, descs) {
         Some((header, data)) if !too_many => {
             if allow_async {
                 if let Some(mut io) = async_transfer(target, mem, &header, data) {
@@ -178,29 +178,70 @@ pub fn parse(
         log::debug!("status byte at {status_addr:#x} is outside guest memory");
         return Parsed::Done(0);
     }
-    Parsed::Done(written + 1)
+    Parsed::Done(written.saturating_add(1))
 }
 
-/// Splits a chain into the 16-byte header and the data between it and the
-/// status byte, whatever the layout (VIRTIO 1.x lets a driver share a
-/// descriptor between the header and data, or data and the status): the
-/// header is the start of the first descriptor, the status the last byte
-/// of the last one, and the data what lies between. The first and last
-/// descriptors are trimmed in place to their data. None when the first
-/// descriptor is too short for the header or the chain has one descriptor.
-fn split_layout(descs: &mut [Descriptor]) -> Option<(Descriptor, &[Descriptor])> {
+/// A request's header: its type and first sector (the reserved word
+/// between them is ignored).
+#[derive(Clone, Copy)]
+struct Header {
+    kind: u32,
+    sector: u64,
+}
+
+impl Header {
+    fn from_bytes(bytes: &[u8; HEADER_LEN as usize]) -> Self {
+        let mut kind = [0u8; 4];
+        let mut sector = [0u8; 8];
+        kind.copy_from_slice(&bytes[..4]);
+        sector.copy_from_slice(&bytes[8..]);
+        Header {
+            kind: u32::from_le_bytes(kind),
+            sector: u64::from_le_bytes(sector),
+        }
+    }
+}
+
+/// Splits a chain into its header and the data between the header and the
+/// status byte, whatever the layout (VIRTIO 1.x lets a driver spread the
+/// header over several descriptors and share one between the header and
+/// data, or data and the status): the header is the first 16 bytes of the
+/// chain, in device-readable descriptors, the status the last byte of the
+/// last descriptor, and the data what lies between. The descriptors that
+/// hold both are trimmed in place to their data. None when the header is
+/// short, unreadable or device-writable, or the chain has one descriptor.
+fn split_layout<'a>(
+    mem: &GuestMemoryMmap,
+    descs: &'a mut [Descriptor],
+) -> Option<(Header, &'a [Descriptor])> {
     let count = descs.len();
-    let (first, last) = (*descs.first()?, *descs.last()?);
-    if count < 2 || first.len() < HEADER_LEN {
+    let last = *descs.last()?;
+    if count < 2 {
         return None;
     }
-    let header = Descriptor::new(first.addr().0, HEADER_LEN, first.flags(), 0);
-    let after_header = first.addr().0.checked_add(u64::from(HEADER_LEN))?;
-    descs[0] = Descriptor::new(after_header, first.len() - HEADER_LEN, first.flags(), 0);
     descs[count - 1] = Descriptor::new(last.addr().0, last.len() - 1, last.flags(), 0);
-    let start = usize::from(descs[0].len() == 0);
+    let mut bytes = [0u8; HEADER_LEN as usize];
+    let mut filled = 0usize;
+    let mut start = 0;
+    while filled < bytes.len() {
+        // The last descriptor is device-writable: the header never reaches it.
+        let d = descs[start];
+        if d.is_write_only() {
+            return None;
+        }
+        let n = (bytes.len() - filled).min(d.len() as usize);
+        mem.read_slice(&mut bytes[filled..filled + n], d.addr())
+            .ok()?;
+        filled += n;
+        if n == d.len() as usize {
+            start += 1;
+        } else {
+            let rest = d.addr().0.checked_add(n as u64)?;
+            descs[start] = Descriptor::new(rest, d.len() - n as u32, d.flags(), 0);
+        }
+    }
     let end = count - usize::from(descs[count - 1].len() == 0);
-    Some((header, &descs[start..end.max(start)]))
+    Some((Header::from_bytes(&bytes), &descs[start..end.max(start)]))
 }
 
 /// A well-formed IN or OUT the disk can run asynchronously: its iovecs.
@@ -209,20 +250,18 @@ fn split_layout(descs: &mut [Descriptor]) -> Option<(Descriptor, &[Descriptor])>
 fn async_transfer(
     target: &BlkTarget,
     mem: &GuestMemoryMmap,
-    header: &Descriptor,
+    header: &Header,
     data: &[Descriptor],
 ) -> Option<PendingIo> {
     let align = target.disk.async_alignment()?;
-    if header.is_write_only() || data.is_empty() {
+    if data.is_empty() {
         return None;
     }
-    let kind: u32 = mem.read_obj(header.addr()).ok()?;
-    let write = match kind {
+    let write = match header.kind {
         VIRTIO_BLK_T_IN => false,
         VIRTIO_BLK_T_OUT if !target.readonly => true,
         _ => return None,
     };
-    let sector: u64 = mem.read_obj(header.addr().checked_add(8)?).ok()?;
     let mut iovecs = Vec::with_capacity(data.len());
     let mut total = 0u64;
     for d in data {
@@ -245,7 +284,7 @@ fn async_transfer(
     if total % SECTOR_SIZE != 0 || total > MAX_ASYNC_TRANSFER {
         return None;
     }
-    let offset = disk_range(target, sector, total).ok()?;
+    let offset = disk_range(target, header.sector, total).ok()?;
     if offset % align != 0 {
         return None;
     }
@@ -272,16 +311,10 @@ fn disk_range(target: &BlkTarget, sector: u64, len: u64) -> Result<u64, Failure>
 fn run(
     target: &BlkTarget,
     mem: &GuestMemoryMmap,
-    header: &Descriptor,
+    header: &Header,
     data: &[Descriptor],
 ) -> Result<u32, Failure> {
-    if header.is_write_only() {
-        return Err(Failure::IoErr);
-    }
-    let kind: u32 = mem.read_obj(header.addr()).map_err(|_| Failure::IoErr)?;
-    let sector: u64 = mem
-        .read_obj(header.addr().checked_add(8).ok_or(Failure::IoErr)?)
-        .map_err(|_| Failure::IoErr)?;
+    let Header { kind, sector } = *header;
     match kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             let write = kind == VIRTIO_BLK_T_OUT;
@@ -314,7 +347,13 @@ fn run(
                 })?;
                 offset += len as u64;
             }
-            Ok(if write { 0 } else { total as u32 })
+            // The used length is 32 bits: a read of 4 GiB or more (from
+            // overlapping buffers) reports as much as it can.
+            Ok(if write {
+                0
+            } else {
+                u32::try_from(total).unwrap_or(u32::MAX - 1)
+            })
         }
         VIRTIO_BLK_T_FLUSH => {
             target.disk.flush().map_err(|e| {

@@ -303,6 +303,50 @@ fn data_sharing_a_descriptor_with_the_header_or_the_status_moves() {
     assert!(bytes[5 * 512..6 * 512].iter().all(|&b| b == 0xef));
 }
 
+/// VIRTIO 1.x drivers may also spread the header over several
+/// descriptors, the last of them shared with the data: it is read whole.
+#[test]
+fn a_header_spread_over_descriptors_is_read_whole() {
+    let rig = Rig::new();
+    rig.header(VIRTIO_BLK_T_IN, 5);
+    assert_eq!(
+        rig.run(
+            false,
+            &[
+                (HEADER, 8, 0),
+                (HEADER + 8, 8, 0),
+                (DATA, 512, W),
+                (STATUS, 1, W)
+            ]
+        ),
+        (513, OK)
+    );
+    let mut buf = [0u8; 512];
+    rig.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert!(buf.iter().all(|&b| b == 5));
+
+    // 4 + 4 + 8 bytes, the last piece followed by the data.
+    rig.header(VIRTIO_BLK_T_OUT, 6);
+    rig.mem
+        .write_slice(&[0xab; 512], GuestAddress(HEADER + 16))
+        .unwrap();
+    assert_eq!(
+        rig.run(
+            false,
+            &[
+                (HEADER, 4, 0),
+                (HEADER + 4, 4, 0),
+                (HEADER + 8, 8 + 512, 0),
+                (STATUS, 1, W)
+            ]
+        ),
+        (1, OK)
+    );
+    assert!(rig.disk.bytes.lock().unwrap()[6 * 512..7 * 512]
+        .iter()
+        .all(|&b| b == 0xab));
+}
+
 #[test]
 fn a_descriptor_loop_ends() {
     let rig = Rig::new();
