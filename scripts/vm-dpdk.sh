@@ -81,7 +81,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-if ! ip netns list | grep -qw "$NETNS"; then
+if ! ip netns list | awk '{print $1}' | grep -qxF -- "$NETNS"; then
     ip netns add "$NETNS"
     MADE_NETNS=1
 fi
