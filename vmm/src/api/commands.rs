@@ -88,7 +88,8 @@ pub struct Session {
 #[derive(Debug, PartialEq, Eq)]
 pub enum After {
     Continue,
-    /// `quit`: reply, then the VMM ends.
+    /// `quit`: the caller queues the reply, then ends the VMM
+    /// (`VmControl::quit`), so the reply comes before the SHUTDOWN event.
     Quit,
 }
 
@@ -142,10 +143,8 @@ impl Session {
             );
         }
         match name {
-            "quit" => {
-                vm.quit();
-                (Ok(json!({})), After::Quit)
-            }
+            // The caller ends the VMM once the reply is on its way.
+            "quit" => (Ok(json!({})), After::Quit),
             _ => (run(name, vm), After::Continue),
         }
     }
@@ -396,6 +395,7 @@ mod tests {
         let (result, after) = s.execute(&parse_request(br#"{"execute": "quit"}"#).unwrap(), &vm);
         assert!(result.is_ok());
         assert_eq!(after, After::Quit);
-        assert!(*vm.quit.lock().unwrap());
+        // Not yet: the VMM ends after the reply is queued, not before.
+        assert!(!*vm.quit.lock().unwrap());
     }
 }

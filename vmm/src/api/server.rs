@@ -70,6 +70,9 @@ impl EventSink {
     }
 }
 
+/// How long one write to a client may wait for it to read.
+const WRITE_GIVE_UP: Duration = Duration::from_secs(10);
+
 /// Messages queued for a client beyond what its socket buffers.
 const OUTBOX_LINES: usize = 256;
 
@@ -87,6 +90,9 @@ struct Outbox {
 
 impl Outbox {
     fn start(conn: Conn) -> std::io::Result<Self> {
+        // A client that reads nothing for this long is gone: its writer
+        // thread gives up rather than wait on it forever.
+        conn.set_write_timeout(WRITE_GIVE_UP)?;
         let conn = Arc::new(conn);
         let (queue, lines) = sync_channel::<String>(OUTBOX_LINES);
         let unsent = Arc::new(AtomicUsize::new(0));
@@ -180,6 +186,13 @@ impl Conn {
         match self {
             Conn::Unix(s) => (&*s).write_all(data),
             Conn::Tcp(s) => (&*s).write_all(data),
+        }
+    }
+
+    fn set_write_timeout(&self, limit: Duration) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_write_timeout(Some(limit)),
+            Conn::Tcp(s) => s.set_write_timeout(Some(limit)),
         }
     }
 
@@ -326,19 +339,29 @@ fn serve_client(conn: Conn, vm: &dyn VmControl, sink: &EventSink) {
                 Piece::Value(bytes) => match protocol::parse_request(&bytes) {
                     Ok(request) => {
                         let (result, after) = session.execute(&request, vm);
+                        let negotiated = result.is_ok() && request.execute == "qmp_capabilities";
                         let message = match result {
                             Ok(value) => protocol::reply(value, request.id),
                             Err(e) => protocol::error(&e, request.id),
                         };
-                        if !subscribed && request.execute == "qmp_capabilities" {
-                            // Events flow once capabilities are negotiated.
+                        let posted = outbox.post_reply(&message);
+                        if after == After::Quit {
+                            // After the reply is queued, so it goes out
+                            // before the SHUTDOWN event (the VMM flushes
+                            // its clients before it ends).
+                            log::info!("QMP quit");
+                            vm.quit();
+                        }
+                        if !posted {
+                            break 'conn;
+                        }
+                        if negotiated && !subscribed {
+                            // Events flow once capabilities are negotiated,
+                            // after the reply that says so.
                             subscribed = true;
                             *lock(&sink.client) = Some(outbox.clone());
                         }
-                        if after == After::Quit {
-                            log::info!("QMP quit");
-                        }
-                        message
+                        continue;
                     }
                     Err((e, id)) => protocol::error(&e, id),
                 },
