@@ -67,6 +67,29 @@ fn stop_pauses_the_guest_and_cont_resumes_it() {
     qmp.wait_event("RESUME");
     vm.expect_line(&format!("testguest: count {}", paused_at + 2), TIMEOUT);
 
+    // A reset does not resume a stopped VM: the new guest waits for cont.
+    assert_eq!(qmp.request(r#"{"execute": "stop"}"#), r#"{"return":{}}"#);
+    qmp.wait_event("STOP");
+    assert_eq!(
+        qmp.request(r#"{"execute": "system_reset"}"#),
+        r#"{"return":{}}"#
+    );
+    qmp.wait_event("RESET");
+    assert!(qmp
+        .request(r#"{"execute": "query-status"}"#)
+        .contains(r#""status":"paused""#));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        vm.console.count("testguest: hello"),
+        1,
+        "the rebooted guest ran while paused"
+    );
+    assert_eq!(qmp.request(r#"{"execute": "cont"}"#), r#"{"return":{}}"#);
+    qmp.wait_event("RESUME");
+    vm.console
+        .wait_for_nth("testguest: hello", 2, TIMEOUT)
+        .expect("the guest boots again after cont");
+
     let cpus = qmp.request(r#"{"execute": "query-cpus-fast"}"#);
     assert!(cpus.contains(r#""cpu-index":0"#), "{cpus}");
     assert_eq!(

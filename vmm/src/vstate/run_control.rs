@@ -64,12 +64,13 @@ impl RunControl {
         tids
     }
 
-    /// Forgets the threads (before joining them) and releases parked ones.
+    /// Forgets the threads (before joining them) and wakes parked ones,
+    /// which leave because the stop flag is set. A paused VM stays paused:
+    /// the vCPUs a reboot starts park before they run (as in QEMU, a
+    /// `system_reset` does not resume a stopped VM).
     pub fn finish(&self) {
         let mut state = lock(&self.state);
         state.threads.clear();
-        state.paused = false;
-        self.paused.store(false, Ordering::Release);
         self.changed.notify_all();
     }
 
