@@ -558,7 +558,6 @@ impl VhostUserDevice {
         })
         .map_err(|e| self.fail(e))?;
 
-        let flags = crate::bus::lock(&self.ring_enabled).clone();
         self.active_queues.clear();
         for queue in &act.queues {
             let index = usize::from(queue.index);
@@ -601,11 +600,16 @@ impl VhostUserDevice {
                 f.set_vring_kick(index, &queue.kick)
             })
             .map_err(|e| self.fail(e))?;
+            // Read and sent under the flags' lock, which `RingSwitch::set`
+            // holds over its own message: a ring the driver turns on or off
+            // meanwhile ends up as it said last, not as it was before.
+            let flags = crate::bus::lock(&self.ring_enabled);
             let enable = flags.get(index).copied().unwrap_or(false);
-            exchange(&mut fe, &name, "SET_VRING_ENABLE", limit, |f| {
+            let sent = exchange(&mut fe, &name, "SET_VRING_ENABLE", limit, |f| {
                 f.set_vring_enable(index, enable)
-            })
-            .map_err(|e| self.fail(e))?;
+            });
+            drop(flags);
+            sent.map_err(|e| self.fail(e))?;
             self.active_queues.push(index);
         }
         log::info!(
@@ -623,11 +627,14 @@ impl VhostUserDevice {
     /// every ring as they stand. Tells the status listener.
     pub fn reattach(&mut self, backend: NewBackend) -> Result<(), String> {
         let NewBackend { frontend, features } = backend;
-        let needed = self.status.acked_features.load(Ordering::Relaxed);
-        if self.activation.is_some() && features & needed != needed {
+        // Everything the guest was offered, used yet or not: a driver
+        // that starts after the reconnect (or after a reboot) may take any
+        // of it, and the offer cannot change under the guest.
+        let offered = self.features();
+        if features & offered != offered {
             return Err(format!(
-                "the new backend lacks features {:#x} the driver uses",
-                needed & !features
+                "the new backend lacks features {:#x} the device offers the driver",
+                offered & !features
             ));
         }
         let fd = frontend.as_raw_fd();
@@ -693,7 +700,9 @@ pub struct RingSwitch {
 
 impl RingSwitch {
     pub fn set(&mut self, index: usize, enable: bool) -> bool {
-        if let Some(flag) = crate::bus::lock(&self.enabled).get_mut(index) {
+        // Held until the backend has the message (see `hand_rings`).
+        let mut flags = crate::bus::lock(&self.enabled);
+        if let Some(flag) = flags.get_mut(index) {
             *flag = enable;
         }
         if self.broken.load(Ordering::Acquire) {
