@@ -267,6 +267,8 @@ impl VirtioPciDevice {
         match offset {
             0x00 => self.device_feature_select = value as u32,
             0x08 => self.driver_feature_select = value as u32,
+            // The features are fixed once the driver set FEATURES_OK.
+            0x0c if self.status & STATUS_FEATURES_OK != 0 => {}
             0x0c => match self.driver_feature_select {
                 0 => set_half(&mut self.driver_features, false, value),
                 1 => set_half(&mut self.driver_features, true, value),
@@ -678,5 +680,20 @@ mod tests {
         write(&mut dev, 0x14, 1 | 2 | 8 | 4, 1);
         assert_eq!(record.lock().unwrap().activated.len(), 1);
         assert_eq!(read(&mut dev, 0x14, 1), 1 | 2 | STATUS_NEEDS_RESET as u64);
+    }
+
+    #[test]
+    fn driver_features_are_fixed_once_accepted() {
+        let (mut dev, record) = mock_transport();
+        write(&mut dev, 0x14, 1 | 2, 1);
+        write(&mut dev, 0x08, 1, 4);
+        write(&mut dev, 0x0c, 1, 4);
+        write(&mut dev, 0x14, 1 | 2 | 8, 1);
+        // Too late: dropping VERSION_1 after FEATURES_OK changes nothing.
+        write(&mut dev, 0x0c, 0, 4);
+        write(&mut dev, 0x14, 1 | 2 | 8 | 4, 1);
+        let rec = record.lock().unwrap();
+        assert_eq!(rec.activated.len(), 1);
+        assert_eq!(rec.activated[0].0 >> 32 & 1, 1, "VERSION_1 kept");
     }
 }
