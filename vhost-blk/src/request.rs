@@ -133,14 +133,20 @@ pub fn parse(
 ) -> Parsed {
     let mut descs = [Descriptor::new(0, 0, 0, 0); MAX_DESCRIPTORS];
     let mut count = 0;
-    let mut too_many = false;
+    // Past the limit, only the last descriptor is kept: it holds the
+    // status byte the refusal goes to. (The chain iterator ends loops.)
+    let mut beyond_limit = None;
     for desc in descriptors {
         if count == MAX_DESCRIPTORS {
-            too_many = true;
-            break;
+            beyond_limit = Some(desc);
+        } else {
+            descs[count] = desc;
+            count += 1;
         }
-        descs[count] = desc;
-        count += 1;
+    }
+    let too_many = beyond_limit.is_some();
+    if let Some(last) = beyond_limit {
+        descs[count - 1] = last;
     }
     let descs = &mut descs[..count];
     // The status byte is the last byte of the last, device-writable descriptor.

@@ -13,7 +13,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::disk::MemDisk;
-use crate::request::{execute, BlkTarget};
+use crate::request::{execute, BlkTarget, SEG_MAX};
 
 const HEADER: u64 = 0x1_0000;
 const DATA: u64 = 0x2_0000;
@@ -55,7 +55,7 @@ impl Rig {
 
     /// Runs a chain of (addr, len, flags); returns (used length, status byte).
     fn run(&self, readonly: bool, descs: &[(u64, u32, u16)]) -> (u32, u8) {
-        let vq = MockSplitQueue::new(&self.mem, 16);
+        let vq = MockSplitQueue::new(&self.mem, 256);
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .map(|&(addr, len, flags)| RawDescriptor::from(Descriptor::new(addr, len, flags, 0)))
@@ -345,6 +345,25 @@ fn a_header_spread_over_descriptors_is_read_whole() {
     assert!(rig.disk.bytes.lock().unwrap()[6 * 512..7 * 512]
         .iter()
         .all(|&b| b == 0xab));
+}
+
+/// A chain longer than the device's limit is refused, and the refusal
+/// goes to its real status byte, past the limit.
+#[test]
+fn a_chain_past_the_segment_limit_gets_ioerr_in_its_own_status() {
+    let rig = Rig::new();
+    rig.header(VIRTIO_BLK_T_OUT, 0);
+    let mut descs = vec![(HEADER, 16, 0)];
+    // One buffer, given again and again.
+    descs.extend((0..SEG_MAX + 3).map(|_| (DATA, 512, 0)));
+    descs.push((STATUS, 1, W));
+    rig.mem
+        .write_slice(&[0xcd; 512], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(rig.run(false, &descs), (1, IOERR));
+    assert!(rig.disk.bytes.lock().unwrap()[..512]
+        .iter()
+        .all(|&b| b == 0));
 }
 
 #[test]
