@@ -432,6 +432,12 @@ impl VhostUserBackend for BlkBackend {
         qio.clear_event();
         let mut finished = Vec::new();
         let drained = qio.drain(&mut finished);
+        if drained.is_err() {
+            // `drain` gave the ring up (`abandon`): its submission queue
+            // may still name transfers that are gone, so it is never
+            // entered again; the queue runs synchronously from now on.
+            state.io = AsyncIo::Unavailable;
+        }
         let (Some(vring), Some(atomic)) = (
             vring,
             self.mem.read().unwrap_or_else(|p| p.into_inner()).clone(),
