@@ -115,6 +115,17 @@ impl RawFile {
                 && offset % DIRECT_ALIGN as u64 == 0)
     }
 
+    /// With O_DIRECT, held over each read-modify-write and by discard and
+    /// write-zeroes, so that a read-modify-write never writes back a block
+    /// as it was before another's change.
+    fn block_writes_guard(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.direct.then(|| {
+            self.read_modify_write
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        })
+    }
+
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: fallocate on a descriptor we own; no memory is passed.
         let rc =
@@ -238,11 +249,9 @@ impl Disk for RawFile {
                 transfer(fd, Op::Write, guard.as_ptr().cast_mut(), buf.len(), offset)
             };
         }
-        // Read-modify-write through an aligned buffer.
-        let _only_one = self
-            .read_modify_write
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Read-modify-write through an aligned buffer (only with O_DIRECT:
+        // anything else is aligned), one at a time.
+        let _only_one = self.block_writes_guard();
         let head = (offset % DIRECT_ALIGN as u64) as usize;
         let mut bounce = Bounce::new(head + buf.len())?;
         let len = bounce.layout.size();
@@ -271,6 +280,7 @@ impl Disk for RawFile {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _not_during_a_read_modify_write = self.block_writes_guard();
         self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -279,6 +289,7 @@ impl Disk for RawFile {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let _not_during_a_read_modify_write = self.block_writes_guard();
         let mode = if unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
