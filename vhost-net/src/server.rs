@@ -37,8 +37,10 @@ pub enum ServeError {
 pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     let device = Arc::new(device);
     let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
+    // tempfile leaves the mode to the umask unless told.
     let private = tempfile::Builder::new()
         .prefix("vhost-net-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .map_err(serve_err)?;
     let private_path = private.path().to_path_buf();
