@@ -276,7 +276,7 @@ fn async_transfer(
         }
         let slice = mem.get_slice(d.addr(), d.len() as usize).ok()?;
         let base = slice.ptr_guard_mut().as_ptr();
-        if base as u64 % align != 0 || u64::from(d.len()) % align != 0 {
+        if base as u64 % align.memory != 0 || u64::from(d.len()) % align.offset != 0 {
             return None;
         }
         iovecs.push(libc::iovec {
@@ -291,7 +291,7 @@ fn async_transfer(
         return None;
     }
     let offset = disk_range(target, header.sector, total).ok()?;
-    if offset % align != 0 {
+    if offset % align.offset != 0 {
         return None;
     }
     Some(PendingIo {
