@@ -1,12 +1,22 @@
 //! Taking a path for a listening Unix socket: a socket file left by a
 //! process that died is removed, but a file that is not a socket, and a
-//! socket something still listens on, are never touched.
+//! socket something still listens on, are never touched. Processes that
+//! claim paths in one directory take turns (a lock on the directory, held
+//! from the check until the caller has bound), so two started at once on
+//! one path cannot both find it stale and the second remove the first's
+//! live socket.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long a claim waits for another process's claim in the same
+/// directory (a check and a bind: microseconds).
+const TURN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a path cannot be listened on.
 #[derive(Debug)]
@@ -30,9 +40,58 @@ impl std::fmt::Display for Unusable {
 
 impl std::error::Error for Unusable {}
 
+/// The right to bind a claimed path: other claims in its directory wait
+/// until it is dropped, so keep it until the socket is bound.
+#[must_use = "bind while the claim is held"]
+pub struct Claim {
+    /// The directory, locked (None when it cannot be opened: the claim
+    /// then works alone, as it did before there was a lock).
+    _turn: Option<File>,
+}
+
 /// Makes `path` free for `bind`: nothing there, or a stale socket (no one
 /// listens on it), which is removed.
-pub fn claim(path: &Path) -> Result<(), Unusable> {
+pub fn claim(path: &Path) -> Result<Claim, Unusable> {
+    let turn = take_turn(path)?;
+    check(path)?;
+    Ok(Claim { _turn: turn })
+}
+
+/// Locks the directory `path` is in, waiting for another claim there.
+fn take_turn(path: &Path) -> Result<Option<File>, Unusable> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let Ok(dir) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)
+    else {
+        return Ok(None);
+    };
+    let deadline = Instant::now() + TURN_TIMEOUT;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(Some(dir));
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            // A file system without locks: claim alone.
+            return Ok(None);
+        }
+        if Instant::now() >= deadline {
+            return Err(Unusable::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "another process kept its directory locked for 5 s",
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn check(path: &Path) -> Result<(), Unusable> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -132,6 +191,43 @@ mod tests {
         assert_eq!(std::fs::read(&image).expect("read"), b"data");
 
         assert!(claim(&dir.join("absent.sock")).is_ok());
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn two_claims_of_one_stale_path_at_once_leave_one_live_listener() {
+        let dir = std::env::temp_dir().join(format!("socket-path-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("raced.sock");
+        for round in 0..200 {
+            drop(UnixListener::bind(&path).expect("bind the stale socket"));
+            let barrier = std::sync::Barrier::new(2);
+            let listeners: Vec<Option<UnixListener>> = std::thread::scope(|s| {
+                let racers: Vec<_> = (0..2)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            let _claim = claim(&path).ok()?;
+                            UnixListener::bind(&path).ok()
+                        })
+                    })
+                    .collect();
+                racers
+                    .into_iter()
+                    .map(|r| r.join().expect("racer"))
+                    .collect()
+            });
+            let bound: Vec<&UnixListener> = listeners.iter().flatten().collect();
+            // Two binds means the second removed the first's live socket.
+            assert_eq!(
+                bound.len(),
+                1,
+                "round {round}: {} listeners bound",
+                bound.len()
+            );
+            std::os::unix::net::UnixStream::connect(&path).expect("the winner listens");
+            let _ = std::fs::remove_file(&path);
+        }
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

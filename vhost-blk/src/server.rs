@@ -39,10 +39,11 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
         }
     })
     .map_err(ServeError::Signals)?;
-    vmm_common::socket_path::claim(socket)
+    let claim = vmm_common::socket_path::claim(socket)
         .map_err(|e| ServeError::Claim(socket.to_path_buf(), e))?;
     let mut listener = Listener::new(socket, false)
         .map_err(|e| ServeError::Serve(socket.to_path_buf(), e.to_string()))?;
+    drop(claim);
     loop {
         let backend = BlkBackend::new(device.clone());
         let mut daemon = VhostUserDaemon::new(

@@ -49,9 +49,10 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
         let _ = std::fs::remove_dir_all(&private_path);
     })
     .map_err(ServeError::Signals)?;
-    vmm_common::socket_path::claim(socket)
+    let claim = vmm_common::socket_path::claim(socket)
         .map_err(|e| ServeError::Claim(socket.to_path_buf(), e))?;
     let public = UnixListener::bind(socket).map_err(serve_err)?;
+    drop(claim);
     let result = serve_frontends(socket, &public, &private.path().join("relay.sock"), &device);
     let _ = std::fs::remove_file(socket);
     result

@@ -255,9 +255,11 @@ pub fn start(
     let mut server = ApiServer { unix_path: None };
     if let Some(path) = unix {
         // Only a socket file left by a VMM that died is replaced.
-        vmm_common::socket_path::claim(path).map_err(|e| ApiError::Claim(path.to_path_buf(), e))?;
+        let claim = vmm_common::socket_path::claim(path)
+            .map_err(|e| ApiError::Claim(path.to_path_buf(), e))?;
         let listener =
             UnixListener::bind(path).map_err(|e| ApiError::Unix(path.to_path_buf(), e))?;
+        drop(claim);
         server.unix_path = Some(path.to_path_buf());
         listeners.push(Listener::Unix(listener));
     }

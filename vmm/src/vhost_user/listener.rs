@@ -36,14 +36,15 @@ impl ServerSocket {
     /// replaced; anything else at that path is an error.
     pub fn bind(path: &Path) -> Result<Self, ListenError> {
         use vmm_common::socket_path::{claim, Unusable};
-        match claim(path) {
-            Ok(()) => {}
+        let claim = match claim(path) {
+            Ok(claim) => claim,
             Err(Unusable::NotASocket) => return Err(ListenError::PathInUse(path.to_path_buf())),
             Err(Unusable::InUse) => return Err(ListenError::SocketInUse(path.to_path_buf())),
             Err(Unusable::Io(e)) => return Err(ListenError::Bind(path.to_path_buf(), e)),
-        }
+        };
         let listener =
             UnixListener::bind(path).map_err(|e| ListenError::Bind(path.to_path_buf(), e))?;
+        drop(claim);
         Ok(ServerSocket {
             path: path.to_path_buf(),
             listener,
