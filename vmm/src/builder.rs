@@ -481,9 +481,13 @@ impl BuiltVm {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     // Nothing runs a guest that lacks a vCPU.
-                    if let Err(stop) =
-                        vcpu::stop_all(&self.stop, &self.run, threads, STOP_AFTER_FAILED_START)
-                    {
+                    if let Err(stop) = vcpu::stop_all(
+                        &self.stop,
+                        &self.run,
+                        threads,
+                        STOP_AFTER_FAILED_START,
+                        crate::vhost_user::deadline::in_exchange,
+                    ) {
                         log::error!("{stop}");
                     }
                     return Err(e.into());

@@ -44,6 +44,8 @@ pub fn longest_reply(memory_bytes: u64) -> Duration {
 
 struct Armed {
     id: u64,
+    /// The thread waiting for the answer.
+    thread: std::thread::ThreadId,
     fd: RawFd,
     name: String,
     limit: Duration,
@@ -197,6 +199,7 @@ fn arm(connection: &Frontend, name: &str, limit: Duration) -> Deadline {
         let id = dog.next_id.fetch_add(1, Ordering::Relaxed);
         crate::bus::lock(&dog.armed).push(Armed {
             id,
+            thread: std::thread::current().id(),
             fd,
             name: name.to_string(),
             limit,
@@ -213,6 +216,17 @@ fn arm(connection: &Frontend, name: &str, limit: Duration) -> Deadline {
     }
 }
 
+/// Whether `thread` is waiting for a backend's answer (which its limit
+/// bounds).
+pub fn in_exchange(thread: std::thread::ThreadId) -> bool {
+    // Not `watchdog()`: asking must not start the thread.
+    DOG.get().copied().flatten().is_some_and(|dog| {
+        crate::bus::lock(&dog.armed)
+            .iter()
+            .any(|a| a.thread == thread)
+    })
+}
+
 /// Sockets the watchdog shut down and no one has asked about yet.
 static CUT_OFF: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
 
@@ -225,8 +239,10 @@ pub fn take_cut_off(fd: RawFd) -> bool {
     cut.len() != before
 }
 
+/// The watchdog, once an exchange started it (None if it could not start).
+static DOG: OnceLock<Option<&'static Watchdog>> = OnceLock::new();
+
 fn watchdog() -> Option<&'static Watchdog> {
-    static DOG: OnceLock<Option<&'static Watchdog>> = OnceLock::new();
     *DOG.get_or_init(|| {
         let dog: &'static Watchdog = Box::leak(Box::default());
         match std::thread::Builder::new()
@@ -325,6 +341,7 @@ mod tests {
         });
         let e = result.expect_err("a silent backend answered");
         assert!(e.timed_out(), "{e}");
+        assert!(!in_exchange(std::thread::current().id()));
         assert_eq!(e.to_string(), "no answer to GET_FEATURES within 0 s");
         // The connection is shut down: the next request fails at once.
         let next = exchange(&mut fe, "disk9", "GET_FEATURES", REPLY_TIMEOUT, |f| {
@@ -341,6 +358,7 @@ mod tests {
         let mut fe = frontend_with_backend(Some(Duration::from_millis(50)), 0x1234);
         let limit = Duration::from_millis(500);
         let features = exchange(&mut fe, "disk9", "GET_FEATURES", limit, |f| {
+            assert!(in_exchange(std::thread::current().id()));
             f.get_features()
         })
         .expect("answered in time");

@@ -241,7 +241,7 @@ impl Vcpu {
 pub enum StopError {
     #[error(
         "{stuck} of {total} vCPU threads did not stop within {timeout:?} \
-         (one may be waiting on a vhost-user backend)"
+         (and were not waiting on a vhost-user backend)"
     )]
     Timeout {
         stuck: usize,
@@ -252,31 +252,50 @@ pub enum StopError {
     Panicked(usize),
 }
 
+/// Whether a thread is waiting on something that has a time limit of its
+/// own (an exchange with a vhost-user backend): `stop_all` keeps waiting
+/// for such a thread past its timeout.
+pub type Waiting = fn(std::thread::ThreadId) -> bool;
+
+/// How long a thread past the stop timeout may spend between two waits
+/// with limits of their own (between one backend exchange and the next,
+/// it runs for microseconds).
+const BETWEEN_WAITS: Duration = Duration::from_millis(500);
+
 /// Stops every vCPU thread: sets the flag, releases paused ones, then kicks
 /// each thread still running until it has left KVM_RUN (a kick can land
 /// just before KVM_RUN starts, so it is repeated).
 /// Returns every vCPU, or an error if a thread did not end within
 /// `timeout` (it keeps running, and keeps guest RAM mapped) or panicked.
-pub fn stop_all(
+/// A thread that `waiting` says is in a wait with its own limit is given
+/// that wait, and the next within BETWEEN_WAITS, past `timeout`: a vCPU
+/// whose MMIO write sets a device up runs one backend exchange after
+/// another, each with its own limit, and the chain ends.
+pub fn stop_all<T>(
     stop: &AtomicBool,
     run: &RunControl,
-    threads: Vec<JoinHandle<Vcpu>>,
+    threads: Vec<JoinHandle<T>>,
     timeout: Duration,
-) -> Result<Vec<Vcpu>, StopError> {
+    waiting: Waiting,
+) -> Result<Vec<T>, StopError> {
     stop.store(true, Ordering::Release);
     run.finish();
-    let deadline = Instant::now() + timeout;
+    let mut deadline = Instant::now() + timeout;
     loop {
-        let running: Vec<&JoinHandle<Vcpu>> = threads.iter().filter(|t| !t.is_finished()).collect();
+        let running: Vec<&JoinHandle<T>> = threads.iter().filter(|t| !t.is_finished()).collect();
         if running.is_empty() {
             break;
         }
-        if Instant::now() > deadline {
-            return Err(StopError::Timeout {
-                stuck: running.len(),
-                total: threads.len(),
-                timeout,
-            });
+        let now = Instant::now();
+        if now > deadline {
+            if !running.iter().all(|t| waiting(t.thread().id())) {
+                return Err(StopError::Timeout {
+                    stuck: running.len(),
+                    total: threads.len(),
+                    timeout,
+                });
+            }
+            deadline = now + BETWEEN_WAITS;
         }
         for thread in running {
             // SAFETY: the handle refers to a live thread that was not
@@ -297,4 +316,47 @@ pub fn stop_all(
         return Err(StopError::Panicked(panicked));
     }
     Ok(vcpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread that ignores the stop flag for `busy`, then returns.
+    fn slow_thread(busy: Duration) -> JoinHandle<u8> {
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while start.elapsed() < busy {
+                // Kicks interrupt the sleep; it resumes.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            7
+        })
+    }
+
+    #[test]
+    fn a_thread_in_a_wait_with_its_own_limit_is_waited_for_past_the_timeout() {
+        init_kick_signal().expect("kick handler");
+        let stop = AtomicBool::new(false);
+        let run = RunControl::default();
+        let threads = vec![slow_thread(Duration::from_millis(400))];
+        let done = stop_all(&stop, &run, threads, Duration::from_millis(50), |_| true)
+            .expect("waited for the thread in its wait");
+        assert_eq!(done, vec![7]);
+
+        let threads = vec![slow_thread(Duration::from_millis(400))];
+        let err = stop_all(&stop, &run, threads, Duration::from_millis(50), |_| false)
+            .expect_err("a stuck thread outside any wait is not waited for");
+        assert!(
+            matches!(
+                err,
+                StopError::Timeout {
+                    stuck: 1,
+                    total: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
 }
