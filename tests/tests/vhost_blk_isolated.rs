@@ -753,6 +753,25 @@ fn direct_sector_writes_on_a_4k_sector_device_are_read_modify_writes_that_all_la
     let dir = tempfile::tempdir_in(&target).expect("tempdir in target/");
     let img = image(dir.path());
     let device = LoopDevice::new(&img, 4096);
+    {
+        // The guest is told the device prefers 4 KiB (VIRTIO_BLK_F_TOPOLOGY:
+        // physical block 2^3 sectors, minimum I/O 8 sectors).
+        let socket = dir.path().join("topology.sock");
+        let _backend = Backend::vhost_blk(&socket, &device.0, &["--direct"]);
+        let mut client = connect(&socket, 1);
+        assert!(client.conn.offered & (1 << 10) != 0, "TOPOLOGY not offered");
+        let config = client.config().expect("config");
+        assert_eq!(config[24], 3, "physical_block_exp");
+        assert_eq!(
+            u16::from_le_bytes([config[26], config[27]]),
+            8,
+            "min_io_size"
+        );
+        assert_eq!(
+            client.capacity().expect("capacity"),
+            (IMAGE_SIZE / 512) as u64
+        );
+    }
     pipelined_writes_then_reads_through(dir.path(), &img, &device.0, &["--direct"], 512);
 }
 

@@ -10,7 +10,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -39,11 +39,17 @@ const POLL: Duration = Duration::from_micros(50);
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 
 /// virtio_blk_config, laid out by hand (60 bytes, little-endian).
-fn config_space(capacity_sectors: u64, num_queues: u16) -> Vec<u8> {
+/// `block` is the disk's preferred transfer unit (a power of two, at least
+/// a sector): the topology's physical block and minimum I/O size, so a
+/// guest aligns its I/O to it while sectors stay 512 bytes.
+fn config_space(capacity_sectors: u64, num_queues: u16, block: u64) -> Vec<u8> {
     let mut c = vec![0u8; 60];
     c[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
     c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
     c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+    let sectors_per_block = (block / SECTOR_SIZE).clamp(1, 1 << 15);
+    c[24] = sectors_per_block.ilog2() as u8; // physical_block_exp
+    c[26..28].copy_from_slice(&(sectors_per_block as u16).to_le_bytes()); // min_io_size
     c[34..36].copy_from_slice(&num_queues.to_le_bytes());
     c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
     c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
@@ -102,7 +108,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl BlkBackend {
     pub fn new(device: Arc<Device>) -> Self {
         let capacity = device.target.disk.size() / SECTOR_SIZE;
-        let config = Arc::new(config_space(capacity, device.num_queues));
+        let block = device.target.disk.preferred_block();
+        let config = Arc::new(config_space(capacity, device.num_queues, block));
         BlkBackend {
             config,
             event_idx: Arc::new(AtomicBool::new(false)),
@@ -335,6 +342,7 @@ impl VhostUserBackend for BlkBackend {
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_TOPOLOGY
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_DISCARD
             | 1 << VIRTIO_BLK_F_WRITE_ZEROES

@@ -37,6 +37,12 @@ pub trait Disk: Send + Sync {
     fn async_fd(&self) -> Option<i32> {
         None
     }
+    /// The transfer size and alignment the disk serves best (bytes, a
+    /// power of two): smaller or unaligned writes cost it a
+    /// read-modify-write.
+    fn preferred_block(&self) -> u64 {
+        512
+    }
     /// The alignment asynchronous I/O needs, or None when the disk has no
     /// asynchronous path.
     fn async_alignment(&self) -> Option<Alignment> {
@@ -469,6 +475,10 @@ impl Disk for RawFile {
     /// cache copies, faster inline (measured by scripts/bench-blk.sh).
     fn async_alignment(&self) -> Option<Alignment> {
         self.direct
+    }
+
+    fn preferred_block(&self) -> u64 {
+        self.direct.map_or(512, |a| a.offset.max(512))
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
