@@ -2,14 +2,36 @@
 //! (a final flush, say), removes its socket and exits 0.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Whether the process has bound its socket: a stop removes the socket
+/// file only then (before, the path may hold another process's live
+/// socket, the one that made this process's claim fail or wait).
+#[derive(Clone, Default)]
+pub struct SocketBound(Arc<AtomicBool>);
+
+impl SocketBound {
+    /// Call once the socket is bound.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// Blocks SIGTERM and SIGINT in the calling thread (threads started later
 /// inherit that) and starts a thread that waits for either, then runs
-/// `before_exit`, removes `socket` and exits the process with status 0.
+/// `before_exit`, removes `socket` (once the returned flag says it is
+/// bound) and exits the process with status 0.
 pub fn exit_on_stop_signals(
     socket: PathBuf,
     before_exit: impl FnOnce() + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<SocketBound> {
+    let bound = SocketBound::default();
+    let ours = bound.clone();
     // SAFETY: an all-zero sigset is valid storage for sigemptyset.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is valid; the signal numbers are valid.
@@ -32,8 +54,10 @@ pub fn exit_on_stop_signals(
             unsafe { libc::sigwait(&set, &mut signal) };
             log::info!("signal {signal}: stopping");
             before_exit();
-            let _ = std::fs::remove_file(&socket);
+            if ours.is_set() {
+                let _ = std::fs::remove_file(&socket);
+            }
             std::process::exit(0);
         })?;
-    Ok(())
+    Ok(bound)
 }

@@ -1063,3 +1063,36 @@ fn malformed_vhost_user_messages_drop_the_frontend_not_the_backend() {
         Some(0)
     );
 }
+
+#[test]
+fn a_backend_stopped_before_it_bound_leaves_the_live_socket_alone() {
+    // Another process listens on the path, and holds the directory's
+    // claim lock as if it were binding right now: vhost-blk waits for its
+    // turn, and a SIGTERM meanwhile must not remove the other's socket.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let socket = dir.path().join("taken.sock");
+    let _live = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let dir_handle = std::fs::File::open(dir.path()).expect("open the directory");
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir_handle), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "lock the directory");
+    let mut child = Command::new(vhost_blk_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(&img)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vhost-blk");
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "vhost-blk: {status}");
+    assert!(
+        socket.exists(),
+        "the stopped backend removed a socket it never had"
+    );
+    std::os::unix::net::UnixStream::connect(&socket).expect("the live socket still answers");
+}

@@ -33,7 +33,7 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     // Data is written with pwrite as requests complete; a final fdatasync
     // makes it durable before the process exits.
     let flushed = device.clone();
-    vmm_common::stop::exit_on_stop_signals(socket.to_path_buf(), move || {
+    let bound = vmm_common::stop::exit_on_stop_signals(socket.to_path_buf(), move || {
         if let Err(e) = flushed.target.disk.flush() {
             log::warn!("final flush failed: {e}");
         }
@@ -43,6 +43,7 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
         .map_err(|e| ServeError::Claim(socket.to_path_buf(), e))?;
     let mut listener = Listener::new(socket, false)
         .map_err(|e| ServeError::Serve(socket.to_path_buf(), e.to_string()))?;
+    bound.set();
     drop(claim);
     loop {
         let backend = BlkBackend::new(device.clone());

@@ -45,13 +45,14 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
         .map_err(serve_err)?;
     let private_path = private.path().to_path_buf();
     // A tap this process created goes away with its last queue.
-    vmm_common::stop::exit_on_stop_signals(socket.to_path_buf(), move || {
+    let bound = vmm_common::stop::exit_on_stop_signals(socket.to_path_buf(), move || {
         let _ = std::fs::remove_dir_all(&private_path);
     })
     .map_err(ServeError::Signals)?;
     let claim = vmm_common::socket_path::claim(socket)
         .map_err(|e| ServeError::Claim(socket.to_path_buf(), e))?;
     let public = UnixListener::bind(socket).map_err(serve_err)?;
+    bound.set();
     drop(claim);
     let result = serve_frontends(socket, &public, &private.path().join("relay.sock"), &device);
     let _ = std::fs::remove_file(socket);
