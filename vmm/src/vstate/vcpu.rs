@@ -257,9 +257,9 @@ pub enum StopError {
 /// for such a thread past its timeout.
 pub type Waiting = fn(std::thread::ThreadId) -> bool;
 
-/// How long a thread past the stop timeout may spend between two waits
-/// with limits of their own (between one backend exchange and the next,
-/// it runs for microseconds).
+/// How long the stop keeps waiting, past its timeout, after it last saw a
+/// stuck thread in a wait with a limit of its own (between one backend
+/// exchange and the next, a vCPU runs for microseconds).
 const BETWEEN_WAITS: Duration = Duration::from_millis(500);
 
 /// Stops every vCPU thread: sets the flag, releases paused ones, then kicks
@@ -267,10 +267,11 @@ const BETWEEN_WAITS: Duration = Duration::from_millis(500);
 /// just before KVM_RUN starts, so it is repeated).
 /// Returns every vCPU, or an error if a thread did not end within
 /// `timeout` (it keeps running, and keeps guest RAM mapped) or panicked.
-/// A thread that `waiting` says is in a wait with its own limit is given
-/// that wait, and the next within BETWEEN_WAITS, past `timeout`: a vCPU
-/// whose MMIO write sets a device up runs one backend exchange after
-/// another, each with its own limit, and the chain ends.
+/// While `waiting` says one of the stuck threads is in a wait with a limit
+/// of its own, and until BETWEEN_WAITS after that was last seen, the stop
+/// waits past `timeout`: a vCPU whose MMIO write sets a device up runs one
+/// backend exchange after another, each with its own limit (and others
+/// may wait for the device it holds), and the chain ends.
 pub fn stop_all<T>(
     stop: &AtomicBool,
     run: &RunControl,
@@ -280,22 +281,24 @@ pub fn stop_all<T>(
 ) -> Result<Vec<T>, StopError> {
     stop.store(true, Ordering::Release);
     run.finish();
-    let mut deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + timeout;
+    let mut last_seen_waiting = None;
     loop {
         let running: Vec<&JoinHandle<T>> = threads.iter().filter(|t| !t.is_finished()).collect();
         if running.is_empty() {
             break;
         }
         let now = Instant::now();
-        if now > deadline {
-            if !running.iter().all(|t| waiting(t.thread().id())) {
-                return Err(StopError::Timeout {
-                    stuck: running.len(),
-                    total: threads.len(),
-                    timeout,
-                });
-            }
-            deadline = now + BETWEEN_WAITS;
+        if running.iter().any(|t| waiting(t.thread().id())) {
+            last_seen_waiting = Some(now);
+        }
+        let waited_for = last_seen_waiting.is_some_and(|seen| now < seen + BETWEEN_WAITS);
+        if now > deadline && !waited_for {
+            return Err(StopError::Timeout {
+                stuck: running.len(),
+                total: threads.len(),
+                timeout,
+            });
         }
         for thread in running {
             // SAFETY: the handle refers to a live thread that was not
@@ -322,6 +325,12 @@ pub fn stop_all<T>(
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// The thread the test's `waiting` names.
+        static WAITING: std::cell::Cell<Option<std::thread::ThreadId>> =
+            const { std::cell::Cell::new(None) };
+    }
+
     /// A thread that ignores the stop flag for `busy`, then returns.
     fn slow_thread(busy: Duration) -> JoinHandle<u8> {
         std::thread::spawn(move || {
@@ -343,6 +352,18 @@ mod tests {
         let done = stop_all(&stop, &run, threads, Duration::from_millis(50), |_| true)
             .expect("waited for the thread in its wait");
         assert_eq!(done, vec![7]);
+
+        // A second thread, waiting for the first (say, for the device the
+        // first is setting up), is waited for along with it.
+        let in_wait = slow_thread(Duration::from_millis(300));
+        let first = in_wait.thread().id();
+        WAITING.with(|w| w.set(Some(first)));
+        let threads = vec![in_wait, slow_thread(Duration::from_millis(400))];
+        let done = stop_all(&stop, &run, threads, Duration::from_millis(50), |t| {
+            WAITING.with(|w| w.get()) == Some(t)
+        })
+        .expect("waited for both");
+        assert_eq!(done, vec![7, 7]);
 
         let threads = vec![slow_thread(Duration::from_millis(400))];
         let err = stop_all(&stop, &run, threads, Duration::from_millis(50), |_| false)
