@@ -53,7 +53,7 @@ fn config_space(capacity_sectors: u64, num_queues: u16, block: u64) -> Vec<u8> {
     c[34..36].copy_from_slice(&num_queues.to_le_bytes());
     c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
     c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
-    c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+    c[44..48].copy_from_slice(&(sectors_per_block as u32).to_le_bytes()); // discard_sector_alignment
     c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
     c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
     c[56] = 1; // write_zeroes_may_unmap

@@ -84,6 +84,16 @@ impl Alignment {
             )
         };
         if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 {
+            if stx.stx_dio_offset_align == 0 {
+                // The file system takes O_DIRECT on this file as buffered
+                // I/O (an ext4 file with data journaling, say): any
+                // sector-aligned transfer works.
+                log::warn!("--direct: the file system does not do O_DIRECT on this file; it buffers its I/O");
+                return Alignment {
+                    memory: 512,
+                    offset: 512,
+                };
+            }
             let found = Alignment {
                 memory: u64::from(stx.stx_dio_mem_align.max(1)),
                 offset: u64::from(stx.stx_dio_offset_align),
@@ -441,17 +451,13 @@ impl Disk for RawFile {
             }
             let end = w.head + w.len;
             if end % block != 0 && (w.head == 0 || end > block) {
+                // Its own buffer: `last` is a multiple of the block, not
+                // necessarily of the memory alignment.
                 let last = end - end % block;
-                // SAFETY: `last + block <= w.span`, inside the bounce buffer.
-                eof_ok(unsafe {
-                    transfer(
-                        fd,
-                        Op::Read,
-                        bounce.ptr.add(last),
-                        block,
-                        w.start + last as u64,
-                    )
-                })?;
+                let mut tail = Bounce::new(block, bounce_align(align))?;
+                // SAFETY: the tail buffer owns `block` writable bytes.
+                eof_ok(unsafe { transfer(fd, Op::Read, tail.ptr, block, w.start + last as u64) })?;
+                bounce.as_mut_slice()[last..last + block].copy_from_slice(tail.as_mut_slice());
             }
             buf.subslice(w.done, w.len)
                 .map_err(io::Error::other)?
@@ -483,35 +489,98 @@ impl Disk for RawFile {
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let _not_during_a_read_modify_write = self.block_writes_guard();
+        // Only whole O_DIRECT blocks (a block device takes no less); what
+        // a discarded range reads back as is unspecified anyway.
+        let block = self.direct.map_or(1, |a| a.offset);
+        let start = offset.next_multiple_of(block);
+        let end = (offset + len) / block * block;
+        if start >= end {
+            return Ok(());
+        }
         self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
+            start,
+            end - start,
         )
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         let _not_during_a_read_modify_write = self.block_writes_guard();
+        let end = offset + len;
+        let Some(align) = self.direct.filter(|a| a.offset > SECTOR) else {
+            let buffer_align = self.direct.map_or(4096, bounce_align);
+            return self.zero_blocks(offset, end, unmap, buffer_align);
+        };
+        // The blocks at either end that the range covers in part are read,
+        // zeroed in part and written back whole; the rest is whole blocks.
+        let block = align.offset;
+        let inner_start = offset.next_multiple_of(block);
+        let inner_end = end / block * block;
+        if inner_start > inner_end {
+            return self.zero_within_block(offset, end, align);
+        }
+        if offset < inner_start {
+            self.zero_within_block(offset, inner_start, align)?;
+        }
+        if inner_end < end {
+            self.zero_within_block(inner_end, end, align)?;
+        }
+        if inner_start < inner_end {
+            self.zero_blocks(inner_start, inner_end, unmap, bounce_align(align))?;
+        }
+        Ok(())
+    }
+}
+
+/// A sector.
+const SECTOR: u64 = 512;
+
+impl RawFile {
+    /// Zeroes `start..end`, whole O_DIRECT blocks (or sectors without
+    /// O_DIRECT): with fallocate, else by writing zeroes from a buffer
+    /// aligned to `buffer_align`. The caller holds the block-writes guard.
+    fn zero_blocks(
+        &self,
+        start: u64,
+        end: u64,
+        unmap: bool,
+        buffer_align: usize,
+    ) -> io::Result<()> {
         let mode = if unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
         };
-        if self.fallocate(mode, offset, len).is_ok() {
+        if self.fallocate(mode, start, end - start).is_ok() {
             return Ok(());
         }
         // The file system cannot: write zeroes, a chunk at a time.
-        let zeroes = Bounce::new(BOUNCE_WINDOW as usize, 4096)?;
+        let zeroes = Bounce::new(BOUNCE_WINDOW as usize, buffer_align.max(4096))?;
         let chunk = zeroes.layout.size() as u64;
         let fd = self.file.as_raw_fd();
-        let mut at = offset;
-        while at < offset + len {
-            let n = chunk.min(offset + len - at) as usize;
+        let mut at = start;
+        while at < end {
+            let n = chunk.min(end - at) as usize;
             // SAFETY: `n <= chunk`, the size of the zeroed bounce buffer.
             unsafe { transfer(fd, Op::Write, zeroes.ptr, n, at)? };
             at += n as u64;
         }
         Ok(())
+    }
+
+    /// Zeroes `start..end`, which lies in one O_DIRECT block, by a
+    /// read-modify-write of the block. The caller holds the block-writes
+    /// guard.
+    fn zero_within_block(&self, start: u64, end: u64, align: Alignment) -> io::Result<()> {
+        let block = align.offset;
+        let block_start = start / block * block;
+        let mut bounce = Bounce::new(block as usize, bounce_align(align))?;
+        let fd = self.file.as_raw_fd();
+        // SAFETY: the bounce buffer owns `block` writable bytes.
+        eof_ok(unsafe { transfer(fd, Op::Read, bounce.ptr, block as usize, block_start) })?;
+        bounce.as_mut_slice()[(start - block_start) as usize..(end - block_start) as usize].fill(0);
+        // SAFETY: the bounce buffer owns `block` readable bytes.
+        unsafe { transfer(fd, Op::Write, bounce.ptr, block as usize, block_start) }
     }
 }
 
@@ -713,5 +782,49 @@ mod tests {
                 "sector {sector} lost its write"
             );
         }
+    }
+
+    #[test]
+    fn zeroes_and_discards_on_coarse_blocks_touch_only_their_range() {
+        let dir = disk_dir();
+        let path = dir.path().join("img");
+        let size = 16 * 4096;
+        let mut model = pattern(size, 0x33);
+        std::fs::write(&path, &model).unwrap();
+        let disk = RawFile::open(&path, false, true)
+            .unwrap()
+            .with_alignment(Alignment {
+                memory: 4096,
+                offset: 4096,
+            });
+        // (offset, length): inside one block, across a boundary, whole
+        // blocks with partial ends.
+        for (offset, len) in [(512u64, 1024u64), (1536, 6144), (4096 * 2 + 512, 4096 * 5)] {
+            for unmap in [false, true] {
+                disk.write_zeroes(offset, len, unmap).unwrap();
+                model[offset as usize..(offset + len) as usize].fill(0);
+                assert!(
+                    std::fs::read(&path).unwrap() == model,
+                    "zeroes at {offset}+{len}"
+                );
+            }
+        }
+        // A discard deallocates only the whole blocks in its range.
+        std::fs::write(&path, pattern(size, 0x44)).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        disk.discard(4096 * 9 + 512, 4096 * 3).unwrap();
+        let after = std::fs::read(&path).unwrap();
+        assert!(
+            after[..4096 * 10] == before[..4096 * 10],
+            "the partial block before"
+        );
+        assert!(
+            after[4096 * 10..4096 * 12].iter().all(|&b| b == 0),
+            "the whole blocks"
+        );
+        assert!(
+            after[4096 * 12..] == before[4096 * 12..],
+            "the partial block after"
+        );
     }
 }
