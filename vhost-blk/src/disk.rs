@@ -666,6 +666,17 @@ mod tests {
         tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).unwrap()
     }
 
+    /// The image at `path` with O_DIRECT on 4 KiB blocks, coarser than any
+    /// file system here asks: every sector write is a read-modify-write.
+    fn coarse(path: &Path) -> RawFile {
+        RawFile::open(path, false, true)
+            .unwrap()
+            .with_alignment(Alignment {
+                memory: 4096,
+                offset: 4096,
+            })
+    }
+
     /// Bytes that differ from block to block and from run to run.
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
@@ -708,14 +719,7 @@ mod tests {
         let size = 3 * BOUNCE_WINDOW as usize;
         let mut model = pattern(size, 0x5a);
         std::fs::write(&path, &model).unwrap();
-        // Coarser than any file system asks: every sector write is a
-        // read-modify-write.
-        let disk = RawFile::open(&path, false, true)
-            .unwrap()
-            .with_alignment(Alignment {
-                memory: 4096,
-                offset: 4096,
-            });
+        let disk = coarse(&path);
         // (file offset, length, guest buffer misalignment)
         let cases = [
             (512, 512, 0),
@@ -755,12 +759,7 @@ mod tests {
         let path = dir.path().join("img");
         const BLOCKS: usize = 64;
         std::fs::write(&path, vec![0u8; BLOCKS * 4096]).unwrap();
-        let disk = RawFile::open(&path, false, true)
-            .unwrap()
-            .with_alignment(Alignment {
-                memory: 4096,
-                offset: 4096,
-            });
+        let disk = coarse(&path);
         // Thread 0 writes the even sectors, thread 1 the odd ones: every
         // write is a read-modify-write of a block the other is writing too.
         std::thread::scope(|s| {
@@ -791,12 +790,7 @@ mod tests {
         let size = 16 * 4096;
         let mut model = pattern(size, 0x33);
         std::fs::write(&path, &model).unwrap();
-        let disk = RawFile::open(&path, false, true)
-            .unwrap()
-            .with_alignment(Alignment {
-                memory: 4096,
-                offset: 4096,
-            });
+        let disk = coarse(&path);
         // (offset, length): inside one block, across a boundary, whole
         // blocks with partial ends.
         for (offset, len) in [(512u64, 1024u64), (1536, 6144), (4096 * 2 + 512, 4096 * 5)] {
