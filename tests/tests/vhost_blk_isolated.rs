@@ -14,7 +14,7 @@ use vhost_test_frontend::load::{self, LoadSpec, Report};
 use vhost_test_frontend::malformed;
 use vhost_test_frontend::virtqueue::RingError;
 use vhost_test_frontend::virtqueue::{Buf, RawDesc, DESC_F_NEXT, DESC_F_WRITE};
-use vhost_test_frontend::{BlkError, Request};
+use vhost_test_frontend::{BlkError, Pipeline, Request};
 use vmm_tests::backend::{require_qemu_storage_daemon, vhost_blk_bin, Backend};
 
 const IMAGE_SIZE: usize = 4 << 20;
@@ -773,6 +773,98 @@ fn direct_sector_writes_on_a_4k_sector_device_are_read_modify_writes_that_all_la
         );
     }
     pipelined_writes_then_reads_through(dir.path(), &img, &device.0, &["--direct"], 512);
+}
+
+/// Runs `writes` (first sector, length, the byte to fill with) on `p`,
+/// as many in flight as it takes; each must succeed.
+fn pipelined_writes(p: &mut Pipeline, writes: &[(u64, u32, u8)]) {
+    let mut todo = writes.iter().enumerate();
+    let mut pending = writes.len();
+    let mut done = Vec::new();
+    while pending > 0 {
+        while p.in_flight() < p.depth() {
+            let Some((n, &(sector, len, byte))) = todo.next() else {
+                break;
+            };
+            assert!(p.fill_next(&vec![byte; len as usize]));
+            let req = Request {
+                kind: T_OUT,
+                sector,
+                len,
+            };
+            assert!(p.submit(req, n as u64).expect("submit"));
+        }
+        p.kick().expect("kick");
+        done.clear();
+        p.reap(&mut done).expect("reap");
+        for d in &done {
+            assert_eq!(d.status, S_OK, "write {:?}", writes[d.tag as usize]);
+        }
+        pending -= done.len();
+        if done.is_empty() {
+            assert!(p.wait(Duration::from_secs(5)).expect("wait"), "stalled");
+        }
+    }
+}
+
+#[test]
+fn direct_whole_block_writes_in_flight_are_not_undone_by_read_modify_writes() {
+    // On 4 KiB sectors, queue 0 writes sector 3 of each block (a
+    // read-modify-write, run by its worker) while queue 1 writes each
+    // whole block (aligned: through io_uring, 16 in flight). Sector 3 may
+    // end up either's, but the other sectors of a block only ever had
+    // queue 1's write: a read-modify-write that read the block before
+    // that write and wrote it back after would bring the old bytes back.
+    const BLOCKS: u64 = 256;
+    let target = vmm_tests::repo_root().join("target");
+    let dir = tempfile::tempdir_in(&target).expect("tempdir in target/");
+    let img = image(dir.path());
+    let device = LoopDevice::new(&img, 4096);
+    let socket = dir.path().join("mixed.sock");
+    let _backend = Backend::vhost_blk(&socket, &device.0, &["--num-queues", "2", "--direct"]);
+    let mut client = connect(&socket, 2);
+    let mut pipelines = client.pipelines(16, 4096).expect("pipelines");
+    for round in 0..12u8 {
+        let (sector_byte, block_byte) = (0xa0 | round, 0xc0 | round);
+        let sectors: Vec<_> = (0..BLOCKS).map(|b| (b * 8 + 3, 512, sector_byte)).collect();
+        let blocks: Vec<_> = (0..BLOCKS).map(|b| (b * 8, 4096, block_byte)).collect();
+        std::thread::scope(|s| {
+            for (p, writes) in pipelines.iter_mut().zip([&sectors, &blocks]) {
+                s.spawn(move || pipelined_writes(p, writes));
+            }
+        });
+        check_blocks(
+            &img,
+            BLOCKS,
+            sector_byte,
+            block_byte,
+            &format!("round {round}"),
+        );
+    }
+    // One queue with both kinds in flight: the worker finishes its own
+    // transfers before a read-modify-write of blocks they hold (else it
+    // would wait for itself, and this stalls).
+    let writes: Vec<_> = (0..BLOCKS)
+        .flat_map(|b| [(b * 8, 4096, 0xee), (b * 8 + 3, 512, 0xdd)])
+        .collect();
+    pipelined_writes(&mut pipelines[0], &writes);
+    check_blocks(&img, BLOCKS, 0xdd, 0xee, "one queue");
+}
+
+/// In each of the first `blocks` blocks of `img`, every sector holds
+/// `block_byte`, except that sector 3 may hold `sector_byte` instead.
+fn check_blocks(img: &Path, blocks: u64, sector_byte: u8, block_byte: u8, when: &str) {
+    let image = std::fs::read(img).expect("read image");
+    for (block, bytes) in image.chunks(4096).take(blocks as usize).enumerate() {
+        for (sector, bytes) in bytes.chunks(512).enumerate() {
+            let all = |v: u8| bytes.iter().all(|&b| b == v);
+            assert!(
+                all(block_byte) || (sector == 3 && all(sector_byte)),
+                "{when}: block {block} sector {sector} holds {:#x}",
+                bytes[0]
+            );
+        }
+    }
 }
 
 #[test]

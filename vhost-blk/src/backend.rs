@@ -24,7 +24,7 @@ use vmm_sys_util::event::{
 use vmm_common::ring_watch::avail_within;
 
 use crate::queue_io::{Completed, QueueIo};
-use crate::request::{self, BlkTarget, Parsed, SECTOR_SIZE, SEG_MAX};
+use crate::request::{self, BlkTarget, ChainBuf, Parsed, SECTOR_SIZE, SEG_MAX};
 
 /// Reads and writes in flight at once, per queue.
 const RING_ENTRIES: u32 = 256;
@@ -213,6 +213,7 @@ impl BlkBackend {
         let disk_fd = self.device.target.disk.async_fd();
         let vq_err = |e: virtio_queue::Error| io::Error::other(format!("{e:?}"));
         let mut finished = Vec::new();
+        let mut chain_buf = ChainBuf::new();
         loop {
             if event_idx {
                 vring.disable_notification().map_err(vq_err)?;
@@ -238,8 +239,26 @@ impl BlkBackend {
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let used = match request::parse(&self.device.target, &mem, chain, qio.is_some()) {
+                let used = match request::parse(
+                    &self.device.target,
+                    &mem,
+                    chain,
+                    qio.is_some(),
+                    &mut chain_buf,
+                ) {
                     Parsed::Done(used) => used,
+                    Parsed::Sync(request) => {
+                        if let Some(qio) = qio.as_deref_mut().filter(|_| request.changes_disk()) {
+                            // Its writes in flight may hold blocks this
+                            // request needs to itself: they finish first,
+                            // and completing them releases the blocks.
+                            if let Err(e) = qio.drain(&mut finished) {
+                                refused = Some(e);
+                            }
+                            completed += Self::complete(queue, vring, &mem, &mut finished);
+                        }
+                        request.run(&self.device.target, &mem)
+                    }
                     Parsed::Io(io) => match (qio.as_deref_mut(), disk_fd) {
                         (Some(qio), Some(fd)) => match qio.start(fd, head, io, mem.clone()) {
                             Ok(()) => match qio.submit_due() {
@@ -258,6 +277,9 @@ impl BlkBackend {
                 };
                 if add_used(queue, vring, head, used) {
                     completed += 1;
+                }
+                if refused.is_some() {
+                    break;
                 }
             }
             let is_async = qio.is_some();

@@ -3,7 +3,7 @@
 //! `RawFile` serves a raw image with positioned reads and writes straight
 //! into guest memory (no copy), O_DIRECT on request (aligned to what the
 //! file system asks for; unaligned transfers go through a bounded aligned
-//! bounce buffer, read-modify-writes one at a time), and an advisory lock
+//! bounce buffer, read-modify-writes holding their blocks alone), and an advisory lock
 //! so two writable backends cannot open the same image. `MemDisk` is for
 //! tests.
 
@@ -12,10 +12,14 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+#[cfg(test)]
 use std::sync::Mutex;
 
 use thiserror::Error;
 use vm_memory::VolatileSlice;
+
+use crate::block_writes::{BlockWrites, WriteClaim};
 
 /// A guest buffer.
 pub type GuestBuf<'a> = VolatileSlice<'a, ()>;
@@ -46,6 +50,11 @@ pub trait Disk: Send + Sync {
     /// The alignment asynchronous I/O needs, or None when the disk has no
     /// asynchronous path.
     fn async_alignment(&self) -> Option<Alignment> {
+        None
+    }
+    /// Claims the range for an asynchronous write, which holds the claim
+    /// until it completes (waits while a read-modify-write holds it).
+    fn claim_async_write(&self, _offset: u64, _len: u64) -> Option<WriteClaim> {
         None
     }
 }
@@ -144,10 +153,9 @@ pub struct RawFile {
     size: u64,
     /// With O_DIRECT, its alignment.
     direct: Option<Alignment>,
-    /// Held over each read-modify-write of whole blocks: two queues
-    /// writing different sectors of one block must not each write back
-    /// the block as it was before the other's write.
-    read_modify_write: Mutex<()>,
+    /// With O_DIRECT, the blocks each write holds: a read-modify-write
+    /// must not write back a block as it was before another write to it.
+    writes: Arc<BlockWrites>,
 }
 
 impl RawFile {
@@ -200,8 +208,8 @@ impl RawFile {
         Ok(RawFile {
             file,
             size,
+            writes: BlockWrites::new(direct.map_or(SECTOR, |a| a.offset)),
             direct,
-            read_modify_write: Mutex::new(()),
         })
     }
 
@@ -210,6 +218,7 @@ impl RawFile {
     #[cfg(test)]
     fn with_alignment(mut self, align: Alignment) -> Self {
         self.direct = Some(align);
+        self.writes = BlockWrites::new(align.offset);
         self
     }
 
@@ -224,15 +233,16 @@ impl RawFile {
         (!ok).then_some(align)
     }
 
-    /// With O_DIRECT, held over each read-modify-write and by discard and
-    /// write-zeroes, so that a read-modify-write never writes back a block
-    /// as it was before another's change.
-    fn block_writes_guard(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
-        self.direct.map(|_| {
-            self.read_modify_write
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        })
+    /// With O_DIRECT, the blocks of a plain write (see `BlockWrites`).
+    fn claim_write(&self, offset: u64, len: u64) -> Option<WriteClaim> {
+        self.direct.map(|_| self.writes.write(offset, len))
+    }
+
+    /// With O_DIRECT, the blocks of a read-modify-write, a discard or
+    /// write-zeroes, alone.
+    fn claim_alone(&self, offset: u64, len: u64) -> Option<WriteClaim> {
+        self.direct
+            .map(|_| self.writes.read_modify_write(offset, len))
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
@@ -427,6 +437,7 @@ impl Disk for RawFile {
     fn write_at(&self, offset: u64, buf: &GuestBuf<'_>) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
         let Some(align) = self.misaligned(offset, buf) else {
+            let _blocks = self.claim_write(offset, buf.len() as u64);
             let guard = buf.ptr_guard();
             // SAFETY: the guard keeps the guest buffer of `buf.len()` bytes
             // mapped and readable for the call.
@@ -434,13 +445,13 @@ impl Disk for RawFile {
                 transfer(fd, Op::Write, guard.as_ptr().cast_mut(), buf.len(), offset)
             };
         };
-        // Blocks the write covers only in part are read first, and written
-        // back whole: one such read-modify-write at a time.
+        // Blocks the write covers only in part are read first and written
+        // back whole, with no other write to them in between.
         let partial = offset % align.offset != 0 || (offset + buf.len() as u64) % align.offset != 0;
-        let _only_one = if partial {
-            self.block_writes_guard()
+        let _blocks = if partial {
+            self.claim_alone(offset, buf.len() as u64)
         } else {
-            None
+            self.claim_write(offset, buf.len() as u64)
         };
         let block = align.offset as usize;
         let mut bounce = Bounce::new(window_len(offset, buf.len(), align), bounce_align(align))?;
@@ -487,8 +498,12 @@ impl Disk for RawFile {
         self.direct.map_or(512, |a| a.offset.max(512))
     }
 
+    fn claim_async_write(&self, offset: u64, len: u64) -> Option<WriteClaim> {
+        self.claim_write(offset, len)
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        let _not_during_a_read_modify_write = self.block_writes_guard();
+        let _blocks = self.claim_alone(offset, len);
         // Only whole O_DIRECT blocks (a block device takes no less); what
         // a discarded range reads back as is unspecified anyway.
         let block = self.direct.map_or(1, |a| a.offset);
@@ -505,7 +520,7 @@ impl Disk for RawFile {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        let _not_during_a_read_modify_write = self.block_writes_guard();
+        let _blocks = self.claim_alone(offset, len);
         let end = offset + len;
         let Some(align) = self.direct.filter(|a| a.offset > SECTOR) else {
             let buffer_align = self.direct.map_or(4096, bounce_align);
@@ -538,7 +553,7 @@ const SECTOR: u64 = 512;
 impl RawFile {
     /// Zeroes `start..end`, whole O_DIRECT blocks (or sectors without
     /// O_DIRECT): with fallocate, else by writing zeroes from a buffer
-    /// aligned to `buffer_align`. The caller holds the block-writes guard.
+    /// aligned to `buffer_align`. The caller holds the blocks alone.
     fn zero_blocks(
         &self,
         start: u64,
@@ -569,8 +584,8 @@ impl RawFile {
     }
 
     /// Zeroes `start..end`, which lies in one O_DIRECT block, by a
-    /// read-modify-write of the block. The caller holds the block-writes
-    /// guard.
+    /// read-modify-write of the block. The caller holds the block
+    /// alone.
     fn zero_within_block(&self, start: u64, end: u64, align: Alignment) -> io::Result<()> {
         let block = align.offset;
         let block_start = start / block * block;
@@ -780,6 +795,51 @@ mod tests {
                 bytes.iter().all(|&b| b == sector as u8 | 1),
                 "sector {sector} lost its write"
             );
+        }
+    }
+
+    #[test]
+    fn a_whole_block_write_is_not_undone_by_a_read_modify_write_of_the_block() {
+        let dir = disk_dir();
+        let path = dir.path().join("img");
+        const BLOCKS: usize = 256;
+        std::fs::write(&path, vec![0u8; BLOCKS * 4096]).unwrap();
+        let disk = coarse(&path);
+        // In each round, thread 0 writes sector 3 of each block (a
+        // read-modify-write), thread 1 each whole block, aligned, at once.
+        for round in 0..8u8 {
+            let (sector_byte, block_byte) = (0xa0 | round, 0xb0 | round);
+            std::thread::scope(|s| {
+                let disk = &disk;
+                s.spawn(move || {
+                    let mut data = vec![sector_byte; 512];
+                    for block in 0..BLOCKS as u64 {
+                        let buf = GuestBuf::from(&mut data[..]);
+                        disk.write_at(block * 4096 + 3 * 512, &buf).unwrap();
+                    }
+                });
+                s.spawn(move || {
+                    let mut data = vec![0u8; 2 * 4096];
+                    let base = data.as_ptr().align_offset(4096);
+                    data[base..base + 4096].fill(block_byte);
+                    for block in 0..BLOCKS as u64 {
+                        let buf = GuestBuf::from(&mut data[base..base + 4096]);
+                        disk.write_at(block * 4096, &buf).unwrap();
+                    }
+                });
+            });
+            let image = std::fs::read(&path).unwrap();
+            for (block, bytes) in image.chunks(4096).enumerate() {
+                for (sector, bytes) in bytes.chunks(512).enumerate() {
+                    let all = |v: u8| bytes.iter().all(|&b| b == v);
+                    let ok = all(block_byte) || (sector == 3 && all(sector_byte));
+                    assert!(
+                        ok,
+                        "round {round}, block {block} sector {sector}: {:#x}",
+                        bytes[0]
+                    );
+                }
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! vhost-blk: a vhost-user-blk backend serving a raw image on a Unix socket.
 
 mod backend;
+mod block_writes;
 mod cli;
 mod config;
 mod disk;

@@ -13,6 +13,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::block_writes::WriteClaim;
 use crate::config::SERIAL_LEN;
 use crate::disk::Disk;
 
@@ -55,6 +56,8 @@ pub struct PendingIo {
     pub iovecs: Vec<libc::iovec>,
     pub len: u32,
     status_addr: u64,
+    /// A write's blocks, held until it completes (see `BlockWrites`).
+    _blocks: Option<WriteClaim>,
 }
 
 // SAFETY: the iovecs point into guest memory, which stays mapped while a
@@ -77,6 +80,7 @@ impl PendingIo {
             }],
             len,
             status_addr: 0,
+            _blocks: None,
         }
     }
 }
@@ -84,11 +88,61 @@ impl PendingIo {
 /// Linux's MAX_RW_COUNT: the most one read or write system call moves.
 const MAX_ASYNC_TRANSFER: u64 = 0x7fff_f000;
 
-pub enum Parsed {
+pub enum Parsed<'a> {
     /// The request is complete (status written); the used length.
     Done(u32),
     /// The data transfer is left to the caller.
     Io(PendingIo),
+    /// The caller runs it with `SyncRequest::run`.
+    Sync(SyncRequest<'a>),
+}
+
+/// Room for one chain's descriptors, reused from request to request.
+pub struct ChainBuf([Descriptor; MAX_DESCRIPTORS]);
+
+impl ChainBuf {
+    pub fn new() -> Self {
+        ChainBuf([Descriptor::new(0, 0, 0, 0); MAX_DESCRIPTORS])
+    }
+}
+
+/// A well-formed chain to run synchronously: its header and its data
+/// descriptors.
+pub struct SyncRequest<'a> {
+    header: Header,
+    data: &'a [Descriptor],
+    status_addr: u64,
+}
+
+impl SyncRequest<'_> {
+    /// Whether it may change the disk (a write, discard or write-zeroes):
+    /// then it may need blocks to itself, which its queue's own writes in
+    /// flight must not hold (see `BlockWrites`).
+    pub fn changes_disk(&self) -> bool {
+        matches!(
+            self.header.kind,
+            VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES
+        )
+    }
+
+    /// Runs it and writes its status; returns the used length.
+    pub fn run(&self, target: &BlkTarget, mem: &GuestMemoryMmap) -> u32 {
+        let (status, written) = match run(target, mem, &self.header, self.data) {
+            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+            Err(failure) => (failure.status(), 0),
+        };
+        complete(mem, self.status_addr, status, written)
+    }
+}
+
+/// Writes the status byte; returns the used length (0 when the status
+/// byte is outside guest memory).
+fn complete(mem: &GuestMemoryMmap, status_addr: u64, status: u8, written: u32) -> u32 {
+    if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
+        log::debug!("status byte at {status_addr:#x} is outside guest memory");
+        return 0;
+    }
+    written.saturating_add(1)
 }
 
 /// Executes the request made of `descriptors` synchronously; returns the
@@ -99,8 +153,9 @@ pub fn execute(
     mem: &GuestMemoryMmap,
     descriptors: impl Iterator<Item = Descriptor>,
 ) -> u32 {
-    match parse(target, mem, descriptors, false) {
+    match parse(target, mem, descriptors, false, &mut ChainBuf::new()) {
         Parsed::Done(used) => used,
+        Parsed::Sync(request) => request.run(target, mem),
         // Unreachable with `allow_async` false; complete it as failed.
         Parsed::Io(io) => finish(mem, &io, false),
     }
@@ -123,15 +178,17 @@ pub fn finish(mem: &GuestMemoryMmap, io: &PendingIo, ok: bool) -> u32 {
     }
 }
 
-/// Parses and runs the request; with `allow_async`, plain reads and writes
-/// the disk can take asynchronously are handed back as `Parsed::Io`.
-pub fn parse(
+/// Parses the request: a malformed one is completed with its status; with
+/// `allow_async`, plain reads and writes the disk can take asynchronously
+/// are handed back as `Parsed::Io`; the rest as `Parsed::Sync`.
+pub fn parse<'a>(
     target: &BlkTarget,
     mem: &GuestMemoryMmap,
     descriptors: impl Iterator<Item = Descriptor>,
     allow_async: bool,
-) -> Parsed {
-    let mut descs = [Descriptor::new(0, 0, 0, 0); MAX_DESCRIPTORS];
+    buf: &'a mut ChainBuf,
+) -> Parsed<'a> {
+    let descs = &mut buf.0;
     let mut count = 0;
     // Past the limit, only the last descriptor is kept: it holds the
     // status byte the refusal goes to. (The chain iterator ends loops.)
@@ -165,26 +222,21 @@ pub fn parse(
     else {
         return Parsed::Done(0);
     };
-    let (status, written) = match split_layout(mem, descs) {
-        Some((header, data)) if !too_many => {
-            if allow_async {
-                if let Some(mut io) = async_transfer(target, mem, &header, data) {
-                    io.status_addr = status_addr;
-                    return Parsed::Io(io);
-                }
-            }
-            match run(target, mem, &header, data) {
-                Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
-                Err(failure) => (failure.status(), 0),
-            }
-        }
-        _ => (VIRTIO_BLK_S_IOERR as u8, 0),
+    let Some((header, data)) = split_layout(mem, descs).filter(|_| !too_many) else {
+        return Parsed::Done(complete(mem, status_addr, VIRTIO_BLK_S_IOERR as u8, 0));
     };
-    if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
-        log::debug!("status byte at {status_addr:#x} is outside guest memory");
-        return Parsed::Done(0);
+    if allow_async {
+        if let Some(mut io) = async_transfer(target, mem, &header, &descs[data.clone()]) {
+            io.status_addr = status_addr;
+            return Parsed::Io(io);
+        }
     }
-    Parsed::Done(written.saturating_add(1))
+    let descs: &'a [Descriptor] = descs;
+    Parsed::Sync(SyncRequest {
+        header,
+        data: &descs[data],
+        status_addr,
+    })
 }
 
 /// A request's header: its type and first sector (the reserved word
@@ -214,12 +266,13 @@ impl Header {
 /// data, or data and the status): the header is the first 16 bytes of the
 /// chain, in device-readable descriptors, the status the last byte of the
 /// last descriptor, and the data what lies between. The descriptors that
-/// hold both are trimmed in place to their data. None when the header is
-/// short, unreadable or device-writable, or the chain has one descriptor.
-fn split_layout<'a>(
+/// hold both are trimmed in place to their data, which is `descs[range]`.
+/// None when the header is short, unreadable or device-writable, or the
+/// chain has one descriptor.
+fn split_layout(
     mem: &GuestMemoryMmap,
-    descs: &'a mut [Descriptor],
-) -> Option<(Header, &'a [Descriptor])> {
+    descs: &mut [Descriptor],
+) -> Option<(Header, std::ops::Range<usize>)> {
     let count = descs.len();
     let last = *descs.last()?;
     if count < 2 {
@@ -247,7 +300,7 @@ fn split_layout<'a>(
         }
     }
     let end = count - usize::from(descs[count - 1].len() == 0);
-    Some((Header::from_bytes(&bytes), &descs[start..end.max(start)]))
+    Some((Header::from_bytes(&bytes), start..end.max(start)))
 }
 
 /// A well-formed IN or OUT the disk can run asynchronously: its iovecs.
@@ -300,6 +353,11 @@ fn async_transfer(
         iovecs,
         len: total as u32,
         status_addr: 0,
+        _blocks: if write {
+            target.disk.claim_async_write(offset, total)
+        } else {
+            None
+        },
     })
 }
 
