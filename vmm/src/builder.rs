@@ -486,6 +486,7 @@ impl BuiltVm {
                         &self.run,
                         threads,
                         STOP_AFTER_FAILED_START,
+                        vcpu::STOP_CEILING,
                         crate::vhost_user::deadline::in_exchange,
                     ) {
                         log::error!("{stop}");

@@ -127,6 +127,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
             &vm.run,
             threads,
             stop_timeout,
+            vstate::vcpu::STOP_CEILING,
             vhost_user::deadline::in_exchange,
         )
         .map_err(|e| format!("cannot reboot: {e}"))?;
@@ -141,6 +142,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         &vm.run,
         threads,
         stop_timeout,
+        vstate::vcpu::STOP_CEILING,
         vhost_user::deadline::in_exchange,
     ) {
         // The process ends anyway, and that ends the threads.

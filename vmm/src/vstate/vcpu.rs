@@ -248,6 +248,15 @@ pub enum StopError {
         total: usize,
         timeout: Duration,
     },
+    #[error(
+        "{stuck} of {total} vCPU threads did not stop within {ceiling:?}, \
+         though each was waiting on a vhost-user backend"
+    )]
+    Ceiling {
+        stuck: usize,
+        total: usize,
+        ceiling: Duration,
+    },
     #[error("{0} vCPU threads panicked")]
     Panicked(usize),
 }
@@ -262,6 +271,10 @@ pub type Waiting = fn(std::thread::ThreadId) -> bool;
 /// exchange and the next, a vCPU runs for microseconds).
 const BETWEEN_WAITS: Duration = Duration::from_millis(500);
 
+/// The longest a stop waits for threads in waits with limits of their own
+/// (twelve backend exchanges that each run to their limit).
+pub const STOP_CEILING: Duration = Duration::from_secs(60);
+
 /// Stops every vCPU thread: sets the flag, releases paused ones, then kicks
 /// each thread still running until it has left KVM_RUN (a kick can land
 /// just before KVM_RUN starts, so it is repeated).
@@ -271,17 +284,20 @@ const BETWEEN_WAITS: Duration = Duration::from_millis(500);
 /// of its own, and until BETWEEN_WAITS after that was last seen, the stop
 /// waits past `timeout`: a vCPU whose MMIO write sets a device up runs one
 /// backend exchange after another, each with its own limit (and others
-/// may wait for the device it holds), and the chain ends.
+/// may wait for the device it holds), and the chain ends; but never past
+/// `ceiling` in all.
 pub fn stop_all<T>(
     stop: &AtomicBool,
     run: &RunControl,
     threads: Vec<JoinHandle<T>>,
     timeout: Duration,
+    ceiling: Duration,
     waiting: Waiting,
 ) -> Result<Vec<T>, StopError> {
     stop.store(true, Ordering::Release);
     run.finish();
-    let deadline = Instant::now() + timeout;
+    let start = Instant::now();
+    let deadline = start + timeout;
     let mut last_seen_waiting = None;
     loop {
         let running: Vec<&JoinHandle<T>> = threads.iter().filter(|t| !t.is_finished()).collect();
@@ -298,6 +314,13 @@ pub fn stop_all<T>(
                 stuck: running.len(),
                 total: threads.len(),
                 timeout,
+            });
+        }
+        if now > start + ceiling {
+            return Err(StopError::Ceiling {
+                stuck: running.len(),
+                total: threads.len(),
+                ceiling,
             });
         }
         for thread in running {
@@ -349,8 +372,15 @@ mod tests {
         let stop = AtomicBool::new(false);
         let run = RunControl::default();
         let threads = vec![slow_thread(Duration::from_millis(400))];
-        let done = stop_all(&stop, &run, threads, Duration::from_millis(50), |_| true)
-            .expect("waited for the thread in its wait");
+        let done = stop_all(
+            &stop,
+            &run,
+            threads,
+            Duration::from_millis(50),
+            STOP_CEILING,
+            |_| true,
+        )
+        .expect("waited for the thread in its wait");
         assert_eq!(done, vec![7]);
 
         // A second thread, waiting for the first (say, for the device the
@@ -359,15 +389,27 @@ mod tests {
         let first = in_wait.thread().id();
         WAITING.with(|w| w.set(Some(first)));
         let threads = vec![in_wait, slow_thread(Duration::from_millis(400))];
-        let done = stop_all(&stop, &run, threads, Duration::from_millis(50), |t| {
-            WAITING.with(|w| w.get()) == Some(t)
-        })
+        let done = stop_all(
+            &stop,
+            &run,
+            threads,
+            Duration::from_millis(50),
+            STOP_CEILING,
+            |t| WAITING.with(|w| w.get()) == Some(t),
+        )
         .expect("waited for both");
         assert_eq!(done, vec![7, 7]);
 
         let threads = vec![slow_thread(Duration::from_millis(400))];
-        let err = stop_all(&stop, &run, threads, Duration::from_millis(50), |_| false)
-            .expect_err("a stuck thread outside any wait is not waited for");
+        let err = stop_all(
+            &stop,
+            &run,
+            threads,
+            Duration::from_millis(50),
+            STOP_CEILING,
+            |_| false,
+        )
+        .expect_err("a stuck thread outside any wait is not waited for");
         assert!(
             matches!(
                 err,
@@ -379,5 +421,30 @@ mod tests {
             ),
             "{err}"
         );
+
+        // Nor is one that stays in waits past the ceiling.
+        let threads = vec![slow_thread(Duration::from_secs(2))];
+        let started = Instant::now();
+        let err = stop_all(
+            &stop,
+            &run,
+            threads,
+            Duration::from_millis(50),
+            Duration::from_millis(300),
+            |_| true,
+        )
+        .expect_err("waited past the ceiling");
+        assert!(
+            matches!(
+                err,
+                StopError::Ceiling {
+                    stuck: 1,
+                    total: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1), "{err}");
     }
 }
