@@ -17,7 +17,7 @@ use vmm_tests::blk::{
 };
 use vmm_tests::pty::Pty;
 use vmm_tests::qmp::RawQmp;
-use vmm_tests::vm::VmBuilder;
+use vmm_tests::vm::{RunningVm, VmBuilder};
 use vmm_tests::{require_kvm, test_guest};
 
 #[test]
@@ -40,6 +40,58 @@ fn guest_reads_and_writes_through_vhost_blk_and_the_next_vm_too() {
         let log = finish(vm);
         assert_kicks_bypassed_the_vmm(&log, "disk0");
         assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
+    }
+}
+
+/// A guest that moves its disks' BARs (as firmware, or an OS that assigns
+/// PCI resources itself, does) drives them at the new addresses, and its
+/// kicks still bypass the VMM: the BAR windows and the queues' notify
+/// ioeventfds followed the BARs.
+#[test]
+fn disks_whose_bars_the_guest_moves_work_at_the_new_addresses() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut backends = Vec::new();
+    let mut vm = VmBuilder::new(test_guest()).cmdline("movebars");
+    for index in 0..2u8 {
+        let image = dir.path().join(format!("disk{index}.img"));
+        make_image(&image, index);
+        let socket = dir.path().join(format!("disk{index}.sock"));
+        backends.push(Backend::vhost_blk(&socket, &image, &[]));
+        vm = vm.arg("--disk").arg(format!("socket={}", socket.display()));
+    }
+    let mut cmd = vm.command();
+    cmd.env("RUST_LOG", "info");
+    let vm = RunningVm::spawn(cmd);
+    for (index, (bdf, to)) in [("00:01.0", "0xd0010000"), ("00:02.0", "0xd0020000")]
+        .into_iter()
+        .enumerate()
+    {
+        vm.expect_line(
+            &format!("testguest: pci {bdf} bar0 moved to {to}"),
+            Duration::from_secs(90),
+        );
+        expect_disk(&vm, bdf, index as u8, false);
+    }
+    let log = finish(vm);
+    for (bdf, from, to) in [
+        ("00:01.0", "0xc0000000", "0xd0010000"),
+        ("00:02.0", "0xc0008000", "0xd0020000"),
+    ] {
+        assert!(
+            log.contains(&format!("PCI {bdf}: BAR0 moved from {from} to {to}")),
+            "{log}"
+        );
+    }
+    assert_kicks_bypassed_the_vmm(&log, "disk0");
+    assert_kicks_bypassed_the_vmm(&log, "disk1");
+    for index in 0..2u8 {
+        let image = dir.path().join(format!("disk{index}.img"));
+        assert_eq!(
+            read_pattern_area(&image),
+            guest_pattern(index),
+            "disk{index}"
+        );
     }
 }
 

@@ -145,7 +145,7 @@ pub fn build(
     };
     let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
 
-    let mut pio = PioBus::default();
+    let pio = PioBus::default();
     pio.insert(
         u64::from(layout::ports::SERIAL_BASE),
         u64::from(layout::ports::SERIAL_LEN),
@@ -165,13 +165,13 @@ pub fn build(
     vm.register_irqfd(&ged_irq, layout::ports::GED_IRQ)
         .map_err(BuildError::GedIrqfd)?;
     let ged = GedEvents::new(ged_irq);
-    let pci_bus = Arc::new(Mutex::new(PciBus::new()));
+    let mmio = Arc::new(MmioBus::default());
+    let pci_bus = Arc::new(Mutex::new(PciBus::new(&mmio)));
     pio.insert(
         u64::from(config_io::PORT_BASE),
         u64::from(config_io::PORT_LEN),
         Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone(), exit.clone()))),
     )?;
-    let mut mmio = MmioBus::default();
     mmio.insert(
         layout::PCI_ECAM_START,
         layout::PCI_ECAM_SIZE,
@@ -188,7 +188,6 @@ pub fn build(
         vm: &vm,
         router: &router,
         bus: &pci_bus,
-        mmio: &mut mmio,
         next_bar: layout::PCI_MMIO32_START,
         stats: Vec::new(),
     };
@@ -292,7 +291,7 @@ pub fn build(
         ram,
         exit,
         pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
+        mmio,
         serial,
         stop: Arc::new(AtomicBool::new(false)),
         run: Arc::new(RunControl::default()),
@@ -357,7 +356,6 @@ struct PciDevices<'a> {
     vm: &'a Arc<VmFd>,
     router: &'a Arc<GsiRouter>,
     bus: &'a Arc<Mutex<PciBus>>,
-    mmio: &'a mut MmioBus,
     next_bar: u64,
     stats: Vec<DeviceStats>,
 }
@@ -387,9 +385,12 @@ impl PciDevices<'_> {
         let transport_counters = transport.counters();
         let transport = Arc::new(Mutex::new(transport));
         let bar_counters = Arc::new(BarExitCounters::default());
-        let slot = crate::bus::lock(self.bus).next_slot()?;
-        crate::bus::lock(self.bus).add(slot, transport.clone());
-        self.mmio.insert(
+        let mut bus = crate::bus::lock(self.bus);
+        let slot = bus.next_slot()?;
+        bus.add(slot, transport.clone());
+        bus.map_bar(
+            slot,
+            0,
             bar_addr,
             virtio_pci::BAR_SIZE,
             Arc::new(Mutex::new(BarRegion::new(
@@ -398,6 +399,7 @@ impl PciDevices<'_> {
                 bar_counters.clone(),
             ))),
         )?;
+        drop(bus);
         log::info!(
             "{name}: {kind} on {} at PCI 00:{slot:02x}.0, BAR0 {bar_addr:#x}",
             socket.display()

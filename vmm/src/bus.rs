@@ -1,8 +1,11 @@
 //! Address buses: route a vCPU's port I/O or MMIO exit to the device that
 //! owns the address. Unclaimed addresses read as all ones and ignore
-//! writes, as on a PC.
+//! writes, as on a PC. A range can move while vCPUs run (a guest that
+//! reprograms a PCI BAR): the bus is locked only to find the device, never
+//! while the device handles the access, so a device's handler may move
+//! ranges.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on a bus. `offset` is relative to the start of the range the
 /// device was inserted at.
@@ -24,7 +27,7 @@ pub type MmioBus = Bus;
 
 #[derive(Default)]
 pub struct Bus {
-    ranges: Vec<Range>,
+    ranges: RwLock<Vec<Range>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,36 +37,64 @@ pub struct Overlap {
     pub len: u64,
 }
 
+/// Whether `base..base + len` overlaps a range other than the one at `skip`.
+fn overlaps(ranges: &[Range], base: u64, len: u64, skip: Option<u64>) -> bool {
+    let end = base.saturating_add(len);
+    ranges
+        .iter()
+        .filter(|r| Some(r.base) != skip)
+        .any(|r| base < r.base.saturating_add(r.len) && r.base < end)
+}
+
 impl Bus {
+    fn ranges(&self) -> std::sync::RwLockReadGuard<'_, Vec<Range>> {
+        self.ranges.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ranges_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Range>> {
+        self.ranges.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn insert(
-        &mut self,
+        &self,
         base: u64,
         len: u64,
         device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<(), Overlap> {
-        let end = base.saturating_add(len);
-        if len == 0
-            || self
-                .ranges
-                .iter()
-                .any(|r| base < r.base.saturating_add(r.len) && r.base < end)
-        {
+        let mut ranges = self.ranges_mut();
+        if len == 0 || base.checked_add(len).is_none() || overlaps(&ranges, base, len, None) {
             return Err(Overlap { base, len });
         }
-        self.ranges.push(Range { base, len, device });
+        ranges.push(Range { base, len, device });
         Ok(())
     }
 
-    fn find(&self, addr: u64) -> Option<(&Range, u64)> {
-        self.ranges
+    /// Moves the range inserted at `from` to `to`, unless it would
+    /// overlap another (or there is none at `from`).
+    pub fn move_range(&self, from: u64, to: u64) -> Result<(), Overlap> {
+        let mut ranges = self.ranges_mut();
+        let Some(at) = ranges.iter().position(|r| r.base == from) else {
+            return Err(Overlap { base: to, len: 0 });
+        };
+        let len = ranges[at].len;
+        if to.checked_add(len).is_none() || overlaps(&ranges, to, len, Some(from)) {
+            return Err(Overlap { base: to, len });
+        }
+        ranges[at].base = to;
+        Ok(())
+    }
+
+    /// The device at `addr` and the offset into its range.
+    fn find(&self, addr: u64) -> Option<(Arc<Mutex<dyn BusDevice>>, u64)> {
+        self.ranges()
             .iter()
             .find(|r| addr >= r.base && addr - r.base < r.len)
-            .map(|r| (r, addr - r.base))
+            .map(|r| (r.device.clone(), addr - r.base))
     }
 
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some((range, offset)) => lock(&range.device).read(offset, data),
+            Some((device, offset)) => lock(&device).read(offset, data),
             None => {
                 log::trace!("read from unclaimed address {addr:#x}");
                 data.fill(0xff);
@@ -73,7 +104,7 @@ impl Bus {
 
     pub fn write(&self, addr: u64, data: &[u8]) {
         match self.find(addr) {
-            Some((range, offset)) => lock(&range.device).write(offset, data),
+            Some((device, offset)) => lock(&device).write(offset, data),
             None => log::trace!("write {data:x?} to unclaimed address {addr:#x}"),
         }
     }
@@ -103,7 +134,7 @@ mod tests {
 
     #[test]
     fn routes_by_address_and_rejects_overlaps() {
-        let mut bus = Bus::default();
+        let bus = Bus::default();
         bus.insert(0x10, 4, Arc::new(Mutex::new(Echo(1)))).unwrap();
         assert!(bus.insert(0x13, 2, Arc::new(Mutex::new(Echo(0)))).is_err());
         assert!(bus.insert(0x20, 0, Arc::new(Mutex::new(Echo(0)))).is_err());
@@ -115,5 +146,21 @@ mod tests {
         assert_eq!(data, [7]);
         bus.read(0x20, &mut data);
         assert_eq!(data, [0xff]);
+    }
+
+    #[test]
+    fn a_range_moves_unless_it_would_overlap() {
+        let bus = Bus::default();
+        bus.insert(0x10, 4, Arc::new(Mutex::new(Echo(1)))).unwrap();
+        bus.insert(0x20, 4, Arc::new(Mutex::new(Echo(5)))).unwrap();
+        assert!(bus.move_range(0x10, 0x22).is_err(), "onto the other");
+        assert!(bus.move_range(0x30, 0x40).is_err(), "nothing there");
+        bus.move_range(0x10, 0x12).unwrap();
+        bus.move_range(0x12, 0x40).unwrap();
+        let mut data = [0u8; 1];
+        bus.read(0x10, &mut data);
+        assert_eq!(data, [0xff], "the old place is free");
+        bus.read(0x41, &mut data);
+        assert_eq!(data, [2], "the device answers at the new place");
     }
 }

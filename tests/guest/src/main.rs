@@ -8,7 +8,8 @@
 //! (`virtio_blk`) and virtio-net NIC (`virtio_net`: `ip=`, `ping=`,
 //! `respond=`) it finds on PCI (with `diskwait`, each disk waits for a
 //! line on the serial port between its first read and its writes, while
-//! the test swaps the backend); then it powers off through ACPI, or
+//! the test swaps the backend; with `movebars`, it first moves each
+//! virtio device's BAR); then it powers off through ACPI, or
 //! with `reset` on the command line resets the machine, or with
 //! `triplefault` crashes it, or with `resetonce` resets it once and powers
 //! off after the reboot.
@@ -41,6 +42,11 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use acpi::{Fadt, Madt, Table};
 use serial::{say, Bytes};
+
+/// With `movebars`, each virtio device's BAR 0 moves to 64 KiB apart from
+/// here before its driver runs, as a firmware or OS that assigns PCI
+/// resources itself does.
+const MOVED_BARS: u64 = 0xd000_0000;
 
 /// Longest echoed line; the rest of a longer line is dropped.
 const ECHO_LINE_MAX: usize = 256;
@@ -113,6 +119,12 @@ fn run(start_info: u64) -> Result<(), Fail> {
             const VIRTIO_VENDOR: u16 = 0x1af4;
             const VIRTIO_NET_MODERN: u16 = 0x1041;
             const VIRTIO_BLK_MODERN: u16 = 0x1042;
+            if vendor == VIRTIO_VENDOR && has_word(b"movebars") {
+                // Where nothing else is in the window the ACPI tables give.
+                let to = MOVED_BARS + u64::from(f.slot) * 0x1_0000;
+                f.move_bar64(0, to);
+                say!("pci 00:{:02x}.{} bar0 moved to {to:#x}", f.slot, f.function);
+            }
             if vendor == VIRTIO_VENDOR && device == VIRTIO_BLK_MODERN && !has_word(b"noblk") {
                 if result.is_ok() {
                     result = virtio_blk::test_disk(f, disks, has_word(b"diskwait"));

@@ -69,6 +69,17 @@ impl Function {
         }
     }
 
+    /// Moves 64-bit memory BAR `bar` to `addr` the way an OS reassigning
+    /// it does: memory decoding off while the two halves change, then on.
+    pub fn move_bar64(&self, bar: u8, addr: u64) {
+        let offset = 0x10 + bar * 4;
+        let command = self.read32(0x04) & 0xffff;
+        self.write32(0x04, command & !0x2);
+        self.write32(offset, addr as u32);
+        self.write32(offset + 4, (addr >> 32) as u32);
+        self.write32(0x04, command | 0x2);
+    }
+
     /// Enables memory decoding and bus mastering.
     pub fn enable(&self) {
         let command = self.read32(0x04) & 0xffff;

@@ -1,13 +1,17 @@
 //! PCI bus 0: the host bridge at 00:00.0 and the devices in the other
 //! slots, reached through configuration mechanism #1 or ECAM, plus the
-//! MMIO windows of their BARs.
+//! MMIO windows of their BARs, which follow the guest when it moves a BAR.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::config::PciConfiguration;
 use super::PciDevice;
-use crate::bus::{lock, BusDevice};
+use crate::bus::{lock, BusDevice, MmioBus, Overlap};
+
+const COMMAND_REG: usize = 1;
+const COMMAND_MEMORY: u32 = 1 << 1;
+const BAR0_REG: usize = 4;
 
 pub const SLOTS: usize = 32;
 
@@ -36,6 +40,17 @@ impl PciDevice for HostBridge {
 
 pub struct PciBus {
     slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
+    /// Where BAR windows go (weak: the bus holds ECAM, which holds this).
+    mmio: Weak<MmioBus>,
+    bars: Vec<MappedBar>,
+}
+
+/// A 64-bit memory BAR's window on the MMIO bus.
+struct MappedBar {
+    slot: u8,
+    index: usize,
+    addr: u64,
+    size: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +58,7 @@ pub struct PciBus {
 pub struct NoFreeSlot;
 
 impl PciBus {
-    pub fn new() -> Self {
+    pub fn new(mmio: &Arc<MmioBus>) -> Self {
         let mut slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>> = vec![None; SLOTS];
         slots[0] = Some(Arc::new(Mutex::new(HostBridge {
             config: PciConfiguration::new(
@@ -53,7 +68,11 @@ impl PciBus {
                 0,
             ),
         })));
-        PciBus { slots }
+        PciBus {
+            slots,
+            mmio: Arc::downgrade(mmio),
+            bars: Vec::new(),
+        }
     }
 
     /// The next free slot number, for a device about to be added.
@@ -76,6 +95,73 @@ impl PciBus {
         self.slots[usize::from(slot)] = Some(device);
     }
 
+    /// Puts the window of the 64-bit memory BAR `index` of the device in
+    /// `slot`, programmed at `addr`, on the MMIO bus.
+    pub fn map_bar(
+        &mut self,
+        slot: u8,
+        index: usize,
+        addr: u64,
+        size: u64,
+        window: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), Overlap> {
+        let mmio = self.mmio.upgrade().ok_or(Overlap {
+            base: addr,
+            len: size,
+        })?;
+        mmio.insert(addr, size, window)?;
+        self.bars.push(MappedBar {
+            slot,
+            index,
+            addr,
+            size,
+        });
+        Ok(())
+    }
+
+    /// After a write to the command register or a BAR of the device in
+    /// `slot`: with memory decoding on, each of its BAR windows moves to
+    /// where the BAR now points. (A guest moves a BAR with decoding off,
+    /// then turns it on; an address of all ones in either half is a BAR
+    /// being sized, not moved.)
+    fn follow_bars(&mut self, slot: u8, device: &Arc<Mutex<dyn PciDevice>>) {
+        let Some(mmio) = self.mmio.upgrade() else {
+            return;
+        };
+        let mut device = lock(device);
+        if device.config_read(COMMAND_REG) & COMMAND_MEMORY == 0 {
+            return;
+        }
+        for bar in self.bars.iter_mut().filter(|b| b.slot == slot) {
+            let low = device.config_read(BAR0_REG + bar.index) & !0xf;
+            let high = device.config_read(BAR0_REG + bar.index + 1);
+            let to = u64::from(high) << 32 | u64::from(low);
+            let sizing = high == u32::MAX || low | (bar.size - 1) as u32 == u32::MAX;
+            if to == bar.addr || sizing {
+                continue;
+            }
+            let from = bar.addr;
+            if let Err(e) = mmio.move_range(from, to) {
+                log::warn!(
+                    "PCI 00:{slot:02x}.0: BAR{} moved by the guest to {to:#x} stays at {from:#x}: {e}",
+                    bar.index
+                );
+                continue;
+            }
+            bar.addr = to;
+            match device.move_bar(bar.index, from, to) {
+                Ok(()) => log::info!(
+                    "PCI 00:{slot:02x}.0: BAR{} moved from {from:#x} to {to:#x}",
+                    bar.index
+                ),
+                Err(e) => log::error!(
+                    "PCI 00:{slot:02x}.0: BAR{} moved from {from:#x} to {to:#x}, but {e}",
+                    bar.index
+                ),
+            }
+        }
+    }
+
     fn device(&self, bus: u8, slot: u8, function: u8) -> Option<&Arc<Mutex<dyn PciDevice>>> {
         if bus != 0 || function != 0 {
             return None;
@@ -91,7 +177,7 @@ impl PciBus {
     }
 
     pub fn config_write(
-        &self,
+        &mut self,
         bus: u8,
         slot: u8,
         function: u8,
@@ -99,8 +185,12 @@ impl PciBus {
         offset: u64,
         data: &[u8],
     ) {
-        if let Some(device) = self.device(bus, slot, function) {
-            lock(device).config_write(reg, offset, data);
+        let Some(device) = self.device(bus, slot, function).cloned() else {
+            return;
+        };
+        lock(&device).config_write(reg, offset, data);
+        if reg == COMMAND_REG || (BAR0_REG..BAR0_REG + 6).contains(&reg) {
+            self.follow_bars(slot, &device);
         }
     }
 }
@@ -183,5 +273,100 @@ impl BusDevice for BarRegion {
     fn write(&mut self, offset: u64, data: &[u8]) {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         lock(&self.device).bar_write(self.bar, offset, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device with one 64-bit BAR that answers reads with its slot byte
+    /// and records where it was told its BAR moved.
+    struct Moving {
+        config: PciConfiguration,
+        moves: Vec<(u64, u64)>,
+    }
+
+    impl PciDevice for Moving {
+        fn config_read(&mut self, reg: usize) -> u32 {
+            self.config.read(reg)
+        }
+        fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
+            self.config.write(reg, offset, data);
+        }
+        fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+            data.fill(0x42);
+        }
+        fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+        fn move_bar(&mut self, _bar: usize, from: u64, to: u64) -> Result<(), String> {
+            self.moves.push((from, to));
+            Ok(())
+        }
+    }
+
+    const SIZE: u64 = 0x8000;
+
+    fn read_at(mmio: &MmioBus, addr: u64) -> u8 {
+        let mut data = [0u8];
+        mmio.read(addr, &mut data);
+        data[0]
+    }
+
+    fn write_reg(bus: &mut PciBus, reg: usize, value: u32) {
+        bus.config_write(0, 1, 0, reg, 0, &value.to_le_bytes());
+    }
+
+    #[test]
+    fn a_bar_window_follows_the_guest_once_decoding_is_on() {
+        let mmio = Arc::new(MmioBus::default());
+        let mut bus = PciBus::new(&mmio);
+        let mut config = PciConfiguration::new(0x1af4, 0x1042, 0x01_00_00, 2);
+        config.add_bar64(0, 0xc000_0000, SIZE).unwrap();
+        let device = Arc::new(Mutex::new(Moving {
+            config,
+            moves: Vec::new(),
+        }));
+        bus.add(1, device.clone());
+        let window = BarRegion::new(device.clone(), 0, Arc::default());
+        bus.map_bar(1, 0, 0xc000_0000, SIZE, Arc::new(Mutex::new(window)))
+            .unwrap();
+        struct Other;
+        impl BusDevice for Other {
+            fn read(&mut self, _offset: u64, data: &mut [u8]) {
+                data.fill(7);
+            }
+            fn write(&mut self, _offset: u64, _data: &[u8]) {}
+        }
+        mmio.insert(0xe000_0000, 0x1000, Arc::new(Mutex::new(Other)))
+            .unwrap();
+        assert_eq!(read_at(&mmio, 0xc000_0000), 0x42);
+
+        // Moved with decoding off: the window stays until it is turned on.
+        write_reg(&mut bus, BAR0_REG, 0xd000_0000);
+        write_reg(&mut bus, BAR0_REG + 1, 0);
+        assert_eq!(read_at(&mmio, 0xc000_0000), 0x42);
+        write_reg(&mut bus, COMMAND_REG, 0x6);
+        assert_eq!(read_at(&mmio, 0xc000_0000), 0xff, "the old place is free");
+        assert_eq!(read_at(&mmio, 0xd000_0010), 0x42);
+        assert_eq!(lock(&device).moves, [(0xc000_0000, 0xd000_0000)]);
+
+        // Sized with decoding on: all ones, then the address back.
+        write_reg(&mut bus, BAR0_REG, u32::MAX);
+        write_reg(&mut bus, BAR0_REG, 0xd000_0000);
+        write_reg(&mut bus, BAR0_REG + 1, u32::MAX);
+        write_reg(&mut bus, BAR0_REG + 1, 0);
+        assert_eq!(lock(&device).moves.len(), 1, "sizing is not a move");
+        assert_eq!(read_at(&mmio, 0xd000_0000), 0x42);
+
+        // Onto another device: refused, the window stays.
+        write_reg(&mut bus, BAR0_REG, 0xe000_0000);
+        assert_eq!(read_at(&mmio, 0xe000_0000), 7);
+        assert_eq!(read_at(&mmio, 0xd000_0000), 0x42);
+        assert_eq!(lock(&device).moves.len(), 1);
+
+        // A move with decoding on is followed at once, above 4 GiB too.
+        write_reg(&mut bus, BAR0_REG + 1, 0x1);
+        assert_eq!(read_at(&mmio, 0x1_e000_0000), 0x42);
+        assert_eq!(lock(&device).moves[1], (0xd000_0000, 0x1_e000_0000));
     }
 }

@@ -83,7 +83,7 @@ mod tests {
     #[test]
     fn host_bridge_answers_and_empty_slots_read_all_ones() {
         let exit = Arc::new(ExitNotifier::new().unwrap());
-        let bus = Arc::new(Mutex::new(PciBus::new()));
+        let bus = Arc::new(Mutex::new(PciBus::new(&Arc::default())));
         let mut pci = PciConfigIo::new(bus, exit.clone());
         assert_eq!(read_config(&mut pci, 0), 0x0008_1b36);
         assert_eq!(read_config(&mut pci, 8) >> 8, 0x06_00_00);

@@ -17,4 +17,10 @@ pub trait PciDevice: Send {
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
     /// A platform reset: back to the state the device had at power-on.
     fn reset(&mut self) {}
+    /// The guest moved memory BAR `bar` from `from` to `to` (the bus
+    /// already routes its accesses there): what the device registered at
+    /// the old address (ioeventfds) follows.
+    fn move_bar(&mut self, _bar: usize, _from: u64, _to: u64) -> Result<(), String> {
+        Ok(())
+    }
 }

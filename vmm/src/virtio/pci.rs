@@ -100,6 +100,8 @@ pub struct VirtioPciDevice {
     mem: GuestMemory,
     queues: Vec<QueueState>,
     kicks: Vec<EventFd>,
+    /// For moving the kicks' ioeventfds with the BAR.
+    vm: Arc<VmFd>,
     device_features: u64,
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -110,6 +112,11 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     isr: u8,
     counters: Arc<TransportCounters>,
+}
+
+/// Queue `index`'s notify address with the BAR at `bar_addr`.
+fn notify_addr(bar_addr: u64, index: usize) -> u64 {
+    bar_addr + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_MULTIPLIER)
 }
 
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
@@ -129,7 +136,7 @@ impl VirtioPciDevice {
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         router: Arc<GsiRouter>,
         bar_addr: u64,
     ) -> Result<Self, TransportError> {
@@ -174,9 +181,9 @@ impl VirtioPciDevice {
         config.set_writable(msix_cap_reg, 0xc000_0000);
 
         let mut kicks = Vec::with_capacity(max_sizes.len());
-        for index in 0..max_sizes.len() as u64 {
+        for index in 0..max_sizes.len() {
             let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?;
-            let addr = bar_addr + NOTIFY_OFFSET + index * u64::from(NOTIFY_MULTIPLIER);
+            let addr = notify_addr(bar_addr, index);
             vm.register_ioevent(&kick, &IoEventAddress::Mmio(addr), NoDatamatch)
                 .map_err(|e| TransportError::IoEvent(addr, e))?;
             kicks.push(kick);
@@ -189,6 +196,7 @@ impl VirtioPciDevice {
             mem,
             queues: max_sizes.iter().map(|&m| QueueState::new(m)).collect(),
             kicks,
+            vm: vm.clone(),
             device_features,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -434,6 +442,26 @@ impl PciDevice for VirtioPciDevice {
         self.config.write(self.msix_cap_reg, 3, &[0]);
         self.msix.set_control(0);
         self.config.write(1, 0, &[0, 0]);
+    }
+
+    /// The kicks' ioeventfds move to the new notify addresses.
+    fn move_bar(&mut self, _bar: usize, from: u64, to: u64) -> Result<(), String> {
+        for (index, kick) in self.kicks.iter().enumerate() {
+            let (old, new) = (notify_addr(from, index), notify_addr(to, index));
+            self.vm
+                .unregister_ioevent(kick, &IoEventAddress::Mmio(old), NoDatamatch)
+                .map_err(|e| format!("queue {index}'s notify address {old:#x} stays: {e}"))?;
+            if let Err(e) = self
+                .vm
+                .register_ioevent(kick, &IoEventAddress::Mmio(new), NoDatamatch)
+            {
+                // Its kicks now exit to the VMM, which forwards them.
+                return Err(format!(
+                    "queue {index}'s kicks at {new:#x} go through the VMM: {e}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
