@@ -692,6 +692,15 @@ mod tests {
             })
     }
 
+    /// A zeroed image of `blocks` 4 KiB blocks, opened with `coarse`.
+    fn zeroed_coarse(blocks: usize) -> (tempfile::TempDir, PathBuf, RawFile) {
+        let dir = disk_dir();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![0u8; blocks * 4096]).unwrap();
+        let disk = coarse(&path);
+        (dir, path, disk)
+    }
+
     /// Bytes that differ from block to block and from run to run.
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
@@ -770,11 +779,8 @@ mod tests {
 
     #[test]
     fn sector_writes_from_two_threads_into_shared_blocks_all_land() {
-        let dir = disk_dir();
-        let path = dir.path().join("img");
         const BLOCKS: usize = 64;
-        std::fs::write(&path, vec![0u8; BLOCKS * 4096]).unwrap();
-        let disk = coarse(&path);
+        let (_dir, path, disk) = zeroed_coarse(BLOCKS);
         // Thread 0 writes the even sectors, thread 1 the odd ones: every
         // write is a read-modify-write of a block the other is writing too.
         std::thread::scope(|s| {
@@ -800,11 +806,8 @@ mod tests {
 
     #[test]
     fn a_whole_block_write_is_not_undone_by_a_read_modify_write_of_the_block() {
-        let dir = disk_dir();
-        let path = dir.path().join("img");
         const BLOCKS: usize = 256;
-        std::fs::write(&path, vec![0u8; BLOCKS * 4096]).unwrap();
-        let disk = coarse(&path);
+        let (_dir, path, disk) = zeroed_coarse(BLOCKS);
         // In each round, thread 0 writes sector 3 of each block (a
         // read-modify-write), thread 1 each whole block, aligned, at once.
         for round in 0..8u8 {

@@ -465,6 +465,23 @@ fn dump_acpi(dir: &Path, tables: &[acpi::AcpiTable]) -> std::io::Result<()> {
 const STOP_AFTER_FAILED_START: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl BuiltVm {
+    /// Stops the vCPU threads (`vcpu::stop_all`): within `timeout`, or
+    /// later while they are in exchanges with backends.
+    pub fn stop_vcpus(
+        &self,
+        threads: Vec<std::thread::JoinHandle<Vcpu>>,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<Vcpu>, vcpu::StopError> {
+        vcpu::stop_all(
+            &self.stop,
+            &self.run,
+            threads,
+            timeout,
+            vcpu::STOP_CEILING,
+            crate::vhost_user::deadline::in_exchange,
+        )
+    }
+
     /// Starts one thread per vCPU.
     pub fn start(&mut self) -> Result<Vec<std::thread::JoinHandle<Vcpu>>, BuildError> {
         vcpu::init_kick_signal()?;
@@ -483,14 +500,7 @@ impl BuiltVm {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     // Nothing runs a guest that lacks a vCPU.
-                    if let Err(stop) = vcpu::stop_all(
-                        &self.stop,
-                        &self.run,
-                        threads,
-                        STOP_AFTER_FAILED_START,
-                        vcpu::STOP_CEILING,
-                        crate::vhost_user::deadline::in_exchange,
-                    ) {
+                    if let Err(stop) = self.stop_vcpus(threads, STOP_AFTER_FAILED_START) {
                         log::error!("{stop}");
                     }
                     return Err(e.into());

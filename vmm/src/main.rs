@@ -122,29 +122,16 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         }
         // Reboot in place: the same process, memory and backends; never
         // with a vCPU missing or one still running the old guest.
-        let vcpus = vstate::vcpu::stop_all(
-            &vm.stop,
-            &vm.run,
-            threads,
-            stop_timeout,
-            vstate::vcpu::STOP_CEILING,
-            vhost_user::deadline::in_exchange,
-        )
-        .map_err(|e| format!("cannot reboot: {e}"))?;
+        let vcpus = vm
+            .stop_vcpus(threads, stop_timeout)
+            .map_err(|e| format!("cannot reboot: {e}"))?;
         vm.reboot(vcpus)?;
         sink.emit("RESET", Some(api::reset_data(guest)));
         threads = vm.start()?;
     };
     sink.emit("SHUTDOWN", Some(api::shutdown_data(reason)));
     sink.flush(Duration::from_secs(1));
-    if let Err(e) = vstate::vcpu::stop_all(
-        &vm.stop,
-        &vm.run,
-        threads,
-        stop_timeout,
-        vstate::vcpu::STOP_CEILING,
-        vhost_user::deadline::in_exchange,
-    ) {
+    if let Err(e) = vm.stop_vcpus(threads, stop_timeout) {
         // The process ends anyway, and that ends the threads.
         log::error!("{e}");
     }

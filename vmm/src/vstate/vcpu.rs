@@ -366,21 +366,30 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_thread_in_a_wait_with_its_own_limit_is_waited_for_past_the_timeout() {
-        init_kick_signal().expect("kick handler");
+    /// `stop_all` with a 50 ms timeout.
+    fn stop(
+        threads: Vec<JoinHandle<u8>>,
+        ceiling: Duration,
+        waiting: Waiting,
+    ) -> Result<Vec<u8>, StopError> {
         let stop = AtomicBool::new(false);
         let run = RunControl::default();
-        let threads = vec![slow_thread(Duration::from_millis(400))];
-        let done = stop_all(
+        stop_all(
             &stop,
             &run,
             threads,
             Duration::from_millis(50),
-            STOP_CEILING,
-            |_| true,
+            ceiling,
+            waiting,
         )
-        .expect("waited for the thread in its wait");
+    }
+
+    #[test]
+    fn a_thread_in_a_wait_with_its_own_limit_is_waited_for_past_the_timeout() {
+        init_kick_signal().expect("kick handler");
+        let threads = vec![slow_thread(Duration::from_millis(400))];
+        let done =
+            stop(threads, STOP_CEILING, |_| true).expect("waited for the thread in its wait");
         assert_eq!(done, vec![7]);
 
         // A second thread, waiting for the first (say, for the device the
@@ -389,27 +398,15 @@ mod tests {
         let first = in_wait.thread().id();
         WAITING.with(|w| w.set(Some(first)));
         let threads = vec![in_wait, slow_thread(Duration::from_millis(400))];
-        let done = stop_all(
-            &stop,
-            &run,
-            threads,
-            Duration::from_millis(50),
-            STOP_CEILING,
-            |t| WAITING.with(|w| w.get()) == Some(t),
-        )
+        let done = stop(threads, STOP_CEILING, |t| {
+            WAITING.with(|w| w.get()) == Some(t)
+        })
         .expect("waited for both");
         assert_eq!(done, vec![7, 7]);
 
         let threads = vec![slow_thread(Duration::from_millis(400))];
-        let err = stop_all(
-            &stop,
-            &run,
-            threads,
-            Duration::from_millis(50),
-            STOP_CEILING,
-            |_| false,
-        )
-        .expect_err("a stuck thread outside any wait is not waited for");
+        let err = stop(threads, STOP_CEILING, |_| false)
+            .expect_err("a stuck thread outside any wait is not waited for");
         assert!(
             matches!(
                 err,
@@ -425,15 +422,8 @@ mod tests {
         // Nor is one that stays in waits past the ceiling.
         let threads = vec![slow_thread(Duration::from_secs(2))];
         let started = Instant::now();
-        let err = stop_all(
-            &stop,
-            &run,
-            threads,
-            Duration::from_millis(50),
-            Duration::from_millis(300),
-            |_| true,
-        )
-        .expect_err("waited past the ceiling");
+        let err = stop(threads, Duration::from_millis(300), |_| true)
+            .expect_err("waited past the ceiling");
         assert!(
             matches!(
                 err,
