@@ -208,6 +208,11 @@ impl QueueIo {
                     self.in_kernel()
                 );
                 // The kernel may still use those buffers: never unmap them.
+                // Their blocks are given up, though: a read-modify-write
+                // waiting for them would otherwise wait forever.
+                for in_flight in self.slots.iter_mut().flatten() {
+                    in_flight.io.release_blocks();
+                }
                 std::mem::forget(std::mem::take(&mut self.slots));
                 self.free.clear();
                 self.unsubmitted = 0;

@@ -57,7 +57,14 @@ pub struct PendingIo {
     pub len: u32,
     status_addr: u64,
     /// A write's blocks, held until it completes (see `BlockWrites`).
-    _blocks: Option<WriteClaim>,
+    blocks: Option<WriteClaim>,
+}
+
+impl PendingIo {
+    /// Lets go of the write's blocks before the transfer is done with.
+    pub fn release_blocks(&mut self) {
+        self.blocks = None;
+    }
 }
 
 // SAFETY: the iovecs point into guest memory, which stays mapped while a
@@ -80,7 +87,7 @@ impl PendingIo {
             }],
             len,
             status_addr: 0,
-            _blocks: None,
+            blocks: None,
         }
     }
 }
@@ -353,7 +360,7 @@ fn async_transfer(
         iovecs,
         len: total as u32,
         status_addr: 0,
-        _blocks: if write {
+        blocks: if write {
             target.disk.claim_async_write(offset, total)
         } else {
             None

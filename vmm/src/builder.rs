@@ -466,7 +466,8 @@ const STOP_AFTER_FAILED_START: std::time::Duration = std::time::Duration::from_s
 
 impl BuiltVm {
     /// Stops the vCPU threads (`vcpu::stop_all`): within `timeout`, or
-    /// later while they are in exchanges with backends.
+    /// later while they are in exchanges with backends, up to STOP_CEILING
+    /// or twice `timeout` (which covers the longest single exchange).
     pub fn stop_vcpus(
         &self,
         threads: Vec<std::thread::JoinHandle<Vcpu>>,
@@ -477,7 +478,7 @@ impl BuiltVm {
             &self.run,
             threads,
             timeout,
-            vcpu::STOP_CEILING,
+            vcpu::STOP_CEILING.max(timeout * 2),
             crate::vhost_user::deadline::in_exchange,
         )
     }

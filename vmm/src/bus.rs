@@ -1,9 +1,9 @@
 //! Address buses: route a vCPU's port I/O or MMIO exit to the device that
 //! owns the address. Unclaimed addresses read as all ones and ignore
-//! writes, as on a PC. A range can move while vCPUs run (a guest that
-//! reprograms a PCI BAR): the bus is locked only to find the device, never
-//! while the device handles the access, so a device's handler may move
-//! ranges.
+//! writes, as on a PC. Ranges can come and go while vCPUs run (a guest
+//! that reprograms a PCI BAR): the bus is locked only to find the device,
+//! never while the device handles the access, so a device's handler may
+//! change the ranges.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -69,19 +69,11 @@ impl Bus {
         Ok(())
     }
 
-    /// Moves the range inserted at `from` to `to`, unless it would
-    /// overlap another (or there is none at `from`).
-    pub fn move_range(&self, from: u64, to: u64) -> Result<(), Overlap> {
+    /// Takes the range inserted at `base` off the bus.
+    pub fn remove(&self, base: u64) -> Option<Arc<Mutex<dyn BusDevice>>> {
         let mut ranges = self.ranges_mut();
-        let Some(at) = ranges.iter().position(|r| r.base == from) else {
-            return Err(Overlap { base: to, len: 0 });
-        };
-        let len = ranges[at].len;
-        if to.checked_add(len).is_none() || overlaps(&ranges, to, len, Some(from)) {
-            return Err(Overlap { base: to, len });
-        }
-        ranges[at].base = to;
-        Ok(())
+        let at = ranges.iter().position(|r| r.base == base)?;
+        Some(ranges.swap_remove(at).device)
     }
 
     /// The device at `addr` and the offset into its range.
@@ -149,17 +141,15 @@ mod tests {
     }
 
     #[test]
-    fn a_range_moves_unless_it_would_overlap() {
+    fn a_removed_range_frees_its_addresses() {
         let bus = Bus::default();
         bus.insert(0x10, 4, Arc::new(Mutex::new(Echo(1)))).unwrap();
-        bus.insert(0x20, 4, Arc::new(Mutex::new(Echo(5)))).unwrap();
-        assert!(bus.move_range(0x10, 0x22).is_err(), "onto the other");
-        assert!(bus.move_range(0x30, 0x40).is_err(), "nothing there");
-        bus.move_range(0x10, 0x12).unwrap();
-        bus.move_range(0x12, 0x40).unwrap();
+        assert!(bus.remove(0x30).is_none(), "nothing there");
+        let echo = bus.remove(0x10).expect("the range at 0x10");
         let mut data = [0u8; 1];
         bus.read(0x10, &mut data);
         assert_eq!(data, [0xff], "the old place is free");
+        bus.insert(0x40, 4, echo).unwrap();
         bus.read(0x41, &mut data);
         assert_eq!(data, [2], "the device answers at the new place");
     }

@@ -49,8 +49,47 @@ pub struct PciBus {
 struct MappedBar {
     slot: u8,
     index: usize,
-    addr: u64,
     size: u64,
+    window: Arc<Mutex<dyn BusDevice>>,
+    /// Where the window is on the bus, if it is.
+    mapped: Option<u64>,
+    /// Where the device last registered what follows the BAR (ioeventfds).
+    registered: u64,
+}
+
+impl MappedBar {
+    /// The address the BAR holds, or None while it is being sized.
+    fn programmed(&self, device: &mut dyn PciDevice) -> Option<u64> {
+        let low = device.config_read(BAR0_REG + self.index) & !0xf;
+        let high = device.config_read(BAR0_REG + self.index + 1);
+        let sizing = high == u32::MAX || low | (self.size - 1) as u32 == u32::MAX;
+        (!sizing).then_some(u64::from(high) << 32 | u64::from(low))
+    }
+
+    /// Puts the window at `to`, and has the device follow, unless it would
+    /// overlap another range.
+    fn place(&mut self, mmio: &MmioBus, device: &mut dyn PciDevice, to: u64) {
+        let slot = self.slot;
+        let index = self.index;
+        if let Err(e) = mmio.insert(to, self.size, self.window.clone()) {
+            log::warn!(
+                "PCI 00:{slot:02x}.0: BAR{index} at {to:#x} is off the bus until it moves: {e}"
+            );
+            return;
+        }
+        self.mapped = Some(to);
+        let from = self.registered;
+        if from == to {
+            return;
+        }
+        self.registered = to;
+        match device.move_bar(index, from, to) {
+            Ok(()) => log::info!("PCI 00:{slot:02x}.0: BAR{index} moved from {from:#x} to {to:#x}"),
+            Err(e) => log::error!(
+                "PCI 00:{slot:02x}.0: BAR{index} moved from {from:#x} to {to:#x}, but {e}"
+            ),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,55 +148,71 @@ impl PciBus {
             base: addr,
             len: size,
         })?;
-        mmio.insert(addr, size, window)?;
+        mmio.insert(addr, size, window.clone())?;
         self.bars.push(MappedBar {
             slot,
             index,
-            addr,
             size,
+            window,
+            mapped: Some(addr),
+            registered: addr,
         });
         Ok(())
     }
 
     /// After a write to the command register or a BAR of the device in
-    /// `slot`: with memory decoding on, each of its BAR windows moves to
-    /// where the BAR now points. (A guest moves a BAR with decoding off,
-    /// then turns it on; an address of all ones in either half is a BAR
-    /// being sized, not moved.)
-    fn follow_bars(&mut self, slot: u8, device: &Arc<Mutex<dyn PciDevice>>) {
+    /// `slot`: its BAR windows are on the MMIO bus where its BARs point
+    /// while memory decoding is on, and off it while decoding is off (so a
+    /// guest can swap two BARs). An address with all ones in either half
+    /// is a BAR being sized, not moved. A window that would overlap another
+    /// stays off the bus until a later change makes room.
+    fn place_bars(&mut self, slot: u8, device: &Arc<Mutex<dyn PciDevice>>) {
         let Some(mmio) = self.mmio.upgrade() else {
             return;
         };
-        let mut device = lock(device);
-        if device.config_read(COMMAND_REG) & COMMAND_MEMORY == 0 {
-            return;
+        let mut changed = false;
+        {
+            let mut device = lock(device);
+            let decoding = device.config_read(COMMAND_REG) & COMMAND_MEMORY != 0;
+            for bar in self.bars.iter_mut().filter(|b| b.slot == slot) {
+                let wanted = if decoding {
+                    match bar.programmed(&mut *device) {
+                        Some(addr) => Some(addr),
+                        None => continue,
+                    }
+                } else {
+                    None
+                };
+                if wanted == bar.mapped {
+                    continue;
+                }
+                changed = true;
+                if let Some(at) = bar.mapped.take() {
+                    mmio.remove(at);
+                }
+                if let Some(to) = wanted {
+                    bar.place(&mmio, &mut *device, to);
+                }
+            }
         }
-        for bar in self.bars.iter_mut().filter(|b| b.slot == slot) {
-            let low = device.config_read(BAR0_REG + bar.index) & !0xf;
-            let high = device.config_read(BAR0_REG + bar.index + 1);
-            let to = u64::from(high) << 32 | u64::from(low);
-            let sizing = high == u32::MAX || low | (bar.size - 1) as u32 == u32::MAX;
-            if to == bar.addr || sizing {
+        if changed {
+            self.place_waiting_bars(&mmio);
+        }
+    }
+
+    /// Puts on the bus the windows that found no room when their device
+    /// asked for them.
+    fn place_waiting_bars(&mut self, mmio: &MmioBus) {
+        for bar in self.bars.iter_mut().filter(|b| b.mapped.is_none()) {
+            let Some(Some(device)) = self.slots.get(usize::from(bar.slot)) else {
+                continue;
+            };
+            let mut device = lock(device);
+            if device.config_read(COMMAND_REG) & COMMAND_MEMORY == 0 {
                 continue;
             }
-            let from = bar.addr;
-            if let Err(e) = mmio.move_range(from, to) {
-                log::warn!(
-                    "PCI 00:{slot:02x}.0: BAR{} moved by the guest to {to:#x} stays at {from:#x}: {e}",
-                    bar.index
-                );
-                continue;
-            }
-            bar.addr = to;
-            match device.move_bar(bar.index, from, to) {
-                Ok(()) => log::info!(
-                    "PCI 00:{slot:02x}.0: BAR{} moved from {from:#x} to {to:#x}",
-                    bar.index
-                ),
-                Err(e) => log::error!(
-                    "PCI 00:{slot:02x}.0: BAR{} moved from {from:#x} to {to:#x}, but {e}",
-                    bar.index
-                ),
+            if let Some(to) = bar.programmed(&mut *device) {
+                bar.place(mmio, &mut *device, to);
             }
         }
     }
@@ -190,7 +245,7 @@ impl PciBus {
         };
         lock(&device).config_write(reg, offset, data);
         if reg == COMMAND_REG || (BAR0_REG..BAR0_REG + 6).contains(&reg) {
-            self.follow_bars(slot, &device);
+            self.place_bars(slot, &device);
         }
     }
 }
@@ -280,10 +335,11 @@ impl BusDevice for BarRegion {
 mod tests {
     use super::*;
 
-    /// A device with one 64-bit BAR that answers reads with its slot byte
+    /// A device with one 64-bit BAR that answers reads with its own byte
     /// and records where it was told its BAR moved.
     struct Moving {
         config: PciConfiguration,
+        byte: u8,
         moves: Vec<(u64, u64)>,
     }
 
@@ -295,7 +351,7 @@ mod tests {
             self.config.write(reg, offset, data);
         }
         fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
-            data.fill(0x42);
+            data.fill(self.byte);
         }
         fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
         fn move_bar(&mut self, _bar: usize, from: u64, to: u64) -> Result<(), String> {
@@ -305,6 +361,7 @@ mod tests {
     }
 
     const SIZE: u64 = 0x8000;
+    const DECODE: u32 = 0x6;
 
     fn read_at(mmio: &MmioBus, addr: u64) -> u8 {
         let mut data = [0u8];
@@ -312,24 +369,38 @@ mod tests {
         data[0]
     }
 
-    fn write_reg(bus: &mut PciBus, reg: usize, value: u32) {
-        bus.config_write(0, 1, 0, reg, 0, &value.to_le_bytes());
+    fn write_reg(bus: &mut PciBus, slot: u8, reg: usize, value: u32) {
+        bus.config_write(0, slot, 0, reg, 0, &value.to_le_bytes());
+    }
+
+    /// A bus with a `Moving` device answering `slot` in each slot from 1,
+    /// BAR0 at 0xc000_0000 + (slot - 1) * SIZE.
+    fn bus_with(devices: u8) -> (Arc<MmioBus>, PciBus, Vec<Arc<Mutex<Moving>>>) {
+        let mmio = Arc::new(MmioBus::default());
+        let mut bus = PciBus::new(&mmio);
+        let mut all = Vec::new();
+        for slot in 1..=devices {
+            let addr = 0xc000_0000 + u64::from(slot - 1) * SIZE;
+            let mut config = PciConfiguration::new(0x1af4, 0x1042, 0x01_00_00, 2);
+            config.add_bar64(0, addr, SIZE).unwrap();
+            let device = Arc::new(Mutex::new(Moving {
+                config,
+                byte: slot,
+                moves: Vec::new(),
+            }));
+            bus.add(slot, device.clone());
+            let window = BarRegion::new(device.clone(), 0, Arc::default());
+            bus.map_bar(slot, 0, addr, SIZE, Arc::new(Mutex::new(window)))
+                .unwrap();
+            all.push(device);
+        }
+        (mmio, bus, all)
     }
 
     #[test]
-    fn a_bar_window_follows_the_guest_once_decoding_is_on() {
-        let mmio = Arc::new(MmioBus::default());
-        let mut bus = PciBus::new(&mmio);
-        let mut config = PciConfiguration::new(0x1af4, 0x1042, 0x01_00_00, 2);
-        config.add_bar64(0, 0xc000_0000, SIZE).unwrap();
-        let device = Arc::new(Mutex::new(Moving {
-            config,
-            moves: Vec::new(),
-        }));
-        bus.add(1, device.clone());
-        let window = BarRegion::new(device.clone(), 0, Arc::default());
-        bus.map_bar(1, 0, 0xc000_0000, SIZE, Arc::new(Mutex::new(window)))
-            .unwrap();
+    fn a_bar_window_is_where_the_bar_points_while_decoding_is_on() {
+        let (mmio, mut bus, devices) = bus_with(1);
+        let device = &devices[0];
         struct Other;
         impl BusDevice for Other {
             fn read(&mut self, _offset: u64, data: &mut [u8]) {
@@ -339,34 +410,62 @@ mod tests {
         }
         mmio.insert(0xe000_0000, 0x1000, Arc::new(Mutex::new(Other)))
             .unwrap();
-        assert_eq!(read_at(&mmio, 0xc000_0000), 0x42);
+        assert_eq!(read_at(&mmio, 0xc000_0000), 1);
 
-        // Moved with decoding off: the window stays until it is turned on.
-        write_reg(&mut bus, BAR0_REG, 0xd000_0000);
-        write_reg(&mut bus, BAR0_REG + 1, 0);
-        assert_eq!(read_at(&mmio, 0xc000_0000), 0x42);
-        write_reg(&mut bus, COMMAND_REG, 0x6);
+        // Moved with decoding off: off the bus until decoding is on.
+        write_reg(&mut bus, 1, COMMAND_REG, 0);
+        write_reg(&mut bus, 1, BAR0_REG, 0xd000_0000);
+        write_reg(&mut bus, 1, BAR0_REG + 1, 0);
+        assert_eq!(read_at(&mmio, 0xc000_0000), 0xff);
+        assert_eq!(read_at(&mmio, 0xd000_0000), 0xff);
+        write_reg(&mut bus, 1, COMMAND_REG, DECODE);
         assert_eq!(read_at(&mmio, 0xc000_0000), 0xff, "the old place is free");
-        assert_eq!(read_at(&mmio, 0xd000_0010), 0x42);
-        assert_eq!(lock(&device).moves, [(0xc000_0000, 0xd000_0000)]);
+        assert_eq!(read_at(&mmio, 0xd000_0010), 1);
+        assert_eq!(lock(device).moves, [(0xc000_0000, 0xd000_0000)]);
 
         // Sized with decoding on: all ones, then the address back.
-        write_reg(&mut bus, BAR0_REG, u32::MAX);
-        write_reg(&mut bus, BAR0_REG, 0xd000_0000);
-        write_reg(&mut bus, BAR0_REG + 1, u32::MAX);
-        write_reg(&mut bus, BAR0_REG + 1, 0);
-        assert_eq!(lock(&device).moves.len(), 1, "sizing is not a move");
-        assert_eq!(read_at(&mmio, 0xd000_0000), 0x42);
+        write_reg(&mut bus, 1, BAR0_REG, u32::MAX);
+        write_reg(&mut bus, 1, BAR0_REG, 0xd000_0000);
+        write_reg(&mut bus, 1, BAR0_REG + 1, u32::MAX);
+        write_reg(&mut bus, 1, BAR0_REG + 1, 0);
+        assert_eq!(lock(device).moves.len(), 1, "sizing is not a move");
+        assert_eq!(read_at(&mmio, 0xd000_0000), 1);
 
-        // Onto another device: refused, the window stays.
-        write_reg(&mut bus, BAR0_REG, 0xe000_0000);
+        // Onto another device: off the bus, the other answers.
+        write_reg(&mut bus, 1, BAR0_REG, 0xe000_0000);
         assert_eq!(read_at(&mmio, 0xe000_0000), 7);
-        assert_eq!(read_at(&mmio, 0xd000_0000), 0x42);
-        assert_eq!(lock(&device).moves.len(), 1);
+        assert_eq!(read_at(&mmio, 0xd000_0000), 0xff);
+        assert_eq!(lock(device).moves.len(), 1);
 
         // A move with decoding on is followed at once, above 4 GiB too.
-        write_reg(&mut bus, BAR0_REG + 1, 0x1);
-        assert_eq!(read_at(&mmio, 0x1_e000_0000), 0x42);
-        assert_eq!(lock(&device).moves[1], (0xd000_0000, 0x1_e000_0000));
+        write_reg(&mut bus, 1, BAR0_REG + 1, 0x1);
+        assert_eq!(read_at(&mmio, 0x1_e000_0000), 1);
+        assert_eq!(lock(device).moves[1], (0xd000_0000, 0x1_e000_0000));
+    }
+
+    #[test]
+    fn two_bars_can_swap_places() {
+        let (mmio, mut bus, devices) = bus_with(2);
+        for slot in [1, 2] {
+            write_reg(&mut bus, slot, COMMAND_REG, 0);
+        }
+        write_reg(&mut bus, 1, BAR0_REG, 0xc000_8000);
+        write_reg(&mut bus, 2, BAR0_REG, 0xc000_0000);
+        for slot in [1, 2] {
+            write_reg(&mut bus, slot, COMMAND_REG, DECODE);
+        }
+        assert_eq!(read_at(&mmio, 0xc000_0000), 2);
+        assert_eq!(read_at(&mmio, 0xc000_8000), 1);
+        assert_eq!(lock(&devices[0]).moves, [(0xc000_0000, 0xc000_8000)]);
+        assert_eq!(lock(&devices[1]).moves, [(0xc000_8000, 0xc000_0000)]);
+
+        // With decoding on, one moving onto the other waits off the bus
+        // until the other makes room.
+        write_reg(&mut bus, 1, BAR0_REG, 0xc000_0000);
+        assert_eq!(read_at(&mmio, 0xc000_0000), 2);
+        assert_eq!(read_at(&mmio, 0xc000_8000), 0xff);
+        write_reg(&mut bus, 2, BAR0_REG, 0xc001_0000);
+        assert_eq!(read_at(&mmio, 0xc000_0000), 1);
+        assert_eq!(read_at(&mmio, 0xc001_0000), 2);
     }
 }

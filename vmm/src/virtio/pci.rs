@@ -444,24 +444,35 @@ impl PciDevice for VirtioPciDevice {
         self.config.write(1, 0, &[0, 0]);
     }
 
-    /// The kicks' ioeventfds move to the new notify addresses.
+    /// The kicks' ioeventfds move to the new notify addresses, each on its
+    /// own: one that cannot leaves the others moved.
     fn move_bar(&mut self, _bar: usize, from: u64, to: u64) -> Result<(), String> {
+        let mut failed = Vec::new();
         for (index, kick) in self.kicks.iter().enumerate() {
             let (old, new) = (notify_addr(from, index), notify_addr(to, index));
-            self.vm
-                .unregister_ioevent(kick, &IoEventAddress::Mmio(old), NoDatamatch)
-                .map_err(|e| format!("queue {index}'s notify address {old:#x} stays: {e}"))?;
+            if let Err(e) =
+                self.vm
+                    .unregister_ioevent(kick, &IoEventAddress::Mmio(old), NoDatamatch)
+            {
+                failed.push(format!(
+                    "queue {index}'s notify address {old:#x} stays ({e})"
+                ));
+            }
             if let Err(e) = self
                 .vm
                 .register_ioevent(kick, &IoEventAddress::Mmio(new), NoDatamatch)
             {
-                // Its kicks now exit to the VMM, which forwards them.
-                return Err(format!(
-                    "queue {index}'s kicks at {new:#x} go through the VMM: {e}"
+                // Its kicks exit to the VMM, which forwards them.
+                failed.push(format!(
+                    "queue {index}'s kicks at {new:#x} go through the VMM ({e})"
                 ));
             }
         }
-        Ok(())
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
     }
 
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {

@@ -272,7 +272,8 @@ pub type Waiting = fn(std::thread::ThreadId) -> bool;
 const BETWEEN_WAITS: Duration = Duration::from_millis(500);
 
 /// The longest a stop waits for threads in waits with limits of their own
-/// (twelve backend exchanges that each run to their limit).
+/// (about twelve backend exchanges that each run to their limit), unless
+/// one exchange's limit is longer (see `BuiltVm::stop_vcpus`).
 pub const STOP_CEILING: Duration = Duration::from_secs(60);
 
 /// Stops every vCPU thread: sets the flag, releases paused ones, then kicks
@@ -285,7 +286,7 @@ pub const STOP_CEILING: Duration = Duration::from_secs(60);
 /// waits past `timeout`: a vCPU whose MMIO write sets a device up runs one
 /// backend exchange after another, each with its own limit (and others
 /// may wait for the device it holds), and the chain ends; but never past
-/// `ceiling` in all.
+/// `ceiling` (or `timeout`, if longer) in all.
 pub fn stop_all<T>(
     stop: &AtomicBool,
     run: &RunControl,
@@ -296,6 +297,7 @@ pub fn stop_all<T>(
 ) -> Result<Vec<T>, StopError> {
     stop.store(true, Ordering::Release);
     run.finish();
+    let ceiling = ceiling.max(timeout);
     let start = Instant::now();
     let deadline = start + timeout;
     let mut last_seen_waiting = None;
