@@ -27,6 +27,8 @@ cargo fmt --all --check
 cargo fmt --manifest-path tests/guest/Cargo.toml --check
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo --config tests/guest/.cargo/config.toml clippy --release \
+    --manifest-path tests/guest/Cargo.toml --target-dir target/guest-build -- -D warnings
 step "tests"
 cargo test --workspace
 step "the README's demo (scripts/demo.sh)"

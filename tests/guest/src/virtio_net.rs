@@ -326,20 +326,33 @@ fn payload_byte(i: usize) -> u8 {
 
 const ECHO_FRAME: usize = 14 + 20 + 8 + ECHO_PAYLOAD;
 
-/// An IPv4 ICMP echo frame of `kind` (request or reply).
-fn echo_frame(
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
-    src: Ip,
-    dst: Ip,
+/// One end of an IPv4 exchange on the link.
+#[derive(Clone, Copy)]
+struct Station {
+    mac: [u8; 6],
+    ip: Ip,
+}
+
+/// An ICMP echo message: request or reply (`kind`), id, sequence number and
+/// payload.
+struct Echo<'a> {
     kind: u8,
     id: u16,
     seq: u16,
-    payload: &[u8],
-) -> [u8; ECHO_FRAME] {
+    payload: &'a [u8],
+}
+
+/// An IPv4 frame carrying `echo` from `src` to `dst`.
+fn echo_frame(src: Station, dst: Station, echo: &Echo<'_>) -> [u8; ECHO_FRAME] {
+    let Echo {
+        kind,
+        id,
+        seq,
+        payload,
+    } = *echo;
     let mut f = [0u8; ECHO_FRAME];
-    f[0..6].copy_from_slice(&dst_mac);
-    f[6..12].copy_from_slice(&src_mac);
+    f[0..6].copy_from_slice(&dst.mac);
+    f[6..12].copy_from_slice(&src.mac);
     f[12..14].copy_from_slice(&ETH_IPV4.to_be_bytes());
     let ip = &mut f[14..34];
     ip[0] = 0x45;
@@ -348,8 +361,8 @@ fn echo_frame(
     ip[6] = 0x40; // don't fragment
     ip[8] = 64;
     ip[9] = 1; // ICMP
-    ip[12..16].copy_from_slice(&src.0);
-    ip[16..20].copy_from_slice(&dst.0);
+    ip[12..16].copy_from_slice(&src.ip.0);
+    ip[16..20].copy_from_slice(&dst.ip.0);
     let sum = checksum(ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     let icmp = &mut f[34..];
@@ -362,9 +375,9 @@ fn echo_frame(
     f
 }
 
-/// An ICMP echo message in `frame` addressed to `to`: (type, source
-/// address, id, seq, payload). None for anything else or a bad checksum.
-fn parse_echo(frame: &[u8], to: Ip) -> Option<(u8, Ip, u16, u16, &[u8])> {
+/// An ICMP echo message in `frame` addressed to `to`, with its source
+/// address. None for anything else or a bad checksum.
+fn parse_echo(frame: &[u8], to: Ip) -> Option<(Ip, Echo<'_>)> {
     if ethertype(frame) != ETH_IPV4 || frame.len() < 34 {
         return None;
     }
@@ -382,7 +395,13 @@ fn parse_echo(frame: &[u8], to: Ip) -> Option<(u8, Ip, u16, u16, &[u8])> {
         return None;
     }
     let src = Ip([ip[12], ip[13], ip[14], ip[15]]);
-    Some((icmp[0], src, be16(icmp, 4), be16(icmp, 6), &icmp[8..]))
+    let echo = Echo {
+        kind: icmp[0],
+        id: be16(icmp, 4),
+        seq: be16(icmp, 6),
+        payload: &icmp[8..],
+    };
+    Some((src, echo))
 }
 
 /// Drives the NIC at `f`, found `index`-th, as the command line says.
@@ -551,14 +570,17 @@ fn ping(nic: &mut Nic, ip: Ip, target: Ip) -> Result<(), Fail> {
     let mut replies = 0;
     for seq in 1..=PINGS {
         let request = echo_frame(
-            target_mac,
-            nic.mac,
-            ip,
-            target,
-            ICMP_ECHO_REQUEST,
-            ECHO_ID,
-            seq,
-            &payload,
+            Station { mac: nic.mac, ip },
+            Station {
+                mac: target_mac,
+                ip: target,
+            },
+            &Echo {
+                kind: ICMP_ECHO_REQUEST,
+                id: ECHO_ID,
+                seq,
+                payload: &payload,
+            },
         );
         let mut answered = false;
         for _ in 0..ATTEMPTS {
@@ -569,12 +591,12 @@ fn ping(nic: &mut Nic, ip: Ip, target: Ip) -> Result<(), Fail> {
                     if nic.answer_arp(frame, ip)? {
                         return Ok(());
                     }
-                    if let Some((kind, from, id, s, data)) = parse_echo(frame, ip) {
-                        if kind == ICMP_ECHO_REPLY
+                    if let Some((from, echo)) = parse_echo(frame, ip) {
+                        if echo.kind == ICMP_ECHO_REPLY
                             && from == target
-                            && id == ECHO_ID
-                            && s == seq
-                            && data == payload
+                            && echo.id == ECHO_ID
+                            && echo.seq == seq
+                            && echo.payload == payload
                         {
                             answered = true;
                         }
@@ -609,25 +631,25 @@ fn respond(nic: &mut Nic, ip: Ip, count: u32) -> Result<(), Fail> {
             if nic.answer_arp(frame, ip)? {
                 return Ok(());
             }
-            let Some((kind, from, id, seq, data)) = parse_echo(frame, ip) else {
+            let Some((from, request)) = parse_echo(frame, ip) else {
                 return Ok(());
             };
-            if kind != ICMP_ECHO_REQUEST || data.len() != ECHO_PAYLOAD {
+            if request.kind != ICMP_ECHO_REQUEST || request.payload.len() != ECHO_PAYLOAD {
                 return Ok(());
             }
-            let mut dst_mac = [0u8; 6];
-            dst_mac.copy_from_slice(&frame[6..12]);
-            let mut payload = [0u8; ECHO_PAYLOAD];
-            payload.copy_from_slice(data);
+            let mut from_mac = [0u8; 6];
+            from_mac.copy_from_slice(&frame[6..12]);
+            let seq = request.seq;
             let reply = echo_frame(
-                dst_mac,
-                nic.mac,
-                ip,
-                from,
-                ICMP_ECHO_REPLY,
-                id,
-                seq,
-                &payload,
+                Station { mac: nic.mac, ip },
+                Station {
+                    mac: from_mac,
+                    ip: from,
+                },
+                &Echo {
+                    kind: ICMP_ECHO_REPLY,
+                    ..request
+                },
             );
             nic.send(&reply)?;
             answered += 1;
