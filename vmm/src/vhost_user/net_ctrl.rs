@@ -5,9 +5,11 @@
 //! eventfd (a KVM ioeventfd, like every other queue).
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,9 +32,28 @@ pub struct ControlRing {
     pub event_idx: bool,
 }
 
+impl ControlRing {
+    /// A ready queue over the ring.
+    fn queue(&self) -> Result<Queue, String> {
+        let mut queue = Queue::new(self.size).map_err(|e| format!("control queue: {e}"))?;
+        queue
+            .try_set_size(self.size)
+            .and_then(|()| queue.try_set_desc_table_address(GuestAddress(self.desc)))
+            .and_then(|()| queue.try_set_avail_ring_address(GuestAddress(self.avail)))
+            .and_then(|()| queue.try_set_used_ring_address(GuestAddress(self.used)))
+            .map_err(|e| format!("control queue: {e}"))?;
+        queue.set_event_idx(self.event_idx);
+        queue.set_ready(true);
+        Ok(queue)
+    }
+}
+
 /// The running control-queue worker; stopped on device reset or drop.
 pub struct ControlQueue {
     stop: EventFd,
+    /// Set before `stop` is signalled, so a worker busy with a driver that
+    /// keeps adding commands stops too.
+    stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -43,8 +64,19 @@ pub struct Controller {
     pub rings: RingSwitch,
 }
 
-impl Controller {
+/// What the queue's commands act on.
+trait Commands {
+    /// The device's name, for the log.
+    fn name(&self) -> &str;
     /// Executes one command; returns the ack byte.
+    fn execute(&mut self, command: &[u8]) -> u8;
+}
+
+impl Commands for Controller {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
     fn execute(&mut self, command: &[u8]) -> u8 {
         match command {
             [VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..] => {
@@ -88,28 +120,32 @@ impl ControlQueue {
         call: Option<EventFd>,
         mut controller: Controller,
     ) -> Result<ControlQueue, String> {
-        let mut queue = Queue::new(ring.size).map_err(|e| format!("control queue: {e}"))?;
-        queue
-            .try_set_size(ring.size)
-            .and_then(|()| queue.try_set_desc_table_address(GuestAddress(ring.desc)))
-            .and_then(|()| queue.try_set_avail_ring_address(GuestAddress(ring.avail)))
-            .and_then(|()| queue.try_set_used_ring_address(GuestAddress(ring.used)))
-            .map_err(|e| format!("control queue: {e}"))?;
-        queue.set_event_idx(ring.event_idx);
-        queue.set_ready(true);
+        let mut queue = ring.queue()?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
         let stop_worker = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stopping_worker = Arc::clone(&stopping);
         let thread = std::thread::Builder::new()
             .name(format!("{}-ctrl", controller.name))
             .spawn(move || {
                 while wait(&kick, &stop_worker) {
                     let _ = kick.read();
-                    serve(&mut queue, &mem, call.as_ref(), &mut controller);
+                    let served = serve(
+                        &mut queue,
+                        &mem,
+                        call.as_ref(),
+                        &mut controller,
+                        &stopping_worker,
+                    );
+                    if !served {
+                        break;
+                    }
                 }
             })
             .map_err(|e| format!("cannot start the control queue thread: {e}"))?;
         Ok(ControlQueue {
             stop,
+            stopping,
             thread: Some(thread),
         })
     }
@@ -117,6 +153,7 @@ impl ControlQueue {
 
 impl Drop for ControlQueue {
     fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
         let _ = self.stop.write(1);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -157,24 +194,47 @@ fn wait(kick: &EventFd, stop: &EventFd) -> bool {
     }
 }
 
-/// Executes every command on the ring, then signals the driver.
-fn serve(queue: &mut Queue, mem: &GuestMemory, call: Option<&EventFd>, ctl: &mut Controller) {
-    loop {
-        if queue.disable_notification(mem).is_err() {
-            return;
+/// Executes every command on the ring, then signals the driver. False
+/// once the ring is broken (an available index the ring cannot hold, or a
+/// used ring outside guest memory): the queue then serves nothing until
+/// the driver resets the device. Returns early, true, once `stopping` is
+/// set.
+fn serve(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    call: Option<&EventFd>,
+    ctl: &mut impl Commands,
+    stopping: &AtomicBool,
+) -> bool {
+    while !stopping.load(Ordering::Acquire) {
+        if let Err(e) = queue.disable_notification(mem) {
+            log::warn!("{}: control queue broken: {e}", ctl.name());
+            return false;
         }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        // At most one ring's worth: `iter` refuses an index more than the
+        // ring size ahead.
+        let chains: Vec<_> = match queue.iter(mem) {
+            Ok(available) => available.collect(),
+            Err(e) => {
+                log::warn!("{}: control queue broken: {e}", ctl.name());
+                return false;
+            }
+        };
+        for chain in chains {
             let head = chain.head_index();
             let written = handle(chain, mem, ctl);
             if let Err(e) = queue.add_used(mem, head, written) {
-                log::warn!("{}: control queue: {e}", ctl.name);
-                return;
+                log::warn!("{}: control queue broken: {e}", ctl.name());
+                return false;
             }
         }
         match queue.enable_notification(mem) {
             Ok(true) => continue,
             Ok(false) => break,
-            Err(_) => return,
+            Err(e) => {
+                log::warn!("{}: control queue broken: {e}", ctl.name());
+                return false;
+            }
         }
     }
     if queue.needs_notification(mem).unwrap_or(true) {
@@ -182,11 +242,12 @@ fn serve(queue: &mut Queue, mem: &GuestMemory, call: Option<&EventFd>, ctl: &mut
             let _ = call.write(1);
         }
     }
+    true
 }
 
 /// Reads the command from the readable descriptors, writes the ack into the
 /// first writable byte. Returns the number of bytes written (0 or 1).
-fn handle(chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory, ctl: &mut Controller) -> u32 {
+fn handle(chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory, ctl: &mut impl Commands) -> u32 {
     let mut command = Vec::with_capacity(MAX_COMMAND);
     let mut ack_at = None;
     for desc in chain {
@@ -201,17 +262,123 @@ fn handle(chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory, ctl: &mut Con
         let start = command.len();
         command.resize(start + take, 0);
         if mem.read_slice(&mut command[start..], desc.addr()).is_err() {
-            log::warn!("{}: control command outside guest memory", ctl.name);
+            log::warn!("{}: control command outside guest memory", ctl.name());
             return 0;
         }
     }
     let Some(ack_at) = ack_at else {
-        log::warn!("{}: control command without room for the ack", ctl.name);
+        log::warn!("{}: control command without room for the ack", ctl.name());
         return 0;
     };
     let ack = ctl.execute(&command);
     match mem.write_obj(ack, ack_at) {
         Ok(()) => 1,
         Err(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use vm_memory::{Address, GuestMemoryMmap};
+
+    use super::*;
+
+    const RING: ControlRing = ControlRing {
+        size: 4,
+        desc: 0x1000,
+        avail: 0x2000,
+        used: 0x3000,
+        event_idx: false,
+    };
+    const COMMAND_AT: u64 = 0x4000;
+    const ACK_AT: u64 = 0x5000;
+    const VRING_DESC_F_NEXT: u16 = 1;
+    const VRING_DESC_F_WRITE: u16 = 2;
+
+    /// Records the commands and acks them all.
+    struct Recorder(Vec<Vec<u8>>);
+
+    impl Commands for Recorder {
+        fn name(&self) -> &str {
+            "net0"
+        }
+
+        fn execute(&mut self, command: &[u8]) -> u8 {
+            self.0.push(command.to_vec());
+            VIRTIO_NET_OK
+        }
+    }
+
+    fn memory() -> GuestMemory {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    fn put_desc(mem: &GuestMemory, index: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(RING.desc + 16 * index);
+        mem.write_obj(addr, at).unwrap();
+        mem.write_obj(len, at.unchecked_add(8)).unwrap();
+        mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+        mem.write_obj(next, at.unchecked_add(14)).unwrap();
+    }
+
+    /// Makes chain `head` available as the ring's `slot`-th entry and sets
+    /// the available index to `idx`.
+    fn make_available(mem: &GuestMemory, slot: u64, head: u16, idx: u16) {
+        mem.write_obj(head, GuestAddress(RING.avail + 4 + 2 * slot))
+            .unwrap();
+        mem.write_obj(idx, GuestAddress(RING.avail + 2)).unwrap();
+    }
+
+    /// Runs `serve` on another thread; its result, or None if it has not
+    /// returned within 5 s.
+    fn serve_within(mem: GuestMemory) -> Option<(bool, Recorder)> {
+        let (done, result) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut queue = RING.queue().unwrap();
+            let mut recorder = Recorder(Vec::new());
+            let stopping = AtomicBool::new(false);
+            let served = serve(&mut queue, &mem, None, &mut recorder, &stopping);
+            let _ = done.send((served, recorder));
+        });
+        result.recv_timeout(Duration::from_secs(5)).ok()
+    }
+
+    #[test]
+    fn a_command_is_executed_and_acked_in_the_used_ring() {
+        let mem = memory();
+        let command = [VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, 2, 0];
+        mem.write_slice(&command, GuestAddress(COMMAND_AT)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(ACK_AT)).unwrap();
+        put_desc(&mem, 0, COMMAND_AT, 4, VRING_DESC_F_NEXT, 1);
+        put_desc(&mem, 1, ACK_AT, 1, VRING_DESC_F_WRITE, 0);
+        make_available(&mem, 0, 0, 1);
+        let check = mem.clone();
+
+        let (served, recorder) = serve_within(mem).expect("serve returns");
+        assert!(served);
+        assert_eq!(recorder.0, vec![command.to_vec()]);
+        assert_eq!(
+            check.read_obj::<u8>(GuestAddress(ACK_AT)).unwrap(),
+            VIRTIO_NET_OK
+        );
+        let used_idx: u16 = check.read_obj(GuestAddress(RING.used + 2)).unwrap();
+        let used_id: u32 = check.read_obj(GuestAddress(RING.used + 4)).unwrap();
+        let used_len: u32 = check.read_obj(GuestAddress(RING.used + 8)).unwrap();
+        assert_eq!((used_idx, used_id, used_len), (1, 0, 1));
+    }
+
+    #[test]
+    fn an_available_index_the_ring_cannot_hold_breaks_the_queue_instead_of_spinning() {
+        let mem = memory();
+        put_desc(&mem, 0, COMMAND_AT, 4, VRING_DESC_F_NEXT, 1);
+        put_desc(&mem, 1, ACK_AT, 1, VRING_DESC_F_WRITE, 0);
+        make_available(&mem, 0, 0, RING.size + 1);
+
+        let (served, recorder) = serve_within(mem).expect("serve returns");
+        assert!(!served, "the queue is broken");
+        assert!(recorder.0.is_empty(), "no command ran");
     }
 }
