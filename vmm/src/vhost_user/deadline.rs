@@ -239,6 +239,20 @@ pub fn take_cut_off(fd: RawFd) -> bool {
     cut.len() != before
 }
 
+/// Closes the connection on socket `fd` from our side: the backend sees its
+/// frontend leave (and drops every ring), and the device's hang-up watcher
+/// sees a connection that was cut off rather than one the backend closed.
+///
+/// # Safety
+///
+/// `fd` must be an open socket for the duration of the call.
+pub unsafe fn cut_off(fd: RawFd) {
+    crate::bus::lock(&CUT_OFF).push(fd);
+    // SAFETY: the caller keeps `fd` open. Shutting a socket down changes no
+    // memory of ours; a thread blocked on it wakes with an error.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
 /// The watchdog, once an exchange started it (None if it could not start).
 static DOG: OnceLock<Option<&'static Watchdog>> = OnceLock::new();
 
@@ -273,12 +287,10 @@ impl Watchdog {
                     a.limit.as_secs()
                 );
                 a.expired.store(true, Ordering::Release);
-                crate::bus::lock(&CUT_OFF).push(a.fd);
                 // SAFETY: the fd is open: the `Deadline` that armed this
                 // entry holds the connection until it has removed the entry
-                // under this lock. Shutting a socket down changes no memory
-                // of ours; it wakes the thread blocked on it with an error.
-                unsafe { libc::shutdown(a.fd, libc::SHUT_RDWR) };
+                // under this lock.
+                unsafe { cut_off(a.fd) };
                 false
             });
             armed = match armed.iter().map(|a| a.due).min() {

@@ -294,8 +294,19 @@ impl VhostUserDevice {
         })
     }
 
+    /// A backend that failed a step of handing the rings over. One that
+    /// timed out was cut off already; one that refused may have started
+    /// rings before that step, over memory the guest now expects no device
+    /// to touch, so it is cut off too: it drops every ring, and the device
+    /// takes a backend back (the same one, or a restarted one) as after a
+    /// crash.
     fn fail(&self, e: ExchangeError) -> ActivateError {
         self.broken.store(true, Ordering::Release);
+        if !e.timed_out() {
+            let frontend = crate::bus::lock(&self.frontend);
+            // SAFETY: the connection's socket stays open while we hold it.
+            unsafe { deadline::cut_off(frontend.as_raw_fd()) };
+        }
         ActivateError(format!("{e}; the device is stopped"))
     }
 

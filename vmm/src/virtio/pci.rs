@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -89,6 +90,31 @@ impl QueueState {
             avail: 0,
             used: 0,
         }
+    }
+
+    /// Why a driver's split ring cannot be handed to a backend, if it
+    /// cannot: each part aligned as VIRTIO 1.2 (2.7) requires (descriptor
+    /// table 16, available ring 2, used ring 4; a backend refuses
+    /// otherwise) and wholly inside guest memory. The rings' event words are
+    /// counted whether or not EVENT_IDX is negotiated.
+    fn ring_fault(&self, mem: &GuestMemory) -> Option<String> {
+        let size = u64::from(self.size);
+        let parts = [
+            ("descriptor table", self.desc, 16, 16 * size),
+            ("available ring", self.avail, 2, 6 + 2 * size),
+            ("used ring", self.used, 4, 6 + 8 * size),
+        ];
+        for (part, addr, align, len) in parts {
+            if addr % align != 0 {
+                return Some(format!("{part} at {addr:#x} is not {align}-byte aligned"));
+            }
+            if !mem.check_range(GuestAddress(addr), len as usize) {
+                return Some(format!(
+                    "{part} at {addr:#x} ({len} bytes) is not all in guest memory"
+                ));
+            }
+        }
+        None
     }
 }
 
@@ -297,7 +323,8 @@ impl VirtioPciDevice {
                     }
                 }
             }
-            0x1a => {
+            // A backend keeps the call eventfd it got at DRIVER_OK.
+            0x1a if can_setup => {
                 if let Some(q) = self.selected() {
                     let vector = value as u16;
                     q.msix_vector = if vector < msix_len { vector } else { NO_VECTOR };
@@ -363,6 +390,24 @@ impl VirtioPciDevice {
                 return;
             }
             self.status = status;
+            let faults: Vec<String> = self
+                .queues
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| q.enabled)
+                .filter_map(|(index, q)| {
+                    Some(format!("queue {index}'s {}", q.ring_fault(&self.mem)?))
+                })
+                .collect();
+            if !faults.is_empty() {
+                log::warn!(
+                    "{}: DRIVER_OK refused: {}; the device needs a reset",
+                    self.device.name(),
+                    faults.join(", ")
+                );
+                self.status |= STATUS_NEEDS_RESET;
+                return;
+            }
             self.activate();
             return;
         }
@@ -734,5 +779,62 @@ mod tests {
         let rec = record.lock().unwrap();
         assert_eq!(rec.activated.len(), 1);
         assert_eq!(rec.activated[0].0 >> 32 & 1, 1, "VERSION_1 kept");
+    }
+
+    /// Accepts VERSION_1 and sets queue 1 up with rings at `desc`, `avail`
+    /// and `used`, then DRIVER_OK.
+    fn start_queue_1(dev: &mut VirtioPciDevice, desc: u64, avail: u64, used: u64) {
+        write(dev, 0x14, 1 | 2, 1);
+        write(dev, 0x08, 1, 4);
+        write(dev, 0x0c, 1, 4);
+        write(dev, 0x14, 1 | 2 | 8, 1);
+        write(dev, 0x16, 1, 2);
+        write(dev, 0x18, 64, 2);
+        write(dev, 0x1a, 1, 2);
+        for (offset, addr) in [(0x20, desc), (0x28, avail), (0x30, used)] {
+            write(dev, offset, addr & 0xffff_ffff, 4);
+            write(dev, offset + 4, addr >> 32, 4);
+        }
+        write(dev, 0x1c, 1, 2);
+        write(dev, 0x14, 1 | 2 | 8 | 4, 1);
+    }
+
+    /// A backend refuses misaligned rings, possibly after it started
+    /// others, and cannot reach rings outside guest memory: the transport
+    /// asks for a reset instead.
+    #[test]
+    fn rings_misaligned_or_outside_guest_memory_are_refused_at_driver_ok() {
+        for (desc, avail, used) in [
+            (0x10_0008, 0x10_1000, 0x10_2000),
+            (0x10_0000, 0x10_1001, 0x10_2000),
+            (0x10_0000, 0x10_1000, 0x10_2002),
+            // 16 MiB of RAM: the used ring's last bytes are past its end.
+            (0x10_0000, 0x10_1000, (16 << 20) - 64),
+            (0x1_0000_0000, 0x10_1000, 0x10_2000),
+        ] {
+            let (mut dev, record) = mock_transport();
+            start_queue_1(&mut dev, desc, avail, used);
+            assert!(
+                record.lock().unwrap().activated.is_empty(),
+                "rings {desc:#x} {avail:#x} {used:#x} must not start"
+            );
+            assert_ne!(read(&mut dev, 0x14, 1) & STATUS_NEEDS_RESET as u64, 0);
+            write(&mut dev, 0x14, 0, 1);
+            assert_eq!(read(&mut dev, 0x14, 1), 0, "a reset clears it");
+        }
+        let (mut dev, record) = mock_transport();
+        start_queue_1(&mut dev, 0x10_0000, 0x10_1002, (16 << 20) - 8 - 8 * 64);
+        assert_eq!(record.lock().unwrap().activated.len(), 1);
+    }
+
+    /// The backend keeps the call eventfd it was given at DRIVER_OK, so a
+    /// queue's vector cannot change after it.
+    #[test]
+    fn a_queue_vector_is_fixed_once_the_driver_is_ok() {
+        let (mut dev, _record) = mock_transport();
+        start_queue_1(&mut dev, 0x10_0000, 0x10_1000, 0x10_2000);
+        write(&mut dev, 0x16, 1, 2);
+        write(&mut dev, 0x1a, 0, 2);
+        assert_eq!(read(&mut dev, 0x1a, 2), 1);
     }
 }
