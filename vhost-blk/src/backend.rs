@@ -14,7 +14,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -82,6 +82,8 @@ pub struct BlkBackend {
     /// The worker threads' epoll handlers, by queue, set once the daemon
     /// exists (weak: the daemon owns them).
     handlers: Arc<OnceLock<Vec<Weak<Handler>>>>,
+    /// The frontend left (`quiesce`): workers take no new request.
+    closing: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -89,6 +91,10 @@ struct QueueState {
     io: AsyncIo,
     /// The queue's ring, once its worker has seen it (for `stop_vring`).
     vring: Option<VringRwLock>,
+    /// The driver's available index is one the ring cannot hold: nothing
+    /// more is taken from it until the frontend stops it (GET_VRING_BASE)
+    /// and sets it up again.
+    broken: bool,
 }
 
 #[derive(Default)]
@@ -120,6 +126,7 @@ impl BlkBackend {
                     .collect(),
             ),
             handlers: Arc::new(OnceLock::new()),
+            closing: Arc::new(AtomicBool::new(false)),
             device,
         }
     }
@@ -184,6 +191,60 @@ impl BlkBackend {
         completed
     }
 
+    /// Whether the worker may take new requests from the ring: not once the
+    /// frontend has left, nor while the ring is disabled (SET_VRING_ENABLE
+    /// 0: transfers in flight still complete, but nothing new starts).
+    fn may_take(&self, vring: &VringRwLock) -> bool {
+        !self.closing.load(Ordering::Acquire) && vring.get_ref().is_enabled()
+    }
+
+    /// Once the frontend has left, before the workers are stopped: they
+    /// take no new request, and every transfer in flight finishes and is
+    /// completed. A worker may be waiting for blocks that another queue's
+    /// transfers hold, and only their completion releases them, so none of
+    /// them may be left in flight when the workers stop.
+    pub fn quiesce(&self) {
+        self.closing.store(true, Ordering::Release);
+        for queue in 0..self.queues.len() {
+            if let Err(e) = self.finish_in_flight(queue) {
+                log::warn!("queue {queue}: {e}");
+            }
+        }
+    }
+
+    /// Waits for the queue's transfers in flight and completes them.
+    fn finish_in_flight(&self, queue: usize) -> io::Result<()> {
+        let Some(state) = self.queues.get(queue) else {
+            return Ok(());
+        };
+        let mut state = lock(state);
+        let vring = state.vring.clone();
+        let AsyncIo::Ready(qio) = &mut state.io else {
+            return Ok(());
+        };
+        // The completions are taken here: the worker need not wake for them.
+        qio.clear_event();
+        let mut finished = Vec::new();
+        let drained = qio.drain(&mut finished);
+        if drained.is_err() {
+            // `drain` gave the ring up (`abandon`): its submission queue
+            // may still name transfers that are gone, so it is never
+            // entered again; the queue runs synchronously from now on.
+            state.io = AsyncIo::Unavailable;
+        }
+        let (Some(vring), Some(atomic)) = (
+            vring,
+            self.mem.read().unwrap_or_else(|p| p.into_inner()).clone(),
+        ) else {
+            return drained;
+        };
+        let mem = atomic.memory();
+        if Self::complete(queue, &vring, &mem, &mut finished) > 0 {
+            vring.signal_used_queue()?;
+        }
+        drained
+    }
+
     /// Serves the ring: completes finished transfers, parses every
     /// available request (while the queue has room for transfers), runs
     /// the synchronous ones inline and hands reads and writes to io_uring
@@ -198,7 +259,8 @@ impl BlkBackend {
         let Some(state) = self.queues.get(queue) else {
             return Ok(());
         };
-        let mut state = lock(state);
+        let mut guard = lock(state);
+        let state = &mut *guard;
         // A stopped ring (GET_VRING_BASE) is the frontend's again: a late
         // completion event must not touch it.
         if !vring.get_ref().get_queue().ready() {
@@ -229,15 +291,30 @@ impl BlkBackend {
             let mut full = false;
             let mut refused = None;
             loop {
+                if !self.may_take(vring) || state.broken {
+                    break;
+                }
                 if qio.as_deref().is_some_and(|q| !q.has_room()) {
                     full = true;
                     break;
                 }
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
+                let popped = {
+                    let mut ring = vring.get_mut();
+                    ring.get_queue_mut()
+                        .iter(mem.clone())
+                        .map(|mut available| available.next())
+                };
+                let chain = match popped {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::warn!(
+                            "queue {queue}: the driver's ring is broken ({e}); it is not served until the frontend sets it up again"
+                        );
+                        state.broken = true;
+                        break;
+                    }
+                };
                 let head = chain.head_index();
                 let used = match request::parse(
                     &self.device.target,
@@ -312,8 +389,9 @@ impl BlkBackend {
                 // The chains still available go through the synchronous path.
                 continue;
             }
-            if full {
-                // A completion brings the worker back for the rest.
+            if full || state.broken || !self.may_take(vring) {
+                // A completion brings the worker back for the rest; a ring
+                // it may not take from has nothing more to serve.
                 return Ok(());
             }
             // Synchronous requests only: a queue whose transfers wait for a
@@ -450,33 +528,10 @@ impl VhostUserBackend for BlkBackend {
     /// and is completed first, so the base reported covers no request the
     /// kernel may still be reading or writing.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        let Some(state) = self.queues.get(queue_index as usize) else {
-            return Ok(());
-        };
-        let mut state = lock(state);
-        let vring = state.vring.clone();
-        let AsyncIo::Ready(qio) = &mut state.io else {
-            return Ok(());
-        };
-        // The completions are taken here: the worker need not wake for them.
-        qio.clear_event();
-        let mut finished = Vec::new();
-        let drained = qio.drain(&mut finished);
-        if drained.is_err() {
-            // `drain` gave the ring up (`abandon`): its submission queue
-            // may still name transfers that are gone, so it is never
-            // entered again; the queue runs synchronously from now on.
-            state.io = AsyncIo::Unavailable;
-        }
-        let (Some(vring), Some(atomic)) = (
-            vring,
-            self.mem.read().unwrap_or_else(|p| p.into_inner()).clone(),
-        ) else {
-            return drained;
-        };
-        let mem = atomic.memory();
-        if Self::complete(queue_index as usize, &vring, &mem, &mut finished) > 0 {
-            vring.signal_used_queue()?;
+        let queue = queue_index as usize;
+        let drained = self.finish_in_flight(queue);
+        if let Some(state) = self.queues.get(queue) {
+            lock(state).broken = false;
         }
         drained
     }

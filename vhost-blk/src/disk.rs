@@ -53,10 +53,21 @@ pub trait Disk: Send + Sync {
         None
     }
     /// Claims the range for an asynchronous write, which holds the claim
-    /// until it completes (waits while a read-modify-write holds it).
-    fn claim_async_write(&self, _offset: u64, _len: u64) -> Option<WriteClaim> {
-        None
+    /// until it completes. Never waits: Busy if a read-modify-write holds
+    /// or waits for the range (the write then goes the synchronous way,
+    /// which completes the queue's transfers before it waits).
+    fn claim_async_write(&self, _offset: u64, _len: u64) -> AsyncClaim {
+        AsyncClaim::NotNeeded
     }
+}
+
+/// The blocks an asynchronous write asked for.
+pub enum AsyncClaim {
+    /// The disk has no blocks to claim (no O_DIRECT).
+    NotNeeded,
+    Held(WriteClaim),
+    /// Another write has them, or waits for them, alone.
+    Busy,
 }
 
 /// What an O_DIRECT transfer must be aligned to, in bytes (powers of two):
@@ -498,8 +509,14 @@ impl Disk for RawFile {
         self.direct.map_or(512, |a| a.offset.max(512))
     }
 
-    fn claim_async_write(&self, offset: u64, len: u64) -> Option<WriteClaim> {
-        self.claim_write(offset, len)
+    fn claim_async_write(&self, offset: u64, len: u64) -> AsyncClaim {
+        if self.direct.is_none() {
+            return AsyncClaim::NotNeeded;
+        }
+        match self.writes.try_write(offset, len) {
+            Some(claim) => AsyncClaim::Held(claim),
+            None => AsyncClaim::Busy,
+        }
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

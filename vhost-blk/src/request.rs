@@ -15,7 +15,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 use crate::block_writes::WriteClaim;
 use crate::config::SERIAL_LEN;
-use crate::disk::Disk;
+use crate::disk::{AsyncClaim, Disk};
 
 pub const SECTOR_SIZE: u64 = 512;
 /// Data segments per request the device advertises (VIRTIO_BLK_F_SEG_MAX).
@@ -123,8 +123,8 @@ pub struct SyncRequest<'a> {
 
 impl SyncRequest<'_> {
     /// Whether it may change the disk (a write, discard or write-zeroes):
-    /// then it may need blocks to itself, which its queue's own writes in
-    /// flight must not hold (see `BlockWrites`).
+    /// then it may wait for blocks, which its queue's own writes in flight
+    /// must not hold (see `BlockWrites`).
     pub fn changes_disk(&self) -> bool {
         matches!(
             self.header.kind,
@@ -354,17 +354,22 @@ fn async_transfer(
     if offset % align.offset != 0 {
         return None;
     }
+    let blocks = if write {
+        match target.disk.claim_async_write(offset, total) {
+            AsyncClaim::NotNeeded => None,
+            AsyncClaim::Held(claim) => Some(claim),
+            AsyncClaim::Busy => return None,
+        }
+    } else {
+        None
+    };
     Some(PendingIo {
         write,
         offset,
         iovecs,
         len: total as u32,
         status_addr: 0,
-        blocks: if write {
-            target.disk.claim_async_write(offset, total)
-        } else {
-            None
-        },
+        blocks,
     })
 }
 

@@ -67,7 +67,9 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
             // A misbehaving frontend ends its connection, not the backend.
             Err(e) => log::warn!("connection ended: {e:?}"),
         }
-        // Dropping the daemon stops and joins this connection's workers.
+        // The workers finish what the frontend left in flight; then
+        // dropping the daemon stops and joins them.
+        backend.quiesce();
         drop(daemon);
     }
 }

@@ -4,14 +4,16 @@
 
 use std::sync::Arc;
 
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::backend::{BlkBackend, Device};
 use crate::disk::MemDisk;
 use crate::request::{execute, BlkTarget, SEG_MAX};
 
@@ -394,11 +396,6 @@ fn a_descriptor_loop_ends() {
 /// the good request after it still completes: the worker does not end.
 #[test]
 fn a_made_up_head_index_does_not_stop_the_queue() {
-    use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-    use vm_memory::GuestMemoryAtomic;
-
-    use crate::backend::{BlkBackend, Device};
-
     let rig = Rig::new();
     let vq = MockSplitQueue::new(&rig.mem, 16);
     rig.header(VIRTIO_BLK_T_IN, 1);
@@ -417,21 +414,7 @@ fn a_made_up_head_index_does_not_stop_the_queue() {
     vq.avail().ring().ref_at(1).unwrap().store(u16::to_le(0));
     vq.avail().idx().store(u16::to_le(2));
 
-    let backend = BlkBackend::new(Arc::new(Device {
-        target: rig.target(false),
-        num_queues: 1,
-        queue_size: 16,
-    }));
-    backend
-        .update_memory(GuestMemoryAtomic::new(rig.mem.clone()))
-        .unwrap();
-    let vring = VringRwLock::new(GuestMemoryAtomic::new(rig.mem.clone()), 16).unwrap();
-    vring
-        .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
-        .unwrap();
-    vring.set_queue_size(16);
-    vring.set_queue_ready(true);
-
+    let (backend, vring) = serving(&rig, &vq);
     backend
         .process_queue(0, &vring)
         .expect("the queue keeps working");
@@ -442,4 +425,101 @@ fn a_made_up_head_index_does_not_stop_the_queue() {
     let mut sector = [0u8; 512];
     rig.mem.read_slice(&mut sector, GuestAddress(DATA)).unwrap();
     assert!(sector.iter().all(|&b| b == 1), "sector 1 was read");
+}
+
+/// Queue 0 of a connection's backend, laid out by `vq` in the rig's
+/// memory: ready and enabled, with EVENT_IDX.
+fn serving(rig: &Rig, vq: &MockSplitQueue<GuestMemoryMmap>) -> (BlkBackend, VringRwLock) {
+    let device = Device {
+        target: rig.target(false),
+        num_queues: 1,
+        queue_size: 256,
+    };
+    let backend = BlkBackend::new(Arc::new(device));
+    let atomic = GuestMemoryAtomic::new(rig.mem.clone());
+    backend.update_memory(atomic.clone()).unwrap();
+    backend.set_event_idx(true);
+    let vring = VringRwLock::new(atomic, 256).unwrap();
+    vring.set_queue_size(16);
+    vring
+        .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+        .unwrap();
+    vring.set_queue_event_idx(true);
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    (backend, vring)
+}
+
+/// Makes a read of sector 0 available on `vq`.
+fn make_read_available(rig: &Rig, vq: &MockSplitQueue<GuestMemoryMmap>, at: u16) {
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    let next = VRING_DESC_F_NEXT as u16;
+    let descs = [
+        (HEADER, 16, next, at + 1),
+        (DATA, 512, W | next, at + 2),
+        (STATUS, 1, W, 0),
+    ];
+    let raw: Vec<RawDescriptor> = descs
+        .iter()
+        .map(|&(addr, len, flags, next)| {
+            RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+        })
+        .collect();
+    vq.add_desc_chains(&raw, at).unwrap();
+}
+
+/// Runs `process_queue` on another thread: its result, or None if it has
+/// not returned within 5 s.
+fn process_within(backend: &BlkBackend, vring: &VringRwLock) -> Option<std::io::Result<()>> {
+    let (done, result) = std::sync::mpsc::channel();
+    let (backend, vring) = (backend.clone(), vring.clone());
+    std::thread::spawn(move || {
+        let _ = done.send(backend.process_queue(0, &vring));
+    });
+    result.recv_timeout(std::time::Duration::from_secs(5)).ok()
+}
+
+/// An available index more than a ring ahead of the backend is one no
+/// driver can mean: the worker gives the ring up rather than spin on it (a
+/// spinning worker also never reaches its exit event, so the next frontend
+/// would never be served), until the frontend sets the ring up again.
+#[test]
+fn a_ring_with_an_impossible_available_index_is_given_up_not_spun_on() {
+    let rig = Rig::new();
+    let vq = MockSplitQueue::new(&rig.mem, 16);
+    make_read_available(&rig, &vq, 0);
+    vq.avail().idx().store(17);
+    let (backend, vring) = serving(&rig, &vq);
+
+    let first = process_within(&backend, &vring).expect("the worker returns");
+    assert!(first.is_ok());
+    assert!(process_within(&backend, &vring).is_some());
+    assert_eq!(vq.used().idx().load(), 0, "nothing was taken");
+
+    // The frontend stops the ring and starts it again where it was.
+    backend.stop_vring(0).unwrap();
+    vq.avail().idx().store(1);
+    assert!(process_within(&backend, &vring).expect("returns").is_ok());
+    assert_eq!(vq.used().idx().load(), 1);
+    assert_eq!(rig.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+}
+
+/// A disabled ring (SET_VRING_ENABLE 0) is not served: a worker woken for
+/// it (a completion of its own transfers) leaves new requests where they
+/// are.
+#[test]
+fn a_disabled_ring_is_left_alone_until_enabled() {
+    let rig = Rig::new();
+    let vq = MockSplitQueue::new(&rig.mem, 16);
+    make_read_available(&rig, &vq, 0);
+    let (backend, vring) = serving(&rig, &vq);
+    vring.set_enabled(false);
+
+    assert!(process_within(&backend, &vring).expect("returns").is_ok());
+    assert_eq!(vq.used().idx().load(), 0, "a disabled ring is left alone");
+    assert_eq!(rig.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xff);
+
+    vring.set_enabled(true);
+    assert!(process_within(&backend, &vring).expect("returns").is_ok());
+    assert_eq!(vq.used().idx().load(), 1);
 }
