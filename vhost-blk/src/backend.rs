@@ -24,7 +24,9 @@ use vmm_sys_util::event::{
 use vmm_common::ring_watch::avail_within;
 
 use crate::queue_io::{Completed, QueueIo};
-use crate::request::{self, BlkTarget, ChainBuf, Parsed, SECTOR_SIZE, SEG_MAX};
+use crate::request::{
+    self, BlkTarget, ChainBuf, Parsed, MAX_DISCARD_SECTORS, SECTOR_SIZE, SEG_MAX,
+};
 
 /// Reads and writes in flight at once, per queue.
 const RING_ENTRIES: u32 = 256;
@@ -34,9 +36,6 @@ const RING_ENTRIES: u32 = 256;
 /// next ones within microseconds of its completions, and watching saves its
 /// kick and the worker's wake-up.
 const POLL: Duration = Duration::from_micros(50);
-
-/// Largest discard / write-zeroes request, in sectors.
-const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 
 /// virtio_blk_config, laid out by hand (60 bytes, little-endian).
 /// `block` is the disk's preferred transfer unit (a power of two, at least

@@ -61,6 +61,18 @@ pub trait Disk: Send + Sync {
     }
 }
 
+/// A discard only allows the device to free the range: one the file system
+/// or device cannot punch holes in is still done.
+fn advisory(punched: io::Result<()>) -> io::Result<()> {
+    match punched {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            log::debug!("discard: {e}; the range stays allocated");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 /// The blocks an asynchronous write asked for.
 pub enum AsyncClaim {
     /// The disk has no blocks to claim (no O_DIRECT).
@@ -529,11 +541,12 @@ impl Disk for RawFile {
         if start >= end {
             return Ok(());
         }
-        self.fallocate(
+        let punched = self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             start,
             end - start,
-        )
+        );
+        advisory(punched)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
@@ -668,6 +681,17 @@ impl Disk for MemDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A discard the file system cannot punch is done (the range just stays
+    /// allocated); any other failure is still one.
+    #[test]
+    fn a_discard_without_hole_punching_succeeds() {
+        let unsupported = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
+        assert!(advisory(Err(unsupported)).is_ok());
+        let io_error = io::Error::from_raw_os_error(libc::EIO);
+        assert!(advisory(Err(io_error)).is_err());
+        assert!(advisory(Ok(())).is_ok());
+    }
 
     #[test]
     fn a_second_writer_is_refused() {

@@ -242,6 +242,20 @@ impl QueueIo {
             };
             self.free.push(slot);
             let ok = u32::try_from(cqe.result()).is_ok_and(|n| n == done.io.len);
+            if !ok {
+                let what = if done.io.write { "write" } else { "read" };
+                let result = cqe.result();
+                let outcome = if result < 0 {
+                    io::Error::from_raw_os_error(-result).to_string()
+                } else {
+                    format!("{result} bytes moved")
+                };
+                log::warn!(
+                    "{what} of {} bytes at byte {} failed: {outcome}",
+                    done.io.len,
+                    done.io.offset
+                );
+            }
             out.push(Completed {
                 head: done.head,
                 io: done.io,

@@ -18,6 +18,8 @@ use crate::config::SERIAL_LEN;
 use crate::disk::{AsyncClaim, Disk};
 
 pub const SECTOR_SIZE: u64 = 512;
+/// Largest discard or write-zeroes request, in sectors.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Data segments per request the device advertises (VIRTIO_BLK_F_SEG_MAX).
 pub const SEG_MAX: u32 = 126;
 /// Header, data segments, status.
@@ -466,23 +468,30 @@ fn run(
             let flags: u32 = mem
                 .read_obj(d.addr().checked_add(12).ok_or(Failure::IoErr)?)
                 .map_err(|_| Failure::IoErr)?;
+            let discard = kind == VIRTIO_BLK_T_DISCARD;
+            // Flags first: an unknown flag is unsupported whatever the range.
+            let known = if discard { 0 } else { WRITE_ZEROES_UNMAP };
+            if flags & !known != 0 {
+                return Err(Failure::Unsupported);
+            }
+            // The limit the config space gives (max_discard_sectors,
+            // max_write_zeroes_sectors): one request never holds the queue
+            // (and its blocks) for the whole disk.
+            if num > MAX_DISCARD_SECTORS {
+                return Err(Failure::IoErr);
+            }
             let len = u64::from(num) * SECTOR_SIZE;
             let offset = disk_range(target, seg_sector, len)?;
-            let result = if kind == VIRTIO_BLK_T_DISCARD {
-                if flags != 0 {
-                    return Err(Failure::Unsupported);
-                }
+            let result = if discard {
                 target.disk.discard(offset, len)
             } else {
-                if flags & !WRITE_ZEROES_UNMAP != 0 {
-                    return Err(Failure::Unsupported);
-                }
                 target
                     .disk
                     .write_zeroes(offset, len, flags & WRITE_ZEROES_UNMAP != 0)
             };
             result.map_err(|e| {
-                log::warn!("discard/write-zeroes failed: {e}");
+                let what = if discard { "discard" } else { "write-zeroes" };
+                log::warn!("{what} of {len} bytes at byte {offset} failed: {e}");
                 Failure::IoErr
             })?;
             Ok(0)

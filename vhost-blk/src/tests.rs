@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{BlkBackend, Device};
 use crate::disk::MemDisk;
-use crate::request::{execute, BlkTarget, SEG_MAX};
+use crate::request::{execute, BlkTarget, MAX_DISCARD_SECTORS, SEG_MAX};
 
 const HEADER: u64 = 0x1_0000;
 const DATA: u64 = 0x2_0000;
@@ -57,13 +57,18 @@ impl Rig {
 
     /// Runs a chain of (addr, len, flags); returns (used length, status byte).
     fn run(&self, readonly: bool, descs: &[(u64, u32, u16)]) -> (u32, u8) {
+        self.run_on(&self.target(readonly), descs)
+    }
+
+    /// `run` on another disk.
+    fn run_on(&self, target: &BlkTarget, descs: &[(u64, u32, u16)]) -> (u32, u8) {
         let vq = MockSplitQueue::new(&self.mem, 256);
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .map(|&(addr, len, flags)| RawDescriptor::from(Descriptor::new(addr, len, flags, 0)))
             .collect();
         let chain = vq.build_desc_chain(&raw).unwrap();
-        let used = execute(&self.target(readonly), &self.mem, chain);
+        let used = execute(target, &self.mem, chain);
         (used, self.mem.read_obj(GuestAddress(STATUS)).unwrap())
     }
 
@@ -193,6 +198,39 @@ fn discard_and_write_zeroes_clear_the_range() {
         rig.simple(false, VIRTIO_BLK_T_DISCARD, 0, Some((16, 0))).1,
         IOERR
     );
+    // An unknown flag is unsupported even on a range past the end.
+    segment(u64::MAX / 512, 1, 1);
+    assert_eq!(
+        rig.simple(false, VIRTIO_BLK_T_DISCARD, 0, Some((16, 0))).1,
+        UNSUPP
+    );
+}
+
+/// One request may not zero more than the config space's
+/// max_write_zeroes_sectors, however large the disk: it would hold its
+/// queue, and the blocks, for the whole of it.
+#[test]
+fn write_zeroes_past_the_advertised_limit_is_refused() {
+    let rig = Rig::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sparse");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let target = BlkTarget {
+        disk: Arc::new(crate::disk::RawFile::open(&path, false, false).unwrap()),
+        readonly: false,
+        serial: [0; 20],
+    };
+    for (count, status) in [(MAX_DISCARD_SECTORS + 1, IOERR), (MAX_DISCARD_SECTORS, OK)] {
+        rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        rig.mem.write_obj(0u64, GuestAddress(DATA)).unwrap();
+        rig.mem.write_obj(count, GuestAddress(DATA + 8)).unwrap();
+        rig.mem.write_obj(1u32, GuestAddress(DATA + 12)).unwrap();
+        let descs = [(HEADER, 16, 0), (DATA, 16, 0), (STATUS, 1, W)];
+        assert_eq!(rig.run_on(&target, &descs).1, status, "{count} sectors");
+    }
 }
 
 #[test]
