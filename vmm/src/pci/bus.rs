@@ -55,15 +55,20 @@ struct MappedBar {
     mapped: Option<u64>,
     /// Where the device last registered what follows the BAR (ioeventfds).
     registered: u64,
+    /// The low and high registers were last written all ones: the BAR is
+    /// being sized, and holds its size mask, not an address.
+    sizing: [bool; 2],
 }
 
 impl MappedBar {
     /// The address the BAR holds, or None while it is being sized.
     fn programmed(&self, device: &mut dyn PciDevice) -> Option<u64> {
+        if self.sizing.contains(&true) {
+            return None;
+        }
         let low = device.config_read(BAR0_REG + self.index) & !0xf;
         let high = device.config_read(BAR0_REG + self.index + 1);
-        let sizing = high == u32::MAX || low | (self.size - 1) as u32 == u32::MAX;
-        (!sizing).then_some(u64::from(high) << 32 | u64::from(low))
+        Some(u64::from(high) << 32 | u64::from(low))
     }
 
     /// Puts the window at `to`, and has the device follow, unless it would
@@ -123,10 +128,18 @@ impl PciBus {
             .ok_or(NoFreeSlot)
     }
 
-    /// Resets every device (platform reset).
-    pub fn reset_devices(&self) {
-        for device in self.slots.iter().flatten() {
-            crate::bus::lock(device).reset();
+    /// Resets every device (platform reset); with memory decoding off, the
+    /// BAR windows leave the bus until the guest turns it on again.
+    pub fn reset_devices(&mut self) {
+        let devices: Vec<(u8, Arc<Mutex<dyn PciDevice>>)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, device)| Some((slot as u8, device.clone()?)))
+            .collect();
+        for (slot, device) in devices {
+            crate::bus::lock(&device).reset();
+            self.place_bars(slot, &device);
         }
     }
 
@@ -156,6 +169,7 @@ impl PciBus {
             window,
             mapped: Some(addr),
             registered: addr,
+            sizing: [false; 2],
         });
         Ok(())
     }
@@ -163,8 +177,8 @@ impl PciBus {
     /// After a write to the command register or a BAR of the device in
     /// `slot`: its BAR windows are on the MMIO bus where its BARs point
     /// while memory decoding is on, and off it while decoding is off (so a
-    /// guest can swap two BARs). An address with all ones in either half
-    /// is a BAR being sized, not moved. A window that would overlap another
+    /// guest can swap two BARs). A BAR whose low or high half was last
+    /// written all ones is being sized, not moved. A window that would overlap another
     /// stays off the bus until a later change makes room.
     fn place_bars(&mut self, slot: u8, device: &Arc<Mutex<dyn PciDevice>>) {
         let Some(mmio) = self.mmio.upgrade() else {
@@ -244,6 +258,16 @@ impl PciBus {
             return;
         };
         lock(&device).config_write(reg, offset, data);
+        if let Some(bar_reg) = reg.checked_sub(BAR0_REG).filter(|r| *r < 6) {
+            // Told by the value written, not read back: a BAR's size mask
+            // can also be a real address (0x1_ffff_8000 for 32 KiB).
+            let all_ones = offset == 0 && data.len() == 4 && data.iter().all(|&b| b == 0xff);
+            for bar in self.bars.iter_mut().filter(|b| b.slot == slot) {
+                if let Some(half) = bar_reg.checked_sub(bar.index).filter(|h| *h < 2) {
+                    bar.sizing[half] = all_ones;
+                }
+            }
+        }
         if reg == COMMAND_REG || (BAR0_REG..BAR0_REG + 6).contains(&reg) {
             self.place_bars(slot, &device);
         }
@@ -358,6 +382,10 @@ mod tests {
             self.moves.push((from, to));
             Ok(())
         }
+        /// Memory decoding off, as at power-on.
+        fn reset(&mut self) {
+            self.config.write(COMMAND_REG, 0, &[0, 0]);
+        }
     }
 
     const SIZE: u64 = 0x8000;
@@ -441,6 +469,25 @@ mod tests {
         write_reg(&mut bus, 1, BAR0_REG + 1, 0x1);
         assert_eq!(read_at(&mmio, 0x1_e000_0000), 1);
         assert_eq!(lock(device).moves[1], (0xd000_0000, 0x1_e000_0000));
+
+        // An address that looks like a size mask (the last 32 KiB below
+        // 8 GiB) is an address all the same.
+        write_reg(&mut bus, 1, BAR0_REG, 0xffff_8000);
+        assert_eq!(read_at(&mmio, 0x1_ffff_8000), 1);
+        assert_eq!(lock(device).moves[2], (0x1_e000_0000, 0x1_ffff_8000));
+    }
+
+    /// A platform reset turns decoding off: the window leaves the bus until
+    /// the guest turns decoding on again.
+    #[test]
+    fn a_reset_takes_the_windows_off_the_bus_until_decoding_is_on() {
+        let (mmio, mut bus, _devices) = bus_with(1);
+        write_reg(&mut bus, 1, COMMAND_REG, DECODE);
+        assert_eq!(read_at(&mmio, 0xc000_0000), 1);
+        bus.reset_devices();
+        assert_eq!(read_at(&mmio, 0xc000_0000), 0xff);
+        write_reg(&mut bus, 1, COMMAND_REG, DECODE);
+        assert_eq!(read_at(&mmio, 0xc000_0000), 1);
     }
 
     #[test]

@@ -72,6 +72,17 @@ impl Msix {
         }
     }
 
+    /// As at power-on: disabled, every entry cleared and masked.
+    pub fn reset(&mut self) {
+        for entry in &mut self.entries {
+            *entry = Entry {
+                control: VECTOR_MASKED,
+                ..Default::default()
+            };
+        }
+        self.set_control(0);
+    }
+
     pub fn enabled(&self) -> bool {
         self.enabled
     }
@@ -210,5 +221,15 @@ mod tests {
         let mut read_back = [0u8; 16];
         msix.table_read(0, &mut read_back);
         assert_eq!(read_back, entry_bytes(0xfee0_0000, 0x40, false));
+
+        // A reset leaves every entry cleared and masked, as at power-on:
+        // the next driver's vectors start from nothing.
+        msix.reset();
+        msix.table_read(0, &mut read_back);
+        assert_eq!(read_back, entry_bytes(0, 0, true));
+        msix.set_control(CONTROL_ENABLE);
+        event().write(1).unwrap();
+        settle();
+        assert_eq!(event().read().unwrap(), 1, "held after the reset");
     }
 }

@@ -485,7 +485,7 @@ impl PciDevice for VirtioPciDevice {
         VirtioPciDevice::reset(self);
         // MSI-X control is the top half of the capability's first dword.
         self.config.write(self.msix_cap_reg, 3, &[0]);
-        self.msix.set_control(0);
+        self.msix.reset();
         self.config.write(1, 0, &[0, 0]);
     }
 
