@@ -61,9 +61,12 @@ struct PairState {
     rx_vring: Option<VringRwLock>,
     /// A tap error was reported (once, until the tap works again).
     tap_failed: bool,
-    /// A ring error was reported (once a connection: the guest's rings
-    /// are broken, and each kick would say so again).
-    ring_failed: bool,
+    /// The guest broke the rx or tx ring (an available index more than a
+    /// ring ahead, a ring outside guest memory): it is left alone, and its
+    /// kicks ignored, until the frontend stops it (GET_VRING_BASE) or
+    /// resets the device to set it up again.
+    rx_broken: bool,
+    tx_broken: bool,
 }
 
 /// One connection's backend (fresh per frontend, sharing the device).
@@ -82,11 +85,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Reports (once) that a ring's used or avail ring is outside guest memory.
-fn ring_failed(pair: usize, state: &mut PairState, queue: &str, e: &virtio_queue::Error) {
-    if !state.ring_failed {
-        log::error!("pair {pair}: the {queue} ring is unusable: {e}");
-        state.ring_failed = true;
+/// Marks a ring the guest broke as broken, and says so once.
+fn ring_broken(pair: usize, broken: &mut bool, queue: u16, e: &virtio_queue::Error) {
+    if !*broken {
+        let (name, index) = match queue {
+            RX_QUEUE => ("rx", 2 * pair),
+            _ => ("tx", 2 * pair + 1),
+        };
+        log::warn!(
+            "pair {pair}: the {name} ring (queue {index}) is broken, ignored until the frontend sets it up again: {e}"
+        );
+        *broken = true;
     }
 }
 
@@ -107,7 +116,8 @@ impl NetBackend {
                     watching: false,
                     rx_vring: None,
                     tap_failed: false,
-                    ring_failed: false,
+                    rx_broken: false,
+                    tx_broken: false,
                 })
             })
             .collect();
@@ -206,6 +216,10 @@ impl NetBackend {
         if state.rx_vring.is_none() {
             state.rx_vring = Some(vring.clone());
         }
+        if state.rx_broken {
+            self.watch(pair, &mut state, false);
+            return;
+        }
         let Some(atomic) = self.memory() else {
             self.watch(pair, &mut state, false);
             return;
@@ -231,7 +245,7 @@ impl NetBackend {
             Ok(outcome) => outcome,
             Err(e) => {
                 drop(guard);
-                ring_failed(pair, &mut state, "rx", &e);
+                ring_broken(pair, &mut state.rx_broken, RX_QUEUE, &e);
                 self.watch(pair, &mut state, false);
                 return;
             }
@@ -266,6 +280,9 @@ impl NetBackend {
             return;
         };
         let mut state = lock(state);
+        if state.tx_broken {
+            return;
+        }
         let Some(atomic) = self.memory() else { return };
         let mem = atomic.memory();
         let cfg = self.config();
@@ -287,7 +304,7 @@ impl NetBackend {
                 .and_then(|()| state.worker.tx(tap, q, &mem, cfg));
             let used = match result {
                 Ok(used) => used,
-                Err(e) => return ring_failed(pair, &mut state, "tx", &e),
+                Err(e) => return ring_broken(pair, &mut state.tx_broken, TX_QUEUE, &e),
             };
             unsignalled += used;
             if unsignalled >= signal_batch {
@@ -307,7 +324,7 @@ impl NetBackend {
             match guard.get_queue_mut().enable_notification(&*mem) {
                 Ok(true) => continue,
                 Ok(false) => return,
-                Err(e) => return ring_failed(pair, &mut state, "tx", &e),
+                Err(e) => return ring_broken(pair, &mut state.tx_broken, TX_QUEUE, &e),
             }
         }
     }
@@ -385,17 +402,30 @@ impl VhostUserBackend for NetBackend {
         }
     }
 
-    /// The ring stops (GET_VRING_BASE): rx buffers taken ahead go back, so
-    /// that the base reported covers only buffers used.
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if queue_index % 2 != 0 {
-            return Ok(());
+    /// The device is reset: the frontend sets every ring up again, so
+    /// broken ones are served again.
+    fn reset_device(&self) {
+        for state in self.pairs.iter() {
+            let mut state = lock(state);
+            state.rx_broken = false;
+            state.tx_broken = false;
         }
+    }
+
+    /// The ring stops (GET_VRING_BASE): rx buffers taken ahead go back, so
+    /// that the base reported covers only buffers used. A broken ring is
+    /// served again once the frontend has set it up again.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let pair = (queue_index / 2) as usize;
         let Some(state) = self.pairs.get(pair) else {
             return Ok(());
         };
         let mut state = lock(state);
+        if queue_index % 2 != 0 {
+            state.tx_broken = false;
+            return Ok(());
+        }
+        state.rx_broken = false;
         let (Some(vring), Some(atomic)) = (state.rx_vring.clone(), self.memory()) else {
             return Ok(());
         };

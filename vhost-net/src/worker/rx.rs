@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::chain::{collect, Seg, MAX_SEGS};
@@ -218,7 +218,10 @@ impl Rx {
                 return Ok(());
             }
             let pos = q.next_avail();
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            // An available index more than a ring ahead is an error, not
+            // an empty ring: it would otherwise look like buffers that never
+            // come, and `process` would wait for them for ever.
+            let Some(chain) = q.iter(mem)?.next() else {
                 return Ok(());
             };
             let head = chain.head_index();

@@ -615,3 +615,46 @@ fn random_rx_chains_never_write_outside_what_they_name() {
         assert!(bad > 500, "seed {seed}: only {bad} bad chains");
     }
 }
+
+/// Sets the ring's available index more than a ring ahead of the device.
+fn break_avail_idx(mem: &GuestMemoryMmap) {
+    mem.write_obj(SIZE + 1, GuestAddress(AVAIL + 2)).unwrap();
+}
+
+#[test]
+fn tx_fails_on_an_available_index_more_than_a_ring_ahead() {
+    let mem = memory();
+    let (_d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    break_avail_idx(&mem);
+    let mut pair = Pair::new(0);
+    let result = pair.tx(&tap, &mut q, &mem, MRG);
+    assert!(
+        matches!(result, Err(virtio_queue::Error::InvalidAvailRingIndex)),
+        "{result:?}"
+    );
+    assert_eq!(q.next_avail(), 0);
+    assert!(tap.written.borrow().is_empty());
+}
+
+#[test]
+fn rx_fails_at_once_on_an_available_index_more_than_a_ring_ahead() {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mem = memory();
+        let (_d, mut q) = Driver::new(&mem);
+        let tap = MemTap::default();
+        tap.push(with_header(&frame(60, 1)));
+        break_avail_idx(&mem);
+        let mut pair = Pair::new(0);
+        let out = pair.rx(&tap, &mut q, &mem, MRG).map(|o| o.used);
+        let _ = done.send(out);
+    });
+    let out = result
+        .recv_timeout(std::time::Duration::from_secs(1))
+        .expect("rx did not return within 1 s");
+    assert!(
+        matches!(out, Err(virtio_queue::Error::InvalidAvailRingIndex)),
+        "{out:?}"
+    );
+}

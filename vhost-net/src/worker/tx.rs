@@ -4,7 +4,7 @@
 
 use std::io;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 
 use super::chain::collect;
@@ -30,7 +30,9 @@ pub struct TxScratch {
 }
 
 /// Sends one batch of available chains (at most `TX_BATCH`); returns how
-/// many were completed (0: the ring is empty).
+/// many were completed (0: the ring is empty). Fails, having taken no
+/// chain, when the ring cannot be read (its available index is more than
+/// a ring ahead, or it is not ready).
 pub fn process<T: FrameIo>(
     tap: &T,
     q: &mut Queue,
@@ -43,10 +45,9 @@ pub fn process<T: FrameIo>(
     let max = (cfg.hdr_len + MAX_FRAME) as u64;
     let mut frames: Vec<IoVecs<'_>> = Vec::with_capacity(TX_BATCH);
     scratch.heads.clear();
-    while scratch.heads.len() < TX_BATCH {
-        let Some(chain) = q.pop_descriptor_chain(mem) else {
-            break;
-        };
+    // An available index more than a ring ahead (or a ring not ready) is
+    // an error, not an empty ring: the caller stops serving the ring.
+    for chain in q.iter(mem)?.take(TX_BATCH) {
         let head = chain.head_index();
         scratch.heads.push(head);
         let mut iov = IoVecs::reusing(scratch.storage.pop().unwrap_or_default(), 0);
