@@ -5,7 +5,7 @@
 //! kernel) until the guest kicks the rx queue.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockWriteGuard, Weak};
 use std::time::Duration;
@@ -18,6 +18,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 
 use vmm_common::ring_watch::avail_within;
 
@@ -30,6 +31,10 @@ const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
 /// How long a tx worker looks for more frames before it sleeps.
 const TX_POLL: Duration = Duration::from_micros(100);
+/// After a tap read fails, when the worker tries again (an rx kick also
+/// does): the guest may hold back its kicks while the backend holds all
+/// its buffers.
+const TAP_RETRY: Duration = Duration::from_millis(10);
 /// While the sender keeps the ring busy, tx completions are signalled
 /// once per this fraction of the ring: often enough that it refills the
 /// ring before it runs dry, seldom enough to spare it most wake-ups.
@@ -61,6 +66,9 @@ struct PairState {
     rx_vring: Option<VringRwLock>,
     /// A tap error was reported (once, until the tap works again).
     tap_failed: bool,
+    /// Fires `TAP_RETRY` after a failed tap read (None if it could not be
+    /// made or watched: then only rx kicks retry).
+    tap_retry: Option<TimerFd>,
     /// The guest broke the rx or tx ring (an available index more than a
     /// ring ahead, a ring outside guest memory): it is left alone, and its
     /// kicks ignored, until the frontend stops it (GET_VRING_BASE) or
@@ -83,6 +91,24 @@ pub struct NetBackend {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A one-shot timer whose reads never block (`TimerFd::new` makes one
+/// that blocks until it fires, and a timer set again after epoll saw it
+/// fire no longer has anything to read).
+fn nonblocking_timer() -> io::Result<TimerFd> {
+    // SAFETY: no pointers are passed; the result is checked.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a timerfd just made, owned by nothing else.
+    Ok(unsafe { TimerFd::from_raw_fd(fd) })
 }
 
 /// Marks a ring the guest broke as broken, and says so once.
@@ -111,11 +137,17 @@ impl NetBackend {
         }
         let pairs = (0..device.taps.len())
             .map(|index| {
+                let tap_retry = nonblocking_timer()
+                    .map_err(|e| {
+                        log::warn!("pair {index}: no tap retry timer ({e}): failed tap reads are retried at rx kicks only");
+                    })
+                    .ok();
                 Mutex::new(PairState {
                     worker: Pair::new(index),
                     watching: false,
                     rx_vring: None,
                     tap_failed: false,
+                    tap_retry,
                     rx_broken: false,
                     tx_broken: false,
                 })
@@ -130,11 +162,27 @@ impl NetBackend {
         }
     }
 
-    /// Hands over the daemon's epoll handlers (one per pair, in order).
+    /// Hands over the daemon's epoll handlers (one per pair, in order),
+    /// and has each watch its pair's tap retry timer.
     pub fn set_handlers(&self, handlers: &[Arc<Handler>]) {
-        let _ = self
+        if self
             .handlers
-            .set(handlers.iter().map(Arc::downgrade).collect());
+            .set(handlers.iter().map(Arc::downgrade).collect())
+            .is_err()
+        {
+            return;
+        }
+        for (pair, (handler, state)) in handlers.iter().zip(self.pairs.iter()).enumerate() {
+            let mut state = lock(state);
+            let Some(timer) = &state.tap_retry else {
+                continue;
+            };
+            let fd = timer.as_raw_fd();
+            if let Err(e) = handler.register_listener(fd, EventSet::IN, self.retry_event()) {
+                log::warn!("pair {pair}: cannot watch the tap retry timer ({e}): failed tap reads are retried at rx kicks only");
+                state.tap_retry = None;
+            }
+        }
     }
 
     /// Logs each pair's counters (at the end of a connection).
@@ -156,6 +204,11 @@ impl NetBackend {
     /// The epoll event id of the tap: past the queues and the exit event.
     fn tap_event(&self) -> u64 {
         self.device.num_queues() as u64 + 1
+    }
+
+    /// The epoll event id of the pair's tap retry timer.
+    fn retry_event(&self) -> u64 {
+        self.tap_event() + 1
     }
 
     fn config(&self) -> NetConfig {
@@ -263,12 +316,19 @@ impl NetBackend {
             RxStop::TapError(e) => {
                 if !state.tap_failed {
                     log::error!(
-                        "pair {pair}: reading tap {} failed: {e}; retrying at the next rx kick",
+                        "pair {pair}: reading tap {} failed: {e}; retrying every {TAP_RETRY:?} and at rx kicks",
                         tap.name()
                     );
                     state.tap_failed = true;
                 }
+                // A tap that keeps failing may keep looking readable: it
+                // is left out of the epoll set, and read again later.
                 self.watch(pair, &mut state, false);
+                if let Some(timer) = state.tap_retry.as_mut() {
+                    if let Err(e) = timer.reset(TAP_RETRY, None) {
+                        log::warn!("pair {pair}: cannot set the tap retry timer: {e}");
+                    }
+                }
             }
         }
     }
@@ -455,6 +515,15 @@ impl VhostUserBackend for NetBackend {
             TX_QUEUE => self.tx(pair, tx),
             // The tap is readable (or failed: the read tells).
             e if u64::from(e) == self.tap_event() => self.rx(pair, rx),
+            e if u64::from(e) == self.retry_event() => {
+                if let Some(state) = self.pairs.get(pair) {
+                    if let Some(timer) = lock(state).tap_retry.as_mut() {
+                        // Never blocks: nothing to read if it was set again.
+                        let _ = timer.wait();
+                    }
+                }
+                self.rx(pair, rx);
+            }
             e => return Err(io::Error::other(format!("unknown event {e}"))),
         }
         Ok(())

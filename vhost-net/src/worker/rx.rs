@@ -37,7 +37,8 @@ pub enum RxStop {
     NoBuffers,
     /// `BUDGET` frames were read; more may be waiting.
     Budget,
-    /// Reading the tap failed.
+    /// Reading the tap failed; notifications are enabled, so the guest
+    /// kicks when it adds buffers.
     TapError(std::io::Error),
 }
 
@@ -155,7 +156,19 @@ impl Rx {
                 continue;
             }
             match self.read(tap, mem, cfg) {
-                Read::Stop(stop) => return Ok(RxOutcome { used, stop }),
+                Read::Stop(RxStop::TapEmpty) => {
+                    return Ok(RxOutcome {
+                        used,
+                        stop: RxStop::TapEmpty,
+                    })
+                }
+                Read::Stop(stop) => {
+                    // The backend stops watching the tap: only a kick (or
+                    // its own retry) runs this again, so the guest must be
+                    // asked for kicks.
+                    q.enable_notification(mem)?;
+                    return Ok(RxOutcome { used, stop });
+                }
                 Read::Gone(index) => {
                     if let Some(h) = self.take(index) {
                         c.bad_chain("rx", h.head, &"its buffers left guest memory");

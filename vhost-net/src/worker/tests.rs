@@ -33,6 +33,8 @@ const ONE_CHAIN: NetConfig = NetConfig {
 struct MemTap {
     incoming: RefCell<VecDeque<Vec<u8>>>,
     written: RefCell<Vec<Vec<u8>>>,
+    /// The next read fails with this errno.
+    read_error: RefCell<Option<i32>>,
 }
 
 impl MemTap {
@@ -43,6 +45,9 @@ impl MemTap {
 
 impl FrameIo for MemTap {
     fn read_frame(&self, iov: &IoVecs<'_>) -> io::Result<Option<usize>> {
+        if let Some(errno) = self.read_error.take() {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         let Some(frame) = self.incoming.borrow_mut().pop_front() else {
             return Ok(None);
         };
@@ -657,4 +662,38 @@ fn rx_fails_at_once_on_an_available_index_more_than_a_ring_ahead() {
         matches!(out, Err(virtio_queue::Error::InvalidAvailRingIndex)),
         "{out:?}"
     );
+}
+
+#[test]
+fn after_a_tap_error_the_guest_is_asked_for_kicks_and_the_next_delivers() {
+    for event_idx in [false, true] {
+        let mem = memory();
+        let (mut d, mut q) = Driver::new(&mem);
+        q.set_event_idx(event_idx);
+        let tap = MemTap::default();
+        let heads: Vec<u16> = (0..2u64)
+            .map(|i| d.add(&[(0x10000 + i * 0x1000, 2048, W)]))
+            .collect();
+        tap.push(with_header(&frame(60, 1)));
+        *tap.read_error.borrow_mut() = Some(libc::EIO);
+        let mut pair = Pair::new(0);
+        let out = pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+        assert!(matches!(out.stop, RxStop::TapError(_)), "{out:?}");
+        assert!(d.used().is_empty());
+        let flags: u16 = mem.read_obj(GuestAddress(USED)).unwrap();
+        assert_eq!(
+            flags, 0,
+            "event_idx {event_idx}: VRING_USED_F_NO_NOTIFY left set"
+        );
+        if event_idx {
+            let at = USED + 4 + 8 * u64::from(SIZE);
+            let avail_event: u16 = mem.read_obj(GuestAddress(at)).unwrap();
+            assert_eq!(avail_event, q.next_avail(), "avail_event");
+        }
+        // The guest kicks: the frame waiting in the tap arrives.
+        let out = pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+        assert!(matches!(out.stop, RxStop::TapEmpty), "{out:?}");
+        assert_eq!(d.used(), [(u32::from(heads[0]), 72)]);
+        assert_eq!(pair.stats().rx_frames, 1);
+    }
 }
