@@ -2,7 +2,10 @@
 //! queue pair. A pair's thread waits on the rx and tx kicks and on the
 //! pair's tap queue, which is in its epoll set only while the rx ring has
 //! buffers: with none left, the tap is left unread (frames wait in the
-//! kernel) until the guest kicks the rx queue.
+//! kernel) until the guest kicks the rx queue. It also waits on two events
+//! of its own: a timer that retries the tap after a failed read, and a
+//! resume event that brings it back to a tx ring busy past its budget
+//! once it has served the pair's other events.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -12,33 +15,42 @@ use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
-
-use vmm_common::ring_watch::avail_within;
 
 use crate::features::{self, NetConfig};
 use crate::tap::Tap;
-use crate::worker::{Pair, RxStop, Stats};
+use crate::worker::{Pair, RxStop, Stats, TxBudget, TxEnd, TxRing, TX_BATCH};
 
 /// A pair's queues, as its worker thread numbers them.
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
 /// How long a tx worker looks for more frames before it sleeps.
 const TX_POLL: Duration = Duration::from_micros(100);
+/// What one tx call may do before the worker serves the pair's other
+/// events (rx, a ring stop, its exit) and then comes back: a guest that
+/// keeps its tx ring busy would otherwise keep the worker for ever.
+const TX_BUDGET: TxBudget = TxBudget {
+    chains: 4 * TX_BATCH as u32,
+    time: Duration::from_millis(1),
+    poll: TX_POLL,
+};
+/// Without a way to come back (no resume event), no budget.
+const TX_UNBOUNDED: TxBudget = TxBudget {
+    chains: u32::MAX,
+    time: Duration::MAX,
+    poll: TX_POLL,
+};
 /// After a tap read fails, when the worker tries again (an rx kick also
 /// does): the guest may hold back its kicks while the backend holds all
 /// its buffers.
 const TAP_RETRY: Duration = Duration::from_millis(10);
-/// While the sender keeps the ring busy, tx completions are signalled
-/// once per this fraction of the ring: often enough that it refills the
-/// ring before it runs dry, seldom enough to spare it most wake-ups.
-const TX_SIGNAL_FRACTION: u32 = 2;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Handler = VringEpollHandler<NetBackend>;
@@ -69,6 +81,10 @@ struct PairState {
     /// Fires `TAP_RETRY` after a failed tap read (None if it could not be
     /// made or watched: then only rx kicks retry).
     tap_retry: Option<TimerFd>,
+    /// Written when a tx call spent its budget with frames left: brings
+    /// the worker back to them (None if it could not be made or watched:
+    /// then tx calls have no budget).
+    tx_resume: Option<EventFd>,
     /// The guest broke the rx or tx ring (an available index more than a
     /// ring ahead, a ring outside guest memory): it is left alone, and its
     /// kicks ignored, until the frontend stops it (GET_VRING_BASE) or
@@ -91,6 +107,18 @@ pub struct NetBackend {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Signals the guest if it asked to be (EVENT_IDX) or always.
+fn notify(pair: usize, guard: &mut StateGuard<'_>, mem: &GuestMemoryMmap) {
+    match guard.get_queue_mut().needs_notification(mem) {
+        Ok(false) => {}
+        Ok(true) | Err(_) => {
+            if let Err(e) = guard.signal_used_queue() {
+                log::warn!("pair {pair}: cannot signal the guest: {e}");
+            }
+        }
+    }
 }
 
 /// A one-shot timer whose reads never block (`TimerFd::new` makes one
@@ -142,12 +170,18 @@ impl NetBackend {
                         log::warn!("pair {index}: no tap retry timer ({e}): failed tap reads are retried at rx kicks only");
                     })
                     .ok();
+                let tx_resume = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+                    .map_err(|e| {
+                        log::warn!("pair {index}: no tx resume event ({e}): a busy tx ring can hold its worker");
+                    })
+                    .ok();
                 Mutex::new(PairState {
                     worker: Pair::new(index),
                     watching: false,
                     rx_vring: None,
                     tap_failed: false,
                     tap_retry,
+                    tx_resume,
                     rx_broken: false,
                     tx_broken: false,
                 })
@@ -163,7 +197,7 @@ impl NetBackend {
     }
 
     /// Hands over the daemon's epoll handlers (one per pair, in order),
-    /// and has each watch its pair's tap retry timer.
+    /// and has each watch its pair's tap retry timer and tx resume event.
     pub fn set_handlers(&self, handlers: &[Arc<Handler>]) {
         if self
             .handlers
@@ -174,13 +208,19 @@ impl NetBackend {
         }
         for (pair, (handler, state)) in handlers.iter().zip(self.pairs.iter()).enumerate() {
             let mut state = lock(state);
-            let Some(timer) = &state.tap_retry else {
-                continue;
-            };
-            let fd = timer.as_raw_fd();
-            if let Err(e) = handler.register_listener(fd, EventSet::IN, self.retry_event()) {
-                log::warn!("pair {pair}: cannot watch the tap retry timer ({e}): failed tap reads are retried at rx kicks only");
-                state.tap_retry = None;
+            if let Some(timer) = &state.tap_retry {
+                let fd = timer.as_raw_fd();
+                if let Err(e) = handler.register_listener(fd, EventSet::IN, self.retry_event()) {
+                    log::warn!("pair {pair}: cannot watch the tap retry timer ({e}): failed tap reads are retried at rx kicks only");
+                    state.tap_retry = None;
+                }
+            }
+            if let Some(resume) = &state.tx_resume {
+                let fd = resume.as_raw_fd();
+                if let Err(e) = handler.register_listener(fd, EventSet::IN, self.resume_event()) {
+                    log::warn!("pair {pair}: cannot watch the tx resume event ({e}): a busy tx ring can hold its worker");
+                    state.tx_resume = None;
+                }
             }
         }
     }
@@ -209,6 +249,11 @@ impl NetBackend {
     /// The epoll event id of the pair's tap retry timer.
     fn retry_event(&self) -> u64 {
         self.tap_event() + 1
+    }
+
+    /// The epoll event id of the pair's tx resume event.
+    fn resume_event(&self) -> u64 {
+        self.tap_event() + 2
     }
 
     fn config(&self) -> NetConfig {
@@ -241,18 +286,6 @@ impl NetBackend {
         match result {
             Ok(()) => state.watching = on,
             Err(e) => log::error!("pair {pair}: cannot change the worker's watch of the tap: {e}"),
-        }
-    }
-
-    /// Signals the guest if it asked to be (EVENT_IDX) or always.
-    fn notify(&self, pair: usize, guard: &mut StateGuard<'_>, mem: &GuestMemoryMmap) {
-        match guard.get_queue_mut().needs_notification(mem) {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                if let Err(e) = guard.signal_used_queue() {
-                    log::warn!("pair {pair}: cannot signal the guest: {e}");
-                }
-            }
         }
     }
 
@@ -304,7 +337,7 @@ impl NetBackend {
             }
         };
         if outcome.used > 0 {
-            self.notify(pair, &mut guard, &mem);
+            notify(pair, &mut guard, &mem);
         }
         drop(guard);
         match outcome.stop {
@@ -333,8 +366,10 @@ impl NetBackend {
         }
     }
 
-    /// Sends the tx ring's frames to the tap; with EVENT_IDX, until no
-    /// more arrive once notifications are back on.
+    /// Sends the tx ring's frames to the tap until no more arrive once
+    /// notifications are back on, or its budget is spent (the resume event
+    /// then brings the worker back once it has served the pair's other
+    /// events).
     fn tx(&self, pair: usize, vring: &VringRwLock) {
         let (Some(tap), Some(state)) = (self.device.taps.get(pair), self.pairs.get(pair)) else {
             return;
@@ -353,40 +388,43 @@ impl NetBackend {
         if let Err(e) = tap.set_attached(true) {
             log::warn!("pair {pair}: cannot attach its tap queue: {e}");
         }
-        // Completions not yet signalled: a busy sender is told every
-        // `signal_batch` frames, and always before the worker sleeps.
-        let signal_batch = (u32::from(guard.get_queue().size()) / TX_SIGNAL_FRACTION).max(1);
-        let mut unsignalled = 0;
-        loop {
-            let q = guard.get_queue_mut();
-            let result = q
-                .disable_notification(&*mem)
-                .and_then(|()| state.worker.tx(tap, q, &mem, cfg));
-            let used = match result {
-                Ok(used) => used,
-                Err(e) => return ring_broken(pair, &mut state.tx_broken, TX_QUEUE, &e),
-            };
-            unsignalled += used;
-            if unsignalled >= signal_batch {
-                self.notify(pair, &mut guard, &mem);
-                unsignalled = 0;
+        let budget = if state.tx_resume.is_some() {
+            TX_BUDGET
+        } else {
+            // Nothing would bring the worker back for what is left.
+            TX_UNBOUNDED
+        };
+        let mut ring = LockedRing {
+            pair,
+            guard: &mut guard,
+        };
+        match state.worker.tx_run(tap, &mut ring, &mem, cfg, budget) {
+            Ok(TxEnd::Idle) => {}
+            Ok(TxEnd::Budget) => {
+                // Level-triggered: the worker serves its other events,
+                // then comes back here.
+                if let Some(Err(e)) = state.tx_resume.as_ref().map(|r| r.write(1)) {
+                    log::error!("pair {pair}: cannot schedule the rest of the tx ring: {e}");
+                }
             }
-            // A sender that keeps its ring full refills it within
-            // microseconds: look for more for a moment before going back to
-            // sleep, which saves its kick and our wake-up.
-            if used > 0 && avail_within(guard.get_queue(), &mem, TX_POLL) {
-                continue;
-            }
-            if unsignalled > 0 {
-                self.notify(pair, &mut guard, &mem);
-                unsignalled = 0;
-            }
-            match guard.get_queue_mut().enable_notification(&*mem) {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(e) => return ring_broken(pair, &mut state.tx_broken, TX_QUEUE, &e),
-            }
+            Err(e) => ring_broken(pair, &mut state.tx_broken, TX_QUEUE, &e),
         }
+    }
+}
+
+/// The tx ring under its lock, as the worker's tx loop sees it.
+struct LockedRing<'a, 'g> {
+    pair: usize,
+    guard: &'a mut StateGuard<'g>,
+}
+
+impl TxRing for LockedRing<'_, '_> {
+    fn queue(&mut self) -> &mut Queue {
+        self.guard.get_queue_mut()
+    }
+
+    fn signal(&mut self, mem: &GuestMemoryMmap) {
+        notify(self.pair, self.guard, mem);
     }
 }
 
@@ -493,7 +531,7 @@ impl VhostUserBackend for NetBackend {
         let mut guard = vring.get_mut();
         match state.worker.release_rx(guard.get_queue_mut(), &mem) {
             Ok(0) => {}
-            Ok(_) => self.notify(pair, &mut guard, &mem),
+            Ok(_) => notify(pair, &mut guard, &mem),
             Err(e) => log::warn!("pair {pair}: cannot give back rx buffers: {e}"),
         }
         Ok(())
@@ -523,6 +561,15 @@ impl VhostUserBackend for NetBackend {
                     }
                 }
                 self.rx(pair, rx);
+            }
+            e if u64::from(e) == self.resume_event() => {
+                if let Some(state) = self.pairs.get(pair) {
+                    if let Some(resume) = &lock(state).tx_resume {
+                        // Non-blocking: nothing to read is fine.
+                        let _ = resume.read();
+                    }
+                }
+                self.tx(pair, tx);
             }
             e => return Err(io::Error::other(format!("unknown event {e}"))),
         }

@@ -23,7 +23,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 pub use rx::{RxOutcome, RxStop};
-pub use tx::TX_BATCH;
+pub use tx::{TxBudget, TxEnd, TxRing, TX_BATCH};
 
 use crate::features::NetConfig;
 use crate::iovec::IoVecs;
@@ -172,7 +172,8 @@ impl Pair {
 
     /// Sends a batch of the chains available on the tx queue (at most
     /// `TX_BATCH`) to `tap`; returns the number of chains completed, 0 when
-    /// the queue is empty.
+    /// the queue is empty. (The backend uses `tx_run`.)
+    #[cfg(test)]
     pub fn tx<T: FrameIo>(
         &mut self,
         tap: &T,
@@ -181,6 +182,28 @@ impl Pair {
         cfg: NetConfig,
     ) -> Result<u32, virtio_queue::Error> {
         tx::process(tap, q, mem, cfg, &mut self.tx, &mut self.counters)
+    }
+
+    /// Sends the tx ring's frames to `tap` until the ring stays empty with
+    /// notifications enabled (`Idle`) or `budget` is spent (`Budget`: the
+    /// caller must come back, as the guest may not kick again).
+    pub fn tx_run<T: FrameIo, R: TxRing>(
+        &mut self,
+        tap: &T,
+        ring: &mut R,
+        mem: &GuestMemoryMmap,
+        cfg: NetConfig,
+        budget: TxBudget,
+    ) -> Result<TxEnd, virtio_queue::Error> {
+        tx::run(
+            tap,
+            ring,
+            mem,
+            cfg,
+            budget,
+            &mut self.tx,
+            &mut self.counters,
+        )
     }
 
     /// Moves frames from `tap` into the rx queue until the tap is empty,

@@ -12,7 +12,7 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{FrameIo, Pair, RxStop};
+use super::{FrameIo, Pair, RxStop, TxBudget, TxEnd, TxRing};
 use crate::features::{NetConfig, MAX_FRAME};
 use crate::iovec::IoVecs;
 
@@ -696,4 +696,93 @@ fn after_a_tap_error_the_guest_is_asked_for_kicks_and_the_next_delivers() {
         assert_eq!(d.used(), [(u32::from(heads[0]), 72)]);
         assert_eq!(pair.stats().rx_frames, 1);
     }
+}
+
+/// A tx ring and the signals sent for it.
+struct SignalledRing {
+    q: Queue,
+    signals: usize,
+}
+
+impl TxRing for SignalledRing {
+    fn queue(&mut self) -> &mut Queue {
+        &mut self.q
+    }
+
+    fn signal(&mut self, _mem: &GuestMemoryMmap) {
+        self.signals += 1;
+    }
+}
+
+/// A sender that keeps its tx ring full: each frame the tap takes is
+/// replaced by a new one, `refills` times.
+struct BusySender<'a> {
+    tap: MemTap,
+    driver: RefCell<Driver<'a>>,
+    refills: std::cell::Cell<usize>,
+}
+
+impl BusySender<'_> {
+    fn post(&self) {
+        self.driver.borrow_mut().add(&[(0x10000, 72, 0)]);
+    }
+}
+
+impl FrameIo for BusySender<'_> {
+    fn read_frame(&self, iov: &IoVecs<'_>) -> io::Result<Option<usize>> {
+        self.tap.read_frame(iov)
+    }
+
+    fn write_frame(&self, iov: &IoVecs<'_>) -> io::Result<usize> {
+        if self.refills.get() > 0 {
+            self.refills.set(self.refills.get() - 1);
+            self.post();
+        }
+        self.tap.write_frame(iov)
+    }
+}
+
+#[test]
+fn a_busy_tx_ring_is_left_after_its_budget_and_the_rest_sent_next_time() {
+    let mem = memory();
+    mem.write_slice(&with_header(&frame(60, 3)), GuestAddress(0x10000))
+        .unwrap();
+    let (d, q) = Driver::new(&mem);
+    let sender = BusySender {
+        tap: MemTap::default(),
+        driver: RefCell::new(d),
+        refills: std::cell::Cell::new(1000),
+    };
+    for _ in 0..SIZE {
+        sender.post();
+    }
+    let mut ring = SignalledRing { q, signals: 0 };
+    let budget = TxBudget {
+        chains: 40,
+        time: std::time::Duration::from_secs(60),
+        poll: std::time::Duration::ZERO,
+    };
+    let mut pair = Pair::new(0);
+    let end = pair.tx_run(&sender, &mut ring, &mem, MRG, budget).unwrap();
+    assert_eq!(end, TxEnd::Budget);
+    // Budgets are checked between batches (of at most a ring here).
+    let sent = pair.stats().tx_frames;
+    assert!((40..40 + u64::from(SIZE)).contains(&sent), "{sent} sent");
+    assert!(ring.signals > 0, "completions left unsignalled");
+    let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(u64::from(used_idx), sent);
+    // A ring's worth is still waiting.
+    let avail_idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+    assert_eq!(avail_idx.wrapping_sub(ring.q.next_avail()), SIZE);
+
+    // The sender stops refilling: the next call sends what is left.
+    sender.refills.set(0);
+    let end = pair.tx_run(&sender, &mut ring, &mem, MRG, budget).unwrap();
+    assert_eq!(end, TxEnd::Idle);
+    assert_eq!(pair.stats().tx_frames, sent + u64::from(SIZE));
+    assert_eq!(ring.q.next_avail(), avail_idx);
+    assert_eq!(
+        sender.tap.written.borrow().len() as u64,
+        sent + u64::from(SIZE)
+    );
 }

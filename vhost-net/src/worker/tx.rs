@@ -3,9 +3,11 @@
 //! time (one system call for the batch on a tap).
 
 use std::io;
+use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueOwnedT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_common::ring_watch::avail_within;
 
 use super::chain::collect;
 use super::{complete, Counters, FrameIo};
@@ -17,6 +19,40 @@ const ETH_HLEN: usize = 14;
 
 /// The most chains sent with one call.
 pub const TX_BATCH: usize = 64;
+/// While the sender keeps the ring busy, tx completions are signalled
+/// once per this fraction of the ring: often enough that it refills the
+/// ring before it runs dry, seldom enough to spare it most wake-ups.
+const TX_SIGNAL_FRACTION: u32 = 2;
+
+/// How much one `run` may do before it lets the worker serve the pair's
+/// other events (its rx ring, the tap, a ring stop, the worker's exit).
+#[derive(Clone, Copy, Debug)]
+pub struct TxBudget {
+    /// Chains completed (checked between batches, so up to a batch more).
+    pub chains: u32,
+    /// Time spent, looking for more frames included.
+    pub time: Duration,
+    /// How long to look for more frames after a batch before sleeping.
+    pub poll: Duration,
+}
+
+/// The tx ring as `run` sees it: its queue, and the guest's interrupt.
+pub trait TxRing {
+    fn queue(&mut self) -> &mut Queue;
+    /// Tells the guest about the chains used, if it asked to be told.
+    fn signal(&mut self, mem: &GuestMemoryMmap);
+}
+
+/// Why `run` returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TxEnd {
+    /// The ring is empty and notifications are enabled: the guest kicks
+    /// when it adds frames.
+    Idle,
+    /// The budget is spent and frames may be left: the caller must run
+    /// again soon, as the guest may not kick for them.
+    Budget,
+}
 
 /// What the transmit path keeps between batches, so that a batch
 /// allocates nothing.
@@ -82,4 +118,53 @@ pub fn process<T: FrameIo>(
         complete(q, mem, head, 0, &mut used)?;
     }
     Ok(used)
+}
+
+/// Sends the ring's frames, batch by batch, until it stays empty with
+/// notifications enabled or `budget` is spent. Completions are signalled
+/// every so often while the ring is busy, and always before returning.
+pub fn run<T: FrameIo, R: TxRing>(
+    tap: &T,
+    ring: &mut R,
+    mem: &GuestMemoryMmap,
+    cfg: NetConfig,
+    budget: TxBudget,
+    scratch: &mut TxScratch,
+    c: &mut Counters,
+) -> Result<TxEnd, virtio_queue::Error> {
+    let started = Instant::now();
+    let signal_batch = (u32::from(ring.queue().size()) / TX_SIGNAL_FRACTION).max(1);
+    let mut unsignalled = 0;
+    let mut sent = 0u32;
+    let end = loop {
+        if sent >= budget.chains || started.elapsed() >= budget.time {
+            break TxEnd::Budget;
+        }
+        let q = ring.queue();
+        q.disable_notification(mem)?;
+        let used = process(tap, q, mem, cfg, scratch, c)?;
+        sent = sent.saturating_add(used);
+        unsignalled += used;
+        if unsignalled >= signal_batch {
+            ring.signal(mem);
+            unsignalled = 0;
+        }
+        // A sender that keeps its ring full refills it within
+        // microseconds: look for more for a moment before going back to
+        // sleep, which saves its kick and our wake-up.
+        if used > 0 && avail_within(ring.queue(), mem, budget.poll) {
+            continue;
+        }
+        if unsignalled > 0 {
+            ring.signal(mem);
+            unsignalled = 0;
+        }
+        if !ring.queue().enable_notification(mem)? {
+            break TxEnd::Idle;
+        }
+    };
+    if unsignalled > 0 {
+        ring.signal(mem);
+    }
+    Ok(end)
 }
