@@ -3,8 +3,10 @@
 use std::ops::Deref;
 
 use thiserror::Error;
-use virtio_queue::DescriptorChain;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use crate::iovec::{IoVecs, MAX_IOVECS};
 
@@ -141,4 +143,26 @@ where
         return Err(BadChain::TooShort(total, min_len));
     }
     Ok(total)
+}
+
+/// How many of the ring's own descriptors the chain at `head` takes (an
+/// indirect table's entries are not the ring's): the guest cannot use
+/// them for other buffers until the chain is used. Counts what it can
+/// read, at least 1 and at most the ring size.
+pub fn ring_descriptors(q: &Queue, mem: &GuestMemoryMmap, head: u16) -> u16 {
+    let table = GuestAddress(q.desc_table());
+    let mut index = head;
+    let mut count = 0;
+    while count < q.size() {
+        count += 1;
+        let desc = table
+            .checked_add(16 * u64::from(index))
+            .and_then(|at| mem.read_obj::<RawDescriptor>(at).ok())
+            .map(Descriptor::from);
+        match desc {
+            Some(d) if d.has_next() && !d.refers_to_indirect_table() => index = d.next(),
+            _ => break,
+        }
+    }
+    count
 }

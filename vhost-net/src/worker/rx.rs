@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
-use super::chain::{collect, Seg, MAX_SEGS};
+use super::chain::{collect, ring_descriptors, Seg, MAX_SEGS};
 use super::{complete, Counters, FrameIo};
 use crate::features::{NetConfig, HDR_LEN, MAX_FRAME};
 use crate::iovec::{IoVecs, MAX_IOVECS};
@@ -56,6 +56,8 @@ struct Held {
     pos: u16,
     segs: Vec<Seg>,
     cap: usize,
+    /// Ring descriptors it takes.
+    descs: usize,
 }
 
 /// A frame read past the held buffers (MRG_RXBUF only): its first
@@ -87,6 +89,8 @@ pub struct Rx {
     held: VecDeque<Held>,
     held_bytes: usize,
     held_segs: usize,
+    /// Ring descriptors the held chains take.
+    held_descs: usize,
     pending: Option<Pending>,
     overflow: Box<[u8]>,
 }
@@ -97,6 +101,7 @@ impl Rx {
             held: VecDeque::new(),
             held_bytes: 0,
             held_segs: 0,
+            held_descs: 0,
             pending: None,
             // One byte more than the largest frame: a frame that fills it
             // was cut short.
@@ -128,9 +133,10 @@ impl Rx {
                 Some(p) => self.held_bytes >= p.in_chains + p.tail,
                 None => !self.held.is_empty(),
             };
-            if !ready && self.pending.is_some() && self.held.len() >= usize::from(q.size()) {
-                // Every buffer the ring can offer is held, and the frame
-                // still does not fit: it never will.
+            if !ready && self.pending.is_some() && self.held_descs >= usize::from(q.size()) {
+                // Every descriptor of the ring is in a held chain (so the
+                // guest can offer no more buffers), and the frame still
+                // does not fit: it never will.
                 self.pending = None;
                 c.dropped(true, &"larger than the whole rx ring");
                 continue;
@@ -245,13 +251,16 @@ impl Rx {
             match collect(chain, mem, true, min, u64::from(u32::MAX), &mut segs) {
                 Ok(cap) => {
                     let cap = cap as usize;
+                    let descs = usize::from(ring_descriptors(q, mem, head));
                     self.held_bytes += cap;
                     self.held_segs += segs.len();
+                    self.held_descs += descs;
                     self.held.push_back(Held {
                         head,
                         pos,
                         segs,
                         cap,
+                        descs,
                     });
                 }
                 Err(why) => {
@@ -266,6 +275,7 @@ impl Rx {
         let h = self.held.remove(index)?;
         self.held_bytes -= h.cap;
         self.held_segs -= h.segs.len();
+        self.held_descs -= h.descs;
         Some(h)
     }
 
@@ -422,6 +432,7 @@ impl Rx {
         self.held.clear();
         self.held_bytes = 0;
         self.held_segs = 0;
+        self.held_descs = 0;
         Ok(used)
     }
 }

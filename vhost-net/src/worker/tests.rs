@@ -786,3 +786,29 @@ fn a_busy_tx_ring_is_left_after_its_budget_and_the_rest_sent_next_time() {
         sent + u64::from(SIZE)
     );
 }
+
+#[test]
+fn a_frame_larger_than_the_ring_of_two_buffer_chains_is_dropped() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    // Half as many chains as the ring has descriptors: every descriptor
+    // is in one.
+    let heads: Vec<u16> = (0..u64::from(SIZE / 2))
+        .map(|i| {
+            d.add(&[
+                (0x10000 + i * 0x1000, 12, W),
+                (0x10800 + i * 0x1000, 100, W),
+            ])
+        })
+        .collect();
+    tap.push(with_header(&frame(2000, 1)));
+    tap.push(with_header(&frame(60, 2)));
+    let mut pair = Pair::new(0);
+    let out = pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+    assert!(matches!(out.stop, RxStop::TapEmpty), "{out:?}");
+    assert_eq!(d.used(), [(u32::from(heads[0]), 72)]);
+    assert_eq!(d.read(0x10800, 60), frame(60, 2));
+    let s = pair.stats();
+    assert_eq!((s.rx_frames, s.rx_dropped), (1, 1));
+}
