@@ -633,6 +633,9 @@ impl RawFile {
 #[cfg(test)]
 pub struct MemDisk {
     pub bytes: Mutex<Vec<u8>>,
+    /// What it tells the parser asynchronous transfers need (it has no
+    /// file to run them on: tests look at the transfers it is handed).
+    pub async_alignment: Option<Alignment>,
 }
 
 #[cfg(test)]
@@ -640,6 +643,7 @@ impl MemDisk {
     pub fn new(size: usize) -> Self {
         MemDisk {
             bytes: Mutex::new(vec![0; size]),
+            async_alignment: None,
         }
     }
 
@@ -652,6 +656,9 @@ impl MemDisk {
 impl Disk for MemDisk {
     fn size(&self) -> u64 {
         self.lock().len() as u64
+    }
+    fn async_alignment(&self) -> Option<Alignment> {
+        self.async_alignment
     }
     fn read_at(&self, offset: u64, buf: &GuestBuf<'_>) -> io::Result<()> {
         let bytes = self.lock();

@@ -11,7 +11,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::block_writes::WriteClaim;
 use crate::config::SERIAL_LEN;
@@ -25,7 +25,7 @@ pub const SEG_MAX: u32 = 126;
 /// Header, data segments, status.
 const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
 const HEADER_LEN: u32 = 16;
-const DISCARD_SEGMENT_LEN: u32 = 16;
+const DISCARD_SEGMENT_LEN: u64 = 16;
 const WRITE_ZEROES_UNMAP: u32 = 1;
 
 /// What requests run against.
@@ -96,6 +96,8 @@ impl PendingIo {
 
 /// Linux's MAX_RW_COUNT: the most one read or write system call moves.
 const MAX_ASYNC_TRANSFER: u64 = 0x7fff_f000;
+/// Linux's IOV_MAX: the most pieces one readv or writev takes.
+const MAX_IOVECS: usize = 1024;
 
 pub enum Parsed<'a> {
     /// The request is complete (status written); the used length.
@@ -269,6 +271,29 @@ impl Header {
     }
 }
 
+/// A discard or write-zeroes segment.
+struct Segment {
+    sector: u64,
+    count: u32,
+    flags: u32,
+}
+
+impl Segment {
+    fn from_bytes(bytes: &[u8; DISCARD_SEGMENT_LEN as usize]) -> Self {
+        let mut sector = [0u8; 8];
+        let mut num = [0u8; 4];
+        let mut flags = [0u8; 4];
+        sector.copy_from_slice(&bytes[..8]);
+        num.copy_from_slice(&bytes[8..12]);
+        flags.copy_from_slice(&bytes[12..]);
+        Segment {
+            sector: u64::from_le_bytes(sector),
+            count: u32::from_le_bytes(num),
+            flags: u32::from_le_bytes(flags),
+        }
+    }
+}
+
 /// Splits a chain into its header and the data between the header and the
 /// status byte, whatever the layout (VIRTIO 1.x lets a driver spread the
 /// header over several descriptors and share one between the header and
@@ -336,16 +361,24 @@ fn async_transfer(
         if d.is_write_only() == write {
             return None;
         }
-        let slice = mem.get_slice(d.addr(), d.len() as usize).ok()?;
-        let base = slice.ptr_guard_mut().as_ptr();
-        if base as u64 % align.memory != 0 || u64::from(d.len()) % align.offset != 0 {
-            return None;
+        // A buffer may cross from one memory region into the next: one
+        // iovec per piece.
+        for slice in mem.get_slices(d.addr(), d.len() as usize) {
+            let slice = slice.ok()?;
+            let base = slice.ptr_guard_mut().as_ptr();
+            if base as u64 % align.memory != 0 || slice.len() as u64 % align.offset != 0 {
+                return None;
+            }
+            iovecs.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: slice.len(),
+            });
         }
-        iovecs.push(libc::iovec {
-            iov_base: base.cast(),
-            iov_len: d.len() as usize,
-        });
         total += u64::from(d.len());
+    }
+    // One readv or writev takes at most IOV_MAX pieces.
+    if iovecs.len() > MAX_IOVECS {
+        return None;
     }
     // One readv or writev moves at most MAX_RW_COUNT bytes; a longer
     // request goes through the synchronous path, which loops.
@@ -412,18 +445,19 @@ fn run(
             }
             let mut offset = disk_range(target, sector, total)?;
             for d in data {
-                let len = d.len() as usize;
-                let slice = mem.get_slice(d.addr(), len).map_err(|_| Failure::IoErr)?;
-                let result = if write {
-                    target.disk.write_at(offset, &slice)
-                } else {
-                    target.disk.read_at(offset, &slice)
-                };
-                result.map_err(|e| {
-                    log::warn!("I/O error at byte {offset}: {e}");
-                    Failure::IoErr
-                })?;
-                offset += len as u64;
+                for slice in mem.get_slices(d.addr(), d.len() as usize) {
+                    let slice = slice.map_err(|_| Failure::IoErr)?;
+                    let result = if write {
+                        target.disk.write_at(offset, &slice)
+                    } else {
+                        target.disk.read_at(offset, &slice)
+                    };
+                    result.map_err(|e| {
+                        log::warn!("I/O error at byte {offset}: {e}");
+                        Failure::IoErr
+                    })?;
+                    offset += slice.len() as u64;
+                }
             }
             // The used length is 32 bits: a read of 4 GiB or more (from
             // overlapping buffers) reports as much as it can.
@@ -441,53 +475,47 @@ fn run(
             Ok(0)
         }
         VIRTIO_BLK_T_GET_ID => {
-            let d = data.first().ok_or(Failure::IoErr)?;
-            if !d.is_write_only() || data.len() != 1 {
+            if data.is_empty() {
                 return Err(Failure::IoErr);
             }
-            let n = (d.len() as usize).min(SERIAL_LEN);
-            mem.write_slice(&target.serial[..n], d.addr())
-                .map_err(|_| Failure::IoErr)?;
-            Ok(n as u32)
+            scatter(mem, data, &target.serial)
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             if target.readonly {
                 return Err(Failure::IoErr);
             }
-            // One segment per request (max_discard_seg = 1).
-            let [d] = data else {
-                return Err(Failure::Unsupported);
-            };
-            if d.is_write_only() || d.len() != DISCARD_SEGMENT_LEN {
+            // Whole segments, however the driver laid them out; one per
+            // request (max_discard_seg = 1).
+            let len: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+            if len == 0 || len % DISCARD_SEGMENT_LEN != 0 {
                 return Err(Failure::IoErr);
             }
-            let seg_sector: u64 = mem.read_obj(d.addr()).map_err(|_| Failure::IoErr)?;
-            let num: u32 = mem
-                .read_obj(d.addr().checked_add(8).ok_or(Failure::IoErr)?)
-                .map_err(|_| Failure::IoErr)?;
-            let flags: u32 = mem
-                .read_obj(d.addr().checked_add(12).ok_or(Failure::IoErr)?)
-                .map_err(|_| Failure::IoErr)?;
+            if len > DISCARD_SEGMENT_LEN {
+                return Err(Failure::Unsupported);
+            }
+            let mut bytes = [0u8; DISCARD_SEGMENT_LEN as usize];
+            gather(mem, data, &mut bytes)?;
+            let segment = Segment::from_bytes(&bytes);
             let discard = kind == VIRTIO_BLK_T_DISCARD;
             // Flags first: an unknown flag is unsupported whatever the range.
             let known = if discard { 0 } else { WRITE_ZEROES_UNMAP };
-            if flags & !known != 0 {
+            if segment.flags & !known != 0 {
                 return Err(Failure::Unsupported);
             }
             // The limit the config space gives (max_discard_sectors,
             // max_write_zeroes_sectors): one request never holds the queue
             // (and its blocks) for the whole disk.
-            if num > MAX_DISCARD_SECTORS {
+            if segment.count > MAX_DISCARD_SECTORS {
                 return Err(Failure::IoErr);
             }
-            let len = u64::from(num) * SECTOR_SIZE;
-            let offset = disk_range(target, seg_sector, len)?;
+            let len = u64::from(segment.count) * SECTOR_SIZE;
+            let offset = disk_range(target, segment.sector, len)?;
             let result = if discard {
                 target.disk.discard(offset, len)
             } else {
                 target
                     .disk
-                    .write_zeroes(offset, len, flags & WRITE_ZEROES_UNMAP != 0)
+                    .write_zeroes(offset, len, segment.flags & WRITE_ZEROES_UNMAP != 0)
             };
             result.map_err(|e| {
                 let what = if discard { "discard" } else { "write-zeroes" };
@@ -498,4 +526,40 @@ fn run(
         }
         _ => Err(Failure::Unsupported),
     }
+}
+
+/// Fills `bytes` from the device-readable descriptors `data`, in order
+/// (they hold exactly `bytes.len()` bytes).
+fn gather(mem: &GuestMemoryMmap, data: &[Descriptor], bytes: &mut [u8]) -> Result<(), Failure> {
+    let mut filled = 0;
+    for d in data {
+        if d.is_write_only() {
+            return Err(Failure::IoErr);
+        }
+        let n = d.len() as usize;
+        let piece = bytes.get_mut(filled..filled + n).ok_or(Failure::IoErr)?;
+        mem.read_slice(piece, d.addr())
+            .map_err(|_| Failure::IoErr)?;
+        filled += n;
+    }
+    Ok(())
+}
+
+/// Writes as much of `bytes` as the device-writable descriptors `data`
+/// hold, in order; returns how much that is.
+fn scatter(mem: &GuestMemoryMmap, data: &[Descriptor], bytes: &[u8]) -> Result<u32, Failure> {
+    let mut written = 0;
+    for d in data {
+        if !d.is_write_only() {
+            return Err(Failure::IoErr);
+        }
+        if written == bytes.len() {
+            break;
+        }
+        let n = (d.len() as usize).min(bytes.len() - written);
+        mem.write_slice(&bytes[written..written + n], d.addr())
+            .map_err(|_| Failure::IoErr)?;
+        written += n;
+    }
+    Ok(written as u32)
 }

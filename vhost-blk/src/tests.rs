@@ -11,15 +11,17 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::backend::{BlkBackend, Device};
+use crate::disk::Alignment;
 use crate::disk::MemDisk;
-use crate::request::{execute, BlkTarget, MAX_DISCARD_SECTORS, SEG_MAX};
+use crate::request::{execute, parse, BlkTarget, ChainBuf, Parsed, MAX_DISCARD_SECTORS, SEG_MAX};
 
 const HEADER: u64 = 0x1_0000;
 const DATA: u64 = 0x2_0000;
 const STATUS: u64 = 0x3_0000;
+const REGION_2: u64 = 0x8_0000;
 const DISK_SIZE: usize = 64 * 1024;
 const W: u16 = VRING_DESC_F_WRITE as u16;
 
@@ -29,8 +31,15 @@ struct Rig {
 }
 
 impl Rig {
+    /// Guest memory is two regions, contiguous in guest-physical space
+    /// (as QEMU's are with several memory backends) but apart in this
+    /// process, the second from `REGION_2`.
     fn new() -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), REGION_2 as usize),
+            (GuestAddress(REGION_2), REGION_2 as usize),
+        ])
+        .unwrap();
         let disk = Arc::new(MemDisk::new(DISK_SIZE));
         for (i, b) in disk.bytes.lock().unwrap().iter_mut().enumerate() {
             *b = (i / 512) as u8;
@@ -385,6 +394,133 @@ fn a_header_spread_over_descriptors_is_read_whole() {
     assert!(rig.disk.bytes.lock().unwrap()[6 * 512..7 * 512]
         .iter()
         .all(|&b| b == 0xab));
+}
+
+/// A buffer may cross from one memory region into the next: every request
+/// type moves it whole, whatever the descriptors.
+#[test]
+fn a_buffer_crossing_into_the_next_memory_region_moves_whole() {
+    let rig = Rig::new();
+    let across = REGION_2 - 512;
+    rig.header(VIRTIO_BLK_T_IN, 3);
+    assert_eq!(
+        rig.run(false, &[(HEADER, 16, 0), (across, 1024, W), (STATUS, 1, W)]),
+        (1025, OK)
+    );
+    let mut buf = [0u8; 1024];
+    rig.mem.read_slice(&mut buf, GuestAddress(across)).unwrap();
+    assert!(buf[..512].iter().all(|&b| b == 3));
+    assert!(buf[512..].iter().all(|&b| b == 4));
+
+    rig.header(VIRTIO_BLK_T_OUT, 20);
+    rig.mem
+        .write_slice(&[0x5a; 1024], GuestAddress(across))
+        .unwrap();
+    assert_eq!(
+        rig.run(false, &[(HEADER, 16, 0), (across, 1024, 0), (STATUS, 1, W)]),
+        (1, OK)
+    );
+    assert!(rig.disk.bytes.lock().unwrap()[20 * 512..22 * 512]
+        .iter()
+        .all(|&b| b == 0x5a));
+
+    // The serial over three descriptors, the last across the boundary.
+    rig.header(VIRTIO_BLK_T_GET_ID, 0);
+    let id_at = REGION_2 - 4;
+    assert_eq!(
+        rig.run(
+            false,
+            &[
+                (HEADER, 16, 0),
+                (DATA, 3, W),
+                (DATA + 3, 5, W),
+                (id_at, 64, W),
+                (STATUS, 1, W)
+            ]
+        ),
+        (21, OK)
+    );
+    let mut id = [0u8; 20];
+    rig.mem
+        .read_slice(&mut id[..8], GuestAddress(DATA))
+        .unwrap();
+    rig.mem
+        .read_slice(&mut id[8..], GuestAddress(id_at))
+        .unwrap();
+    assert_eq!(&id, b"test-serial\0\0\0\0\0\0\0\0\0");
+
+    // A discard segment in two pieces, the second across the boundary.
+    let segment_at = REGION_2 - 6;
+    rig.mem.write_obj(30u64, GuestAddress(DATA)).unwrap();
+    rig.mem.write_obj(2u32, GuestAddress(segment_at)).unwrap();
+    rig.mem
+        .write_obj(0u32, GuestAddress(segment_at + 4))
+        .unwrap();
+    rig.header(VIRTIO_BLK_T_DISCARD, 0);
+    assert_eq!(
+        rig.run(
+            false,
+            &[
+                (HEADER, 16, 0),
+                (DATA, 8, 0),
+                (segment_at, 8, 0),
+                (STATUS, 1, W)
+            ]
+        ),
+        (1, OK)
+    );
+    {
+        let bytes = rig.disk.bytes.lock().unwrap();
+        assert!(bytes[30 * 512..32 * 512].iter().all(|&b| b == 0));
+        assert_eq!(bytes[29 * 512], 29);
+        assert_eq!(bytes[32 * 512], 32);
+    }
+    // Two segments are more than the device takes; half of one is malformed.
+    assert_eq!(
+        rig.run(false, &[(HEADER, 16, 0), (DATA, 32, 0), (STATUS, 1, W)]),
+        (1, UNSUPP)
+    );
+    assert_eq!(
+        rig.run(false, &[(HEADER, 16, 0), (DATA, 8, 0), (STATUS, 1, W)]),
+        (1, IOERR)
+    );
+}
+
+/// On the asynchronous path a buffer across the boundary becomes one
+/// iovec per region, each at that region's host address.
+#[test]
+fn an_asynchronous_transfer_across_memory_regions_gets_one_iovec_per_region() {
+    let rig = Rig::new();
+    let disk = Arc::new(MemDisk {
+        async_alignment: Some(Alignment {
+            memory: 512,
+            offset: 512,
+        }),
+        ..MemDisk::new(DISK_SIZE)
+    });
+    let target = BlkTarget {
+        disk,
+        readonly: false,
+        serial: [0; 20],
+    };
+    let across = REGION_2 - 1024;
+    rig.header(VIRTIO_BLK_T_IN, 1);
+    let vq = MockSplitQueue::new(&rig.mem, 16);
+    let raw = [(HEADER, 16, 0), (across, 4096, W), (STATUS, 1, W)]
+        .map(|(addr, len, flags)| RawDescriptor::from(Descriptor::new(addr, len, flags, 0)));
+    let chain = vq.build_desc_chain(&raw).unwrap();
+    let mut buf = ChainBuf::new();
+    let Parsed::Io(io) = parse(&target, &rig.mem, chain, true, &mut buf) else {
+        panic!("a well-formed read was not handed over as a transfer");
+    };
+    let host = |addr: u64| rig.mem.get_host_address(GuestAddress(addr)).unwrap();
+    let pieces: Vec<_> = io
+        .iovecs
+        .iter()
+        .map(|v| (v.iov_base as *mut u8, v.iov_len))
+        .collect();
+    assert_eq!(pieces, [(host(across), 1024), (host(REGION_2), 3072)]);
+    assert_eq!((io.offset, io.len), (512, 4096));
 }
 
 /// A chain longer than the device's limit is refused, and the refusal
