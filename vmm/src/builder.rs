@@ -21,7 +21,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::serial::{self, SerialConsole};
 use crate::exit::ExitNotifier;
 use crate::interrupts::msi::GsiRouter;
-use crate::pci::bus::{BarExitCounters, BarRegion, Ecam, PciBus};
+use crate::pci::bus::{BarExitCounters, BarRegion, ConfigSpace, Ecam, PciBus};
 use crate::pci::config_io::{self, PciConfigIo};
 use crate::vhost_user;
 use crate::vhost_user::frontend::{DeviceStatus, Handshake};
@@ -167,15 +167,19 @@ pub fn build(
     let ged = GedEvents::new(ged_irq);
     let mmio = Arc::new(MmioBus::default());
     let pci_bus = Arc::new(Mutex::new(PciBus::new(&mmio)));
+    let pci_config = ConfigSpace::new(pci_bus.clone());
     pio.insert(
         u64::from(config_io::PORT_BASE),
         u64::from(config_io::PORT_LEN),
-        Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone(), exit.clone()))),
+        Arc::new(Mutex::new(PciConfigIo::new(
+            pci_config.clone(),
+            exit.clone(),
+        ))),
     )?;
     mmio.insert(
         layout::PCI_ECAM_START,
         layout::PCI_ECAM_SIZE,
-        Arc::new(Mutex::new(Ecam::new(pci_bus.clone()))),
+        Arc::new(Mutex::new(Ecam::new(pci_config))),
     )?;
 
     mmio.insert(

@@ -231,45 +231,69 @@ impl PciBus {
         }
     }
 
-    fn device(&self, bus: u8, slot: u8, function: u8) -> Option<&Arc<Mutex<dyn PciDevice>>> {
+    fn device(&self, bus: u8, slot: u8, function: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
         if bus != 0 || function != 0 {
             return None;
         }
-        self.slots.get(usize::from(slot))?.as_ref()
+        self.slots.get(usize::from(slot))?.clone()
     }
 
-    pub fn config_read(&self, bus: u8, slot: u8, function: u8, reg: usize) -> u32 {
-        match self.device(bus, slot, function) {
-            Some(device) => lock(device).config_read(reg),
+    /// Before a configuration write reaches the device in `slot`: notes
+    /// whether it sizes a BAR, told by the value written, not read back (a
+    /// BAR's size mask can also be a real address: 0x1_ffff_8000 for 32
+    /// KiB).
+    fn before_config_write(&mut self, slot: u8, reg: usize, offset: u64, data: &[u8]) {
+        let Some(bar_reg) = reg.checked_sub(BAR0_REG).filter(|r| *r < 6) else {
+            return;
+        };
+        let all_ones = offset == 0 && data.len() == 4 && data.iter().all(|&b| b == 0xff);
+        for bar in self.bars.iter_mut().filter(|b| b.slot == slot) {
+            if let Some(half) = bar_reg.checked_sub(bar.index).filter(|h| *h < 2) {
+                bar.sizing[half] = all_ones;
+            }
+        }
+    }
+}
+
+/// Whether a write to `reg` may move a BAR window.
+fn moves_windows(reg: usize) -> bool {
+    reg == COMMAND_REG || (BAR0_REG..BAR0_REG + 6).contains(&reg)
+}
+
+/// Configuration accesses to the devices on a bus (mechanism #1 and ECAM
+/// share one). A device is locked only once the bus is let go, except to
+/// move its BAR windows: one busy device (a backend reconnecting under its
+/// lock) holds up accesses to itself, not to every device.
+#[derive(Clone)]
+pub struct ConfigSpace {
+    bus: Arc<Mutex<PciBus>>,
+}
+
+impl ConfigSpace {
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        ConfigSpace { bus }
+    }
+
+    pub fn read(&self, bus: u8, slot: u8, function: u8, reg: usize) -> u32 {
+        let device = lock(&self.bus).device(bus, slot, function);
+        match device {
+            Some(device) => lock(&device).config_read(reg),
             None => 0xffff_ffff,
         }
     }
 
-    pub fn config_write(
-        &mut self,
-        bus: u8,
-        slot: u8,
-        function: u8,
-        reg: usize,
-        offset: u64,
-        data: &[u8],
-    ) {
-        let Some(device) = self.device(bus, slot, function).cloned() else {
-            return;
+    pub fn write(&self, bus: u8, slot: u8, function: u8, reg: usize, offset: u64, data: &[u8]) {
+        let device = {
+            let mut pci = lock(&self.bus);
+            let Some(device) = pci.device(bus, slot, function) else {
+                return;
+            };
+            pci.before_config_write(slot, reg, offset, data);
+            device
         };
         lock(&device).config_write(reg, offset, data);
-        if let Some(bar_reg) = reg.checked_sub(BAR0_REG).filter(|r| *r < 6) {
-            // Told by the value written, not read back: a BAR's size mask
-            // can also be a real address (0x1_ffff_8000 for 32 KiB).
-            let all_ones = offset == 0 && data.len() == 4 && data.iter().all(|&b| b == 0xff);
-            for bar in self.bars.iter_mut().filter(|b| b.slot == slot) {
-                if let Some(half) = bar_reg.checked_sub(bar.index).filter(|h| *h < 2) {
-                    bar.sizing[half] = all_ones;
-                }
-            }
-        }
-        if reg == COMMAND_REG || (BAR0_REG..BAR0_REG + 6).contains(&reg) {
-            self.place_bars(slot, &device);
+        if moves_windows(reg) {
+            lock(&self.bus).place_bars(slot, &device);
         }
     }
 }
@@ -284,12 +308,12 @@ pub fn dword_bytes(value: u32, offset: u64, data: &mut [u8]) {
 
 /// ECAM: 4 KiB of configuration space per function, bus 0 only.
 pub struct Ecam {
-    bus: Arc<Mutex<PciBus>>,
+    config: ConfigSpace,
 }
 
 impl Ecam {
-    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
-        Ecam { bus }
+    pub fn new(config: ConfigSpace) -> Self {
+        Ecam { config }
     }
 
     fn decode(offset: u64) -> (u8, u8, u8, usize, u64) {
@@ -304,13 +328,13 @@ impl Ecam {
 impl BusDevice for Ecam {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let (bus, slot, function, reg, byte) = Self::decode(offset);
-        let value = lock(&self.bus).config_read(bus, slot, function, reg);
+        let value = self.config.read(bus, slot, function, reg);
         dword_bytes(value, byte, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let (bus, slot, function, reg, byte) = Self::decode(offset);
-        lock(&self.bus).config_write(bus, slot, function, reg, byte, data);
+        self.config.write(bus, slot, function, reg, byte, data);
     }
 }
 
@@ -397,13 +421,13 @@ mod tests {
         data[0]
     }
 
-    fn write_reg(bus: &mut PciBus, slot: u8, reg: usize, value: u32) {
-        bus.config_write(0, slot, 0, reg, 0, &value.to_le_bytes());
+    fn write_reg(config: &ConfigSpace, slot: u8, reg: usize, value: u32) {
+        config.write(0, slot, 0, reg, 0, &value.to_le_bytes());
     }
 
     /// A bus with a `Moving` device answering `slot` in each slot from 1,
     /// BAR0 at 0xc000_0000 + (slot - 1) * SIZE.
-    fn bus_with(devices: u8) -> (Arc<MmioBus>, PciBus, Vec<Arc<Mutex<Moving>>>) {
+    fn bus_with(devices: u8) -> (Arc<MmioBus>, ConfigSpace, Vec<Arc<Mutex<Moving>>>) {
         let mmio = Arc::new(MmioBus::default());
         let mut bus = PciBus::new(&mmio);
         let mut all = Vec::new();
@@ -422,12 +446,12 @@ mod tests {
                 .unwrap();
             all.push(device);
         }
-        (mmio, bus, all)
+        (mmio, ConfigSpace::new(Arc::new(Mutex::new(bus))), all)
     }
 
     #[test]
     fn a_bar_window_is_where_the_bar_points_while_decoding_is_on() {
-        let (mmio, mut bus, devices) = bus_with(1);
+        let (mmio, bus, devices) = bus_with(1);
         let device = &devices[0];
         struct Other;
         impl BusDevice for Other {
@@ -441,38 +465,38 @@ mod tests {
         assert_eq!(read_at(&mmio, 0xc000_0000), 1);
 
         // Moved with decoding off: off the bus until decoding is on.
-        write_reg(&mut bus, 1, COMMAND_REG, 0);
-        write_reg(&mut bus, 1, BAR0_REG, 0xd000_0000);
-        write_reg(&mut bus, 1, BAR0_REG + 1, 0);
+        write_reg(&bus, 1, COMMAND_REG, 0);
+        write_reg(&bus, 1, BAR0_REG, 0xd000_0000);
+        write_reg(&bus, 1, BAR0_REG + 1, 0);
         assert_eq!(read_at(&mmio, 0xc000_0000), 0xff);
         assert_eq!(read_at(&mmio, 0xd000_0000), 0xff);
-        write_reg(&mut bus, 1, COMMAND_REG, DECODE);
+        write_reg(&bus, 1, COMMAND_REG, DECODE);
         assert_eq!(read_at(&mmio, 0xc000_0000), 0xff, "the old place is free");
         assert_eq!(read_at(&mmio, 0xd000_0010), 1);
         assert_eq!(lock(device).moves, [(0xc000_0000, 0xd000_0000)]);
 
         // Sized with decoding on: all ones, then the address back.
-        write_reg(&mut bus, 1, BAR0_REG, u32::MAX);
-        write_reg(&mut bus, 1, BAR0_REG, 0xd000_0000);
-        write_reg(&mut bus, 1, BAR0_REG + 1, u32::MAX);
-        write_reg(&mut bus, 1, BAR0_REG + 1, 0);
+        write_reg(&bus, 1, BAR0_REG, u32::MAX);
+        write_reg(&bus, 1, BAR0_REG, 0xd000_0000);
+        write_reg(&bus, 1, BAR0_REG + 1, u32::MAX);
+        write_reg(&bus, 1, BAR0_REG + 1, 0);
         assert_eq!(lock(device).moves.len(), 1, "sizing is not a move");
         assert_eq!(read_at(&mmio, 0xd000_0000), 1);
 
         // Onto another device: off the bus, the other answers.
-        write_reg(&mut bus, 1, BAR0_REG, 0xe000_0000);
+        write_reg(&bus, 1, BAR0_REG, 0xe000_0000);
         assert_eq!(read_at(&mmio, 0xe000_0000), 7);
         assert_eq!(read_at(&mmio, 0xd000_0000), 0xff);
         assert_eq!(lock(device).moves.len(), 1);
 
         // A move with decoding on is followed at once, above 4 GiB too.
-        write_reg(&mut bus, 1, BAR0_REG + 1, 0x1);
+        write_reg(&bus, 1, BAR0_REG + 1, 0x1);
         assert_eq!(read_at(&mmio, 0x1_e000_0000), 1);
         assert_eq!(lock(device).moves[1], (0xd000_0000, 0x1_e000_0000));
 
         // An address that looks like a size mask (the last 32 KiB below
         // 8 GiB) is an address all the same.
-        write_reg(&mut bus, 1, BAR0_REG, 0xffff_8000);
+        write_reg(&bus, 1, BAR0_REG, 0xffff_8000);
         assert_eq!(read_at(&mmio, 0x1_ffff_8000), 1);
         assert_eq!(lock(device).moves[2], (0x1_e000_0000, 0x1_ffff_8000));
     }
@@ -481,25 +505,25 @@ mod tests {
     /// the guest turns decoding on again.
     #[test]
     fn a_reset_takes_the_windows_off_the_bus_until_decoding_is_on() {
-        let (mmio, mut bus, _devices) = bus_with(1);
-        write_reg(&mut bus, 1, COMMAND_REG, DECODE);
+        let (mmio, bus, _devices) = bus_with(1);
+        write_reg(&bus, 1, COMMAND_REG, DECODE);
         assert_eq!(read_at(&mmio, 0xc000_0000), 1);
-        bus.reset_devices();
+        lock(&bus.bus).reset_devices();
         assert_eq!(read_at(&mmio, 0xc000_0000), 0xff);
-        write_reg(&mut bus, 1, COMMAND_REG, DECODE);
+        write_reg(&bus, 1, COMMAND_REG, DECODE);
         assert_eq!(read_at(&mmio, 0xc000_0000), 1);
     }
 
     #[test]
     fn two_bars_can_swap_places() {
-        let (mmio, mut bus, devices) = bus_with(2);
+        let (mmio, bus, devices) = bus_with(2);
         for slot in [1, 2] {
-            write_reg(&mut bus, slot, COMMAND_REG, 0);
+            write_reg(&bus, slot, COMMAND_REG, 0);
         }
-        write_reg(&mut bus, 1, BAR0_REG, 0xc000_8000);
-        write_reg(&mut bus, 2, BAR0_REG, 0xc000_0000);
+        write_reg(&bus, 1, BAR0_REG, 0xc000_8000);
+        write_reg(&bus, 2, BAR0_REG, 0xc000_0000);
         for slot in [1, 2] {
-            write_reg(&mut bus, slot, COMMAND_REG, DECODE);
+            write_reg(&bus, slot, COMMAND_REG, DECODE);
         }
         assert_eq!(read_at(&mmio, 0xc000_0000), 2);
         assert_eq!(read_at(&mmio, 0xc000_8000), 1);
@@ -508,11 +532,35 @@ mod tests {
 
         // With decoding on, one moving onto the other waits off the bus
         // until the other makes room.
-        write_reg(&mut bus, 1, BAR0_REG, 0xc000_0000);
+        write_reg(&bus, 1, BAR0_REG, 0xc000_0000);
         assert_eq!(read_at(&mmio, 0xc000_0000), 2);
         assert_eq!(read_at(&mmio, 0xc000_8000), 0xff);
-        write_reg(&mut bus, 2, BAR0_REG, 0xc001_0000);
+        write_reg(&bus, 2, BAR0_REG, 0xc001_0000);
         assert_eq!(read_at(&mmio, 0xc000_0000), 1);
         assert_eq!(read_at(&mmio, 0xc001_0000), 2);
+    }
+
+    /// While one device is busy (its lock held, as a backend reconnecting
+    /// holds it) and a vCPU waits on it, the other devices still answer.
+    #[test]
+    fn a_busy_device_does_not_hold_up_configuration_access_to_the_others() {
+        let (_mmio, bus, devices) = bus_with(2);
+        let busy = lock(&devices[0]);
+        let waiting = {
+            let bus = bus.clone();
+            std::thread::spawn(move || bus.read(0, 1, 0, 0))
+        };
+        // Time for the first access to reach the busy device.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let (done, answered) = std::sync::mpsc::channel();
+        let other = {
+            let bus = bus.clone();
+            std::thread::spawn(move || done.send(bus.read(0, 2, 0, 0)))
+        };
+        let answer = answered.recv_timeout(std::time::Duration::from_secs(5));
+        drop(busy);
+        assert_eq!(waiting.join().unwrap(), 0x1042_1af4);
+        other.join().unwrap().ok();
+        assert_eq!(answer, Ok(0x1042_1af4), "slot 2 waited for the busy slot 1");
     }
 }

@@ -2,10 +2,10 @@
 //! plus the reset control register that shares the range at 0xCF9 (byte
 //! accesses).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use super::bus::{dword_bytes, PciBus};
-use crate::bus::{lock, BusDevice};
+use super::bus::{dword_bytes, ConfigSpace};
+use crate::bus::BusDevice;
 use crate::exit::{ExitNotifier, VmExit};
 
 pub const PORT_BASE: u16 = 0xcf8;
@@ -17,15 +17,15 @@ const RST_CPU: u8 = 1 << 2;
 
 pub struct PciConfigIo {
     address: u32,
-    bus: Arc<Mutex<PciBus>>,
+    config: ConfigSpace,
     exit: Arc<ExitNotifier>,
 }
 
 impl PciConfigIo {
-    pub fn new(bus: Arc<Mutex<PciBus>>, exit: Arc<ExitNotifier>) -> Self {
+    pub fn new(config: ConfigSpace, exit: Arc<ExitNotifier>) -> Self {
         PciConfigIo {
             address: 0,
-            bus,
+            config,
             exit,
         }
     }
@@ -45,7 +45,7 @@ impl BusDevice for PciConfigIo {
             0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
             4..=7 if self.address & ENABLE != 0 => {
                 let (bus, slot, function, reg) = self.target();
-                let value = lock(&self.bus).config_read(bus, slot, function, reg);
+                let value = self.config.read(bus, slot, function, reg);
                 dword_bytes(value, offset - 4, data);
             }
             _ => data.fill(0xff),
@@ -62,7 +62,8 @@ impl BusDevice for PciConfigIo {
             (1, 1) if data[0] & RST_CPU != 0 => self.exit.notify(VmExit::Reset),
             (4..=7, _) if self.address & ENABLE != 0 => {
                 let (bus, slot, function, reg) = self.target();
-                lock(&self.bus).config_write(bus, slot, function, reg, offset - 4, data);
+                self.config
+                    .write(bus, slot, function, reg, offset - 4, data);
             }
             _ => {}
         }
@@ -71,7 +72,10 @@ impl BusDevice for PciConfigIo {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::pci::bus::PciBus;
 
     fn read_config(pci: &mut PciConfigIo, bdf_reg: u32) -> u32 {
         pci.write(0, &(ENABLE | bdf_reg).to_le_bytes());
@@ -84,7 +88,7 @@ mod tests {
     fn host_bridge_answers_and_empty_slots_read_all_ones() {
         let exit = Arc::new(ExitNotifier::new().unwrap());
         let bus = Arc::new(Mutex::new(PciBus::new(&Arc::default())));
-        let mut pci = PciConfigIo::new(bus, exit.clone());
+        let mut pci = PciConfigIo::new(ConfigSpace::new(bus), exit.clone());
         assert_eq!(read_config(&mut pci, 0), 0x0008_1b36);
         assert_eq!(read_config(&mut pci, 8) >> 8, 0x06_00_00);
         assert_eq!(read_config(&mut pci, 1 << 11), 0xffff_ffff);
