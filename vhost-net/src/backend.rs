@@ -3,9 +3,10 @@
 //! pair's tap queue, which is in its epoll set only while the rx ring has
 //! buffers: with none left, the tap is left unread (frames wait in the
 //! kernel) until the guest kicks the rx queue. It also waits on two events
-//! of its own: a timer that retries the tap after a failed read, and a
-//! resume event that brings it back to a tx ring busy past its budget
-//! once it has served the pair's other events.
+//! of its own: a timer that retries the tap after a failed read and checks
+//! that an unwatched pair is still enabled, and a resume event that brings
+//! it back to a tx ring busy past its budget once it has served the pair's
+//! other events.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -51,6 +52,14 @@ const TX_UNBOUNDED: TxBudget = TxBudget {
 /// does): the guest may hold back its kicks while the backend holds all
 /// its buffers.
 const TAP_RETRY: Duration = Duration::from_millis(10);
+/// How often the worker looks at a pair whose multi-queue tap queue is
+/// attached but unwatched (its rx ring out of buffers, or not yet served):
+/// the frontend may have disabled the pair meanwhile (SET_VRING_ENABLE 0
+/// reaches no backend hook), and then the queue must leave the tap, or the
+/// kernel keeps steering flows to it that nobody reads.
+const ENABLED_CHECK: Duration = Duration::from_millis(100);
+/// What a pair without its rx timer lacks.
+const NO_RX_TIMER: &str = "failed tap reads are retried at rx kicks only, and a disabled pair's queue leaves the tap only when a frame reaches it";
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Handler = VringEpollHandler<NetBackend>;
@@ -78,9 +87,10 @@ struct PairState {
     rx_vring: Option<VringRwLock>,
     /// A tap error was reported (once, until the tap works again).
     tap_failed: bool,
-    /// Fires `TAP_RETRY` after a failed tap read (None if it could not be
-    /// made or watched: then only rx kicks retry).
-    tap_retry: Option<TimerFd>,
+    /// Brings the worker back to rx: `TAP_RETRY` after a failed tap read,
+    /// `ENABLED_CHECK` while the tap queue is attached but unwatched (None
+    /// if it could not be made or watched: then only rx kicks do).
+    rx_timer: Option<TimerFd>,
     /// Written when a tx call spent its budget with frames left: brings
     /// the worker back to them (None if it could not be made or watched:
     /// then tx calls have no budget).
@@ -165,9 +175,9 @@ impl NetBackend {
         }
         let pairs = (0..device.taps.len())
             .map(|index| {
-                let tap_retry = nonblocking_timer()
+                let rx_timer = nonblocking_timer()
                     .map_err(|e| {
-                        log::warn!("pair {index}: no tap retry timer ({e}): failed tap reads are retried at rx kicks only");
+                        log::warn!("pair {index}: no rx timer ({e}): {NO_RX_TIMER}");
                     })
                     .ok();
                 let tx_resume = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
@@ -180,7 +190,7 @@ impl NetBackend {
                     watching: false,
                     rx_vring: None,
                     tap_failed: false,
-                    tap_retry,
+                    rx_timer,
                     tx_resume,
                     rx_broken: false,
                     tx_broken: false,
@@ -197,7 +207,7 @@ impl NetBackend {
     }
 
     /// Hands over the daemon's epoll handlers (one per pair, in order),
-    /// and has each watch its pair's tap retry timer and tx resume event.
+    /// and has each watch its pair's rx timer and tx resume event.
     pub fn set_handlers(&self, handlers: &[Arc<Handler>]) {
         if self
             .handlers
@@ -208,11 +218,11 @@ impl NetBackend {
         }
         for (pair, (handler, state)) in handlers.iter().zip(self.pairs.iter()).enumerate() {
             let mut state = lock(state);
-            if let Some(timer) = &state.tap_retry {
+            if let Some(timer) = &state.rx_timer {
                 let fd = timer.as_raw_fd();
-                if let Err(e) = handler.register_listener(fd, EventSet::IN, self.retry_event()) {
-                    log::warn!("pair {pair}: cannot watch the tap retry timer ({e}): failed tap reads are retried at rx kicks only");
-                    state.tap_retry = None;
+                if let Err(e) = handler.register_listener(fd, EventSet::IN, self.rx_timer_event()) {
+                    log::warn!("pair {pair}: cannot watch the rx timer ({e}): {NO_RX_TIMER}");
+                    state.rx_timer = None;
                 }
             }
             if let Some(resume) = &state.tx_resume {
@@ -246,8 +256,8 @@ impl NetBackend {
         self.device.num_queues() as u64 + 1
     }
 
-    /// The epoll event id of the pair's tap retry timer.
-    fn retry_event(&self) -> u64 {
+    /// The epoll event id of the pair's rx timer.
+    fn rx_timer_event(&self) -> u64 {
         self.tap_event() + 1
     }
 
@@ -262,6 +272,15 @@ impl NetBackend {
 
     fn memory(&self) -> Option<Mem> {
         self.mem.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Brings the worker back to the pair's rx after `after`.
+    fn arm_rx_timer(pair: usize, state: &mut PairState, after: Duration) {
+        if let Some(timer) = state.rx_timer.as_mut() {
+            if let Err(e) = timer.reset(after, None) {
+                log::warn!("pair {pair}: cannot set the rx timer: {e}");
+            }
+        }
     }
 
     /// Adds the pair's tap queue to its worker's epoll set, or removes it.
@@ -341,7 +360,12 @@ impl NetBackend {
         }
         drop(guard);
         match outcome.stop {
-            RxStop::NoBuffers => self.watch(pair, &mut state, false),
+            RxStop::NoBuffers => {
+                self.watch(pair, &mut state, false);
+                if tap.detachable() {
+                    Self::arm_rx_timer(pair, &mut state, ENABLED_CHECK);
+                }
+            }
             RxStop::TapEmpty | RxStop::Budget => {
                 state.tap_failed = false;
                 self.watch(pair, &mut state, true);
@@ -357,11 +381,7 @@ impl NetBackend {
                 // A tap that keeps failing may keep looking readable: it
                 // is left out of the epoll set, and read again later.
                 self.watch(pair, &mut state, false);
-                if let Some(timer) = state.tap_retry.as_mut() {
-                    if let Err(e) = timer.reset(TAP_RETRY, None) {
-                        log::warn!("pair {pair}: cannot set the tap retry timer: {e}");
-                    }
-                }
+                Self::arm_rx_timer(pair, &mut state, TAP_RETRY);
             }
         }
     }
@@ -385,8 +405,13 @@ impl NetBackend {
         if !Self::usable(&guard) {
             return;
         }
+        let attaching = !tap.is_attached();
         if let Err(e) = tap.set_attached(true) {
             log::warn!("pair {pair}: cannot attach its tap queue: {e}");
+        }
+        if attaching && !state.watching {
+            // Until rx runs, nothing would see the pair disabled.
+            Self::arm_rx_timer(pair, &mut state, ENABLED_CHECK);
         }
         let budget = if state.tx_resume.is_some() {
             TX_BUDGET
@@ -553,9 +578,9 @@ impl VhostUserBackend for NetBackend {
             TX_QUEUE => self.tx(pair, tx),
             // The tap is readable (or failed: the read tells).
             e if u64::from(e) == self.tap_event() => self.rx(pair, rx),
-            e if u64::from(e) == self.retry_event() => {
+            e if u64::from(e) == self.rx_timer_event() => {
                 if let Some(state) = self.pairs.get(pair) {
-                    if let Some(timer) = lock(state).tap_retry.as_mut() {
+                    if let Some(timer) = lock(state).rx_timer.as_mut() {
                         // Never blocks: nothing to read if it was set again.
                         let _ = timer.wait();
                     }

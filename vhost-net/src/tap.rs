@@ -180,6 +180,15 @@ impl Tap {
         )
     }
 
+    pub fn is_attached(&self) -> bool {
+        self.attached.load(Ordering::Relaxed)
+    }
+
+    /// Whether this queue can leave the tap (a multi-queue tap's can).
+    pub fn detachable(&self) -> bool {
+        self.multi_queue
+    }
+
     /// Attaches or detaches this queue of a multi-queue tap, so that the
     /// kernel stops steering frames to a queue pair the guest has turned
     /// off. A single-queue tap is always attached.

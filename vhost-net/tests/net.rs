@@ -460,6 +460,75 @@ fn the_queues_of_pairs_not_enabled_are_detached_from_the_tap() {
     backend.assert_alive();
 }
 
+/// Waits up to TIMEOUT for `tap` to have `count` queues attached.
+fn wait_for_tap_queues(ns: &Netns, tap: &str, count: usize) -> usize {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let now = ns.tap_queues(tap);
+        if now == count || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A pair the frontend disables (SET_VRING_ENABLE 0, as QEMU does when the
+/// guest asks for fewer pairs) leaves the tap even though no frame or kick
+/// ever reaches its worker again: here its rx ring never had a buffer.
+#[test]
+fn a_pair_disabled_with_no_rx_buffers_leaves_the_tap() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &["--num-queues", "4"]);
+    let mut options = NetOptions::new(2);
+    options.rx_buffers = 0;
+    let mut client = NetClient::connect_with(&backend.socket, options).expect("connect");
+    client.post_rx(0, 64).expect("post pair 0's rx buffers");
+    use vhost::vhost_user::VhostUserFrontend;
+    let set_enabled = |client: &mut NetClient, on: bool| {
+        for queue in [2, 3] {
+            client
+                .conn
+                .frontend
+                .set_vring_enable(queue, on)
+                .expect("SET_VRING_ENABLE");
+        }
+    };
+    let hello = arp_request(GUEST_MAC, GUEST_IP, HOST_IP);
+    client.send(1, &hello).expect("send on pair 1");
+    assert_eq!(
+        wait_for_tap_queues(&ns, &backend.tap, 2),
+        2,
+        "pair 1's queue never joined the tap"
+    );
+    set_enabled(&mut client, false);
+    assert_eq!(
+        wait_for_tap_queues(&ns, &backend.tap, 1),
+        1,
+        "the disabled pair's queue is still on the tap"
+    );
+    // Enabled again, its rx ring served (a kick) and found empty: the
+    // queue joins the tap, the worker stops watching it, and the pair is
+    // disabled again.
+    set_enabled(&mut client, true);
+    client.conn.queues[2]
+        .kick
+        .write(1)
+        .expect("kick pair 1's rx");
+    assert_eq!(
+        wait_for_tap_queues(&ns, &backend.tap, 2),
+        2,
+        "pair 1's queue did not join the tap again"
+    );
+    set_enabled(&mut client, false);
+    assert_eq!(
+        wait_for_tap_queues(&ns, &backend.tap, 1),
+        1,
+        "the pair disabled again is still on the tap"
+    );
+    resolve_host(&mut client, 0);
+    backend.assert_alive();
+}
+
 #[test]
 fn sigterm_exits_0_and_removes_the_socket() {
     let ns = Netns::new();

@@ -90,6 +90,17 @@ impl Netns {
             .unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
+    /// How many queues are attached to `tap`: the kernel keeps one
+    /// /sys/class/net/TAP/queues/tx-N per attached queue.
+    pub fn tap_queues(&self, tap: &str) -> usize {
+        let path = format!("/sys/class/net/{tap}/queues");
+        let out = self.exec("ls", &[&path]);
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|q| q.starts_with("tx-"))
+            .count()
+    }
+
     /// The tap's flags (/sys/class/net/TAP/tun_flags: IFF_*).
     pub fn tun_flags(&self, tap: &str) -> u32 {
         let path = format!("/sys/class/net/{tap}/tun_flags");
