@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
-use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -233,6 +233,12 @@ impl VhostUserDevice {
             f.set_protocol_features(protocol)
         })
         .map_err(failed)?;
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every request then waits for the backend's word: one that
+            // cannot map the memory or start a ring says so, and is not
+            // taken as serving it.
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
         if spec.config_from_backend && !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(FrontendError::Missing(path, "the CONFIG protocol feature"));
         }
@@ -737,5 +743,121 @@ impl RingSwitch {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::vstate::memory::create_guest_ram;
+
+    const GET_FEATURES: u32 = 1;
+    const GET_PROTOCOL_FEATURES: u32 = 15;
+    const GET_QUEUE_NUM: u32 = 17;
+    const SET_VRING_KICK: u32 = 12;
+    const REPLY: u32 = 0x4;
+    const NEED_REPLY: u32 = 0x8;
+
+    /// A vhost-user backend reduced to a script: it offers VERSION_1,
+    /// PROTOCOL_FEATURES, MQ and REPLY_ACK with two queues, acks every
+    /// request except `refused` (code, ring index), and reports on
+    /// `closed` when the frontend closes the connection.
+    fn scripted_backend(mut stream: UnixStream, refused: (u32, u64), closed: mpsc::Sender<()>) {
+        let reply = |stream: &mut UnixStream, code: u32, value: u64| {
+            let mut msg = Vec::with_capacity(20);
+            msg.extend_from_slice(&code.to_le_bytes());
+            msg.extend_from_slice(&(0x1 | REPLY).to_le_bytes());
+            msg.extend_from_slice(&8u32.to_le_bytes());
+            msg.extend_from_slice(&value.to_le_bytes());
+            stream.write_all(&msg)
+        };
+        loop {
+            let mut header = [0u8; 12];
+            if stream.read_exact(&mut header).is_err() {
+                let _ = closed.send(());
+                return;
+            }
+            let word = |at: usize| {
+                u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+            };
+            let (code, flags, size) = (word(0), word(4), word(8));
+            let mut payload = vec![0u8; size as usize];
+            if stream.read_exact(&mut payload).is_err() {
+                let _ = closed.send(());
+                return;
+            }
+            let first = payload.get(..8).map_or(0, |b| {
+                u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+            });
+            let answer = match code {
+                GET_FEATURES => Some(VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES_BIT),
+                GET_PROTOCOL_FEATURES => Some(
+                    (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK).bits(),
+                ),
+                GET_QUEUE_NUM => Some(2),
+                _ if flags & NEED_REPLY != 0 => {
+                    let refuse = (code, first & 0xff) == refused;
+                    Some(u64::from(refuse))
+                }
+                _ => None,
+            };
+            if let Some(value) = answer {
+                if reply(&mut stream, code, value).is_err() {
+                    let _ = closed.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A backend that refuses a step of the ring handover after it has
+    /// started a ring is cut off: the rings it started stop with the
+    /// connection, rather than run on over memory the guest gave up.
+    #[test]
+    fn a_backend_refusing_a_ring_midway_is_cut_off() {
+        let (ours, theirs) = UnixStream::pair().expect("socket pair");
+        let (closed, cut_off) = mpsc::channel();
+        std::thread::spawn(move || scripted_backend(theirs, (SET_VRING_KICK, 1), closed));
+        let spec = DeviceSpec {
+            name: "disk9".into(),
+            device_type: 2,
+            device_features: 0,
+            num_queues: 2,
+            queue_size: 16,
+            queue_count_field: None,
+            config_from_backend: false,
+            queues_without_mq: 1,
+        };
+        let mut device =
+            VhostUserDevice::from_stream(spec, ours, Path::new("scripted")).expect("handshake");
+        let ram = create_guest_ram(1 << 20).expect("guest memory");
+        let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+        let queues: Vec<ActiveQueue<'_>> = (0..2u16)
+            .map(|index| {
+                let base = 0x1_0000 * (u64::from(index) + 1);
+                ActiveQueue {
+                    index,
+                    size: 16,
+                    desc: base,
+                    avail: base + 0x1000,
+                    used: base + 0x2000,
+                    kick: &kicks[usize::from(index)],
+                    call: None,
+                }
+            })
+            .collect();
+        let refused = device.activate(&ram.memory, VIRTIO_F_VERSION_1, &queues);
+        let e = refused.expect_err("a refused SET_VRING_KICK was taken as success");
+        assert!(e.to_string().contains("SET_VRING_KICK"), "{e}");
+        assert!(!device.status().connected());
+        assert!(
+            cut_off.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "the backend that started ring 0 is still connected"
+        );
+        drop(device);
     }
 }
