@@ -151,6 +151,30 @@ fn a_burst_of_frames_reaches_the_host_whole_and_in_order() {
     backend.assert_alive();
 }
 
+/// More frames in one kick than one pass of the tx worker may send (256
+/// chains or 1 ms): the worker comes back to the rest by itself, since the
+/// guest, waiting for completions, never kicks again.
+#[test]
+fn a_burst_longer_than_the_tx_budget_is_sent_whole_without_another_kick() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &["--queue-size", "1024"]);
+    let capture = Capture::start(&ns.name, &backend.tap);
+    let options = NetOptions {
+        queue_size: 1024,
+        ..NetOptions::new(1)
+    };
+    let mut client = NetClient::connect_with(&backend.socket, options).expect("connect");
+    let frames = numbered_frames(600);
+    client.send_burst(0, &frames).expect("send the burst");
+    for (i, frame) in frames.iter().enumerate() {
+        let seen = capture
+            .wait_for(TIMEOUT, |f| f.len() > 14 && f[12..14] == [0x88, 0xb5])
+            .unwrap_or_else(|| panic!("frame {i} never reached the host"));
+        assert!(seen == *frame, "frame {i}: got another");
+    }
+    backend.assert_alive();
+}
+
 #[test]
 fn a_frame_longer_than_one_buffer_spans_mergeable_buffers() {
     let ns = Netns::new();

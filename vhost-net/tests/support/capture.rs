@@ -65,6 +65,20 @@ fn open_in_netns(netns: &str, ifname: &str) -> io::Result<OwnedFd> {
         )
     };
     check(rc, "SO_RCVTIMEO")?;
+    // Room for bursts of hundreds of frames (the default holds about 150
+    // small ones); FORCE passes the system's limit (the tests run as root).
+    let room: libc::c_int = 16 << 20;
+    // SAFETY: SO_RCVBUFFORCE takes an int, which `room` is.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&room as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    check(rc, "SO_RCVBUFFORCE")?;
     Ok(fd)
 }
 
