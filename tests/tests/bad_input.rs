@@ -125,3 +125,50 @@ fn unknown_option_is_a_usage_error() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--frobnicate"), "{stderr}");
 }
+
+/// A start that fails leaves what was there: an earlier console log keeps
+/// its contents, and a log the VMM would have made is not left behind.
+#[test]
+fn a_failed_start_leaves_the_serial_log_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("nobody.sock");
+    let missing = format!("socket={}", missing.display());
+    let old_log = dir.path().join("old.log");
+    std::fs::write(&old_log, "yesterday's boot\n").expect("write the old log");
+    let serial = format!("file={}", old_log.display());
+    rejected(&["--serial", &serial, "--disk", &missing], "nobody.sock");
+    assert_eq!(
+        std::fs::read_to_string(&old_log).expect("read the old log"),
+        "yesterday's boot\n"
+    );
+    let new_log = dir.path().join("new.log");
+    let serial = format!("file={}", new_log.display());
+    rejected(&["--serial", &serial, "--disk", &missing], "nobody.sock");
+    assert!(!new_log.exists(), "a failed start left {new_log:?}");
+}
+
+/// A kernel that cannot boot is refused before any backend is waited for
+/// (a `server=on` NIC would wait for its backend for ever).
+#[test]
+fn a_bad_kernel_is_refused_before_backends_are_waited_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, vec![0x5a; 4096]).expect("write junk");
+    let net = format!("socket={},server=on", dir.path().join("n.sock").display());
+    rejected_raw(
+        &["--kernel", junk.to_str().expect("utf-8"), "--net", &net],
+        "junk.bin",
+    );
+}
+
+/// The API socket is bound before the VM is built: a path that cannot be
+/// bound is refused before any backend is waited for.
+#[test]
+fn an_api_socket_that_cannot_be_bound_is_refused_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = format!("socket={},server=on", dir.path().join("n.sock").display());
+    rejected(
+        &["--api-socket", "/nonexistent/dir/api.sock", "--net", &net],
+        "/nonexistent/dir/api.sock",
+    );
+}

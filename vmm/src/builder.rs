@@ -120,6 +120,55 @@ pub struct BuiltVm {
     pub server_sockets: Vec<ServerSocket>,
 }
 
+/// The `--serial file=` log while the VM is built: opened without
+/// emptying it, so a start that fails leaves an earlier log as it was (and
+/// removes one it made); emptied once the VM is built.
+struct SerialLog {
+    file: File,
+    path: std::path::PathBuf,
+    created: bool,
+    kept: bool,
+}
+
+impl SerialLog {
+    /// The log and the console's handle on it.
+    fn open(path: &Path) -> std::io::Result<(Self, File)> {
+        let (file, created) = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+        {
+            Ok(file) => (file, true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                (std::fs::OpenOptions::new().write(true).open(path)?, false)
+            }
+            Err(e) => return Err(e),
+        };
+        let sink = file.try_clone()?;
+        let log = SerialLog {
+            file,
+            path: path.to_path_buf(),
+            created,
+            kept: false,
+        };
+        Ok((log, sink))
+    }
+
+    /// The VM is built: the log starts empty.
+    fn keep(mut self) -> std::io::Result<()> {
+        self.kept = true;
+        self.file.set_len(0)
+    }
+}
+
+impl Drop for SerialLog {
+    fn drop(&mut self) {
+        if !self.kept && self.created {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Builds the VM. `interrupt` (the stop-signal fd) cuts short a wait for a
 /// backend to connect to a `server=on` socket.
 pub fn build(
@@ -129,6 +178,21 @@ pub fn build(
 ) -> Result<BuiltVm, BuildError> {
     let ram = memory::create_guest_ram(config.memory_bytes)?;
     let vm = Arc::new(vm::create_vm(kvm, &ram.memory)?);
+    // The kernel and the tables first: a kernel that cannot boot is
+    // refused before any backend is contacted or file written.
+    let tables = acpi::build_tables(config.cpus, config.memory_bytes)?;
+    acpi::write_tables(&ram.memory, &tables)?;
+    if let Some(dir) = &config.dump_acpi {
+        dump_acpi(dir, &tables).map_err(|e| BuildError::DumpAcpi(dir.clone(), e))?;
+    }
+    let boot_info = boot::load(
+        &ram.memory,
+        &config.kernel,
+        config.initramfs.as_deref(),
+        &config.cmdline,
+        config.memory_bytes,
+        layout::ACPI_START,
+    )?;
     let platform = vm::PlatformState::save(&vm)?;
     let router = Arc::new(GsiRouter::new(vm.clone()));
     let exit = Arc::new(ExitNotifier::new().map_err(BuildError::ExitEvent)?);
@@ -136,10 +200,14 @@ pub fn build(
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::SerialIrq)?;
     vm.register_irqfd(&serial_irq, layout::ports::SERIAL_IRQ)
         .map_err(BuildError::SerialIrqfd)?;
+    let mut serial_log = None;
     let out: serial::ConsoleOut = match &config.serial {
         SerialMode::Stdio => serial::stdout_sink(),
         SerialMode::File(path) => {
-            Box::new(File::create(path).map_err(|e| BuildError::SerialFile(path.clone(), e))?)
+            let (log, sink) =
+                SerialLog::open(path).map_err(|e| BuildError::SerialFile(path.clone(), e))?;
+            serial_log = Some(log);
+            Box::new(sink)
         }
         SerialMode::Off => Box::new(std::io::sink()),
     };
@@ -251,21 +319,6 @@ pub fn build(
     }
     let devices = pci.stats;
 
-    let tables = acpi::build_tables(config.cpus, config.memory_bytes)?;
-    acpi::write_tables(&ram.memory, &tables)?;
-    if let Some(dir) = &config.dump_acpi {
-        dump_acpi(dir, &tables).map_err(|e| BuildError::DumpAcpi(dir.clone(), e))?;
-    }
-
-    let boot_info = boot::load(
-        &ram.memory,
-        &config.kernel,
-        config.initramfs.as_deref(),
-        &config.cmdline,
-        config.memory_bytes,
-        layout::ACPI_START,
-    )?;
-
     let base_cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::KvmCaps)?;
@@ -288,6 +341,11 @@ pub fn build(
         config.memory_bytes >> 20,
         boot_info.entry
     );
+
+    if let Some(log) = serial_log {
+        let path = log.path.clone();
+        log.keep().map_err(|e| BuildError::SerialFile(path, e))?;
+    }
 
     Ok(BuiltVm {
         vcpus,

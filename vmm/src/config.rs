@@ -92,10 +92,14 @@ pub enum ConfigError {
     SerialMode(String),
     #[error("--kernel {0:?}: no such file")]
     KernelMissing(PathBuf),
+    #[error("--kernel {0:?}: cannot read it: {1}")]
+    KernelUnreadable(PathBuf, String),
     #[error("--kernel {0:?}: not a regular file")]
     KernelNotFile(PathBuf),
     #[error("--initramfs {0:?}: no such file")]
     InitramfsMissing(PathBuf),
+    #[error("--initramfs {0:?}: cannot read it: {1}")]
+    InitramfsUnreadable(PathBuf, String),
     #[error("--initramfs {0:?}: not a regular file")]
     InitramfsNotFile(PathBuf),
     #[error("--cmdline: contains a NUL byte")]
@@ -108,8 +112,16 @@ pub enum ConfigError {
     ApiTcp(String),
     #[error("--api-tcp {0:?}: not a loopback address; add --api-tcp-allow-remote to listen on it (QMP has no authentication)")]
     ApiTcpRemote(String),
-    #[error("--net: socket {0:?} is given twice")]
-    NetSocketTwice(PathBuf),
+    #[error(
+        "{second} socket {path:?}: already given to {first} (one backend connection per socket)"
+    )]
+    SocketTwice {
+        path: PathBuf,
+        first: &'static str,
+        second: &'static str,
+    },
+    #[error("--disk and --net: {0} devices, more than the {MAX_PCI_DEVICES} PCI slots")]
+    TooManyDevices(usize),
 }
 
 impl VmConfig {
@@ -121,18 +133,23 @@ impl VmConfig {
         if args.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
-        match std::fs::metadata(&args.kernel) {
-            Err(_) => return Err(ConfigError::KernelMissing(args.kernel)),
-            Ok(meta) if !meta.is_file() => return Err(ConfigError::KernelNotFile(args.kernel)),
-            Ok(_) => {}
+        match readable_file(&args.kernel) {
+            Readable::File => {}
+            Readable::Missing => return Err(ConfigError::KernelMissing(args.kernel)),
+            Readable::NotFile => return Err(ConfigError::KernelNotFile(args.kernel)),
+            Readable::Unreadable(why) => {
+                return Err(ConfigError::KernelUnreadable(args.kernel, why))
+            }
         }
         if let Some(initramfs) = &args.initramfs {
-            match std::fs::metadata(initramfs) {
-                Err(_) => return Err(ConfigError::InitramfsMissing(initramfs.clone())),
-                Ok(meta) if !meta.is_file() => {
-                    return Err(ConfigError::InitramfsNotFile(initramfs.clone()))
+            let path = initramfs.clone();
+            match readable_file(initramfs) {
+                Readable::File => {}
+                Readable::Missing => return Err(ConfigError::InitramfsMissing(path)),
+                Readable::NotFile => return Err(ConfigError::InitramfsNotFile(path)),
+                Readable::Unreadable(why) => {
+                    return Err(ConfigError::InitramfsUnreadable(path, why))
                 }
-                Ok(_) => {}
             }
         }
         let disks = args
@@ -145,10 +162,25 @@ impl VmConfig {
             .iter()
             .map(|text| parse_net(text))
             .collect::<Result<Vec<_>, _>>()?;
-        for (i, net) in nets.iter().enumerate() {
-            if nets[..i].iter().any(|other| other.socket == net.socket) {
-                return Err(ConfigError::NetSocketTwice(net.socket.clone()));
+        if disks.len() + nets.len() > MAX_PCI_DEVICES {
+            return Err(ConfigError::TooManyDevices(disks.len() + nets.len()));
+        }
+        let sockets = disks
+            .iter()
+            .map(|d| ("--disk", &d.socket))
+            .chain(nets.iter().map(|n| ("--net", &n.socket)))
+            .chain(args.api_socket.iter().map(|p| ("--api-socket", p)));
+        let mut seen: Vec<(&'static str, PathBuf)> = Vec::new();
+        for (option, path) in sockets {
+            let same = socket_identity(path);
+            if let Some((first, _)) = seen.iter().find(|(_, other)| *other == same) {
+                return Err(ConfigError::SocketTwice {
+                    path: path.clone(),
+                    first,
+                    second: option,
+                });
             }
+            seen.push((option, same));
         }
         let api_tcp = match &args.api_tcp {
             None => None,
@@ -169,6 +201,44 @@ impl VmConfig {
             serial,
             dump_acpi: args.dump_acpi,
         })
+    }
+}
+
+/// PCI slots for devices (bus 0 has 32; the host bridge takes one).
+pub const MAX_PCI_DEVICES: usize = crate::pci::bus::SLOTS - 1;
+
+enum Readable {
+    File,
+    Missing,
+    NotFile,
+    Unreadable(String),
+}
+
+/// Whether `path` is a regular file this process can open for reading.
+fn readable_file(path: &std::path::Path) -> Readable {
+    match std::fs::File::open(path).and_then(|f| f.metadata()) {
+        Ok(meta) if meta.is_file() => Readable::File,
+        Ok(_) => Readable::NotFile,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Readable::Missing,
+        Err(e) => Readable::Unreadable(e.to_string()),
+    }
+}
+
+/// What a socket path names, for telling two spellings of one socket
+/// apart from two sockets: its directory resolved (`./n.sock`, `n.sock`
+/// and a path through a symlinked directory are the same socket).
+fn socket_identity(path: &std::path::Path) -> PathBuf {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return path.to_path_buf();
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        dir
+    };
+    match std::fs::canonicalize(dir) {
+        Ok(dir) => dir.join(name),
+        Err(_) => path.to_path_buf(),
     }
 }
 
@@ -341,13 +411,16 @@ fn parse_api_tcp(text: &str, allow_remote: bool) -> Result<std::net::SocketAddr,
                 .is_some_and(|(host, _)| !host.is_empty())
         })
         .ok_or_else(|| ConfigError::ApiTcp(text.to_string()))?;
+    if addr.port() == 0 {
+        return Err(ConfigError::ApiTcp(text.to_string()));
+    }
     if !allow_remote && !addr.ip().is_loopback() {
         return Err(ConfigError::ApiTcpRemote(text.to_string()));
     }
     Ok(addr)
 }
 
-/// `aa:bb:cc:dd:ee:ff` (or with dashes), unicast only.
+/// `aa:bb:cc:dd:ee:ff` (or with dashes), unicast and not all zeroes.
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split([':', '-']);
@@ -358,7 +431,7 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
         }
         *byte = u8::from_str_radix(part, 16).ok()?;
     }
-    if parts.next().is_some() || mac[0] & 1 != 0 {
+    if parts.next().is_some() || mac[0] & 1 != 0 || mac == [0; 6] {
         return None;
     }
     Some(mac)
@@ -475,6 +548,7 @@ mod tests {
             "127.0.0.1",
             "127.0.0.1:http",
             "host name:1",
+            "127.0.0.1:0",
         ] {
             assert_eq!(
                 parse_api_tcp(bad, false),
@@ -504,6 +578,7 @@ mod tests {
         for bad in [
             "mac=52:54:00:00:00:01",
             "socket=/x,mac=01:00:5e:00:00:01",
+            "socket=/x,mac=00:00:00:00:00:00",
             "socket=/x,mac=52:54:00:00:00",
             "socket=/x,mac=52:54:00:00:00:zz",
             "socket=/x,num_queues=0",
@@ -547,6 +622,89 @@ mod tests {
         assert_eq!(
             err,
             ConfigError::KernelMissing("/nonexistent/kernel".into())
+        );
+        let mut directory = args("1", "1G", "off");
+        directory.kernel = "/".into();
+        let err = VmConfig::from_args(directory, HOST).unwrap_err();
+        assert_eq!(err, ConfigError::KernelNotFile("/".into()));
+        // A path through a file is not "no such file".
+        let mut through_file = args("1", "1G", "off");
+        through_file.kernel = "/proc/self/exe/kernel".into();
+        let err = VmConfig::from_args(through_file, HOST).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--kernel \"/proc/self/exe/kernel\": cannot read it: Not a directory"),
+            "{err}"
+        );
+    }
+
+    /// One socket is one backend connection: it may serve one device, and
+    /// the API socket is not a device's.
+    #[test]
+    fn a_socket_given_to_two_devices_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+        let same = format!("{}/./d.sock", dir.path().display());
+        /// Disks, NICs, the API socket, how the error starts.
+        type Case<'a> = (&'a [String], &'a [String], Option<String>, &'a str);
+        let cases: [Case<'_>; 4] = [
+            (
+                &[format!("socket={}", at("d.sock")), format!("socket={same}")],
+                &[],
+                None,
+                "--disk socket",
+            ),
+            (
+                &[format!("socket={}", at("d.sock"))],
+                &[format!("socket={}", at("d.sock"))],
+                None,
+                "--net socket",
+            ),
+            (
+                &[],
+                &[
+                    format!("socket={}", at("n.sock")),
+                    format!("socket={}", at("n.sock")),
+                ],
+                None,
+                "--net socket",
+            ),
+            (
+                &[format!("socket={}", at("d.sock"))],
+                &[],
+                Some(at("d.sock")),
+                "--api-socket socket",
+            ),
+        ];
+        for (disks, nets, api, starts) in cases {
+            let mut a = args("1", "1G", "off");
+            a.disks = disks.to_vec();
+            a.nets = nets.to_vec();
+            a.api_socket = api.map(PathBuf::from);
+            let err = VmConfig::from_args(a, HOST).unwrap_err().to_string();
+            assert!(
+                err.starts_with(starts) && err.contains("already given to"),
+                "{err}"
+            );
+        }
+        let mut fine = args("1", "1G", "off");
+        fine.disks = vec![
+            format!("socket={}", at("d.sock")),
+            format!("socket={}", at("e.sock")),
+        ];
+        fine.nets = vec![format!("socket={}", at("n.sock"))];
+        assert!(VmConfig::from_args(fine, HOST).is_ok());
+    }
+
+    #[test]
+    fn more_devices_than_pci_slots_are_refused_up_front() {
+        let mut a = args("1", "1G", "off");
+        a.disks = (0..=MAX_PCI_DEVICES)
+            .map(|i| format!("socket=/run/d{i}.sock"))
+            .collect();
+        assert_eq!(
+            VmConfig::from_args(a, HOST).unwrap_err().to_string(),
+            "--disk and --net: 32 devices, more than the 31 PCI slots"
         );
     }
 }

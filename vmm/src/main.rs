@@ -83,6 +83,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
     };
     let config = VmConfig::from_args(args, limits)?;
     let signals = signals::SignalFd::block_stop_signals()?;
+    let api = api::server::listen(config.api_socket.as_deref(), config.api_tcp)?;
     let mut vm = builder::build(&kvm, &config, signals.as_fd())?;
 
     if config.serial == SerialMode::Stdio {
@@ -102,12 +103,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         devices: vm.devices.iter().map(|d| d.status.clone()).collect(),
     });
     control.watch_devices();
-    let _api = api::server::start(
-        config.api_socket.as_deref(),
-        config.api_tcp,
-        control,
-        sink.clone(),
-    )?;
+    let _api = api.serve(control, sink.clone())?;
     let stop_timeout = STOP_GRACE + vhost_user::deadline::longest_reply(config.memory_bytes);
     let mut threads = vm.start()?;
     let reason = loop {

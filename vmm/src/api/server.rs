@@ -245,12 +245,16 @@ impl Listener {
 }
 
 /// Starts listening and serving clients on a thread.
-pub fn start(
-    unix: Option<&Path>,
-    tcp: Option<SocketAddr>,
-    vm: Arc<dyn VmControl>,
-    sink: Arc<EventSink>,
-) -> Result<ApiServer, ApiError> {
+/// The API's sockets, bound before the VM is built (a bad path fails the
+/// start before any backend is contacted) and served once it is.
+pub struct Listening {
+    listeners: Vec<Listener>,
+    server: ApiServer,
+}
+
+/// Binds the API's Unix socket and TCP port. Clients that connect before
+/// `serve` wait in the backlog.
+pub fn listen(unix: Option<&Path>, tcp: Option<SocketAddr>) -> Result<Listening, ApiError> {
     let mut listeners = Vec::new();
     let mut server = ApiServer { unix_path: None };
     if let Some(path) = unix {
@@ -267,14 +271,27 @@ pub fn start(
         let listener = TcpListener::bind(addr).map_err(|e| ApiError::Tcp(addr, e))?;
         listeners.push(Listener::Tcp(listener));
     }
-    if listeners.is_empty() {
-        return Ok(server);
+    Ok(Listening { listeners, server })
+}
+
+impl Listening {
+    /// Serves the API for `vm` until the returned server is dropped (with
+    /// the process: the thread is not joined).
+    pub fn serve(
+        self,
+        vm: Arc<dyn VmControl>,
+        sink: Arc<EventSink>,
+    ) -> Result<ApiServer, ApiError> {
+        let Listening { listeners, server } = self;
+        if listeners.is_empty() {
+            return Ok(server);
+        }
+        std::thread::Builder::new()
+            .name("qmp".into())
+            .spawn(move || accept_loop(&listeners, vm.as_ref(), &sink))
+            .map_err(ApiError::Thread)?;
+        Ok(server)
     }
-    std::thread::Builder::new()
-        .name("qmp".into())
-        .spawn(move || accept_loop(&listeners, vm.as_ref(), &sink))
-        .map_err(ApiError::Thread)?;
-    Ok(server)
 }
 
 fn accept_loop(listeners: &[Listener], vm: &dyn VmControl, sink: &EventSink) {
