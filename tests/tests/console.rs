@@ -59,3 +59,20 @@ fn ctrl_a_x_quits_and_restores_the_terminal() {
     assert_eq!(status.code(), Some(130), "stderr: {}", vm.stderr.text());
     assert!(same_termios(&before, &pty.attributes()));
 }
+
+/// A guest that reads nothing from its UART (here one that only counts)
+/// fills the input FIFO; what is typed past it is dropped, as on a real
+/// UART, so Ctrl-A x still quits.
+#[test]
+fn ctrl_a_x_quits_a_guest_that_reads_no_input() {
+    require_kvm();
+    let pty = Pty::open();
+    let mut vm = pty.spawn(VmBuilder::new(test_guest()).cmdline("count").command());
+    vm.expect_line("testguest: count 1", TIMEOUT);
+    let mut master = pty.master.try_clone().expect("dup master");
+    master.write_all(&[b'z'; 200]).expect("type");
+    std::thread::sleep(Duration::from_millis(200));
+    master.write_all(b"\x01x").expect("type");
+    let status = vm.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130), "stderr: {}", vm.stderr.text());
+}

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -117,6 +117,10 @@ impl EscapeFilter {
     }
 }
 
+/// How long console input waits for the guest to take a byte before the
+/// rest of what was typed is dropped.
+const INPUT_STALL: Duration = Duration::from_secs(1);
+
 /// Forwards stdin to the UART until EOF. With `escape`, Ctrl-A x stops the VM.
 pub fn spawn_stdin_forwarder(
     serial: Arc<Mutex<SerialConsole>>,
@@ -144,18 +148,31 @@ pub fn spawn_stdin_forwarder(
                 } else {
                     (buf[..n].to_vec(), false)
                 };
+                if quit {
+                    // Whatever the guest does with its UART.
+                    exit.notify(VmExit::Interrupted);
+                    return;
+                }
                 let mut rest = &bytes[..];
+                let mut progress = Instant::now();
                 while !rest.is_empty() {
                     let taken = lock(&serial).enqueue(rest);
                     rest = &rest[taken..];
-                    if taken == 0 {
+                    if taken > 0 {
+                        progress = Instant::now();
+                    } else if progress.elapsed() > INPUT_STALL {
+                        // A guest that stopped reading (or looped its
+                        // UART back): overrun, as on a real UART, so
+                        // that Ctrl-A x is still read.
+                        log::debug!(
+                            "console input: the guest reads none; {} bytes dropped",
+                            rest.len()
+                        );
+                        break;
+                    } else {
                         // The guest has not drained the FIFO yet.
                         std::thread::sleep(Duration::from_millis(2));
                     }
-                }
-                if quit {
-                    exit.notify(VmExit::Interrupted);
-                    return;
                 }
             }
         })
