@@ -69,6 +69,18 @@ pub struct Vcpu {
     fd: VcpuFd,
 }
 
+/// Stops the VM if the vCPU thread panics: a guest must not run on with a
+/// CPU missing (the panic is reported when the thread is joined).
+struct StopOnPanic(Arc<ExitNotifier>);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.notify(VmExit::KvmError);
+        }
+    }
+}
+
 impl Vcpu {
     /// Creates vCPU `id` with its CPUID, MSRs, FPU and LAPIC set up.
     pub fn new(
@@ -134,7 +146,10 @@ impl Vcpu {
         let id = self.id;
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.run(&ctx))
+            .spawn(move || {
+                let _stops_the_vm = StopOnPanic(ctx.exit.clone());
+                self.run(&ctx)
+            })
             .map_err(|e| VcpuError::Spawn(id, e))
     }
 
@@ -438,5 +453,24 @@ mod tests {
             "{err}"
         );
         assert!(started.elapsed() < Duration::from_secs(1), "{err}");
+    }
+
+    #[test]
+    fn a_vcpu_thread_that_panics_stops_the_vm() {
+        let exit = Arc::new(ExitNotifier::new().unwrap());
+        let guard_exit = exit.clone();
+        let thread = std::thread::spawn(move || {
+            let _stops_the_vm = StopOnPanic(guard_exit);
+            panic!("a bug in an exit handler");
+        });
+        assert!(thread.join().is_err());
+        assert_eq!(exit.reason(), Some(VmExit::KvmError));
+        // A thread that ends normally stops nothing.
+        let calm = Arc::new(ExitNotifier::new().unwrap());
+        let guard_exit = calm.clone();
+        std::thread::spawn(move || drop(StopOnPanic(guard_exit)))
+            .join()
+            .unwrap();
+        assert_eq!(calm.reason(), None);
     }
 }
