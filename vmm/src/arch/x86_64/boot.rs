@@ -30,6 +30,11 @@ const BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const HDRS_MAGIC: u32 = 0x5372_6448;
 /// Offset of the 64-bit entry point from the start of the protected-mode kernel.
 const LINUX64_ENTRY_OFFSET: u64 = 0x200;
+/// Boot protocol 2.12: the first with `xloadflags`, which says whether the
+/// kernel has the 64-bit entry.
+const BOOT_PROTOCOL_64BIT: u16 = 0x020c;
+/// xloadflags: the kernel has the 64-bit entry point at 0x200.
+const XLF_KERNEL_64: u16 = 1 << 0;
 
 #[derive(Debug, Error)]
 pub enum BootError {
@@ -44,9 +49,15 @@ pub enum BootError {
     #[error("--kernel {0:?}: cannot load the bzImage")]
     LoadBzImage(PathBuf, #[source] linux_loader::loader::Error),
     #[error(
-        "--kernel {0:?}: the bzImage does not support the 64-bit boot protocol (version {1:#x})"
+        "--kernel {0:?}: the bzImage has no 64-bit entry point (boot protocol {1:#x}; a 64-bit kernel with protocol 2.12 or later is needed)"
     )]
     OldBzImage(PathBuf, u16),
+    #[error("--cmdline: {len} bytes, more than the {max} this kernel takes")]
+    CmdlineTooLong { len: usize, max: u32 },
+    #[error(
+        "--kernel {path:?}: it needs guest RAM up to {needs:#x} to start; give the VM more memory"
+    )]
+    KernelTooLarge { path: PathBuf, needs: u64 },
     #[error("--cmdline: invalid or longer than {max} bytes")]
     Cmdline {
         max: usize,
@@ -120,13 +131,14 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError
             let header = result
                 .setup_header
                 .ok_or_else(|| BootError::UnknownKernelFormat(path.to_path_buf()))?;
-            if header.version < 0x0206 {
-                let version = header.version;
+            let (version, xloadflags) = (header.version, header.xloadflags);
+            if version < BOOT_PROTOCOL_64BIT || xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(BootError::OldBzImage(path.to_path_buf(), version));
             }
+            let kernel_load = result.kernel_load.0;
             Ok(LoadedKernel::Linux {
-                kernel_load: result.kernel_load.0,
-                end: result.kernel_end,
+                kernel_load,
+                end: linux_footprint_end(&header, kernel_load, result.kernel_end),
                 header,
             })
         }
@@ -137,6 +149,21 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError
     }
 }
 
+/// Where a bzImage's kernel ends up needing memory to before it reads the
+/// memory map: the compressed image where it was loaded, and `init_size`
+/// bytes from where it decompresses to (its load address aligned to
+/// `kernel_alignment`, and no lower than `pref_address`).
+fn linux_footprint_end(header: &setup_header, kernel_load: u64, image_end: u64) -> u64 {
+    let align = u64::from(header.kernel_alignment).max(1);
+    let runtime_start = kernel_load
+        .checked_next_multiple_of(align)
+        .unwrap_or(u64::MAX)
+        .max(header.pref_address);
+    runtime_start
+        .saturating_add(u64::from(header.init_size))
+        .max(image_end)
+}
+
 /// Loads the initramfs at the top of RAM below `limit`, above `kernel_end`.
 fn load_initramfs(
     mem: &GuestMemory,
@@ -144,8 +171,9 @@ fn load_initramfs(
     kernel_end: u64,
     limit: u64,
 ) -> Result<(u64, u64), BootError> {
-    let data = std::fs::read(path).map_err(|e| BootError::ReadInitramfs(path.to_path_buf(), e))?;
-    let size = data.len() as u64;
+    let unreadable = |e| BootError::ReadInitramfs(path.to_path_buf(), e);
+    // The size first: a file larger than the room is refused unread.
+    let size = std::fs::metadata(path).map_err(unreadable)?.len();
     let too_large = || BootError::InitramfsTooLarge {
         path: path.to_path_buf(),
         size,
@@ -154,6 +182,12 @@ fn load_initramfs(
     let addr = limit.checked_sub(size).ok_or_else(too_large)? & !0xfff;
     if addr < kernel_end {
         return Err(too_large());
+    }
+    let data = std::fs::read(path).map_err(unreadable)?;
+    if data.len() as u64 != size {
+        return Err(unreadable(std::io::Error::other(
+            "the file changed size while it was read",
+        )));
     }
     mem.write_slice(&data, GuestAddress(addr))
         .map_err(BootError::WriteInitramfs)?;
@@ -249,7 +283,20 @@ pub fn load(
             zero_page.hdr.boot_flag = BOOT_FLAG_MAGIC;
             zero_page.hdr.header = HDRS_MAGIC;
             zero_page.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
-            zero_page.hdr.cmdline_size = cmdline.len() as u32;
+            // The kernel's own limit (it copies no more), without the NUL.
+            let max = header.cmdline_size;
+            if cmdline.len() as u64 > u64::from(max) {
+                return Err(BootError::CmdlineTooLong {
+                    len: cmdline.len(),
+                    max,
+                });
+            }
+            if end > low_end {
+                return Err(BootError::KernelTooLarge {
+                    path: kernel.to_path_buf(),
+                    needs: end,
+                });
+            }
             zero_page.acpi_rsdp_addr = rsdp_addr;
             if let Some(path) = initramfs {
                 let limit = low_end.min(u64::from(header.initrd_addr_max) + 1);
@@ -283,4 +330,121 @@ fn pvh_memmap_entry(entry: &E820Entry) -> MemmapEntry {
         type_: entry.kind as u32,
         reserved: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::memory::create_guest_ram;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A bzImage with a 64-bit entry, one setup sector and 1 KiB of
+    /// "compressed kernel", with `edit` applied to its header.
+    fn fake_bzimage(dir: &Path, edit: impl FnOnce(&mut setup_header)) -> PathBuf {
+        let mut header = setup_header {
+            setup_sects: 1,
+            boot_flag: BOOT_FLAG_MAGIC,
+            header: HDRS_MAGIC,
+            version: 0x020f,
+            loadflags: 1,
+            code32_start: layout::HIGH_RAM_START as u32,
+            kernel_alignment: 2 * MIB as u32,
+            xloadflags: XLF_KERNEL_64,
+            cmdline_size: 255,
+            pref_address: 16 * MIB,
+            init_size: 8 * MIB as u32,
+            initrd_addr_max: 0x7fff_ffff,
+            ..Default::default()
+        };
+        edit(&mut header);
+        let mut image = vec![0u8; 2048];
+        let bytes = header.as_slice();
+        image[0x1f1..0x1f1 + bytes.len()].copy_from_slice(bytes);
+        let path = dir.join("bzImage");
+        std::fs::write(&path, image).unwrap();
+        path
+    }
+
+    fn boot(kernel: &Path, initramfs: Option<&Path>, cmdline: &str) -> Result<BootInfo, BootError> {
+        let ram = create_guest_ram(64 * MIB).unwrap();
+        load(
+            &ram.memory,
+            kernel,
+            initramfs,
+            cmdline,
+            64 * MIB,
+            layout::ACPI_START,
+        )
+    }
+
+    #[test]
+    fn a_bzimage_without_the_64_bit_entry_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(boot(&fake_bzimage(dir.path(), |_| {}), None, "console=ttyS0").is_ok());
+        let i386 = fake_bzimage(dir.path(), |h| h.xloadflags = 0);
+        assert!(matches!(
+            boot(&i386, None, ""),
+            Err(BootError::OldBzImage(..))
+        ));
+        let old = fake_bzimage(dir.path(), |h| h.version = 0x020b);
+        assert!(matches!(
+            boot(&old, None, ""),
+            Err(BootError::OldBzImage(..))
+        ));
+    }
+
+    #[test]
+    fn a_command_line_longer_than_the_kernel_takes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = fake_bzimage(dir.path(), |_| {});
+        assert!(boot(&kernel, None, &"a".repeat(255)).is_ok());
+        let err = boot(&kernel, None, &"a".repeat(256)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--cmdline: 256 bytes, more than the 255 this kernel takes"
+        );
+    }
+
+    /// The kernel decompresses to `pref_address` and needs `init_size`
+    /// from there: an initramfs must stay above that, and RAM reach it.
+    #[test]
+    fn the_initramfs_stays_clear_of_where_the_kernel_decompresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let initramfs = dir.path().join("initrd");
+        std::fs::File::create(&initramfs)
+            .unwrap()
+            .set_len(40 * MIB)
+            .unwrap();
+        // 16 MiB + 8 MiB: a 40 MiB initramfs fits below 64 MiB.
+        let small = fake_bzimage(dir.path(), |_| {});
+        assert!(boot(&small, Some(&initramfs), "").is_ok());
+        // 16 MiB + 30 MiB: it would sit where the kernel decompresses.
+        let large = fake_bzimage(dir.path(), |h| h.init_size = 30 * MIB as u32);
+        assert!(matches!(
+            boot(&large, Some(&initramfs), ""),
+            Err(BootError::InitramfsTooLarge { .. })
+        ));
+        // More than RAM holds at all.
+        let huge = fake_bzimage(dir.path(), |h| h.init_size = 60 * MIB as u32);
+        assert!(matches!(
+            boot(&huge, None, ""),
+            Err(BootError::KernelTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn an_initramfs_larger_than_ram_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let initramfs = dir.path().join("initrd");
+        std::fs::File::create(&initramfs)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        let kernel = fake_bzimage(dir.path(), |_| {});
+        assert!(matches!(
+            boot(&kernel, Some(&initramfs), ""),
+            Err(BootError::InitramfsTooLarge { .. })
+        ));
+    }
 }

@@ -41,7 +41,10 @@ pub fn for_vcpu(base: &CpuId, apic_id: u8, cpu_count: u8) -> CpuId {
                 // thread, so caches of level 1-2 are per core, level 3 shared.
                 let level = (entry.eax >> 5) & 0x7;
                 let sharing = if level >= 3 { count - 1 } else { 0 };
-                entry.eax = (entry.eax & 0x3ff) | ((count - 1) << 26) | (sharing << 14);
+                // The field is 6 bits: more than 64 cores read as 64 (the
+                // topology leaves give the real count).
+                let cores = (count - 1).min(0x3f);
+                entry.eax = (entry.eax & 0x3ff) | (cores << 26) | ((sharing & 0xfff) << 14);
             }
             LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
                 entry.edx = apic;
@@ -93,5 +96,20 @@ mod tests {
         assert_eq!(leaves[1].edx, 3);
         assert_eq!(leaves[2].ebx, 4);
         assert_eq!(leaves[2].eax, 2);
+    }
+
+    /// Leaf 4's cores field is 6 bits: past 64 vCPUs it says 64, never a
+    /// count wrapped into a smaller one.
+    #[test]
+    fn cache_leaf_core_counts_saturate_instead_of_wrapping() {
+        let l3 = |eax: u32| kvm_cpuid_entry2 { eax, ..entry(4, 3) };
+        let base = CpuId::from_entries(&[l3(3 << 5)]).unwrap();
+        for (cpus, cores_field) in [(4u8, 3u32), (64, 63), (100, 63), (254, 63)] {
+            let cpuid = for_vcpu(&base, 0, cpus);
+            let eax = cpuid.as_slice()[0].eax;
+            assert_eq!(eax >> 26, cores_field, "{cpus} vCPUs");
+            assert_eq!((eax >> 14) & 0xfff, u32::from(cpus) - 1, "{cpus} vCPUs");
+            assert_eq!((eax >> 5) & 0x7, 3, "{cpus} vCPUs: the cache level");
+        }
     }
 }
