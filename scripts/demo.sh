@@ -28,11 +28,20 @@ echo "demo: building the vmm, vhost-blk, vhost-net and the test guest" >&2
 
 WORK="$(mktemp -d)"
 NS="vmmdemo$$"
+LAUNCH=""
 cleanup() {
-    ip netns del "$NS" 2>/dev/null || true
+    set +e
+    if [[ -n "$LAUNCH" ]]; then
+        # launch stops the VM and its backends on SIGTERM.
+        kill -TERM "$LAUNCH" 2>/dev/null
+        wait "$LAUNCH" 2>/dev/null
+    fi
+    ip netns del "$NS" 2>/dev/null
     rm -rf "$WORK"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 truncate -s 64M "$WORK/disk0.img"
 ip netns add "$NS"
@@ -42,9 +51,14 @@ ip -n "$NS" link set demotap0 up
 
 echo "demo: booting target/guest/testguest.elf with a vhost-user disk and NIC" >&2
 status=0
+# In the background, so that a signal to this script is acted on at once
+# (bash runs traps only between commands); stdin stays the console's.
 "$ROOT/scripts/launch" --kernel "$ROOT/target/guest/testguest.elf" \
     --cpus 2 --memory 512M --cmdline "$CMDLINE" \
     --disk "$WORK/disk0.img" --net "demotap0,netns=$NS" \
-    --log-dir "$WORK/logs" || status=$?
+    --log-dir "$WORK/logs" <&0 &
+LAUNCH=$!
+wait "$LAUNCH" || status=$?
+LAUNCH=""
 echo "demo: the VM exited with status $status" >&2
 exit "$status"

@@ -95,11 +95,26 @@ testpmd() {
         </dev/null >"$WORK/testpmd.log" 2>&1 &
     TESTPMD=$!
 }
-wait_for() {  # wait_for WHAT TEST...
+wait_for() {  # wait_for WHAT TEST...: up to 30 s, while the VM and testpmd live
     local what="$1"; shift
-    for _ in $(seq 600); do "$@" && return 0; sleep 0.05; done
-    echo "vm-dpdk: $what did not appear; testpmd log:" >&2
-    cat "$WORK/testpmd.log" >&2
+    for _ in $(seq 600); do
+        "$@" && return 0
+        if [[ -n "$VM" ]] && ! kill -0 "$VM" 2>/dev/null; then
+            VM_STATUS=0
+            wait "$VM" || VM_STATUS=$?
+            VM=""
+            echo "vm-dpdk: the vmm exited with status $VM_STATUS before $what appeared" >&2
+            exit 1
+        fi
+        if [[ -n "$TESTPMD" ]] && ! kill -0 "$TESTPMD" 2>/dev/null; then
+            echo "vm-dpdk: testpmd exited before $what appeared; its log:" >&2
+            cat "$WORK/testpmd.log" >&2 2>/dev/null
+            exit 1
+        fi
+        sleep 0.05
+    done
+    echo "vm-dpdk: $what did not appear within 30 s; testpmd log:" >&2
+    cat "$WORK/testpmd.log" >&2 2>/dev/null
     exit 1
 }
 configure_tap() {
@@ -111,7 +126,7 @@ configure_tap() {
 
 if ((CLIENT)); then
     "$VMM" --kernel "$KERNEL" --cmdline "$CMDLINE" --memory 256M \
-        --net "socket=$SOCK,server=on" "${VMM_ARGS[@]}" &
+        --net "socket=$SOCK,server=on" "${VMM_ARGS[@]}" <&0 &
     VM=$!
     wait_for "the vmm's socket" test -S "$SOCK"
     testpmd
@@ -121,7 +136,7 @@ else
     wait_for "testpmd's socket" test -S "$SOCK"
     configure_tap
     "$VMM" --kernel "$KERNEL" --cmdline "$CMDLINE" --memory 256M \
-        --net "socket=$SOCK" "${VMM_ARGS[@]}" &
+        --net "socket=$SOCK" "${VMM_ARGS[@]}" <&0 &
     VM=$!
 fi
 status=0

@@ -89,7 +89,7 @@ ip -n "$NETNS" link set br0 up
 echo "vm-ovs: OVS-DPDK bridge br0 ($HOST_IP, netns $NETNS) with port vhu0 on $SOCK" >&2
 
 "$VMM" --kernel "$KERNEL" --cmdline "$CMDLINE" --memory 256M \
-    --net "socket=$SOCK,server=on" "${VMM_ARGS[@]}" &
+    --net "socket=$SOCK,server=on" "${VMM_ARGS[@]}" <&0 &
 VM=$!
 status=0
 wait "$VM" || status=$?
