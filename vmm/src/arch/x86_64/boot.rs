@@ -52,6 +52,27 @@ pub enum BootError {
         "--kernel {0:?}: the bzImage has no 64-bit entry point (boot protocol {1:#x}; a 64-bit kernel with protocol 2.12 or later is needed)"
     )]
     OldBzImage(PathBuf, u16),
+    #[error("--kernel {0:?}: not a 64-bit ELF file")]
+    Not64BitElf(PathBuf),
+    #[error("--kernel {path:?}: cannot read the ELF program headers")]
+    ReadElfHeaders {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--kernel {path:?}: a segment at {start:#x}..{end:#x} is not in guest RAM between 1 MiB and {ram_end:#x}")]
+    ElfSegmentOutside {
+        path: PathBuf,
+        start: u64,
+        end: u64,
+        ram_end: u64,
+    },
+    #[error("--kernel {path:?}: segments at {first:#x} and {second:#x} overlap")]
+    ElfSegmentsOverlap {
+        path: PathBuf,
+        first: u64,
+        second: u64,
+    },
     #[error("--cmdline: {len} bytes, more than the {max} this kernel takes")]
     CmdlineTooLong { len: usize, max: u32 },
     #[error(
@@ -99,13 +120,88 @@ pub struct BootInfo {
     pub entry: EntryMode,
 }
 
-fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError> {
+const ELFCLASS64: u8 = 2;
+const PT_LOAD: u32 = 1;
+/// Program headers looked at, at most (Linux has a handful).
+const MAX_PROGRAM_HEADERS: u16 = 256;
+
+/// Checks an ELF kernel's loadable segments before anything is loaded:
+/// each wholly in RAM between 1 MiB (below are the boot structures and
+/// ACPI tables) and `ram_end`, none overlapping another. Returns where
+/// the last one ends, its zero-filled tail (memsz past filesz) included.
+fn check_elf_segments(file: &mut File, path: &Path, ram_end: u64) -> Result<u64, BootError> {
+    let unreadable = |source| BootError::ReadElfHeaders {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0)).map_err(unreadable)?;
+    file.read_exact(&mut ehdr).map_err(unreadable)?;
+    if ehdr[4] != ELFCLASS64 {
+        return Err(BootError::Not64BitElf(path.to_path_buf()));
+    }
+    let u16_at = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let u64_at = |b: &[u8], at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&b[at..at + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    let phoff = u64_at(&ehdr, 32);
+    let phentsize = u16_at(&ehdr, 54);
+    let phnum = u16_at(&ehdr, 56).min(MAX_PROGRAM_HEADERS);
+    if phentsize < 56 {
+        return Err(BootError::Not64BitElf(path.to_path_buf()));
+    }
+    let mut segments: Vec<(u64, u64)> = Vec::new();
+    let mut phdr = vec![0u8; usize::from(phentsize)];
+    for i in 0..u64::from(phnum) {
+        let at = phoff
+            .checked_add(i * u64::from(phentsize))
+            .ok_or_else(|| unreadable(std::io::ErrorKind::InvalidData.into()))?;
+        file.seek(SeekFrom::Start(at)).map_err(unreadable)?;
+        file.read_exact(&mut phdr).map_err(unreadable)?;
+        if u32_at(&phdr, 0) != PT_LOAD {
+            continue;
+        }
+        let (start, filesz, memsz) = (u64_at(&phdr, 24), u64_at(&phdr, 32), u64_at(&phdr, 40));
+        let end = start.checked_add(filesz.max(memsz));
+        match end {
+            Some(end) if start >= layout::HIGH_RAM_START && end <= ram_end => {
+                segments.push((start, end))
+            }
+            _ => {
+                return Err(BootError::ElfSegmentOutside {
+                    path: path.to_path_buf(),
+                    start,
+                    end: end.unwrap_or(u64::MAX),
+                    ram_end,
+                })
+            }
+        }
+    }
+    segments.sort_unstable();
+    for pair in segments.windows(2) {
+        if pair[1].0 < pair[0].1 {
+            return Err(BootError::ElfSegmentsOverlap {
+                path: path.to_path_buf(),
+                first: pair[0].0,
+                second: pair[1].0,
+            });
+        }
+    }
+    file.seek(SeekFrom::Start(0)).map_err(unreadable)?;
+    Ok(segments.last().map_or(layout::HIGH_RAM_START, |s| s.1))
+}
+
+fn load_kernel(mem: &GuestMemory, path: &Path, ram_end: u64) -> Result<LoadedKernel, BootError> {
     let mut file = File::open(path).map_err(|e| BootError::OpenKernel(path.to_path_buf(), e))?;
     let mut magic = [0u8; 4];
     let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
     file.seek(SeekFrom::Start(0))
         .map_err(|e| BootError::OpenKernel(path.to_path_buf(), e))?;
     if is_elf {
+        let segments_end = check_elf_segments(&mut file, path, ram_end)?;
         let result = Elf::load(
             mem,
             None,
@@ -116,7 +212,7 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError
         return match result.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel::Pvh {
                 entry: entry.0,
-                end: result.kernel_end,
+                end: result.kernel_end.max(segments_end),
             }),
             _ => Err(BootError::NoPvhEntry(path.to_path_buf())),
         };
@@ -221,7 +317,7 @@ pub fn load(
     memory_bytes: u64,
     rsdp_addr: u64,
 ) -> Result<BootInfo, BootError> {
-    let loaded = load_kernel(mem, kernel)?;
+    let loaded = load_kernel(mem, kernel, layout::low_ram_end(memory_bytes))?;
 
     let cmdline_obj = Cmdline::try_from(cmdline, layout::CMDLINE_MAX_SIZE).map_err(|source| {
         BootError::Cmdline {
@@ -445,6 +541,82 @@ mod tests {
         assert!(matches!(
             boot(&kernel, Some(&initramfs), ""),
             Err(BootError::InitramfsTooLarge { .. })
+        ));
+    }
+
+    /// A 64-bit (or, with `class` 1, 32-bit) x86 ELF with one PT_LOAD per
+    /// (physical address, file size, memory size), each 256 bytes of file.
+    fn fake_elf(dir: &Path, class: u8, segments: &[(u64, u64, u64)]) -> PathBuf {
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = class;
+        elf[5] = 1; // little-endian
+        elf[6] = 1; // version
+        elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // EXEC
+        elf[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+        elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+        elf[24..32].copy_from_slice(&layout::HIGH_RAM_START.to_le_bytes());
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+        elf[52..54].copy_from_slice(&64u16.to_le_bytes());
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+        elf[56..58].copy_from_slice(&(segments.len() as u16).to_le_bytes());
+        let data_at = 64 + 56 * segments.len() as u64;
+        for &(paddr, filesz, memsz) in segments {
+            let mut phdr = [0u8; 56];
+            phdr[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+            phdr[8..16].copy_from_slice(&data_at.to_le_bytes());
+            phdr[16..24].copy_from_slice(&paddr.to_le_bytes());
+            phdr[24..32].copy_from_slice(&paddr.to_le_bytes());
+            phdr[32..40].copy_from_slice(&filesz.to_le_bytes());
+            phdr[40..48].copy_from_slice(&memsz.to_le_bytes());
+            elf.extend_from_slice(&phdr);
+        }
+        elf.resize(data_at as usize + 256, 0x90);
+        let path = dir.join("kernel.elf");
+        std::fs::write(&path, elf).unwrap();
+        path
+    }
+
+    /// ELF segments are checked before anything is loaded: below 1 MiB
+    /// they would land on the boot structures and ACPI tables.
+    #[test]
+    fn elf_segments_outside_ram_or_overlapping_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let at_1m = layout::HIGH_RAM_START;
+        // A sound layout gets past the checks (to the missing PVH note).
+        let sound = fake_elf(dir.path(), 2, &[(at_1m, 256, 256), (2 * MIB, 256, MIB)]);
+        assert!(matches!(
+            boot(&sound, None, ""),
+            Err(BootError::NoPvhEntry(_))
+        ));
+        let elf32 = fake_elf(dir.path(), 1, &[(at_1m, 256, 256)]);
+        assert!(matches!(
+            boot(&elf32, None, ""),
+            Err(BootError::Not64BitElf(_))
+        ));
+        for outside in [
+            (0x8000, 256, 256),
+            (at_1m, 256, 100 * MIB),
+            (u64::MAX - 16, 256, 256),
+        ] {
+            let elf = fake_elf(dir.path(), 2, &[outside]);
+            assert!(
+                matches!(
+                    boot(&elf, None, ""),
+                    Err(BootError::ElfSegmentOutside { .. })
+                ),
+                "{outside:x?}"
+            );
+        }
+        // The second starts inside the first one's zero-filled tail.
+        let overlapping = fake_elf(
+            dir.path(),
+            2,
+            &[(at_1m, 256, MIB), (at_1m + 4096, 256, 256)],
+        );
+        assert!(matches!(
+            boot(&overlapping, None, ""),
+            Err(BootError::ElfSegmentsOverlap { .. })
         ));
     }
 }
