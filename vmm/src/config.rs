@@ -296,6 +296,35 @@ fn parse_memory(text: &str, host_bytes: u64) -> Result<u64, ConfigError> {
     Ok(bytes & !0xfff)
 }
 
+/// Splits `key=value,key=value` into its pairs. As in QEMU, `,,` is a comma
+/// inside a value (a path with a comma in it); a key given twice is refused.
+fn options(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != ',' {
+            current.push(c);
+        } else if chars.next_if_eq(&',').is_some() {
+            current.push(',');
+        } else {
+            parts.push(std::mem::take(&mut current));
+        }
+    }
+    parts.push(current);
+    let mut pairs: Vec<(String, String)> = Vec::with_capacity(parts.len());
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not key=value"))?;
+        if pairs.iter().any(|(seen, _)| seen == key) {
+            return Err(format!("{key} is given twice"));
+        }
+        pairs.push((key.to_string(), value.to_string()));
+    }
+    Ok(pairs)
+}
+
 /// Parses `socket=PATH[,num_queues=N][,queue_size=N]`.
 fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |why: String| ConfigError::Disk {
@@ -305,11 +334,9 @@ fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     let mut socket = None;
     let mut num_queues = 1usize;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
-    for part in text.split(',') {
-        let (key, value) = part
-            .split_once('=')
-            .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
-        match key {
+    for (key, value) in options(text).map_err(bad)? {
+        let value = value.as_str();
+        match key.as_str() {
             "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
             "num_queues" => {
                 num_queues = value
@@ -319,7 +346,7 @@ fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
                     .ok_or_else(|| bad(format!("num_queues={value} is not 1 to {MAX_QUEUES}")))?;
             }
             "queue_size" => queue_size = parse_queue_size(value).map_err(bad)?,
-            _ => return Err(bad(format!("unknown or empty option {part:?}"))),
+            _ => return Err(bad(format!("unknown or empty option {key:?}"))),
         }
     }
     let socket = socket.ok_or_else(|| bad("socket=PATH is required".into()))?;
@@ -351,11 +378,9 @@ fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     let mut queue_pairs = 1usize;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
     let mut server = false;
-    for part in text.split(',') {
-        let (key, value) = part
-            .split_once('=')
-            .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
-        match key {
+    for (key, value) in options(text).map_err(bad)? {
+        let value = value.as_str();
+        match key.as_str() {
             "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
             "mac" => {
                 mac = Some(parse_mac(value).ok_or_else(|| {
@@ -383,7 +408,7 @@ fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
                     _ => return Err(bad(format!("server={value} is not on or off"))),
                 }
             }
-            _ => return Err(bad(format!("unknown or empty option {part:?}"))),
+            _ => return Err(bad(format!("unknown or empty option {key:?}"))),
         }
     }
     let socket = socket.ok_or_else(|| bad("socket=PATH is required".into()))?;
@@ -526,10 +551,32 @@ mod tests {
             "socket=/x,queue_size=65536",
             "socket=/x,color=red",
             "/x",
+            "socket=/x,socket=/y",
+            "socket=/x,",
         ] {
             let err = parse_disk(bad).unwrap_err().to_string();
             assert!(err.starts_with(&format!("--disk {bad:?}")), "{err}");
         }
+    }
+
+    #[test]
+    fn a_double_comma_is_a_comma_in_a_value() {
+        assert_eq!(
+            parse_disk("socket=/run/a,,b.sock,num_queues=2").unwrap(),
+            DiskConfig {
+                socket: "/run/a,b.sock".into(),
+                num_queues: 2,
+                queue_size: DEFAULT_QUEUE_SIZE
+            }
+        );
+        assert_eq!(
+            parse_net("socket=/run/n,,,,x,,").unwrap().socket,
+            PathBuf::from("/run/n,,x,")
+        );
+        let err = parse_disk("socket=/x,num_queues=1,num_queues=2")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("num_queues is given twice"), "{err}");
     }
 
     #[test]
