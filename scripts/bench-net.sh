@@ -39,7 +39,11 @@ cleanup() {
     ip netns del "$NS" 2>/dev/null || true
     rm -rf "$WORK" "/var/run/dpdk/$PREFIX"
 }
-trap cleanup EXIT INT TERM
+# A signal ends the script (and so runs cleanup): a trap that only cleaned
+# up would let the next case start.
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 ip netns add "$NS"
 
 wait_for() { # what command...

@@ -91,6 +91,23 @@ echo "vm-ovs: OVS-DPDK bridge br0 ($HOST_IP, netns $NETNS) with port vhu0 on $SO
 "$VMM" --kernel "$KERNEL" --cmdline "$CMDLINE" --memory 256M \
     --net "socket=$SOCK,server=on" "${VMM_ARGS[@]}" <&0 &
 VM=$!
+# OVS dials the VMM's socket: give it 30 s, while both live.
+connected=0
+for _ in $(seq 600); do
+    if ss -xH state established 2>/dev/null | grep -qF -- "$SOCK"; then connected=1; break; fi
+    kill -0 "$VM" 2>/dev/null || break
+    if ! kill -0 "$(cat "$WORK/vswitchd.pid" 2>/dev/null)" 2>/dev/null; then
+        echo "vm-ovs: ovs-vswitchd exited before it connected to $SOCK; its log:" >&2
+        tail -n 20 "$WORK/vswitchd.log" >&2 2>/dev/null
+        exit 1
+    fi
+    sleep 0.05
+done
+if ((!connected)) && kill -0 "$VM" 2>/dev/null; then
+    echo "vm-ovs: OVS did not connect to $SOCK within 30 s; ovs-vswitchd's log:" >&2
+    tail -n 20 "$WORK/vswitchd.log" >&2 2>/dev/null
+    exit 1
+fi
 status=0
 wait "$VM" || status=$?
 VM=""

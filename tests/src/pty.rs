@@ -72,3 +72,12 @@ impl Pty {
         }
     }
 }
+
+/// Whether two terminal settings match in everything a raw mode changes.
+pub fn same_termios(a: &libc::termios, b: &libc::termios) -> bool {
+    a.c_iflag == b.c_iflag
+        && a.c_oflag == b.c_oflag
+        && a.c_cflag == b.c_cflag
+        && a.c_lflag == b.c_lflag
+        && a.c_cc == b.c_cc
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 use vmm_tests::backend::workspace_bin;
 use vmm_tests::blk::make_image;
 use vmm_tests::net::{guest_ip, Netns, HOST_IP};
+use vmm_tests::pty::{same_termios, Pty};
 use vmm_tests::vm::RunningVm;
 use vmm_tests::{repo_root, require_kvm, test_guest, vmm_bin};
 
@@ -192,4 +193,30 @@ fn a_signal_to_the_launcher_stops_everything() {
     );
     assert_all_gone(&stderr, 2);
     assert!(!api.exists(), "the vmm's API socket remains");
+}
+
+/// A vmm that dies without putting the terminal back (here one that makes
+/// it raw and kills itself with SIGKILL): launch puts it back.
+#[test]
+fn launch_restores_the_terminal_a_killed_vmm_left_raw() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = dir.path().join("fake-vmm");
+    std::fs::write(&fake, "#!/bin/sh\nstty raw -echo\nkill -KILL $$\n").expect("write");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let pty = Pty::open();
+    let before = pty.attributes();
+    let mut cmd = launcher();
+    cmd.env("VMM_BIN", &fake)
+        .arg("--kernel")
+        .arg(&fake)
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"));
+    let mut vm = pty.spawn(cmd);
+    let status = vm.wait_exit(TIMEOUT);
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(137), "{stderr}");
+    assert!(stderr.contains("vmm: killed by signal 9"), "{stderr}");
+    assert!(stderr.contains("put the terminal back"), "{stderr}");
+    assert!(same_termios(&before, &pty.attributes()), "{stderr}");
 }
