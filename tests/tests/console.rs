@@ -1,23 +1,17 @@
 //! The serial console driven interactively through a pty: input reaches the
 //! guest, the terminal is raw while the VM runs and restored afterwards, and
-//! Ctrl-A x quits.
+//! Ctrl-A x quits; string port I/O (`rep outsb`, `rep insb`) reaches the UART;
+//! console output that cannot be written does not stop the guest.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::process::Stdio;
 use std::time::Duration;
 
-use vmm_tests::pty::Pty;
-use vmm_tests::vm::VmBuilder;
+use vmm_tests::pty::{same_termios, Pty};
+use vmm_tests::vm::{tail, Output, VmBuilder};
 use vmm_tests::{require_kvm, test_guest};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn same_termios(a: &libc::termios, b: &libc::termios) -> bool {
-    a.c_iflag == b.c_iflag
-        && a.c_oflag == b.c_oflag
-        && a.c_cflag == b.c_cflag
-        && a.c_lflag == b.c_lflag
-        && a.c_cc == b.c_cc
-}
 
 #[test]
 fn typed_lines_reach_the_guest_and_the_terminal_is_restored() {
@@ -75,4 +69,94 @@ fn ctrl_a_x_quits_a_guest_that_reads_no_input() {
     master.write_all(b"\x01x").expect("type");
     let status = vm.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(130), "stderr: {}", vm.stderr.text());
+}
+
+/// String port I/O exits once for many accesses: every byte of a
+/// `rep outsb` line reaches the console, and every byte of a `rep insb`
+/// from the line status register is filled in (transmitter empty, 0x60).
+#[test]
+fn string_port_io_reaches_the_uart_one_access_at_a_time() {
+    require_kvm();
+    let mut vm = VmBuilder::new(test_guest())
+        .cmdline("nopci stringio")
+        .spawn();
+    vm.expect_line("testguest: rep outsb reached the console", TIMEOUT);
+    let status_line = vm.expect_line("testguest: rep insb line status", TIMEOUT);
+    assert_eq!(
+        status_line,
+        "testguest: rep insb line status [60, 60, 60, 60, 60, 60, 60, 60]"
+    );
+    let status = vm.wait_exit(TIMEOUT);
+    vm.assert_no_guest_failure();
+    assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr.text());
+}
+
+/// Waits for a child started outside `RunningVm`, killing it on timeout.
+fn wait_or_kill(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Console output no one reads (a pipe left full) does not stop the guest:
+/// it prints twice what the pipe holds and powers off, and the VMM exits.
+#[test]
+fn a_console_no_one_reads_does_not_stop_the_guest() {
+    require_kvm();
+    let mut cmd = VmBuilder::new(test_guest())
+        .cmdline("nopci flood")
+        .command();
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start the vmm");
+    let stderr = Output::capture(child.stderr.take().expect("piped stderr"));
+    let code = wait_or_kill(&mut child, TIMEOUT);
+    let mut console = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_string(&mut console)
+        .expect("read the console");
+    assert_eq!(code, Some(0), "stderr: {}", stderr.text());
+    assert!(
+        console.starts_with("testguest: hello\n"),
+        "{}",
+        tail(&console, 5)
+    );
+    assert!(
+        console.contains("testguest: flood 00100 "),
+        "{}",
+        tail(&console, 5)
+    );
+}
+
+/// A console that cannot be written (stdout on /dev/full) is reported once,
+/// and the guest runs to its end.
+#[test]
+fn a_console_that_fails_is_reported_once() {
+    require_kvm();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let mut cmd = VmBuilder::new(test_guest()).cmdline("nopci").command();
+    cmd.stdin(Stdio::null()).stdout(full).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start the vmm");
+    let stderr = Output::capture(child.stderr.take().expect("piped stderr"));
+    let code = wait_or_kill(&mut child, TIMEOUT);
+    let log = stderr.text();
+    assert_eq!(code, Some(0), "stderr: {log}");
+    assert_eq!(log.matches("console output failed").count(), 1, "{log}");
+    assert!(log.contains("No space left on device"), "{log}");
 }

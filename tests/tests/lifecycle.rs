@@ -35,6 +35,23 @@ fn a_guest_reset_reboots_in_place() {
         2,
         "{console}"
     );
+    // The boot processor's local APIC as well: the first boot masked its
+    // timer on vector 0x41 and switched it to x2APIC mode; the second finds
+    // it enabled in xAPIC mode at 0xfee00000, its timer at power-on state.
+    assert_eq!(
+        console
+            .matches("testguest: lapic x2apic mode 0xfee00d00")
+            .count(),
+        1,
+        "{console}"
+    );
+    assert_eq!(
+        console
+            .matches("testguest: lapic base 0xfee00900 lvt timer 0x00010000")
+            .count(),
+        2,
+        "{console}"
+    );
 }
 
 #[test]

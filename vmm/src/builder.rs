@@ -54,6 +54,8 @@ pub enum BuildError {
     GedIrqfd(#[source] kvm_ioctls::Error),
     #[error("cannot set up the serial console interrupt")]
     SerialIrq(#[source] std::io::Error),
+    #[error("cannot start the console output thread")]
+    ConsoleOutput(#[source] std::io::Error),
     #[error("cannot connect the serial console interrupt to KVM")]
     SerialIrqfd(#[source] kvm_ioctls::Error),
     #[error("--serial file={0:?}: cannot create the file")]
@@ -103,6 +105,8 @@ pub struct BuiltVm {
     pub pio: Arc<PioBus>,
     pub mmio: Arc<MmioBus>,
     pub serial: Arc<Mutex<SerialConsole>>,
+    /// The thread that writes the console output.
+    pub console_output: serial::ConsoleOutput,
     pub stop: Arc<AtomicBool>,
     pub devices: Vec<DeviceStats>,
     /// Pauses and resumes the vCPUs.
@@ -211,6 +215,8 @@ pub fn build(
         }
         SerialMode::Off => Box::new(std::io::sink()),
     };
+    let (console_output, out) =
+        serial::ConsoleOutput::spawn(out).map_err(BuildError::ConsoleOutput)?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
 
     let pio = PioBus::default();
@@ -355,6 +361,7 @@ pub fn build(
         pio: Arc::new(pio),
         mmio,
         serial,
+        console_output,
         stop: Arc::new(AtomicBool::new(false)),
         run: Arc::new(RunControl::default()),
         ged,

@@ -75,6 +75,9 @@ fn host_memory_bytes() -> u64 {
 /// starts or resets in the middle of an exit).
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
+/// How long the guest's last console output gets to be written out at exit.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
+
 fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
     let kvm = vstate::vm::open_kvm()?;
     let limits = HostLimits {
@@ -131,6 +134,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         // The process ends anyway, and that ends the threads.
         log::error!("{e}");
     }
+    vm.console_output.finish(CONSOLE_DRAIN);
     terminal::restore();
     log::info!("VM stopped: {reason:?}");
     print_device_exits(&vm.devices);

@@ -36,6 +36,7 @@ mod virtio_blk;
 mod virtio_net;
 mod virtio_pci;
 
+use core::arch::asm;
 use core::fmt;
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -143,6 +144,12 @@ fn run(start_info: u64) -> Result<(), Fail> {
     if has_word(b"count") {
         count();
     }
+    if has_word(b"flood") {
+        flood();
+    }
+    if has_word(b"stringio") {
+        string_io();
+    }
     if has_word(b"echo") {
         echo();
     }
@@ -189,6 +196,35 @@ fn walk_acpi(rsdp: &acpi::Rsdp) -> Result<Madt, Fail> {
     madt.ok_or(Fail::new("no MADT (APIC) table"))
 }
 
+/// Prints `FLOOD_LINES` lines of 64 bytes (128 KiB, twice what a pipe
+/// holds) as fast as the UART takes them.
+fn flood() {
+    const FLOOD_LINES: u32 = 2048;
+    for n in 0..FLOOD_LINES {
+        say!("flood {n:05} ........................................");
+    }
+}
+
+/// Writes a line to the UART with one `rep outsb` and reads its line status
+/// register eight times with one `rep insb`: string port I/O, which exits
+/// once for all of its accesses.
+fn string_io() {
+    const LINE: &[u8] = b"testguest: rep outsb reached the console\n";
+    let mut status = [0u8; 8];
+    // SAFETY: `rep outsb` reads LINE.len() bytes from LINE and `rep insb`
+    // writes status.len() bytes into `status`, both forwards (the direction
+    // flag is clear, as the ABI guarantees); the ports are the UART's.
+    unsafe {
+        asm!("rep outsb dx, byte ptr [rsi]", in("dx") serial::DATA,
+             inout("rsi") LINE.as_ptr() => _, inout("rcx") LINE.len() => _,
+             options(nostack, readonly, preserves_flags));
+        asm!("rep insb byte ptr [rdi], dx", in("dx") serial::LSR,
+             inout("rdi") status.as_mut_ptr() => _, inout("rcx") status.len() => _,
+             options(nostack, preserves_flags));
+    }
+    say!("rep insb line status {:02x?}", status);
+}
+
 /// Prints `count N` about five times a second (by the time-stamp counter,
 /// so a paused VM prints nothing), up to `COUNT_MAX`, or until the ACPI
 /// power button is pressed (looked at about a hundred times a second).
@@ -217,10 +253,21 @@ const RESET_MARKER: u64 = 0x7465_7374_7265_7365; // "testrese"
 /// Resets the machine on the first boot; on the next one, reports that
 /// the reset brought it back and carries on (to power-off).
 fn reset_once() {
-    // The IOAPIC must come back from a reboot as at power-on: report one
-    // redirection entry on each boot, and change it (still masked) before
-    // the reset.
+    // The IOAPIC and the boot processor's local APIC must come back from a
+    // reboot as at power-on: report their state on each boot, and change it
+    // before the reset (an IOAPIC entry and the LAPIC timer, still masked;
+    // the LAPIC switched to x2APIC mode).
     say!("ioapic pin15 {:#010x}", ioapic_redirection_low(15));
+    let apic_base = rdmsr(MSR_APIC_BASE);
+    // In x2APIC mode the MMIO page is gone: report no LVT then.
+    let lvt_timer = if apic_base & APIC_BASE_X2APIC == 0 {
+        // SAFETY: the LAPIC's registers, identity-mapped like all of the
+        // low 4 GiB, in xAPIC mode (checked above).
+        unsafe { core::ptr::read_volatile(LAPIC_LVT_TIMER as *const u32) }
+    } else {
+        0xffff_ffff
+    };
+    say!("lapic base {apic_base:#x} lvt timer {lvt_timer:#010x}");
     let marker = RESET_MARKER_ADDR as *mut u64;
     // SAFETY: the page is free RAM below the scratch areas, identity-mapped.
     let seen = unsafe { core::ptr::read_volatile(marker) };
@@ -233,8 +280,50 @@ fn reset_once() {
     // SAFETY: as above.
     unsafe { core::ptr::write_volatile(marker, RESET_MARKER) };
     set_ioapic_redirection_low(15, 1 << 16 | 0x35);
+    // SAFETY: as for the read above (the LAPIC is still in xAPIC mode).
+    unsafe { core::ptr::write_volatile(LAPIC_LVT_TIMER as *mut u32, 1 << 16 | 0x41) };
+    if cpuid_ecx(1) & CPUID_1_ECX_X2APIC != 0 {
+        wrmsr(MSR_APIC_BASE, apic_base | APIC_BASE_X2APIC);
+        say!("lapic x2apic mode {:#x}", rdmsr(MSR_APIC_BASE));
+    }
     say!("resetting");
     power::reset();
+}
+
+const MSR_APIC_BASE: u32 = 0x1b;
+const APIC_BASE_X2APIC: u64 = 1 << 10;
+const CPUID_1_ECX_X2APIC: u32 = 1 << 21;
+const LAPIC_LVT_TIMER: u64 = 0xfee0_0320;
+
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reads an architectural MSR the VMM provides; no memory access.
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
+// The MSR is written as two 32-bit halves.
+#[allow(clippy::cast_possible_truncation)]
+fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: the caller writes an architectural MSR with a valid value.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nostack, preserves_flags))
+    }
+}
+
+fn cpuid_ecx(leaf: u32) -> u32 {
+    // rbx is reserved by LLVM: save it around CPUID.
+    let ecx: u32;
+    // SAFETY: CPUID only writes the four registers; rbx is restored.
+    unsafe {
+        asm!("mov {saved:r}, rbx", "cpuid", "mov rbx, {saved:r}", saved = out(reg) _,
+             inout("eax") leaf => _, inout("ecx") 0 => ecx, out("edx") _,
+             options(nomem, nostack, preserves_flags))
+    }
+    ecx
 }
 
 /// The IOAPIC's registers: the index (IOREGSEL) and the window (IOWIN).

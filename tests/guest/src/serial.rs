@@ -6,10 +6,10 @@ use crate::port::{inb, outb};
 
 const BASE: u16 = 0x3f8;
 /// Receive buffer (read) / transmit holding register (write).
-const DATA: u16 = BASE;
+pub const DATA: u16 = BASE;
 const IER: u16 = BASE + 1;
 const LCR: u16 = BASE + 3;
-const LSR: u16 = BASE + 5;
+pub const LSR: u16 = BASE + 5;
 const LSR_DATA_READY: u8 = 1 << 0;
 const LSR_THR_EMPTY: u8 = 1 << 5;
 

@@ -1,9 +1,9 @@
 //! The console: a 16550 UART (vm-superio) at 0x3f8 whose interrupt is an
-//! irqfd on GSI 4, its output written unbuffered to stdout or a file, and
+//! irqfd on GSI 4, a thread that writes its output to stdout or a file, and
 //! a thread that forwards stdin into its receive FIFO.
 
 use std::io::{Read, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_superio::serial::NoEvents;
@@ -23,33 +23,160 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// Flushes after every write, so that partial lines (prompts) show at once.
-struct Unbuffered<W: Write>(W);
-
-impl<W: Write> Write for Unbuffered<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.0.write(buf)?;
-        self.0.flush()?;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
-/// Where the guest's console output goes.
+/// Where the guest's console output finally goes (stdout, a file).
 pub type ConsoleOut = Box<dyn Write + Send>;
 
 pub fn stdout_sink() -> ConsoleOut {
-    Box::new(Unbuffered(std::io::stdout()))
+    Box::new(std::io::stdout())
+}
+
+/// How much output may wait for a sink that does not take it (a terminal
+/// stopped with Ctrl-S, a pipe no one reads) before output is dropped.
+const OUTPUT_BACKLOG: usize = 1 << 20;
+
+#[derive(Default)]
+struct Backlog {
+    bytes: Vec<u8>,
+    /// Bytes dropped since the sink last took output.
+    dropped: u64,
+    /// No more output will come: write out the rest and stop.
+    closed: bool,
+    /// The sink failed: output is dropped from now on.
+    failed: bool,
+}
+
+#[derive(Default)]
+struct OutputQueue {
+    backlog: Mutex<Backlog>,
+    ready: Condvar,
+}
+
+/// The UART's output: appends to the backlog a thread of its own writes
+/// out, so a vCPU writing to the UART never waits on the sink. Past
+/// `OUTPUT_BACKLOG` unwritten bytes, output is dropped (as on a serial line
+/// no one reads) and that is logged; a sink that fails is logged once.
+pub struct ConsoleWriter(Arc<OutputQueue>);
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut backlog = lock(&self.0.backlog);
+        if backlog.failed {
+            return Ok(buf.len());
+        }
+        if backlog.bytes.len() + buf.len() > OUTPUT_BACKLOG {
+            if backlog.dropped == 0 {
+                log::warn!(
+                    "console output: {OUTPUT_BACKLOG} bytes are waiting to be written; \
+                     dropping output until they are"
+                );
+            }
+            backlog.dropped += buf.len() as u64;
+            return Ok(buf.len());
+        }
+        backlog.bytes.extend_from_slice(buf);
+        drop(backlog);
+        self.0.ready.notify_one();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The thread that writes the console output, flushing each batch so that
+/// partial lines (prompts) show at once.
+pub struct ConsoleOutput {
+    queue: Arc<OutputQueue>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ConsoleOutput {
+    /// Starts the thread that writes to `sink`; the writer goes to the UART.
+    pub fn spawn(sink: ConsoleOut) -> std::io::Result<(Self, ConsoleWriter)> {
+        let queue = Arc::new(OutputQueue::default());
+        let thread = {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name("console-out".into())
+                .spawn(move || write_out(&queue, sink))?
+        };
+        let writer = ConsoleWriter(queue.clone());
+        Ok((
+            ConsoleOutput {
+                queue,
+                thread: Some(thread),
+            },
+            writer,
+        ))
+    }
+
+    /// Writes out what the guest printed and stops the thread, waiting at
+    /// most `timeout` for a sink that does not take it.
+    pub fn finish(&mut self, timeout: Duration) {
+        lock(&self.queue.backlog).closed = true;
+        self.queue.ready.notify_one();
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let deadline = Instant::now() + timeout;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            log::warn!(
+                "console output: {} bytes were not written within {timeout:?}",
+                lock(&self.queue.backlog).bytes.len()
+            );
+        }
+    }
+}
+
+impl Drop for ConsoleOutput {
+    fn drop(&mut self) {
+        self.finish(Duration::from_secs(1));
+    }
+}
+
+fn write_out(queue: &OutputQueue, mut sink: ConsoleOut) {
+    let mut batch = Vec::new();
+    loop {
+        {
+            let mut backlog = lock(&queue.backlog);
+            while backlog.bytes.is_empty() && !backlog.closed {
+                backlog = queue
+                    .ready
+                    .wait(backlog)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            if backlog.bytes.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut batch, &mut backlog.bytes);
+            if backlog.dropped > 0 {
+                log::warn!("console output: {} bytes were dropped", backlog.dropped);
+                backlog.dropped = 0;
+            }
+        }
+        if let Err(e) = sink.write_all(&batch).and_then(|()| sink.flush()) {
+            log::warn!("console output failed, the rest is dropped: {e}");
+            let mut backlog = lock(&queue.backlog);
+            backlog.failed = true;
+            backlog.bytes = Vec::new();
+            return;
+        }
+        batch.clear();
+    }
 }
 
 pub struct SerialConsole {
-    uart: Serial<IrqTrigger, NoEvents, ConsoleOut>,
+    uart: Serial<IrqTrigger, NoEvents, ConsoleWriter>,
 }
 
 impl SerialConsole {
-    pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
+    pub fn new(irq: EventFd, out: ConsoleWriter) -> Self {
         SerialConsole {
             uart: Serial::new(IrqTrigger(irq), out),
         }
@@ -194,25 +321,28 @@ mod tests {
         assert_eq!(f.filter(b"\x01q"), (b"\x01q".to_vec(), false));
     }
 
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn output_reaches_the_sink_and_input_the_fifo() {
-        #[derive(Clone, Default)]
-        struct Shared(Arc<Mutex<Vec<u8>>>);
-        impl Write for Shared {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let sink = Shared::default();
+        let (mut output, writer) = ConsoleOutput::spawn(Box::new(sink.clone())).unwrap();
         let irq = EventFd::new(0).unwrap();
-        let mut console = SerialConsole::new(irq.try_clone().unwrap(), Box::new(sink.clone()));
+        let mut console = SerialConsole::new(irq.try_clone().unwrap(), writer);
         for b in b"hi" {
             console.write(0, &[*b]);
         }
+        output.finish(Duration::from_secs(5));
         assert_eq!(&*sink.0.lock().unwrap(), b"hi");
         // Enable the "data available" interrupt, then queue input.
         console.write(1, &[1]);
@@ -221,5 +351,77 @@ mod tests {
         let mut byte = [0u8];
         console.read(0, &mut byte);
         assert_eq!(byte, *b"o");
+    }
+
+    /// A sink that takes nothing until it is let go.
+    struct Stalled {
+        entered: std::sync::mpsc::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+        inner: Shared,
+    }
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.entered.send(());
+            let _ = self.release.recv();
+            self.inner.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_sink_does_not_stall_the_writer_and_output_past_the_backlog_is_dropped() {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let inner = Shared::default();
+        let sink = Stalled {
+            entered: entered_tx,
+            release: release_rx,
+            inner: inner.clone(),
+        };
+        let (mut output, mut writer) = ConsoleOutput::spawn(Box::new(sink)).unwrap();
+        writer.write_all(b"a").unwrap();
+        entered.recv_timeout(Duration::from_secs(5)).unwrap();
+        // The sink holds "a"; the backlog fills, and the rest is dropped,
+        // without the writer waiting.
+        let fill = vec![b'b'; OUTPUT_BACKLOG];
+        writer.write_all(&fill).unwrap();
+        writer.write_all(b"c").unwrap();
+        drop(release);
+        output.finish(Duration::from_secs(5));
+        let written = inner.0.lock().unwrap();
+        assert_eq!(written.len(), 1 + OUTPUT_BACKLOG);
+        assert_eq!(written[0], b'a');
+        assert!(written[1..].iter().all(|&b| b == b'b'));
+    }
+
+    struct Failing(Arc<std::sync::atomic::AtomicUsize>);
+    impl Write for Failing {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failing_sink_is_tried_once_and_output_is_dropped_after() {
+        let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut output, mut writer) =
+            ConsoleOutput::spawn(Box::new(Failing(tries.clone()))).unwrap();
+        writer.write_all(b"x").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !lock(&output.queue.backlog).failed && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for _ in 0..100 {
+            writer.write_all(b"y").unwrap();
+        }
+        output.finish(Duration::from_secs(5));
+        assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(lock(&output.queue.backlog).bytes.is_empty());
     }
 }

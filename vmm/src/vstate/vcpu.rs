@@ -67,6 +67,41 @@ pub struct VcpuContext {
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
+    power_on: PowerOnState,
+}
+
+/// What a reboot puts back that the guest may have changed and the boot
+/// setup does not write: the whole local APIC (timer, TPR, LVTs, pending
+/// interrupts), the APIC base MSR (a guest that switched to x2APIC mode
+/// would otherwise keep it, and an xAPIC kernel could not reach its LAPIC),
+/// and the pending exception, NMI and interrupt-shadow state.
+struct PowerOnState {
+    lapic: kvm_bindings::kvm_lapic_state,
+    apic_base: u64,
+    events: kvm_bindings::kvm_vcpu_events,
+}
+
+impl PowerOnState {
+    fn capture(fd: &VcpuFd) -> Result<Self, regs::RegsError> {
+        Ok(PowerOnState {
+            lapic: fd
+                .get_lapic()
+                .map_err(|e| regs::RegsError::Kvm("LAPIC", e))?,
+            apic_base: regs::get_apic_base(fd)?,
+            events: fd
+                .get_vcpu_events()
+                .map_err(|e| regs::RegsError::Kvm("vCPU events", e))?,
+        })
+    }
+
+    /// The APIC base first: KVM reads the LAPIC state in the mode it sets.
+    fn restore(&self, fd: &VcpuFd) -> Result<(), regs::RegsError> {
+        regs::set_apic_base(fd, self.apic_base)?;
+        fd.set_lapic(&self.lapic)
+            .map_err(|e| regs::RegsError::Kvm("LAPIC", e))?;
+        fd.set_vcpu_events(&self.events)
+            .map_err(|e| regs::RegsError::Kvm("vCPU events", e))
+    }
 }
 
 /// Stops the VM if the vCPU thread panics: a guest must not run on with a
@@ -98,7 +133,8 @@ impl Vcpu {
         regs::setup_msrs(&fd, supported_msrs).map_err(|e| VcpuError::Regs(id, e))?;
         regs::setup_fpu(&fd).map_err(|e| VcpuError::Regs(id, e))?;
         regs::setup_lapic(&fd).map_err(|e| VcpuError::Regs(id, e))?;
-        Ok(Vcpu { id, fd })
+        let power_on = PowerOnState::capture(&fd).map_err(|e| VcpuError::Regs(id, e))?;
+        Ok(Vcpu { id, fd, power_on })
     }
 
     /// Puts the boot processor at the kernel's entry point.
@@ -113,8 +149,9 @@ impl Vcpu {
     }
 
     /// Puts the vCPU back in its power-on state for an in-place reboot:
-    /// MSRs, FPU and LAPIC as at creation; the boot processor at the
-    /// kernel's entry (`entry`), the others waiting for INIT/SIPI.
+    /// MSRs, FPU, APIC base, LAPIC and pending events as at creation; the
+    /// boot processor at the kernel's entry (`entry`), the others waiting
+    /// for INIT/SIPI.
     pub fn reset(
         &self,
         mem: &GuestMemory,
@@ -124,7 +161,9 @@ impl Vcpu {
         let id = self.id;
         regs::setup_msrs(&self.fd, supported_msrs).map_err(|e| VcpuError::Regs(id, e))?;
         regs::setup_fpu(&self.fd).map_err(|e| VcpuError::Regs(id, e))?;
-        regs::setup_lapic(&self.fd).map_err(|e| VcpuError::Regs(id, e))?;
+        self.power_on
+            .restore(&self.fd)
+            .map_err(|e| VcpuError::Regs(id, e))?;
         let mp_state = match entry {
             Some(mode) => {
                 self.setup_boot_entry(mem, mode)?;
@@ -176,8 +215,12 @@ impl Vcpu {
     /// Runs the vCPU until its next exit; returns a reason to stop the VM.
     fn run_once(&mut self, ctx: &VcpuContext) -> Option<VmExit> {
         match self.fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => ctx.pio.read(u64::from(port), data),
-            Ok(VcpuExit::IoOut(port, data)) => ctx.pio.write(u64::from(port), data),
+            Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => {
+                if let Err(e) = self.port_io(ctx) {
+                    log::error!("vCPU {}: {e}", self.id);
+                    return Some(VmExit::KvmError);
+                }
+            }
             Ok(VcpuExit::MmioRead(addr, data)) => ctx.mmio.read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => ctx.mmio.write(addr, data),
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
@@ -217,6 +260,39 @@ impl Vcpu {
             }
         }
         None
+    }
+
+    /// Serves a port I/O exit from `kvm_run` itself, which tells the width of
+    /// one access: a string instruction (`rep outsb`, `rep insw`) exits once
+    /// with `count` accesses of `size` bytes, and the device gets them one at
+    /// a time, in order, as the guest made them.
+    fn port_io(&mut self, ctx: &VcpuContext) -> Result<(), String> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: KVM_RUN just returned KVM_EXIT_IO (the caller matched it),
+        // so `io` is the union member KVM filled in.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        if !matches!(size, 1 | 2 | 4) {
+            return Err(format!("port I/O of {size} bytes at port {:#x}", io.port));
+        }
+        let len = size * io.count as usize;
+        let data_offset = usize::try_from(io.data_offset).map_err(|e| e.to_string())?;
+        let base: *mut u8 = (run as *mut kvm_bindings::kvm_run).cast();
+        // SAFETY: KVM puts the `count * size` bytes of a port I/O exit at
+        // `data_offset` inside the vCPU's kvm_run mapping (the pages after
+        // the struct are part of it), which lives as long as `self.fd`; the
+        // slice is the only reference to those bytes until it is dropped
+        // below, before the next KVM_RUN.
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(data_offset), len) };
+        let port = u64::from(io.port);
+        for access in data.chunks_exact_mut(size) {
+            if u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN {
+                ctx.pio.read(port, access);
+            } else {
+                ctx.pio.write(port, access);
+            }
+        }
+        Ok(())
     }
 
     /// Logs the registers after a fatal exit.

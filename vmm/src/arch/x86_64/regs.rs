@@ -20,6 +20,8 @@ pub enum RegsError {
     Kvm(&'static str, #[source] kvm_ioctls::Error),
     #[error("cannot build the MSR list")]
     MsrList,
+    #[error("KVM did not read or write the APIC base MSR")]
+    ApicBase,
 }
 
 /// How the vCPU enters the kernel.
@@ -242,6 +244,36 @@ pub fn setup_msrs(vcpu: &VcpuFd, supported: &[u32]) -> Result<(), RegsError> {
         );
     }
     Ok(())
+}
+
+const MSR_IA32_APIC_BASE: u32 = 0x1b;
+
+/// The APIC base MSR: the LAPIC's address and its enable and x2APIC bits.
+pub fn get_apic_base(vcpu: &VcpuFd) -> Result<u64, RegsError> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_APIC_BASE,
+        ..Default::default()
+    }])
+    .map_err(|_| RegsError::MsrList)?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => Ok(msrs.as_slice()[0].data),
+        Ok(_) => Err(RegsError::ApicBase),
+        Err(e) => Err(RegsError::Kvm("APIC base MSR", e)),
+    }
+}
+
+pub fn set_apic_base(vcpu: &VcpuFd, value: u64) -> Result<(), RegsError> {
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_APIC_BASE,
+        data: value,
+        ..Default::default()
+    }])
+    .map_err(|_| RegsError::MsrList)?;
+    match vcpu.set_msrs(&msrs) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err(RegsError::ApicBase),
+        Err(e) => Err(RegsError::Kvm("APIC base MSR", e)),
+    }
 }
 
 const APIC_LVT0: usize = 0x350;
