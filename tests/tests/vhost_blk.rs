@@ -74,12 +74,9 @@ fn disks_whose_bars_the_guest_moves_work_at_the_new_addresses() {
         expect_disk(&vm, bdf, index as u8, false);
     }
     let log = finish(vm);
-    for (bdf, from, to) in [
-        ("00:01.0", "0xc0000000", "0xd0010000"),
-        ("00:02.0", "0xc0008000", "0xd0020000"),
-    ] {
+    for (bdf, to) in [("00:01.0", "0xd0010000"), ("00:02.0", "0xd0020000")] {
         assert!(
-            log.contains(&format!("PCI {bdf}: BAR0 moved from {from} to {to}")),
+            log.contains(&format!("PCI {bdf}: BAR0 on the bus at {to}")),
             "{log}"
         );
     }

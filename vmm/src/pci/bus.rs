@@ -51,10 +51,9 @@ struct MappedBar {
     index: usize,
     size: u64,
     window: Arc<Mutex<dyn BusDevice>>,
-    /// Where the window is on the bus, if it is.
+    /// Where the window is on the bus, if it is; the device has what
+    /// follows the BAR (ioeventfds) there too, and nowhere else.
     mapped: Option<u64>,
-    /// Where the device last registered what follows the BAR (ioeventfds).
-    registered: u64,
     /// The low and high registers were last written all ones: the BAR is
     /// being sized, and holds its size mask, not an address.
     sizing: [bool; 2],
@@ -83,16 +82,24 @@ impl MappedBar {
             return;
         }
         self.mapped = Some(to);
-        let from = self.registered;
-        if from == to {
-            return;
+        match device.bar_mapped(index, to) {
+            Ok(()) => log::info!("PCI 00:{slot:02x}.0: BAR{index} on the bus at {to:#x}"),
+            Err(e) => log::error!("PCI 00:{slot:02x}.0: BAR{index} at {to:#x}, but {e}"),
         }
-        self.registered = to;
-        match device.move_bar(index, from, to) {
-            Ok(()) => log::info!("PCI 00:{slot:02x}.0: BAR{index} moved from {from:#x} to {to:#x}"),
-            Err(e) => log::error!(
-                "PCI 00:{slot:02x}.0: BAR{index} moved from {from:#x} to {to:#x}, but {e}"
-            ),
+    }
+
+    /// Takes the window off the bus, and what follows it.
+    fn remove(&mut self, mmio: &MmioBus, device: &mut dyn PciDevice) {
+        let Some(at) = self.mapped.take() else {
+            return;
+        };
+        mmio.remove(at);
+        if let Err(e) = device.bar_unmapped(self.index, at) {
+            log::error!(
+                "PCI 00:{:02x}.0: BAR{} left {at:#x}, but {e}",
+                self.slot,
+                self.index
+            );
         }
     }
 }
@@ -148,7 +155,8 @@ impl PciBus {
     }
 
     /// Puts the window of the 64-bit memory BAR `index` of the device in
-    /// `slot`, programmed at `addr`, on the MMIO bus.
+    /// `slot`, programmed at `addr`, on the MMIO bus (the device set up
+    /// what follows the BAR there when it was made).
     pub fn map_bar(
         &mut self,
         slot: u8,
@@ -168,7 +176,6 @@ impl PciBus {
             size,
             window,
             mapped: Some(addr),
-            registered: addr,
             sizing: [false; 2],
         });
         Ok(())
@@ -201,9 +208,7 @@ impl PciBus {
                     continue;
                 }
                 changed = true;
-                if let Some(at) = bar.mapped.take() {
-                    mmio.remove(at);
-                }
+                bar.remove(&mmio, &mut *device);
                 if let Some(to) = wanted {
                     bar.place(&mmio, &mut *device, to);
                 }
@@ -384,11 +389,11 @@ mod tests {
     use super::*;
 
     /// A device with one 64-bit BAR that answers reads with its own byte
-    /// and records where it was told its BAR moved.
+    /// and records where it was told its window came (`+`) and left (`-`).
     struct Moving {
         config: PciConfiguration,
         byte: u8,
-        moves: Vec<(u64, u64)>,
+        moves: Vec<(char, u64)>,
     }
 
     impl PciDevice for Moving {
@@ -402,8 +407,12 @@ mod tests {
             data.fill(self.byte);
         }
         fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
-        fn move_bar(&mut self, _bar: usize, from: u64, to: u64) -> Result<(), String> {
-            self.moves.push((from, to));
+        fn bar_mapped(&mut self, _bar: usize, at: u64) -> Result<(), String> {
+            self.moves.push(('+', at));
+            Ok(())
+        }
+        fn bar_unmapped(&mut self, _bar: usize, at: u64) -> Result<(), String> {
+            self.moves.push(('-', at));
             Ok(())
         }
         /// Memory decoding off, as at power-on.
@@ -473,32 +482,35 @@ mod tests {
         write_reg(&bus, 1, COMMAND_REG, DECODE);
         assert_eq!(read_at(&mmio, 0xc000_0000), 0xff, "the old place is free");
         assert_eq!(read_at(&mmio, 0xd000_0010), 1);
-        assert_eq!(lock(device).moves, [(0xc000_0000, 0xd000_0000)]);
+        assert_eq!(lock(device).moves, [('-', 0xc000_0000), ('+', 0xd000_0000)]);
 
         // Sized with decoding on: all ones, then the address back.
         write_reg(&bus, 1, BAR0_REG, u32::MAX);
         write_reg(&bus, 1, BAR0_REG, 0xd000_0000);
         write_reg(&bus, 1, BAR0_REG + 1, u32::MAX);
         write_reg(&bus, 1, BAR0_REG + 1, 0);
-        assert_eq!(lock(device).moves.len(), 1, "sizing is not a move");
+        assert_eq!(lock(device).moves.len(), 2, "sizing is not a move");
         assert_eq!(read_at(&mmio, 0xd000_0000), 1);
 
         // Onto another device: off the bus, the other answers.
         write_reg(&bus, 1, BAR0_REG, 0xe000_0000);
         assert_eq!(read_at(&mmio, 0xe000_0000), 7);
         assert_eq!(read_at(&mmio, 0xd000_0000), 0xff);
-        assert_eq!(lock(device).moves.len(), 1);
+        assert_eq!(lock(device).moves[2..], [('-', 0xd000_0000)]);
 
         // A move with decoding on is followed at once, above 4 GiB too.
         write_reg(&bus, 1, BAR0_REG + 1, 0x1);
         assert_eq!(read_at(&mmio, 0x1_e000_0000), 1);
-        assert_eq!(lock(device).moves[1], (0xd000_0000, 0x1_e000_0000));
+        assert_eq!(lock(device).moves[3..], [('+', 0x1_e000_0000)]);
 
         // An address that looks like a size mask (the last 32 KiB below
         // 8 GiB) is an address all the same.
         write_reg(&bus, 1, BAR0_REG, 0xffff_8000);
         assert_eq!(read_at(&mmio, 0x1_ffff_8000), 1);
-        assert_eq!(lock(device).moves[2], (0x1_e000_0000, 0x1_ffff_8000));
+        assert_eq!(
+            lock(device).moves[4..],
+            [('-', 0x1_e000_0000), ('+', 0x1_ffff_8000)]
+        );
     }
 
     /// A platform reset turns decoding off: the window leaves the bus until
@@ -527,8 +539,15 @@ mod tests {
         }
         assert_eq!(read_at(&mmio, 0xc000_0000), 2);
         assert_eq!(read_at(&mmio, 0xc000_8000), 1);
-        assert_eq!(lock(&devices[0]).moves, [(0xc000_0000, 0xc000_8000)]);
-        assert_eq!(lock(&devices[1]).moves, [(0xc000_8000, 0xc000_0000)]);
+        // Each left its place before the other came there.
+        assert_eq!(
+            lock(&devices[0]).moves,
+            [('-', 0xc000_0000), ('+', 0xc000_8000)]
+        );
+        assert_eq!(
+            lock(&devices[1]).moves,
+            [('-', 0xc000_8000), ('+', 0xc000_0000)]
+        );
 
         // With decoding on, one moving onto the other waits off the bus
         // until the other makes room.

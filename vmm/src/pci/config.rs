@@ -10,6 +10,7 @@ const CAPABILITY_LIST_REG: usize = 13;
 const STATUS_CAPABILITIES: u32 = 1 << 20;
 /// Memory space, bus master, and INTx disable are writable in COMMAND.
 const COMMAND_WRITABLE: u32 = 0x0406;
+const COMMAND_BUS_MASTER: u32 = 1 << 2;
 const BAR_MEM_64BIT: u32 = 0b100;
 const FIRST_CAPABILITY: usize = 0x40;
 
@@ -133,6 +134,11 @@ impl PciConfiguration {
             value = (value & !mask) | ((u32::from(*byte) << shift) & mask);
         }
         self.regs[reg] = value;
+    }
+
+    /// Whether the function may access memory and send MSIs (COMMAND bit 2).
+    pub fn bus_master(&self) -> bool {
+        self.regs[COMMAND_REG] & COMMAND_BUS_MASTER != 0
     }
 
     #[cfg(test)]

@@ -17,10 +17,14 @@ pub trait PciDevice: Send {
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
     /// A platform reset: back to the state the device had at power-on.
     fn reset(&mut self) {}
-    /// The guest moved memory BAR `bar` from `from` to `to` (the bus
-    /// already routes its accesses there): what the device registered at
-    /// the old address (ioeventfds) follows.
-    fn move_bar(&mut self, _bar: usize, _from: u64, _to: u64) -> Result<(), String> {
+    /// The window of memory BAR `bar` came onto the bus at `at`: what the
+    /// device keeps outside the bus for it (ioeventfds) is set up there.
+    fn bar_mapped(&mut self, _bar: usize, _at: u64) -> Result<(), String> {
+        Ok(())
+    }
+    /// The window left the bus from `at` (decoding off, a move, no room
+    /// where the guest put it): what `bar_mapped` set up goes too.
+    fn bar_unmapped(&mut self, _bar: usize, _at: u64) -> Result<(), String> {
         Ok(())
     }
 }

@@ -277,17 +277,20 @@ impl VirtioPciDevice {
             0x1a => queue.map_or(u64::from(NO_VECTOR), |q| u64::from(q.msix_vector)),
             0x1c => queue.map_or(0, |q| u64::from(q.enabled)),
             0x1e => u64::from(self.queue_select),
-            0x20 => queue.map_or(0, |q| q.desc & 0xffff_ffff),
+            // Whole 64-bit fields: a 4-byte read takes the low half.
+            0x20 => queue.map_or(0, |q| q.desc),
             0x24 => queue.map_or(0, |q| q.desc >> 32),
-            0x28 => queue.map_or(0, |q| q.avail & 0xffff_ffff),
+            0x28 => queue.map_or(0, |q| q.avail),
             0x2c => queue.map_or(0, |q| q.avail >> 32),
-            0x30 => queue.map_or(0, |q| q.used & 0xffff_ffff),
+            0x30 => queue.map_or(0, |q| q.used),
             0x34 => queue.map_or(0, |q| q.used >> 32),
             _ => 0,
         }
     }
 
-    fn common_write(&mut self, offset: u64, value: u64) {
+    /// A write of `width` bytes at `offset` (the driver may write the 64-bit
+    /// ring addresses whole or as two 32-bit halves).
+    fn common_write(&mut self, offset: u64, value: u64, width: usize) {
         fn set_half(target: &mut u64, high: bool, value: u64) {
             if high {
                 *target = (*target & 0xffff_ffff) | (value << 32);
@@ -343,7 +346,11 @@ impl VirtioPciDevice {
                         0x28 => &mut q.avail,
                         _ => &mut q.used,
                     };
-                    set_half(target, high, value);
+                    if width == 8 && !high {
+                        *target = value;
+                    } else {
+                        set_half(target, high, value);
+                    }
                 }
             }
             _ => log::debug!(
@@ -381,6 +388,14 @@ impl VirtioPciDevice {
             }
         }
         if status & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 {
+            if old & STATUS_NEEDS_RESET != 0 {
+                log::warn!(
+                    "{}: DRIVER_OK on a device that needs a reset; it stays stopped",
+                    self.device.name()
+                );
+                self.status = status & !STATUS_DRIVER_OK;
+                return;
+            }
             if status & STATUS_FEATURES_OK == 0 {
                 log::warn!(
                     "{}: DRIVER_OK without accepted features; the device needs a reset",
@@ -449,6 +464,20 @@ impl VirtioPciDevice {
         }
     }
 
+    /// The driver took bus mastering away (Linux does before kexec): the
+    /// device may no longer touch guest memory or interrupt, so a running
+    /// device stops its rings and needs a reset to run again.
+    fn bus_master_cleared(&mut self) {
+        if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0 {
+            log::info!(
+                "{}: bus mastering turned off: the device stops until it is reset",
+                self.device.name()
+            );
+            self.device.reset();
+            self.status |= STATUS_NEEDS_RESET;
+        }
+    }
+
     fn reset(&mut self) {
         if self.status & STATUS_DRIVER_OK != 0 {
             self.device.reset();
@@ -489,30 +518,50 @@ impl PciDevice for VirtioPciDevice {
         self.config.write(1, 0, &[0, 0]);
     }
 
-    /// The kicks' ioeventfds move to the new notify addresses, each on its
-    /// own: one that cannot leaves the others moved.
-    fn move_bar(&mut self, _bar: usize, from: u64, to: u64) -> Result<(), String> {
-        let mut failed = Vec::new();
-        for (index, kick) in self.kicks.iter().enumerate() {
-            let (old, new) = (notify_addr(from, index), notify_addr(to, index));
-            if let Err(e) =
-                self.vm
-                    .unregister_ioevent(kick, &IoEventAddress::Mmio(old), NoDatamatch)
-            {
-                failed.push(format!(
-                    "queue {index}'s notify address {old:#x} stays ({e})"
-                ));
-            }
-            if let Err(e) = self
-                .vm
-                .register_ioevent(kick, &IoEventAddress::Mmio(new), NoDatamatch)
-            {
-                // Its kicks exit to the VMM, which forwards them.
-                failed.push(format!(
-                    "queue {index}'s kicks at {new:#x} go through the VMM ({e})"
-                ));
-            }
+    /// The kicks' ioeventfds go to the notify addresses in the window, each
+    /// on its own: one that cannot leaves its kicks to exit to the VMM,
+    /// which forwards them.
+    fn bar_mapped(&mut self, _bar: usize, at: u64) -> Result<(), String> {
+        let failed: Vec<String> = self
+            .kicks
+            .iter()
+            .enumerate()
+            .filter_map(|(index, kick)| {
+                let addr = notify_addr(at, index);
+                let e = self
+                    .vm
+                    .register_ioevent(kick, &IoEventAddress::Mmio(addr), NoDatamatch)
+                    .err()?;
+                Some(format!(
+                    "queue {index}'s kicks at {addr:#x} go through the VMM ({e})"
+                ))
+            })
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
         }
+    }
+
+    /// The kicks' ioeventfds leave with the window, so that nothing answers
+    /// at its old place (another device's window may come there).
+    fn bar_unmapped(&mut self, _bar: usize, at: u64) -> Result<(), String> {
+        let failed: Vec<String> = self
+            .kicks
+            .iter()
+            .enumerate()
+            .filter_map(|(index, kick)| {
+                let addr = notify_addr(at, index);
+                let e = self
+                    .vm
+                    .unregister_ioevent(kick, &IoEventAddress::Mmio(addr), NoDatamatch)
+                    .err()?;
+                Some(format!(
+                    "queue {index}'s notify address {addr:#x} stays ({e})"
+                ))
+            })
+            .collect();
         if failed.is_empty() {
             Ok(())
         } else {
@@ -521,7 +570,11 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        let was_bus_master = self.config.bus_master();
         self.config.write(reg, offset, data);
+        if was_bus_master && !self.config.bus_master() {
+            self.bus_master_cleared();
+        }
         if reg == self.msix_cap_reg {
             let control = (self.config.read(reg) >> 16) as u16;
             if control & 0x8000 != 0 && !self.msix.enabled() {
@@ -561,7 +614,7 @@ impl PciDevice for VirtioPciDevice {
 
     fn bar_write(&mut self, _bar: usize, offset: u64, data: &[u8]) {
         match offset {
-            o if o < COMMON_OFFSET + COMMON_LEN => self.common_write(o, read_le(data)),
+            o if o < COMMON_OFFSET + COMMON_LEN => self.common_write(o, read_le(data), data.len()),
             o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + DEVICE_CONFIG_LEN).contains(&o) => {
                 self.device.write_config(o - DEVICE_CONFIG_OFFSET, data);
             }
@@ -742,6 +795,24 @@ mod tests {
         assert_eq!(read(&mut dev, 0x1c, 2), 0, "reset disables the queues");
     }
 
+    /// VIRTIO 1.x lets a driver write the 64-bit ring addresses whole as
+    /// well as in 32-bit halves.
+    #[test]
+    fn ring_addresses_are_taken_whole_or_in_halves() {
+        let (mut dev, _) = mock_transport();
+        write(&mut dev, 0x16, 0, 2);
+        write(&mut dev, 0x20, 0x1_2345_6000, 8);
+        assert_eq!(read(&mut dev, 0x20, 8), 0x1_2345_6000);
+        assert_eq!(read(&mut dev, 0x20, 4), 0x2345_6000);
+        assert_eq!(read(&mut dev, 0x24, 4), 1);
+        write(&mut dev, 0x28, 0x2_0000_1000, 8);
+        write(&mut dev, 0x2c, 3, 4);
+        assert_eq!(read(&mut dev, 0x28, 8), 0x3_0000_1000);
+        write(&mut dev, 0x30, 0x4_0000_2000, 8);
+        write(&mut dev, 0x30, 0x3000, 4);
+        assert_eq!(read(&mut dev, 0x30, 8), 0x4_0000_3000);
+    }
+
     /// Status bits clear only on reset, so a driver that drops DRIVER_OK
     /// and then resets still stops the device; DRIVER_OK with refused
     /// features starts nothing.
@@ -764,6 +835,66 @@ mod tests {
         write(&mut dev, 0x14, 1 | 2 | 8 | 4, 1);
         assert_eq!(record.lock().unwrap().activated.len(), 1);
         assert_eq!(read(&mut dev, 0x14, 1), 1 | 2 | STATUS_NEEDS_RESET as u64);
+    }
+
+    /// The kicks' ioeventfds leave with the BAR window, so another
+    /// device's can take the address, and come back wherever it goes.
+    #[test]
+    fn kicks_leave_and_follow_the_bar_window() {
+        let (mut dev, _) = mock_transport();
+        let base = 0xc000_0000;
+        let other = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let at = IoEventAddress::Mmio(notify_addr(base, 0));
+        assert!(
+            dev.vm.register_ioevent(&other, &at, NoDatamatch).is_err(),
+            "the kick holds its notify address"
+        );
+        dev.bar_unmapped(0, base).unwrap();
+        dev.vm.register_ioevent(&other, &at, NoDatamatch).unwrap();
+        dev.bar_mapped(0, base + 0x10_0000).unwrap();
+        // Back at the first place once the other is gone.
+        dev.vm.unregister_ioevent(&other, &at, NoDatamatch).unwrap();
+        dev.bar_unmapped(0, base + 0x10_0000).unwrap();
+        dev.bar_mapped(0, base).unwrap();
+    }
+
+    /// A device that needs a reset starts only after one.
+    #[test]
+    fn a_device_that_needs_a_reset_does_not_start_without_one() {
+        let (mut dev, record) = mock_transport();
+        write(&mut dev, 0x14, 1 | 2, 1);
+        write(&mut dev, 0x14, 1 | 2 | 4, 1);
+        assert_ne!(read(&mut dev, 0x14, 1) & STATUS_NEEDS_RESET as u64, 0);
+        write(&mut dev, 0x08, 1, 4);
+        write(&mut dev, 0x0c, 1, 4);
+        write(&mut dev, 0x14, 1 | 2 | 8, 1);
+        write(&mut dev, 0x14, 1 | 2 | 8 | 4, 1);
+        assert_eq!(record.lock().unwrap().activated.len(), 0);
+        write(&mut dev, 0x14, 0, 1);
+        start_queue_1(&mut dev, 0x10_0000, 0x10_1000, 0x10_2000);
+        assert_eq!(record.lock().unwrap().activated.len(), 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 1 | 2 | 8 | 4);
+    }
+
+    /// Taking bus mastering away (Linux does before kexec) stops a running
+    /// device: its rings stop and it needs a reset to run again.
+    #[test]
+    fn clearing_bus_master_stops_the_device_until_a_reset() {
+        let (mut dev, record) = mock_transport();
+        dev.config_write(1, 0, &[0x06, 0]);
+        start_queue_1(&mut dev, 0x10_0000, 0x10_1000, 0x10_2000);
+        assert_eq!(record.lock().unwrap().activated.len(), 1);
+        // Memory decoding stays on: only bus mastering goes.
+        dev.config_write(1, 0, &[0x02, 0]);
+        assert_eq!(record.lock().unwrap().resets, 1);
+        assert_ne!(read(&mut dev, 0x14, 1) & STATUS_NEEDS_RESET as u64, 0);
+        // Turning it back on does not restart the device; a reset does.
+        dev.config_write(1, 0, &[0x06, 0]);
+        write(&mut dev, 0x14, 1 | 2 | 8 | 4, 1);
+        assert_eq!(record.lock().unwrap().activated.len(), 1);
+        write(&mut dev, 0x14, 0, 1);
+        start_queue_1(&mut dev, 0x10_0000, 0x10_1000, 0x10_2000);
+        assert_eq!(record.lock().unwrap().activated.len(), 2);
     }
 
     #[test]
