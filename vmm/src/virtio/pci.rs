@@ -464,6 +464,36 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Registers (`on`) or unregisters each kick's ioeventfd at its notify
+    /// address in a BAR window at `base`; says which ones KVM refused.
+    fn place_kicks(&self, base: u64, on: bool) -> Result<(), String> {
+        let failed: Vec<String> = self
+            .kicks
+            .iter()
+            .enumerate()
+            .filter_map(|(index, kick)| {
+                let addr = notify_addr(base, index);
+                let at = IoEventAddress::Mmio(addr);
+                let done = if on {
+                    self.vm.register_ioevent(kick, &at, NoDatamatch)
+                } else {
+                    self.vm.unregister_ioevent(kick, &at, NoDatamatch)
+                };
+                let e = done.err()?;
+                Some(if on {
+                    format!("queue {index}'s kicks at {addr:#x} go through the VMM ({e})")
+                } else {
+                    format!("queue {index}'s notify address {addr:#x} stays ({e})")
+                })
+            })
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
     /// The driver took bus mastering away (Linux does before kexec): the
     /// device may no longer touch guest memory or interrupt, so a running
     /// device stops its rings and needs a reset to run again.
@@ -522,51 +552,13 @@ impl PciDevice for VirtioPciDevice {
     /// on its own: one that cannot leaves its kicks to exit to the VMM,
     /// which forwards them.
     fn bar_mapped(&mut self, _bar: usize, at: u64) -> Result<(), String> {
-        let failed: Vec<String> = self
-            .kicks
-            .iter()
-            .enumerate()
-            .filter_map(|(index, kick)| {
-                let addr = notify_addr(at, index);
-                let e = self
-                    .vm
-                    .register_ioevent(kick, &IoEventAddress::Mmio(addr), NoDatamatch)
-                    .err()?;
-                Some(format!(
-                    "queue {index}'s kicks at {addr:#x} go through the VMM ({e})"
-                ))
-            })
-            .collect();
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(failed.join("; "))
-        }
+        self.place_kicks(at, true)
     }
 
     /// The kicks' ioeventfds leave with the window, so that nothing answers
     /// at its old place (another device's window may come there).
     fn bar_unmapped(&mut self, _bar: usize, at: u64) -> Result<(), String> {
-        let failed: Vec<String> = self
-            .kicks
-            .iter()
-            .enumerate()
-            .filter_map(|(index, kick)| {
-                let addr = notify_addr(at, index);
-                let e = self
-                    .vm
-                    .unregister_ioevent(kick, &IoEventAddress::Mmio(addr), NoDatamatch)
-                    .err()?;
-                Some(format!(
-                    "queue {index}'s notify address {addr:#x} stays ({e})"
-                ))
-            })
-            .collect();
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(failed.join("; "))
-        }
+        self.place_kicks(at, false)
     }
 
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
