@@ -4,11 +4,16 @@
 
 use std::path::Path;
 
-use super::frontend::{DeviceSpec, FrontendError, VhostUserDevice};
+use super::frontend::{DeviceSpec, FrontendError, QueueNum, VhostUserDevice};
 
 const VIRTIO_ID_BLOCK: u16 = 2;
 /// Offset of `num_queues` in virtio_blk_config.
 const CONFIG_NUM_QUEUES: u64 = 34;
+/// virtio_blk_config up to `write_zeroes_may_unmap` and its padding, as
+/// qemu-storage-daemon 7.2 and our `vhost-blk` serve it.
+const CONFIG_SIZE: usize = 60;
+/// `writeback`, the one field a driver writes (VIRTIO_BLK_F_CONFIG_WCE).
+const CONFIG_WRITEBACK: std::ops::Range<u64> = 32..33;
 
 /// virtio-blk feature bits the guest may negotiate with the backend.
 const BLK_FEATURES: u64 = (1 << 1) // SIZE_MAX
@@ -39,6 +44,9 @@ pub fn connect(
         queue_count_field: Some(CONFIG_NUM_QUEUES),
         config_from_backend: true,
         queues_without_mq: 1,
+        queue_num: QueueNum::Queues,
+        config_size: CONFIG_SIZE,
+        writable_config: &[CONFIG_WRITEBACK],
     };
     VhostUserDevice::connect(spec, socket)
 }

@@ -77,6 +77,21 @@ impl ExchangeError {
     pub fn timed_out(&self) -> bool {
         matches!(self, ExchangeError::NoReply { .. })
     }
+
+    /// Whether the backend answered, in good form, that it would not do
+    /// it (a REPLY_ACK of failure, an empty GET_CONFIG reply): the
+    /// connection is still in step.
+    pub fn refused(&self) -> bool {
+        matches!(
+            self,
+            ExchangeError::Failed {
+                source: vhost::Error::VhostUserProtocol(
+                    vhost::vhost_user::Error::BackendInternalError
+                ),
+                ..
+            }
+        )
+    }
 }
 
 /// Runs `call`, the request `step` (e.g. "GET_FEATURES") of device `name`

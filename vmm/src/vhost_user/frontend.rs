@@ -2,6 +2,7 @@
 //! `Frontend`. Device types differ only in their feature mask and where
 //! their configuration space comes from (see `blk`).
 
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,33 @@ pub const TRANSPORT_FEATURES: u64 =
 /// at most this large in one GET_CONFIG (the vhost-user limit).
 const MAX_CONFIG_ACCESS: usize = 256;
 
+/// What a backend's GET_QUEUE_NUM answer counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueNum {
+    /// Queues (a disk).
+    Queues,
+    /// Queue pairs, as QEMU reads it for a NIC (one RX and one TX ring
+    /// each). DPDK answers its pair limit.
+    Pairs,
+}
+
+impl QueueNum {
+    /// How many rings one counted unit is.
+    fn rings(self) -> usize {
+        match self {
+            QueueNum::Queues => 1,
+            QueueNum::Pairs => 2,
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            QueueNum::Queues => "queues",
+            QueueNum::Pairs => "queue pairs",
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum FrontendError {
     #[error("cannot connect to the vhost-user backend at {0:?}")]
@@ -44,11 +72,12 @@ pub enum FrontendError {
     EventFd(PathBuf, #[source] std::io::Error),
     #[error("the vhost-user backend at {0:?} does not offer {1}")]
     Missing(PathBuf, &'static str),
-    #[error("the vhost-user backend at {path:?} offers {offered} queues, {wanted} were asked for")]
+    #[error("the vhost-user backend at {path:?} offers {offered} {unit}, {wanted} were asked for")]
     TooManyQueues {
         path: PathBuf,
         offered: u64,
         wanted: usize,
+        unit: &'static str,
     },
 }
 
@@ -72,6 +101,16 @@ pub struct DeviceSpec {
     /// How many queues a backend without the MQ protocol feature serves
     /// (1 for a disk, 2 for a NIC: one RX and one TX).
     pub queues_without_mq: usize,
+    /// What the backend's GET_QUEUE_NUM answer counts.
+    pub queue_num: QueueNum,
+    /// Size of the configuration structure a backend serves (at most 256).
+    /// Reads past it read as all ones, as in QEMU, without asking the
+    /// backend: qemu-storage-daemon refuses a GET_CONFIG past its struct.
+    pub config_size: usize,
+    /// The configuration-space fields a driver may write, forwarded with
+    /// SET_CONFIG (virtio-blk's `writeback`). Writes anywhere else are
+    /// dropped: backends refuse them.
+    pub writable_config: &'static [Range<u64>],
 }
 
 /// Negotiates with a device's next backend, away from the device itself,
@@ -247,11 +286,13 @@ impl VhostUserDevice {
                 f.get_queue_num()
             })
             .map_err(failed)?;
-            if max < spec.num_queues as u64 {
+            let wanted = spec.num_queues.div_ceil(spec.queue_num.rings());
+            if max < wanted as u64 {
                 return Err(FrontendError::TooManyQueues {
                     path,
                     offered: max,
-                    wanted: spec.num_queues,
+                    wanted,
+                    unit: spec.queue_num.noun(),
                 });
             }
         } else if spec.num_queues > spec.queues_without_mq {
@@ -307,19 +348,41 @@ impl VhostUserDevice {
     /// takes a backend back (the same one, or a restarted one) as after a
     /// crash.
     fn fail(&self, e: ExchangeError) -> ActivateError {
-        self.broken.store(true, Ordering::Release);
-        if !e.timed_out() {
-            let frontend = crate::bus::lock(&self.frontend);
-            // SAFETY: the connection's socket stays open while we hold it.
-            unsafe { deadline::cut_off(frontend.as_raw_fd()) };
-        }
+        cut_off(&self.frontend, &self.broken, &e);
         ActivateError(format!("{e}; the device is stopped"))
+    }
+
+    /// A config access the backend got wrong. One it refused in good form
+    /// leaves the connection as it was; anything else (a malformed reply,
+    /// a broken socket) leaves the stream of replies out of step, so the
+    /// backend is cut off and the device takes one back as after a crash.
+    fn config_failed(&self, what: &str, e: &ExchangeError) {
+        let name = &self.spec.name;
+        if e.refused() {
+            log::warn!("{name}: {what}: {e}");
+        } else {
+            log::error!("{name}: {what}: {e}; cutting the backend off");
+            cut_off(&self.frontend, &self.broken, e);
+        }
     }
 
     fn host_addr(mem: &GuestMemory, gpa: u64) -> Result<u64, ActivateError> {
         mem.get_host_address(GuestAddress(gpa))
             .map(|ptr| ptr as u64)
             .map_err(|_| ActivateError(format!("ring address {gpa:#x} is outside guest memory")))
+    }
+}
+
+/// Stops a device whose backend failed an exchange: marks it broken and
+/// closes the connection (one that timed out was closed already), so the
+/// backend drops every ring and the hang-up watcher hands the device to the
+/// next backend.
+fn cut_off(frontend: &Mutex<Frontend>, broken: &AtomicBool, e: &ExchangeError) {
+    broken.store(true, Ordering::Release);
+    if !e.timed_out() {
+        let frontend = crate::bus::lock(frontend);
+        // SAFETY: the connection's socket stays open while we hold it.
+        unsafe { deadline::cut_off(frontend.as_raw_fd()) };
     }
 }
 
@@ -392,56 +455,70 @@ impl VirtioDevice for VhostUserDevice {
         if self.broken.load(Ordering::Acquire) {
             return;
         }
-        // Backends built on libvhost-user answer GET_CONFIG from offset 0
-        // whatever offset is asked (QEMU only ever asks for offset 0), so
-        // read from 0 up to the end of the access and take the tail.
-        let Some(end) = usize::try_from(offset)
-            .ok()
-            .and_then(|o| o.checked_add(data.len()))
-            .filter(|&end| end <= MAX_CONFIG_ACCESS)
-        else {
+        // Only the part of the access inside the backend's struct is asked
+        // for. Backends built on libvhost-user answer GET_CONFIG from
+        // offset 0 whatever offset is asked (QEMU only ever asks for offset
+        // 0), so read from 0 up to the end of that part and take its tail.
+        let size = self.spec.config_size.min(MAX_CONFIG_ACCESS);
+        let Some(start) = usize::try_from(offset).ok().filter(|&o| o < size) else {
             return;
         };
-        let start = end - data.len();
+        let end = start.saturating_add(data.len()).min(size);
         let request = vec![0u8; end];
-        let name = &self.spec.name;
-        match exchange(&mut self.fe(), name, "GET_CONFIG", REPLY_TIMEOUT, |f| {
-            f.get_config(0, end as u32, VhostUserConfigFlags::empty(), &request)
-        }) {
-            Ok((_, mut reply)) if reply.len() == end => {
-                if let Some(field) = self.spec.queue_count_field.map(|f| f as usize) {
-                    let count = (self.spec.num_queues as u16).to_le_bytes();
-                    for (i, byte) in count.iter().enumerate() {
-                        if let Some(slot) = reply.get_mut(field + i) {
-                            *slot = *byte;
-                        }
-                    }
-                }
-                data.copy_from_slice(&reply[start..]);
+        let read = exchange(
+            &mut self.fe(),
+            &self.spec.name,
+            "GET_CONFIG",
+            REPLY_TIMEOUT,
+            |f| f.get_config(0, end as u32, VhostUserConfigFlags::empty(), &request),
+        );
+        let mut reply = match read {
+            Ok((_, reply)) => reply,
+            Err(e) => {
+                self.config_failed(&format!("reading {end} bytes of config space"), &e);
+                return;
             }
-            Ok(_) => log::warn!("{}: short GET_CONFIG reply", self.spec.name),
-            Err(e) => log::warn!("{name}: reading {end} bytes of config space: {e}"),
+        };
+        if let Some(field) = self.spec.queue_count_field.map(|f| f as usize) {
+            let count = (self.spec.num_queues as u16).to_le_bytes();
+            for (i, byte) in count.iter().enumerate() {
+                if let Some(slot) = reply.get_mut(field + i) {
+                    *slot = *byte;
+                }
+            }
+        }
+        // The `vhost` crate checked the reply's size against the request.
+        if let Some(part) = reply.get(start..end) {
+            data[..part.len()].copy_from_slice(part);
         }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let name = &self.spec.name;
+        let end = offset.saturating_add(data.len() as u64);
+        let writable = self
+            .spec
+            .writable_config
+            .iter()
+            .any(|field| field.start <= offset && end <= field.end);
+        if !writable {
+            log::debug!(
+                "{name}: config write of {} bytes at {offset:#x} dropped: not a writable field",
+                data.len()
+            );
+            return;
+        }
         if self.broken.load(Ordering::Acquire) {
             return;
         }
-        let Ok(offset) = u32::try_from(offset) else {
+        let Ok(at) = u32::try_from(offset) else {
             return;
         };
-        if let Err(e) = exchange(
-            &mut self.fe(),
-            &self.spec.name,
-            "SET_CONFIG",
-            REPLY_TIMEOUT,
-            |f| f.set_config(offset, VhostUserConfigFlags::empty(), data),
-        ) {
-            log::warn!(
-                "{}: writing config space at {offset:#x}: {e}",
-                self.spec.name
-            );
+        let written = exchange(&mut self.fe(), name, "SET_CONFIG", REPLY_TIMEOUT, |f| {
+            f.set_config(at, VhostUserConfigFlags::empty(), data)
+        });
+        if let Err(e) = written {
+            self.config_failed(&format!("writing config space at {offset:#x}"), &e);
         }
     }
 
@@ -501,9 +578,6 @@ impl VhostUserDevice {
         queues: &[ActiveQueue<'_>],
         enabled: impl Fn(u16) -> bool,
     ) -> Result<(), ActivateError> {
-        if self.broken.load(Ordering::Acquire) {
-            return Err(ActivateError("the backend is gone".into()));
-        }
         let mut saved = Vec::with_capacity(queues.len());
         for q in queues {
             let dup = |fd: &EventFd| {
@@ -534,6 +608,17 @@ impl VhostUserDevice {
             features: driver_features,
             queues: saved,
         };
+        if self.broken.load(Ordering::Acquire) {
+            // The driver started the device while its backend is away (a
+            // reboot during a backend restart): the next backend gets the
+            // rings when it connects, as after a crash.
+            log::warn!(
+                "{}: started while the backend is away; its rings wait for the next one",
+                self.spec.name
+            );
+            self.activation = Some(activation);
+            return Ok(());
+        }
         self.hand_rings(&activation, false)?;
         self.activation = Some(activation);
         Ok(())
@@ -679,28 +764,24 @@ impl VhostUserDevice {
             return;
         }
         let mut fe = self.fe();
-        let name = &self.spec.name;
-        // After a timeout the connection is shut down: no ring is left to
-        // stop.
+        let name = self.spec.name.clone();
+        // A backend that does not stop a ring as asked may still be using
+        // it, over memory the guest now takes back: it is cut off, which
+        // stops every ring it has.
         for index in std::mem::take(&mut self.active_queues) {
-            let off = exchange(&mut fe, name, "SET_VRING_ENABLE", REPLY_TIMEOUT, |f| {
+            let stopped = exchange(&mut fe, &name, "SET_VRING_ENABLE", REPLY_TIMEOUT, |f| {
                 f.set_vring_enable(index, false)
+            })
+            .and_then(|()| {
+                // GET_VRING_BASE stops the ring in the backend.
+                exchange(&mut fe, &name, "GET_VRING_BASE", REPLY_TIMEOUT, |f| {
+                    f.get_vring_base(index)
+                })
             });
-            if let Err(e) = &off {
-                log::warn!("{name}: stopping ring {index}: {e}");
-                if e.timed_out() {
-                    break;
-                }
-            }
-            // GET_VRING_BASE stops the ring in the backend.
-            let stopped = exchange(&mut fe, name, "GET_VRING_BASE", REPLY_TIMEOUT, |f| {
-                f.get_vring_base(index)
-            });
-            if let Err(e) = &stopped {
-                log::warn!("{name}: stopping ring {index}: {e}");
-                if e.timed_out() {
-                    break;
-                }
+            if let Err(e) = stopped {
+                log::error!("{name}: stopping ring {index}: {e}; cutting the backend off");
+                cut_off(&self.frontend, &self.broken, &e);
+                break;
             }
         }
         log::info!("{}: reset", self.spec.name);
@@ -723,6 +804,7 @@ impl RingSwitch {
             *flag = enable;
         }
         if self.broken.load(Ordering::Acquire) {
+            // Recorded: the next backend gets the ring as the driver set it.
             return false;
         }
         let mut fe = crate::bus::lock(&self.frontend).clone();
@@ -735,11 +817,14 @@ impl RingSwitch {
         ) {
             Ok(()) => true,
             Err(e) => {
-                log::warn!(
-                    "{}: turning ring {index} {}: {e}",
+                // The backend's rings are no longer as the driver set them:
+                // cut off, the next backend gets them as recorded.
+                log::error!(
+                    "{}: turning ring {index} {}: {e}; cutting the backend off",
                     self.name,
                     if enable { "on" } else { "off" }
                 );
+                cut_off(&self.frontend, &self.broken, &e);
                 false
             }
         }
@@ -750,93 +835,205 @@ impl RingSwitch {
 mod tests {
     use std::io::{Read, Write};
     use std::sync::mpsc;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use super::*;
     use crate::vstate::memory::create_guest_ram;
 
     const GET_FEATURES: u32 = 1;
+    const SET_MEM_TABLE: u32 = 5;
+    const SET_VRING_KICK: u32 = 12;
     const GET_PROTOCOL_FEATURES: u32 = 15;
     const GET_QUEUE_NUM: u32 = 17;
-    const SET_VRING_KICK: u32 = 12;
+    const SET_VRING_ENABLE: u32 = 18;
+    const GET_CONFIG: u32 = 24;
+    const SET_CONFIG: u32 = 25;
     const REPLY: u32 = 0x4;
     const NEED_REPLY: u32 = 0x8;
+    const WAIT: Duration = Duration::from_secs(5);
+    /// virtio-blk's `writeback` field.
+    const WRITEBACK: Range<u64> = 32..33;
 
-    /// A vhost-user backend reduced to a script: it offers VERSION_1,
-    /// PROTOCOL_FEATURES, MQ and REPLY_ACK with two queues, acks every
-    /// request except `refused` (code, ring index), and reports on
-    /// `closed` when the frontend closes the connection.
-    fn scripted_backend(mut stream: UnixStream, refused: (u32, u64), closed: mpsc::Sender<()>) {
-        let reply = |stream: &mut UnixStream, code: u32, value: u64| {
-            let mut msg = Vec::with_capacity(20);
-            msg.extend_from_slice(&code.to_le_bytes());
-            msg.extend_from_slice(&(0x1 | REPLY).to_le_bytes());
-            msg.extend_from_slice(&8u32.to_le_bytes());
-            msg.extend_from_slice(&value.to_le_bytes());
-            stream.write_all(&msg)
-        };
-        loop {
-            let mut header = [0u8; 12];
-            if stream.read_exact(&mut header).is_err() {
-                let _ = closed.send(());
-                return;
-            }
-            let word = |at: usize| {
-                u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-            };
-            let (code, flags, size) = (word(0), word(4), word(8));
-            let mut payload = vec![0u8; size as usize];
-            if stream.read_exact(&mut payload).is_err() {
-                let _ = closed.send(());
-                return;
-            }
-            let first = payload.get(..8).map_or(0, |b| {
-                u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-            });
-            let answer = match code {
-                GET_FEATURES => Some(VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES_BIT),
-                GET_PROTOCOL_FEATURES => Some(
-                    (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK).bits(),
-                ),
-                GET_QUEUE_NUM => Some(2),
-                _ if flags & NEED_REPLY != 0 => {
-                    let refuse = (code, first & 0xff) == refused;
-                    Some(u64::from(refuse))
-                }
-                _ => None,
-            };
-            if let Some(value) = answer {
-                if reply(&mut stream, code, value).is_err() {
-                    let _ = closed.send(());
-                    return;
-                }
+    /// How a scripted backend behaves.
+    #[derive(Clone)]
+    struct Script {
+        /// The request (code, first 8 payload bytes) it refuses (a REPLY_ACK
+        /// of failure); it acks every other one.
+        refused: Option<(u32, u64)>,
+        /// Its configuration space; offering one offers the CONFIG
+        /// protocol feature.
+        config: Option<Vec<u8>>,
+        /// Its GET_CONFIG replies name another offset than asked.
+        garbled_config: bool,
+        /// Its GET_QUEUE_NUM answer.
+        queue_num: u64,
+        /// It hangs up after answering this request.
+        quit_after: Option<u32>,
+    }
+
+    impl Default for Script {
+        fn default() -> Self {
+            Script {
+                refused: None,
+                config: Some(vec![0; 60]),
+                garbled_config: false,
+                queue_num: 2,
+                quit_after: None,
             }
         }
     }
 
-    /// A backend that refuses a step of the ring handover after it has
-    /// started a ring is cut off: the rings it started stop with the
-    /// connection, rather than run on over memory the guest gave up.
-    #[test]
-    fn a_backend_refusing_a_ring_midway_is_cut_off() {
-        let (ours, theirs) = UnixStream::pair().expect("socket pair");
-        let (closed, cut_off) = mpsc::channel();
-        std::thread::spawn(move || scripted_backend(theirs, (SET_VRING_KICK, 1), closed));
-        let spec = DeviceSpec {
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        /// A request's code and first 8 payload bytes.
+        Request(u32, u64),
+        Closed,
+    }
+
+    fn message(code: u32, body: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(12 + body.len());
+        msg.extend_from_slice(&code.to_le_bytes());
+        msg.extend_from_slice(&(0x1 | REPLY).to_le_bytes());
+        msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        msg.extend_from_slice(body);
+        msg
+    }
+
+    fn word(bytes: &[u8], at: usize) -> u32 {
+        bytes
+            .get(at..at + 4)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A vhost-user backend reduced to a script: it offers VERSION_1,
+    /// PROTOCOL_FEATURES, MQ and REPLY_ACK (and CONFIG with a config
+    /// space), and reports each request, and the connection closing, on
+    /// `seen`.
+    fn scripted_backend(mut stream: UnixStream, script: Script, seen: mpsc::Sender<Seen>) {
+        loop {
+            let mut header = [0u8; 12];
+            let mut payload = Vec::new();
+            let read = stream.read_exact(&mut header).and_then(|()| {
+                payload.resize(word(&header, 8) as usize, 0);
+                stream.read_exact(&mut payload)
+            });
+            if read.is_err() {
+                let _ = seen.send(Seen::Closed);
+                return;
+            }
+            let (code, flags) = (word(&header, 0), word(&header, 4));
+            let first = u64::from(word(&payload, 0)) | u64::from(word(&payload, 4)) << 32;
+            let _ = seen.send(Seen::Request(code, first));
+            let answer = match code {
+                GET_FEATURES => Some(message(
+                    code,
+                    &(VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES_BIT).to_le_bytes(),
+                )),
+                GET_PROTOCOL_FEATURES => {
+                    let mut offered =
+                        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+                    if script.config.is_some() {
+                        offered |= VhostUserProtocolFeatures::CONFIG;
+                    }
+                    Some(message(code, &offered.bits().to_le_bytes()))
+                }
+                GET_QUEUE_NUM => Some(message(code, &script.queue_num.to_le_bytes())),
+                GET_CONFIG => {
+                    let (offset, size) = (word(&payload, 0), word(&payload, 4));
+                    let config = script.config.clone().unwrap_or_default();
+                    let named = if script.garbled_config {
+                        offset + 1
+                    } else {
+                        offset
+                    };
+                    let mut body = Vec::new();
+                    body.extend_from_slice(&named.to_le_bytes());
+                    body.extend_from_slice(&size.to_le_bytes());
+                    body.extend_from_slice(&0u32.to_le_bytes());
+                    for at in offset..offset + size {
+                        body.push(config.get(at as usize).copied().unwrap_or(0));
+                    }
+                    Some(message(code, &body))
+                }
+                _ if flags & NEED_REPLY != 0 => {
+                    let refuse = script.refused == Some((code, first));
+                    Some(message(code, &u64::from(refuse).to_le_bytes()))
+                }
+                _ => None,
+            };
+            if let Some(answer) = answer {
+                if stream.write_all(&answer).is_err() {
+                    let _ = seen.send(Seen::Closed);
+                    return;
+                }
+            }
+            if script.quit_after == Some(code) {
+                let _ = seen.send(Seen::Closed);
+                return;
+            }
+        }
+    }
+
+    /// A two-queue disk whose configuration space comes from the backend.
+    fn disk_spec() -> DeviceSpec {
+        DeviceSpec {
             name: "disk9".into(),
             device_type: 2,
             device_features: 0,
             num_queues: 2,
             queue_size: 16,
-            queue_count_field: None,
-            config_from_backend: false,
+            queue_count_field: Some(34),
+            config_from_backend: true,
             queues_without_mq: 1,
-        };
-        let mut device =
-            VhostUserDevice::from_stream(spec, ours, Path::new("scripted")).expect("handshake");
-        let ram = create_guest_ram(1 << 20).expect("guest memory");
-        let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
-        let queues: Vec<ActiveQueue<'_>> = (0..2u16)
+            queue_num: QueueNum::Queues,
+            config_size: 60,
+            writable_config: &[WRITEBACK],
+        }
+    }
+
+    /// A backend following `script` on one end of a socket pair, and the
+    /// other end.
+    fn spawn_backend(script: Script) -> (UnixStream, mpsc::Receiver<Seen>) {
+        let (ours, theirs) = UnixStream::pair().expect("socket pair");
+        let (seen, requests) = mpsc::channel();
+        std::thread::spawn(move || scripted_backend(theirs, script, seen));
+        (ours, requests)
+    }
+
+    fn scripted_disk(script: Script) -> (VhostUserDevice, mpsc::Receiver<Seen>) {
+        let (ours, requests) = spawn_backend(script);
+        let device = VhostUserDevice::from_stream(disk_spec(), ours, Path::new("scripted"))
+            .expect("handshake");
+        (device, requests)
+    }
+
+    /// What the backend saw, up to its hang-up or `WAIT` of quiet.
+    fn seen_until_quiet(requests: &mpsc::Receiver<Seen>, quiet: Duration) -> Vec<Seen> {
+        let mut seen = Vec::new();
+        while let Ok(event) = requests.recv_timeout(quiet) {
+            let closed = event == Seen::Closed;
+            seen.push(event);
+            if closed {
+                break;
+            }
+        }
+        seen
+    }
+
+    fn drain(requests: &mpsc::Receiver<Seen>) -> Vec<Seen> {
+        seen_until_quiet(requests, Duration::from_millis(200))
+    }
+
+    fn wait_closed(requests: &mpsc::Receiver<Seen>) -> bool {
+        seen_until_quiet(requests, WAIT).contains(&Seen::Closed)
+    }
+
+    fn kicks() -> [EventFd; 2] {
+        [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()]
+    }
+
+    fn rings(kicks: &[EventFd; 2]) -> Vec<ActiveQueue<'_>> {
+        (0..2u16)
             .map(|index| {
                 let base = 0x1_0000 * (u64::from(index) + 1);
                 ActiveQueue {
@@ -849,15 +1046,213 @@ mod tests {
                     call: None,
                 }
             })
-            .collect();
-        let refused = device.activate(&ram.memory, VIRTIO_F_VERSION_1, &queues);
+            .collect()
+    }
+
+    /// SET_VRING_ENABLE's first payload word: ring index, then on/off.
+    fn ring_state(index: u64, on: bool) -> u64 {
+        index | u64::from(on) << 32
+    }
+
+    /// A backend that refuses a step of the ring handover after it has
+    /// started a ring is cut off: the rings it started stop with the
+    /// connection, rather than run on over memory the guest gave up.
+    #[test]
+    fn a_backend_refusing_a_ring_midway_is_cut_off() {
+        let (mut device, requests) = scripted_disk(Script {
+            refused: Some((SET_VRING_KICK, 1)),
+            ..Script::default()
+        });
+        let ram = create_guest_ram(1 << 20).expect("guest memory");
+        let kicks = kicks();
+        let refused = device.activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks));
         let e = refused.expect_err("a refused SET_VRING_KICK was taken as success");
         assert!(e.to_string().contains("SET_VRING_KICK"), "{e}");
         assert!(!device.status().connected());
         assert!(
-            cut_off.recv_timeout(Duration::from_secs(5)).is_ok(),
+            wait_closed(&requests),
             "the backend that started ring 0 is still connected"
         );
-        drop(device);
+    }
+
+    /// The backend is asked only for its struct: a read past it reads as
+    /// all ones without a message (qemu-storage-daemon would refuse it), a
+    /// read across its end gets the part inside.
+    #[test]
+    fn config_reads_stop_at_the_backends_struct() {
+        let config: Vec<u8> = (0..60).map(|i| i as u8 + 1).collect();
+        let (mut device, requests) = scripted_disk(Script {
+            config: Some(config.clone()),
+            ..Script::default()
+        });
+        drain(&requests);
+        let mut data = [0u8; 4];
+        device.read_config(0, &mut data);
+        assert_eq!(data, [1, 2, 3, 4]);
+        device.read_config(34, &mut data);
+        assert_eq!(data[..2], [2, 0], "num_queues is the device's own");
+        device.read_config(60, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        device.read_config(0xffc, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        let mut across = [0u8; 8];
+        device.read_config(56, &mut across);
+        assert_eq!(across, [57, 58, 59, 60, 0xff, 0xff, 0xff, 0xff]);
+        let asked: Vec<u64> = drain(&requests)
+            .into_iter()
+            .filter_map(|seen| match seen {
+                Seen::Request(GET_CONFIG, first) => Some(first >> 32),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(asked, [4, 38, 60], "GET_CONFIG sizes asked");
+        assert!(device.status().connected());
+    }
+
+    /// Only virtio-blk's `writeback` reaches the backend; a backend that
+    /// refuses a write in good form stays connected.
+    #[test]
+    fn only_writable_config_fields_reach_the_backend() {
+        let (mut device, requests) = scripted_disk(Script {
+            refused: Some((SET_CONFIG, 32 | 1 << 32)),
+            ..Script::default()
+        });
+        drain(&requests);
+        device.write_config(0, &[1, 2, 3, 4]);
+        device.write_config(31, &[1, 1]);
+        assert_eq!(drain(&requests), [], "a read-only field was written");
+        device.write_config(32, &[1]);
+        assert_eq!(drain(&requests), [Seen::Request(SET_CONFIG, 32 | 1 << 32)]);
+        assert!(device.status().connected(), "cut off for a refusal");
+    }
+
+    /// A malformed reply leaves the connection out of step: the backend is
+    /// cut off, and the guest reads all ones rather than a wrong value.
+    #[test]
+    fn a_garbled_config_reply_cuts_the_backend_off() {
+        let (mut device, requests) = scripted_disk(Script {
+            config: Some(vec![7; 60]),
+            garbled_config: true,
+            ..Script::default()
+        });
+        let mut data = [0u8; 4];
+        device.read_config(0, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        assert!(!device.status().connected());
+        assert!(wait_closed(&requests), "the backend is still connected");
+    }
+
+    /// A device the driver starts while its backend is away (a reboot
+    /// during a backend restart) is handed to the next backend.
+    #[test]
+    fn a_device_started_while_its_backend_is_away_goes_to_the_next_one() {
+        let (mut device, requests) = scripted_disk(Script {
+            quit_after: Some(GET_QUEUE_NUM),
+            ..Script::default()
+        });
+        assert!(wait_closed(&requests));
+        let status = device.status();
+        let since = Instant::now();
+        while !status.hung_up() && since.elapsed() < WAIT {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(status.hung_up(), "the hang-up was not seen");
+        let ram = create_guest_ram(1 << 20).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("starting a device whose backend is away");
+
+        let (ours, requests) = spawn_backend(Script::default());
+        let backend = device.handshake().run(ours).expect("handshake");
+        device.reattach(backend).expect("reattach");
+        let seen = drain(&requests);
+        assert!(seen.contains(&Seen::Request(SET_MEM_TABLE, 1)), "{seen:?}");
+        for index in 0..2 {
+            assert!(seen.contains(&Seen::Request(SET_VRING_KICK, index)));
+            assert!(seen.contains(&Seen::Request(SET_VRING_ENABLE, ring_state(index, true))));
+        }
+        assert!(device.status().connected());
+    }
+
+    /// A backend that refuses to stop a ring on reset may still use it: it
+    /// is cut off.
+    #[test]
+    fn a_backend_that_does_not_stop_a_ring_is_cut_off() {
+        let (mut device, requests) = scripted_disk(Script {
+            refused: Some((SET_VRING_ENABLE, ring_state(1, false))),
+            ..Script::default()
+        });
+        let ram = create_guest_ram(1 << 20).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("activate");
+        device.reset();
+        assert!(!device.status().connected());
+        assert!(wait_closed(&requests), "the backend is still connected");
+    }
+
+    /// A ring switch the backend refuses cuts it off; the switch is kept
+    /// and the next backend gets the ring as the driver set it.
+    #[test]
+    fn a_refused_ring_switch_is_kept_for_the_next_backend() {
+        let (mut device, requests) = scripted_disk(Script {
+            refused: Some((SET_VRING_ENABLE, ring_state(1, false))),
+            ..Script::default()
+        });
+        let ram = create_guest_ram(1 << 20).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("activate");
+        assert!(!device.ring_switch().set(1, false));
+        assert!(wait_closed(&requests), "the backend is still connected");
+
+        let (ours, requests) = spawn_backend(Script::default());
+        let backend = device.handshake().run(ours).expect("handshake");
+        device.reattach(backend).expect("reattach");
+        let seen = drain(&requests);
+        assert!(seen.contains(&Seen::Request(SET_VRING_ENABLE, ring_state(0, true))));
+        assert!(
+            seen.contains(&Seen::Request(SET_VRING_ENABLE, ring_state(1, false))),
+            "{seen:?}"
+        );
+    }
+
+    /// A NIC's GET_QUEUE_NUM answer counts queue pairs, as QEMU reads it.
+    #[test]
+    fn get_queue_num_counts_pairs_for_a_nic() {
+        let nic = DeviceSpec {
+            name: "net9".into(),
+            device_type: 1,
+            num_queues: 4,
+            queues_without_mq: 2,
+            queue_count_field: None,
+            config_from_backend: false,
+            queue_num: QueueNum::Pairs,
+            config_size: 0,
+            writable_config: &[],
+            ..disk_spec()
+        };
+        let connect = |spec: DeviceSpec, queue_num| {
+            let (ours, _requests) = spawn_backend(Script {
+                queue_num,
+                ..Script::default()
+            });
+            VhostUserDevice::from_stream(spec, ours, Path::new("scripted")).map(|_| ())
+        };
+        connect(nic.clone(), 2).expect("two pairs offered, two asked for");
+        let e = connect(nic, 1).expect_err("one pair offered, two asked for");
+        assert!(
+            e.to_string()
+                .contains("offers 1 queue pairs, 2 were asked for"),
+            "{e}"
+        );
+        let e = connect(disk_spec(), 1).expect_err("one queue offered, two asked for");
+        assert!(
+            e.to_string().contains("offers 1 queues, 2 were asked for"),
+            "{e}"
+        );
     }
 }

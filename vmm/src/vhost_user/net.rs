@@ -6,7 +6,9 @@
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use super::frontend::{DeviceSpec, FrontendError, Handshake, NewBackend, VhostUserDevice};
+use super::frontend::{
+    DeviceSpec, FrontendError, Handshake, NewBackend, QueueNum, VhostUserDevice,
+};
 use super::net_ctrl::{ControlQueue, ControlRing, Controller};
 use crate::virtio::device::{ActivateError, ActiveQueue, VirtioDevice};
 use crate::vstate::memory::GuestMemory;
@@ -69,6 +71,10 @@ fn device_spec(net: &NetSpec<'_>) -> DeviceSpec {
         queue_count_field: None,
         config_from_backend: false,
         queues_without_mq: 2,
+        queue_num: QueueNum::Pairs,
+        // The VMM serves the NIC's configuration space (see `read_config`).
+        config_size: 0,
+        writable_config: &[],
     }
 }
 
