@@ -1,7 +1,7 @@
 //! The test guest's virtio-net driver on our vmm with our vhost-net
 //! backend on a tap: it pings the host, two guests on a bridge exchange
-//! frames, two queue pairs are negotiated, and a restarted backend takes
-//! over a running guest's NIC. Each test has its own network namespace
+//! frames, two queue pairs are negotiated, a restarted backend takes over
+//! a running guest's NIC, and the guest sees the link follow its backend. Each test has its own network namespace
 //! (see `vmm_tests::net`).
 
 use std::time::Duration;
@@ -113,6 +113,29 @@ fn a_restarted_vhost_net_takes_over_the_running_guest() {
         log.contains("net0: the vhost-user backend reconnected"),
         "{log}"
     );
+}
+
+/// The NIC's link follows its backend, as in QEMU: when vhost-net dies the
+/// guest gets a configuration-change interrupt and reads the link down;
+/// when a new vhost-net takes over, another one, and the link is up.
+#[test]
+fn the_guest_sees_the_link_go_down_and_up_with_its_backend() {
+    require_kvm();
+    let ns = Netns::new();
+    let tap = ns.tap_with_address(false);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("net.sock");
+    let first = Backend::vhost_net(&ns, &socket, &tap, 1);
+    let mut vm = boot(&socket, test_mac(32), 1, "linkwatch");
+    vm.expect_line("testguest: net 00:01.0 ", TIMEOUT);
+    vm.expect_line("testguest: net link watch", TIMEOUT);
+
+    drop(first);
+    vm.expect_line("testguest: net config change: link down", TIMEOUT);
+    let _second = Backend::vhost_net(&ns, &socket, &tap, 1);
+    vm.expect_line("testguest: net config change: link up", TIMEOUT);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    vm.assert_no_guest_failure();
 }
 
 #[test]

@@ -6,8 +6,9 @@
 //! mode it echoes serial input lines; in `count` mode it prints a counter
 //! about five times a second; it drives every virtio-blk disk
 //! (`virtio_blk`) and virtio-net NIC (`virtio_net`: `ip=`, `ping=`,
-//! `respond=`) it finds on PCI (with `diskwait`, each disk waits for a
-//! line on the serial port between its first read and its writes, while
+//! `respond=`, `linkwatch`) it finds on PCI (with `diskwait`, each disk
+//! waits for a line on the serial port between its first read and its
+//! writes, while
 //! the test swaps the backend; with `movebars`, it first moves each
 //! virtio device's BAR); then it powers off through ACPI, or
 //! with `reset` on the command line resets the machine, or with

@@ -168,14 +168,9 @@ pub fn test_disk(f: Function, index: u8, wait: bool) -> Result<(), Fail> {
     }
     // MSI-X: configuration changes get no vector, queue 0 gets entry 0.
     wr(c + 0x10, 0xffffu16);
-    if let Some(table) = dev.msix_table {
-        wr(table, 0xfee0_0000u32);
-        wr(table + 4, 0u32);
-        wr(table + 8, u32::from(irq::VECTOR));
-        wr(table + 12, 0u32);
+    if dev.msix_table.is_some() {
+        dev.route_msix(f, 0)?;
         wr(c + 0x1a, 0u16);
-        let control = f.read32(dev.msix_cap);
-        f.write32(dev.msix_cap, control | 1 << 31);
     }
     wr(c + 0x1c, 1u16);
     wr(

@@ -6,6 +6,9 @@
 //! a host (`ping=A.B.C.D`: ARP, then three ICMP echo requests) or answers
 //! ARP and echo requests until it has answered `respond=N` of them.
 //!
+//! With `linkwatch` (and no `ip=`), it then reports the link status after
+//! each of the next two configuration-change interrupts.
+//!
 //! Queues are polled (no interrupts). Every wait is bounded in time-stamp
 //! counter ticks and ends in a `FAIL` line when it runs out.
 
@@ -13,6 +16,7 @@ use core::fmt;
 use core::sync::atomic::{fence, Ordering};
 
 use crate::clock::{Deadline, SECOND};
+use crate::irq;
 use crate::pcicfg::Function;
 use crate::serial::say;
 use crate::virtio_pci::{locate, rd, wr, Device, DESC_NEXT, DESC_WRITE};
@@ -49,6 +53,8 @@ const REPLY_TIMEOUT: u64 = SECOND;
 const ATTEMPTS: u32 = 10;
 /// How long a responder waits for all its echo requests.
 const RESPONDER_TIMEOUT: u64 = 120 * SECOND;
+/// How long `linkwatch` waits for each configuration change.
+const LINK_WATCH_TIMEOUT: u64 = 60 * SECOND;
 
 const ETH_ARP: u16 = 0x0806;
 const ETH_IPV4: u16 = 0x0800;
@@ -514,12 +520,43 @@ pub fn test_nic(f: Function, index: u8, cmdline: &[u8]) -> Result<(), Fail> {
     }
 
     let result = match mode {
+        Mode::Report if has_word(cmdline, b"linkwatch") => watch_link(&nic, f),
         Mode::Report => Ok(()),
         Mode::Ping(ip, target) => ping(&mut nic, ip, target),
         Mode::Respond(ip, count) => respond(&mut nic, ip, count),
     };
     nic.dev.reset();
     result
+}
+
+fn has_word(cmdline: &[u8], wanted: &[u8]) -> bool {
+    cmdline.split(u8::is_ascii_whitespace).any(|w| w == wanted)
+}
+
+/// With `linkwatch`: takes configuration changes on MSI-X entry 0 and
+/// reports the link status after each of the next two (the test takes the
+/// backend away and brings it back).
+fn watch_link(nic: &Nic, f: Function) -> Result<(), Fail> {
+    let c = nic.dev.common;
+    nic.dev.route_msix(f, 0)?;
+    wr(c + 0x10, 0u16);
+    if rd::<u16>(c + 0x10) != 0 {
+        return Err(Fail::new("virtio-net refused configuration vector 0"));
+    }
+    say!("net link watch");
+    for _ in 0..2 {
+        let before = irq::count();
+        let deadline = Deadline::after(LINK_WATCH_TIMEOUT);
+        while irq::count() == before {
+            if deadline.passed() {
+                return Err(Fail::new("no configuration change interrupt"));
+            }
+            core::hint::spin_loop();
+        }
+        let up = rd::<u16>(nic.dev.device_cfg + 6) & 1 != 0;
+        say!("net config change: link {}", if up { "up" } else { "down" });
+    }
+    Ok(())
 }
 
 /// Resolves `target` with ARP, then sends it three echo requests.

@@ -153,6 +153,22 @@ impl Device {
         Ok(notify)
     }
 
+    /// Points MSI-X table entry `entry` at the guest's interrupt vector
+    /// (`irq::VECTOR`, on CPU 0) and enables MSI-X on the function.
+    pub fn route_msix(&self, f: Function, entry: u16) -> Result<(), Fail> {
+        let table = self
+            .msix_table
+            .ok_or(Fail::new("virtio device without MSI-X"))?;
+        let at = table + 16 * u64::from(entry);
+        wr(at, 0xfee0_0000u32);
+        wr(at + 4, 0u32);
+        wr(at + 8, u32::from(crate::irq::VECTOR));
+        wr(at + 12, 0u32);
+        let control = f.read32(self.msix_cap);
+        f.write32(self.msix_cap, control | 1 << 31);
+        Ok(())
+    }
+
     pub fn driver_ok(&self) {
         wr(
             self.common + 0x14,

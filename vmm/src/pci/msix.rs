@@ -1,6 +1,7 @@
 //! MSI-X: the capability, the vector table and the pending-bit array, kept
 //! in step with KVM routes (see `interrupts::msi`).
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use crate::interrupts::msi::{GsiRouter, MsiError, MsiVector};
@@ -152,10 +153,38 @@ impl Msix {
         }
     }
 
-    /// Pending bits are not tracked (a masked vector's signals wait in its
-    /// eventfd and are delivered on unmask), so the PBA reads as zero.
-    pub fn pba_read(&self, data: &mut [u8]) {
-        data.fill(0);
+    /// The pending-bit array from byte `offset`. A masked vector's signals
+    /// wait in its eventfd (and are delivered on unmask), so its bit is
+    /// whether that eventfd holds a count; read without taking it.
+    pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            let first = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .saturating_add(i)
+                .saturating_mul(8);
+            *byte = (0..8)
+                .filter(|bit| self.pending(first.saturating_add(*bit)))
+                .fold(0u8, |bits, bit| bits | 1 << bit);
+        }
+    }
+
+    fn pending(&self, index: usize) -> bool {
+        let (Some(entry), Some(vector)) = (self.entries.get(index), self.vectors.get(index)) else {
+            return false;
+        };
+        let masked = self.function_masked || entry.control & VECTOR_MASKED != 0;
+        if !self.enabled || !masked {
+            return false;
+        }
+        let mut pfd = libc::pollfd {
+            fd: vector.event.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for an eventfd we own; a zero
+        // timeout only looks at its state.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+        ready > 0 && pfd.revents & libc::POLLIN != 0
     }
 }
 
@@ -195,14 +224,23 @@ mod tests {
             "an unmasked vector's signal was not taken by KVM"
         );
 
+        let pba = |msix: &Msix| {
+            let mut bits = [0u8; 8];
+            msix.pba_read(0, &mut bits);
+            u64::from_le_bytes(bits)
+        };
         msix.table_write(0, &entry_bytes(0xfee0_0000, 0x40, true));
+        assert_eq!(pba(&msix), 0, "pending with nothing signalled");
         event().write(1).unwrap();
         settle();
+        assert_eq!(pba(&msix), 1, "a held signal is not pending in the PBA");
+        assert_eq!(pba(&msix), 1, "reading the PBA took the signal");
         assert_eq!(
             event().read().unwrap(),
             1,
             "a masked vector's signal was not held"
         );
+        assert_eq!(pba(&msix), 0, "pending after the signal was taken");
 
         event().write(1).unwrap();
         msix.table_write(0, &entry_bytes(0xfee0_0000, 0x40, false));
@@ -211,11 +249,13 @@ mod tests {
             event().read().is_err(),
             "the held signal was not delivered on unmask"
         );
+        assert_eq!(pba(&msix), 0, "pending after delivery");
 
         // The function mask holds every vector the same way.
         msix.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
         event().write(1).unwrap();
         settle();
+        assert_eq!(pba(&msix), 1, "held by the function mask, not pending");
         assert_eq!(event().read().unwrap(), 1);
 
         let mut read_back = [0u8; 16];

@@ -153,7 +153,7 @@ pub struct DeviceStatus {
     /// Set when the backend's connection closed (not when a backend that
     /// is still connected failed a request): a new backend may take over.
     hung_up: AtomicBool,
-    listener: Mutex<Option<StatusListener>>,
+    listeners: Mutex<Vec<StatusListener>>,
 }
 
 impl DeviceStatus {
@@ -166,13 +166,13 @@ impl DeviceStatus {
         self.hung_up.load(Ordering::Acquire)
     }
 
-    /// Registers the function told about connection changes.
+    /// Adds a function told about connection changes.
     pub fn on_change(&self, listener: StatusListener) {
-        *crate::bus::lock(&self.listener) = Some(listener);
+        crate::bus::lock(&self.listeners).push(listener);
     }
 
     fn changed(&self) {
-        if let Some(listener) = crate::bus::lock(&self.listener).as_ref() {
+        for listener in crate::bus::lock(&self.listeners).iter() {
             listener(self);
         }
     }
@@ -324,7 +324,7 @@ impl VhostUserDevice {
             queues: spec.num_queues,
             broken: broken.clone(),
             hung_up: AtomicBool::new(false),
-            listener: Mutex::new(None),
+            listeners: Mutex::new(Vec::new()),
         });
         watch_hangup(frontend.as_raw_fd(), status.clone());
         Ok(VhostUserDevice {

@@ -2,6 +2,8 @@
 //! (our `vhost-net`, DPDK's vhost PMD, OVS-DPDK). The VMM owns the
 //! configuration space (MAC, link status, queue pairs, MTU), because network
 //! backends do not serve GET_CONFIG, and the control queue (see `net_ctrl`).
+//! The link is up while a backend is connected: the driver is told when it
+//! goes down with its backend and when it comes back, as QEMU does.
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -10,7 +12,7 @@ use super::frontend::{
     DeviceSpec, FrontendError, Handshake, NewBackend, QueueNum, VhostUserDevice,
 };
 use super::net_ctrl::{ControlQueue, ControlRing, Controller};
-use crate::virtio::device::{ActivateError, ActiveQueue, VirtioDevice};
+use crate::virtio::device::{ActivateError, ActiveQueue, ConfigNotifier, VirtioDevice};
 use crate::vstate::memory::GuestMemory;
 
 const VIRTIO_ID_NET: u16 = 1;
@@ -92,10 +94,10 @@ pub fn from_stream(net: &NetSpec<'_>, stream: UnixStream) -> Result<NetDevice, F
 
 impl NetDevice {
     fn new(inner: VhostUserDevice, net: &NetSpec<'_>) -> Self {
-        // virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
+        // virtio_net_config: mac[6], status (see `read_config`),
+        // max_virtqueue_pairs, mtu.
         let mut config = [0u8; 12];
         config[..6].copy_from_slice(&net.mac);
-        config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
         let pairs = net.queue_pairs as u16;
         config[8..10].copy_from_slice(&pairs.to_le_bytes());
         config[10..12].copy_from_slice(&MTU.to_le_bytes());
@@ -147,6 +149,12 @@ impl VirtioDevice for NetDevice {
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        let link = if self.inner.status().connected() {
+            VIRTIO_NET_S_LINK_UP
+        } else {
+            0
+        };
+        self.config[6..8].copy_from_slice(&link.to_le_bytes());
         for (i, byte) in data.iter_mut().enumerate() {
             *byte = usize::try_from(offset)
                 .ok()
@@ -155,6 +163,19 @@ impl VirtioDevice for NetDevice {
                 .copied()
                 .unwrap_or(0);
         }
+    }
+
+    fn set_config_notifier(&mut self, notifier: ConfigNotifier) {
+        // The status listener runs when the backend hangs up and when a new
+        // one takes over, after `connected()` changed.
+        self.inner.status().on_change(Box::new(move |status| {
+            log::info!(
+                "{}: link {}",
+                status.name,
+                if status.connected() { "up" } else { "down" }
+            );
+            notifier.notify();
+        }));
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

@@ -16,7 +16,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::device::{ActiveQueue, ConfigNotifier, VirtioDevice, NO_VECTOR, VIRTIO_F_VERSION_1};
 use crate::interrupts::msi::{GsiRouter, MsiError};
 use crate::pci::config::{ConfigSpaceError, PciConfiguration};
 use crate::pci::msix::Msix;
@@ -47,7 +47,6 @@ const CFG_DEVICE: u8 = 4;
 const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_NEEDS_RESET: u8 = 64;
-const NO_VECTOR: u16 = 0xffff;
 
 /// Accesses to this device that reached the VMM.
 #[derive(Default)]
@@ -132,11 +131,11 @@ pub struct VirtioPciDevice {
     device_feature_select: u32,
     driver_feature_select: u32,
     driver_features: u64,
-    msix_config: u16,
+    /// `msix_config`, the ISR status and `config_generation`, shared with
+    /// the device model.
+    config_change: ConfigNotifier,
     status: u8,
-    config_generation: u8,
     queue_select: u16,
-    isr: u8,
     counters: Arc<TransportCounters>,
 }
 
@@ -160,7 +159,7 @@ impl VirtioPciDevice {
     /// Creates the transport for `device` with BAR 0 at `bar_addr`, and
     /// registers its queues' notify addresses with KVM.
     pub fn new(
-        device: Box<dyn VirtioDevice>,
+        mut device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
         vm: &Arc<VmFd>,
         router: Arc<GsiRouter>,
@@ -214,6 +213,14 @@ impl VirtioPciDevice {
                 .map_err(|e| TransportError::IoEvent(addr, e))?;
             kicks.push(kick);
         }
+        let mut vector_events = Vec::with_capacity(usize::from(msix.len()));
+        for vector in 0..msix.len() {
+            if let Some(event) = msix.vector_event(vector) {
+                vector_events.push(event.try_clone().map_err(TransportError::EventFd)?);
+            }
+        }
+        let config_change = ConfigNotifier::new(vector_events);
+        device.set_config_notifier(config_change.clone());
         let device_features = device.features() | VIRTIO_F_VERSION_1;
         Ok(VirtioPciDevice {
             config,
@@ -227,11 +234,9 @@ impl VirtioPciDevice {
             device_feature_select: 0,
             driver_feature_select: 0,
             driver_features: 0,
-            msix_config: NO_VECTOR,
+            config_change,
             status: 0,
-            config_generation: 0,
             queue_select: 0,
-            isr: 0,
             counters: Arc::new(TransportCounters::default()),
             device,
         })
@@ -268,10 +273,10 @@ impl VirtioPciDevice {
                 1 => self.driver_features >> 32,
                 _ => 0,
             },
-            0x10 => u64::from(self.msix_config),
+            0x10 => u64::from(self.config_change.vector()),
             0x12 => self.queues.len() as u64,
             0x14 => u64::from(self.status),
-            0x15 => u64::from(self.config_generation),
+            0x15 => u64::from(self.config_change.generation()),
             0x16 => u64::from(self.queue_select),
             0x18 => queue.map_or(0, |q| u64::from(q.size)),
             0x1a => queue.map_or(u64::from(NO_VECTOR), |q| u64::from(q.msix_vector)),
@@ -311,10 +316,7 @@ impl VirtioPciDevice {
                 1 => set_half(&mut self.driver_features, true, value),
                 _ => {}
             },
-            0x10 => {
-                let vector = value as u16;
-                self.msix_config = if vector < msix_len { vector } else { NO_VECTOR };
-            }
+            0x10 => self.config_change.set_vector(value as u16),
             0x14 => self.set_status(value as u8),
             0x16 => self.queue_select = value as u16,
             0x18 if can_setup => {
@@ -420,13 +422,21 @@ impl VirtioPciDevice {
                     self.device.name(),
                     faults.join(", ")
                 );
-                self.status |= STATUS_NEEDS_RESET;
+                self.needs_reset();
                 return;
             }
             self.activate();
             return;
         }
         self.status = status;
+    }
+
+    /// The running device cannot go on until the driver resets it:
+    /// NEEDS_RESET, and the configuration-change notification VIRTIO 1.2
+    /// (2.1.2) asks of a device that sets it after DRIVER_OK.
+    fn needs_reset(&mut self) {
+        self.status |= STATUS_NEEDS_RESET;
+        self.config_change.notify();
     }
 
     fn activate(&mut self) {
@@ -460,7 +470,7 @@ impl VirtioPciDevice {
             .activate(&self.mem, self.driver_features, &queues)
         {
             log::error!("{}: cannot start the device: {e}", self.device.name());
-            self.status |= STATUS_NEEDS_RESET;
+            self.needs_reset();
         }
     }
 
@@ -516,13 +526,11 @@ impl VirtioPciDevice {
         self.driver_features = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
-        self.msix_config = NO_VECTOR;
         self.queue_select = 0;
-        self.isr = 0;
+        self.config_change.reset();
         for q in &mut self.queues {
             *q = QueueState::new(q.max_size);
         }
-        self.config_generation = self.config_generation.wrapping_add(1);
     }
 }
 
@@ -587,9 +595,8 @@ impl PciDevice for VirtioPciDevice {
             ISR_OFFSET => {
                 data.fill(0);
                 if let Some(first) = data.first_mut() {
-                    *first = self.isr;
+                    *first = self.config_change.take_isr();
                 }
-                self.isr = 0;
             }
             o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + DEVICE_CONFIG_LEN).contains(&o) => {
                 self.device.read_config(o - DEVICE_CONFIG_OFFSET, data);
@@ -598,7 +605,7 @@ impl PciDevice for VirtioPciDevice {
                 self.msix.table_read(o - MSIX_TABLE_OFFSET, data);
             }
             o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + MSIX_REGION_LEN).contains(&o) => {
-                self.msix.pba_read(data);
+                self.msix.pba_read(o - MSIX_PBA_OFFSET, data);
             }
             _ => data.fill(0),
         }
@@ -641,6 +648,7 @@ mod tests {
         activated: Vec<(u64, Vec<QueueSeen>)>,
         resets: usize,
         config_writes: Vec<(u64, Vec<u8>)>,
+        notifier: Option<ConfigNotifier>,
     }
 
     struct MockDevice(Arc<Mutex<Record>>);
@@ -685,6 +693,9 @@ mod tests {
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
+        }
+        fn set_config_notifier(&mut self, notifier: ConfigNotifier) {
+            self.0.lock().unwrap().notifier = Some(notifier);
         }
     }
 
@@ -959,5 +970,55 @@ mod tests {
         write(&mut dev, 0x16, 1, 2);
         write(&mut dev, 0x1a, 0, 2);
         assert_eq!(read(&mut dev, 0x1a, 2), 1);
+    }
+
+    /// Takes what the configuration vector was raised since the last call.
+    fn config_signals(dev: &VirtioPciDevice, vector: u16) -> u64 {
+        dev.msix
+            .vector_event(vector)
+            .expect("vector")
+            .read()
+            .unwrap_or(0)
+    }
+
+    /// A configuration change, from the device model or the transport's
+    /// NEEDS_RESET after DRIVER_OK, raises the driver's configuration
+    /// vector, sets the ISR's config bit (cleared by its read) and moves
+    /// the config generation.
+    #[test]
+    fn configuration_changes_reach_the_driver() {
+        let (mut dev, record) = mock_transport();
+        let notifier = record.lock().unwrap().notifier.clone().expect("notifier");
+        // MSI-X stays disabled: a raised vector's count waits in its eventfd.
+        write(&mut dev, 0x10, 2, 2);
+        assert_eq!(read(&mut dev, 0x10, 2), 2);
+        let generation = read(&mut dev, 0x15, 1);
+        notifier.notify();
+        assert_eq!(config_signals(&dev, 2), 1);
+        assert_eq!(read(&mut dev, 0x15, 1), (generation + 1) & 0xff);
+        assert_eq!(read(&mut dev, 0x1000, 1), 2, "ISR config bit");
+        assert_eq!(read(&mut dev, 0x1000, 1), 0, "the ISR read clears it");
+
+        // A vector the device does not have is none: nothing is raised.
+        write(&mut dev, 0x10, 3, 2);
+        assert_eq!(read(&mut dev, 0x10, 2), u64::from(NO_VECTOR));
+        notifier.notify();
+        for vector in 0..3 {
+            assert_eq!(config_signals(&dev, vector), 0);
+        }
+        read(&mut dev, 0x1000, 1);
+
+        // Rings the transport refuses at DRIVER_OK: NEEDS_RESET, notified.
+        write(&mut dev, 0x10, 2, 2);
+        start_queue_1(&mut dev, 0x10_0008, 0x10_1000, 0x10_2000);
+        assert_ne!(read(&mut dev, 0x14, 1) & STATUS_NEEDS_RESET as u64, 0);
+        assert_eq!(config_signals(&dev, 2), 1, "NEEDS_RESET not notified");
+        assert_eq!(read(&mut dev, 0x1000, 1), 2);
+
+        // A reset takes the vector away.
+        write(&mut dev, 0x14, 0, 1);
+        assert_eq!(read(&mut dev, 0x10, 2), u64::from(NO_VECTOR));
+        notifier.notify();
+        assert_eq!(config_signals(&dev, 2), 0);
     }
 }
