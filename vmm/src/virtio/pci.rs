@@ -8,6 +8,8 @@
 //! ```
 //! Each queue's notify address is a KVM ioeventfd, so the guest's kicks go
 //! straight to the backend; writes that do reach the VMM there are counted.
+//! The PCI_CFG capability opens a 1-4 byte window onto the BAR from
+//! configuration space.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,6 +45,9 @@ const CFG_COMMON: u8 = 1;
 const CFG_NOTIFY: u8 = 2;
 const CFG_ISR: u8 = 3;
 const CFG_DEVICE: u8 = 4;
+/// VIRTIO_PCI_CAP_PCI_CFG: a window onto the BAR through configuration
+/// space, for firmware that cannot map the BAR.
+const CFG_PCI: u8 = 5;
 
 const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_FEATURES_OK: u8 = 8;
@@ -120,6 +125,8 @@ impl QueueState {
 pub struct VirtioPciDevice {
     config: PciConfiguration,
     msix_cap_reg: usize,
+    /// The first register of the VIRTIO_PCI_CAP_PCI_CFG capability.
+    pci_cfg_reg: usize,
     msix: Msix,
     device: Box<dyn VirtioDevice>,
     mem: GuestMemory,
@@ -194,6 +201,12 @@ impl VirtioPciDevice {
             DEVICE_CONFIG_LEN,
             None,
         ))?;
+        // bar (the low byte of its second register), offset and length are
+        // the driver's; pci_cfg_data, the fifth, is served by the device.
+        let pci_cfg_reg = config.add_capability(&virtio_cap(CFG_PCI, 0, 0, Some(0)))? / 4;
+        config.set_writable(pci_cfg_reg + 1, 0xff);
+        config.set_writable(pci_cfg_reg + 2, 0xffff_ffff);
+        config.set_writable(pci_cfg_reg + 3, 0xffff_ffff);
         // One vector per queue plus one for configuration changes.
         let msix = Msix::new(router, max_sizes.len() as u16 + 1)?;
         let msix_cap = config.add_capability(&msix.capability(
@@ -225,6 +238,7 @@ impl VirtioPciDevice {
         Ok(VirtioPciDevice {
             config,
             msix_cap_reg,
+            pci_cfg_reg,
             msix,
             mem,
             queues: max_sizes.iter().map(|&m| QueueState::new(m)).collect(),
@@ -534,6 +548,23 @@ impl VirtioPciDevice {
     }
 }
 
+impl VirtioPciDevice {
+    /// The BAR offset and width the driver set in the PCI_CFG capability,
+    /// if they make an access the spec allows: BAR 0, 1, 2 or 4 bytes,
+    /// aligned, inside the BAR.
+    fn pci_cfg_window(&self) -> Option<(u64, usize)> {
+        let bar = self.config.read(self.pci_cfg_reg + 1) & 0xff;
+        let offset = u64::from(self.config.read(self.pci_cfg_reg + 2));
+        let length = self.config.read(self.pci_cfg_reg + 3);
+        let width = match length {
+            1 | 2 | 4 => length as usize,
+            _ => return None,
+        };
+        (bar == 0 && offset % width as u64 == 0 && offset + width as u64 <= BAR_SIZE)
+            .then_some((offset, width))
+    }
+}
+
 fn read_le(data: &[u8]) -> u64 {
     let mut bytes = [0u8; 8];
     let n = data.len().min(8);
@@ -543,6 +574,13 @@ fn read_le(data: &[u8]) -> u64 {
 
 impl PciDevice for VirtioPciDevice {
     fn config_read(&mut self, reg: usize) -> u32 {
+        if reg == self.pci_cfg_reg + 4 {
+            let mut data = [0u8; 4];
+            if let Some((offset, width)) = self.pci_cfg_window() {
+                self.bar_read(0, offset, &mut data[..width]);
+            }
+            return u32::from_le_bytes(data);
+        }
         self.config.read(reg)
     }
 
@@ -570,6 +608,21 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        if reg == self.pci_cfg_reg + 4 {
+            // The driver writes the width it set, from the start of
+            // pci_cfg_data.
+            match self.pci_cfg_window() {
+                Some((at, width)) if offset == 0 && data.len() == width => {
+                    self.bar_write(0, at, data);
+                }
+                _ => log::debug!(
+                    "{}: PCI_CFG write of {} bytes does not match the window",
+                    self.device.name(),
+                    data.len()
+                ),
+            }
+            return;
+        }
         let was_bus_master = self.config.bus_master();
         self.config.write(reg, offset, data);
         if was_bus_master && !self.config.bus_master() {
@@ -1020,5 +1073,49 @@ mod tests {
         assert_eq!(read(&mut dev, 0x10, 2), u64::from(NO_VECTOR));
         notifier.notify();
         assert_eq!(config_signals(&dev, 2), 0);
+    }
+
+    /// The PCI_CFG capability: the driver picks BAR 0, an offset and a width,
+    /// and pci_cfg_data reads and writes the BAR there.
+    #[test]
+    fn the_pci_cfg_window_reaches_the_bar() {
+        let (mut dev, _record) = mock_transport();
+        let mut cap = (dev.config_read(0xd) & 0xff) as usize;
+        let mut found = None;
+        while cap != 0 {
+            let head = dev.config_read(cap / 4);
+            if head & 0xff == u32::from(CAP_VENDOR) && (head >> 24) as u8 == CFG_PCI {
+                found = Some(cap / 4);
+            }
+            cap = ((head >> 8) & 0xff) as usize;
+        }
+        let reg = found.expect("no PCI_CFG capability");
+        assert_eq!(dev.config_read(reg) >> 16 & 0xff, 20, "cap_len");
+        let window = |dev: &mut VirtioPciDevice, bar: u8, offset: u32, length: u32| {
+            dev.config_write(reg + 1, 0, &[bar]);
+            dev.config_write(reg + 2, 0, &offset.to_le_bytes());
+            dev.config_write(reg + 3, 0, &length.to_le_bytes());
+        };
+        // num_queues in the common configuration, 2 bytes.
+        window(&mut dev, 0, 0x12, 2);
+        assert_eq!(dev.config_read(reg + 4), 2);
+        // The device configuration, 4 bytes (the mock answers offset + i).
+        window(&mut dev, 0, 0x2004, 4);
+        assert_eq!(dev.config_read(reg + 4).to_le_bytes(), [4, 5, 6, 7]);
+        // Writing device_status through the window.
+        window(&mut dev, 0, 0x14, 1);
+        dev.config_write(reg + 4, 0, &[1]);
+        assert_eq!(read(&mut dev, 0x14, 1), 1);
+        // A write wider than the window, a misaligned window, another BAR,
+        // a width of 3: nothing reaches the BAR.
+        dev.config_write(reg + 4, 0, &[3, 0]);
+        window(&mut dev, 0, 0x13, 2);
+        dev.config_write(reg + 4, 0, &[3, 0]);
+        window(&mut dev, 2, 0x14, 1);
+        dev.config_write(reg + 4, 0, &[3]);
+        assert_eq!(dev.config_read(reg + 4), 0);
+        window(&mut dev, 0, 0x14, 3);
+        dev.config_write(reg + 4, 0, &[3, 0, 0]);
+        assert_eq!(read(&mut dev, 0x14, 1), 1);
     }
 }
