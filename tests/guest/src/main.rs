@@ -8,9 +8,8 @@
 //! (`virtio_blk`) and virtio-net NIC (`virtio_net`: `ip=`, `ping=`,
 //! `respond=`, `linkwatch`) it finds on PCI (with `diskwait`, each disk
 //! waits for a line on the serial port between its first read and its
-//! writes, while
-//! the test swaps the backend; with `movebars`, it first moves each
-//! virtio device's BAR); then it powers off through ACPI, or
+//! writes, while the test swaps the backend; with `movebars`, it first
+//! moves each virtio device's BAR); then it powers off through ACPI, or
 //! with `reset` on the command line resets the machine, or with
 //! `triplefault` crashes it, or with `resetonce` resets it once and powers
 //! off after the reboot.

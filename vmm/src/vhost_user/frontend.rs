@@ -16,8 +16,11 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::backend_channel::{BackendChannel, NotifierSlot};
 use super::deadline::{self, exchange, ExchangeError, REPLY_TIMEOUT};
-use crate::virtio::device::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::virtio::device::{
+    ActivateError, ActiveQueue, ConfigNotifier, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use crate::vstate::memory::GuestMemory;
 
 /// VHOST_USER_F_PROTOCOL_FEATURES: a vhost-user bit, never shown to the guest.
@@ -70,6 +73,8 @@ pub enum FrontendError {
     },
     #[error("cannot create an eventfd for the device at {0:?}")]
     EventFd(PathBuf, #[source] std::io::Error),
+    #[error("cannot open a request channel for the vhost-user backend at {0:?}")]
+    Channel(PathBuf, #[source] vhost::Error),
     #[error("the vhost-user backend at {0:?} does not offer {1}")]
     Missing(PathBuf, &'static str),
     #[error("the vhost-user backend at {path:?} offers {offered} {unit}, {wanted} were asked for")]
@@ -118,20 +123,27 @@ pub struct DeviceSpec {
 pub struct Handshake {
     spec: DeviceSpec,
     socket: PathBuf,
+    notifier: NotifierSlot,
 }
 
 /// A backend connection that went through the handshake.
 pub struct NewBackend {
     frontend: Frontend,
     features: u64,
+    channel: Option<BackendChannel>,
 }
 
 impl Handshake {
     pub fn run(&self, stream: UnixStream) -> Result<NewBackend, String> {
         let mut frontend = Frontend::from_stream(stream, self.spec.num_queues as u64);
-        let features = VhostUserDevice::negotiate(&self.spec, &mut frontend, &self.socket)
-            .map_err(|e| vmm_common::error_chain::render(&e))?;
-        Ok(NewBackend { frontend, features })
+        let (features, channel) =
+            VhostUserDevice::negotiate(&self.spec, &mut frontend, &self.socket, &self.notifier)
+                .map_err(|e| vmm_common::error_chain::render(&e))?;
+        Ok(NewBackend {
+            frontend,
+            features,
+            channel,
+        })
     }
 }
 
@@ -211,6 +223,8 @@ pub struct VhostUserDevice {
     status: Arc<DeviceStatus>,
     /// Given as the call fd of queues the driver left without a vector.
     unused_call: EventFd,
+    /// Told when the backend reports a configuration change.
+    config_notifier: NotifierSlot,
 }
 
 impl VhostUserDevice {
@@ -229,16 +243,18 @@ impl VhostUserDevice {
         socket: &Path,
     ) -> Result<Self, FrontendError> {
         let frontend = Frontend::from_stream(stream, spec.num_queues as u64);
-        Self::set_up(spec, frontend, socket)
+        Self::set_up(spec, frontend, socket, NotifierSlot::default())
     }
 
     /// The handshake that does not depend on the driver: owner, features,
-    /// protocol features, queue count. Returns the backend's features.
+    /// protocol features, the backend's request channel, queue count.
+    /// Returns the backend's features and the channel, if it takes one.
     fn negotiate(
         spec: &DeviceSpec,
         frontend: &mut Frontend,
         socket: &Path,
-    ) -> Result<u64, FrontendError> {
+        notifier: &NotifierSlot,
+    ) -> Result<(u64, Option<BackendChannel>), FrontendError> {
         let path = socket.to_path_buf();
         let failed = |source| FrontendError::Exchange {
             path: path.clone(),
@@ -265,7 +281,9 @@ impl VhostUserDevice {
         .map_err(failed)?;
         let mut wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
         if spec.config_from_backend {
-            wanted |= VhostUserProtocolFeatures::CONFIG;
+            // With the request channel, the backend can say when its
+            // configuration changed (a resized disk).
+            wanted |= VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::BACKEND_REQ;
         }
         let protocol = offered & wanted;
         exchange(frontend, name, "SET_PROTOCOL_FEATURES", limit, |f| {
@@ -280,6 +298,18 @@ impl VhostUserDevice {
         }
         if spec.config_from_backend && !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(FrontendError::Missing(path, "the CONFIG protocol feature"));
+        }
+        let mut channel = None;
+        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let reply_ack = protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+            let opened = BackendChannel::new(name, notifier.clone(), reply_ack)
+                .map_err(|e| FrontendError::Channel(path.clone(), e))?;
+            let end = opened.backend_end();
+            exchange(frontend, name, "SET_BACKEND_REQ_FD", limit, |f| {
+                f.set_backend_request_fd(&end)
+            })
+            .map_err(failed)?;
+            channel = Some(opened);
         }
         if spec.num_queues > 1 && protocol.contains(VhostUserProtocolFeatures::MQ) {
             let max = exchange(frontend, name, "GET_QUEUE_NUM", limit, |f| {
@@ -304,7 +334,7 @@ impl VhostUserDevice {
             socket.display(),
             protocol
         );
-        Ok(backend_features)
+        Ok((backend_features, channel))
     }
 
     /// The handshake, then the device around the connection.
@@ -312,8 +342,10 @@ impl VhostUserDevice {
         spec: DeviceSpec,
         mut frontend: Frontend,
         socket: &Path,
+        config_notifier: NotifierSlot,
     ) -> Result<Self, FrontendError> {
-        let backend_features = Self::negotiate(&spec, &mut frontend, socket)?;
+        let (backend_features, channel) =
+            Self::negotiate(&spec, &mut frontend, socket, &config_notifier)?;
         let broken = Arc::new(AtomicBool::new(false));
         let status = Arc::new(DeviceStatus {
             name: spec.name.clone(),
@@ -326,7 +358,10 @@ impl VhostUserDevice {
             hung_up: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
         });
-        watch_hangup(frontend.as_raw_fd(), status.clone());
+        let gone = watch_hangup(frontend.as_raw_fd(), status.clone());
+        if let Some(channel) = channel {
+            channel.serve(gone);
+        }
         Ok(VhostUserDevice {
             ring_enabled: Arc::new(Mutex::new(vec![false; spec.num_queues])),
             activation: None,
@@ -338,6 +373,7 @@ impl VhostUserDevice {
             status,
             unused_call: EventFd::new(libc::EFD_NONBLOCK)
                 .map_err(|e| FrontendError::EventFd(socket.to_path_buf(), e))?,
+            config_notifier,
         })
     }
 
@@ -387,8 +423,11 @@ fn cut_off(frontend: &Mutex<Frontend>, broken: &AtomicBool, e: &ExchangeError) {
 }
 
 /// Logs once when the backend's socket hangs up, marks the device broken
-/// and tells the status listener.
-fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) {
+/// and tells the status listener. Returns the flag it sets then, for what
+/// else lives as long as the connection.
+fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) -> Arc<AtomicBool> {
+    let gone = Arc::new(AtomicBool::new(false));
+    let gone_seen = gone.clone();
     let name = status.name.clone();
     // A mark left by an earlier connection that had this fd number.
     deadline::take_cut_off(fd);
@@ -415,6 +454,7 @@ fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) {
             {
                 status.broken.store(true, Ordering::Release);
                 status.hung_up.store(true, Ordering::Release);
+                gone_seen.store(true, Ordering::Release);
                 if deadline::take_cut_off(fd) {
                     log::error!(
                         "{name}: cut off from its vhost-user backend; the device is stopped"
@@ -431,6 +471,7 @@ fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) {
     if let Err(e) = spawned {
         log::warn!("cannot watch the backend connection: {e}");
     }
+    gone
 }
 
 impl VirtioDevice for VhostUserDevice {
@@ -538,6 +579,10 @@ impl VirtioDevice for VhostUserDevice {
     fn reconnect(&mut self, backend: NewBackend) -> Result<(), String> {
         self.reattach(backend)
     }
+
+    fn set_config_notifier(&mut self, notifier: ConfigNotifier) {
+        *crate::bus::lock(&self.config_notifier) = Some(notifier);
+    }
 }
 
 impl VhostUserDevice {
@@ -550,6 +595,7 @@ impl VhostUserDevice {
         Handshake {
             spec: self.spec.clone(),
             socket: self.status.socket.clone(),
+            notifier: self.config_notifier.clone(),
         }
     }
 
@@ -728,7 +774,11 @@ impl VhostUserDevice {
     /// then, if the driver had started the device, the memory table and
     /// every ring as they stand. Tells the status listener.
     pub fn reattach(&mut self, backend: NewBackend) -> Result<(), String> {
-        let NewBackend { frontend, features } = backend;
+        let NewBackend {
+            frontend,
+            features,
+            channel,
+        } = backend;
         // Everything the guest was offered, used yet or not: a driver
         // that starts after the reconnect (or after a reboot) may take any
         // of it, and the offer cannot change under the guest.
@@ -745,7 +795,10 @@ impl VhostUserDevice {
         // gone must leave the device marked broken and hung up.
         self.broken.store(false, Ordering::Release);
         self.status.hung_up.store(false, Ordering::Release);
-        watch_hangup(fd, self.status.clone());
+        let gone = watch_hangup(fd, self.status.clone());
+        if let Some(channel) = channel {
+            channel.serve(gone);
+        }
         if let Some(activation) = self.activation.take() {
             let result = self.hand_rings(&activation, true);
             self.activation = Some(activation);
@@ -837,6 +890,8 @@ mod tests {
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
     use super::*;
     use crate::vstate::memory::create_guest_ram;
 
@@ -846,6 +901,7 @@ mod tests {
     const GET_PROTOCOL_FEATURES: u32 = 15;
     const GET_QUEUE_NUM: u32 = 17;
     const SET_VRING_ENABLE: u32 = 18;
+    const SET_BACKEND_REQ_FD: u32 = 21;
     const GET_CONFIG: u32 = 24;
     const SET_CONFIG: u32 = 25;
     const REPLY: u32 = 0x4;
@@ -869,6 +925,10 @@ mod tests {
         queue_num: u64,
         /// It hangs up after answering this request.
         quit_after: Option<u32>,
+        /// It offers the BACKEND_REQ protocol feature, and after answering
+        /// this request, sends CONFIG_CHANGE_MSG on the channel it got and
+        /// reports the frontend's ack.
+        config_change_after: Option<u32>,
     }
 
     impl Default for Script {
@@ -879,6 +939,7 @@ mod tests {
                 garbled_config: false,
                 queue_num: 2,
                 quit_after: None,
+                config_change_after: None,
             }
         }
     }
@@ -887,6 +948,8 @@ mod tests {
     enum Seen {
         /// A request's code and first 8 payload bytes.
         Request(u32, u64),
+        /// The frontend's ack of a CONFIG_CHANGE_MSG.
+        ConfigChangeAck(u64),
         Closed,
     }
 
@@ -910,13 +973,24 @@ mod tests {
     /// space), and reports each request, and the connection closing, on
     /// `seen`.
     fn scripted_backend(mut stream: UnixStream, script: Script, seen: mpsc::Sender<Seen>) {
+        let mut channel = None;
         loop {
             let mut header = [0u8; 12];
             let mut payload = Vec::new();
-            let read = stream.read_exact(&mut header).and_then(|()| {
-                payload.resize(word(&header, 8) as usize, 0);
-                stream.read_exact(&mut payload)
-            });
+            // The header comes with the message's file, if it has one.
+            let read = stream
+                .recv_with_fd(&mut header)
+                .map_err(std::io::Error::other)
+                .and_then(|(got, file)| {
+                    if word(&header, 0) == SET_BACKEND_REQ_FD {
+                        channel = file.map(|f| UnixStream::from(std::os::fd::OwnedFd::from(f)));
+                    }
+                    stream.read_exact(&mut header[got..])
+                })
+                .and_then(|()| {
+                    payload.resize(word(&header, 8) as usize, 0);
+                    stream.read_exact(&mut payload)
+                });
             if read.is_err() {
                 let _ = seen.send(Seen::Closed);
                 return;
@@ -934,6 +1008,9 @@ mod tests {
                         VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
                     if script.config.is_some() {
                         offered |= VhostUserProtocolFeatures::CONFIG;
+                    }
+                    if script.config_change_after.is_some() {
+                        offered |= VhostUserProtocolFeatures::BACKEND_REQ;
                     }
                     Some(message(code, &offered.bits().to_le_bytes()))
                 }
@@ -970,6 +1047,19 @@ mod tests {
             if script.quit_after == Some(code) {
                 let _ = seen.send(Seen::Closed);
                 return;
+            }
+            if let (true, Some(channel)) = (script.config_change_after == Some(code), &mut channel)
+            {
+                // CONFIG_CHANGE_MSG, version 1, NEED_REPLY, no payload.
+                let mut msg = Vec::new();
+                msg.extend_from_slice(&2u32.to_le_bytes());
+                msg.extend_from_slice(&(0x1 | NEED_REPLY).to_le_bytes());
+                msg.extend_from_slice(&0u32.to_le_bytes());
+                let mut ack = [0u8; 20];
+                if channel.write_all(&msg).is_ok() && channel.read_exact(&mut ack).is_ok() {
+                    let value = u64::from(word(&ack, 12)) | u64::from(word(&ack, 16)) << 32;
+                    let _ = seen.send(Seen::ConfigChangeAck(value));
+                }
             }
         }
     }
@@ -1254,5 +1344,36 @@ mod tests {
             e.to_string().contains("offers 1 queues, 2 were asked for"),
             "{e}"
         );
+    }
+
+    /// A backend that says its configuration changed (a resized disk) over
+    /// its request channel gets an ack, and the driver gets the
+    /// configuration vector.
+    #[test]
+    fn a_backends_config_change_reaches_the_driver() {
+        let (mut device, requests) = scripted_disk(Script {
+            config_change_after: Some(GET_CONFIG),
+            ..Script::default()
+        });
+        let seen = drain(&requests);
+        assert!(
+            seen.iter()
+                .any(|s| matches!(s, Seen::Request(SET_BACKEND_REQ_FD, _))),
+            "no request channel was set up: {seen:?}"
+        );
+        let vector = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let notifier = ConfigNotifier::new(vec![vector.try_clone().expect("dup")]);
+        notifier.set_vector(0);
+        device.set_config_notifier(notifier.clone());
+        let generation = notifier.generation();
+
+        let mut data = [0u8; 8];
+        device.read_config(0, &mut data);
+        let ack = std::iter::from_fn(|| requests.recv_timeout(WAIT).ok())
+            .find(|seen| matches!(seen, Seen::ConfigChangeAck(_) | Seen::Closed));
+        assert_eq!(ack, Some(Seen::ConfigChangeAck(0)));
+        assert_eq!(vector.read().expect("the vector was not raised"), 1);
+        assert_eq!(notifier.generation(), generation.wrapping_add(1));
+        assert!(device.status().connected());
     }
 }

@@ -3,6 +3,7 @@
 //! hands it guest memory (the memfd) and each ring's kick and call
 //! eventfds, then stays out of the way.
 
+pub mod backend_channel;
 pub mod blk;
 pub mod deadline;
 pub mod frontend;
