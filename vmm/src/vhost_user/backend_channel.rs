@@ -7,7 +7,8 @@
 //! The `vhost` crate's `FrontendReqHandler` reads the channel. It keeps its
 //! own copy of the backend's end of the socket, so the channel never reads
 //! as closed: a thread serves it until the connection it was set up on
-//! hangs up.
+//! hangs up, and a message that stops halfway fails after `READ_STALL`
+//! rather than holding the thread for ever.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +21,8 @@ use crate::virtio::device::ConfigNotifier;
 
 /// How often a channel's thread checks whether its connection is gone.
 const GONE_CHECK: Duration = Duration::from_millis(200);
+/// How long a read of a message that has begun may wait for the rest.
+const READ_STALL: Duration = Duration::from_secs(1);
 
 /// The device's configuration-change notifier, once its transport exists;
 /// shared by the channels of every connection the device has.
@@ -56,6 +59,26 @@ impl BackendChannel {
         };
         let mut handler = FrontendReqHandler::new(Arc::new(changes))?;
         handler.set_reply_ack_flag(reply_ack);
+        let stall = libc::timeval {
+            tv_sec: READ_STALL.as_secs() as libc::time_t,
+            tv_usec: 0,
+        };
+        // SAFETY: sets a socket option on a socket the handler owns, from a
+        // timeval that lives across the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                handler.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&stall as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(vhost::Error::VhostUserProtocol(
+                vhost::vhost_user::Error::SocketError(std::io::Error::last_os_error()),
+            ));
+        }
         Ok(BackendChannel {
             name: name.to_string(),
             handler,
@@ -81,9 +104,13 @@ impl BackendChannel {
                     }
                     match handler.handle_request() {
                         Ok(_) => {}
-                        // A request the VMM does not serve, read whole and
-                        // refused: the channel is still in step.
-                        Err(vhost::vhost_user::Error::ReqHandlerError(e)) => {
+                        // A request the VMM does not serve, refused (after
+                        // it was read whole, unless its framing was wrong,
+                        // which the next read then finds).
+                        Err(
+                            e @ (vhost::vhost_user::Error::ReqHandlerError(_)
+                            | vhost::vhost_user::Error::InvalidMessage),
+                        ) => {
                             log::warn!("{name}: a backend request refused: {e}");
                         }
                         Err(e) => {

@@ -325,6 +325,18 @@ impl VhostUserDevice {
                     unit: spec.queue_num.noun(),
                 });
             }
+            if max < spec.num_queues as u64 {
+                // Backends built on vhost-user-backend (our vhost-net) count
+                // rings here: one of those would refuse the rings past its
+                // count when the driver starts the device.
+                log::warn!(
+                    "{name}: the backend at {} answers GET_QUEUE_NUM with {max}: enough {} if it \
+                     counts those, as DPDK does, but not {} rings if it counts rings",
+                    socket.display(),
+                    spec.queue_num.noun(),
+                    spec.num_queues
+                );
+            }
         } else if spec.num_queues > spec.queues_without_mq {
             return Err(FrontendError::Missing(path, "the MQ protocol feature"));
         }

@@ -609,11 +609,11 @@ impl PciDevice for VirtioPciDevice {
 
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
         if reg == self.pci_cfg_reg + 4 {
-            // The driver writes the width it set, from the start of
-            // pci_cfg_data.
+            // The first `length` bytes of pci_cfg_data go to the BAR (VIRTIO
+            // 1.2, 4.1.4.9.1), whatever the width of the write.
             match self.pci_cfg_window() {
-                Some((at, width)) if offset == 0 && data.len() == width => {
-                    self.bar_write(0, at, data);
+                Some((at, width)) if offset == 0 && data.len() >= width => {
+                    self.bar_write(0, at, &data[..width]);
                 }
                 _ => log::debug!(
                     "{}: PCI_CFG write of {} bytes does not match the window",
@@ -1106,16 +1106,20 @@ mod tests {
         window(&mut dev, 0, 0x14, 1);
         dev.config_write(reg + 4, 0, &[1]);
         assert_eq!(read(&mut dev, 0x14, 1), 1);
-        // A write wider than the window, a misaligned window, another BAR,
-        // a width of 3: nothing reaches the BAR.
-        dev.config_write(reg + 4, 0, &[3, 0]);
+        // A dword write to a 1-byte window writes its first byte.
+        dev.config_write(reg + 4, 0, &[3, 0xff, 0xff, 0xff]);
+        assert_eq!(read(&mut dev, 0x14, 1), 3);
+        // A write narrower than the window, a misaligned window, another
+        // BAR, a width of 3: nothing reaches the BAR.
+        window(&mut dev, 0, 0x14, 2);
+        dev.config_write(reg + 4, 0, &[7]);
         window(&mut dev, 0, 0x13, 2);
-        dev.config_write(reg + 4, 0, &[3, 0]);
+        dev.config_write(reg + 4, 0, &[0, 7]);
         window(&mut dev, 2, 0x14, 1);
-        dev.config_write(reg + 4, 0, &[3]);
+        dev.config_write(reg + 4, 0, &[7]);
         assert_eq!(dev.config_read(reg + 4), 0);
         window(&mut dev, 0, 0x14, 3);
-        dev.config_write(reg + 4, 0, &[3, 0, 0]);
-        assert_eq!(read(&mut dev, 0x14, 1), 1);
+        dev.config_write(reg + 4, 0, &[7, 0, 0]);
+        assert_eq!(read(&mut dev, 0x14, 1), 3);
     }
 }
