@@ -1151,6 +1151,17 @@ mod tests {
             .collect()
     }
 
+    /// A scripted disk the driver started with both rings.
+    fn started_disk(script: Script) -> (VhostUserDevice, mpsc::Receiver<Seen>) {
+        let (mut device, requests) = scripted_disk(script);
+        let ram = create_guest_ram(1 << 20).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("activate");
+        (device, requests)
+    }
+
     /// SET_VRING_ENABLE's first payload word: ring index, then on/off.
     fn ring_state(index: u64, on: bool) -> u64 {
         index | u64::from(on) << 32
@@ -1281,15 +1292,10 @@ mod tests {
     /// is cut off.
     #[test]
     fn a_backend_that_does_not_stop_a_ring_is_cut_off() {
-        let (mut device, requests) = scripted_disk(Script {
+        let (mut device, requests) = started_disk(Script {
             refused: Some((SET_VRING_ENABLE, ring_state(1, false))),
             ..Script::default()
         });
-        let ram = create_guest_ram(1 << 20).expect("guest memory");
-        let kicks = kicks();
-        device
-            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
-            .expect("activate");
         device.reset();
         assert!(!device.status().connected());
         assert!(wait_closed(&requests), "the backend is still connected");
@@ -1299,15 +1305,10 @@ mod tests {
     /// and the next backend gets the ring as the driver set it.
     #[test]
     fn a_refused_ring_switch_is_kept_for_the_next_backend() {
-        let (mut device, requests) = scripted_disk(Script {
+        let (mut device, requests) = started_disk(Script {
             refused: Some((SET_VRING_ENABLE, ring_state(1, false))),
             ..Script::default()
         });
-        let ram = create_guest_ram(1 << 20).expect("guest memory");
-        let kicks = kicks();
-        device
-            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
-            .expect("activate");
         assert!(!device.ring_switch().set(1, false));
         assert!(wait_closed(&requests), "the backend is still connected");
 
