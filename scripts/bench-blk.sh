@@ -9,23 +9,35 @@
 # Workloads: 4k random read at depth 32 on 1 and 2 queues, 64k sequential
 # read and 64k sequential write at depth 32 on 1 queue. The load generator
 # plays a polling guest driver: it watches its used rings for 10 us before
-# it sleeps, for both backends alike.
+# it sleeps, for both backends alike. Its guest memory is on 2 MiB huge
+# pages, as vhost-user is deployed with DPDK or SPDK and as
+# `vmm --memory size=...,hugepages=on` gives it; PAGES=4k puts it on
+# ordinary shared memory (a memfd) instead. The script reserves the huge
+# pages it needs (scripts/hugepages.sh; root) and takes them out of the
+# pool again at exit.
 # The three take turns for ROUNDS rounds (figures on a shared machine move
 # by 10-30% between runs); the table shows medians and the range of ratios.
 # For the image on disk, a second table shows how many requests each tool
 # kept in the disk's queue on average (its IOPS times the block layer's
 # latency, from the block device's counters): how well it keeps the disk
 # busy, a figure the disk's own speed, which drifts between runs, does not
-# move.
+# move. It also shows the disk's average request size: the block layer
+# merges adjacent transfers that wait for the device.
 # "fio vs qsd" is how far the ceiling itself is above qemu-storage-daemon: no
 # backend behind a frontend beats fio on the same disk, so on disk it bounds
 # what "vs qsd" can reach.
-# Usage: scripts/bench-blk.sh [SECONDS per run, default 5] [ROUNDS, default 3]
+# Usage: [PAGES=2m|4k] scripts/bench-blk.sh [SECONDS per run, default 5] [ROUNDS, default 3]
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SECS="${1:-5}"
 ROUNDS="${2:-3}"
 SIZE=1G
+PAGES="${PAGES:-2m}"
+case "$PAGES" in
+    2m) LOADGEN_MEM=(--hugepages) ;;
+    4k) LOADGEN_MEM=() ;;
+    *) echo "bench-blk: PAGES=$PAGES: expected 2m or 4k" >&2; exit 1 ;;
+esac
 for tool in qemu-storage-daemon fio python3; do
     command -v "$tool" >/dev/null || { echo "bench-blk: $tool not found (apt-get install qemu-system-common fio)" >&2; exit 1; }
 done
@@ -37,16 +49,23 @@ LOADGEN="$ROOT/target/release/vhost-loadgen"
 WORK="$(mktemp -d "$ROOT/target/bench-blk.XXXXXX")"
 SHM="$(mktemp -d /dev/shm/bench-blk.XXXXXX)"
 PIDS=()
+HUGEPAGES_ADDED=0
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$WORK" "$SHM"
+    "$ROOT/scripts/hugepages.sh" --release "$HUGEPAGES_ADDED" || true
 }
 # A signal ends the script (and so runs cleanup): a trap that only cleaned
 # up would let the next case start.
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+if [[ "$PAGES" == 2m ]]; then
+    # Two queues of 32 64k buffers and their rings fit in 3 pages.
+    HUGEPAGES_ADDED="$("$ROOT/scripts/hugepages.sh" 8)"
+fi
 
 wait_socket() {
     for _ in $(seq 200); do [[ -S "$1" ]] && return 0; sleep 0.05; done
@@ -82,7 +101,7 @@ stop_backend() {
 
 loadgen() { # socket queues size pattern op -> "iops mbps"
     "$LOADGEN" --socket "$1" --queues "$2" --depth 32 --size "$3" --pattern "$4" \
-        --op "$5" --time "$SECS" --json --quiet |
+        --op "$5" --time "$SECS" "${LOADGEN_MEM[@]}" --json --quiet |
         python3 -c 'import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(d["iops"], d["mbps"])'
 }
 
@@ -100,11 +119,11 @@ disk_stat_of() {
     if [[ -r "/sys/dev/block/$dev/stat" ]]; then echo "/sys/dev/block/$dev/stat"; fi
 }
 
-disk_counters() { # stat-file -> "requests done, ms they spent queued" (reads and writes)
-    if [[ -n "$1" ]]; then awk '{print $1 + $5, $4 + $8}' "$1"; else echo "0 0"; fi
+disk_counters() { # stat-file -> "requests done, ms they spent queued, sectors" (reads and writes)
+    if [[ -n "$1" ]]; then awk '{printf "%.0f %.0f %.0f\n", $1 + $5, $4 + $8, $3 + $7}' "$1"; else echo "0 0 0"; fi
 }
 
-measured() { # stat-file command... -> "iops mbps requests-in-queue" ("-" without a disk)
+measured() { # stat-file command... -> "iops mbps requests-in-queue KiB-per-request" ("-" without a disk)
     local stat_file="$1" before out after
     shift
     before="$(disk_counters "$stat_file")"
@@ -113,9 +132,10 @@ measured() { # stat-file command... -> "iops mbps requests-in-queue" ("-" withou
     python3 - "$out" "$before" "$after" <<'PY'
 import sys
 iops, mbps = sys.argv[1].split()
-(n0, t0), (n1, t1) = (map(int, a.split()) for a in sys.argv[2:4])
+(n0, t0, s0), (n1, t1, s1) = (map(int, a.split()) for a in sys.argv[2:4])
 in_queue = f"{float(iops) * (t1 - t0) / 1000 / (n1 - n0):.1f}" if n1 > n0 else "-"
-print(iops, mbps, in_queue)
+kib = f"{(s1 - s0) / 2 / (n1 - n0):.0f}" if n1 > n0 else "-"
+print(iops, mbps, in_queue, kib)
 PY
 }
 
@@ -135,7 +155,7 @@ run_case() { # label image direct queues size pattern op fio_rw
         ceil="$(measured "$stat_file" fio_ceiling "$image" "$direct" "$queues" "$size" "$rw")"
         printf '%s|vhost-blk|%s|%s\n%s|qsd|%s|%s\n%s|fio|%s|%s\n' \
             "$label" "$round" "$ours" "$label" "$round" "$qsd" "$label" "$round" "$ceil" >>"$RESULTS"
-        echo "bench-blk: round $round/$ROUNDS: $label: vhost-blk $ours, qsd $qsd, fio $ceil (IOPS MB/s in-queue)" >&2
+        echo "bench-blk: round $round/$ROUNDS: $label: vhost-blk $ours, qsd $qsd, fio $ceil (IOPS MB/s in-queue KiB/request)" >&2
     done
 }
 
@@ -151,19 +171,21 @@ for medium in tmpfs disk; do
     rm -f "$image"
 done
 
-python3 - "$RESULTS" <<'PY'
+python3 - "$RESULTS" "$PAGES" <<'PY'
 import statistics, sys
 runs, labels = {}, []
 for line in open(sys.argv[1]):
     label, kind, rnd, figures = line.strip().split("|")
-    iops, mbps, in_queue = figures.split()
+    iops, mbps, in_queue, kib = figures.split()
     if label not in labels:
         labels.append(label)
     in_queue = None if in_queue == "-" else float(in_queue)
-    runs.setdefault((label, kind), {})[rnd] = (float(iops), float(mbps), in_queue)
+    kib = None if kib == "-" else float(kib)
+    runs.setdefault((label, kind), {})[rnd] = (float(iops), float(mbps), in_queue, kib)
 rounds = len(runs[(labels[0], "fio")])
 print()
-print(f"{rounds} rounds; medians, and the lowest and highest ratio of a round")
+pages = "2 MiB huge pages" if sys.argv[2] == "2m" else "4 KiB pages (a memfd)"
+print(f"{rounds} rounds; the load generator's memory on {pages}; medians, and the lowest and highest ratio of a round")
 print(f"{'workload':24s} {'vhost-blk IOPS':>14s} {'qsd IOPS':>10s} {'fio IOPS':>10s} {'vs qsd':>7s} {'range':>12s} {'vs fio':>7s} {'range':>12s} {'fio vs qsd':>10s} {'vhost-blk MB/s':>15s}")
 for label in labels:
     ours, qsd, fio = (runs[(label, k)] for k in ("vhost-blk", "qsd", "fio"))
@@ -177,9 +199,12 @@ for label in labels:
 on_disk = [l for l in labels if all(v[2] is not None for k in ("vhost-blk", "qsd", "fio") for v in runs[(l, k)].values())]
 if on_disk:
     print()
-    print("requests in the disk's queue, mean over a run (IOPS x the block layer's latency; the load keeps 32 per queue in flight)")
-    print(f"{'workload':24s} {'vhost-blk':>10s} {'qsd':>10s} {'fio':>10s} {'vs qsd':>7s} {'vs fio':>7s}")
+    print("requests in the disk's queue, mean over a run (IOPS x the block layer's latency; the load keeps 32 per queue in flight),")
+    print("and KiB per request the disk saw")
+    print(f"{'workload':24s} {'vhost-blk':>10s} {'qsd':>10s} {'fio':>10s} {'vs qsd':>7s} {'vs fio':>7s} {'KiB: vhost-blk':>15s} {'qsd':>6s} {'fio':>6s}")
     for label in on_disk:
         ours, qsd, fio = (statistics.median(v[2] for v in runs[(label, k)].values()) for k in ("vhost-blk", "qsd", "fio"))
-        print(f"{label:24s} {ours:10.1f} {qsd:10.1f} {fio:10.1f} {ours / qsd:6.2f}x {ours / fio:6.2f}x")
+        kib = [statistics.median(v[3] for v in runs[(label, k)].values()) for k in ("vhost-blk", "qsd", "fio")]
+        print(f"{label:24s} {ours:10.1f} {qsd:10.1f} {fio:10.1f} {ours / qsd:6.2f}x {ours / fio:6.2f}x "
+              f"{kib[0]:15.0f} {kib[1]:6.0f} {kib[2]:6.0f}")
 PY

@@ -16,6 +16,16 @@ if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
     echo "test.sh: /dev/kvm is not usable: the KVM tests will fail" >&2
 fi
 
+step "reserve 2 MiB huge pages for the tests of guest memory on them"
+# Given back at exit.
+hugepages_added="$(scripts/hugepages.sh 64)"
+demo_out=""
+cleanup() {
+    scripts/hugepages.sh --release "$hugepages_added" || true
+    if [[ -n "$demo_out" ]]; then rm -f "$demo_out"; fi
+}
+trap cleanup EXIT
+
 step "build the test guest"
 scripts/build-guest.sh
 step "fetch the Linux kernel for the early-boot check"
@@ -35,7 +45,6 @@ step "the README's demo (scripts/demo.sh)"
 # The main command README.md gives: it must boot the guest with its
 # vhost-user disk and NIC, and the guest's own checks must pass.
 demo_out="$(mktemp)"
-trap 'rm -f "$demo_out"' EXIT
 scripts/demo.sh >"$demo_out"
 for line in "blk 00:01.0 write-read ok" "net ping 192.0.2.1 3/3 replies" "poweroff"; do
     if ! grep -qx "testguest: $line" "$demo_out"; then

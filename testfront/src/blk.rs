@@ -154,6 +154,7 @@ impl BlkClient {
                 queue_size,
                 device_features: BLK_FEATURES,
                 event_idx: true,
+                hugepages: false,
             },
         )
     }

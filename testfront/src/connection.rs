@@ -138,6 +138,8 @@ pub struct Options {
     pub device_features: u64,
     /// Negotiate VIRTIO_RING_F_EVENT_IDX when offered.
     pub event_idx: bool,
+    /// Guest memory on 2 MiB huge pages.
+    pub hugepages: bool,
 }
 
 /// A negotiated vhost-user session with its memory and rings. Dropping it
@@ -240,7 +242,8 @@ impl Connection {
             config = read_config(&mut frontend, CONFIG_LEN)?;
         }
 
-        let mut memory = GuestMemory::new(options.mem_size).map_err(ConnectionError::Memory)?;
+        let mut memory = GuestMemory::new(options.mem_size, options.hugepages)
+            .map_err(ConnectionError::Memory)?;
         let regions: Vec<VhostUserMemoryRegionInfo> = memory
             .mem
             .iter()
@@ -366,6 +369,7 @@ mod tests {
             queue_size: 8,
             device_features: 0,
             event_idx: false,
+            hugepages: false,
         };
         let started = Instant::now();
         let result = Connection::connect(&socket, options);

@@ -35,6 +35,8 @@ pub struct LoadSpec {
     pub seed: u64,
     /// Guest memory; None sizes it to fit the rings and buffers.
     pub mem_size: Option<u64>,
+    /// Guest memory on 2 MiB huge pages.
+    pub hugepages: bool,
 }
 
 #[derive(Debug, Error)]
@@ -256,6 +258,7 @@ pub fn run(
         queue_size,
         device_features: BLK_FEATURES,
         event_idx: true,
+        hugepages: spec.hugepages,
     };
     // A backend that serves one frontend at a time may still be finishing
     // with the previous one (a benchmark script's previous run).
@@ -371,6 +374,7 @@ mod tests {
             max_requests: None,
             seed: 1,
             mem_size: None,
+            hugepages: false,
         }
     }
 

@@ -155,6 +155,7 @@ impl NetClient {
                 queue_size: options.queue_size,
                 device_features: options.features,
                 event_idx: options.event_idx,
+                hugepages: false,
             },
         )?;
         let mrg_rxbuf = conn.has_feature(vn::VIRTIO_NET_F_MRG_RXBUF);

@@ -117,6 +117,7 @@ pub fn run(socket: &Path, load: &NetLoad) -> Result<NetReport, NetLoadError> {
             queue_size: load.queue_size,
             device_features: 0,
             event_idx: true,
+            hugepages: false,
         },
     )?;
     match load.direction {

@@ -389,7 +389,7 @@ mod tests {
 
     #[test]
     fn chains_are_published_reaped_and_their_descriptors_reused() {
-        let mem = GuestMemory::new(1 << 20).unwrap().mem;
+        let mem = GuestMemory::new(1 << 20, false).unwrap().mem;
         let mut q = VirtQueue::new(0, 8, 0x1000, false).unwrap();
         let a = q.add(&mem, &bufs(3)).unwrap().unwrap();
         let b = q.add(&mem, &bufs(3)).unwrap().unwrap();
@@ -433,7 +433,7 @@ mod tests {
 
     #[test]
     fn a_bogus_used_id_is_an_error_not_a_panic() {
-        let mem = GuestMemory::new(1 << 20).unwrap().mem;
+        let mem = GuestMemory::new(1 << 20, false).unwrap().mem;
         let mut q = VirtQueue::new(0, 8, 0x1000, false).unwrap();
         let head = q.add(&mem, &bufs(2)).unwrap().unwrap();
         let mut out = Vec::new();
@@ -449,7 +449,7 @@ mod tests {
 
     #[test]
     fn event_idx_sets_used_event_and_suppresses_needless_kicks() {
-        let mem = GuestMemory::new(1 << 20).unwrap().mem;
+        let mem = GuestMemory::new(1 << 20, false).unwrap().mem;
         let mut q = VirtQueue::new(0, 8, 0x1000, true).unwrap();
         let avail_event = q.layout.used + 4 + 8 * 8;
         // The device wants a kick when avail idx moves past 0.
@@ -492,7 +492,7 @@ mod tests {
 
     #[test]
     fn a_raw_chain_is_written_verbatim_and_freed_once() {
-        let mem = GuestMemory::new(1 << 20).unwrap().mem;
+        let mem = GuestMemory::new(1 << 20, false).unwrap().mem;
         let mut q = VirtQueue::new(0, 8, 0x1000, false).unwrap();
         let looped = [
             RawDesc {

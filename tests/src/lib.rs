@@ -64,6 +64,59 @@ pub fn linux_vmlinux() -> PathBuf {
     )
 }
 
+/// Tests of guest memory on huge pages fail (never skip) without `pages`
+/// free 2 MiB huge pages.
+pub fn require_free_hugepages(pages: u64) {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{name}"))
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let free = read("free_hugepages").saturating_sub(read("resv_hugepages"));
+    assert!(
+        free >= pages,
+        "this test needs {pages} free 2 MiB huge pages and the host has {free}: \
+         run scripts/hugepages.sh {pages} (scripts/test.sh does)"
+    );
+}
+
+/// The page size (in KiB) of every mapping of the memfd named `name` in
+/// process `pid`'s address space, with the mapping's size in KiB.
+pub fn memfd_mappings(pid: u32, name: &str) -> Vec<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/smaps: {e}"));
+    let needle = format!("/memfd:{name}");
+    let mut found = Vec::new();
+    let mut current: Option<(u64, u64)> = None;
+    let kib = |line: &str| -> u64 {
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    for line in smaps.lines() {
+        let header = line
+            .split_whitespace()
+            .next()
+            .is_some_and(|range| range.contains('-') && !range.ends_with(':'));
+        if header {
+            found.extend(current.take());
+            if line.contains(&needle) {
+                current = Some((0, 0));
+            }
+        } else if let Some((size, page)) = current.as_mut() {
+            if line.starts_with("Size:") {
+                *size = kib(line);
+            } else if line.starts_with("KernelPageSize:") {
+                *page = kib(line);
+            }
+        }
+    }
+    found.extend(current);
+    found
+}
+
 /// KVM tests fail (never skip) without a usable /dev/kvm.
 pub fn require_kvm() {
     if let Err(e) = std::fs::OpenOptions::new()

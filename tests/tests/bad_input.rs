@@ -98,6 +98,23 @@ fn memory_garbled() {
 }
 
 #[test]
+fn memory_on_huge_pages_that_are_not_there_or_misfit() {
+    rejected(
+        &["--memory", "size=5M,hugepages=on"],
+        "\"size=5M,hugepages=on\": with hugepages=on the size must be a multiple of 2M",
+    );
+    rejected(
+        &["--memory", "size=64M,hugepages=yes"],
+        "hugepages=yes is not on or off",
+    );
+    // Far more than any test machine keeps free (CI reserves 64).
+    rejected(
+        &["--memory", "size=16G,hugepages=on"],
+        "\"size=16G,hugepages=on\": needs 8192 huge pages of 2 MiB, the host has",
+    );
+}
+
+#[test]
 fn cpus_zero() {
     rejected(&["--cpus", "0"], "--cpus 0");
     rejected(&["--cpus", "-2"], "-2");

@@ -4,7 +4,8 @@
 //! next VM after a disconnect, refuses a second writer of the same image,
 //! exits cleanly on SIGTERM, a restarted backend takes over a running
 //! guest's disk, and a backend that stops answering is cut off and taken
-//! back when it answers again.
+//! back when it answers again; guest memory on huge pages reaches the
+//! backend as huge pages.
 
 use std::io::Write;
 use std::process::Command;
@@ -18,7 +19,7 @@ use vmm_tests::blk::{
 use vmm_tests::pty::Pty;
 use vmm_tests::qmp::RawQmp;
 use vmm_tests::vm::{RunningVm, VmBuilder};
-use vmm_tests::{require_kvm, test_guest};
+use vmm_tests::{memfd_mappings, require_free_hugepages, require_kvm, test_guest};
 
 #[test]
 fn guest_reads_and_writes_through_vhost_blk_and_the_next_vm_too() {
@@ -201,6 +202,42 @@ fn a_backend_that_stops_answering_is_cut_off_and_taken_back() {
     );
     if let Err(e) = vm.console.wait_for_nth(ok, seen + 1, timeout) {
         panic!("{e}\nvmm stderr:\n{}", vm.stderr.text());
+    }
+    assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
+    vm.signal(libc::SIGTERM);
+    let status = vm.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(143), "stderr: {}", vm.stderr.text());
+}
+
+/// `--memory size=64M,hugepages=on`: the guest's disk checks pass, and
+/// both the VMM and vhost-blk map guest RAM with 2 MiB pages (what the
+/// kernel reports in their smaps), all 64 MiB of it.
+#[test]
+fn guest_memory_on_huge_pages_reaches_the_backend_as_huge_pages() {
+    require_kvm();
+    require_free_hugepages(32);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk0.img");
+    make_image(&image, 0);
+    let socket = dir.path().join("disk0.sock");
+    let backend = Backend::vhost_blk(&socket, &image, &[]);
+    let mut vm = VmBuilder::new(test_guest())
+        .cmdline("echo")
+        .memory("size=64M,hugepages=on")
+        .arg("--disk")
+        .arg(format!("socket={}", socket.display()))
+        .spawn();
+    expect_disk(&vm, "00:01.0", 0, false);
+    vm.expect_line("testguest: echo ready", Duration::from_secs(60));
+    for (who, pid) in [("vmm", vm.child.id()), ("vhost-blk", backend.child.id())] {
+        let maps = memfd_mappings(pid, "guest-ram");
+        assert!(!maps.is_empty(), "{who} has no guest-ram mapping");
+        assert!(
+            maps.iter().all(|&(_, page)| page == 2048),
+            "{who} maps guest RAM with other than 2 MiB pages: {maps:?}"
+        );
+        let total: u64 = maps.iter().map(|&(size, _)| size).sum();
+        assert_eq!(total, 64 << 10, "{who}'s guest-ram mappings: {maps:?}");
     }
     assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
     vm.signal(libc::SIGTERM);

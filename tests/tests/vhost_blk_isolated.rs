@@ -906,6 +906,7 @@ fn short_load(socket: &Path, queues: usize, write: bool) -> Report {
         max_requests: None,
         seed: 7,
         mem_size: None,
+        hugepages: false,
     };
     load::run(socket, spec, |_, _| {}).expect("load run")
 }
@@ -922,7 +923,9 @@ fn the_load_generator_drives_vhost_blk() {
         assert!(report.percentile_us(50.0) > 0.0);
         assert!(report.percentile_us(50.0) <= report.percentile_us(99.0));
     }
-    // A fixed number of requests, and 64k sequential.
+    // A fixed number of requests, and 64k sequential, from guest memory
+    // on huge pages.
+    vmm_tests::require_free_hugepages(32);
     let spec = LoadSpec {
         queues: 2,
         depth: 8,
@@ -933,6 +936,7 @@ fn the_load_generator_drives_vhost_blk() {
         max_requests: Some(500),
         seed: 1,
         mem_size: Some(64 << 20),
+        hugepages: true,
     };
     let report = load::run(&socket, spec, |_, _| {}).expect("load run");
     assert_eq!(report.ops, 1000);

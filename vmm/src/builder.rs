@@ -180,7 +180,7 @@ pub fn build(
     config: &VmConfig,
     interrupt: BorrowedFd<'_>,
 ) -> Result<BuiltVm, BuildError> {
-    let ram = memory::create_guest_ram(config.memory_bytes)?;
+    let ram = memory::create_guest_ram(config.memory_bytes, config.hugepages)?;
     let vm = Arc::new(vm::create_vm(kvm, &ram.memory)?);
     // The kernel and the tables first: a kernel that cannot boot is
     // refused before any backend is contacted or file written.

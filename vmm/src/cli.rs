@@ -33,9 +33,11 @@ pub struct Args {
     pub cpus: String,
 
     /// Guest RAM size, in bytes or with a K, M, G or T suffix (powers of 1024).
+    /// `size=SIZE,hugepages=on` puts it on 2 MiB huge pages, all taken at
+    /// start (the memory backends map; what DPDK-based backends expect).
     #[arg(
         long,
-        value_name = "SIZE",
+        value_name = "SIZE|size=SIZE[,hugepages=on]",
         default_value = "512M",
         allow_hyphen_values = true
     )]

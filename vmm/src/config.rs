@@ -16,6 +16,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: u8,
     pub memory_bytes: u64,
+    /// Guest RAM on 2 MiB huge pages (hugetlbfs), all taken at start.
+    pub hugepages: bool,
     pub serial: SerialMode,
     pub dump_acpi: Option<PathBuf>,
     pub disks: Vec<DiskConfig>,
@@ -69,7 +71,14 @@ pub struct HostLimits {
     pub max_cpus: u32,
     /// Host RAM plus swap, in bytes.
     pub memory_bytes: u64,
+    /// 2 MiB huge pages free and not promised to anyone.
+    pub free_hugepages: u64,
 }
+
+/// The huge page size guest RAM uses with `hugepages=on`.
+pub const HUGEPAGE_SIZE: u64 = 2 << 20;
+/// The kernel's pool of huge pages of that size.
+pub const HUGEPAGE_POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 
 /// Guest RAM below this size cannot hold the boot structures and a kernel.
 pub const MIN_MEMORY: u64 = 2 << 20;
@@ -88,6 +97,16 @@ pub enum ConfigError {
     MemoryTooSmall(String),
     #[error("--memory {value:?}: more than this host can give ({host_mib} MiB of RAM and swap)")]
     MemoryTooLarge { value: String, host_mib: u64 },
+    #[error("--memory {value:?}: {why}")]
+    MemoryOption { value: String, why: String },
+    #[error("--memory {0:?}: with hugepages=on the size must be a multiple of 2M")]
+    MemoryHugeAlign(String),
+    #[error("--memory {value:?}: needs {needed} huge pages of 2 MiB, the host has {free} free (raise {HUGEPAGE_POOL}/nr_hugepages)")]
+    MemoryHugeShort {
+        value: String,
+        needed: u64,
+        free: u64,
+    },
     #[error("--serial {0:?}: expected stdio, file=PATH or off")]
     SerialMode(String),
     #[error("--kernel {0:?}: no such file")]
@@ -128,7 +147,7 @@ impl VmConfig {
     /// Checks the arguments against the host and builds the configuration.
     pub fn from_args(args: Args, host: HostLimits) -> Result<Self, ConfigError> {
         let cpus = parse_cpus(&args.cpus, host.max_cpus)?;
-        let memory_bytes = parse_memory(&args.memory, host.memory_bytes)?;
+        let (memory_bytes, hugepages) = parse_memory(&args.memory, host)?;
         let serial = parse_serial(&args.serial)?;
         if args.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
@@ -198,6 +217,7 @@ impl VmConfig {
             cmdline: args.cmdline,
             cpus,
             memory_bytes,
+            hugepages,
             serial,
             dump_acpi: args.dump_acpi,
         })
@@ -281,19 +301,65 @@ pub fn parse_size(text: &str) -> Option<u64> {
     number.checked_mul(1u64 << shift)
 }
 
-fn parse_memory(text: &str, host_bytes: u64) -> Result<u64, ConfigError> {
-    let bytes = parse_size(text).ok_or_else(|| ConfigError::MemoryGarbled(text.to_string()))?;
+/// Parses `SIZE` or `size=SIZE[,hugepages=on|off]` into the RAM size and
+/// whether it is on huge pages.
+fn parse_memory(text: &str, host: HostLimits) -> Result<(u64, bool), ConfigError> {
+    let (size_text, hugepages) = if text.contains('=') {
+        let bad = |why: String| ConfigError::MemoryOption {
+            value: text.to_string(),
+            why,
+        };
+        let mut size = None;
+        let mut hugepages = false;
+        let pairs = options(text)
+            .map_err(|why| bad(format!("{why} (expected SIZE or size=SIZE[,hugepages=on])")))?;
+        for (key, value) in pairs {
+            match key.as_str() {
+                "size" => size = Some(value),
+                "hugepages" => {
+                    hugepages = match value.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad(format!("hugepages={value} is not on or off"))),
+                    }
+                }
+                _ => return Err(bad(format!("unknown option {key:?}"))),
+            }
+        }
+        (
+            size.ok_or_else(|| bad("size=SIZE is required".into()))?,
+            hugepages,
+        )
+    } else {
+        (text.to_string(), false)
+    };
+    let bytes =
+        parse_size(&size_text).ok_or_else(|| ConfigError::MemoryGarbled(text.to_string()))?;
     if bytes < MIN_MEMORY {
         return Err(ConfigError::MemoryTooSmall(text.to_string()));
     }
-    if bytes > host_bytes {
+    // Huge pages come out of their own pool, which the host's RAM holds.
+    if !hugepages && bytes > host.memory_bytes {
         return Err(ConfigError::MemoryTooLarge {
             value: text.to_string(),
-            host_mib: host_bytes >> 20,
+            host_mib: host.memory_bytes >> 20,
         });
     }
+    if hugepages {
+        if bytes % HUGEPAGE_SIZE != 0 {
+            return Err(ConfigError::MemoryHugeAlign(text.to_string()));
+        }
+        let needed = bytes / HUGEPAGE_SIZE;
+        if needed > host.free_hugepages {
+            return Err(ConfigError::MemoryHugeShort {
+                value: text.to_string(),
+                needed,
+                free: host.free_hugepages,
+            });
+        }
+    }
     // Guest RAM is mapped in whole pages.
-    Ok(bytes & !0xfff)
+    Ok((bytes & !0xfff, hugepages))
 }
 
 /// Splits `key=value,key=value` into its pairs. As in QEMU, `,,` is a comma
@@ -493,6 +559,7 @@ mod tests {
     const HOST: HostLimits = HostLimits {
         max_cpus: 254,
         memory_bytes: 24 << 30,
+        free_hugepages: 100,
     };
 
     fn args(cpus: &str, memory: &str, serial: &str) -> Args {
@@ -645,6 +712,46 @@ mod tests {
         assert_eq!(config.cpus, 4);
         assert_eq!(config.memory_bytes, 1 << 30);
         assert_eq!(config.serial, SerialMode::File("/tmp/x".into()));
+    }
+
+    #[test]
+    fn memory_may_be_on_huge_pages() {
+        let config = VmConfig::from_args(args("1", "size=64M,hugepages=on", "off"), HOST).unwrap();
+        assert_eq!((config.memory_bytes, config.hugepages), (64 << 20, true));
+        let config = VmConfig::from_args(args("1", "size=64M", "off"), HOST).unwrap();
+        assert_eq!((config.memory_bytes, config.hugepages), (64 << 20, false));
+        let err = |memory: &str| {
+            VmConfig::from_args(args("1", memory, "off"), HOST)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("size=5M,hugepages=on"),
+            "--memory \"size=5M,hugepages=on\": with hugepages=on the size must be a multiple of 2M"
+        );
+        assert_eq!(
+            err("size=1G,hugepages=on"),
+            "--memory \"size=1G,hugepages=on\": needs 512 huge pages of 2 MiB, the host has 100 free (raise /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages)"
+        );
+        assert_eq!(
+            err("size=64M,hugepages=yes"),
+            "--memory \"size=64M,hugepages=yes\": hugepages=yes is not on or off"
+        );
+        assert_eq!(
+            err("hugepages=on"),
+            "--memory \"hugepages=on\": size=SIZE is required"
+        );
+        assert_eq!(
+            err("size=64M,shared=on"),
+            "--memory \"size=64M,shared=on\": unknown option \"shared\""
+        );
+        assert!(err("size=12Q").starts_with("--memory \"size=12Q\": not a size"));
+        assert_eq!(
+            err("512M,hugepages=on"),
+            "--memory \"512M,hugepages=on\": \"512M\" is not key=value (expected SIZE or size=SIZE[,hugepages=on])"
+        );
+        // The pool, not RAM plus swap, bounds memory on huge pages.
+        assert!(err("size=100T,hugepages=on").contains("needs 52428800 huge pages"));
     }
 
     #[test]

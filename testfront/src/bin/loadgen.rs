@@ -46,6 +46,11 @@ struct Args {
     /// just what the rings and buffers need.
     #[arg(long, value_name = "SIZE")]
     mem: Option<String>,
+    /// Guest memory on 2 MiB huge pages (hugetlbfs), as vhost-user
+    /// deployments with DPDK or SPDK run; needs free huge pages
+    /// (/proc/sys/vm/nr_hugepages).
+    #[arg(long)]
+    hugepages: bool,
     /// Seed of the random offsets.
     #[arg(long, default_value = "1")]
     seed: u64,
@@ -119,6 +124,7 @@ fn spec(args: &Args) -> Result<LoadSpec, String> {
         max_requests: args.requests,
         seed: args.seed,
         mem_size,
+        hugepages: args.hugepages,
     })
 }
 

@@ -206,7 +206,7 @@ mod tests {
     #[test]
     fn masking_holds_signals_until_unmasked() {
         let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
-        let ram = create_guest_ram(16 << 20).unwrap();
+        let ram = create_guest_ram(16 << 20, false).unwrap();
         let vm = Arc::new(crate::vstate::vm::create_vm(&kvm, &ram.memory).unwrap());
         let _vcpu = vm.create_vcpu(0).unwrap();
         let router = Arc::new(GsiRouter::new(vm.clone()));

@@ -1154,7 +1154,7 @@ mod tests {
     /// A scripted disk the driver started with both rings.
     fn started_disk(script: Script) -> (VhostUserDevice, mpsc::Receiver<Seen>) {
         let (mut device, requests) = scripted_disk(script);
-        let ram = create_guest_ram(1 << 20).expect("guest memory");
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
         let kicks = kicks();
         device
             .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
@@ -1176,7 +1176,7 @@ mod tests {
             refused: Some((SET_VRING_KICK, 1)),
             ..Script::default()
         });
-        let ram = create_guest_ram(1 << 20).expect("guest memory");
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
         let kicks = kicks();
         let refused = device.activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks));
         let e = refused.expect_err("a refused SET_VRING_KICK was taken as success");
@@ -1270,7 +1270,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(status.hung_up(), "the hang-up was not seen");
-        let ram = create_guest_ram(1 << 20).expect("guest memory");
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
         let kicks = kicks();
         device
             .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))

@@ -766,7 +766,7 @@ mod tests {
     /// device: needs /dev/kvm for the ioeventfds and MSI routes.
     fn mock_transport() -> (VirtioPciDevice, Arc<Mutex<Record>>) {
         let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
-        let ram = create_guest_ram(16 << 20).unwrap();
+        let ram = create_guest_ram(16 << 20, false).unwrap();
         let vm = Arc::new(crate::vstate::vm::create_vm(&kvm, &ram.memory).unwrap());
         let router = Arc::new(GsiRouter::new(vm.clone()));
         let record = Arc::new(Mutex::new(Record::default()));

@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -24,6 +24,12 @@ pub enum MemoryError {
     Map(u64, #[source] vm_memory::mmap::FromRangesError),
     #[error("guest memory of {0} bytes does not fit this host's address space")]
     TooLarge(u64),
+    #[error("cannot take {pages} huge pages of 2 MiB for guest memory (were they taken since the start, or does a cgroup or memory policy limit them?)")]
+    HugePages {
+        pages: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Guest RAM and the file that backs it.
@@ -34,11 +40,19 @@ pub struct GuestRam {
     pub file: Arc<File>,
 }
 
-/// Creates `size` bytes of guest RAM laid out around the 32-bit hole.
-pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
+/// Creates `size` bytes of guest RAM laid out around the 32-bit hole; with
+/// `hugepages`, on 2 MiB huge pages (`size` a multiple of 2 MiB), every one
+/// taken now: a mapping of huge pages that ran out later would kill the VMM
+/// or a backend with SIGBUS on first touch.
+pub fn create_guest_ram(size: u64, hugepages: bool) -> Result<GuestRam, MemoryError> {
     let name = CString::new("guest-ram").expect("static name has no NUL");
+    let flags = if hugepages {
+        libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
+    } else {
+        libc::MFD_CLOEXEC
+    };
     // SAFETY: `name` is a valid NUL-terminated string and the flags are valid.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
@@ -46,6 +60,9 @@ pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
     let file = Arc::new(unsafe { File::from_raw_fd(fd) });
     file.set_len(size)
         .map_err(|e| MemoryError::Truncate(size, e))?;
+    if hugepages {
+        take_hugepages(&file, size)?;
+    }
 
     let ranges = ram_ranges(size);
     let mut file_offset = 0u64;
@@ -64,6 +81,22 @@ pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
     Ok(GuestRam { memory, file })
 }
 
+/// Allocates every huge page of a hugetlbfs file of `size` bytes.
+fn take_hugepages(file: &File, size: u64) -> Result<(), MemoryError> {
+    let pages = size / crate::config::HUGEPAGE_SIZE;
+    let len = libc::off_t::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
+    // SAFETY: fallocate on a file descriptor this function borrows, with
+    // mode 0 (allocate) over the file's own length; it touches no memory
+    // of this process.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } != 0 {
+        return Err(MemoryError::HugePages {
+            pages,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,7 +104,7 @@ mod tests {
 
     #[test]
     fn memory_above_the_hole_is_backed_by_the_same_file() {
-        let ram = create_guest_ram(3 << 30 | 4 << 20).unwrap();
+        let ram = create_guest_ram(3 << 30 | 4 << 20, false).unwrap();
         assert_eq!(ram.memory.num_regions(), 2);
         ram.memory
             .write_obj(0x1234_5678u32, GuestAddress(1 << 32))

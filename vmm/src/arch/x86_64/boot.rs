@@ -463,7 +463,7 @@ mod tests {
     }
 
     fn boot(kernel: &Path, initramfs: Option<&Path>, cmdline: &str) -> Result<BootInfo, BootError> {
-        let ram = create_guest_ram(64 * MIB).unwrap();
+        let ram = create_guest_ram(64 * MIB, false).unwrap();
         load(
             &ram.memory,
             kernel,
