@@ -67,13 +67,7 @@ pub fn linux_vmlinux() -> PathBuf {
 /// Tests of guest memory on huge pages fail (never skip) without `pages`
 /// free 2 MiB huge pages.
 pub fn require_free_hugepages(pages: u64) {
-    let read = |name: &str| {
-        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{name}"))
-            .ok()
-            .and_then(|text| text.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let free = read("free_hugepages").saturating_sub(read("resv_hugepages"));
+    let free = vmm_common::shared_memory::free_hugepages();
     assert!(
         free >= pages,
         "this test needs {pages} free 2 MiB huge pages and the host has {free}: \

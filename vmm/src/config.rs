@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use vmm_common::shared_memory::{HUGEPAGE_POOL, HUGEPAGE_SIZE};
+
 use crate::cli::Args;
 
 /// Everything the builder needs to create a VM, already checked.
@@ -74,11 +76,6 @@ pub struct HostLimits {
     /// 2 MiB huge pages free and not promised to anyone.
     pub free_hugepages: u64,
 }
-
-/// The huge page size guest RAM uses with `hugepages=on`.
-pub const HUGEPAGE_SIZE: u64 = 2 << 20;
-/// The kernel's pool of huge pages of that size.
-pub const HUGEPAGE_POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 
 /// Guest RAM below this size cannot hold the boot structures and a kernel.
 pub const MIN_MEMORY: u64 = 2 << 20;

@@ -70,17 +70,6 @@ fn host_memory_bytes() -> u64 {
     (info.totalram as u64 + info.totalswap as u64) * u64::from(info.mem_unit)
 }
 
-/// 2 MiB huge pages free and not reserved by a mapping (0 without hugetlbfs).
-fn free_hugepages() -> u64 {
-    let read = |name: &str| {
-        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{name}"))
-            .ok()
-            .and_then(|text| text.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    read("free_hugepages").saturating_sub(read("resv_hugepages"))
-}
-
 /// How long vCPU threads get to leave the guest when the VM stops, on top
 /// of the longest a vCPU may wait on a vhost-user backend (a device it
 /// starts or resets in the middle of an exit).
@@ -94,7 +83,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
     let limits = HostLimits {
         max_cpus: vstate::vm::max_vcpus(&kvm),
         memory_bytes: host_memory_bytes(),
-        free_hugepages: free_hugepages(),
+        free_hugepages: vmm_common::shared_memory::free_hugepages(),
     };
     let config = VmConfig::from_args(args, limits)?;
     let signals = signals::SignalFd::block_stop_signals()?;
