@@ -543,16 +543,19 @@ fn watch_link(nic: &Nic, f: Function) -> Result<(), Fail> {
     if rd::<u16>(c + 0x10) != 0 {
         return Err(Fail::new("virtio-net refused configuration vector 0"));
     }
+    // Counted before each announcement: the test acts on the line, and
+    // its interrupt may arrive before the next instruction here runs.
+    let mut seen = irq::count();
     say!("net link watch");
     for _ in 0..2 {
-        let before = irq::count();
         let deadline = Deadline::after(LINK_WATCH_TIMEOUT);
-        while irq::count() == before {
+        while irq::count() == seen {
             if deadline.passed() {
                 return Err(Fail::new("no configuration change interrupt"));
             }
             core::hint::spin_loop();
         }
+        seen = irq::count();
         let up = rd::<u16>(nic.dev.device_cfg + 6) & 1 != 0;
         say!("net config change: link {}", if up { "up" } else { "down" });
     }
