@@ -121,3 +121,61 @@ pub fn require_kvm() {
         panic!("this test boots a VM and needs /dev/kvm read-write: {e}");
     }
 }
+
+/// The threads of process `pid` whose name starts with `prefix`, each with
+/// how many times it has been switched out so far (voluntarily or not).
+pub fn thread_switches(pid: u32, prefix: &str) -> Vec<(String, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/task: {e}"));
+    let mut found = Vec::new();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        // A thread that ended meanwhile has no files left: skip it.
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let name = name.trim_end().to_string();
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
+            continue;
+        };
+        let switches = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        found.push((name, switches));
+    }
+    found.sort();
+    found
+}
+
+/// Asserts that process `pid` has the threads named `names` and that none
+/// of them wakes during `quiet` (at most one switch, for the odd spurious
+/// wake-up): threads that wait for an event rather than poll for it.
+pub fn assert_threads_sleep(pid: u32, names: &[&str], quiet: std::time::Duration) {
+    let sample = || -> Vec<(String, u64)> {
+        names
+            .iter()
+            .map(|name| {
+                let found = thread_switches(pid, name);
+                match found.iter().find(|(n, _)| n == name) {
+                    Some(thread) => thread.clone(),
+                    None => panic!("process {pid} has no thread {name}: it has {found:?}"),
+                }
+            })
+            .collect()
+    };
+    let before = sample();
+    std::thread::sleep(quiet);
+    let after = sample();
+    for ((name, was), (_, now)) in before.iter().zip(&after) {
+        assert!(
+            now - was <= 1,
+            "thread {name} of process {pid} woke {} times in {quiet:?} while nothing happened",
+            now - was
+        );
+    }
+}

@@ -3,7 +3,8 @@
 //! wrote) as the backend. Checks what the guest saw (capacity, pre-written
 //! bytes), what reached the image file (the guest's writes, byte for byte),
 //! read-only rejection, that the guest's kicks never exited to the VMM,
-//! that a backend's death stops its device but not the VMM, and that a
+//! that the threads that watch a backend sleep until it dies, that its
+//! death stops its device but not the VMM, and that a
 //! backend that is missing, never answers or answers nonsense is a clear
 //! error at start.
 
@@ -18,7 +19,7 @@ use vmm_tests::blk::{
     read_pattern_area, two_disks_one_mq_one_read_only,
 };
 use vmm_tests::vm::VmBuilder;
-use vmm_tests::{require_kvm, test_guest};
+use vmm_tests::{assert_threads_sleep, require_kvm, test_guest, thread_switches};
 
 #[test]
 fn guest_reads_and_writes_through_qemu_storage_daemon() {
@@ -67,6 +68,14 @@ fn a_backend_that_dies_stops_its_device_not_the_vmm() {
         .spawn();
     expect_disk(&vm, "00:01.0", 0, false);
     vm.expect_line("testguest: echo ready", Duration::from_secs(60));
+    // While the backend lives, the threads that watch its connection, wait
+    // to take a new one, and serve its request channel all sleep.
+    let pid = vm.child.id();
+    assert_threads_sleep(
+        pid,
+        &["disk0-watch", "disk0-reconnect", "disk0-requests"],
+        Duration::from_secs(1),
+    );
     backend.signal(libc::SIGKILL);
     vm.stderr
         .wait_for(
@@ -74,6 +83,15 @@ fn a_backend_that_dies_stops_its_device_not_the_vmm() {
             Duration::from_secs(10),
         )
         .expect("the VMM did not report the backend's death");
+    // The dead connection's request channel is closed down.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !thread_switches(pid, "disk0-requests").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request channel of the dead connection is still served"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // The VMM is still alive and stops cleanly on request.
     assert!(vm.child.try_wait().expect("try_wait").is_none());
     vm.signal(libc::SIGTERM);

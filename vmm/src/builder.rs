@@ -304,7 +304,7 @@ pub fn build(
             server
                 .serve_reconnects(
                     format!("net{index}"),
-                    move || status.hung_up(),
+                    move || status.wait_hung_up(),
                     take_back(handshake, transport),
                 )
                 .map_err(BuildError::ReconnectThread)?;
@@ -510,7 +510,7 @@ fn redial_when_gone(
         name,
         socket.to_path_buf(),
         vhost_user::reconnect::Source::Dial,
-        move || status.hung_up(),
+        move || status.wait_hung_up(),
         take_back(handshake, transport),
     )
     .map_err(BuildError::ReconnectThread)

@@ -7,20 +7,19 @@
 //! The `vhost` crate's `FrontendReqHandler` reads the channel. It keeps its
 //! own copy of the backend's end of the socket, so the channel never reads
 //! as closed: a thread serves it until the connection it was set up on
-//! hangs up, and a message that stops halfway fails after `READ_STALL`
-//! rather than holding the thread for ever.
+//! hangs up (whoever sees that says so through the channel's `Stop`), and
+//! a message that stops halfway fails after `READ_STALL` rather than
+//! holding the thread for ever.
 
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vhost::vhost_user::{FrontendReqHandler, HandlerResult, VhostUserFrontendReqHandler};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::virtio::device::ConfigNotifier;
 
-/// How often a channel's thread checks whether its connection is gone.
-const GONE_CHECK: Duration = Duration::from_millis(200);
 /// How long a read of a message that has begun may wait for the rest.
 const READ_STALL: Duration = Duration::from_secs(1);
 
@@ -49,6 +48,27 @@ impl VhostUserFrontendReqHandler for ConfigChanges {
 pub struct BackendChannel {
     name: String,
     handler: FrontendReqHandler<ConfigChanges>,
+    stop: Stop,
+}
+
+/// Ends a channel's thread: its connection is gone. Readable once stopped.
+#[derive(Clone)]
+pub struct Stop(Arc<EventFd>);
+
+impl Stop {
+    pub fn stop(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::warn!("cannot stop a backend's request channel: {e}");
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    fn stopped(&self) -> bool {
+        ready(&[self.fd()], 0).is_some()
+    }
 }
 
 impl BackendChannel {
@@ -57,6 +77,9 @@ impl BackendChannel {
             name: name.to_string(),
             notifier,
         };
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| {
+            vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e))
+        })?;
         let mut handler = FrontendReqHandler::new(Arc::new(changes))?;
         handler.set_reply_ack_flag(reply_ack);
         let stall = libc::timeval {
@@ -82,6 +105,7 @@ impl BackendChannel {
         Ok(BackendChannel {
             name: name.to_string(),
             handler,
+            stop: Stop(Arc::new(stop)),
         })
     }
 
@@ -90,17 +114,29 @@ impl BackendChannel {
         self.handler.get_tx_raw_fd()
     }
 
-    /// Serves the channel on a thread of its own until `gone` (the
+    /// What ends the thread `serve` starts.
+    pub fn stopper(&self) -> Stop {
+        self.stop.clone()
+    }
+
+    /// Serves the channel on a thread of its own until it is stopped (the
     /// connection it belongs to hung up) or the backend breaks the
-    /// channel's framing.
-    pub fn serve(self, gone: Arc<AtomicBool>) {
-        let BackendChannel { name, mut handler } = self;
+    /// channel's framing. The thread sleeps until one or the other.
+    pub fn serve(self) {
+        let BackendChannel {
+            name,
+            mut handler,
+            stop,
+        } = self;
         let spawned = std::thread::Builder::new()
             .name(format!("{name}-requests"))
             .spawn(move || {
-                while !gone.load(Ordering::Acquire) {
-                    if !readable(&handler, GONE_CHECK) {
-                        continue;
+                let fds = [handler.as_raw_fd(), stop.fd()];
+                loop {
+                    match ready(&fds, -1) {
+                        Some(0) => {}
+                        // Stopped, or poll failed: the thread is done.
+                        Some(_) | None => return,
                     }
                     match handler.handle_request() {
                         Ok(_) => {}
@@ -114,7 +150,7 @@ impl BackendChannel {
                             log::warn!("{name}: a backend request refused: {e}");
                         }
                         Err(e) => {
-                            if !gone.load(Ordering::Acquire) {
+                            if !stop.stopped() {
                                 log::warn!(
                                     "{name}: the backend's request channel failed ({e}); \
                                      its configuration changes are no longer heard"
@@ -131,16 +167,29 @@ impl BackendChannel {
     }
 }
 
-/// Whether the channel has something to read within `timeout`.
-fn readable(channel: &impl AsRawFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: channel.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: `pfd` is a valid pollfd for a socket the handler owns and
-    // keeps open while we hold it.
-    let ready = unsafe { libc::poll(&mut pfd, 1, millis) };
-    ready > 0 && pfd.revents != 0
+/// The index of the first of `fds` with something to read (or hung up)
+/// within `millis` (-1: no limit), or None when none is or poll fails.
+/// Interrupted waits are retried.
+fn ready(fds: &[RawFd], millis: i32) -> Option<usize> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `pfds` is a valid array of pollfds of the length given;
+        // the fds are the handler's socket and the stop eventfd, which the
+        // serving thread owns while it polls them.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, millis) };
+        if rc < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        if rc <= 0 {
+            return None;
+        }
+        return pfds.iter().position(|p| p.revents != 0);
+    }
 }

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
@@ -16,7 +16,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend_channel::{BackendChannel, NotifierSlot};
+use super::backend_channel::{BackendChannel, NotifierSlot, Stop};
 use super::deadline::{self, exchange, ExchangeError, REPLY_TIMEOUT};
 use crate::virtio::device::{
     ActivateError, ActiveQueue, ConfigNotifier, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -164,7 +164,9 @@ pub struct DeviceStatus {
     pub broken: Arc<AtomicBool>,
     /// Set when the backend's connection closed (not when a backend that
     /// is still connected failed a request): a new backend may take over.
-    hung_up: AtomicBool,
+    hung_up: Mutex<bool>,
+    /// Told when `hung_up` is set.
+    hang_up_seen: Condvar,
     listeners: Mutex<Vec<StatusListener>>,
 }
 
@@ -174,8 +176,25 @@ impl DeviceStatus {
     }
 
     /// Whether the backend's connection has closed since it last connected.
-    pub fn hung_up(&self) -> bool {
-        self.hung_up.load(Ordering::Acquire)
+    #[cfg(test)]
+    fn hung_up(&self) -> bool {
+        *crate::bus::lock(&self.hung_up)
+    }
+
+    /// Sleeps until the backend's connection has closed.
+    pub fn wait_hung_up(&self) {
+        let hung_up = crate::bus::lock(&self.hung_up);
+        let _gone = self
+            .hang_up_seen
+            .wait_while(hung_up, |hung_up| !*hung_up)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    }
+
+    fn set_hung_up(&self, hung_up: bool) {
+        *crate::bus::lock(&self.hung_up) = hung_up;
+        if hung_up {
+            self.hang_up_seen.notify_all();
+        }
     }
 
     /// Adds a function told about connection changes.
@@ -367,12 +386,17 @@ impl VhostUserDevice {
             acked_features: AtomicU64::new(0),
             queues: spec.num_queues,
             broken: broken.clone(),
-            hung_up: AtomicBool::new(false),
+            hung_up: Mutex::new(false),
+            hang_up_seen: Condvar::new(),
             listeners: Mutex::new(Vec::new()),
         });
-        let gone = watch_hangup(frontend.as_raw_fd(), status.clone());
+        watch_hangup(
+            frontend.as_raw_fd(),
+            status.clone(),
+            channel.as_ref().map(BackendChannel::stopper),
+        );
         if let Some(channel) = channel {
-            channel.serve(gone);
+            channel.serve();
         }
         Ok(VhostUserDevice {
             ring_enabled: Arc::new(Mutex::new(vec![false; spec.num_queues])),
@@ -434,12 +458,9 @@ fn cut_off(frontend: &Mutex<Frontend>, broken: &AtomicBool, e: &ExchangeError) {
     }
 }
 
-/// Logs once when the backend's socket hangs up, marks the device broken
-/// and tells the status listener. Returns the flag it sets then, for what
-/// else lives as long as the connection.
-fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) -> Arc<AtomicBool> {
-    let gone = Arc::new(AtomicBool::new(false));
-    let gone_seen = gone.clone();
+/// Logs once when the backend's socket hangs up, marks the device broken,
+/// stops the connection's request channel and tells the status listeners.
+fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>, channel: Option<Stop>) {
     let name = status.name.clone();
     // A mark left by an earlier connection that had this fd number.
     deadline::take_cut_off(fd);
@@ -465,8 +486,10 @@ fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) -> Arc<AtomicBool> {
             if pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
             {
                 status.broken.store(true, Ordering::Release);
-                status.hung_up.store(true, Ordering::Release);
-                gone_seen.store(true, Ordering::Release);
+                status.set_hung_up(true);
+                if let Some(channel) = &channel {
+                    channel.stop();
+                }
                 if deadline::take_cut_off(fd) {
                     log::error!(
                         "{name}: cut off from its vhost-user backend; the device is stopped"
@@ -483,7 +506,6 @@ fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>) -> Arc<AtomicBool> {
     if let Err(e) = spawned {
         log::warn!("cannot watch the backend connection: {e}");
     }
-    gone
 }
 
 impl VirtioDevice for VhostUserDevice {
@@ -806,10 +828,14 @@ impl VhostUserDevice {
         // Cleared before the watcher starts: a connection that is already
         // gone must leave the device marked broken and hung up.
         self.broken.store(false, Ordering::Release);
-        self.status.hung_up.store(false, Ordering::Release);
-        let gone = watch_hangup(fd, self.status.clone());
+        self.status.set_hung_up(false);
+        watch_hangup(
+            fd,
+            self.status.clone(),
+            channel.as_ref().map(BackendChannel::stopper),
+        );
         if let Some(channel) = channel {
-            channel.serve(gone);
+            channel.serve();
         }
         if let Some(activation) = self.activation.take() {
             let result = self.hand_rings(&activation, true);

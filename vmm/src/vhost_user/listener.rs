@@ -98,16 +98,16 @@ impl ServerSocket {
 
 impl ServerSocket {
     /// Serves backends that connect again, for the life of the process: each
-    /// time the device's backend has gone (`gone` returns true), the next
+    /// time the device's backend has gone (`wait_gone` returns), the next
     /// connection is handed to `attach`.
     pub fn serve_reconnects(
         &self,
         name: String,
-        gone: impl Fn() -> bool + Send + 'static,
+        wait_gone: impl Fn() + Send + 'static,
         attach: impl Fn(UnixStream) -> Result<(), String> + Send + 'static,
     ) -> std::io::Result<()> {
         let source = reconnect::Source::Listener(self.listener.try_clone()?);
-        reconnect::spawn(name, self.path.clone(), source, gone, attach)
+        reconnect::spawn(name, self.path.clone(), source, wait_gone, attach)
     }
 }
 

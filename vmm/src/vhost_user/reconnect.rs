@@ -1,4 +1,4 @@
-//! Taking a device's backend back after it dies: a thread per device waits
+//! Taking a device's backend back after it dies: a thread per device sleeps
 //! until the connection is gone, gets a new one, and hands it to the
 //! device, which negotiates again and gives the new backend its rings
 //! where the guest left them.
@@ -15,8 +15,6 @@ use std::time::Duration;
 
 use super::deadline::{self, REPLY_TIMEOUT};
 
-/// How often the VMM checks whether a backend has gone.
-const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 /// How often it dials a backend's socket until the backend is back.
 const DIAL_INTERVAL: Duration = Duration::from_millis(100);
 /// How long it waits after a backend it took back failed to set up.
@@ -52,20 +50,19 @@ impl Source {
 }
 
 /// Serves a device's reconnections for the life of the process: each time
-/// `gone` turns true, the next connection from `source` goes to `attach`.
+/// `wait_gone` returns (it sleeps while the device's backend is connected),
+/// the next connection from `source` goes to `attach`.
 pub fn spawn(
     name: String,
     path: PathBuf,
     source: Source,
-    gone: impl Fn() -> bool + Send + 'static,
+    wait_gone: impl Fn() + Send + 'static,
     attach: impl Fn(UnixStream) -> Result<(), String> + Send + 'static,
 ) -> io::Result<()> {
     std::thread::Builder::new()
         .name(format!("{name}-reconnect"))
         .spawn(move || loop {
-            while !gone() {
-                std::thread::sleep(WATCH_INTERVAL);
-            }
+            wait_gone();
             let stream = match source.next(&path, &name) {
                 Ok(stream) => stream,
                 Err(e) => {
