@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use vmm_tests::qmp::RawQmp;
 use vmm_tests::vm::{RunningVm, VmBuilder};
-use vmm_tests::{repo_root, require_kvm, test_guest};
+use vmm_tests::{assert_threads_sleep, repo_root, require_kvm, test_guest};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -60,7 +60,8 @@ fn stop_pauses_the_guest_and_cont_resumes_it() {
         .request(r#"{"execute": "query-status"}"#)
         .contains(r#""status":"paused""#));
     let paused_at = last_count(&vm);
-    std::thread::sleep(Duration::from_secs(2));
+    // A paused vCPU sleeps rather than checks back now and then.
+    assert_threads_sleep(vm.child.id(), &["vcpu0"], Duration::from_secs(2));
     assert_eq!(last_count(&vm), paused_at, "the guest ran while paused");
 
     assert_eq!(qmp.request(r#"{"execute": "cont"}"#), r#"{"return":{}}"#);

@@ -78,8 +78,10 @@ impl RunControl {
         self.paused.load(Ordering::Acquire)
     }
 
-    /// Called by a vCPU thread between exits: blocks while the VM is paused
-    /// (and `stop` is not set).
+    /// Called by a vCPU thread between exits: sleeps while the VM is paused
+    /// (and `stop` is not set). Whoever sets `stop` calls `finish` after,
+    /// which takes the lock this checks `stop` under: the wake-up cannot
+    /// come between the check and the wait.
     pub fn park_if_paused(&self, stop: &AtomicBool) {
         if !self.is_paused() {
             return;
@@ -88,11 +90,7 @@ impl RunControl {
         state.parked += 1;
         self.changed.notify_all();
         while state.paused && !stop.load(Ordering::Acquire) {
-            state = self
-                .changed
-                .wait_timeout(state, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
         state.parked -= 1;
     }
