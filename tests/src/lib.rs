@@ -122,13 +122,18 @@ pub fn require_kvm() {
     }
 }
 
-/// The threads of process `pid` whose name starts with `prefix`, each with
-/// how many times it has been switched out so far (voluntarily or not).
-pub fn thread_switches(pid: u32, prefix: &str) -> Vec<(String, u64)> {
+/// The threads of process `pid` whose name starts with `prefix`, each
+/// with its thread id and how many times it has been switched out so far
+/// (voluntarily or not). Names are as the kernel keeps them: at most 15
+/// bytes.
+pub fn thread_switches(pid: u32, prefix: &str) -> Vec<(String, u32, u64)> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/task: {e}"));
     let mut found = Vec::new();
     for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
         let dir = task.path();
         // A thread that ended meanwhile has no files left: skip it.
         let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
@@ -146,36 +151,43 @@ pub fn thread_switches(pid: u32, prefix: &str) -> Vec<(String, u64)> {
             .filter(|l| l.contains("ctxt_switches:"))
             .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
             .sum();
-        found.push((name, switches));
+        found.push((name, tid, switches));
     }
     found.sort();
     found
 }
 
-/// Asserts that process `pid` has the threads named `names` and that none
-/// of them wakes during `quiet` (at most one switch, for the odd spurious
-/// wake-up): threads that wait for an event rather than poll for it.
+/// Asserts that process `pid` has threads named each of `names` (cut to
+/// the 15 bytes the kernel keeps) and that none of them, every thread of
+/// each name, wakes during `quiet` (at most one switch, for the odd
+/// spurious wake-up): threads that wait for an event rather than poll.
 pub fn assert_threads_sleep(pid: u32, names: &[&str], quiet: std::time::Duration) {
-    let sample = || -> Vec<(String, u64)> {
-        names
-            .iter()
-            .map(|name| {
-                let found = thread_switches(pid, name);
-                match found.iter().find(|(n, _)| n == name) {
-                    Some(thread) => thread.clone(),
-                    None => panic!("process {pid} has no thread {name}: it has {found:?}"),
-                }
-            })
-            .collect()
+    let sample = || -> Vec<(String, u32, u64)> {
+        let mut all = Vec::new();
+        for name in names {
+            let kept = &name[..name.len().min(15)];
+            let found = thread_switches(pid, kept);
+            let named: Vec<_> = found.iter().filter(|(n, ..)| n == kept).cloned().collect();
+            assert!(
+                !named.is_empty(),
+                "process {pid} has no thread {kept}: it has {found:?}"
+            );
+            all.extend(named);
+        }
+        all
     };
     let before = sample();
     std::thread::sleep(quiet);
     let after = sample();
-    for ((name, was), (_, now)) in before.iter().zip(&after) {
+    for (name, tid, was) in &before {
+        // A thread that ended meanwhile did not wake to poll.
+        let Some((.., now)) = after.iter().find(|(_, t, _)| t == tid) else {
+            continue;
+        };
+        let woke = now.saturating_sub(*was);
         assert!(
-            now - was <= 1,
-            "thread {name} of process {pid} woke {} times in {quiet:?} while nothing happened",
-            now - was
+            woke <= 1,
+            "thread {name} ({tid}) of process {pid} woke {woke} times in {quiet:?} while nothing happened"
         );
     }
 }

@@ -135,8 +135,16 @@ impl BackendChannel {
                 loop {
                     match ready(&fds, -1) {
                         Some(0) => {}
-                        // Stopped, or poll failed: the thread is done.
-                        Some(_) | None => return,
+                        // Stopped: the connection is gone.
+                        Some(_) => return,
+                        None => {
+                            log::warn!(
+                                "{name}: cannot wait on the backend's request channel ({}); \
+                                 its configuration changes are no longer heard",
+                                std::io::Error::last_os_error()
+                            );
+                            return;
+                        }
                     }
                     match handler.handle_request() {
                         Ok(_) => {}

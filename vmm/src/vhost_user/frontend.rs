@@ -459,7 +459,8 @@ fn cut_off(frontend: &Mutex<Frontend>, broken: &AtomicBool, e: &ExchangeError) {
 }
 
 /// Logs once when the backend's socket hangs up, marks the device broken,
-/// stops the connection's request channel and tells the status listeners.
+/// stops the connection's request channel, tells the status listeners, and
+/// then marks the connection hung up (which wakes the reconnect thread).
 fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>, channel: Option<Stop>) {
     let name = status.name.clone();
     // A mark left by an earlier connection that had this fd number.
@@ -473,20 +474,21 @@ fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>, channel: Option<Stop>) {
                 revents: 0,
             };
             // SAFETY: `pfd` is a valid pollfd. The socket stays open while
-            // this thread polls it: devices are never dropped while the VMM
-            // runs, and a connection is replaced (and closed) only after it
-            // hung up, once this thread has seen that and returned.
+            // this thread uses it: devices are never dropped while the VMM
+            // runs, and a connection is replaced (and closed) only after
+            // `set_hung_up(true)`, the last thing this thread does.
             let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
             if rc < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
+                log::error!("{name}: cannot watch the backend's connection any more: {e}");
                 return;
             }
             if pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
             {
                 status.broken.store(true, Ordering::Release);
-                status.set_hung_up(true);
                 if let Some(channel) = &channel {
                     channel.stop();
                 }
@@ -500,6 +502,9 @@ fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>, channel: Option<Stop>) {
                     );
                 }
                 status.changed();
+                // Last: this lets a new backend take over, and the device
+                // tells its listeners of that, after this loss.
+                status.set_hung_up(true);
                 return;
             }
         });
