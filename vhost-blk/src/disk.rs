@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 #[cfg(test)]
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vm_memory::VolatileSlice;
@@ -168,6 +169,39 @@ pub enum DiskError {
     DirectSize(PathBuf, u64, u64),
 }
 
+/// How long a lock held by someone else is waited for: a backend killed
+/// with transfers in flight keeps its image open, and so locked, until the
+/// kernel has finished them, a little after the process is gone.
+const LOCK_GRACE: Duration = Duration::from_secs(2);
+const LOCK_RETRY: Duration = Duration::from_millis(10);
+
+/// Takes the image's `flock` (`mode`: LOCK_EX or LOCK_SH), waiting up to
+/// LOCK_GRACE for a holder to let go of it.
+fn lock(file: &File, mode: libc::c_int, path: &Path) -> Result<(), DiskError> {
+    let deadline = Instant::now() + LOCK_GRACE;
+    let mut logged = false;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(DiskError::Lock(path.to_path_buf(), err));
+        }
+        if Instant::now() >= deadline {
+            return Err(DiskError::Locked(path.to_path_buf()));
+        }
+        if !logged {
+            log::info!(
+                "--image {path:?} is locked; waiting up to {LOCK_GRACE:?} in case its holder is a backend that just died"
+            );
+            logged = true;
+        }
+        std::thread::sleep(LOCK_RETRY);
+    }
+}
+
 /// The most an unaligned O_DIRECT transfer bounces at a time.
 const BOUNCE_WINDOW: u64 = 1 << 20;
 
@@ -196,15 +230,7 @@ impl RawFile {
         } else {
             libc::LOCK_EX
         };
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
-            let err = io::Error::last_os_error();
-            return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                DiskError::Locked(path.to_path_buf())
-            } else {
-                DiskError::Lock(path.to_path_buf(), err)
-            });
-        }
+        lock(&file, mode, path)?;
         // The end, not the metadata's length: a block device has none.
         let size = (&file)
             .seek(SeekFrom::End(0))
