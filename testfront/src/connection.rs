@@ -15,6 +15,10 @@
 //!            SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ENABLE 1
 //! ```
 //!
+//! `resume` repeats it on a new connection after a backend died, with the
+//! same memory and rings, each ring's base at its used index, as a VMM
+//! does after a backend restart.
+//!
 //! With REPLY_ACK, every message that has no reply of its own carries
 //! NEED_REPLY, so a backend that rejects one (a memory table it cannot map,
 //! a ring outside it) fails here, by name, rather than silently later.
@@ -70,6 +74,8 @@ pub enum ConnectionError {
     Dup(#[source] std::io::Error),
     #[error("{0} bytes of guest memory are not enough")]
     OutOfMemory(u64),
+    #[error("the new backend settled features {now:#x}, the one before {before:#x}")]
+    FeaturesChanged { before: u64, now: u64 },
 }
 
 impl ConnectionError {
@@ -157,11 +163,22 @@ pub struct Connection {
     /// The config space read at connection (empty without CONFIG).
     pub config: Vec<u8>,
     pub queues: Vec<VirtQueue>,
+    /// What was asked for at connection.
+    options: Options,
 }
 
 fn req<T>(what: &'static str, r: vhost::Result<T>) -> Result<T, ConnectionError> {
     log::trace!("vhost-user {what}");
     r.map_err(|e| ConnectionError::Request(what, e))
+}
+
+/// What a handshake settled.
+struct Negotiated {
+    offered: u64,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+    max_queues: u64,
+    config: Vec<u8>,
 }
 
 impl Connection {
@@ -170,6 +187,20 @@ impl Connection {
         if size == 0 || !size.is_power_of_two() {
             return Err(ConnectionError::QueueSize(size));
         }
+        Self::with_answer_limit(socket, options.num_queues, |frontend| {
+            Self::negotiate(socket, frontend, options)
+        })
+    }
+
+    /// Connects to `socket` and runs `exchange` on the new frontend; a
+    /// backend that accepts the connection and never answers is an error,
+    /// not a hang (the vhost crate retries a receive timeout, so the socket
+    /// is shut down instead).
+    fn with_answer_limit<T>(
+        socket: &Path,
+        num_queues: usize,
+        exchange: impl FnOnce(Frontend) -> Result<T, ConnectionError>,
+    ) -> Result<T, ConnectionError> {
         let connect_err = |e: std::io::Error| {
             ConnectionError::Connect(
                 socket.to_path_buf(),
@@ -177,17 +208,13 @@ impl Connection {
             )
         };
         let stream = UnixStream::connect(socket).map_err(connect_err)?;
-        // A backend that accepts and never answers is an error, not a hang
-        // (the vhost crate retries a receive timeout, so the socket is shut
-        // down instead).
         let watch = Watch::arm(stream.try_clone().map_err(connect_err)?, REQUEST_TIMEOUT)
             .map_err(connect_err)?;
-        let frontend = Frontend::from_stream(stream, options.num_queues as u64);
-        let connection = Self::negotiate(socket, frontend, options);
+        let result = exchange(Frontend::from_stream(stream, num_queues as u64));
         if watch.disarm() {
             return Err(ConnectionError::NoAnswer(REQUEST_TIMEOUT));
         }
-        connection
+        result
     }
 
     fn negotiate(
@@ -196,6 +223,44 @@ impl Connection {
         options: Options,
     ) -> Result<Self, ConnectionError> {
         let size = options.queue_size;
+        let n = Self::handshake(&mut frontend, options)?;
+        let mut memory = GuestMemory::new(options.mem_size, options.hugepages)
+            .map_err(ConnectionError::Memory)?;
+        Self::send_mem_table(&mut frontend, &memory)?;
+        let event_idx = n.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut queues = Vec::with_capacity(options.num_queues);
+        for index in 0..options.num_queues {
+            let base = memory
+                .alloc(Layout::total_bytes(size), 4096)
+                .ok_or(ConnectionError::OutOfMemory(options.mem_size))?;
+            let mut q =
+                VirtQueue::new(index, size, base, event_idx).map_err(ConnectionError::EventFd)?;
+            Self::start_ring(&mut frontend, &memory, &mut q, 0, n.features)?;
+            queues.push(q);
+        }
+        log::debug!(
+            "connected to {}: features {:#x}, protocol features {:#x}, {} of {} queues of {size}",
+            socket.display(),
+            n.features,
+            n.protocol.bits(),
+            options.num_queues,
+            n.max_queues,
+        );
+        Ok(Connection {
+            frontend,
+            memory,
+            offered: n.offered,
+            features: n.features,
+            protocol: n.protocol,
+            max_queues: n.max_queues,
+            config: n.config,
+            queues,
+            options,
+        })
+    }
+
+    /// Features, protocol features, the queue count and the config space.
+    fn handshake(frontend: &mut Frontend, options: Options) -> Result<Negotiated, ConnectionError> {
         req("SET_OWNER", frontend.set_owner())?;
         let offered = req("GET_FEATURES", frontend.get_features())?;
         if offered & (1 << VIRTIO_F_VERSION_1) == 0 {
@@ -239,11 +304,21 @@ impl Connection {
 
         let mut config = Vec::new();
         if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            config = read_config(&mut frontend, CONFIG_LEN)?;
+            config = read_config(frontend, CONFIG_LEN)?;
         }
+        Ok(Negotiated {
+            offered,
+            features,
+            protocol,
+            max_queues,
+            config,
+        })
+    }
 
-        let mut memory = GuestMemory::new(options.mem_size, options.hugepages)
-            .map_err(ConnectionError::Memory)?;
+    fn send_mem_table(
+        frontend: &mut Frontend,
+        memory: &GuestMemory,
+    ) -> Result<(), ConnectionError> {
         let regions: Vec<VhostUserMemoryRegionInfo> = memory
             .mem
             .iter()
@@ -259,63 +334,87 @@ impl Connection {
             })
             .collect();
         req("SET_MEM_TABLE", frontend.set_mem_table(&regions))?;
+        Ok(())
+    }
 
-        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut queues = Vec::with_capacity(options.num_queues);
-        for index in 0..options.num_queues {
-            let base = memory
-                .alloc(Layout::total_bytes(size), 4096)
-                .ok_or(ConnectionError::OutOfMemory(options.mem_size))?;
-            let mut q =
-                VirtQueue::new(index, size, base, event_idx).map_err(ConnectionError::EventFd)?;
-            // SAFETY: the frontend owns this socket descriptor and is alive
-            // for the whole borrow, which only lasts for the duplication.
-            let socket = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) };
-            q.watch_peer(socket.try_clone_to_owned().map_err(ConnectionError::Dup)?);
-            // The backend translates ring addresses through the regions'
-            // userspace_addr (the frontend's own mapping), as with QEMU.
-            let host = |gpa: u64| {
-                memory
-                    .mem
-                    .get_host_address(GuestAddress(gpa))
-                    .map(|p| p as u64)
-                    .map_err(|_| ConnectionError::OutOfMemory(options.mem_size))
-            };
-            let ring = VringConfigData {
-                queue_max_size: size,
-                queue_size: size,
-                flags: 0,
-                desc_table_addr: host(q.layout.desc)?,
-                used_ring_addr: host(q.layout.used)?,
-                avail_ring_addr: host(q.layout.avail)?,
-                log_addr: None,
-            };
-            req("SET_VRING_NUM", frontend.set_vring_num(index, size))?;
-            req("SET_VRING_ADDR", frontend.set_vring_addr(index, &ring))?;
-            req("SET_VRING_BASE", frontend.set_vring_base(index, 0))?;
-            req("SET_VRING_KICK", frontend.set_vring_kick(index, &q.kick))?;
-            req("SET_VRING_CALL", frontend.set_vring_call(index, &q.call))?;
-            if features & PROTOCOL_FEATURES != 0 {
-                req("SET_VRING_ENABLE", frontend.set_vring_enable(index, true))?;
-            }
-            queues.push(q);
+    /// Hands `q` to the backend, starting at `base` in its available ring.
+    fn start_ring(
+        frontend: &mut Frontend,
+        memory: &GuestMemory,
+        q: &mut VirtQueue,
+        base: u16,
+        features: u64,
+    ) -> Result<(), ConnectionError> {
+        let (index, size) = (q.index, q.size);
+        // SAFETY: the frontend owns this socket descriptor and is alive
+        // for the whole borrow, which only lasts for the duplication.
+        let socket = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) };
+        q.watch_peer(socket.try_clone_to_owned().map_err(ConnectionError::Dup)?);
+        // The backend translates ring addresses through the regions'
+        // userspace_addr (the frontend's own mapping), as with QEMU.
+        let host = |gpa: u64| {
+            memory
+                .mem
+                .get_host_address(GuestAddress(gpa))
+                .map(|p| p as u64)
+                .map_err(|_| ConnectionError::OutOfMemory(memory.size))
+        };
+        let ring = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: host(q.layout.desc)?,
+            used_ring_addr: host(q.layout.used)?,
+            avail_ring_addr: host(q.layout.avail)?,
+            log_addr: None,
+        };
+        req("SET_VRING_NUM", frontend.set_vring_num(index, size))?;
+        req("SET_VRING_ADDR", frontend.set_vring_addr(index, &ring))?;
+        req("SET_VRING_BASE", frontend.set_vring_base(index, base))?;
+        req("SET_VRING_KICK", frontend.set_vring_kick(index, &q.kick))?;
+        req("SET_VRING_CALL", frontend.set_vring_call(index, &q.call))?;
+        if features & PROTOCOL_FEATURES != 0 {
+            req("SET_VRING_ENABLE", frontend.set_vring_enable(index, true))?;
         }
-        log::debug!(
-            "connected to {}: features {features:#x}, protocol features {:#x}, {} of {max_queues} queues of {size}",
-            socket.display(),
-            protocol.bits(),
-            options.num_queues
-        );
-        Ok(Connection {
-            frontend,
-            memory,
-            offered,
-            features,
-            protocol,
-            max_queues,
-            config,
-            queues,
-        })
+        Ok(())
+    }
+
+    /// Connects to the backend now listening on `socket`, one that took
+    /// the place of a backend that died, and hands it this connection's
+    /// memory and `queues` (taken from it, with requests in flight), each
+    /// starting where its used ring stands, as a VMM does after a backend
+    /// restart; then kicks them, so the requests the dead backend did not
+    /// complete are served. The new backend must settle the same features.
+    pub fn resume(
+        &mut self,
+        socket: &Path,
+        queues: &mut [&mut VirtQueue],
+    ) -> Result<(), ConnectionError> {
+        let options = self.options;
+        let memory = &self.memory;
+        let features = self.features;
+        let frontend = Self::with_answer_limit(socket, options.num_queues, |mut frontend| {
+            let n = Self::handshake(&mut frontend, options)?;
+            if n.features != features {
+                return Err(ConnectionError::FeaturesChanged {
+                    before: features,
+                    now: n.features,
+                });
+            }
+            Self::send_mem_table(&mut frontend, memory)?;
+            for q in queues.iter_mut() {
+                let base = q
+                    .used_idx(&memory.mem)
+                    .map_err(|_| ConnectionError::OutOfMemory(memory.size))?;
+                Self::start_ring(&mut frontend, memory, q, base, features)?;
+            }
+            Ok(frontend)
+        })?;
+        self.frontend = frontend;
+        for q in queues.iter() {
+            q.kick.write(1).map_err(ConnectionError::EventFd)?;
+        }
+        Ok(())
     }
 
     /// Reads `len` bytes of the device's config space from offset 0, now

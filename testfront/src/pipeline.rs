@@ -81,6 +81,11 @@ impl Pipeline {
         })
     }
 
+    /// The queue, for `Connection::resume` after its backend died.
+    pub fn queue_mut(&mut self) -> &mut VirtQueue {
+        &mut self.queue
+    }
+
     pub fn index(&self) -> usize {
         self.queue.index
     }

@@ -241,7 +241,8 @@ impl VirtQueue {
         self.kick.write(1).map_err(RingError::Kick)
     }
 
-    fn used_idx(&self, mem: &Memory) -> Result<u16, RingError> {
+    /// The device's used index, as it stands in memory.
+    pub fn used_idx(&self, mem: &Memory) -> Result<u16, RingError> {
         fence(Ordering::SeqCst);
         mem.read_obj(GuestAddress(self.layout.used + 2))
             .map_err(|_| RingError::Memory("the used ring"))

@@ -27,6 +27,7 @@ use crate::queue_io::{Completed, QueueIo};
 use crate::request::{
     self, BlkTarget, ChainBuf, Parsed, MAX_DISCARD_SECTORS, SECTOR_SIZE, SEG_MAX,
 };
+use crate::used_order::UsedOrder;
 
 /// Reads and writes in flight at once, per queue.
 const RING_ENTRIES: u32 = 256;
@@ -94,6 +95,9 @@ struct QueueState {
     /// more is taken from it until the frontend stops it (GET_VRING_BASE)
     /// and sets it up again.
     broken: bool,
+    /// Finished requests wait here for earlier ones, so the used ring
+    /// follows the available ring's order (see `used_order`).
+    order: UsedOrder,
 }
 
 #[derive(Default)]
@@ -173,19 +177,19 @@ impl BlkBackend {
         AsyncIo::Ready(Box::new(qio))
     }
 
-    /// Completes finished transfers in the used ring; returns how many.
+    /// Finishes completed transfers and puts every request that may go
+    /// there in the used ring; returns how many went.
     fn complete(
         queue: usize,
         vring: &VringRwLock,
+        order: &mut UsedOrder,
         mem: &GuestMemoryMmap,
         done: &mut Vec<Completed>,
     ) -> u32 {
         let mut completed = 0;
         for c in done.drain(..) {
             let used = request::finish(mem, &c.io, c.ok);
-            if add_used(queue, vring, c.head, used) {
-                completed += 1;
-            }
+            completed += publish(queue, vring, order, c.head, used);
         }
         completed
     }
@@ -216,7 +220,8 @@ impl BlkBackend {
         let Some(state) = self.queues.get(queue) else {
             return Ok(());
         };
-        let mut state = lock(state);
+        let mut guard = lock(state);
+        let state = &mut *guard;
         let vring = state.vring.clone();
         let AsyncIo::Ready(qio) = &mut state.io else {
             return Ok(());
@@ -238,7 +243,7 @@ impl BlkBackend {
             return drained;
         };
         let mem = atomic.memory();
-        if Self::complete(queue, &vring, &mem, &mut finished) > 0 {
+        if Self::complete(queue, &vring, &mut state.order, &mem, &mut finished) > 0 {
             vring.signal_used_queue()?;
         }
         drained
@@ -286,7 +291,7 @@ impl BlkBackend {
             if let Some(qio) = qio.as_deref_mut() {
                 qio.reap(&mut finished);
             }
-            let mut completed = Self::complete(queue, vring, &mem, &mut finished);
+            let mut completed = Self::complete(queue, vring, &mut state.order, &mem, &mut finished);
             let mut full = false;
             let mut refused = None;
             loop {
@@ -315,6 +320,7 @@ impl BlkBackend {
                     }
                 };
                 let head = chain.head_index();
+                state.order.take(head);
                 let used = match request::parse(
                     &self.device.target,
                     &mem,
@@ -331,7 +337,8 @@ impl BlkBackend {
                             if let Err(e) = qio.drain(&mut finished) {
                                 refused = Some(e);
                             }
-                            completed += Self::complete(queue, vring, &mem, &mut finished);
+                            completed +=
+                                Self::complete(queue, vring, &mut state.order, &mem, &mut finished);
                         }
                         request.run(&self.device.target, &mem)
                     }
@@ -351,9 +358,7 @@ impl BlkBackend {
                         _ => request::finish(&mem, &io, false),
                     },
                 };
-                if add_used(queue, vring, head, used) {
-                    completed += 1;
-                }
+                completed += publish(queue, vring, &mut state.order, head, used);
                 if refused.is_some() {
                     break;
                 }
@@ -377,7 +382,7 @@ impl BlkBackend {
                 // The transfers it never took complete below as failed.
                 state.io = AsyncIo::Unavailable;
             }
-            completed += Self::complete(queue, vring, &mem, &mut finished);
+            completed += Self::complete(queue, vring, &mut state.order, &mem, &mut finished);
             if completed > 0 {
                 let notify = !event_idx || vring.needs_notification().map_err(vq_err)?;
                 if notify {
@@ -408,6 +413,18 @@ impl BlkBackend {
             }
         }
     }
+}
+
+/// Records that the request at `head` finished and puts every request that
+/// may go there now in the used ring (`UsedOrder`); returns how many went.
+fn publish(queue: usize, vring: &VringRwLock, order: &mut UsedOrder, head: u16, used: u32) -> u32 {
+    let mut published = 0;
+    order.finish(head, used, |head, used| {
+        if add_used(queue, vring, head, used) {
+            published += 1;
+        }
+    });
+    published
 }
 
 /// Puts `head` in the used ring; false (and a warning) for a head index the
@@ -530,7 +547,11 @@ impl VhostUserBackend for BlkBackend {
         let queue = queue_index as usize;
         let drained = self.finish_in_flight(queue);
         if let Some(state) = self.queues.get(queue) {
-            lock(state).broken = false;
+            let mut state = lock(state);
+            state.broken = false;
+            // Everything taken has finished (or was failed by `abandon`);
+            // the next frontend's ring starts from nothing taken.
+            state.order.clear();
         }
         drained
     }

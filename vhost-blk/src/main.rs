@@ -8,6 +8,7 @@ mod disk;
 mod queue_io;
 mod request;
 mod server;
+mod used_order;
 
 #[cfg(test)]
 mod tests;

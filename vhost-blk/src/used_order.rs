@@ -1,0 +1,126 @@
+//! The order in which one queue's finished requests enter the used ring:
+//! the order the driver made them available, whatever order the disk
+//! finished them in.
+//!
+//! That is what makes a backend restart exact without inflight tracking.
+//! A frontend whose backend died hands the rings to the next backend
+//! starting at the guest's used index. That is right only if every request
+//! before that point in the available ring has completed and none after it
+//! has. A request that finished early therefore waits here until every
+//! request taken before it has finished too. Otherwise a restart would skip
+//! an earlier request, and serve a finished one a second time, even after
+//! the driver has reused its descriptors for a new request.
+//!
+//! The wait costs no disk time. A finished request has already left the
+//! disk, and its blocks and buffers are released when it finishes, not
+//! when it is published.
+
+use std::collections::VecDeque;
+
+#[derive(Debug, Default)]
+pub struct UsedOrder {
+    /// Heads taken from the available ring and not yet in the used ring,
+    /// oldest first.
+    taken: VecDeque<u16>,
+    /// By head: how many of its requests have finished and wait for
+    /// earlier ones (more than one only if a driver made a head available
+    /// again before it completed), and the used length of the last.
+    finished: Vec<(u16, u32)>,
+}
+
+impl UsedOrder {
+    /// Records that the request at `head` was taken from the available ring.
+    pub fn take(&mut self, head: u16) {
+        self.taken.push_back(head);
+    }
+
+    /// Records that the request at `head` finished with `used` bytes
+    /// written, then hands `publish` every request that may enter the used
+    /// ring now, in order. A head that was never taken goes out at once.
+    pub fn finish(&mut self, head: u16, used: u32, mut publish: impl FnMut(u16, u32)) {
+        if !self.taken.contains(&head) {
+            publish(head, used);
+            return;
+        }
+        let index = usize::from(head);
+        if self.finished.len() <= index {
+            self.finished.resize(index + 1, (0, 0));
+        }
+        let slot = &mut self.finished[index];
+        slot.0 = slot.0.saturating_add(1);
+        slot.1 = used;
+        while let Some(&front) = self.taken.front() {
+            let Some(slot) = self
+                .finished
+                .get_mut(usize::from(front))
+                .filter(|s| s.0 > 0)
+            else {
+                break;
+            };
+            slot.0 -= 1;
+            self.taken.pop_front();
+            publish(front, slot.1);
+        }
+    }
+
+    /// Requests taken and not yet published.
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.taken.len()
+    }
+
+    /// Forgets every request: the ring was stopped, and nothing taken from
+    /// it is still running.
+    pub fn clear(&mut self) {
+        self.taken.clear();
+        self.finished.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finish(order: &mut UsedOrder, head: u16, used: u32) -> Vec<(u16, u32)> {
+        let mut out = Vec::new();
+        order.finish(head, used, |h, u| out.push((h, u)));
+        out
+    }
+
+    #[test]
+    fn requests_enter_the_used_ring_in_the_order_they_were_taken() {
+        let mut order = UsedOrder::default();
+        for head in [5, 2, 9] {
+            order.take(head);
+        }
+        assert_eq!(finish(&mut order, 2, 4097), []);
+        assert_eq!(finish(&mut order, 9, 1), []);
+        assert_eq!(order.pending(), 3);
+        assert_eq!(finish(&mut order, 5, 1), [(5, 1), (2, 4097), (9, 1)]);
+        assert_eq!(order.pending(), 0);
+        order.take(2);
+        assert_eq!(finish(&mut order, 2, 7), [(2, 7)]);
+    }
+
+    #[test]
+    fn a_head_taken_twice_is_published_twice() {
+        let mut order = UsedOrder::default();
+        for head in [1, 3, 3] {
+            order.take(head);
+        }
+        assert_eq!(finish(&mut order, 3, 1), []);
+        assert_eq!(finish(&mut order, 3, 2), []);
+        assert_eq!(finish(&mut order, 1, 1), [(1, 1), (3, 2), (3, 2)]);
+        assert_eq!(order.pending(), 0);
+    }
+
+    #[test]
+    fn a_head_never_taken_goes_out_at_once() {
+        let mut order = UsedOrder::default();
+        order.take(4);
+        assert_eq!(finish(&mut order, 6, 1), [(6, 1)]);
+        assert_eq!(order.pending(), 1);
+        order.clear();
+        assert_eq!(finish(&mut order, 4, 1), [(4, 1)]);
+    }
+}
