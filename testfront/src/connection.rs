@@ -23,7 +23,7 @@
 //! NEED_REPLY, so a backend that rejects one (a memory table it cannot map,
 //! a ring outside it) fails here, by name, rather than silently later.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -236,6 +236,7 @@ impl Connection {
             let mut q =
                 VirtQueue::new(index, size, base, event_idx).map_err(ConnectionError::EventFd)?;
             Self::start_ring(&mut frontend, &memory, &mut q, 0, n.features)?;
+            q.watch_peer(Self::peer(&frontend)?);
             queues.push(q);
         }
         log::debug!(
@@ -337,6 +338,14 @@ impl Connection {
         Ok(())
     }
 
+    /// A duplicate of the frontend's socket, for `VirtQueue::watch_peer`.
+    fn peer(frontend: &Frontend) -> Result<OwnedFd, ConnectionError> {
+        // SAFETY: the frontend owns this socket descriptor and is alive
+        // for the whole borrow, which only lasts for the duplication.
+        let socket = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) };
+        socket.try_clone_to_owned().map_err(ConnectionError::Dup)
+    }
+
     /// Hands `q` to the backend, starting at `base` in its available ring.
     fn start_ring(
         frontend: &mut Frontend,
@@ -346,10 +355,6 @@ impl Connection {
         features: u64,
     ) -> Result<(), ConnectionError> {
         let (index, size) = (q.index, q.size);
-        // SAFETY: the frontend owns this socket descriptor and is alive
-        // for the whole borrow, which only lasts for the duplication.
-        let socket = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) };
-        q.watch_peer(socket.try_clone_to_owned().map_err(ConnectionError::Dup)?);
         // The backend translates ring addresses through the regions'
         // userspace_addr (the frontend's own mapping), as with QEMU.
         let host = |gpa: u64| {
@@ -410,7 +415,14 @@ impl Connection {
             }
             Ok(frontend)
         })?;
+        // Only now: a failed attempt must not keep the new connection
+        // open through a queue's watch.
+        for q in queues.iter_mut() {
+            q.watch_peer(Self::peer(&frontend)?);
+        }
         self.frontend = frontend;
+        // The dead backend may have taken the last kick (see the VMM's
+        // `hand_rings`).
         for q in queues.iter() {
             q.kick.write(1).map_err(ConnectionError::EventFd)?;
         }

@@ -8,13 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vhost_test_frontend::blk::{BlkClient, S_IOERR, S_OK, S_UNSUPP, S_UNWRITTEN, T_IN, T_OUT};
+use vhost_test_frontend::blk::{
+    BlkClient, S_IOERR, S_OK, S_UNSUPP, S_UNWRITTEN, T_GET_ID, T_IN, T_OUT,
+};
 use vhost_test_frontend::fuzz::{writable_room, ChainFuzzer, Target};
 use vhost_test_frontend::load::{self, LoadSpec, Report};
 use vhost_test_frontend::malformed;
 use vhost_test_frontend::virtqueue::RingError;
 use vhost_test_frontend::virtqueue::{Buf, RawDesc, DESC_F_NEXT, DESC_F_WRITE};
-use vhost_test_frontend::{BlkError, Pipeline, Request};
+use vhost_test_frontend::{BlkError, ConnectionError, Pipeline, Request};
 use vmm_tests::backend::{require_qemu_storage_daemon, vhost_blk_bin, Backend};
 
 const IMAGE_SIZE: usize = 4 << 20;
@@ -1003,9 +1005,7 @@ fn a_backend_killed_with_transfers_in_flight_is_taken_over_exactly() {
             in_flight_at_kills.push(p.in_flight());
             drop(backend);
             backend = Backend::vhost_blk(&socket, &img, &["--direct"]);
-            client
-                .conn
-                .resume(&socket, &mut [p.queue_mut()])
+            resume(&mut client, &socket, &mut p)
                 .unwrap_or_else(|e| panic!("resume after kill {}: {e}", kills + 1));
             kills += 1;
             since_kill = 0;
@@ -1036,6 +1036,81 @@ fn a_backend_killed_with_transfers_in_flight_is_taken_over_exactly() {
             "block {block} in the image (kills with {in_flight_at_kills:?} in flight)"
         );
     }
+}
+
+/// `Connection::resume`, tried again while the new backend is not
+/// listening yet: its socket file appears when it binds, a moment before it
+/// listens.
+fn resume(client: &mut BlkClient, socket: &Path, p: &mut Pipeline) -> Result<(), ConnectionError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match client.conn.resume(socket, &mut [p.queue_mut()]) {
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A request the backend answers at once (GET_ID) behind transfers the
+/// disk has not finished waits for them in the used ring, and so does the
+/// read after it: the used ring keeps the available ring's order.
+#[test]
+fn an_answer_ready_at_once_waits_for_the_transfers_taken_before_it() {
+    const READ: u32 = 64 << 10;
+    let target = vmm_tests::repo_root().join("target");
+    let dir = tempfile::tempdir_in(&target).expect("tempdir in target/");
+    let img = image(dir.path());
+    let original = std::fs::read(&img).expect("read image");
+    let socket = dir.path().join("order.sock");
+    let _backend = Backend::vhost_blk(&socket, &img, &["--direct", "--serial", "ordered"]);
+    let mut client = connect(&socket, 1);
+    let mut p = client
+        .pipelines(32, READ)
+        .expect("pipelines")
+        .pop()
+        .expect("one queue");
+    let id_at = 12;
+    for n in 0..20u64 {
+        let req = if n == id_at {
+            Request {
+                kind: T_GET_ID,
+                sector: 0,
+                len: 20,
+            }
+        } else {
+            Request {
+                kind: T_IN,
+                sector: n * u64::from(READ / 512),
+                len: READ,
+            }
+        };
+        assert!(p.submit(req, n).expect("submit"));
+    }
+    p.kick().expect("kick");
+    let mut order = Vec::new();
+    let mut done = Vec::new();
+    while order.len() < 20 {
+        done.clear();
+        p.reap(&mut done).expect("reap");
+        for d in &done {
+            assert_eq!(d.status, S_OK, "request {}", d.tag);
+            let mut data = vec![0u8; if d.tag == id_at { 20 } else { READ as usize }];
+            assert!(p.read_data(d.data, &mut data));
+            if d.tag == id_at {
+                assert_eq!(&data[..8], b"ordered\0", "GET_ID");
+            } else {
+                let at = (d.tag * u64::from(READ)) as usize;
+                assert!(data == original[at..at + READ as usize], "read {}", d.tag);
+            }
+            order.push(d.tag);
+        }
+        if done.is_empty() {
+            assert!(p.wait(Duration::from_secs(5)).expect("wait"), "stalled");
+        }
+    }
+    assert_eq!(order, (0..20).collect::<Vec<_>>(), "the used ring's order");
 }
 
 fn short_load(socket: &Path, queues: usize, write: bool) -> Report {

@@ -230,6 +230,7 @@ impl BlkBackend {
         qio.clear_event();
         let mut finished = Vec::new();
         let drained = qio.drain(&mut finished);
+        let lost = qio.take_lost();
         if drained.is_err() {
             // `drain` gave the ring up (`abandon`): its submission queue
             // may still name transfers that are gone, so it is never
@@ -243,7 +244,9 @@ impl BlkBackend {
             return drained;
         };
         let mem = atomic.memory();
-        if Self::complete(queue, &vring, &mut state.order, &mem, &mut finished) > 0 {
+        let completed = Self::complete(queue, &vring, &mut state.order, &mem, &mut finished)
+            + forget(queue, &vring, &mut state.order, lost);
+        if completed > 0 {
             vring.signal_used_queue()?;
         }
         drained
@@ -375,6 +378,7 @@ impl BlkBackend {
                             "queue {queue}: io_uring refused transfers ({e}); the queue runs synchronously from now on"
                         );
                         qio.abandon(&mut finished);
+                        completed += forget(queue, vring, &mut state.order, qio.take_lost());
                     }
                 }
             }
@@ -424,6 +428,21 @@ fn publish(queue: usize, vring: &VringRwLock, order: &mut UsedOrder, head: u16, 
             published += 1;
         }
     });
+    published
+}
+
+/// Gives up on requests that will never finish (`QueueIo::take_lost`), so
+/// that the ones after them still enter the used ring; returns how many did.
+fn forget(queue: usize, vring: &VringRwLock, order: &mut UsedOrder, lost: Vec<u16>) -> u32 {
+    let mut published = 0;
+    for head in lost {
+        log::error!("queue {queue}: request at head {head} is given up and never completed");
+        order.forget(head, |head, used| {
+            if add_used(queue, vring, head, used) {
+                published += 1;
+            }
+        });
+    }
     published
 }
 

@@ -54,6 +54,8 @@ pub struct QueueIo {
     free: Vec<usize>,
     /// Queued with `start` and not yet submitted to the kernel.
     unsubmitted: usize,
+    /// Heads of transfers given up for good (see `abandon`), for `take_lost`.
+    lost: Vec<u16>,
 }
 
 impl QueueIo {
@@ -69,6 +71,7 @@ impl QueueIo {
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
             unsubmitted: 0,
+            lost: Vec::new(),
         })
     }
 
@@ -212,6 +215,7 @@ impl QueueIo {
                 // waiting for them would otherwise wait forever.
                 for in_flight in self.slots.iter_mut().flatten() {
                     in_flight.io.release_blocks();
+                    self.lost.push(in_flight.head);
                 }
                 std::mem::forget(std::mem::take(&mut self.slots));
                 self.free.clear();
@@ -231,6 +235,12 @@ impl QueueIo {
             }
         }
         self.unsubmitted = 0;
+    }
+
+    /// The heads of the transfers `abandon` gave up without completing
+    /// them (the kernel may still use their buffers, so they never are).
+    pub fn take_lost(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.lost)
     }
 
     /// Takes every completed transfer, without waiting.

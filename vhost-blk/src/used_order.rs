@@ -49,6 +49,11 @@ impl UsedOrder {
         let slot = &mut self.finished[index];
         slot.0 = slot.0.saturating_add(1);
         slot.1 = used;
+        self.publish_ready(&mut publish);
+    }
+
+    /// Hands `publish` the finished requests at the front, in order.
+    fn publish_ready(&mut self, publish: &mut impl FnMut(u16, u32)) {
         while let Some(&front) = self.taken.front() {
             let Some(slot) = self
                 .finished
@@ -67,6 +72,15 @@ impl UsedOrder {
     #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.taken.len()
+    }
+
+    /// Forgets a request that will never finish (the kernel may still be
+    /// using its buffers), so the ones after it are not held back forever.
+    pub fn forget(&mut self, head: u16, mut publish: impl FnMut(u16, u32)) {
+        if let Some(at) = self.taken.iter().position(|&h| h == head) {
+            self.taken.remove(at);
+        }
+        self.publish_ready(&mut publish);
     }
 
     /// Forgets every request: the ring was stopped, and nothing taken from
@@ -111,6 +125,20 @@ mod tests {
         assert_eq!(finish(&mut order, 3, 1), []);
         assert_eq!(finish(&mut order, 3, 2), []);
         assert_eq!(finish(&mut order, 1, 1), [(1, 1), (3, 2), (3, 2)]);
+        assert_eq!(order.pending(), 0);
+    }
+
+    #[test]
+    fn a_forgotten_request_holds_nothing_back() {
+        let mut order = UsedOrder::default();
+        for head in [1, 2, 3] {
+            order.take(head);
+        }
+        assert_eq!(finish(&mut order, 2, 9), []);
+        let mut out = Vec::new();
+        order.forget(1, |h, u| out.push((h, u)));
+        assert_eq!(out, [(2, 9)]);
+        assert_eq!(finish(&mut order, 3, 1), [(3, 1)]);
         assert_eq!(order.pending(), 0);
     }
 

@@ -799,6 +799,18 @@ impl VhostUserDevice {
             sent.map_err(|e| self.fail(e))?;
             self.active_queues.push(index);
         }
+        if resume {
+            // The old backend may have taken the guest's last kick and died
+            // before serving what it announced; the guest, having kicked,
+            // waits. A kick of every ring makes the new backend look at
+            // what is available (an extra look at an empty ring costs
+            // nothing), as QEMU does when it starts a vhost-user-blk.
+            for queue in &act.queues {
+                if let Err(e) = queue.kick.write(1) {
+                    log::warn!("{name}: cannot kick ring {}: {e}", queue.index);
+                }
+            }
+        }
         log::info!(
             "{}: started {} ring(s) with features {features:#x}",
             self.spec.name,
@@ -1162,7 +1174,10 @@ mod tests {
     }
 
     fn kicks() -> [EventFd; 2] {
-        [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()]
+        [
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ]
     }
 
     fn rings(kicks: &[EventFd; 2]) -> Vec<ActiveQueue<'_>> {
@@ -1309,12 +1324,18 @@ mod tests {
 
         let (ours, requests) = spawn_backend(Script::default());
         let backend = device.handshake().run(ours).expect("handshake");
+        assert!(kicks.iter().all(|k| k.read().is_err()), "kicked early");
         device.reattach(backend).expect("reattach");
         let seen = drain(&requests);
         assert!(seen.contains(&Seen::Request(SET_MEM_TABLE, 1)), "{seen:?}");
         for index in 0..2 {
             assert!(seen.contains(&Seen::Request(SET_VRING_KICK, index)));
             assert!(seen.contains(&Seen::Request(SET_VRING_ENABLE, ring_state(index, true))));
+        }
+        // The new backend looks at what the guest made available meanwhile
+        // without waiting for another kick.
+        for (index, kick) in kicks.iter().enumerate() {
+            assert_eq!(kick.read().ok(), Some(1), "ring {index} was not kicked");
         }
         assert!(device.status().connected());
     }
