@@ -944,11 +944,7 @@ fn a_backend_killed_with_transfers_in_flight_is_taken_over_exactly() {
     let socket = dir.path().join("restart.sock");
     let mut backend = Backend::vhost_blk(&socket, &img, &["--direct"]);
     let mut client = connect(&socket, 1);
-    let mut p = client
-        .pipelines(32, READ)
-        .expect("pipelines")
-        .pop()
-        .expect("one queue");
+    let mut p = one_pipeline(&mut client, READ);
     let mut completed = vec![false; requests as usize];
     let (mut next, mut finished, mut kills, mut since_kill) = (0u64, 0u64, 0, 0);
     // The oldest request not completed, and the newest completed.
@@ -1038,6 +1034,15 @@ fn a_backend_killed_with_transfers_in_flight_is_taken_over_exactly() {
     }
 }
 
+/// Queue 0 of a one-queue client as a pipeline of 32 requests.
+fn one_pipeline(client: &mut BlkClient, max_len: u32) -> Pipeline {
+    client
+        .pipelines(32, max_len)
+        .expect("pipelines")
+        .pop()
+        .expect("one queue")
+}
+
 /// `Connection::resume`, tried again while the new backend is not
 /// listening yet: its socket file appears when it binds, a moment before it
 /// listens.
@@ -1066,11 +1071,7 @@ fn an_answer_ready_at_once_waits_for_the_transfers_taken_before_it() {
     let socket = dir.path().join("order.sock");
     let _backend = Backend::vhost_blk(&socket, &img, &["--direct", "--serial", "ordered"]);
     let mut client = connect(&socket, 1);
-    let mut p = client
-        .pipelines(32, READ)
-        .expect("pipelines")
-        .pop()
-        .expect("one queue");
+    let mut p = one_pipeline(&mut client, READ);
     let id_at = 12;
     for n in 0..20u64 {
         let req = if n == id_at {
