@@ -1,6 +1,6 @@
 //! The load generator's engine: one thread per queue keeps `depth`
 //! requests in flight against a vhost-user-blk backend through a
-//! [`Pipeline`] and records each latency.
+//! [`Pipeline`] and records each latency, by direction.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,14 +21,27 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to retry a connection the backend is not ready for.
 pub const CONNECT_RETRY: Duration = Duration::from_secs(2);
 
+/// What the requests do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    /// Reads of the spec's `size` and writes of `write_size` bytes take
+    /// turns on each queue, as a guest's reads meet its writeback: it shows
+    /// what a backend's large writes cost the small reads queued with them.
+    Mixed {
+        write_size: u32,
+    },
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct LoadSpec {
     pub queues: usize,
     pub depth: usize,
-    /// Bytes per request, a multiple of 512.
+    /// Bytes per request (per read with `Op::Mixed`), a multiple of 512.
     pub size: u32,
     pub random: bool,
-    pub write: bool,
+    pub op: Op,
     pub duration: Duration,
     /// Stop each queue after this many requests (None: run for `duration`).
     pub max_requests: Option<u64>,
@@ -37,6 +50,26 @@ pub struct LoadSpec {
     pub mem_size: Option<u64>,
     /// Guest memory on 2 MiB huge pages.
     pub hugepages: bool,
+}
+
+impl LoadSpec {
+    /// The type and length of a queue's request number `n`.
+    pub fn request(&self, n: u64) -> (u32, u32) {
+        match self.op {
+            Op::Read => (T_IN, self.size),
+            Op::Write => (T_OUT, self.size),
+            Op::Mixed { write_size } if n % 2 == 1 => (T_OUT, write_size),
+            Op::Mixed { .. } => (T_IN, self.size),
+        }
+    }
+
+    /// The longest request: the buffers' size, and what offsets align to.
+    pub fn largest(&self) -> u32 {
+        match self.op {
+            Op::Mixed { write_size } => self.size.max(write_size),
+            Op::Read | Op::Write => self.size,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -79,6 +112,10 @@ pub struct Report {
     pub elapsed: Duration,
     /// Sorted request latencies in nanoseconds.
     pub latencies: Vec<u64>,
+    /// The reads' latencies alone, sorted.
+    pub read_latencies: Vec<u64>,
+    /// The writes' latencies alone, sorted.
+    pub write_latencies: Vec<u64>,
 }
 
 impl Report {
@@ -90,10 +127,25 @@ impl Report {
         self.bytes as f64 / self.elapsed.as_secs_f64() / 1e6
     }
 
+    /// Reads completed per second.
+    pub fn read_iops(&self) -> f64 {
+        self.read_latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Writes completed per second.
+    pub fn write_iops(&self) -> f64 {
+        self.write_latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
     /// The `p`-th percentile latency in microseconds (nearest rank).
     pub fn percentile_us(&self, p: f64) -> f64 {
-        percentile(&self.latencies, p) as f64 / 1000.0
+        percentile_us(&self.latencies, p)
     }
+}
+
+/// The `p`-th percentile of sorted nanoseconds, in microseconds.
+pub fn percentile_us(sorted: &[u64], p: f64) -> f64 {
+    percentile(sorted, p) as f64 / 1000.0
 }
 
 /// Nearest-rank percentile of sorted values (0 for none).
@@ -138,7 +190,9 @@ impl Offsets {
     /// Offsets for queue `queue` of `queues`: its own random stream, or
     /// its own starting point for sequential runs.
     pub fn new(spec: &LoadSpec, disk_bytes: u64, queue: usize) -> Self {
-        let blocks = disk_bytes / u64::from(spec.size);
+        // Aligned to the longest request, so that a mix draws both
+        // directions from one stream.
+        let blocks = disk_bytes / u64::from(spec.largest());
         let q = queue as u64;
         Offsets {
             rng: Rng::new(
@@ -148,7 +202,7 @@ impl Offsets {
             random: spec.random,
             blocks,
             next: blocks / spec.queues.max(1) as u64 * q,
-            sectors_per_block: u64::from(spec.size) / 512,
+            sectors_per_block: u64::from(spec.largest()) / 512,
         }
     }
 
@@ -172,7 +226,9 @@ struct Worker {
 }
 
 struct WorkerResult {
-    latencies: Vec<u64>,
+    reads: Vec<u64>,
+    writes: Vec<u64>,
+    bytes: u64,
     failed: u64,
 }
 
@@ -185,10 +241,11 @@ impl Worker {
     ) -> Result<WorkerResult, LoadError> {
         let queue = self.pipeline.index();
         let err = |e| LoadError::Queue(queue, e);
-        let kind = if self.spec.write { T_OUT } else { T_IN };
         let limit = self.spec.max_requests.unwrap_or(u64::MAX);
         let mut submitted = 0u64;
-        let mut latencies = Vec::with_capacity(1 << 16);
+        let mut reads = Vec::with_capacity(1 << 16);
+        let mut writes = Vec::with_capacity(1 << 16);
+        let mut bytes = 0u64;
         let mut failed = 0u64;
         let mut done: Vec<Done> = Vec::with_capacity(self.pipeline.depth());
         loop {
@@ -198,10 +255,11 @@ impl Worker {
                 break;
             }
             while running && submitted < limit {
+                let (kind, len) = self.spec.request(submitted);
                 let req = Request {
                     kind,
                     sector: self.offsets.next_sector(),
-                    len: self.spec.size,
+                    len,
                 };
                 if !self.pipeline.submit(req, submitted).map_err(err)? {
                     break;
@@ -215,20 +273,33 @@ impl Worker {
                 if d.status != S_OK {
                     failed += 1;
                 }
-                latencies.push(u64::try_from(d.latency.as_nanos()).unwrap_or(u64::MAX));
+                let latency = u64::try_from(d.latency.as_nanos()).unwrap_or(u64::MAX);
+                // The tag is the request's number.
+                let (kind, len) = self.spec.request(d.tag);
+                if kind == T_OUT {
+                    writes.push(latency);
+                } else {
+                    reads.push(latency);
+                }
+                bytes += u64::from(len);
             }
             done_ops.fetch_add(done.len() as u64, Ordering::Relaxed);
             if done.is_empty() && !self.pipeline.wait(STALL_TIMEOUT).map_err(err)? {
                 return Err(LoadError::Stalled(queue, STALL_TIMEOUT));
             }
         }
-        Ok(WorkerResult { latencies, failed })
+        Ok(WorkerResult {
+            reads,
+            writes,
+            bytes,
+            failed,
+        })
     }
 }
 
 /// Guest memory the spec needs: rings and request buffers of every queue.
 pub fn memory_needed(spec: &LoadSpec, queue_size: u16) -> u64 {
-    let per_request = 4096 + u64::from(spec.size).next_multiple_of(4096);
+    let per_request = 4096 + u64::from(spec.largest()).next_multiple_of(4096);
     let per_queue = Layout::total_bytes(queue_size) + spec.depth as u64 * per_request;
     (spec.queues as u64 * per_queue + (1 << 20)).next_multiple_of(4096)
 }
@@ -240,8 +311,12 @@ pub fn run(
     spec: LoadSpec,
     mut progress: impl FnMut(u64, Duration),
 ) -> Result<Report, LoadError> {
-    if spec.size == 0 || spec.size % 512 != 0 {
-        return Err(LoadError::Size(spec.size));
+    let sizes = match spec.op {
+        Op::Mixed { write_size } => [spec.size, write_size],
+        Op::Read | Op::Write => [spec.size; 2],
+    };
+    if let Some(&bad) = sizes.iter().find(|&&s| s == 0 || s % 512 != 0) {
+        return Err(LoadError::Size(bad));
     }
     // Three descriptors a request.
     let queue_size = u16::try_from((spec.depth * 3).next_power_of_two().clamp(64, 32768))
@@ -286,14 +361,14 @@ pub fn run(
         .map(u64::from_le_bytes)
         .ok_or(BlkError::ShortConfig(config.len()))?;
     let disk_bytes = capacity.saturating_mul(512);
-    if disk_bytes < u64::from(spec.size) {
+    if disk_bytes < u64::from(spec.largest()) {
         return Err(LoadError::DiskTooSmall(disk_bytes));
     }
     let queues = std::mem::take(&mut conn.queues);
     let mut workers = Vec::with_capacity(queues.len());
     for (i, queue) in queues.into_iter().enumerate() {
         workers.push(Worker {
-            pipeline: Pipeline::new(&mut conn, queue, spec.depth, spec.size)?,
+            pipeline: Pipeline::new(&mut conn, queue, spec.depth, spec.largest())?,
             offsets: Offsets::new(&spec, disk_bytes, i),
             spec,
         });
@@ -334,7 +409,9 @@ pub fn run(
     for (i, handle) in handles.into_iter().enumerate() {
         match handle.join() {
             Ok(Ok(r)) => {
-                report.latencies.extend(r.latencies);
+                report.read_latencies.extend(r.reads);
+                report.write_latencies.extend(r.writes);
+                report.bytes += r.bytes;
                 failed += r.failed;
             }
             Ok(Err(e)) => {
@@ -353,9 +430,11 @@ pub fn run(
         return Err(LoadError::Failed(failed));
     }
     report.elapsed = elapsed;
-    report.ops = report.latencies.len() as u64;
-    report.bytes = report.ops * u64::from(spec.size);
+    report.read_latencies.sort_unstable();
+    report.write_latencies.sort_unstable();
+    report.latencies = [&report.read_latencies[..], &report.write_latencies[..]].concat();
     report.latencies.sort_unstable();
+    report.ops = report.latencies.len() as u64;
     Ok(report)
 }
 
@@ -369,7 +448,7 @@ mod tests {
             depth: 4,
             size: 4096,
             random,
-            write: false,
+            op: Op::Read,
             duration: Duration::from_secs(1),
             max_requests: None,
             seed: 1,
@@ -420,6 +499,30 @@ mod tests {
         let s1: Vec<u64> = (0..3).map(|_| q1.next_sector()).collect();
         assert_eq!(s0, [0, 8, 16, 24, 0]);
         assert_eq!(s1, [16, 24, 0]);
+    }
+
+    #[test]
+    fn a_mix_takes_turns_and_aligns_to_its_longest_request() {
+        let s = LoadSpec {
+            op: Op::Mixed { write_size: 65536 },
+            ..spec(true, 1)
+        };
+        let requests: Vec<_> = (0..4).map(|n| s.request(n)).collect();
+        assert_eq!(
+            requests,
+            [(T_IN, 4096), (T_OUT, 65536), (T_IN, 4096), (T_OUT, 65536)]
+        );
+        assert_eq!(s.largest(), 65536);
+        let disk = 3 * 65536 + 4096;
+        let mut offsets = Offsets::new(&s, disk, 0);
+        for _ in 0..100 {
+            let sector = offsets.next_sector();
+            assert_eq!(sector % 128, 0);
+            assert!(sector * 512 + 65536 <= disk);
+        }
+        let plain = spec(true, 1);
+        assert_eq!((plain.request(1), plain.largest()), ((T_IN, 4096), 4096));
+        assert!(memory_needed(&s, 128) > memory_needed(&plain, 128) + 4 * 60000);
     }
 
     #[test]

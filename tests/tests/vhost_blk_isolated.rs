@@ -12,7 +12,7 @@ use vhost_test_frontend::blk::{
     BlkClient, S_IOERR, S_OK, S_UNSUPP, S_UNWRITTEN, T_GET_ID, T_IN, T_OUT,
 };
 use vhost_test_frontend::fuzz::{writable_room, ChainFuzzer, Target};
-use vhost_test_frontend::load::{self, LoadSpec, Report};
+use vhost_test_frontend::load::{self, LoadSpec, Op, Report};
 use vhost_test_frontend::malformed;
 use vhost_test_frontend::virtqueue::RingError;
 use vhost_test_frontend::virtqueue::{Buf, RawDesc, DESC_F_NEXT, DESC_F_WRITE};
@@ -1120,7 +1120,7 @@ fn short_load(socket: &Path, queues: usize, write: bool) -> Report {
         depth: 16,
         size: 4096,
         random: true,
-        write,
+        op: if write { Op::Write } else { Op::Read },
         duration: Duration::from_millis(700),
         max_requests: None,
         seed: 7,
@@ -1150,7 +1150,7 @@ fn the_load_generator_drives_vhost_blk() {
         depth: 8,
         size: 65536,
         random: false,
-        write: false,
+        op: Op::Read,
         duration: Duration::from_secs(30),
         max_requests: Some(500),
         seed: 1,
@@ -1160,6 +1160,84 @@ fn the_load_generator_drives_vhost_blk() {
     let report = load::run(&socket, spec, |_, _| {}).expect("load run");
     assert_eq!(report.ops, 1000);
     assert_eq!(report.bytes, 1000 * 65536);
+}
+
+#[test]
+fn a_mixed_load_counts_reads_and_writes_apart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let socket = dir.path().join("mixed.sock");
+    let _backend = Backend::vhost_blk(&socket, &img, &["--num-queues", "2"]);
+    let spec = LoadSpec {
+        queues: 2,
+        depth: 8,
+        size: 4096,
+        random: true,
+        op: Op::Mixed { write_size: 65536 },
+        duration: Duration::from_secs(30),
+        max_requests: Some(300),
+        seed: 3,
+        mem_size: None,
+        hugepages: false,
+    };
+    let report = load::run(&socket, spec, |_, _| {}).expect("load run");
+    assert_eq!(report.ops, 600);
+    assert_eq!(
+        (report.read_latencies.len(), report.write_latencies.len()),
+        (300, 300),
+        "each queue's requests take turns"
+    );
+    assert_eq!(report.bytes, 300 * 4096 + 300 * 65536);
+    assert!(report.read_iops() > 0.0 && report.write_iops() > 0.0);
+
+    // The command line reports each direction on its own.
+    let out = Command::new(loadgen_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--op", "mixed", "--size", "4k", "--write-size", "64k"])
+        .args(["--depth", "4", "--requests", "100", "--json", "--quiet"])
+        .output()
+        .expect("run vhost-loadgen");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "vhost-loadgen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "stdout: {stdout}");
+    assert!(
+        lines[0].starts_with("4k+64k randmixed q1 d4: ")
+            && lines[0].contains("; reads ")
+            && lines[0].contains("; writes "),
+        "summary: {}",
+        lines[0]
+    );
+    for key in [
+        "\"op\":\"mixed\"",
+        "\"write_size\":65536",
+        "\"ops\":100,",
+        "\"read_iops\":",
+        "\"read_p99_us\":",
+        "\"write_iops\":",
+        "\"write_p99_us\":",
+    ] {
+        assert!(lines[1].contains(key), "JSON lacks {key}: {}", lines[1]);
+    }
+
+    // --write-size belongs to a mix.
+    let out = Command::new(loadgen_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--op", "read", "--write-size", "64k", "--quiet"])
+        .output()
+        .expect("run vhost-loadgen");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--write-size \"64k\""),
+        "unclear error: {stderr}"
+    );
 }
 
 /// The `vhost-loadgen` binary: `VHOST_LOADGEN_BIN`, or the debug build.

@@ -7,13 +7,18 @@
 //! 4k randread q1 d32: 97290 IOPS, 398.5 MB/s, latency p50 317.0 us, p99 493.3 us, p99.9 2529.5 us, max 5377.5 us
 //! {"op":"read","pattern":"rand","size":4096,"queues":1,"depth":32,"seconds":5.003,"ops":486706,"iops":97290,"mbps":398.5,"p50_us":317.0,"p99_us":493.3,"p999_us":2529.5,"max_us":5377.5}
 //! ```
+//!
+//! With `--op mixed`, reads of `--size` and writes of `--write-size` take
+//! turns, and the line ends with each direction's rate and latency:
+//! `...; reads 11760 IOPS, p50 612.3 us, p99 905.1 us; writes 11760 IOPS,
+//! p50 1490.0 us, p99 2203.8 us`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use vhost_test_frontend::load::{self, LoadSpec, Report};
+use vhost_test_frontend::load::{self, percentile_us, LoadSpec, Op, Report};
 
 #[derive(Debug, Parser)]
 #[command(name = "vhost-loadgen", version, about)]
@@ -33,9 +38,13 @@ struct Args {
     /// Offsets: rand or seq.
     #[arg(long, default_value = "rand")]
     pattern: String,
-    /// read or write.
+    /// read, write, or mixed (reads and writes take turns).
     #[arg(long, default_value = "read")]
     op: String,
+    /// With --op mixed: the writes' size (--size is the reads'); by
+    /// default --size.
+    #[arg(long, value_name = "SIZE")]
+    write_size: Option<String>,
     /// Seconds to run.
     #[arg(long, default_value = "5")]
     time: f64,
@@ -74,25 +83,34 @@ fn parse_size(text: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
-fn spec(args: &Args) -> Result<LoadSpec, String> {
-    let size = parse_size(&args.size)
+/// A request size: a multiple of 512 up to 16 MiB.
+fn request_size(option: &str, text: &str) -> Result<u32, String> {
+    parse_size(text)
         .and_then(|s| u32::try_from(s).ok())
         .filter(|&s| s > 0 && s % 512 == 0 && s <= 1 << 24)
-        .ok_or_else(|| {
-            format!(
-                "--size {:?}: expected a multiple of 512 up to 16m",
-                args.size
-            )
-        })?;
+        .ok_or_else(|| format!("{option} {text:?}: expected a multiple of 512 up to 16m"))
+}
+
+fn spec(args: &Args) -> Result<LoadSpec, String> {
+    let size = request_size("--size", &args.size)?;
     let random = match args.pattern.as_str() {
         "rand" => true,
         "seq" => false,
         other => return Err(format!("--pattern {other:?}: expected rand or seq")),
     };
-    let write = match args.op.as_str() {
-        "read" => false,
-        "write" => true,
-        other => return Err(format!("--op {other:?}: expected read or write")),
+    let op = match (args.op.as_str(), &args.write_size) {
+        ("read", None) => Op::Read,
+        ("write", None) => Op::Write,
+        ("mixed", None) => Op::Mixed { write_size: size },
+        ("mixed", Some(text)) => Op::Mixed {
+            write_size: request_size("--write-size", text)?,
+        },
+        ("read" | "write", Some(text)) => {
+            return Err(format!(
+                "--write-size {text:?}: only with --op mixed (--size sets the size)"
+            ))
+        }
+        (other, _) => return Err(format!("--op {other:?}: expected read, write or mixed")),
     };
     if args.queues == 0 || args.queues > 64 {
         return Err(format!("--queues {}: expected 1 to 64", args.queues));
@@ -119,7 +137,7 @@ fn spec(args: &Args) -> Result<LoadSpec, String> {
         depth: args.depth,
         size,
         random,
-        write,
+        op,
         duration: Duration::from_secs_f64(args.time),
         max_requests: args.requests,
         seed: args.seed,
@@ -130,9 +148,26 @@ fn spec(args: &Args) -> Result<LoadSpec, String> {
 
 fn print_report(args: &Args, spec: &LoadSpec, report: &Report) {
     let [p50, p99, p999, max] = [50.0, 99.0, 99.9, 100.0].map(|p| report.percentile_us(p));
+    let [r50, r99, r999] = [50.0, 99.0, 99.9].map(|p| percentile_us(&report.read_latencies, p));
+    let [w50, w99, w999] = [50.0, 99.0, 99.9].map(|p| percentile_us(&report.write_latencies, p));
+    let (sizes, mix) = match spec.op {
+        Op::Mixed { .. } => (
+            format!("{}+{}", args.size, args.write_size.as_deref().unwrap_or(&args.size)),
+            format!(
+                "; reads {:.0} IOPS, p50 {r50:.1} us, p99 {r99:.1} us; writes {:.0} IOPS, p50 {w50:.1} us, p99 {w99:.1} us",
+                report.read_iops(),
+                report.write_iops(),
+            ),
+        ),
+        Op::Read | Op::Write => (args.size.clone(), String::new()),
+    };
+    let write_size = match spec.op {
+        Op::Mixed { write_size } => write_size,
+        Op::Read => 0,
+        Op::Write => spec.size,
+    };
     println!(
-        "{} {}{} q{} d{}: {:.0} IOPS, {:.1} MB/s, latency p50 {p50:.1} us, p99 {p99:.1} us, p99.9 {p999:.1} us, max {max:.1} us",
-        args.size,
+        "{sizes} {}{} q{} d{}: {:.0} IOPS, {:.1} MB/s, latency p50 {p50:.1} us, p99 {p99:.1} us, p99.9 {p999:.1} us, max {max:.1} us{mix}",
         args.pattern,
         args.op,
         spec.queues,
@@ -142,7 +177,7 @@ fn print_report(args: &Args, spec: &LoadSpec, report: &Report) {
     );
     if args.json {
         println!(
-            "{{\"op\":\"{}\",\"pattern\":\"{}\",\"size\":{},\"queues\":{},\"depth\":{},\"seconds\":{:.3},\"ops\":{},\"iops\":{:.0},\"mbps\":{:.1},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"p999_us\":{p999:.1},\"max_us\":{max:.1}}}",
+            "{{\"op\":\"{}\",\"pattern\":\"{}\",\"size\":{},\"write_size\":{write_size},\"queues\":{},\"depth\":{},\"seconds\":{:.3},\"ops\":{},\"iops\":{:.0},\"mbps\":{:.1},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"p999_us\":{p999:.1},\"max_us\":{max:.1},\"read_iops\":{:.0},\"read_p50_us\":{r50:.1},\"read_p99_us\":{r99:.1},\"read_p999_us\":{r999:.1},\"write_iops\":{:.0},\"write_p50_us\":{w50:.1},\"write_p99_us\":{w99:.1},\"write_p999_us\":{w999:.1}}}",
             args.op,
             args.pattern,
             spec.size,
@@ -152,6 +187,8 @@ fn print_report(args: &Args, spec: &LoadSpec, report: &Report) {
             report.ops,
             report.iops(),
             report.mbps(),
+            report.read_iops(),
+            report.write_iops(),
         );
     }
 }
@@ -224,6 +261,12 @@ mod tests {
         assert!(parse(&["--size", "1000"]).is_err());
         assert!(parse(&["--pattern", "zigzag"]).is_err());
         assert!(parse(&["--op", "trim"]).is_err());
+        assert!(parse(&["--write-size", "64k"]).is_err());
+        assert!(parse(&["--op", "mixed", "--write-size", "1000"]).is_err());
+        let s = parse(&["--op", "mixed", "--write-size", "64k"]).unwrap();
+        assert_eq!((s.size, s.op), (4096, Op::Mixed { write_size: 65536 }));
+        let s = parse(&["--op", "mixed", "--size", "8k"]).unwrap();
+        assert_eq!(s.op, Op::Mixed { write_size: 8192 });
         assert!(parse(&["--queues", "0"]).is_err());
         assert!(parse(&["--mem", "100"]).is_err());
         let s = parse(&["--size", "64k", "--mem", "256m", "--requests", "10"]).unwrap();
