@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the build and the tests need on a Debian 12 machine with
 # rustup's Rust: Debian packages (iasl, lz4, QEMU, qemu-storage-daemon,
-# DPDK's testpmd, iproute2 for taps and bridges, losetup, socat, ...), the
+# DPDK's testpmd, fio for the disk benchmark's ceiling, iproute2 for taps
+# and bridges, losetup, socat, ...), the
 # rustfmt/clippy components, and a Python venv in target/qmp-venv with
 # QEMU's qemu.qmp client library (from PyPI) for the QMP tests. Does
 # nothing that is already there.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
-packages=(acpica-tools lz4 binutils time qemu-system-x86 qemu-system-common dpdk-dev iproute2
+packages=(acpica-tools lz4 binutils time qemu-system-x86 qemu-system-common dpdk-dev fio iproute2
           socat python3 python3-venv openvswitch-switch-dpdk mount)
 need=()
 for pkg in "${packages[@]}"; do

@@ -2,8 +2,10 @@
 # Runs the whole test suite: builds the test guest, fetches the Linux kernel
 # for the early-boot check, builds the workspace, checks formatting and
 # clippy, then runs every unit and integration test (the integration tests
-# boot real guests on /dev/kvm and fail without it), and finally the
-# README's demo, checking what its guest reports.
+# boot real guests on /dev/kvm and fail without it), the README's demo,
+# checking what its guest reports, and last each benchmark script for one
+# short round, checking that it prints every row of its table (not how fast:
+# figures are for the benchmarks themselves).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -20,9 +22,11 @@ step "reserve 2 MiB huge pages for the tests of guest memory on them"
 # Given back at exit.
 hugepages_added="$(scripts/hugepages.sh 64)"
 demo_out=""
+bench_out=""
 cleanup() {
     scripts/hugepages.sh --release "$hugepages_added" || true
     if [[ -n "$demo_out" ]]; then rm -f "$demo_out"; fi
+    if [[ -n "$bench_out" ]]; then rm -f "$bench_out"; fi
 }
 trap cleanup EXIT
 
@@ -59,3 +63,26 @@ if grep -q "testguest: FAIL" "$demo_out"; then
     exit 1
 fi
 echo "test.sh: the demo booted and its guest's checks passed"
+
+step "the benchmarks, one round of 1 s runs (that they work, not how fast)"
+# Each row must be there with figures that are not zero.
+expect_rows() { # script-output row-pattern...
+    local out="$1" row
+    shift
+    for row in "$@"; do
+        if ! grep -Eq "^$row +[1-9]" "$out"; then
+            echo "test.sh: no figures for \"$row\" in the benchmark's table:" >&2
+            cat "$out" >&2
+            exit 1
+        fi
+    done
+}
+bench_out="$(mktemp)"
+scripts/bench-blk.sh 1 1 >"$bench_out"
+expect_rows "$bench_out" \
+    "tmpfs 4k randread q1" "tmpfs 4k randread q2" "tmpfs 64k seqread q1" "tmpfs 64k seqwrite q1" \
+    "disk 4k randread q1" "disk 4k randread q2" "disk 64k seqread q1" "disk 64k seqwrite q1" \
+    "vhost-blk" "qsd" "fio"
+scripts/bench-net.sh 1 1 >"$bench_out"
+expect_rows "$bench_out" "tx 64B" "tx 1500B" "rx 64B" "rx 1500B"
+echo "test.sh: the benchmarks ran and printed every row"
