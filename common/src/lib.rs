@@ -2,6 +2,7 @@
 //! printing of error chains at the top level of a process, how a
 //! backend stops on a signal, and the memfd behind shared guest memory.
 
+pub mod avail;
 pub mod error_chain;
 pub mod logging;
 pub mod ring_watch;

@@ -14,13 +14,14 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use vmm_common::avail::next_chain;
 use vmm_common::ring_watch::avail_within;
 
 use crate::queue_io::{Completed, QueueIo};
@@ -305,12 +306,7 @@ impl BlkBackend {
                     full = true;
                     break;
                 }
-                let popped = {
-                    let mut ring = vring.get_mut();
-                    ring.get_queue_mut()
-                        .iter(mem.clone())
-                        .map(|mut available| available.next())
-                };
+                let popped = next_chain(vring.get_mut().get_queue_mut(), mem.clone());
                 let chain = match popped {
                     Ok(Some(chain)) => chain,
                     Ok(None) => break,

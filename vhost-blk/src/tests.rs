@@ -678,6 +678,27 @@ fn a_ring_with_an_impossible_available_index_is_given_up_not_spun_on() {
     assert_eq!(rig.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
 }
 
+/// An avail ring placed in the last 4 bytes of guest memory (a frontend
+/// may: the library checks only where a ring starts) has an index that
+/// reads and entries that do not. The worker gives it up rather than take
+/// it for empty, find the index still ahead, and look again for ever.
+#[test]
+fn a_ring_whose_entries_lie_outside_memory_is_given_up_not_spun_on() {
+    let rig = Rig::new();
+    let vq = MockSplitQueue::new(&rig.mem, 16);
+    let (backend, vring) = serving(&rig, &vq);
+    let end = rig.mem.last_addr().0 + 1;
+    vring
+        .set_queue_info(vq.desc_table_addr().0, end - 4, vq.used_addr().0)
+        .unwrap();
+    rig.mem.write_obj(1u16, GuestAddress(end - 2)).unwrap();
+
+    let first = process_within(&backend, &vring).expect("the worker returns");
+    assert!(first.is_ok(), "{first:?}");
+    assert!(process_within(&backend, &vring).is_some());
+    assert_eq!(vq.used().idx().load(), 0, "nothing was taken");
+}
+
 /// A disabled ring (SET_VRING_ENABLE 0) is not served: a worker woken for
 /// it (a completion of its own transfers) leaves new requests where they
 /// are.

@@ -13,8 +13,9 @@
 
 use std::collections::VecDeque;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vmm_common::avail::next_chain;
 
 use super::chain::{collect, ring_descriptors, Seg, MAX_SEGS};
 use super::{complete, Counters, FrameIo};
@@ -237,10 +238,11 @@ impl Rx {
                 return Ok(());
             }
             let pos = q.next_avail();
-            // An available index more than a ring ahead is an error, not
-            // an empty ring: it would otherwise look like buffers that never
-            // come, and `process` would wait for them for ever.
-            let Some(chain) = q.iter(mem)?.next() else {
+            // An available index more than a ring ahead, or an entry
+            // outside guest memory, is an error, not an empty ring: it would
+            // otherwise look like buffers that never come, and `process`
+            // would wait for them for ever (or spin).
+            let Some(chain) = next_chain(q, mem)? else {
                 return Ok(());
             };
             let head = chain.head_index();

@@ -10,7 +10,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{FrameIo, Pair, RxStop, TxBudget, TxEnd, TxRing};
 use crate::features::{NetConfig, MAX_FRAME};
@@ -660,6 +660,58 @@ fn rx_fails_at_once_on_an_available_index_more_than_a_ring_ahead() {
         .expect("rx did not return within 1 s");
     assert!(
         matches!(out, Err(virtio_queue::Error::InvalidAvailRingIndex)),
+        "{out:?}"
+    );
+}
+
+/// Moves the avail ring to the last 4 bytes of guest memory with one
+/// chain announced: its index reads, its entries do not (a frontend may
+/// place a ring so; only its start is checked).
+fn avail_ring_at_the_end(mem: &GuestMemoryMmap, q: &mut Queue) {
+    let end = mem.last_addr().0 + 1;
+    q.set_avail_ring_address(Some((end - 4) as u32), Some(0));
+    mem.write_obj(1u16, GuestAddress(end - 2)).unwrap();
+}
+
+#[test]
+fn tx_fails_on_an_avail_entry_outside_memory() {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mem = memory();
+        let (_d, mut q) = Driver::new(&mem);
+        avail_ring_at_the_end(&mem, &mut q);
+        let tap = MemTap::default();
+        let mut pair = Pair::new(0);
+        let out = pair.tx(&tap, &mut q, &mem, MRG).map(|_| ());
+        let _ = done.send(out);
+    });
+    let out = result
+        .recv_timeout(std::time::Duration::from_secs(1))
+        .expect("tx did not return within 1 s");
+    assert!(
+        matches!(out, Err(virtio_queue::Error::GuestMemory(_))),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn rx_fails_on_an_avail_entry_outside_memory_rather_than_spin() {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mem = memory();
+        let (_d, mut q) = Driver::new(&mem);
+        avail_ring_at_the_end(&mem, &mut q);
+        let tap = MemTap::default();
+        tap.push(with_header(&frame(60, 1)));
+        let mut pair = Pair::new(0);
+        let out = pair.rx(&tap, &mut q, &mem, MRG).map(|o| o.used);
+        let _ = done.send(out);
+    });
+    let out = result
+        .recv_timeout(std::time::Duration::from_secs(1))
+        .expect("rx did not return within 1 s");
+    assert!(
+        matches!(out, Err(virtio_queue::Error::GuestMemory(_))),
         "{out:?}"
     );
 }

@@ -5,8 +5,9 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_common::avail::next_chain;
 use vmm_common::ring_watch::avail_within;
 
 use super::chain::collect;
@@ -81,9 +82,13 @@ pub fn process<T: FrameIo>(
     let max = (cfg.hdr_len + MAX_FRAME) as u64;
     let mut frames: Vec<IoVecs<'_>> = Vec::with_capacity(TX_BATCH);
     scratch.heads.clear();
-    // An available index more than a ring ahead (or a ring not ready) is
-    // an error, not an empty ring: the caller stops serving the ring.
-    for chain in q.iter(mem)?.take(TX_BATCH) {
+    // An available index more than a ring ahead, a ring not ready, or an
+    // entry outside guest memory is an error, not an empty ring: the
+    // caller stops serving the ring.
+    while scratch.heads.len() < TX_BATCH {
+        let Some(chain) = next_chain(q, mem)? else {
+            break;
+        };
         let head = chain.head_index();
         scratch.heads.push(head);
         let mut iov = IoVecs::reusing(scratch.storage.pop().unwrap_or_default(), 0);
