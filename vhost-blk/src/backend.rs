@@ -216,6 +216,26 @@ impl BlkBackend {
         }
     }
 
+    /// A ring the worker cannot serve (its used ring or call eventfd
+    /// fails: a frontend gave an unwritable call eventfd, or took the
+    /// memory away under the ring) is not served until the frontend sets it
+    /// up again. Its transfers in flight finish now and release their
+    /// blocks.
+    fn give_up(&self, queue: usize, e: &io::Error) {
+        if let Some(state) = self.queues.get(queue) {
+            let mut state = lock(state);
+            if !state.broken {
+                log::error!(
+                    "queue {queue}: {e}; it is not served until the frontend sets it up again"
+                );
+            }
+            state.broken = true;
+        }
+        if let Err(e) = self.finish_in_flight(queue) {
+            log::debug!("queue {queue}: completing its transfers: {e}");
+        }
+    }
+
     /// Waits for the queue's transfers in flight and completes them.
     fn finish_in_flight(&self, queue: usize) -> io::Result<()> {
         let Some(state) = self.queues.get(queue) else {
@@ -552,7 +572,13 @@ impl VhostUserBackend for BlkBackend {
                 "queue {queue}: unknown event {device_event}"
             )));
         }
-        self.process_queue(queue, vring)
+        if let Err(e) = self.process_queue(queue, vring) {
+            self.give_up(queue, &e);
+        }
+        // The worker lives on whatever its ring did: one that ended would
+        // leave its transfers in flight, holding blocks that other queues'
+        // requests may wait for.
+        Ok(())
     }
 
     /// The ring stops (GET_VRING_BASE): every transfer in flight finishes

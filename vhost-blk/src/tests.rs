@@ -699,6 +699,40 @@ fn a_ring_whose_entries_lie_outside_memory_is_given_up_not_spun_on() {
     assert_eq!(vq.used().idx().load(), 0, "nothing was taken");
 }
 
+/// A call eventfd the worker cannot write (a frontend passed a read-only
+/// file) fails the signal. The worker does not end (its event loop would
+/// stop, with its transfers in flight holding blocks other queues may
+/// wait for): the request is completed, the ring is not served again
+/// until the frontend sets it up again, and then it is.
+#[test]
+fn a_ring_whose_call_fails_is_given_up_and_its_worker_lives_on() {
+    let rig = Rig::new();
+    let vq = MockSplitQueue::new(&rig.mem, 16);
+    make_read_available(&rig, &vq, 0);
+    let (backend, vring) = serving(&rig, &vq);
+    vring.set_call(Some(std::fs::File::open("/dev/null").unwrap()));
+    let served = |vring: &VringRwLock| {
+        backend.handle_event(
+            0,
+            vmm_sys_util::epoll::EventSet::IN,
+            std::slice::from_ref(vring),
+            0,
+        )
+    };
+
+    assert!(served(&vring).is_ok(), "the worker ended");
+    assert_eq!(vq.used().idx().load(), 1, "the read was completed");
+    make_read_available(&rig, &vq, 3);
+    assert!(served(&vring).is_ok());
+    assert_eq!(vq.used().idx().load(), 1, "a given-up ring was served");
+
+    // The frontend stops the ring and sets it up again with a call that works.
+    backend.stop_vring(0).unwrap();
+    vring.set_call(None);
+    assert!(served(&vring).is_ok());
+    assert_eq!(vq.used().idx().load(), 2);
+}
+
 /// A disabled ring (SET_VRING_ENABLE 0) is not served: a worker woken for
 /// it (a completion of its own transfers) leaves new requests where they
 /// are.
