@@ -209,6 +209,19 @@ impl DeviceStatus {
     }
 }
 
+/// Why handing the rings to a backend stopped halfway.
+#[derive(Debug, thiserror::Error)]
+enum Handover {
+    /// The connection broke or the backend stopped answering: it was cut
+    /// off, and the next backend gets the rings as after a crash.
+    #[error("{0}")]
+    Lost(ActivateError),
+    /// The backend refused a step, or the rings cannot be handed to any
+    /// backend (an address outside guest memory): the driver has to reset.
+    #[error("{0}")]
+    Refused(ActivateError),
+}
+
 /// What the last activation handed the backend, kept to hand it again to a
 /// backend that reconnects while the driver runs.
 struct Activation {
@@ -419,9 +432,13 @@ impl VhostUserDevice {
     /// to touch, so it is cut off too: it drops every ring, and the device
     /// takes a backend back (the same one, or a restarted one) as after a
     /// crash.
-    fn fail(&self, e: ExchangeError) -> ActivateError {
+    fn fail(&self, e: ExchangeError) -> Handover {
         cut_off(&self.frontend, &self.broken, &e);
-        ActivateError(format!("{e}; the device is stopped"))
+        if e.refused() {
+            Handover::Refused(ActivateError(format!("{e}; the device is stopped")))
+        } else {
+            Handover::Lost(ActivateError(e.to_string()))
+        }
     }
 
     /// A config access the backend got wrong. One it refused in good form
@@ -704,7 +721,16 @@ impl VhostUserDevice {
             self.activation = Some(activation);
             return Ok(());
         }
-        self.hand_rings(&activation, false)?;
+        let handed = self.hand_rings(&activation, false);
+        match handed {
+            Ok(()) => {}
+            // Lost halfway, as in a crash: the next backend gets the rings.
+            Err(Handover::Lost(e)) => log::warn!(
+                "{}: the backend was lost while the driver started the device ({e}); its rings wait for the next one",
+                self.spec.name
+            ),
+            Err(Handover::Refused(e)) => return Err(e),
+        }
         self.activation = Some(activation);
         Ok(())
     }
@@ -712,7 +738,7 @@ impl VhostUserDevice {
     /// Sends an activation to the backend. `resume`: the rings continue
     /// from where the guest's used rings are (a backend that reconnected),
     /// rather than from 0.
-    fn hand_rings(&mut self, act: &Activation, resume: bool) -> Result<(), ActivateError> {
+    fn hand_rings(&mut self, act: &Activation, resume: bool) -> Result<(), Handover> {
         let mut fe = self.fe();
         let name = self.spec.name.clone();
         let limit = REPLY_TIMEOUT;
@@ -728,9 +754,9 @@ impl VhostUserDevice {
 
         let mut regions = Vec::new();
         for region in mem.iter() {
-            let file = region
-                .file_offset()
-                .ok_or_else(|| ActivateError("guest memory is not file-backed".into()))?;
+            let file = region.file_offset().ok_or_else(|| {
+                Handover::Refused(ActivateError("guest memory is not file-backed".into()))
+            })?;
             regions.push(VhostUserMemoryRegionInfo {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
@@ -752,9 +778,9 @@ impl VhostUserDevice {
                 queue_max_size: self.spec.queue_size,
                 queue_size: queue.size,
                 flags: 0,
-                desc_table_addr: Self::host_addr(mem, queue.desc)?,
-                used_ring_addr: Self::host_addr(mem, queue.used)?,
-                avail_ring_addr: Self::host_addr(mem, queue.avail)?,
+                desc_table_addr: Self::host_addr(mem, queue.desc).map_err(Handover::Refused)?,
+                used_ring_addr: Self::host_addr(mem, queue.used).map_err(Handover::Refused)?,
+                avail_ring_addr: Self::host_addr(mem, queue.avail).map_err(Handover::Refused)?,
                 log_addr: None,
             };
             // A new backend starts where the guest's used ring stands: what
@@ -951,6 +977,7 @@ mod tests {
     use crate::vstate::memory::create_guest_ram;
 
     const GET_FEATURES: u32 = 1;
+    const SET_FEATURES: u32 = 2;
     const SET_MEM_TABLE: u32 = 5;
     const SET_VRING_KICK: u32 = 12;
     const GET_PROTOCOL_FEATURES: u32 = 15;
@@ -1336,6 +1363,38 @@ mod tests {
         // without waiting for another kick.
         for (index, kick) in kicks.iter().enumerate() {
             assert_eq!(kick.read().ok(), Some(1), "ring {index} was not kicked");
+        }
+        assert!(device.status().connected());
+    }
+
+    /// A backend lost halfway through the handover at DRIVER_OK (it hangs
+    /// up after SET_FEATURES) is a crash, not the driver's error: the
+    /// device keeps its rings for the next backend, which gets all of them.
+    #[test]
+    fn a_backend_lost_while_the_device_starts_leaves_its_rings_to_the_next_one() {
+        let (mut device, requests) = scripted_disk(Script {
+            quit_after: Some(SET_FEATURES),
+            ..Script::default()
+        });
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("a backend lost during the handover failed the driver's start");
+        assert!(wait_closed(&requests));
+        assert!(!device.status().connected());
+
+        let (ours, requests) = spawn_backend(Script::default());
+        let backend = device.handshake().run(ours).expect("handshake");
+        device.reattach(backend).expect("reattach");
+        let seen = drain(&requests);
+        assert!(seen.contains(&Seen::Request(SET_MEM_TABLE, 1)), "{seen:?}");
+        for index in 0..2 {
+            assert!(
+                seen.contains(&Seen::Request(SET_VRING_KICK, index)),
+                "{seen:?}"
+            );
+            assert!(seen.contains(&Seen::Request(SET_VRING_ENABLE, ring_state(index, true))));
         }
         assert!(device.status().connected());
     }
