@@ -697,12 +697,12 @@ impl VhostUserDevice {
                 call: q.call.map(dup).transpose()?,
             });
         }
-        {
-            let mut flags = crate::bus::lock(&self.ring_enabled);
-            for q in queues {
-                if let Some(flag) = flags.get_mut(usize::from(q.index)) {
-                    *flag = enabled(q.index);
-                }
+        // Held until the backend has every ring (see `hand_rings`).
+        let ring_enabled = self.ring_enabled.clone();
+        let mut flags = crate::bus::lock(&ring_enabled);
+        for q in queues {
+            if let Some(flag) = flags.get_mut(usize::from(q.index)) {
+                *flag = enabled(q.index);
             }
         }
         let activation = Activation {
@@ -721,7 +721,8 @@ impl VhostUserDevice {
             self.activation = Some(activation);
             return Ok(());
         }
-        let handed = self.hand_rings(&activation, false);
+        let handed = self.hand_rings(&activation, &flags, false);
+        drop(flags);
         match handed {
             Ok(()) => {}
             // Lost halfway, as in a crash: the next backend gets the rings.
@@ -735,10 +736,20 @@ impl VhostUserDevice {
         Ok(())
     }
 
-    /// Sends an activation to the backend. `resume`: the rings continue
-    /// from where the guest's used rings are (a backend that reconnected),
-    /// rather than from 0.
-    fn hand_rings(&mut self, act: &Activation, resume: bool) -> Result<(), Handover> {
+    /// Sends an activation to the backend, each ring on or off as `enabled`
+    /// says. `resume`: the rings continue from where the guest's used rings
+    /// are (a backend that reconnected), rather than from 0.
+    ///
+    /// The caller holds the ring flags' lock throughout, which
+    /// `RingSwitch::set` holds over its own message: a ring the driver
+    /// turns on or off meanwhile waits, and then reaches a backend that
+    /// has its features and every ring, not one halfway through.
+    fn hand_rings(
+        &mut self,
+        act: &Activation,
+        enabled: &[bool],
+        resume: bool,
+    ) -> Result<(), Handover> {
         let mut fe = self.fe();
         let name = self.spec.name.clone();
         let limit = REPLY_TIMEOUT;
@@ -813,16 +824,11 @@ impl VhostUserDevice {
                 f.set_vring_kick(index, &queue.kick)
             })
             .map_err(|e| self.fail(e))?;
-            // Read and sent under the flags' lock, which `RingSwitch::set`
-            // holds over its own message: a ring the driver turns on or off
-            // meanwhile ends up as it said last, not as it was before.
-            let flags = crate::bus::lock(&self.ring_enabled);
-            let enable = flags.get(index).copied().unwrap_or(false);
-            let sent = exchange(&mut fe, &name, "SET_VRING_ENABLE", limit, |f| {
+            let enable = enabled.get(index).copied().unwrap_or(false);
+            exchange(&mut fe, &name, "SET_VRING_ENABLE", limit, |f| {
                 f.set_vring_enable(index, enable)
-            });
-            drop(flags);
-            sent.map_err(|e| self.fail(e))?;
+            })
+            .map_err(|e| self.fail(e))?;
             self.active_queues.push(index);
         }
         if resume {
@@ -867,6 +873,10 @@ impl VhostUserDevice {
             ));
         }
         let fd = frontend.as_raw_fd();
+        // Taken before the device is marked connected and held until the
+        // backend has every ring (see `hand_rings`).
+        let ring_enabled = self.ring_enabled.clone();
+        let flags = crate::bus::lock(&ring_enabled);
         *crate::bus::lock(&self.frontend) = frontend;
         // Cleared before the watcher starts: a connection that is already
         // gone must leave the device marked broken and hung up.
@@ -881,10 +891,11 @@ impl VhostUserDevice {
             channel.serve();
         }
         if let Some(activation) = self.activation.take() {
-            let result = self.hand_rings(&activation, true);
+            let result = self.hand_rings(&activation, &flags, true);
             self.activation = Some(activation);
             result.map_err(|e| e.to_string())?;
         }
+        drop(flags);
         log::warn!("{}: the vhost-user backend reconnected", self.spec.name);
         self.status.changed();
         Ok(())
@@ -1007,6 +1018,8 @@ mod tests {
         queue_num: u64,
         /// It hangs up after answering this request.
         quit_after: Option<u32>,
+        /// It waits `SLOW` before answering this request.
+        slow: Option<u32>,
         /// It offers the BACKEND_REQ protocol feature, and after answering
         /// this request, sends CONFIG_CHANGE_MSG on the channel it got and
         /// reports the frontend's ack.
@@ -1021,6 +1034,7 @@ mod tests {
                 garbled_config: false,
                 queue_num: 2,
                 quit_after: None,
+                slow: None,
                 config_change_after: None,
             }
         }
@@ -1120,6 +1134,9 @@ mod tests {
                 }
                 _ => None,
             };
+            if script.slow == Some(code) {
+                std::thread::sleep(SLOW);
+            }
             if let Some(answer) = answer {
                 if stream.write_all(&answer).is_err() {
                     let _ = seen.send(Seen::Closed);
@@ -1199,6 +1216,9 @@ mod tests {
     fn wait_closed(requests: &mpsc::Receiver<Seen>) -> bool {
         seen_until_quiet(requests, WAIT).contains(&Seen::Closed)
     }
+
+    /// How long a slow scripted backend takes to answer.
+    const SLOW: Duration = Duration::from_millis(300);
 
     fn kicks() -> [EventFd; 2] {
         [
@@ -1395,6 +1415,51 @@ mod tests {
                 "{seen:?}"
             );
             assert!(seen.contains(&Seen::Request(SET_VRING_ENABLE, ring_state(index, true))));
+        }
+        assert!(device.status().connected());
+    }
+
+    /// The driver turns a ring off (the NIC's control queue) while a new
+    /// backend is getting the rings: the switch waits until that backend
+    /// has its features and every ring, then reaches it, so the ring ends
+    /// up off and the backend stays connected.
+    #[test]
+    fn a_ring_switch_during_a_reconnect_reaches_the_backend_after_the_rings() {
+        // The first backend is lost during the handover: the device keeps
+        // its rings for the next one.
+        let (mut device, requests) = scripted_disk(Script {
+            quit_after: Some(SET_MEM_TABLE),
+            ..Script::default()
+        });
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("activate");
+        assert!(wait_closed(&requests));
+
+        let (ours, requests) = spawn_backend(Script {
+            slow: Some(SET_FEATURES),
+            ..Script::default()
+        });
+        let backend = device.handshake().run(ours).expect("handshake");
+        let mut switch = device.ring_switch();
+        let switcher = std::thread::spawn(move || {
+            std::thread::sleep(SLOW / 3);
+            switch.set(1, false)
+        });
+        device.reattach(backend).expect("reattach");
+        assert!(switcher.join().expect("switch thread"), "the switch failed");
+        let seen = drain(&requests);
+        let at = |event: Seen| seen.iter().position(|s| *s == event);
+        let off = at(Seen::Request(SET_VRING_ENABLE, ring_state(1, false)))
+            .unwrap_or_else(|| panic!("ring 1 was never turned off: {seen:?}"));
+        for index in 0..2 {
+            let kick = at(Seen::Request(SET_VRING_KICK, index)).expect("every ring is handed over");
+            assert!(
+                kick < off,
+                "ring 1 was switched before ring {index} was set up: {seen:?}"
+            );
         }
         assert!(device.status().connected());
     }
