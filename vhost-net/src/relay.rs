@@ -41,18 +41,19 @@ impl Relay {
         let to_backend = std::thread::Builder::new()
             .name("relay-in".into())
             .spawn(move || {
-                let mut protocol_acked = false;
-                let result = copy_messages(&f_read, &b_write, |header, payload, out| {
+                // Only before the frontend's first SET_FEATURES: once it
+                // has set features, an injected message would replace them
+                // (a frontend that acked no PROTOCOL_FEATURES and then
+                // enables a ring is refused by the library, as it should be).
+                let mut features_set = false;
+                let result = copy_messages(&f_read, &b_write, |header, _, out| {
                     let request = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-                    if request == SET_FEATURES && payload.len() >= 8 {
-                        let mut bytes = [0u8; 8];
-                        bytes.copy_from_slice(&payload[..8]);
-                        protocol_acked = u64::from_le_bytes(bytes) & PROTOCOL_FEATURES != 0;
-                    }
-                    if request == SET_VRING_ENABLE && !protocol_acked {
+                    if request == SET_VRING_ENABLE && !features_set {
                         log::debug!("SET_VRING_ENABLE before SET_FEATURES: acknowledging PROTOCOL_FEATURES first");
                         send_message(out, &set_features_message(PROTOCOL_FEATURES), &[])?;
-                        protocol_acked = true;
+                    }
+                    if request == SET_FEATURES || request == SET_VRING_ENABLE {
+                        features_set = true;
                     }
                     Ok(())
                 });
@@ -292,6 +293,18 @@ mod tests {
         assert_eq!(payload, PROTOCOL_FEATURES.to_le_bytes());
         assert_eq!(read_message(&mut backend).0, SET_VRING_ENABLE);
         // Only once.
+        frontend
+            .write_all(&message(SET_VRING_ENABLE, &enable))
+            .unwrap();
+        assert_eq!(read_message(&mut backend).0, SET_VRING_ENABLE);
+
+        // A SET_FEATURES without PROTOCOL_FEATURES is the frontend's word:
+        // a later SET_VRING_ENABLE goes through alone, and the library
+        // refuses it, rather than get the features replaced.
+        frontend
+            .write_all(&message(SET_FEATURES, &1u64.to_le_bytes()))
+            .unwrap();
+        assert_eq!(read_message(&mut backend).0, SET_FEATURES);
         frontend
             .write_all(&message(SET_VRING_ENABLE, &enable))
             .unwrap();

@@ -200,7 +200,7 @@ impl Rx {
                         let why = format_args!(
                             "{} bytes do not fit the {}-byte rx chain (no MRG_RXBUF)",
                             len - cfg.hdr_len,
-                            cap - cfg.hdr_len
+                            cap.saturating_sub(cfg.hdr_len)
                         );
                         c.dropped(true, &why);
                     } else {
