@@ -216,26 +216,6 @@ impl BlkBackend {
         }
     }
 
-    /// A ring the worker cannot serve (its used ring or call eventfd
-    /// fails: a frontend gave an unwritable call eventfd, or took the
-    /// memory away under the ring) is not served until the frontend sets it
-    /// up again. Its transfers in flight finish now and release their
-    /// blocks.
-    fn give_up(&self, queue: usize, e: &io::Error) {
-        if let Some(state) = self.queues.get(queue) {
-            let mut state = lock(state);
-            if !state.broken {
-                log::error!(
-                    "queue {queue}: {e}; it is not served until the frontend sets it up again"
-                );
-            }
-            state.broken = true;
-        }
-        if let Err(e) = self.finish_in_flight(queue) {
-            log::debug!("queue {queue}: completing its transfers: {e}");
-        }
-    }
-
     /// Waits for the queue's transfers in flight and completes them.
     fn finish_in_flight(&self, queue: usize) -> io::Result<()> {
         let Some(state) = self.queues.get(queue) else {
@@ -278,6 +258,12 @@ impl BlkBackend {
     /// the synchronous ones inline and hands reads and writes to io_uring
     /// when the disk takes them asynchronously, then signals once. With
     /// EVENT_IDX, re-enables notifications and loops if more arrived.
+    ///
+    /// A ring it cannot serve (its used ring or call eventfd fails: a
+    /// frontend gave an unwritable call eventfd, or took the memory away
+    /// under the ring) is marked broken before the queue's lock goes, so a
+    /// ring the frontend sets up again meanwhile is not taken for it; it
+    /// is not served until the frontend sets it up again.
     pub(crate) fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(());
@@ -289,6 +275,27 @@ impl BlkBackend {
         };
         let mut guard = lock(state);
         let state = &mut *guard;
+        let served = self.serve(queue, vring, state, mem, event_idx);
+        if let Err(e) = &served {
+            if !state.broken {
+                log::error!(
+                    "queue {queue}: {e}; it is not served until the frontend sets it up again"
+                );
+            }
+            state.broken = true;
+        }
+        served
+    }
+
+    /// `process_queue`'s work, under the queue's lock.
+    fn serve(
+        &self,
+        queue: usize,
+        vring: &VringRwLock,
+        state: &mut QueueState,
+        mem: Arc<GuestMemoryMmap>,
+        event_idx: bool,
+    ) -> io::Result<()> {
         // A stopped ring (GET_VRING_BASE) is the frontend's again: a late
         // completion event must not touch it.
         if !vring.get_ref().get_queue().ready() {
@@ -572,12 +579,15 @@ impl VhostUserBackend for BlkBackend {
                 "queue {queue}: unknown event {device_event}"
             )));
         }
-        if let Err(e) = self.process_queue(queue, vring) {
-            self.give_up(queue, &e);
-        }
         // The worker lives on whatever its ring did: one that ended would
         // leave its transfers in flight, holding blocks that other queues'
-        // requests may wait for.
+        // requests may wait for. A ring it could not serve was given up
+        // (`process_queue`); its transfers finish now and release theirs.
+        if self.process_queue(queue, vring).is_err() {
+            if let Err(e) = self.finish_in_flight(queue) {
+                log::debug!("queue {queue}: completing its transfers: {e}");
+            }
+        }
         Ok(())
     }
 
