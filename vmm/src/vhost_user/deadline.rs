@@ -92,6 +92,32 @@ impl ExchangeError {
             }
         )
     }
+
+    /// Whether the backend went away or fell out of step: no answer in
+    /// time, a connection that broke or closed, a reply that was not a
+    /// reply. A restarted backend may well do better, unlike one that
+    /// refused, or a request the vhost crate itself turned down.
+    pub fn backend_lost(&self) -> bool {
+        use vhost::vhost_user::Error as E;
+        match self {
+            ExchangeError::NoReply { .. } => true,
+            ExchangeError::Failed {
+                source: vhost::Error::VhostUserProtocol(e),
+                ..
+            } => matches!(
+                e,
+                E::PartialMessage
+                    | E::Disconnected
+                    | E::SocketError(_)
+                    | E::SocketBroken(_)
+                    | E::SocketRetry(_)
+                    | E::InvalidMessage
+                    | E::OversizedMsg
+                    | E::IncorrectFds
+            ),
+            ExchangeError::Failed { .. } => false,
+        }
+    }
 }
 
 /// Runs `call`, the request `step` (e.g. "GET_FEATURES") of device `name`

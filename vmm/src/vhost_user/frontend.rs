@@ -216,8 +216,10 @@ enum Handover {
     /// off, and the next backend gets the rings as after a crash.
     #[error("{0}")]
     Lost(ActivateError),
-    /// The backend refused a step, or the rings cannot be handed to any
-    /// backend (an address outside guest memory): the driver has to reset.
+    /// The backend refused a step, the vhost crate turned a request down,
+    /// or the rings cannot be handed to any backend (an address outside
+    /// guest memory): a device starting fails (the driver sees
+    /// NEEDS_RESET); a reconnecting backend is left cut off or idle.
     #[error("{0}")]
     Refused(ActivateError),
 }
@@ -431,13 +433,14 @@ impl VhostUserDevice {
     /// rings before that step, over memory the guest now expects no device
     /// to touch, so it is cut off too: it drops every ring, and the device
     /// takes a backend back (the same one, or a restarted one) as after a
-    /// crash.
+    /// crash. Whether that one gets the rings is the `Handover` kind's
+    /// business: a lost backend's successor does.
     fn fail(&self, e: ExchangeError) -> Handover {
         cut_off(&self.frontend, &self.broken, &e);
-        if e.refused() {
-            Handover::Refused(ActivateError(format!("{e}; the device is stopped")))
-        } else {
+        if e.backend_lost() {
             Handover::Lost(ActivateError(e.to_string()))
+        } else {
+            Handover::Refused(ActivateError(format!("{e}; the device is stopped")))
         }
     }
 
@@ -1217,6 +1220,17 @@ mod tests {
         seen_until_quiet(requests, WAIT).contains(&Seen::Closed)
     }
 
+    /// Waits until the device has seen its backend's connection close (as
+    /// the reconnect thread does before it takes the next backend).
+    fn wait_hung_up(device: &VhostUserDevice) {
+        let status = device.status();
+        let since = Instant::now();
+        while !status.hung_up() && since.elapsed() < WAIT {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(status.hung_up(), "the hang-up was not seen");
+    }
+
     /// How long a slow scripted backend takes to answer.
     const SLOW: Duration = Duration::from_millis(300);
 
@@ -1357,12 +1371,7 @@ mod tests {
             ..Script::default()
         });
         assert!(wait_closed(&requests));
-        let status = device.status();
-        let since = Instant::now();
-        while !status.hung_up() && since.elapsed() < WAIT {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(status.hung_up(), "the hang-up was not seen");
+        wait_hung_up(&device);
         let ram = create_guest_ram(1 << 20, false).expect("guest memory");
         let kicks = kicks();
         device
@@ -1403,6 +1412,7 @@ mod tests {
             .expect("a backend lost during the handover failed the driver's start");
         assert!(wait_closed(&requests));
         assert!(!device.status().connected());
+        wait_hung_up(&device);
 
         let (ours, requests) = spawn_backend(Script::default());
         let backend = device.handshake().run(ours).expect("handshake");
@@ -1437,6 +1447,7 @@ mod tests {
             .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
             .expect("activate");
         assert!(wait_closed(&requests));
+        wait_hung_up(&device);
 
         let (ours, requests) = spawn_backend(Script {
             slow: Some(SET_FEATURES),
@@ -1449,7 +1460,9 @@ mod tests {
             switch.set(1, false)
         });
         device.reattach(backend).expect("reattach");
-        assert!(switcher.join().expect("switch thread"), "the switch failed");
+        // Had the switch come before the reconnect (a slow machine), it was
+        // recorded and handed over with the rings: the order holds too.
+        switcher.join().expect("switch thread");
         let seen = drain(&requests);
         let at = |event: Seen| seen.iter().position(|s| *s == event);
         let off = at(Seen::Request(SET_VRING_ENABLE, ring_state(1, false)))
