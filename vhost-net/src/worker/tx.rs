@@ -69,7 +69,8 @@ pub struct TxScratch {
 /// Sends one batch of available chains (at most `TX_BATCH`); returns how
 /// many were completed (0: the ring is empty). Fails, having taken no
 /// chain, when the ring cannot be read (its available index is more than
-/// a ring ahead, or it is not ready).
+/// a ring ahead, it is not ready, or its next entry is outside guest
+/// memory).
 pub fn process<T: FrameIo>(
     tap: &T,
     q: &mut Queue,
@@ -84,10 +85,15 @@ pub fn process<T: FrameIo>(
     scratch.heads.clear();
     // An available index more than a ring ahead, a ring not ready, or an
     // entry outside guest memory is an error, not an empty ring: the
-    // caller stops serving the ring.
+    // caller stops serving the ring. Found after some chains were taken,
+    // it ends the batch; they are sent and completed, and the next call
+    // fails before it takes any.
     while scratch.heads.len() < TX_BATCH {
-        let Some(chain) = next_chain(q, mem)? else {
-            break;
+        let chain = match next_chain(q, mem) {
+            Ok(Some(chain)) => chain,
+            Ok(None) => break,
+            Err(e) if scratch.heads.is_empty() => return Err(e),
+            Err(_) => break,
         };
         let head = chain.head_index();
         scratch.heads.push(head);
