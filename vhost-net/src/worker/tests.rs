@@ -642,22 +642,29 @@ fn tx_fails_on_an_available_index_more_than_a_ring_ahead() {
     assert!(tap.written.borrow().is_empty());
 }
 
-#[test]
-fn rx_fails_at_once_on_an_available_index_more_than_a_ring_ahead() {
+/// What `run` returns, run on another thread: a ring it spins on would
+/// otherwise hang the test rather than fail it.
+fn within_a_second<T: Send + 'static>(what: &str, run: impl FnOnce() -> T + Send + 'static) -> T {
     let (done, result) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let _ = done.send(run());
+    });
+    result
+        .recv_timeout(std::time::Duration::from_secs(1))
+        .unwrap_or_else(|_| panic!("{what} did not return within 1 s"))
+}
+
+#[test]
+fn rx_fails_at_once_on_an_available_index_more_than_a_ring_ahead() {
+    let out = within_a_second("rx", || {
         let mem = memory();
         let (_d, mut q) = Driver::new(&mem);
         let tap = MemTap::default();
         tap.push(with_header(&frame(60, 1)));
         break_avail_idx(&mem);
         let mut pair = Pair::new(0);
-        let out = pair.rx(&tap, &mut q, &mem, MRG).map(|o| o.used);
-        let _ = done.send(out);
+        pair.rx(&tap, &mut q, &mem, MRG).map(|o| o.used)
     });
-    let out = result
-        .recv_timeout(std::time::Duration::from_secs(1))
-        .expect("rx did not return within 1 s");
     assert!(
         matches!(out, Err(virtio_queue::Error::InvalidAvailRingIndex)),
         "{out:?}"
@@ -675,19 +682,14 @@ fn avail_ring_at_the_end(mem: &GuestMemoryMmap, q: &mut Queue) {
 
 #[test]
 fn tx_fails_on_an_avail_entry_outside_memory() {
-    let (done, result) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let out = within_a_second("tx", || {
         let mem = memory();
         let (_d, mut q) = Driver::new(&mem);
         avail_ring_at_the_end(&mem, &mut q);
         let tap = MemTap::default();
         let mut pair = Pair::new(0);
-        let out = pair.tx(&tap, &mut q, &mem, MRG).map(|_| ());
-        let _ = done.send(out);
+        pair.tx(&tap, &mut q, &mem, MRG).map(|_| ())
     });
-    let out = result
-        .recv_timeout(std::time::Duration::from_secs(1))
-        .expect("tx did not return within 1 s");
     assert!(
         matches!(out, Err(virtio_queue::Error::GuestMemory(_))),
         "{out:?}"
@@ -696,20 +698,15 @@ fn tx_fails_on_an_avail_entry_outside_memory() {
 
 #[test]
 fn rx_fails_on_an_avail_entry_outside_memory_rather_than_spin() {
-    let (done, result) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let out = within_a_second("rx", || {
         let mem = memory();
         let (_d, mut q) = Driver::new(&mem);
         avail_ring_at_the_end(&mem, &mut q);
         let tap = MemTap::default();
         tap.push(with_header(&frame(60, 1)));
         let mut pair = Pair::new(0);
-        let out = pair.rx(&tap, &mut q, &mem, MRG).map(|o| o.used);
-        let _ = done.send(out);
+        pair.rx(&tap, &mut q, &mem, MRG).map(|o| o.used)
     });
-    let out = result
-        .recv_timeout(std::time::Duration::from_secs(1))
-        .expect("rx did not return within 1 s");
     assert!(
         matches!(out, Err(virtio_queue::Error::GuestMemory(_))),
         "{out:?}"

@@ -1231,6 +1231,19 @@ mod tests {
         assert!(status.hung_up(), "the hang-up was not seen");
     }
 
+    /// The backend got the memory table and both rings, each set up and on.
+    fn assert_every_ring_handed_over(seen: &[Seen]) {
+        assert!(seen.contains(&Seen::Request(SET_MEM_TABLE, 1)), "{seen:?}");
+        for index in 0..2 {
+            assert!(
+                seen.contains(&Seen::Request(SET_VRING_KICK, index)),
+                "{seen:?}"
+            );
+            let on = Seen::Request(SET_VRING_ENABLE, ring_state(index, true));
+            assert!(seen.contains(&on), "{seen:?}");
+        }
+    }
+
     /// How long a slow scripted backend takes to answer.
     const SLOW: Duration = Duration::from_millis(300);
 
@@ -1383,11 +1396,7 @@ mod tests {
         assert!(kicks.iter().all(|k| k.read().is_err()), "kicked early");
         device.reattach(backend).expect("reattach");
         let seen = drain(&requests);
-        assert!(seen.contains(&Seen::Request(SET_MEM_TABLE, 1)), "{seen:?}");
-        for index in 0..2 {
-            assert!(seen.contains(&Seen::Request(SET_VRING_KICK, index)));
-            assert!(seen.contains(&Seen::Request(SET_VRING_ENABLE, ring_state(index, true))));
-        }
+        assert_every_ring_handed_over(&seen);
         // The new backend looks at what the guest made available meanwhile
         // without waiting for another kick.
         for (index, kick) in kicks.iter().enumerate() {
@@ -1418,14 +1427,7 @@ mod tests {
         let backend = device.handshake().run(ours).expect("handshake");
         device.reattach(backend).expect("reattach");
         let seen = drain(&requests);
-        assert!(seen.contains(&Seen::Request(SET_MEM_TABLE, 1)), "{seen:?}");
-        for index in 0..2 {
-            assert!(
-                seen.contains(&Seen::Request(SET_VRING_KICK, index)),
-                "{seen:?}"
-            );
-            assert!(seen.contains(&Seen::Request(SET_VRING_ENABLE, ring_state(index, true))));
-        }
+        assert_every_ring_handed_over(&seen);
         assert!(device.status().connected());
     }
 
