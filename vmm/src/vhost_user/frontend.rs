@@ -1244,6 +1244,31 @@ mod tests {
         }
     }
 
+    /// A device the driver starts while its backend hangs up after
+    /// answering `quit_after`, once the hang-up is seen; with the guest
+    /// memory and kicks its rings use.
+    fn started_as_backend_is_lost(
+        quit_after: u32,
+    ) -> (
+        VhostUserDevice,
+        crate::vstate::memory::GuestRam,
+        [EventFd; 2],
+    ) {
+        let (mut device, requests) = scripted_disk(Script {
+            quit_after: Some(quit_after),
+            ..Script::default()
+        });
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("a backend lost during the handover failed the driver's start");
+        assert!(wait_closed(&requests));
+        assert!(!device.status().connected());
+        wait_hung_up(&device);
+        (device, ram, kicks)
+    }
+
     /// How long a slow scripted backend takes to answer.
     const SLOW: Duration = Duration::from_millis(300);
 
@@ -1410,18 +1435,7 @@ mod tests {
     /// device keeps its rings for the next backend, which gets all of them.
     #[test]
     fn a_backend_lost_while_the_device_starts_leaves_its_rings_to_the_next_one() {
-        let (mut device, requests) = scripted_disk(Script {
-            quit_after: Some(SET_FEATURES),
-            ..Script::default()
-        });
-        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
-        let kicks = kicks();
-        device
-            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
-            .expect("a backend lost during the handover failed the driver's start");
-        assert!(wait_closed(&requests));
-        assert!(!device.status().connected());
-        wait_hung_up(&device);
+        let (mut device, _ram, _kicks) = started_as_backend_is_lost(SET_FEATURES);
 
         let (ours, requests) = spawn_backend(Script::default());
         let backend = device.handshake().run(ours).expect("handshake");
@@ -1439,17 +1453,7 @@ mod tests {
     fn a_ring_switch_during_a_reconnect_reaches_the_backend_after_the_rings() {
         // The first backend is lost during the handover: the device keeps
         // its rings for the next one.
-        let (mut device, requests) = scripted_disk(Script {
-            quit_after: Some(SET_MEM_TABLE),
-            ..Script::default()
-        });
-        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
-        let kicks = kicks();
-        device
-            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
-            .expect("activate");
-        assert!(wait_closed(&requests));
-        wait_hung_up(&device);
+        let (mut device, _ram, _kicks) = started_as_backend_is_lost(SET_MEM_TABLE);
 
         let (ours, requests) = spawn_backend(Script {
             slow: Some(SET_FEATURES),
