@@ -5,6 +5,7 @@
 pub mod avail;
 pub mod error_chain;
 pub mod logging;
+pub mod relay;
 pub mod ring_watch;
 pub mod shared_memory;
 pub mod socket_path;

@@ -10,7 +10,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{Device, NetBackend};
-use crate::relay::Relay;
+use vmm_common::relay::{self, Relay};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -30,19 +30,12 @@ pub enum ServeError {
 /// Serves frontends one after another on one listening socket, so a new
 /// frontend can connect (and wait in the backlog) while the last one is
 /// being cleaned up. Each frontend talks to the vhost crate's handler
-/// through a `Relay` (see there for why), over an inner socket in a
-/// directory only this user may enter (mode 0700): no other local user
-/// can connect to it in the relay's place. The socket and the directory
-/// go when the backend stops or fails.
+/// through a relay (see `crate::relay` for why). The socket and the relay's
+/// private directory go when the backend stops or fails.
 pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     let device = Arc::new(device);
     let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
-    // tempfile leaves the mode to the umask unless told.
-    let private = tempfile::Builder::new()
-        .prefix("vhost-net-")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .map_err(serve_err)?;
+    let private = relay::private_dir("vhost-net-").map_err(serve_err)?;
     let private_path = private.path().to_path_buf();
     // A tap this process created goes away with its last queue.
     let bound = vmm_common::stop::exit_on_stop_signals(socket.to_path_buf(), move || {
@@ -54,7 +47,7 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     let public = UnixListener::bind(socket).map_err(serve_err)?;
     bound.set();
     drop(claim);
-    let result = serve_frontends(socket, &public, &private.path().join("relay.sock"), &device);
+    let result = serve_frontends(socket, &public, &relay::inner_socket(&private), &device);
     let _ = std::fs::remove_file(socket);
     result
 }
@@ -82,7 +75,8 @@ fn serve_frontends(
             Err(e) => return Err(serve_err(e)),
         };
         let inner = UnixStream::connect(inner_path).map_err(serve_err)?;
-        let relay = Relay::start(frontend, inner).map_err(serve_err)?;
+        let relay = Relay::start(frontend, inner, crate::relay::protocol_features_first())
+            .map_err(serve_err)?;
         if let Err(e) = daemon.start(&mut listener) {
             // Accepting failed: the socket itself is broken.
             return Err(ServeError::Serve(socket.to_path_buf(), format!("{e:?}")));

@@ -1,0 +1,331 @@
+//! A message relay between a vhost-user frontend and the vhost crate's
+//! request handler in a backend process, for what the handler does not
+//! let a backend do itself: see a message in passing (vhost-blk keeps the
+//! backend request channel the frontend sends, to tell it of a resized
+//! disk) or put one in before it (vhost-net answers a QEMU quirk).
+//!
+//! Each frontend connects to the backend's public socket; the relay copies
+//! whole messages, with their file descriptors (SCM_RIGHTS), between it and
+//! the handler, which listens on an inner socket in a directory only this
+//! user may enter (mode 0700), so no other local user can connect there in
+//! the relay's place.
+
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+
+pub const HEADER_LEN: usize = 12;
+/// Larger payloads than this are not vhost-user messages.
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// vhost-user sends at most 8 descriptors per message (memory regions).
+const MAX_FDS: usize = 32;
+
+/// One message from the frontend, as the relay passes it on.
+pub struct Message<'a> {
+    /// The request code (the header's first word).
+    pub request: u32,
+    pub payload: &'a [u8],
+    /// The descriptors that came with it (the handler gets its own copies).
+    pub fds: &'a [OwnedFd],
+}
+
+/// Sees each message from the frontend before the handler does, and may
+/// send the handler messages of its own first (on the stream given).
+pub type Inspect = Box<dyn FnMut(&Message<'_>, &UnixStream) -> io::Result<()> + Send>;
+
+/// The two copying threads of one connection.
+pub struct Relay {
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Relays between `frontend` and `backend` until either side closes;
+    /// `inspect` sees what the frontend sends.
+    pub fn start(
+        frontend: UnixStream,
+        backend: UnixStream,
+        mut inspect: Inspect,
+    ) -> io::Result<Relay> {
+        let (f_read, f_write) = (frontend.try_clone()?, frontend);
+        let (b_read, b_write) = (backend.try_clone()?, backend);
+        let to_backend = std::thread::Builder::new()
+            .name("relay-in".into())
+            .spawn(move || {
+                let result = copy_messages(&f_read, &b_write, &mut *inspect);
+                finish("frontend", result, &b_write);
+            })?;
+        let to_frontend =
+            std::thread::Builder::new()
+                .name("relay-out".into())
+                .spawn(move || {
+                    let result = copy_messages(&b_read, &f_write, &mut |_, _| Ok(()));
+                    finish("backend", result, &f_write);
+                })?;
+        Ok(Relay {
+            threads: vec![to_backend, to_frontend],
+        })
+    }
+
+    /// Waits for both directions to end.
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A private directory (mode 0700) for the handler's inner socket; it goes
+/// when dropped.
+pub fn private_dir(prefix: &str) -> io::Result<tempfile::TempDir> {
+    // tempfile leaves the mode to the umask unless told.
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+}
+
+/// Where the handler listens inside a private directory.
+pub fn inner_socket(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("relay.sock")
+}
+
+/// Shuts the other side down once one direction ends, so both threads stop.
+fn finish(from: &str, result: io::Result<()>, other: &UnixStream) {
+    match result {
+        Ok(()) => log::debug!("relay: the {from} closed its side"),
+        Err(e) => log::debug!("relay: {from} side ended: {e}"),
+    }
+    let _ = other.shutdown(std::net::Shutdown::Both);
+}
+
+/// Builds a message: header (version 1, no reply wanted) and payload.
+pub fn message(request: u32, payload: &[u8]) -> Vec<u8> {
+    const VERSION_1: u32 = 0x1;
+    let mut m = Vec::with_capacity(HEADER_LEN + payload.len());
+    m.extend_from_slice(&request.to_le_bytes());
+    m.extend_from_slice(&VERSION_1.to_le_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// Reads one whole message (header and payload) and its descriptors, or
+/// None once `from` has closed.
+pub fn read_message(from: &UnixStream) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let mut header = [0u8; HEADER_LEN];
+    let (n, fds) = recv_with_fds(from, &mut header)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n < HEADER_LEN {
+        (&*from).read_exact(&mut header[n..])?;
+    }
+    let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+    if size > MAX_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a {size}-byte payload is not a vhost-user message"),
+        ));
+    }
+    let mut message = header.to_vec();
+    message.resize(HEADER_LEN + size, 0);
+    (&*from).read_exact(&mut message[HEADER_LEN..])?;
+    Ok(Some((message, fds)))
+}
+
+/// Copies whole messages (header, payload, descriptors) from `from` to `to`
+/// until `from` closes. `inspect` sees each message before it is sent and
+/// may send messages of its own first.
+fn copy_messages(
+    from: &UnixStream,
+    to: &UnixStream,
+    inspect: &mut dyn FnMut(&Message<'_>, &UnixStream) -> io::Result<()>,
+) -> io::Result<()> {
+    while let Some((message, fds)) = read_message(from)? {
+        let request = u32::from_le_bytes([message[0], message[1], message[2], message[3]]);
+        inspect(
+            &Message {
+                request,
+                payload: &message[HEADER_LEN..],
+                fds: &fds,
+            },
+            to,
+        )?;
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        send_message(to, &message, &raw)?;
+        // `fds` (our copies) close here; the peer has its own.
+    }
+    Ok(())
+}
+
+fn cmsg_space(fds: usize) -> usize {
+    // SAFETY: CMSG_SPACE only computes a size.
+    unsafe { libc::CMSG_SPACE((fds * std::mem::size_of::<RawFd>()) as u32) as usize }
+}
+
+/// Reads up to `buf.len()` bytes and any descriptors sent with them.
+fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut control = vec![0u8; cmsg_space(MAX_FDS)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid starting value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (over `buf`) and `control`, both
+        // alive and writable for the call.
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: `msg` was filled by recvmsg; the CMSG macros walk its control
+    // buffer within `msg_controllen`.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` is a valid header inside the control buffer.
+        let header = unsafe { &*cmsg };
+        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: as above; CMSG_LEN(0) is the header size.
+            let data_len = header.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+            let count = data_len / std::mem::size_of::<RawFd>();
+            // SAFETY: CMSG_DATA points at `count` descriptors in the buffer.
+            let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
+            for i in 0..count {
+                // SAFETY: the kernel installed these descriptors for us; we
+                // own them from here on. The read may be unaligned.
+                let fd = unsafe { std::ptr::read_unaligned(data.add(i)) };
+                // SAFETY: `fd` is a fresh descriptor nothing else owns.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        // SAFETY: `msg` and `cmsg` are valid as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "too many descriptors in one message",
+        ));
+    }
+    Ok((n, fds))
+}
+
+/// Sends `bytes` with `fds` attached, all of it.
+pub fn send_message(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let mut control = vec![
+        0u8;
+        if fds.is_empty() {
+            0
+        } else {
+            cmsg_space(fds.len())
+        }
+    ];
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let mut iov = libc::iovec {
+            iov_base: bytes[sent..].as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len() - sent,
+        };
+        // SAFETY: an all-zero msghdr is a valid starting value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if sent == 0 && !fds.is_empty() {
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = control.len();
+            // SAFETY: the control buffer has room for one header with
+            // `fds.len()` descriptors (cmsg_space).
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as usize;
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for (i, fd) in fds.iter().enumerate() {
+                    std::ptr::write_unaligned(data.add(i), *fd);
+                }
+            }
+        }
+        // SAFETY: `msg` points at `iov` over `bytes` and at `control`, both
+        // alive for the call; the descriptors are open.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        sent += n as usize;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn read(stream: &UnixStream) -> (u32, Vec<u8>, usize) {
+        let (m, fds) = read_message(stream).unwrap().expect("a message");
+        let request = u32::from_le_bytes(m[..4].try_into().unwrap());
+        (request, m[HEADER_LEN..].to_vec(), fds.len())
+    }
+
+    #[test]
+    fn messages_pass_both_ways_with_their_descriptors_and_inspect_sees_them() {
+        let (mut frontend, relay_front) = UnixStream::pair().unwrap();
+        let (relay_back, mut backend) = UnixStream::pair().unwrap();
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+        let inspect: Inspect = Box::new(move |m, out| {
+            let _ = seen_tx.send((m.request, m.payload.to_vec(), m.fds.len()));
+            if m.request == 7 {
+                send_message(out, &message(8, &[]), &[])?;
+            }
+            Ok(())
+        });
+        let relay = Relay::start(relay_front, relay_back, inspect).unwrap();
+
+        let file = std::fs::File::open("/dev/null").unwrap();
+        send_message(&frontend, &message(5, &[1, 2, 3, 4]), &[file.as_raw_fd()]).unwrap();
+        assert_eq!(read(&backend), (5, vec![1, 2, 3, 4], 1));
+        assert_eq!(seen_rx.recv().unwrap(), (5, vec![1, 2, 3, 4], 1));
+
+        // What inspect sends goes first.
+        frontend.write_all(&message(7, &[9])).unwrap();
+        assert_eq!(read(&backend).0, 8);
+        assert_eq!(read(&backend), (7, vec![9], 0));
+
+        // Replies flow back.
+        backend.write_all(&message(1, &[9; 8])).unwrap();
+        assert_eq!(read(&frontend), (1, vec![9; 8], 0));
+
+        drop(frontend);
+        relay.join();
+    }
+
+    #[test]
+    fn an_oversized_payload_ends_the_relay() {
+        let (mut frontend, relay_front) = UnixStream::pair().unwrap();
+        let (relay_back, backend) = UnixStream::pair().unwrap();
+        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        let mut header = message(5, &[]);
+        header[8..12].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        frontend.write_all(&header).unwrap();
+        relay.join();
+        assert!(read_message(&backend).unwrap().is_none());
+    }
+}
