@@ -6,7 +6,8 @@
 //! ```text
 //! SET_OWNER
 //! GET_FEATURES
-//! GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES  (CONFIG | MQ | REPLY_ACK, as offered)
+//! GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES  (CONFIG | MQ | REPLY_ACK | BACKEND_REQ, as offered)
+//! SET_BACKEND_REQ_FD                             (with BACKEND_REQ)
 //! SET_FEATURES
 //! GET_QUEUE_NUM                                  (with MQ)
 //! GET_CONFIG                                     (with CONFIG)
@@ -23,6 +24,7 @@
 //! NEED_REPLY, so a backend that rejects one (a memory table it cannot map,
 //! a ring outside it) fails here, by name, rather than silently later.
 
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -76,6 +78,10 @@ pub enum ConnectionError {
     OutOfMemory(u64),
     #[error("the new backend settled features {now:#x}, the one before {before:#x}")]
     FeaturesChanged { before: u64, now: u64 },
+    #[error("the backend request channel")]
+    Channel(#[source] std::io::Error),
+    #[error("the backend sent request {0} on its channel, not CONFIG_CHANGE_MSG")]
+    UnexpectedBackendRequest(u32),
 }
 
 impl ConnectionError {
@@ -163,6 +169,8 @@ pub struct Connection {
     /// The config space read at connection (empty without CONFIG).
     pub config: Vec<u8>,
     pub queues: Vec<VirtQueue>,
+    /// Our end of the backend request channel (with BACKEND_REQ).
+    channel: Option<UnixStream>,
     /// What was asked for at connection.
     options: Options,
 }
@@ -179,6 +187,7 @@ struct Negotiated {
     protocol: VhostUserProtocolFeatures,
     max_queues: u64,
     config: Vec<u8>,
+    channel: Option<UnixStream>,
 }
 
 impl Connection {
@@ -256,6 +265,7 @@ impl Connection {
             max_queues: n.max_queues,
             config: n.config,
             queues,
+            channel: n.channel,
             options,
         })
     }
@@ -273,7 +283,8 @@ impl Connection {
             protocol = backend
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK);
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::BACKEND_REQ);
             req(
                 "SET_PROTOCOL_FEATURES",
                 frontend.set_protocol_features(protocol),
@@ -281,6 +292,15 @@ impl Connection {
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
+        }
+        let mut channel = None;
+        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let (ours, theirs) = UnixStream::pair().map_err(ConnectionError::Channel)?;
+            req(
+                "SET_BACKEND_REQ_FD",
+                frontend.set_backend_request_fd(&theirs),
+            )?;
+            channel = Some(ours);
         }
 
         let mut wanted = (1 << VIRTIO_F_VERSION_1) | PROTOCOL_FEATURES | options.device_features;
@@ -313,6 +333,7 @@ impl Connection {
             protocol,
             max_queues,
             config,
+            channel,
         })
     }
 
@@ -413,8 +434,10 @@ impl Connection {
                     .map_err(|_| ConnectionError::OutOfMemory(memory.size))?;
                 Self::start_ring(&mut frontend, memory, q, base, features)?;
             }
-            Ok(frontend)
+            Ok((frontend, n.channel))
         })?;
+        let (frontend, channel) = frontend;
+        self.channel = channel;
         // Only now: a failed attempt must not keep the new connection
         // open through a queue's watch.
         for q in queues.iter_mut() {
@@ -436,6 +459,38 @@ impl Connection {
             return Err(ConnectionError::Missing("the CONFIG protocol feature"));
         }
         read_config(&mut self.frontend, len)
+    }
+
+    /// Waits up to `timeout` for the backend to say its configuration
+    /// space changed (CONFIG_CHANGE_MSG on the backend request channel),
+    /// and acknowledges it if asked to.
+    pub fn wait_config_change(&mut self, timeout: Duration) -> Result<(), ConnectionError> {
+        const CONFIG_CHANGE_MSG: u32 = 2;
+        const NEED_REPLY: u32 = 0x8;
+        const REPLY: u32 = 0x4;
+        let channel = self
+            .channel
+            .as_mut()
+            .ok_or(ConnectionError::Missing("the BACKEND_REQ protocol feature"))?;
+        let io = ConnectionError::Channel;
+        channel.set_read_timeout(Some(timeout)).map_err(io)?;
+        let mut header = [0u8; 12];
+        channel.read_exact(&mut header).map_err(io)?;
+        let word =
+            |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+        let (request, flags, size) = (word(0), word(4), word(8));
+        if request != CONFIG_CHANGE_MSG || size != 0 {
+            return Err(ConnectionError::UnexpectedBackendRequest(request));
+        }
+        if flags & NEED_REPLY != 0 {
+            let mut reply = Vec::with_capacity(20);
+            reply.extend_from_slice(&request.to_le_bytes());
+            reply.extend_from_slice(&(0x1 | REPLY).to_le_bytes());
+            reply.extend_from_slice(&8u32.to_le_bytes());
+            reply.extend_from_slice(&0u64.to_le_bytes());
+            channel.write_all(&reply).map_err(io)?;
+        }
+        Ok(())
     }
 
     /// Whether feature bit `bit` was acknowledged.

@@ -1,9 +1,11 @@
 //! Disk images for the block tests and the checks of what the test guest's
 //! virtio-blk driver reports about them.
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::backend::Backend;
 use crate::vm::RunningVm;
 
 pub const IMAGE_SIZE: u64 = 16 << 20;
@@ -77,6 +79,37 @@ pub fn expect_disk(vm: &RunningVm, bdf: &str, index: u8, ro: bool) -> String {
         .unwrap_or(0);
     assert!(count > 0, "no completion interrupt arrived: {irqs}");
     info
+}
+
+/// Once the guest (cmdline `diskresize`) watches disk 00:01.0 for a
+/// resize: grows `image` by 1 MiB in place with a marker in its new last
+/// sector, sends the backend SIGHUP, and waits for the guest to read the
+/// new capacity and the marker. Returns the new size in bytes.
+pub fn grow_while_the_guest_watches(vm: &RunningVm, backend: &Backend, image: &Path) -> u64 {
+    vm.expect_line("testguest: blk 00:01.0 resize watch", TIMEOUT);
+    let grown = IMAGE_SIZE + (1 << 20);
+    let marker: Vec<u8> = (0..16u8).map(|i| i.wrapping_mul(29) ^ 0x3c).collect();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .expect("open image");
+    file.set_len(grown).expect("grow image");
+    file.write_all_at(&marker, grown - 512)
+        .expect("write marker");
+    drop(file);
+    backend.signal(libc::SIGHUP);
+    vm.expect_line(
+        &format!(
+            "testguest: blk 00:01.0 config change: capacity {}",
+            grown / 512
+        ),
+        TIMEOUT,
+    );
+    vm.expect_line(
+        &format!("testguest: blk 00:01.0 last sector {}", hex(&marker)),
+        TIMEOUT,
+    );
+    grown
 }
 
 /// Waits for power-off and a 0 exit; returns the VMM's stderr.

@@ -1,13 +1,16 @@
 //! QEMU as the vhost-user frontend with our backends: QEMU (q35, KVM, guest
 //! RAM in a shared memfd) boots the test guest, whose virtio-blk driver
-//! reads and writes through our vhost-blk and whose virtio-net driver pings
-//! the host through our vhost-net.
+//! reads and writes through our vhost-blk (and sees the disk grow when
+//! vhost-blk says so) and whose virtio-net driver pings the host through
+//! our vhost-net.
 
 use std::process::Command;
 use std::time::Duration;
 
 use vmm_tests::backend::Backend;
-use vmm_tests::blk::{expect_disk, finish, guest_pattern, make_image, read_pattern_area};
+use vmm_tests::blk::{
+    expect_disk, finish, grow_while_the_guest_watches, guest_pattern, make_image, read_pattern_area,
+};
 use vmm_tests::net::{guest_ip, mac_text, test_mac, Capture, Netns, HOST_IP};
 use vmm_tests::vm::RunningVm;
 use vmm_tests::{require_kvm, test_guest};
@@ -76,7 +79,7 @@ fn qemu_boots_the_test_guest_on_our_vhost_blk() {
     let image = dir.path().join("disk.img");
     make_image(&image, 0);
     let socket = dir.path().join("disk.sock");
-    let _backend = Backend::vhost_blk(&socket, &image, &["--serial", "from-qemu"]);
+    let backend = Backend::vhost_blk(&socket, &image, &["--serial", "from-qemu"]);
 
     let mut qemu = qemu_with_shared_memory();
     qemu.arg("-chardev")
@@ -85,10 +88,12 @@ fn qemu_boots_the_test_guest_on_our_vhost_blk() {
             "-device",
             "vhost-user-blk-pci,chardev=c0,num-queues=1,disable-legacy=on",
         ])
-        .args(["-append", ""]);
+        .args(["-append", "diskresize"]);
     let vm = RunningVm::spawn(qemu);
     let info = expect_disk(&vm, "00:01.0", 0, false);
     assert!(info.ends_with("serial from-qemu"), "{info}");
+    // QEMU takes vhost-blk's word that the disk grew to the guest.
+    grow_while_the_guest_watches(&vm, &backend, &image);
     finish(vm);
     assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
 }

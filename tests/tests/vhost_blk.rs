@@ -4,8 +4,9 @@
 //! next VM after a disconnect, refuses a second writer of the same image,
 //! exits cleanly on SIGTERM, a restarted backend takes over a running
 //! guest's disk, and a backend that stops answering is cut off and taken
-//! back when it answers again; guest memory on huge pages reaches the
-//! backend as huge pages.
+//! back when it answers again; a disk grown while the guest runs shows the
+//! guest its new size; guest memory on huge pages reaches the backend as
+//! huge pages.
 
 use std::io::Write;
 use std::process::Command;
@@ -13,8 +14,8 @@ use std::time::Duration;
 
 use vmm_tests::backend::{vhost_blk_bin, Backend};
 use vmm_tests::blk::{
-    assert_kicks_bypassed_the_vmm, expect_disk, finish, guest_pattern, make_image,
-    read_pattern_area, two_disks_one_mq_one_read_only,
+    assert_kicks_bypassed_the_vmm, expect_disk, finish, grow_while_the_guest_watches,
+    guest_pattern, make_image, read_pattern_area, two_disks_one_mq_one_read_only, IMAGE_SIZE,
 };
 use vmm_tests::pty::Pty;
 use vmm_tests::qmp::RawQmp;
@@ -137,6 +138,48 @@ fn a_restarted_vhost_blk_takes_over_the_running_guest() {
         "{log}"
     );
     assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
+}
+
+/// A disk resized while the guest runs: the image grows in place, SIGHUP
+/// makes vhost-blk serve the new size and send CONFIG_CHANGE_MSG, the VMM
+/// gives the guest a configuration-change interrupt, and the guest reads
+/// the new capacity and the bytes put in the new last sector.
+#[test]
+fn a_disk_grown_while_the_guest_runs_shows_its_new_size_and_bytes() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk0.img");
+    make_image(&image, 0);
+    let socket = dir.path().join("disk0.sock");
+    let mut backend_cmd = Command::new(vhost_blk_bin());
+    backend_cmd
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(&image)
+        .env("RUST_LOG", "info");
+    let backend = Backend::spawn(backend_cmd, &socket);
+    let mut cmd = VmBuilder::new(test_guest())
+        .cmdline("diskresize")
+        .arg("--disk")
+        .arg(format!("socket={}", socket.display()))
+        .command();
+    cmd.env("RUST_LOG", "info");
+    let vm = RunningVm::spawn(cmd);
+    expect_disk(&vm, "00:01.0", 0, false);
+    let grown = grow_while_the_guest_watches(&vm, &backend, &image);
+    let log = finish(vm);
+    assert!(
+        log.contains("disk0: the backend's configuration changed"),
+        "{log}"
+    );
+    assert!(
+        backend.log.text().contains(&format!(
+            "the image went from {IMAGE_SIZE} to {grown} bytes"
+        )),
+        "{}",
+        backend.log.text()
+    );
 }
 
 /// A vhost-blk that stops answering (SIGSTOP) while the VMM resets the

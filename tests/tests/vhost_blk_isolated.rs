@@ -4,6 +4,7 @@
 //! reconnection, signals, the image lock, the load generator, and
 //! qemu-storage-daemon driven the same way.
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -468,6 +469,85 @@ fn disconnect_and_reconnect_keep_the_data() {
         // Dropping the client closes the socket without a flush.
     }
     assert!(sector_bytes(&img, 40, 1).iter().all(|&b| b == 0x52));
+}
+
+/// The image grows in place and SIGHUP follows: vhost-blk tells the
+/// frontend (CONFIG_CHANGE_MSG on the backend request channel), GET_CONFIG
+/// gives the new capacity, the new sectors are served and past the new end
+/// still is not. A size it cannot serve is refused without a word to the
+/// frontend, and a shrunk image is served at its new size too.
+#[test]
+fn sighup_after_a_resize_serves_the_new_size_and_tells_the_frontend() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let socket = dir.path().join("blk.sock");
+    let mut cmd = Command::new(vhost_blk_bin());
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(&img)
+        .env("RUST_LOG", "info");
+    let backend = Backend::spawn(cmd, &socket);
+    let mut client = connect(&socket, 1);
+    let old = (IMAGE_SIZE / 512) as u64;
+    assert_eq!(client.capacity().expect("capacity"), old);
+    // Nothing to tell before a resize.
+    assert!(client
+        .conn
+        .wait_config_change(Duration::from_millis(200))
+        .is_err());
+
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .expect("open image");
+    let grown = old + 2048;
+    file.set_len(grown * 512).expect("grow");
+    file.write_all_at(&[0xab; 512], (grown - 1) * 512)
+        .expect("write the new last sector");
+    backend.signal(libc::SIGHUP);
+    client
+        .conn
+        .wait_config_change(Duration::from_secs(5))
+        .expect("CONFIG_CHANGE_MSG after the image grew");
+    assert_eq!(client.capacity().expect("capacity"), grown);
+    let mut buf = vec![0u8; 512];
+    assert_eq!(client.read(0, grown - 1, &mut buf).expect("read"), S_OK);
+    assert!(buf.iter().all(|&b| b == 0xab));
+    assert_eq!(client.write(0, old, &[0x5c; 512]).expect("write"), S_OK);
+    assert_eq!(client.read(0, grown, &mut buf).expect("read"), S_IOERR);
+    assert!(sector_bytes(&img, old as usize, 1)
+        .iter()
+        .all(|&b| b == 0x5c));
+
+    // Not whole sectors: the old size stays, and the frontend hears nothing.
+    file.set_len(grown * 512 + 100).expect("odd size");
+    backend.signal(libc::SIGHUP);
+    assert!(client
+        .conn
+        .wait_config_change(Duration::from_millis(500))
+        .is_err());
+    assert_eq!(client.capacity().expect("capacity"), grown);
+    assert!(
+        backend.log.text().contains("not a multiple of 512 bytes"),
+        "{}",
+        backend.log.text()
+    );
+
+    // Shrunk back: told again, and the cut sectors are past the end.
+    file.set_len(old * 512).expect("shrink");
+    backend.signal(libc::SIGHUP);
+    client
+        .conn
+        .wait_config_change(Duration::from_secs(5))
+        .expect("CONFIG_CHANGE_MSG after the image shrank");
+    assert_eq!(client.capacity().expect("capacity"), old);
+    assert_eq!(client.read(0, old, &mut buf).expect("read"), S_IOERR);
+
+    // A frontend that connects later reads the size as it is.
+    drop(client);
+    let mut next = connect(&socket, 1);
+    assert_eq!(next.capacity().expect("capacity"), old);
 }
 
 #[test]

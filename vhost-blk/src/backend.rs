@@ -518,6 +518,8 @@ impl VhostUserBackend for BlkBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            // The channel a resize is announced on (see `resize`).
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -527,7 +529,11 @@ impl VhostUserBackend for BlkBackend {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let start = offset as usize;
         let mut out = vec![0u8; size as usize];
-        if let Some(avail) = self.config.get(start..) {
+        // The capacity as it is now: the disk may have been resized.
+        let mut config = self.config.to_vec();
+        let capacity = self.device.target.disk.size() / SECTOR_SIZE;
+        config[0..8].copy_from_slice(&capacity.to_le_bytes());
+        if let Some(avail) = config.get(start..) {
             let n = avail.len().min(out.len());
             out[..n].copy_from_slice(&avail[..n]);
         }

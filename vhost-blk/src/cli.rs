@@ -6,6 +6,8 @@ use clap::Parser;
 
 /// Serves a raw disk image as a vhost-user-blk device on a Unix socket.
 /// One frontend (VMM) at a time; the next is served after a disconnect.
+/// After the image is resized in place, SIGHUP serves the new size and
+/// tells the frontend.
 #[derive(Debug, Parser)]
 #[command(name = "vhost-blk", version, about, long_about = None)]
 pub struct Args {

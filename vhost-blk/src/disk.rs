@@ -12,6 +12,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 #[cfg(test)]
 use std::sync::Mutex;
@@ -28,6 +29,12 @@ pub type GuestBuf<'a> = VolatileSlice<'a, ()>;
 pub trait Disk: Send + Sync {
     /// Size in bytes.
     fn size(&self) -> u64;
+    /// Reads the size again (the image was grown or shrunk in place) and
+    /// serves that from now on; returns the sizes before and after. A size
+    /// the disk cannot serve is an error, and the old one stays.
+    fn refresh_size(&self) -> Result<(u64, u64), DiskError> {
+        Ok((self.size(), self.size()))
+    }
     /// Fills `buf` from `offset` (the caller checked the range).
     fn read_at(&self, offset: u64, buf: &GuestBuf<'_>) -> io::Result<()>;
     /// Writes `buf` at `offset` (the caller checked the range).
@@ -167,6 +174,8 @@ pub enum DiskError {
     Size(PathBuf, u64),
     #[error("--image {0:?}: size {1} is not a multiple of {2} bytes, the file's O_DIRECT block size (--direct)")]
     DirectSize(PathBuf, u64, u64),
+    #[error("--image {0:?}: cannot read its size")]
+    ReadSize(PathBuf, #[source] io::Error),
 }
 
 /// How long a lock held by someone else is waited for: a backend killed
@@ -202,12 +211,39 @@ fn lock(file: &File, mode: libc::c_int, path: &Path) -> Result<(), DiskError> {
     }
 }
 
+/// The end, not the metadata's length: a block device has none.
+fn end_of(file: &File) -> io::Result<u64> {
+    // Transfers are positioned (pread, pwrite, io_uring), so moving the
+    // file's offset here disturbs none of them.
+    let mut file = file;
+    file.seek(SeekFrom::End(0))
+}
+
+/// Whether the disk can serve an image of `size` bytes: whole sectors and,
+/// with O_DIRECT, whole blocks (a block past the end could only be written
+/// by growing the file).
+fn check_size(path: &Path, size: u64, direct: Option<Alignment>) -> Result<(), DiskError> {
+    if size % 512 != 0 {
+        return Err(DiskError::Size(path.to_path_buf(), size));
+    }
+    match direct {
+        Some(align) if size % align.offset != 0 => Err(DiskError::DirectSize(
+            path.to_path_buf(),
+            size,
+            align.offset,
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The most an unaligned O_DIRECT transfer bounces at a time.
 const BOUNCE_WINDOW: u64 = 1 << 20;
 
 pub struct RawFile {
     file: File,
-    size: u64,
+    path: PathBuf,
+    /// In bytes; changes only when the image is resized (`refresh_size`).
+    size: AtomicU64,
     /// With O_DIRECT, its alignment.
     direct: Option<Alignment>,
     /// With O_DIRECT, the blocks each write holds: a read-modify-write
@@ -231,13 +267,7 @@ impl RawFile {
             libc::LOCK_EX
         };
         lock(&file, mode, path)?;
-        // The end, not the metadata's length: a block device has none.
-        let size = (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|e| DiskError::Open(path.to_path_buf(), e))?;
-        if size % 512 != 0 {
-            return Err(DiskError::Size(path.to_path_buf(), size));
-        }
+        let size = end_of(&file).map_err(|e| DiskError::Open(path.to_path_buf(), e))?;
         let direct = direct.then(|| Alignment::of(&file));
         if let Some(align) = direct {
             log::debug!(
@@ -245,18 +275,12 @@ impl RawFile {
                 align.offset,
                 align.memory
             );
-            // A block past the end could only be written by growing the file.
-            if size % align.offset != 0 {
-                return Err(DiskError::DirectSize(
-                    path.to_path_buf(),
-                    size,
-                    align.offset,
-                ));
-            }
         }
+        check_size(path, size, direct)?;
         Ok(RawFile {
             file,
-            size,
+            path: path.to_path_buf(),
+            size: AtomicU64::new(size),
             writes: BlockWrites::new(direct.map_or(SECTOR, |a| a.offset)),
             direct,
         })
@@ -461,7 +485,13 @@ impl Iterator for Windows {
 
 impl Disk for RawFile {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn refresh_size(&self) -> Result<(u64, u64), DiskError> {
+        let new = end_of(&self.file).map_err(|e| DiskError::ReadSize(self.path.clone(), e))?;
+        check_size(&self.path, new, self.direct)?;
+        Ok((self.size.swap(new, Ordering::AcqRel), new))
     }
 
     fn read_at(&self, offset: u64, buf: &GuestBuf<'_>) -> io::Result<()> {
@@ -748,6 +778,43 @@ mod tests {
             RawFile::open(&path, false, false),
             Err(DiskError::Size(_, 1000))
         ));
+    }
+
+    #[test]
+    fn a_resized_image_is_served_at_its_new_size_unless_it_cannot_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let disk = RawFile::open(&path, false, false).unwrap();
+        assert_eq!(disk.refresh_size().unwrap(), (4096, 4096));
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(8192).unwrap();
+        assert_eq!(disk.refresh_size().unwrap(), (4096, 8192));
+        assert_eq!(disk.size(), 8192);
+        // Not whole sectors: refused, and the size stays.
+        file.set_len(8192 + 100).unwrap();
+        assert!(matches!(disk.refresh_size(), Err(DiskError::Size(_, 8292))));
+        assert_eq!(disk.size(), 8192);
+        file.set_len(1024).unwrap();
+        assert_eq!(disk.refresh_size().unwrap(), (8192, 1024));
+    }
+
+    /// With O_DIRECT, a size that is not whole blocks is refused.
+    #[test]
+    fn a_direct_image_resized_to_part_of_a_block_keeps_its_size() {
+        let dir = disk_dir();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let disk = coarse(&path);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(8192 + 512).unwrap();
+        assert!(matches!(
+            disk.refresh_size(),
+            Err(DiskError::DirectSize(_, 8704, 4096))
+        ));
+        assert_eq!(disk.size(), 8192);
+        file.set_len(3 * 4096).unwrap();
+        assert_eq!(disk.refresh_size().unwrap(), (8192, 3 * 4096));
     }
 
     /// A directory on the disk the tests build on (tmpfs may lack O_DIRECT).

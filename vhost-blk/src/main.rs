@@ -7,6 +7,7 @@ mod config;
 mod disk;
 mod queue_io;
 mod request;
+mod resize;
 mod server;
 mod used_order;
 

@@ -1,5 +1,6 @@
 //! Serves one frontend after another on the socket until SIGTERM/SIGINT.
 
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -7,8 +8,10 @@ use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_common::relay::{self, Relay};
 
 use crate::backend::{BlkBackend, Device};
+use crate::resize::{self, ConfigChanges};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -27,9 +30,18 @@ pub enum ServeError {
 
 /// Serves frontends one after another on one listening socket, so a new
 /// frontend can connect (and wait in the backlog) while the last one is
-/// being cleaned up.
+/// being cleaned up. Each frontend talks to the vhost crate's handler
+/// through a relay, which keeps the frontend's backend request channel
+/// for `resize` (SIGHUP). The socket and the relay's private directory go
+/// when the backend stops or fails.
 pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     let device = Arc::new(device);
+    let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
+    let private = relay::private_dir("vhost-blk-").map_err(serve_err)?;
+    let private_path = private.path().to_path_buf();
+    // Every signal a thread waits for is blocked before any thread starts.
+    vmm_common::stop::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+        .map_err(ServeError::Signals)?;
     // Data is written with pwrite as requests complete; a final fdatasync
     // makes it durable before the process exits.
     let flushed = device.clone();
@@ -37,14 +49,40 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
         if let Err(e) = flushed.target.disk.flush() {
             log::warn!("final flush failed: {e}");
         }
+        let _ = std::fs::remove_dir_all(&private_path);
+    })
+    .map_err(ServeError::Signals)?;
+    let changes = Arc::new(ConfigChanges::default());
+    let (resized, told) = (device.clone(), changes.clone());
+    vmm_common::stop::on_signal(libc::SIGHUP, "resize", move || {
+        resize::resize(&resized, &told)
     })
     .map_err(ServeError::Signals)?;
     let claim = vmm_common::socket_path::claim(socket)
         .map_err(|e| ServeError::Claim(socket.to_path_buf(), e))?;
-    let mut listener = Listener::new(socket, false)
-        .map_err(|e| ServeError::Serve(socket.to_path_buf(), e.to_string()))?;
+    let public = UnixListener::bind(socket).map_err(serve_err)?;
     bound.set();
     drop(claim);
+    let result = serve_frontends(
+        socket,
+        &public,
+        &relay::inner_socket(&private),
+        &device,
+        &changes,
+    );
+    let _ = std::fs::remove_file(socket);
+    result
+}
+
+fn serve_frontends(
+    socket: &Path,
+    public: &UnixListener,
+    inner_path: &Path,
+    device: &Arc<Device>,
+    changes: &Arc<ConfigChanges>,
+) -> Result<(), ServeError> {
+    let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
+    let mut listener = Listener::from(UnixListener::bind(inner_path).map_err(serve_err)?);
     loop {
         let backend = BlkBackend::new(device.clone());
         let mut daemon = VhostUserDaemon::new(
@@ -55,6 +93,9 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
         .map_err(|e| ServeError::Daemon(format!("{e:?}")))?;
         backend.set_handlers(&daemon.get_epoll_handlers());
         log::info!("waiting for a frontend on {}", socket.display());
+        let frontend = public.accept().map_err(serve_err)?.0;
+        let inner = UnixStream::connect(inner_path).map_err(serve_err)?;
+        let relay = Relay::start(frontend, inner, changes.watch()).map_err(serve_err)?;
         if let Err(e) = daemon.start(&mut listener) {
             // Accepting failed: the socket itself is broken.
             return Err(ServeError::Serve(socket.to_path_buf(), format!("{e:?}")));
@@ -67,9 +108,11 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
             // A misbehaving frontend ends its connection, not the backend.
             Err(e) => log::warn!("connection ended: {e:?}"),
         }
+        changes.forget();
         // The workers finish what the frontend left in flight; then
         // dropping the daemon stops and joins them.
         backend.quiesce();
         drop(daemon);
+        relay.join();
     }
 }

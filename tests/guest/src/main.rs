@@ -128,7 +128,11 @@ fn run(start_info: u64) -> Result<(), Fail> {
             }
             if vendor == VIRTIO_VENDOR && device == VIRTIO_BLK_MODERN && !has_word(b"noblk") {
                 if result.is_ok() {
-                    result = virtio_blk::test_disk(f, disks, has_word(b"diskwait"));
+                    let extra = virtio_blk::Extra {
+                        wait: has_word(b"diskwait"),
+                        resize: has_word(b"diskresize"),
+                    };
+                    result = virtio_blk::test_disk(f, disks, extra);
                 }
                 disks += 1;
             }

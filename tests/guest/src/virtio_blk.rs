@@ -2,10 +2,13 @@
 #![allow(clippy::cast_possible_truncation)]
 //! A virtio-blk driver for modern virtio-pci devices (1af4:1042): feature
 //! negotiation, one split virtqueue, MSI-X, and a fixed test: identify,
-//! read sector 0, write a pattern at sector 8, flush, read it back.
+//! read sector 0, write a pattern at sector 8, flush, read it back. On
+//! request it then waits for the disk to be resized and reads its new
+//! last sector.
 
 use core::sync::atomic::{fence, Ordering};
 
+use crate::clock::{Deadline, SECOND};
 use crate::irq;
 use crate::pcicfg::Function;
 use crate::serial::{say, Bytes};
@@ -35,6 +38,8 @@ const SCRATCH_PER_DISK: u64 = 0x4000;
 const PATTERN_SECTOR: u64 = 8;
 /// Polls of the used ring before a request counts as lost.
 const POLL_LIMIT: u32 = 5_000_000;
+/// How long a resize is waited for (the test acts on a line of output).
+const RESIZE_TIMEOUT: u64 = 60 * SECOND;
 
 /// A split virtqueue in scratch RAM, with one request in flight at a time.
 struct Queue {
@@ -106,14 +111,88 @@ fn request(
     Ok(rd(status))
 }
 
+/// The capacity, read consistently: the generation must not change
+/// across the two halves.
+fn read_capacity(common: u64, cfg: u64) -> u64 {
+    loop {
+        let generation = rd::<u8>(common + 0x15);
+        let capacity = u64::from(rd::<u32>(cfg)) | u64::from(rd::<u32>(cfg + 4)) << 32;
+        if rd::<u8>(common + 0x15) == generation {
+            return capacity;
+        }
+    }
+}
+
+/// Waits for the configuration to change (its generation, and with MSI-X
+/// the configuration-change interrupt), then reports the new capacity and
+/// the first bytes of the new last sector.
+fn watch_resize(
+    q: &mut Queue,
+    scratch: u64,
+    common: u64,
+    cfg: u64,
+    bdf: (u8, u8),
+    msix: bool,
+) -> Result<(), Fail> {
+    let generation = rd::<u8>(common + 0x15);
+    // Counted before the announcement: the test acts on the line, and the
+    // interrupt may arrive before the next instruction here runs.
+    let irqs = irq::count();
+    say!("blk 00:{:02x}.{} resize watch", bdf.0, bdf.1);
+    let deadline = Deadline::after(RESIZE_TIMEOUT);
+    while rd::<u8>(common + 0x15) == generation || (msix && irq::count() == irqs) {
+        if deadline.passed() {
+            return Err(Fail::new(if rd::<u8>(common + 0x15) == generation {
+                "virtio-blk configuration did not change"
+            } else {
+                "no configuration change interrupt"
+            }));
+        }
+        core::hint::spin_loop();
+    }
+    let capacity = read_capacity(common, cfg);
+    say!(
+        "blk 00:{:02x}.{} config change: capacity {capacity}",
+        bdf.0,
+        bdf.1
+    );
+    let buf = scratch + 0x2000;
+    let last = capacity.checked_sub(1).ok_or(Fail::new("virtio-blk resized to nothing"))?;
+    if request(q, scratch, T_IN, last, Some((buf, 512, true)))? != S_OK {
+        return Err(Fail::new("virtio-blk read of the new last sector failed"));
+    }
+    let mut hex = [0u8; 32];
+    hex_of(buf, &mut hex);
+    say!("blk 00:{:02x}.{} last sector {}", bdf.0, bdf.1, Bytes(&hex));
+    Ok(())
+}
+
+/// The first 16 bytes at `addr`, in hex.
+fn hex_of(addr: u64, hex: &mut [u8; 32]) {
+    for i in 0..16u64 {
+        let b: u8 = rd(addr + i);
+        hex[2 * i as usize] = b"0123456789abcdef"[usize::from(b >> 4)];
+        hex[2 * i as usize + 1] = b"0123456789abcdef"[usize::from(b & 0xf)];
+    }
+}
+
 fn pattern_byte(i: u64, index: u8) -> u8 {
     ((i * 7 + 0x5a) & 0xff) as u8 ^ index
 }
 
+/// What a disk test does besides the fixed test.
+#[derive(Clone, Copy)]
+pub struct Extra {
+    /// Stop after the first read until a line arrives on the serial port
+    /// (a test restarts the backend meanwhile).
+    pub wait: bool,
+    /// After the fixed test, wait for a resize (a configuration change)
+    /// and read the new last sector.
+    pub resize: bool,
+}
+
 /// Drives the disk at `f`, found `index`-th, and reports what it saw.
-/// With `wait`, it stops after its first read until a line arrives on the
-/// serial port (a test restarts the backend meanwhile).
-pub fn test_disk(f: Function, index: u8, wait: bool) -> Result<(), Fail> {
+pub fn test_disk(f: Function, index: u8, extra: Extra) -> Result<(), Fail> {
     let bdf = (f.slot, f.function);
     f.enable();
     let dev = locate(f)?;
@@ -166,11 +245,18 @@ pub fn test_disk(f: Function, index: u8, wait: bool) -> Result<(), Fail> {
         wr(c + off, addr as u32);
         wr(c + off + 4, (addr >> 32) as u32);
     }
-    // MSI-X: configuration changes get no vector, queue 0 gets entry 0.
+    // MSI-X: queue 0 gets entry 0; configuration changes get it too when
+    // a resize is watched for, else no vector.
     wr(c + 0x10, 0xffffu16);
     if dev.msix_table.is_some() {
         dev.route_msix(f, 0)?;
         wr(c + 0x1a, 0u16);
+        if extra.resize {
+            wr(c + 0x10, 0u16);
+            if rd::<u16>(c + 0x10) != 0 {
+                return Err(Fail::new("virtio-blk refused configuration vector 0"));
+            }
+        }
     }
     wr(c + 0x1c, 1u16);
     wr(
@@ -215,13 +301,9 @@ pub fn test_disk(f: Function, index: u8, wait: bool) -> Result<(), Fail> {
         return Err(Fail::new("virtio-blk read of sector 0 failed"));
     }
     let mut hex = [0u8; 32];
-    for i in 0..16u64 {
-        let b: u8 = rd(buf + i);
-        hex[2 * i as usize] = b"0123456789abcdef"[usize::from(b >> 4)];
-        hex[2 * i as usize + 1] = b"0123456789abcdef"[usize::from(b & 0xf)];
-    }
+    hex_of(buf, &mut hex);
     say!("blk 00:{:02x}.{} sector0 {}", bdf.0, bdf.1, Bytes(&hex));
-    if wait {
+    if extra.wait {
         say!("blk 00:{:02x}.{} waiting", bdf.0, bdf.1);
         while !matches!(crate::serial::read_byte(), b'\n' | b'\r') {}
     }
@@ -280,6 +362,10 @@ pub fn test_disk(f: Function, index: u8, wait: bool) -> Result<(), Fail> {
         bdf.1,
         irq::count() - irqs_before
     );
+    if extra.resize {
+        let msix = dev.msix_table.is_some();
+        watch_resize(&mut q, scratch, c, dev.device_cfg, bdf, msix)?;
+    }
     // Leave the device reset so nothing writes to scratch RAM afterwards.
     wr(c + 0x14, 0u8);
     Ok(())
