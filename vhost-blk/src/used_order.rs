@@ -22,6 +22,9 @@ pub struct UsedOrder {
     /// Heads taken from the available ring and not yet in the used ring,
     /// oldest first.
     taken: VecDeque<u16>,
+    /// By head: how many times it is in `taken` (so a completion need not
+    /// search `taken`, which a slow request at its front keeps long).
+    taken_count: Vec<u16>,
     /// By head: how many of its requests have finished and wait for
     /// earlier ones (more than one only if a driver made a head available
     /// again before it completed), and the used length of the last.
@@ -32,13 +35,28 @@ impl UsedOrder {
     /// Records that the request at `head` was taken from the available ring.
     pub fn take(&mut self, head: u16) {
         self.taken.push_back(head);
+        let index = usize::from(head);
+        if self.taken_count.len() <= index {
+            self.taken_count.resize(index + 1, 0);
+        }
+        self.taken_count[index] = self.taken_count[index].saturating_add(1);
+    }
+
+    fn untake(&mut self, head: u16) {
+        if let Some(count) = self.taken_count.get_mut(usize::from(head)) {
+            *count = count.saturating_sub(1);
+        }
     }
 
     /// Records that the request at `head` finished with `used` bytes
     /// written, then hands `publish` every request that may enter the used
     /// ring now, in order. A head that was never taken goes out at once.
     pub fn finish(&mut self, head: u16, used: u32, mut publish: impl FnMut(u16, u32)) {
-        if !self.taken.contains(&head) {
+        let taken = self
+            .taken_count
+            .get(usize::from(head))
+            .is_some_and(|&n| n > 0);
+        if !taken {
             publish(head, used);
             return;
         }
@@ -63,8 +81,10 @@ impl UsedOrder {
                 break;
             };
             slot.0 -= 1;
+            let used = slot.1;
             self.taken.pop_front();
-            publish(front, slot.1);
+            self.untake(front);
+            publish(front, used);
         }
     }
 
@@ -79,6 +99,7 @@ impl UsedOrder {
     pub fn forget(&mut self, head: u16, mut publish: impl FnMut(u16, u32)) {
         if let Some(at) = self.taken.iter().position(|&h| h == head) {
             self.taken.remove(at);
+            self.untake(head);
         }
         self.publish_ready(&mut publish);
     }
@@ -87,6 +108,7 @@ impl UsedOrder {
     /// it is still running.
     pub fn clear(&mut self) {
         self.taken.clear();
+        self.taken_count.clear();
         self.finished.clear();
     }
 }
@@ -139,6 +161,20 @@ mod tests {
         order.forget(1, |h, u| out.push((h, u)));
         assert_eq!(out, [(2, 9)]);
         assert_eq!(finish(&mut order, 3, 1), [(3, 1)]);
+        assert_eq!(order.pending(), 0);
+    }
+
+    /// A head published or forgotten is no longer taken: its next
+    /// completion without a new take goes out at once.
+    #[test]
+    fn a_head_leaves_the_taken_set_when_published_or_forgotten() {
+        let mut order = UsedOrder::default();
+        order.take(1);
+        order.take(2);
+        assert_eq!(finish(&mut order, 1, 1), [(1, 1)]);
+        assert_eq!(finish(&mut order, 1, 5), [(1, 5)]);
+        order.forget(2, |_, _| {});
+        assert_eq!(finish(&mut order, 2, 3), [(2, 3)]);
         assert_eq!(order.pending(), 0);
     }
 
