@@ -80,8 +80,8 @@ pub enum ConnectionError {
     FeaturesChanged { before: u64, now: u64 },
     #[error("the backend request channel")]
     Channel(#[source] std::io::Error),
-    #[error("the backend sent request {0} on its channel, not CONFIG_CHANGE_MSG")]
-    UnexpectedBackendRequest(u32),
+    #[error("the backend sent request {0} (flags {1:#x}, {2} bytes) on its channel, not CONFIG_CHANGE_MSG")]
+    UnexpectedBackendRequest(u32, u32, u32),
 }
 
 impl ConnectionError {
@@ -479,8 +479,11 @@ impl Connection {
         let word =
             |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
         let (request, flags, size) = (word(0), word(4), word(8));
-        if request != CONFIG_CHANGE_MSG || size != 0 {
-            return Err(ConnectionError::UnexpectedBackendRequest(request));
+        // Version 1, and a request rather than a reply.
+        if request != CONFIG_CHANGE_MSG || size != 0 || flags & 0x3 != 0x1 || flags & REPLY != 0 {
+            return Err(ConnectionError::UnexpectedBackendRequest(
+                request, flags, size,
+            ));
         }
         if flags & NEED_REPLY != 0 {
             let mut reply = Vec::with_capacity(20);

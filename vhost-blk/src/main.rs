@@ -20,6 +20,9 @@ use std::sync::Arc;
 use clap::Parser;
 
 fn run(args: cli::Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Before anything that takes time (the image's lock may be waited
+    // for) and before any thread: SIGHUP must not end the process.
+    vmm_common::stop::block(&server::STOP_AND_RESIZE)?;
     let config = config::Config::try_from(args)?;
     let disk = disk::RawFile::open(&config.image, config.readonly, config.direct)?;
     let device = backend::Device {

@@ -10,12 +10,12 @@
 //! message, so the relay in front of it (`vmm_common::relay`) keeps a copy
 //! of the channel as `SET_BACKEND_REQ_FD` passes.
 
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vmm_common::relay::{message, Inspect};
+use vmm_common::relay::{message, send_message, Inspect};
 
 use crate::backend::Device;
 
@@ -40,10 +40,22 @@ impl ConfigChanges {
                 // A message without exactly one descriptor is the vhost
                 // crate's to refuse.
                 if let [fd] = m.fds {
-                    let channel = UnixStream::from(fd.try_clone()?);
-                    channel.set_write_timeout(Some(SEND_TIMEOUT))?;
-                    log::debug!("the frontend gave a backend request channel");
-                    *lock(&changes.channel) = Some(channel);
+                    let kept = fd.try_clone().map(UnixStream::from).and_then(|channel| {
+                        channel.set_write_timeout(Some(SEND_TIMEOUT))?;
+                        Ok(channel)
+                    });
+                    match kept {
+                        Ok(channel) => {
+                            log::debug!("the frontend gave a backend request channel");
+                            *lock(&changes.channel) = Some(channel);
+                        }
+                        // Not a socket, or out of descriptors: a resize
+                        // cannot be announced on this connection; the
+                        // vhost crate still judges the message itself.
+                        Err(e) => log::warn!(
+                            "cannot keep the frontend's backend request channel ({e}); resizes will not be announced"
+                        ),
+                    }
                 }
             }
             Ok(())
@@ -56,16 +68,32 @@ impl ConfigChanges {
     }
 
     /// Tells the frontend the configuration space changed; false when it
-    /// gave no channel to say so on.
+    /// gave no channel to say so on. A channel the frontend closed is
+    /// dropped.
     fn send(&self) -> io::Result<bool> {
-        let mut channel = lock(&self.channel);
-        let Some(stream) = channel.as_mut() else {
+        // Written outside the lock: a frontend slow to read holds up
+        // neither the relay nor the end of its connection.
+        let channel = lock(&self.channel)
+            .as_ref()
+            .map(UnixStream::try_clone)
+            .transpose()?;
+        let Some(stream) = channel else {
             return Ok(false);
         };
         // No reply asked for: the frontend reads the new capacity with
         // GET_CONFIG, which is the acknowledgement that counts.
-        stream.write_all(&message(CONFIG_CHANGE_MSG, &[]))?;
-        Ok(true)
+        match send_message(&stream, &message(CONFIG_CHANGE_MSG, &[]), &[]) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+                ) {
+                    self.forget();
+                }
+                Err(e)
+            }
+        }
     }
 }
 
@@ -73,10 +101,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// What SIGHUP does: reads the image's size again and, if it changed,
-/// tells the frontend.
+/// What SIGHUP does: reads the image's size again and tells the frontend,
+/// even when the size did not change (a frontend may have let an earlier
+/// message go: QEMU ignores one while the device is not started).
 pub fn resize(device: &Device, changes: &ConfigChanges) {
-    let (old, new) = match device.target.disk.refresh_size() {
+    let disk = &device.target.disk;
+    let (old, new) = match disk.refresh_size() {
         Ok(sizes) => sizes,
         Err(e) => {
             log::error!(
@@ -88,9 +118,18 @@ pub fn resize(device: &Device, changes: &ConfigChanges) {
     };
     if old == new {
         log::info!("resize: the image is still {new} bytes");
-        return;
+    } else {
+        log::info!("resize: the image went from {old} to {new} bytes");
+        // A write checked against the old size and still in flight (or
+        // made between the shrink and the signal) grows the file again.
+        if let Ok((_, now)) = disk.refresh_size() {
+            if now != new {
+                log::warn!(
+                    "resize: the image is {now} bytes again: writes past the new end grew it back (shrink the guest's use of the disk first)"
+                );
+            }
+        }
     }
-    log::info!("resize: the image went from {old} to {new} bytes");
     match changes.send() {
         Ok(true) => log::info!("resize: told the frontend"),
         Ok(false) => log::info!(

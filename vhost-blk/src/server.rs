@@ -13,6 +13,11 @@ use vmm_common::relay::{self, Relay};
 use crate::backend::{BlkBackend, Device};
 use crate::resize::{self, ConfigChanges};
 
+/// The signals the backend waits for in threads of its own: blocked in
+/// `main` before anything else, so none reaches a thread that does not wait
+/// for it (and ends the process by its default action).
+pub const STOP_AND_RESIZE: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
 #[derive(Debug, Error)]
 pub enum ServeError {
     #[error("cannot set up the vhost-user daemon: {0}")]
@@ -33,15 +38,13 @@ pub enum ServeError {
 /// being cleaned up. Each frontend talks to the vhost crate's handler
 /// through a relay, which keeps the frontend's backend request channel
 /// for `resize` (SIGHUP). The socket and the relay's private directory go
-/// when the backend stops or fails.
+/// when the backend stops or fails. SIGTERM, SIGINT and SIGHUP must be
+/// blocked already (`STOP_AND_RESIZE`).
 pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     let device = Arc::new(device);
     let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
     let private = relay::private_dir("vhost-blk-").map_err(serve_err)?;
     let private_path = private.path().to_path_buf();
-    // Every signal a thread waits for is blocked before any thread starts.
-    vmm_common::stop::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
-        .map_err(ServeError::Signals)?;
     // Data is written with pwrite as requests complete; a final fdatasync
     // makes it durable before the process exits.
     let flushed = device.clone();
@@ -108,11 +111,13 @@ fn serve_frontends(
             // A misbehaving frontend ends its connection, not the backend.
             Err(e) => log::warn!("connection ended: {e:?}"),
         }
-        changes.forget();
         // The workers finish what the frontend left in flight; then
         // dropping the daemon stops and joins them.
         backend.quiesce();
         drop(daemon);
         relay.join();
+        // Only once the relay is done: it may still pass on messages the
+        // frontend sent before the end, a channel among them.
+        changes.forget();
     }
 }
