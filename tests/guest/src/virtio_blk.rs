@@ -157,7 +157,9 @@ fn watch_resize(
         bdf.1
     );
     let buf = scratch + 0x2000;
-    let last = capacity.checked_sub(1).ok_or(Fail::new("virtio-blk resized to nothing"))?;
+    let last = capacity
+        .checked_sub(1)
+        .ok_or(Fail::new("virtio-blk resized to nothing"))?;
     if request(q, scratch, T_IN, last, Some((buf, 512, true)))? != S_OK {
         return Err(Fail::new("virtio-blk read of the new last sector failed"));
     }
