@@ -3,10 +3,10 @@
 //! pair's tap queue, which is in its epoll set only while the rx ring has
 //! buffers: with none left, the tap is left unread (frames wait in the
 //! kernel) until the guest kicks the rx queue. It also waits on two events
-//! of its own: a timer that retries the tap after a failed read and checks
-//! that an unwatched pair is still enabled, and a resume event that brings
-//! it back to a tx ring busy past its budget once it has served the pair's
-//! other events.
+//! of its own: a timer (which retries the tap after a failed read, looks
+//! for a deleted tap to come back, and checks that an unwatched pair is
+//! still enabled) and a resume event that brings it back to a tx ring busy
+//! past its budget once it has served the pair's other events.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -52,6 +52,9 @@ const TX_UNBOUNDED: TxBudget = TxBudget {
 /// does): the guest may hold back its kicks while the backend holds all
 /// its buffers.
 const TAP_RETRY: Duration = Duration::from_millis(10);
+/// After the tap was deleted, how often the worker looks for an interface
+/// of the same name to attach its queue to again.
+const TAP_REATTACH: Duration = Duration::from_secs(1);
 /// How often the worker looks at a pair whose multi-queue tap queue is
 /// attached but unwatched (its rx ring out of buffers, or not yet served):
 /// the frontend may have disabled the pair meanwhile (SET_VRING_ENABLE 0
@@ -87,9 +90,15 @@ struct PairState {
     rx_vring: Option<VringRwLock>,
     /// A tap error was reported (once, until the tap works again).
     tap_failed: bool,
+    /// The tap was deleted: its queue leads nowhere until an interface of
+    /// its name is back (`Tap::reattach`). The second is whether a failed
+    /// reattach was reported (once per deletion).
+    tap_gone: bool,
+    reattach_failed: bool,
     /// Brings the worker back to rx: `TAP_RETRY` after a failed tap read,
-    /// `ENABLED_CHECK` while the tap queue is attached but unwatched (None
-    /// if it could not be made or watched: then only rx kicks do).
+    /// `TAP_REATTACH` while the tap is gone, `ENABLED_CHECK` while the tap
+    /// queue is attached but unwatched (None if it could not be made or
+    /// watched: then only rx kicks do).
     rx_timer: Option<TimerFd>,
     /// Written when a tx call spent its budget with frames left: brings
     /// the worker back to them (None if it could not be made or watched:
@@ -190,6 +199,8 @@ impl NetBackend {
                     watching: false,
                     rx_vring: None,
                     tap_failed: false,
+                    tap_gone: false,
+                    reattach_failed: false,
                     rx_timer,
                     tx_resume,
                     rx_broken: false,
@@ -312,6 +323,34 @@ impl NetBackend {
         guard.get_queue().ready() && guard.is_enabled()
     }
 
+    /// Attaches the pair's queue to its tap made again after a deletion;
+    /// false (and the timer set to look again) while that cannot be done.
+    fn reattach(pair: usize, state: &mut PairState, tap: &Tap) -> bool {
+        match tap.reattach() {
+            Ok(true) => {
+                log::warn!(
+                    "pair {pair}: tap {} is back, and its queue attached again",
+                    tap.name()
+                );
+                state.tap_gone = false;
+                state.tap_failed = false;
+                return true;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                if !state.reattach_failed {
+                    log::error!(
+                        "pair {pair}: {}; trying again every {TAP_REATTACH:?}",
+                        vmm_common::error_chain::render(&e)
+                    );
+                    state.reattach_failed = true;
+                }
+            }
+        }
+        Self::arm_rx_timer(pair, state, TAP_REATTACH);
+        false
+    }
+
     /// Moves frames from the tap into the rx ring.
     fn rx(&self, pair: usize, vring: &VringRwLock) {
         let (Some(tap), Some(state)) = (self.device.taps.get(pair), self.pairs.get(pair)) else {
@@ -335,9 +374,14 @@ impl NetBackend {
             drop(guard);
             self.watch(pair, &mut state, false);
             // Steer the tap's frames to the pairs in use.
-            if let Err(e) = tap.set_attached(false) {
-                log::warn!("pair {pair}: cannot detach its tap queue: {e}");
+            if !state.tap_gone {
+                if let Err(e) = tap.set_attached(false) {
+                    log::warn!("pair {pair}: cannot detach its tap queue: {e}");
+                }
             }
+            return;
+        }
+        if state.tap_gone && !Self::reattach(pair, &mut state, tap) {
             return;
         }
         if let Err(e) = tap.set_attached(true) {
@@ -369,6 +413,16 @@ impl NetBackend {
             RxStop::TapEmpty | RxStop::Budget => {
                 state.tap_failed = false;
                 self.watch(pair, &mut state, true);
+            }
+            RxStop::TapError(e) if Tap::is_gone(&e) => {
+                log::warn!(
+                    "pair {pair}: tap {} is gone (deleted): frames are dropped until an interface of that name is back, which is looked for every {TAP_REATTACH:?}",
+                    tap.name()
+                );
+                state.tap_gone = true;
+                state.reattach_failed = false;
+                self.watch(pair, &mut state, false);
+                Self::arm_rx_timer(pair, &mut state, TAP_REATTACH);
             }
             RxStop::TapError(e) => {
                 if !state.tap_failed {

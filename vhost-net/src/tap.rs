@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use thiserror::Error;
@@ -17,6 +17,8 @@ use crate::uring::BatchWriter;
 use crate::worker::FrameIo;
 
 const TUN_PATH: &str = "/dev/net/tun";
+/// `Tap::offload` before any was set.
+const NO_OFFLOAD: u64 = u64::MAX;
 
 #[derive(Debug, Error)]
 pub enum TapError {
@@ -26,6 +28,13 @@ pub enum TapError {
     Attach {
         name: String,
         hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("tap {name:?}: cannot set its new queue up ({what})")]
+    Setup {
+        name: String,
+        what: &'static str,
         #[source]
         source: io::Error,
     },
@@ -44,6 +53,10 @@ pub struct Tap {
     multi_queue: bool,
     /// Whether the kernel steers frames to this queue (TUNSETQUEUE).
     attached: AtomicBool,
+    /// The header length and offloads last set (0 and `NO_OFFLOAD`: never),
+    /// for a tap made again under the same name (`reattach`).
+    vnet_hdr_len: AtomicI32,
+    offload: AtomicU64,
     /// Writes batches of frames with one system call; used by the queue
     /// pair's worker only, so the lock is never contended.
     writer: Mutex<BatchWriter>,
@@ -123,6 +136,20 @@ impl Tap {
     }
 
     fn open(name: &str, multi_queue: bool) -> Result<Tap, TapError> {
+        Ok(Tap {
+            file: Self::attach(name, multi_queue)?,
+            name: name.to_string(),
+            multi_queue,
+            attached: AtomicBool::new(true),
+            vnet_hdr_len: AtomicI32::new(0),
+            offload: AtomicU64::new(NO_OFFLOAD),
+            writer: Mutex::new(BatchWriter::default()),
+        })
+    }
+
+    /// A new descriptor of /dev/net/tun attached to (a new queue of) the
+    /// tap `name`, which is created if it does not exist.
+    fn attach(name: &str, multi_queue: bool) -> Result<File, TapError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -150,13 +177,62 @@ impl Tap {
                 source,
             }
         })?;
-        Ok(Tap {
-            file,
-            name: name.to_string(),
-            multi_queue,
-            attached: AtomicBool::new(true),
-            writer: Mutex::new(BatchWriter::default()),
-        })
+        Ok(file)
+    }
+
+    /// Whether an error of this queue's reads or writes says the queue was
+    /// detached from its interface for good: the tap was deleted (the
+    /// descriptor stays open but leads nowhere).
+    pub fn is_gone(e: &io::Error) -> bool {
+        e.raw_os_error() == Some(libc::EBADFD)
+    }
+
+    /// After the tap was deleted (`is_gone`): attaches this queue to the
+    /// interface of the same name if there is one again (made by someone
+    /// else: a deleted tap is not made again here), with the header length
+    /// and offloads set before, under the same descriptor number (so
+    /// `as_raw_fd` holds). Ok(false) while there is no such interface.
+    pub fn reattach(&self) -> Result<bool, TapError> {
+        let Ok(c_name) = std::ffi::CString::new(self.name.as_str()) else {
+            return Ok(false);
+        };
+        // SAFETY: a NUL-terminated string that lives across the call.
+        if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+            return Ok(false);
+        }
+        let file = Self::attach(&self.name, self.multi_queue)?;
+        let fd = file.as_raw_fd();
+        let setup = |what: &'static str, result: io::Result<()>| {
+            result.map_err(|source| TapError::Setup {
+                name: self.name.clone(),
+                what,
+                source,
+            })
+        };
+        let len = self.vnet_hdr_len.load(Ordering::Relaxed);
+        if len != 0 {
+            setup(
+                "TUNSETVNETHDRSZ",
+                ioctl_int_ptr(fd, libc::TUNSETVNETHDRSZ, len),
+            )?;
+        }
+        if let Ok(offload) = u32::try_from(self.offload.load(Ordering::Relaxed)) {
+            setup(
+                "TUNSETOFFLOAD",
+                ioctl_int(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(offload)),
+            )?;
+        }
+        // SAFETY: both descriptors are open and owned (`file` here,
+        // `self.file` by this queue, which goes on owning the number and
+        // closes it on drop); dup3 swaps what the number refers to in one
+        // step, so a concurrent user of the number sees the old queue or
+        // the new one, never a closed or foreign descriptor.
+        let rc = unsafe { libc::dup3(fd, self.file.as_raw_fd(), libc::O_CLOEXEC) };
+        if rc < 0 {
+            setup("dup3", Err(io::Error::last_os_error()))?;
+        }
+        self.attached.store(true, Ordering::Relaxed);
+        Ok(true)
     }
 
     pub fn name(&self) -> &str {
@@ -167,7 +243,9 @@ impl Tap {
     /// (10 or 12 bytes); it applies to every queue of the tap.
     pub fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()> {
         let len = libc::c_int::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
-        ioctl_int_ptr(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, len)
+        ioctl_int_ptr(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, len)?;
+        self.vnet_hdr_len.store(len, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Sets the offloads (TUN_F_*) the reader of the tap accepts: which
@@ -177,7 +255,9 @@ impl Tap {
             self.file.as_raw_fd(),
             libc::TUNSETOFFLOAD,
             libc::c_ulong::from(flags),
-        )
+        )?;
+        self.offload.store(u64::from(flags), Ordering::Relaxed);
+        Ok(())
     }
 
     pub fn is_attached(&self) -> bool {

@@ -553,6 +553,81 @@ fn a_pair_disabled_with_no_rx_buffers_leaves_the_tap() {
     backend.assert_alive();
 }
 
+/// Waits up to TIMEOUT for the backend's log to hold `text` `count`
+/// times; returns the log.
+fn wait_for_log(backend: &Backend, text: &str, count: usize) -> String {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let log = backend.log();
+        if log.matches(text).count() >= count || Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The tap is deleted under a connected frontend with `pairs` queue pairs
+/// (as `ip link del` or a network manager does): the backend says so, a
+/// frame sent meanwhile still completes, and once a tap of the same name is
+/// made again every pair's queue is attached to it, with the frontend's
+/// header length, and frames flow both ways on every pair.
+fn a_deleted_tap_made_again_is_attached_again(pairs: usize) {
+    let ns = Netns::new();
+    let queues = (2 * pairs).to_string();
+    let mut backend = Backend::start(&ns, &["--num-queues", &queues]);
+    let tap = backend.tap.clone();
+    let mut client = NetClient::connect(&backend.socket, pairs).expect("connect");
+    let host_mac = resolve_host(&mut client, 0);
+    ping(&mut client, 0, host_mac, 1, &payload(64));
+
+    ns.exec("ip", &["link", "del", &tap]);
+    let log = wait_for_log(&backend, "is gone (deleted)", pairs);
+    assert_eq!(
+        log.matches("is gone (deleted)").count(),
+        pairs,
+        "every pair should report the tap gone, once:\n{log}"
+    );
+    for pair in 0..pairs {
+        client
+            .send(pair, &arp_request(GUEST_MAC, GUEST_IP, HOST_IP))
+            .unwrap_or_else(|e| panic!("a frame sent on pair {pair} while the tap is gone: {e}"));
+    }
+    backend.assert_alive();
+
+    let mut add = vec!["tuntap", "add", "dev", tap.as_str(), "mode", "tap"];
+    if pairs > 1 {
+        add.push("multi_queue");
+    }
+    ns.exec("ip", &add);
+    ns.configure_tap(&tap);
+    let log = wait_for_log(&backend, "is back, and its queue attached again", pairs);
+    assert_eq!(
+        log.matches("is back, and its queue attached again").count(),
+        pairs,
+        "every pair should attach to the new tap:\n{log}"
+    );
+    assert_eq!(wait_for_tap_queues(&ns, &tap, pairs), pairs);
+    // The new interface has a MAC of its own.
+    let new_mac = resolve_host(&mut client, 0);
+    assert_ne!(new_mac, host_mac, "the tap was not made again");
+    for pair in 0..pairs {
+        // Whole echo replies (payload compared) come back through the new
+        // tap: its header length is the one the frontend negotiated.
+        ping(&mut client, pair, new_mac, 100 + pair as u16, &payload(300));
+    }
+    backend.assert_alive();
+}
+
+#[test]
+fn a_deleted_tap_made_again_is_attached_again_one_pair() {
+    a_deleted_tap_made_again_is_attached_again(1);
+}
+
+#[test]
+fn a_deleted_multi_queue_tap_made_again_is_attached_again_two_pairs() {
+    a_deleted_tap_made_again_is_attached_again(2);
+}
+
 #[test]
 fn sigterm_exits_0_and_removes_the_socket() {
     let ns = Netns::new();
