@@ -231,6 +231,9 @@ impl Tap {
         if rc < 0 {
             setup("dup3", Err(io::Error::last_os_error()))?;
         }
+        // The batch writer's io_uring holds the old queue as its fixed
+        // file: a ring made afresh on the next batch registers the new one.
+        *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = BatchWriter::default();
         self.attached.store(true, Ordering::Relaxed);
         Ok(true)
     }

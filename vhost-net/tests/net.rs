@@ -579,6 +579,12 @@ fn a_deleted_tap_made_again_is_attached_again(pairs: usize) {
     let mut client = NetClient::connect(&backend.socket, pairs).expect("connect");
     let host_mac = resolve_host(&mut client, 0);
     ping(&mut client, 0, host_mac, 1, &payload(64));
+    // Bursts go out through each pair's io_uring, which keeps the tap
+    // queue registered: it must move to the new tap too.
+    let burst = numbered_frames(16);
+    for pair in 0..pairs {
+        client.send_burst(pair, &burst).expect("send a burst");
+    }
 
     ns.exec("ip", &["link", "del", &tap]);
     let log = wait_for_log(&backend, "is gone (deleted)", pairs);
@@ -614,6 +620,14 @@ fn a_deleted_tap_made_again_is_attached_again(pairs: usize) {
         // Whole echo replies (payload compared) come back through the new
         // tap: its header length is the one the frontend negotiated.
         ping(&mut client, pair, new_mac, 100 + pair as u16, &payload(300));
+        let before = ns.tap_stat(&tap, "rx_packets");
+        client.send_burst(pair, &burst).expect("send a burst");
+        let after = ns.tap_stat(&tap, "rx_packets");
+        assert!(
+            after >= before + burst.len() as u64,
+            "pair {pair}: a burst of {} frames after the tap came back: rx_packets {before} -> {after}",
+            burst.len()
+        );
     }
     backend.assert_alive();
 }
