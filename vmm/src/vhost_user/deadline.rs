@@ -42,6 +42,54 @@ pub fn longest_reply(memory_bytes: u64) -> Duration {
     REPLY_TIMEOUT + MEM_TABLE_PER_GIB * gib
 }
 
+/// A duration as the log and errors give it: "5 s", "1.5 s", "300 ms".
+pub struct Secs(pub Duration);
+
+impl std::fmt::Display for Secs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self.0;
+        if d < Duration::from_secs(1) {
+            write!(f, "{} ms", d.as_millis())
+        } else if d.subsec_millis() == 0 {
+            write!(f, "{} s", d.as_secs())
+        } else {
+            write!(f, "{:.1} s", d.as_secs_f64())
+        }
+    }
+}
+
+/// A time limit on a run of exchanges (handing a backend its rings,
+/// stopping them): each exchange gets its own limit or what is left of the
+/// run's, whichever is less, so a backend that answers every message just
+/// inside its limit cannot hold the thread for the sum of them all.
+pub struct Budget {
+    total: Duration,
+    due: Instant,
+}
+
+impl Budget {
+    pub fn new(total: Duration) -> Budget {
+        Budget {
+            total,
+            due: Instant::now() + total,
+        }
+    }
+
+    /// The limit of the next exchange, whose own is `own`.
+    pub fn limit(&self, own: Duration) -> Duration {
+        own.min(self.due.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether the run's time is up.
+    pub fn spent(&self) -> bool {
+        Instant::now() >= self.due
+    }
+
+    pub fn total(&self) -> Duration {
+        self.total
+    }
+}
+
 struct Armed {
     id: u64,
     /// The thread waiting for the answer.
@@ -63,8 +111,8 @@ struct Watchdog {
 /// One exchange with a backend that did not work out.
 #[derive(Debug, Error)]
 pub enum ExchangeError {
-    #[error("no answer to {step} within {secs} s")]
-    NoReply { step: &'static str, secs: u64 },
+    #[error("no answer to {step} within {}", Secs(*limit))]
+    NoReply { step: &'static str, limit: Duration },
     #[error("{step} failed: {source}")]
     Failed {
         step: &'static str,
@@ -132,10 +180,7 @@ pub fn exchange<T>(
     let deadline = arm(connection, name, limit);
     call(connection).map_err(|source| {
         if deadline.expired() {
-            ExchangeError::NoReply {
-                step,
-                secs: limit.as_secs(),
-            }
+            ExchangeError::NoReply { step, limit }
         } else {
             ExchangeError::Failed { step, source }
         }
@@ -323,9 +368,9 @@ impl Watchdog {
                     return true;
                 }
                 log::error!(
-                    "{}: the vhost-user backend did not answer within {} s; closing its connection",
+                    "{}: the vhost-user backend did not answer within {}; closing its connection",
                     a.name,
-                    a.limit.as_secs()
+                    Secs(a.limit)
                 );
                 a.expired.store(true, Ordering::Release);
                 // SAFETY: the fd is open: the `Deadline` that armed this
@@ -395,7 +440,7 @@ mod tests {
         let e = result.expect_err("a silent backend answered");
         assert!(e.timed_out(), "{e}");
         assert!(!in_exchange(std::thread::current().id()));
-        assert_eq!(e.to_string(), "no answer to GET_FEATURES within 0 s");
+        assert_eq!(e.to_string(), "no answer to GET_FEATURES within 200 ms");
         // The connection is shut down: the next request fails at once.
         let next = exchange(&mut fe, "disk9", "GET_FEATURES", REPLY_TIMEOUT, |f| {
             f.get_features()

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend_channel::{BackendChannel, NotifierSlot, Stop};
-use super::deadline::{self, exchange, ExchangeError, REPLY_TIMEOUT};
+use super::deadline::{self, exchange, Budget, ExchangeError, Secs, REPLY_TIMEOUT};
 use crate::virtio::device::{
     ActivateError, ActiveQueue, ConfigNotifier, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -444,6 +444,19 @@ impl VhostUserDevice {
         }
     }
 
+    /// `fail`, for an exchange of a run under `budget`: one that ran out
+    /// of the run's time says so.
+    fn fail_within(&self, e: ExchangeError, budget: &Budget) -> Handover {
+        let spent = e.timed_out() && budget.spent();
+        match self.fail(e) {
+            Handover::Lost(ActivateError(e)) if spent => Handover::Lost(ActivateError(format!(
+                "{e}, the end of the {} the whole handover may take",
+                Secs(budget.total())
+            ))),
+            other => other,
+        }
+    }
+
     /// A config access the backend got wrong. One it refused in good form
     /// leaves the connection as it was; anything else (a malformed reply,
     /// a broken socket) leaves the stream of replies out of step, so the
@@ -755,13 +768,17 @@ impl VhostUserDevice {
     ) -> Result<(), Handover> {
         let mut fe = self.fe();
         let name = self.spec.name.clone();
-        let limit = REPLY_TIMEOUT;
         let mem = &act.mem;
+        let table_limit = deadline::longest_reply(mem.iter().map(|r| r.len()).sum());
+        // Every message is answered in microseconds but the memory table,
+        // which a backend that pins guest memory may take its time over.
+        let budget = Budget::new(table_limit + REPLY_TIMEOUT);
+        let limit = || budget.limit(REPLY_TIMEOUT);
         let features = (act.features & self.features()) | PROTOCOL_FEATURES_BIT;
-        exchange(&mut fe, &name, "SET_FEATURES", limit, |f| {
+        exchange(&mut fe, &name, "SET_FEATURES", limit(), |f| {
             f.set_features(features)
         })
-        .map_err(|e| self.fail(e))?;
+        .map_err(|e| self.fail_within(e, &budget))?;
         self.status
             .acked_features
             .store(features & !PROTOCOL_FEATURES_BIT, Ordering::Relaxed);
@@ -779,11 +796,14 @@ impl VhostUserDevice {
                 mmap_handle: file.file().as_raw_fd(),
             });
         }
-        let table_limit = deadline::longest_reply(mem.iter().map(|r| r.len()).sum());
-        exchange(&mut fe, &name, "SET_MEM_TABLE", table_limit, |f| {
-            f.set_mem_table(&regions)
-        })
-        .map_err(|e| self.fail(e))?;
+        exchange(
+            &mut fe,
+            &name,
+            "SET_MEM_TABLE",
+            budget.limit(table_limit),
+            |f| f.set_mem_table(&regions),
+        )
+        .map_err(|e| self.fail_within(e, &budget))?;
 
         self.active_queues.clear();
         for queue in &act.queues {
@@ -807,31 +827,31 @@ impl VhostUserDevice {
                 0
             };
             let call = queue.call.as_ref().unwrap_or(&self.unused_call);
-            exchange(&mut fe, &name, "SET_VRING_NUM", limit, |f| {
+            exchange(&mut fe, &name, "SET_VRING_NUM", limit(), |f| {
                 f.set_vring_num(index, queue.size)
             })
-            .map_err(|e| self.fail(e))?;
-            exchange(&mut fe, &name, "SET_VRING_ADDR", limit, |f| {
+            .map_err(|e| self.fail_within(e, &budget))?;
+            exchange(&mut fe, &name, "SET_VRING_ADDR", limit(), |f| {
                 f.set_vring_addr(index, &ring)
             })
-            .map_err(|e| self.fail(e))?;
-            exchange(&mut fe, &name, "SET_VRING_BASE", limit, |f| {
+            .map_err(|e| self.fail_within(e, &budget))?;
+            exchange(&mut fe, &name, "SET_VRING_BASE", limit(), |f| {
                 f.set_vring_base(index, base)
             })
-            .map_err(|e| self.fail(e))?;
-            exchange(&mut fe, &name, "SET_VRING_CALL", limit, |f| {
+            .map_err(|e| self.fail_within(e, &budget))?;
+            exchange(&mut fe, &name, "SET_VRING_CALL", limit(), |f| {
                 f.set_vring_call(index, call)
             })
-            .map_err(|e| self.fail(e))?;
-            exchange(&mut fe, &name, "SET_VRING_KICK", limit, |f| {
+            .map_err(|e| self.fail_within(e, &budget))?;
+            exchange(&mut fe, &name, "SET_VRING_KICK", limit(), |f| {
                 f.set_vring_kick(index, &queue.kick)
             })
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.fail_within(e, &budget))?;
             let enable = enabled.get(index).copied().unwrap_or(false);
-            exchange(&mut fe, &name, "SET_VRING_ENABLE", limit, |f| {
+            exchange(&mut fe, &name, "SET_VRING_ENABLE", limit(), |f| {
                 f.set_vring_enable(index, enable)
             })
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.fail_within(e, &budget))?;
             self.active_queues.push(index);
         }
         if resume {
@@ -916,13 +936,18 @@ impl VhostUserDevice {
         // A backend that does not stop a ring as asked may still be using
         // it, over memory the guest now takes back: it is cut off, which
         // stops every ring it has.
+        // GET_VRING_BASE may wait for a ring's requests in flight; a
+        // backend gets two replies' time for the lot.
+        let budget = Budget::new(2 * REPLY_TIMEOUT);
         for index in std::mem::take(&mut self.active_queues) {
-            let stopped = exchange(&mut fe, &name, "SET_VRING_ENABLE", REPLY_TIMEOUT, |f| {
+            let limit = budget.limit(REPLY_TIMEOUT);
+            let stopped = exchange(&mut fe, &name, "SET_VRING_ENABLE", limit, |f| {
                 f.set_vring_enable(index, false)
             })
             .and_then(|()| {
                 // GET_VRING_BASE stops the ring in the backend.
-                exchange(&mut fe, &name, "GET_VRING_BASE", REPLY_TIMEOUT, |f| {
+                let limit = budget.limit(REPLY_TIMEOUT);
+                exchange(&mut fe, &name, "GET_VRING_BASE", limit, |f| {
                     f.get_vring_base(index)
                 })
             });
@@ -1023,6 +1048,9 @@ mod tests {
         quit_after: Option<u32>,
         /// It waits `SLOW` before answering this request.
         slow: Option<u32>,
+        /// From the first request with this code (and first payload word,
+        /// if given) on, it waits this long before answering each one.
+        slow_from: Option<(u32, Option<u64>, Duration)>,
         /// It offers the BACKEND_REQ protocol feature, and after answering
         /// this request, sends CONFIG_CHANGE_MSG on the channel it got and
         /// reports the frontend's ack.
@@ -1038,6 +1066,7 @@ mod tests {
                 queue_num: 2,
                 quit_after: None,
                 slow: None,
+                slow_from: None,
                 config_change_after: None,
             }
         }
@@ -1073,6 +1102,7 @@ mod tests {
     /// `seen`.
     fn scripted_backend(mut stream: UnixStream, script: Script, seen: mpsc::Sender<Seen>) {
         let mut channel = None;
+        let mut delay = None;
         loop {
             let mut header = [0u8; 12];
             let mut payload = Vec::new();
@@ -1139,6 +1169,14 @@ mod tests {
             };
             if script.slow == Some(code) {
                 std::thread::sleep(SLOW);
+            }
+            if let Some((from, word, wait)) = script.slow_from {
+                if from == code && word.is_none_or(|w| w == first) {
+                    delay = Some(wait);
+                }
+            }
+            if let Some(wait) = delay {
+                std::thread::sleep(wait);
             }
             if let Some(answer) = answer {
                 if stream.write_all(&answer).is_err() {
@@ -1481,6 +1519,73 @@ mod tests {
             );
         }
         assert!(device.status().connected());
+    }
+
+    /// A backend that answers every step of the ring handover just inside
+    /// the limit of one reply is cut off when the handover as a whole has
+    /// taken the memory table's limit and one reply's: the driver's vCPU
+    /// waits that long at most, not the sum of every reply's limit.
+    #[test]
+    fn a_backend_slow_over_the_whole_ring_handover_is_cut_off() {
+        // 14 answers (features, memory table, 6 per ring) of 0.9 s each:
+        // 12.6 s, past the 10 s a handover of 1 MiB may take.
+        let (mut device, requests) = scripted_disk(Script {
+            slow_from: Some((SET_FEATURES, None, Duration::from_millis(900))),
+            ..Script::default()
+        });
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        let since = Instant::now();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("a backend lost during the handover failed the driver's start");
+        let took = since.elapsed();
+        let budget = deadline::longest_reply(1 << 20) + REPLY_TIMEOUT;
+        assert!(
+            took >= budget - Duration::from_millis(100) && took < budget + Duration::from_secs(2),
+            "the handover took {took:?}, its budget is {budget:?}"
+        );
+        assert!(!device.status().connected());
+        assert!(
+            wait_closed(&requests),
+            "the slow backend is still connected"
+        );
+        let seen = drain(&requests);
+        let last_on = Seen::Request(SET_VRING_ENABLE, ring_state(1, true));
+        assert!(
+            !seen.contains(&last_on),
+            "the handover ran to its end: {seen:?}"
+        );
+    }
+
+    /// A backend that stops each ring on reset just inside the limit of one
+    /// reply is cut off when the reset has taken two replies' limits.
+    #[test]
+    fn a_backend_slow_over_a_whole_reset_is_cut_off() {
+        // 4 answers (per ring: SET_VRING_ENABLE, GET_VRING_BASE) of 3 s:
+        // 12 s, past the 10 s.
+        let (mut device, requests) = started_disk(Script {
+            slow_from: Some((
+                SET_VRING_ENABLE,
+                Some(ring_state(0, false)),
+                Duration::from_secs(3),
+            )),
+            ..Script::default()
+        });
+        drain(&requests);
+        let since = Instant::now();
+        device.reset();
+        let took = since.elapsed();
+        let budget = 2 * REPLY_TIMEOUT;
+        assert!(
+            took >= budget - Duration::from_millis(100) && took < budget + Duration::from_secs(2),
+            "the reset took {took:?}, its budget is {budget:?}"
+        );
+        assert!(!device.status().connected());
+        assert!(
+            wait_closed(&requests),
+            "the slow backend is still connected"
+        );
     }
 
     /// A backend that refuses to stop a ring on reset may still use it: it
