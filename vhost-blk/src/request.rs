@@ -22,9 +22,11 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Data segments per request the device advertises (VIRTIO_BLK_F_SEG_MAX).
 pub const SEG_MAX: u32 = 126;
-/// Header, data segments, status.
-const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
 const HEADER_LEN: u32 = 16;
+/// The longest chain taken: SEG_MAX data segments, a header a driver may
+/// spread over as many descriptors as it has bytes, and the status byte
+/// (VIRTIO 1.x allows any layout; SEG_MAX counts data segments only).
+const MAX_DESCRIPTORS: usize = SEG_MAX as usize + HEADER_LEN as usize + 1;
 const DISCARD_SEGMENT_LEN: u64 = 16;
 const WRITE_ZEROES_UNMAP: u32 = 1;
 
@@ -233,7 +235,9 @@ pub fn parse<'a>(
     else {
         return Parsed::Done(0);
     };
-    let Some((header, data)) = split_layout(mem, descs).filter(|_| !too_many) else {
+    let within_limit = |data: &std::ops::Range<usize>| !too_many && data.len() <= SEG_MAX as usize;
+    let Some((header, data)) = split_layout(mem, descs).filter(|(_, data)| within_limit(data))
+    else {
         return Parsed::Done(complete(mem, status_addr, VIRTIO_BLK_S_IOERR as u8, 0));
     };
     if allow_async {

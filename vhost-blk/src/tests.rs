@@ -542,6 +542,40 @@ fn a_chain_past_the_segment_limit_gets_ioerr_in_its_own_status() {
         .all(|&b| b == 0));
 }
 
+/// SEG_MAX counts data segments: a header spread over one descriptor per
+/// byte still leaves room for SEG_MAX of them, and one more is refused.
+#[test]
+fn a_header_split_byte_by_byte_leaves_seg_max_data_segments() {
+    for (segments, status) in [(SEG_MAX, OK), (SEG_MAX + 1, IOERR)] {
+        let rig = Rig::new();
+        rig.header(VIRTIO_BLK_T_OUT, 0);
+        let mut descs: Vec<_> = (0..16).map(|i| (HEADER + i, 1, 0)).collect();
+        // Segment i is 512 bytes of value i, for sector i.
+        for i in 0..u64::from(segments) {
+            let at = DATA + 512 * i;
+            rig.mem
+                .write_slice(&[i as u8 ^ 0x5a; 512], GuestAddress(at))
+                .unwrap();
+            descs.push((at, 512, 0));
+        }
+        descs.push((STATUS, 1, W));
+        assert_eq!(rig.run(false, &descs), (1, status), "{segments} segments");
+        let disk = rig.disk.bytes.lock().unwrap();
+        for i in 0..segments as usize {
+            let sector = &disk[512 * i..512 * (i + 1)];
+            let want = if status == OK {
+                i as u8 ^ 0x5a
+            } else {
+                i as u8
+            };
+            assert!(
+                sector.iter().all(|&b| b == want),
+                "{segments} segments: sector {i}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_descriptor_loop_ends() {
     let rig = Rig::new();
