@@ -373,11 +373,14 @@ impl NetBackend {
         if !Self::usable(&guard) {
             drop(guard);
             self.watch(pair, &mut state, false);
-            // Steer the tap's frames to the pairs in use.
-            if !state.tap_gone {
-                if let Err(e) = tap.set_attached(false) {
-                    log::warn!("pair {pair}: cannot detach its tap queue: {e}");
-                }
+            if state.tap_gone {
+                // Nothing may wake the worker when the pair is enabled
+                // again (SET_VRING_ENABLE reaches no hook, and a full rx
+                // ring is not kicked): the timer goes on looking.
+                Self::arm_rx_timer(pair, &mut state, TAP_REATTACH);
+            } else if let Err(e) = tap.set_attached(false) {
+                // Steer the tap's frames to the pairs in use.
+                log::warn!("pair {pair}: cannot detach its tap queue: {e}");
             }
             return;
         }
@@ -422,7 +425,10 @@ impl NetBackend {
                 state.tap_gone = true;
                 state.reattach_failed = false;
                 self.watch(pair, &mut state, false);
-                Self::arm_rx_timer(pair, &mut state, TAP_REATTACH);
+                // It may be back already (deleted and made again at once).
+                if Self::reattach(pair, &mut state, tap) {
+                    self.watch(pair, &mut state, true);
+                }
             }
             RxStop::TapError(e) => {
                 if !state.tap_failed {
@@ -459,13 +465,16 @@ impl NetBackend {
         if !Self::usable(&guard) {
             return;
         }
-        let attaching = !tap.is_attached();
-        if let Err(e) = tap.set_attached(true) {
-            log::warn!("pair {pair}: cannot attach its tap queue: {e}");
-        }
-        if attaching && !state.watching {
-            // Until rx runs, nothing would see the pair disabled.
-            Self::arm_rx_timer(pair, &mut state, ENABLED_CHECK);
+        // A gone tap has no queue to attach; rx looks for it to come back.
+        if !state.tap_gone {
+            let attaching = !tap.is_attached();
+            if let Err(e) = tap.set_attached(true) {
+                log::warn!("pair {pair}: cannot attach its tap queue: {e}");
+            }
+            if attaching && !state.watching {
+                // Until rx runs, nothing would see the pair disabled.
+                Self::arm_rx_timer(pair, &mut state, ENABLED_CHECK);
+            }
         }
         let budget = if state.tx_resume.is_some() {
             TX_BUDGET

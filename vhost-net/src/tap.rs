@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use thiserror::Error;
@@ -17,8 +17,6 @@ use crate::uring::BatchWriter;
 use crate::worker::FrameIo;
 
 const TUN_PATH: &str = "/dev/net/tun";
-/// `Tap::offload` before any was set.
-const NO_OFFLOAD: u64 = u64::MAX;
 
 #[derive(Debug, Error)]
 pub enum TapError {
@@ -50,16 +48,39 @@ impl TapError {
 pub struct Tap {
     file: File,
     name: String,
-    multi_queue: bool,
+    multi_queue: AtomicBool,
+    /// The tap's only queue, which may belong to a tap of either kind.
+    lone: bool,
     /// Whether the kernel steers frames to this queue (TUNSETQUEUE).
     attached: AtomicBool,
-    /// The header length and offloads last set (0 and `NO_OFFLOAD`: never),
-    /// for a tap made again under the same name (`reattach`).
-    vnet_hdr_len: AtomicI32,
-    offload: AtomicU64,
+    /// What the frontend asked the tap for, applied to a tap made again
+    /// under the same name (`reattach`); its lock keeps a setting from
+    /// landing on the old queue while `reattach` swaps it.
+    settings: Mutex<Settings>,
     /// Writes batches of frames with one system call; used by the queue
     /// pair's worker only, so the lock is never contended.
     writer: Mutex<BatchWriter>,
+}
+
+/// The tap's settings the frontend's features decide.
+#[derive(Default)]
+struct Settings {
+    vnet_hdr_len: Option<libc::c_int>,
+    offload: Option<libc::c_uint>,
+}
+
+impl Settings {
+    /// Applies every setting made so far to the tap queue `fd`.
+    fn apply(&self, fd: RawFd) -> Result<(), (&'static str, io::Error)> {
+        if let Some(len) = self.vnet_hdr_len {
+            ioctl_int_ptr(fd, libc::TUNSETVNETHDRSZ, len).map_err(|e| ("TUNSETVNETHDRSZ", e))?;
+        }
+        if let Some(offload) = self.offload {
+            ioctl_int(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(offload))
+                .map_err(|e| ("TUNSETOFFLOAD", e))?;
+        }
+        Ok(())
+    }
 }
 
 /// `struct ifreq` with the name and the flags (the only member used here).
@@ -73,6 +94,10 @@ fn ifreq(name: &str, flags: libc::c_int) -> libc::ifreq {
     // The kernel's flags are a short; every IFF_ flag used fits.
     req.ifr_ifru.ifru_flags = flags as libc::c_short;
     req
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// An ioctl whose argument is an `int` passed by value.
@@ -115,17 +140,15 @@ impl Tap {
     pub fn open_queues(name: &str, pairs: usize) -> Result<Vec<Tap>, TapError> {
         let multi_queue = pairs > 1;
         let mut taps = Vec::with_capacity(pairs);
-        let first = match Tap::open(name, multi_queue) {
-            Ok(tap) => tap,
-            // An existing multi-queue tap refuses a single-queue open; if
-            // it is not one, report the first refusal.
-            Err(e) if !multi_queue && e.is_einval() => Tap::open(name, true).map_err(|_| e)?,
-            Err(e) => return Err(e),
-        };
-        let multi_queue = first.multi_queue;
-        taps.push(first);
+        let (file, multi_queue) = Self::attach_any(name, multi_queue, pairs == 1)?;
+        taps.push(Tap::new(name, file, multi_queue, pairs == 1));
         for _ in 1..pairs {
-            taps.push(Tap::open(name, multi_queue)?);
+            taps.push(Tap::new(
+                name,
+                Self::attach(name, multi_queue)?,
+                multi_queue,
+                false,
+            ));
         }
         log::info!(
             "attached to tap {name}: {pairs} queue{}{}",
@@ -135,16 +158,30 @@ impl Tap {
         Ok(taps)
     }
 
-    fn open(name: &str, multi_queue: bool) -> Result<Tap, TapError> {
-        Ok(Tap {
-            file: Self::attach(name, multi_queue)?,
+    fn new(name: &str, file: File, multi_queue: bool, lone: bool) -> Tap {
+        Tap {
+            file,
             name: name.to_string(),
-            multi_queue,
+            multi_queue: AtomicBool::new(multi_queue),
+            lone,
             attached: AtomicBool::new(true),
-            vnet_hdr_len: AtomicI32::new(0),
-            offload: AtomicU64::new(NO_OFFLOAD),
+            settings: Mutex::new(Settings::default()),
             writer: Mutex::new(BatchWriter::default()),
-        })
+        }
+    }
+
+    /// `attach`; for a `lone` queue, to a tap of the other kind if the tap
+    /// is that (an existing multi-queue tap refuses a single-queue attach,
+    /// and the other way round). Returns the kind it attached as. If the
+    /// tap is of neither kind, the first refusal is the error.
+    fn attach_any(name: &str, multi_queue: bool, lone: bool) -> Result<(File, bool), TapError> {
+        match Self::attach(name, multi_queue) {
+            Ok(file) => Ok((file, multi_queue)),
+            Err(e) if lone && e.is_einval() => Self::attach(name, !multi_queue)
+                .map(|file| (file, !multi_queue))
+                .map_err(|_| e),
+            Err(e) => Err(e),
+        }
     }
 
     /// A new descriptor of /dev/net/tun attached to (a new queue of) the
@@ -163,7 +200,9 @@ impl Tap {
         let mut req = ifreq(name, flags);
         ioctl_ifreq(file.as_raw_fd(), libc::TUNSETIFF, &mut req).map_err(|source| {
             let hint = match source.raw_os_error() {
-                Some(libc::EPERM) => ": CAP_NET_ADMIN is needed to create it",
+                Some(libc::EPERM) => {
+                    ": CAP_NET_ADMIN is needed to create it, or to attach to a tap of another owner or group"
+                }
                 Some(libc::EINVAL) if multi_queue => {
                     ": not a tap, or a tap created without multi_queue"
                 }
@@ -188,10 +227,11 @@ impl Tap {
     }
 
     /// After the tap was deleted (`is_gone`): attaches this queue to the
-    /// interface of the same name if there is one again (made by someone
-    /// else: a deleted tap is not made again here), with the header length
-    /// and offloads set before, under the same descriptor number (so
-    /// `as_raw_fd` holds). Ok(false) while there is no such interface.
+    /// interface of the same name if there is one again, with the settings
+    /// the frontend made, under the same descriptor number (so `as_raw_fd`
+    /// holds). Ok(false) while there is no such interface. A deleted tap is
+    /// not made again here (only one deleted again in the instant between
+    /// the look and the attach would be, as ours, gone when we exit).
     pub fn reattach(&self) -> Result<bool, TapError> {
         let Ok(c_name) = std::ffi::CString::new(self.name.as_str()) else {
             return Ok(false);
@@ -200,40 +240,31 @@ impl Tap {
         if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
             return Ok(false);
         }
-        let file = Self::attach(&self.name, self.multi_queue)?;
-        let fd = file.as_raw_fd();
-        let setup = |what: &'static str, result: io::Result<()>| {
-            result.map_err(|source| TapError::Setup {
-                name: self.name.clone(),
-                what,
-                source,
-            })
+        let settings = lock(&self.settings);
+        let (file, multi_queue) = Self::attach_any(
+            &self.name,
+            self.multi_queue.load(Ordering::Relaxed),
+            self.lone,
+        )?;
+        let setup = |(what, source)| TapError::Setup {
+            name: self.name.clone(),
+            what,
+            source,
         };
-        let len = self.vnet_hdr_len.load(Ordering::Relaxed);
-        if len != 0 {
-            setup(
-                "TUNSETVNETHDRSZ",
-                ioctl_int_ptr(fd, libc::TUNSETVNETHDRSZ, len),
-            )?;
-        }
-        if let Ok(offload) = u32::try_from(self.offload.load(Ordering::Relaxed)) {
-            setup(
-                "TUNSETOFFLOAD",
-                ioctl_int(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(offload)),
-            )?;
-        }
+        settings.apply(file.as_raw_fd()).map_err(setup)?;
         // SAFETY: both descriptors are open and owned (`file` here,
         // `self.file` by this queue, which goes on owning the number and
         // closes it on drop); dup3 swaps what the number refers to in one
         // step, so a concurrent user of the number sees the old queue or
         // the new one, never a closed or foreign descriptor.
-        let rc = unsafe { libc::dup3(fd, self.file.as_raw_fd(), libc::O_CLOEXEC) };
+        let rc = unsafe { libc::dup3(file.as_raw_fd(), self.file.as_raw_fd(), libc::O_CLOEXEC) };
         if rc < 0 {
-            setup("dup3", Err(io::Error::last_os_error()))?;
+            return Err(setup(("dup3", io::Error::last_os_error())));
         }
         // The batch writer's io_uring holds the old queue as its fixed
         // file: a ring made afresh on the next batch registers the new one.
-        *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = BatchWriter::default();
+        *lock(&self.writer) = BatchWriter::default();
+        self.multi_queue.store(multi_queue, Ordering::Relaxed);
         self.attached.store(true, Ordering::Relaxed);
         Ok(true)
     }
@@ -244,23 +275,25 @@ impl Tap {
 
     /// Sets the length of the virtio-net header that precedes each frame
     /// (10 or 12 bytes); it applies to every queue of the tap.
+    /// Kept, even if the tap is gone, for the tap made again.
     pub fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()> {
         let len = libc::c_int::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
-        ioctl_int_ptr(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, len)?;
-        self.vnet_hdr_len.store(len, Ordering::Relaxed);
-        Ok(())
+        let mut settings = lock(&self.settings);
+        settings.vnet_hdr_len = Some(len);
+        ioctl_int_ptr(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, len)
     }
 
     /// Sets the offloads (TUN_F_*) the reader of the tap accepts: which
     /// frames may arrive with a partial checksum or as one large segment.
+    /// Kept, even if the tap is gone, for the tap made again.
     pub fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
+        let mut settings = lock(&self.settings);
+        settings.offload = Some(flags);
         ioctl_int(
             self.file.as_raw_fd(),
             libc::TUNSETOFFLOAD,
             libc::c_ulong::from(flags),
-        )?;
-        self.offload.store(u64::from(flags), Ordering::Relaxed);
-        Ok(())
+        )
     }
 
     pub fn is_attached(&self) -> bool {
@@ -269,14 +302,14 @@ impl Tap {
 
     /// Whether this queue can leave the tap (a multi-queue tap's can).
     pub fn detachable(&self) -> bool {
-        self.multi_queue
+        self.multi_queue.load(Ordering::Relaxed)
     }
 
     /// Attaches or detaches this queue of a multi-queue tap, so that the
     /// kernel stops steering frames to a queue pair the guest has turned
     /// off. A single-queue tap is always attached.
     pub fn set_attached(&self, attach: bool) -> io::Result<()> {
-        if !self.multi_queue || self.attached.load(Ordering::Relaxed) == attach {
+        if !self.detachable() || self.attached.load(Ordering::Relaxed) == attach {
             return Ok(());
         }
         let flags = if attach {
@@ -354,7 +387,7 @@ impl FrameIo for Tap {
     fn write_frames(&self, frames: &[IoVecs<'_>], results: &mut Vec<io::Result<usize>>) {
         results.clear();
         if frames.len() > 1 {
-            let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let mut writer = lock(&self.writer);
             if writer.write(self.file.as_raw_fd(), frames, results) {
                 return;
             }

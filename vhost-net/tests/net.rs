@@ -569,8 +569,9 @@ fn wait_for_log(backend: &Backend, text: &str, count: usize) -> String {
 /// The tap is deleted under a connected frontend with `pairs` queue pairs
 /// (as `ip link del` or a network manager does): the backend says so, a
 /// frame sent meanwhile still completes, and once a tap of the same name is
-/// made again every pair's queue is attached to it, with the frontend's
-/// header length, and frames flow both ways on every pair.
+/// made again (multi-queue, which one pair takes too) every pair's queue is
+/// attached to it, with the frontend's header length, and frames flow both
+/// ways on every pair.
 fn a_deleted_tap_made_again_is_attached_again(pairs: usize) {
     let ns = Netns::new();
     let queues = (2 * pairs).to_string();
@@ -600,12 +601,8 @@ fn a_deleted_tap_made_again_is_attached_again(pairs: usize) {
     }
     backend.assert_alive();
 
-    let mut add = vec!["tuntap", "add", "dev", tap.as_str(), "mode", "tap"];
-    if pairs > 1 {
-        add.push("multi_queue");
-    }
-    ns.exec("ip", &add);
-    ns.configure_tap(&tap);
+    // Multi-queue either way: one pair takes a tap of either kind.
+    make_tap_again(&ns, &tap, true);
     let log = wait_for_log(&backend, "is back, and its queue attached again", pairs);
     assert_eq!(
         log.matches("is back, and its queue attached again").count(),
@@ -640,6 +637,83 @@ fn a_deleted_tap_made_again_is_attached_again_one_pair() {
 #[test]
 fn a_deleted_multi_queue_tap_made_again_is_attached_again_two_pairs() {
     a_deleted_tap_made_again_is_attached_again(2);
+}
+
+/// Makes `tap` again in `ns` (multi-queue or not) with the host address.
+fn make_tap_again(ns: &Netns, tap: &str, multi_queue: bool) {
+    let mut add = vec!["tuntap", "add", "dev", tap, "mode", "tap"];
+    if multi_queue {
+        add.push("multi_queue");
+    }
+    ns.exec("ip", &add);
+    ns.configure_tap(tap);
+}
+
+/// A tap deleted before any frontend came: the header length the
+/// frontend negotiates meanwhile (12 bytes; a new tap starts with 10) is
+/// kept for the tap made again, and frames come through whole.
+#[test]
+fn a_tap_deleted_before_the_frontend_came_gets_the_frontends_settings_when_made_again() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &[]);
+    let tap = backend.tap.clone();
+    ns.exec("ip", &["link", "del", &tap]);
+    let mut client = NetClient::connect(&backend.socket, 1).expect("connect");
+    let log = wait_for_log(&backend, "is gone (deleted)", 1);
+    assert!(log.contains("is gone (deleted)"), "{log}");
+    make_tap_again(&ns, &tap, false);
+    let log = wait_for_log(&backend, "is back, and its queue attached again", 1);
+    assert!(log.contains("is back"), "{log}");
+    let host_mac = resolve_host(&mut client, 0);
+    ping(&mut client, 0, host_mac, 7, &payload(200));
+    backend.assert_alive();
+}
+
+/// A pair the frontend disables while the tap is gone stays off the tap
+/// made again (its worker, still looking every second, leaves it be), and
+/// attaches to it once enabled again.
+#[test]
+fn a_pair_disabled_while_the_tap_is_gone_attaches_once_enabled_again() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &["--num-queues", "4"]);
+    let tap = backend.tap.clone();
+    let mut client = NetClient::connect(&backend.socket, 2).expect("connect");
+    resolve_host(&mut client, 0);
+    ns.exec("ip", &["link", "del", &tap]);
+    let log = wait_for_log(&backend, "is gone (deleted)", 2);
+    assert_eq!(log.matches("is gone (deleted)").count(), 2, "{log}");
+    use vhost::vhost_user::VhostUserFrontend;
+    let set_enabled = |client: &mut NetClient, on: bool| {
+        for queue in [2, 3] {
+            client
+                .conn
+                .frontend
+                .set_vring_enable(queue, on)
+                .expect("SET_VRING_ENABLE");
+        }
+    };
+    set_enabled(&mut client, false);
+    make_tap_again(&ns, &tap, true);
+    let log = wait_for_log(&backend, "is back, and its queue attached again", 1);
+    assert!(log.contains("pair 0: tap"), "{log}");
+    // Two looks (1 s apart) at the disabled pair: it stays off the tap.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(ns.tap_queues(&tap), 1, "{}", backend.log());
+    set_enabled(&mut client, true);
+    let log = wait_for_log(&backend, "is back, and its queue attached again", 2);
+    assert_eq!(
+        log.matches("is back, and its queue attached again").count(),
+        2,
+        "the pair enabled again never attached:\n{log}"
+    );
+    assert_eq!(wait_for_tap_queues(&ns, &tap, 2), 2);
+    let before = ns.tap_stat(&tap, "rx_packets");
+    client
+        .send_burst(1, &numbered_frames(8))
+        .expect("send on pair 1");
+    let after = ns.tap_stat(&tap, "rx_packets");
+    assert!(after >= before + 8, "rx_packets {before} -> {after}");
+    backend.assert_alive();
 }
 
 #[test]
