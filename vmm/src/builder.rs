@@ -536,7 +536,7 @@ const STOP_AFTER_FAILED_START: std::time::Duration = std::time::Duration::from_s
 impl BuiltVm {
     /// Stops the vCPU threads (`vcpu::stop_all`): within `timeout`, or
     /// later while they are in exchanges with backends, up to STOP_CEILING
-    /// or twice `timeout` (which covers the longest single exchange).
+    /// or twice `timeout` (which covers the longest run of exchanges).
     pub fn stop_vcpus(
         &self,
         threads: Vec<std::thread::JoinHandle<Vcpu>>,

@@ -72,7 +72,7 @@ fn host_memory_bytes() -> u64 {
 
 /// How long vCPU threads get to leave the guest when the VM stops, on top
 /// of the longest a vCPU may wait on a vhost-user backend (a device it
-/// starts or resets in the middle of an exit).
+/// starts or resets in the middle of an exit: `longest_run`).
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// How long the guest's last console output gets to be written out at exit.
@@ -108,7 +108,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
     });
     control.watch_devices();
     let _api = api.serve(control, sink.clone())?;
-    let stop_timeout = STOP_GRACE + vhost_user::deadline::longest_reply(config.memory_bytes);
+    let stop_timeout = STOP_GRACE + vhost_user::deadline::longest_run(config.memory_bytes);
     let mut threads = vm.start()?;
     let reason = loop {
         let reason = signals.wait_for_exit(&vm.exit)?;

@@ -90,6 +90,22 @@ impl Budget {
     }
 }
 
+/// The limit of a ring handover as a whole (see `Budget`): the memory
+/// table's, plus one reply's for every other message.
+pub fn handover_limit(memory_bytes: u64) -> Duration {
+    longest_reply(memory_bytes) + REPLY_TIMEOUT
+}
+
+/// The limit of stopping a device's rings at a reset, as a whole: two
+/// replies' time, as GET_VRING_BASE waits for a ring's requests in flight.
+pub const RESET_LIMIT: Duration = Duration::from_secs(2 * REPLY_TIMEOUT.as_secs());
+
+/// The longest a thread may wait on one backend over one run of
+/// exchanges (a vCPU starting or resetting a device).
+pub fn longest_run(memory_bytes: u64) -> Duration {
+    handover_limit(memory_bytes).max(RESET_LIMIT)
+}
+
 struct Armed {
     id: u64,
     /// The thread waiting for the answer.

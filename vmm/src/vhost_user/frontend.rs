@@ -769,10 +769,9 @@ impl VhostUserDevice {
         let mut fe = self.fe();
         let name = self.spec.name.clone();
         let mem = &act.mem;
-        let table_limit = deadline::longest_reply(mem.iter().map(|r| r.len()).sum());
-        // Every message is answered in microseconds but the memory table,
-        // which a backend that pins guest memory may take its time over.
-        let budget = Budget::new(table_limit + REPLY_TIMEOUT);
+        let memory_bytes = mem.iter().map(|r| r.len()).sum();
+        let table_limit = deadline::longest_reply(memory_bytes);
+        let budget = Budget::new(deadline::handover_limit(memory_bytes));
         let limit = || budget.limit(REPLY_TIMEOUT);
         let features = (act.features & self.features()) | PROTOCOL_FEATURES_BIT;
         exchange(&mut fe, &name, "SET_FEATURES", limit(), |f| {
@@ -935,27 +934,41 @@ impl VhostUserDevice {
         let name = self.spec.name.clone();
         // A backend that does not stop a ring as asked may still be using
         // it, over memory the guest now takes back: it is cut off, which
-        // stops every ring it has.
-        // GET_VRING_BASE may wait for a ring's requests in flight; a
-        // backend gets two replies' time for the lot.
-        let budget = Budget::new(2 * REPLY_TIMEOUT);
-        for index in std::mem::take(&mut self.active_queues) {
-            let limit = budget.limit(REPLY_TIMEOUT);
-            let stopped = exchange(&mut fe, &name, "SET_VRING_ENABLE", limit, |f| {
+        // stops every ring it has. Every ring is turned off first, so
+        // that no ring takes new requests while another is stopped, and
+        // the requests in flight on all of them finish together (QEMU
+        // stops rings in the same order). GET_VRING_BASE then waits for a
+        // ring's requests in flight.
+        let budget = Budget::new(deadline::RESET_LIMIT);
+        let rings = std::mem::take(&mut self.active_queues);
+        type Step = fn(&mut Frontend, usize) -> vhost::Result<()>;
+        let steps: [(&'static str, Step); 2] = [
+            ("SET_VRING_ENABLE", |f, index| {
                 f.set_vring_enable(index, false)
-            })
-            .and_then(|()| {
-                // GET_VRING_BASE stops the ring in the backend.
-                let limit = budget.limit(REPLY_TIMEOUT);
-                exchange(&mut fe, &name, "GET_VRING_BASE", limit, |f| {
-                    f.get_vring_base(index)
+            }),
+            ("GET_VRING_BASE", |f, index| {
+                f.get_vring_base(index).map(drop)
+            }),
+        ];
+        let stopped = steps.iter().try_for_each(|&(step, call)| {
+            rings.iter().try_for_each(|&index| {
+                exchange(&mut fe, &name, step, budget.limit(REPLY_TIMEOUT), |f| {
+                    call(f, index)
                 })
-            });
-            if let Err(e) = stopped {
-                log::error!("{name}: stopping ring {index}: {e}; cutting the backend off");
-                cut_off(&self.frontend, &self.broken, &e);
-                break;
-            }
+                .map_err(|e| (index, e))
+            })
+        });
+        if let Err((index, e)) = stopped {
+            let whole = if e.timed_out() && budget.spent() {
+                format!(
+                    ", the end of the {} the whole reset may take",
+                    Secs(budget.total())
+                )
+            } else {
+                String::new()
+            };
+            log::error!("{name}: stopping ring {index}: {e}{whole}; cutting the backend off");
+            cut_off(&self.frontend, &self.broken, &e);
         }
         log::info!("{}: reset", self.spec.name);
     }
@@ -1540,7 +1553,7 @@ mod tests {
             .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
             .expect("a backend lost during the handover failed the driver's start");
         let took = since.elapsed();
-        let budget = deadline::longest_reply(1 << 20) + REPLY_TIMEOUT;
+        let budget = deadline::handover_limit(1 << 20);
         assert!(
             took >= budget - Duration::from_millis(100) && took < budget + Duration::from_secs(2),
             "the handover took {took:?}, its budget is {budget:?}"
@@ -1576,7 +1589,7 @@ mod tests {
         let since = Instant::now();
         device.reset();
         let took = since.elapsed();
-        let budget = 2 * REPLY_TIMEOUT;
+        let budget = deadline::RESET_LIMIT;
         assert!(
             took >= budget - Duration::from_millis(100) && took < budget + Duration::from_secs(2),
             "the reset took {took:?}, its budget is {budget:?}"
