@@ -107,7 +107,7 @@ impl QueueIo {
             return Err(io);
         };
         let iov = io.iovecs.as_ptr();
-        // At most SEG_MAX iovecs: the parser's limit.
+        // At most 1024 iovecs (UIO_MAXIOV): the parser's limit.
         let count = io.iovecs.len() as u32;
         let entry = if io.write {
             opcode::Writev::new(types::Fd(fd), iov, count)

@@ -25,7 +25,8 @@ pub const SEG_MAX: u32 = 126;
 const HEADER_LEN: u32 = 16;
 /// The longest chain taken: SEG_MAX data segments, a header a driver may
 /// spread over as many descriptors as it has bytes, and the status byte
-/// (VIRTIO 1.x allows any layout; SEG_MAX counts data segments only).
+/// (VIRTIO 1.x allows any layout; SEG_MAX counts data segments only). A
+/// longer chain (empty descriptors in the header, say) gets IOERR.
 const MAX_DESCRIPTORS: usize = SEG_MAX as usize + HEADER_LEN as usize + 1;
 const DISCARD_SEGMENT_LEN: u64 = 16;
 const WRITE_ZEROES_UNMAP: u32 = 1;

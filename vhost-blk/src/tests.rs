@@ -530,8 +530,8 @@ fn a_chain_past_the_segment_limit_gets_ioerr_in_its_own_status() {
     let rig = Rig::new();
     rig.header(VIRTIO_BLK_T_OUT, 0);
     let mut descs = vec![(HEADER, 16, 0)];
-    // One buffer, given again and again.
-    descs.extend((0..SEG_MAX + 3).map(|_| (DATA, 512, 0)));
+    // One buffer, given again and again, past the longest chain taken.
+    descs.extend((0..SEG_MAX + 20).map(|_| (DATA, 512, 0)));
     descs.push((STATUS, 1, W));
     rig.mem
         .write_slice(&[0xcd; 512], GuestAddress(DATA))
