@@ -542,11 +542,21 @@ impl VhostUserBackend for NetBackend {
         let cfg = NetConfig::from_features(features);
         let offload = features::tun_offload(features);
         for tap in &self.device.taps {
-            if let Err(e) = tap.set_vnet_hdr_len(cfg.hdr_len) {
-                log::error!("tap {}: cannot set the header length: {e}", tap.name());
+            match tap.set_vnet_hdr_len(cfg.hdr_len) {
+                Ok(()) => {}
+                Err(e) if Tap::is_gone(&e) => log::info!(
+                    "tap {} is gone: its header length is set when it is back",
+                    tap.name()
+                ),
+                Err(e) => log::error!("tap {}: cannot set the header length: {e}", tap.name()),
             }
-            if let Err(e) = tap.set_offload(offload) {
-                log::warn!("tap {}: cannot set offloads {offload:#x}: {e}", tap.name());
+            match tap.set_offload(offload) {
+                Ok(()) => {}
+                Err(e) if Tap::is_gone(&e) => log::info!(
+                    "tap {} is gone: its offloads are set when it is back",
+                    tap.name()
+                ),
+                Err(e) => log::warn!("tap {}: cannot set offloads {offload:#x}: {e}", tap.name()),
             }
         }
         log::debug!(

@@ -173,13 +173,17 @@ impl Tap {
     /// `attach`; for a `lone` queue, to a tap of the other kind if the tap
     /// is that (an existing multi-queue tap refuses a single-queue attach,
     /// and the other way round). Returns the kind it attached as. If the
-    /// tap is of neither kind, the first refusal is the error.
+    /// other kind is refused too, for the same reason (not a tap at all),
+    /// the first refusal is the error; for another reason (EBUSY, EPERM),
+    /// that one.
     fn attach_any(name: &str, multi_queue: bool, lone: bool) -> Result<(File, bool), TapError> {
         match Self::attach(name, multi_queue) {
             Ok(file) => Ok((file, multi_queue)),
-            Err(e) if lone && e.is_einval() => Self::attach(name, !multi_queue)
-                .map(|file| (file, !multi_queue))
-                .map_err(|_| e),
+            Err(e) if lone && e.is_einval() => match Self::attach(name, !multi_queue) {
+                Ok(file) => Ok((file, !multi_queue)),
+                Err(other) if other.is_einval() => Err(e),
+                Err(other) => Err(other),
+            },
             Err(e) => Err(e),
         }
     }
@@ -275,25 +279,38 @@ impl Tap {
 
     /// Sets the length of the virtio-net header that precedes each frame
     /// (10 or 12 bytes); it applies to every queue of the tap.
-    /// Kept, even if the tap is gone, for the tap made again.
+    /// Kept for a tap made again if it took (or the tap is gone).
     pub fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()> {
         let len = libc::c_int::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
         let mut settings = lock(&self.settings);
-        settings.vnet_hdr_len = Some(len);
-        ioctl_int_ptr(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, len)
+        let result = ioctl_int_ptr(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, len);
+        if Self::keep(&result) {
+            settings.vnet_hdr_len = Some(len);
+        }
+        result
+    }
+
+    /// Whether a setting's result leaves it for a tap made again: one the
+    /// tap took, or one for a tap that is gone (not one a live tap refused,
+    /// which would fail every attach to the next).
+    fn keep(result: &io::Result<()>) -> bool {
+        result.as_ref().map_or_else(Self::is_gone, |()| true)
     }
 
     /// Sets the offloads (TUN_F_*) the reader of the tap accepts: which
     /// frames may arrive with a partial checksum or as one large segment.
-    /// Kept, even if the tap is gone, for the tap made again.
+    /// Kept for a tap made again if it took (or the tap is gone).
     pub fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
         let mut settings = lock(&self.settings);
-        settings.offload = Some(flags);
-        ioctl_int(
+        let result = ioctl_int(
             self.file.as_raw_fd(),
             libc::TUNSETOFFLOAD,
             libc::c_ulong::from(flags),
-        )
+        );
+        if Self::keep(&result) {
+            settings.offload = Some(flags);
+        }
+        result
     }
 
     pub fn is_attached(&self) -> bool {

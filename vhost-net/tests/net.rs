@@ -661,6 +661,10 @@ fn a_tap_deleted_before_the_frontend_came_gets_the_frontends_settings_when_made_
     let mut client = NetClient::connect(&backend.socket, 1).expect("connect");
     let log = wait_for_log(&backend, "is gone (deleted)", 1);
     assert!(log.contains("is gone (deleted)"), "{log}");
+    assert!(
+        log.contains("is gone: its header length is set when it is back"),
+        "{log}"
+    );
     make_tap_again(&ns, &tap, false);
     let log = wait_for_log(&backend, "is back, and its queue attached again", 1);
     assert!(log.contains("is back"), "{log}");

@@ -1031,6 +1031,7 @@ mod tests {
     const GET_FEATURES: u32 = 1;
     const SET_FEATURES: u32 = 2;
     const SET_MEM_TABLE: u32 = 5;
+    const GET_VRING_BASE: u32 = 11;
     const SET_VRING_KICK: u32 = 12;
     const GET_PROTOCOL_FEATURES: u32 = 15;
     const GET_QUEUE_NUM: u32 = 17;
@@ -1575,7 +1576,7 @@ mod tests {
     /// reply is cut off when the reset has taken two replies' limits.
     #[test]
     fn a_backend_slow_over_a_whole_reset_is_cut_off() {
-        // 4 answers (per ring: SET_VRING_ENABLE, GET_VRING_BASE) of 3 s:
+        // 4 answers (SET_VRING_ENABLE per ring, then GET_VRING_BASE) of 3 s:
         // 12 s, past the 10 s.
         let (mut device, requests) = started_disk(Script {
             slow_from: Some((
@@ -1599,6 +1600,29 @@ mod tests {
             wait_closed(&requests),
             "the slow backend is still connected"
         );
+    }
+
+    /// A reset turns every ring off before it stops any (as QEMU does), so
+    /// no ring takes new requests while another one's are waited for.
+    #[test]
+    fn a_reset_turns_every_ring_off_before_it_stops_one() {
+        let (mut device, requests) = started_disk(Script::default());
+        drain(&requests);
+        device.reset();
+        assert!(device.status().connected());
+        let seen = seen_until_quiet(&requests, Duration::from_millis(200));
+        let at = |wanted: &Seen| seen.iter().position(|s| s == wanted);
+        let offs: Vec<_> = (0..2)
+            .map(|index| at(&Seen::Request(SET_VRING_ENABLE, ring_state(index, false))))
+            .collect();
+        let bases: Vec<_> = (0..2)
+            .map(|index| at(&Seen::Request(GET_VRING_BASE, index)))
+            .collect();
+        assert!(
+            offs.iter().chain(&bases).all(Option::is_some),
+            "every ring turned off and stopped: {seen:?}"
+        );
+        assert!(offs.iter().max() < bases.iter().min(), "{seen:?}");
     }
 
     /// A backend that refuses to stop a ring on reset may still use it: it
