@@ -484,6 +484,19 @@ fn the_queues_of_pairs_not_enabled_are_detached_from_the_tap() {
     backend.assert_alive();
 }
 
+/// Turns pair 1's rings (queues 2 and 3) on or off, as QEMU does when the
+/// guest changes how many pairs it uses.
+fn set_pair_1_enabled(client: &mut NetClient, on: bool) {
+    use vhost::vhost_user::VhostUserFrontend;
+    for queue in [2, 3] {
+        client
+            .conn
+            .frontend
+            .set_vring_enable(queue, on)
+            .expect("SET_VRING_ENABLE");
+    }
+}
+
 /// Waits up to TIMEOUT for `tap` to have `count` queues attached.
 fn wait_for_tap_queues(ns: &Netns, tap: &str, count: usize) -> usize {
     let deadline = Instant::now() + TIMEOUT;
@@ -507,16 +520,6 @@ fn a_pair_disabled_with_no_rx_buffers_leaves_the_tap() {
     options.rx_buffers = 0;
     let mut client = NetClient::connect_with(&backend.socket, options).expect("connect");
     client.post_rx(0, 64).expect("post pair 0's rx buffers");
-    use vhost::vhost_user::VhostUserFrontend;
-    let set_enabled = |client: &mut NetClient, on: bool| {
-        for queue in [2, 3] {
-            client
-                .conn
-                .frontend
-                .set_vring_enable(queue, on)
-                .expect("SET_VRING_ENABLE");
-        }
-    };
     let hello = arp_request(GUEST_MAC, GUEST_IP, HOST_IP);
     client.send(1, &hello).expect("send on pair 1");
     assert_eq!(
@@ -524,7 +527,7 @@ fn a_pair_disabled_with_no_rx_buffers_leaves_the_tap() {
         2,
         "pair 1's queue never joined the tap"
     );
-    set_enabled(&mut client, false);
+    set_pair_1_enabled(&mut client, false);
     assert_eq!(
         wait_for_tap_queues(&ns, &backend.tap, 1),
         1,
@@ -533,7 +536,7 @@ fn a_pair_disabled_with_no_rx_buffers_leaves_the_tap() {
     // Enabled again, its rx ring served (a kick) and found empty: the
     // queue joins the tap, the worker stops watching it, and the pair is
     // disabled again.
-    set_enabled(&mut client, true);
+    set_pair_1_enabled(&mut client, true);
     client.conn.queues[2]
         .kick
         .write(1)
@@ -543,7 +546,7 @@ fn a_pair_disabled_with_no_rx_buffers_leaves_the_tap() {
         2,
         "pair 1's queue did not join the tap again"
     );
-    set_enabled(&mut client, false);
+    set_pair_1_enabled(&mut client, false);
     assert_eq!(
         wait_for_tap_queues(&ns, &backend.tap, 1),
         1,
@@ -686,24 +689,14 @@ fn a_pair_disabled_while_the_tap_is_gone_attaches_once_enabled_again() {
     ns.exec("ip", &["link", "del", &tap]);
     let log = wait_for_log(&backend, "is gone (deleted)", 2);
     assert_eq!(log.matches("is gone (deleted)").count(), 2, "{log}");
-    use vhost::vhost_user::VhostUserFrontend;
-    let set_enabled = |client: &mut NetClient, on: bool| {
-        for queue in [2, 3] {
-            client
-                .conn
-                .frontend
-                .set_vring_enable(queue, on)
-                .expect("SET_VRING_ENABLE");
-        }
-    };
-    set_enabled(&mut client, false);
+    set_pair_1_enabled(&mut client, false);
     make_tap_again(&ns, &tap, true);
     let log = wait_for_log(&backend, "is back, and its queue attached again", 1);
     assert!(log.contains("pair 0: tap"), "{log}");
     // Two looks (1 s apart) at the disabled pair: it stays off the tap.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(ns.tap_queues(&tap), 1, "{}", backend.log());
-    set_enabled(&mut client, true);
+    set_pair_1_enabled(&mut client, true);
     let log = wait_for_log(&backend, "is back, and its queue attached again", 2);
     assert_eq!(
         log.matches("is back, and its queue attached again").count(),
