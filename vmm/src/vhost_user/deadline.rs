@@ -100,6 +100,11 @@ pub fn handover_limit(memory_bytes: u64) -> Duration {
 /// replies' time, as GET_VRING_BASE waits for a ring's requests in flight.
 pub const RESET_LIMIT: Duration = Duration::from_secs(2 * REPLY_TIMEOUT.as_secs());
 
+/// The limit of the handshake with a new backend as a whole (owner,
+/// features, protocol features, request channel, queue count): two
+/// replies' time, as none of it waits on the disk or the guest's memory.
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(2 * REPLY_TIMEOUT.as_secs());
+
 /// The longest a thread may wait on one backend over one run of
 /// exchanges (a vCPU starting or resetting a device).
 pub fn longest_run(memory_bytes: u64) -> Duration {

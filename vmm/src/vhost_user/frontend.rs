@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
@@ -68,6 +69,13 @@ pub enum FrontendError {
     #[error("the vhost-user backend at {path:?}")]
     Exchange {
         path: PathBuf,
+        #[source]
+        source: ExchangeError,
+    },
+    #[error("the vhost-user backend at {path:?} took the whole {} a handshake may take", Secs(*limit))]
+    SlowHandshake {
+        path: PathBuf,
+        limit: Duration,
         #[source]
         source: ExchangeError,
     },
@@ -290,16 +298,26 @@ impl VhostUserDevice {
         notifier: &NotifierSlot,
     ) -> Result<(u64, Option<BackendChannel>), FrontendError> {
         let path = socket.to_path_buf();
-        let failed = |source| FrontendError::Exchange {
-            path: path.clone(),
-            source,
+        let budget = Budget::new(deadline::HANDSHAKE_LIMIT);
+        let failed = |source: ExchangeError| {
+            let path = path.clone();
+            if source.timed_out() && budget.spent() {
+                FrontendError::SlowHandshake {
+                    path,
+                    limit: budget.total(),
+                    source,
+                }
+            } else {
+                FrontendError::Exchange { path, source }
+            }
         };
         let name = spec.name.as_str();
-        let limit = REPLY_TIMEOUT;
-        exchange(frontend, name, "SET_OWNER", limit, |f| f.set_owner()).map_err(failed)?;
-        let backend_features =
-            exchange(frontend, name, "GET_FEATURES", limit, |f| f.get_features())
-                .map_err(failed)?;
+        let limit = || budget.limit(REPLY_TIMEOUT);
+        exchange(frontend, name, "SET_OWNER", limit(), |f| f.set_owner()).map_err(failed)?;
+        let backend_features = exchange(frontend, name, "GET_FEATURES", limit(), |f| {
+            f.get_features()
+        })
+        .map_err(failed)?;
         if backend_features & VIRTIO_F_VERSION_1 == 0 {
             return Err(FrontendError::Missing(path, "VIRTIO_F_VERSION_1"));
         }
@@ -309,7 +327,7 @@ impl VhostUserDevice {
                 "VHOST_USER_F_PROTOCOL_FEATURES",
             ));
         }
-        let offered = exchange(frontend, name, "GET_PROTOCOL_FEATURES", limit, |f| {
+        let offered = exchange(frontend, name, "GET_PROTOCOL_FEATURES", limit(), |f| {
             f.get_protocol_features()
         })
         .map_err(failed)?;
@@ -320,7 +338,7 @@ impl VhostUserDevice {
             wanted |= VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::BACKEND_REQ;
         }
         let protocol = offered & wanted;
-        exchange(frontend, name, "SET_PROTOCOL_FEATURES", limit, |f| {
+        exchange(frontend, name, "SET_PROTOCOL_FEATURES", limit(), |f| {
             f.set_protocol_features(protocol)
         })
         .map_err(failed)?;
@@ -339,14 +357,14 @@ impl VhostUserDevice {
             let opened = BackendChannel::new(name, notifier.clone(), reply_ack)
                 .map_err(|e| FrontendError::Channel(path.clone(), e))?;
             let end = opened.backend_end();
-            exchange(frontend, name, "SET_BACKEND_REQ_FD", limit, |f| {
+            exchange(frontend, name, "SET_BACKEND_REQ_FD", limit(), |f| {
                 f.set_backend_request_fd(&end)
             })
             .map_err(failed)?;
             channel = Some(opened);
         }
         if spec.num_queues > 1 && protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let max = exchange(frontend, name, "GET_QUEUE_NUM", limit, |f| {
+            let max = exchange(frontend, name, "GET_QUEUE_NUM", limit(), |f| {
                 f.get_queue_num()
             })
             .map_err(failed)?;
@@ -1569,6 +1587,43 @@ mod tests {
         assert!(
             !seen.contains(&last_on),
             "the handover ran to its end: {seen:?}"
+        );
+    }
+
+    /// A backend that answers each handshake message just inside the limit
+    /// of one reply is cut off when the handshake has taken two replies'
+    /// limits: a VMM starting, or a device taking a restarted backend,
+    /// waits that long at most.
+    #[test]
+    fn a_backend_slow_over_the_whole_handshake_is_cut_off() {
+        // It waits 3.5 s after each message: GET_FEATURES is answered at
+        // 3.5 s, GET_PROTOCOL_FEATURES at 7 s, and GET_QUEUE_NUM (read
+        // after SET_PROTOCOL_FEATURES's wait) at 14 s; its own limit
+        // alone would run out at 12 s.
+        let (ours, requests) = spawn_backend(Script {
+            slow_from: Some((GET_FEATURES, None, Duration::from_millis(3500))),
+            ..Script::default()
+        });
+        let since = Instant::now();
+        let refused = VhostUserDevice::from_stream(disk_spec(), ours, Path::new("scripted"));
+        let took = since.elapsed();
+        let budget = deadline::HANDSHAKE_LIMIT;
+        let Err(e) = refused else {
+            panic!("a handshake of {took:?} was taken");
+        };
+        assert!(
+            took >= budget - Duration::from_millis(100) && took < budget + Duration::from_secs(1),
+            "the handshake took {took:?}, its budget is {budget:?}"
+        );
+        let said = vmm_common::error_chain::render(&e);
+        assert!(
+            said.contains("took the whole 10 s a handshake may take")
+                && said.contains("GET_QUEUE_NUM"),
+            "{said}"
+        );
+        assert!(
+            wait_closed(&requests),
+            "the slow backend is still connected"
         );
     }
 
