@@ -234,14 +234,17 @@ impl Tap {
     /// interface of the same name if there is one again, with the settings
     /// the frontend made, under the same descriptor number (so `as_raw_fd`
     /// holds). Ok(false) while there is no such interface. A deleted tap is
-    /// not made again here (only one deleted again in the instant between
-    /// the look and the attach would be, as ours, gone when we exit).
+    /// not made again here: if the interface went away in the instant
+    /// between the look and the attach, the attach made a tap of our own,
+    /// under another index, and dropping its only queue deletes it again.
     pub fn reattach(&self) -> Result<bool, TapError> {
         let Ok(c_name) = std::ffi::CString::new(self.name.as_str()) else {
             return Ok(false);
         };
         // SAFETY: a NUL-terminated string that lives across the call.
-        if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+        let index = || unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+        let seen = index();
+        if seen == 0 {
             return Ok(false);
         }
         let settings = lock(&self.settings);
@@ -250,6 +253,13 @@ impl Tap {
             self.multi_queue.load(Ordering::Relaxed),
             self.lone,
         )?;
+        if index() != seen {
+            log::debug!(
+                "tap {}: went away again while this queue attached",
+                self.name
+            );
+            return Ok(false);
+        }
         let setup = |(what, source)| TapError::Setup {
             name: self.name.clone(),
             what,
