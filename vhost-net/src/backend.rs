@@ -172,15 +172,26 @@ fn ring_broken(pair: usize, broken: &mut bool, queue: u16, e: &virtio_queue::Err
     }
 }
 
+/// Attaches (`attach`) or detaches pair `pair`'s queue of a multi-queue
+/// tap. A tap that is gone is left to rx, whose next read reports it.
+fn steer(pair: usize, tap: &Tap, attach: bool) {
+    match tap.set_attached(attach) {
+        Ok(()) => {}
+        Err(e) if Tap::is_gone(&e) => log::debug!("pair {pair}: tap {} is gone", tap.name()),
+        Err(e) => log::warn!(
+            "pair {pair}: cannot {} its tap queue: {e}",
+            if attach { "attach" } else { "detach" }
+        ),
+    }
+}
+
 impl NetBackend {
     pub fn new(device: Arc<Device>) -> Self {
         // The kernel steers frames to every attached queue of a multi-queue
         // tap: until the frontend enables a pair, its queue is detached, so
         // no flow lands where nobody reads.
-        for tap in &device.taps {
-            if let Err(e) = tap.set_attached(false) {
-                log::warn!("tap {}: cannot detach a queue: {e}", tap.name());
-            }
+        for (pair, tap) in device.taps.iter().enumerate() {
+            steer(pair, tap, false);
         }
         let pairs = (0..device.taps.len())
             .map(|index| {
@@ -378,18 +389,16 @@ impl NetBackend {
                 // again (SET_VRING_ENABLE reaches no hook, and a full rx
                 // ring is not kicked): the timer goes on looking.
                 Self::arm_rx_timer(pair, &mut state, TAP_REATTACH);
-            } else if let Err(e) = tap.set_attached(false) {
+            } else {
                 // Steer the tap's frames to the pairs in use.
-                log::warn!("pair {pair}: cannot detach its tap queue: {e}");
+                steer(pair, tap, false);
             }
             return;
         }
         if state.tap_gone && !Self::reattach(pair, &mut state, tap) {
             return;
         }
-        if let Err(e) = tap.set_attached(true) {
-            log::warn!("pair {pair}: cannot attach its tap queue: {e}");
-        }
+        steer(pair, tap, true);
         let outcome = state
             .worker
             .rx(tap, guard.get_queue_mut(), &mem, self.config());
@@ -468,9 +477,7 @@ impl NetBackend {
         // A gone tap has no queue to attach; rx looks for it to come back.
         if !state.tap_gone {
             let attaching = !tap.is_attached();
-            if let Err(e) = tap.set_attached(true) {
-                log::warn!("pair {pair}: cannot attach its tap queue: {e}");
-            }
+            steer(pair, tap, true);
             if attaching && !state.watching {
                 // Until rx runs, nothing would see the pair disabled.
                 Self::arm_rx_timer(pair, &mut state, ENABLED_CHECK);

@@ -345,7 +345,15 @@ impl Tap {
             libc::IFF_DETACH_QUEUE
         };
         let mut req = ifreq("", flags);
-        ioctl_ifreq(self.file.as_raw_fd(), libc::TUNSETQUEUE, &mut req)?;
+        ioctl_ifreq(self.file.as_raw_fd(), libc::TUNSETQUEUE, &mut req).map_err(|e| {
+            // A multi-queue tap's queue refuses EINVAL only once its tap
+            // is gone: said as the reads and writes say it (`is_gone`).
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                io::Error::from_raw_os_error(libc::EBADFD)
+            } else {
+                e
+            }
+        })?;
         self.attached.store(attach, Ordering::Relaxed);
         Ok(())
     }

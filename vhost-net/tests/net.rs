@@ -676,6 +676,42 @@ fn a_tap_deleted_before_the_frontend_came_gets_the_frontends_settings_when_made_
     backend.assert_alive();
 }
 
+/// A frontend that connects while a multi-queue tap is gone hears of it
+/// once per pair (no warning about queues that cannot leave a tap that is
+/// not there), and every pair attaches when the tap is made again.
+#[test]
+fn a_frontend_connecting_while_a_multi_queue_tap_is_gone_gets_it_back() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &["--num-queues", "4"]);
+    let tap = backend.tap.clone();
+    let client = NetClient::connect(&backend.socket, 2).expect("connect");
+    ns.exec("ip", &["link", "del", &tap]);
+    let log = wait_for_log(&backend, "is gone (deleted)", 2);
+    assert_eq!(log.matches("is gone (deleted)").count(), 2, "{log}");
+    drop(client);
+    let mut client = NetClient::connect(&backend.socket, 2).expect("connect again");
+    let log = wait_for_log(&backend, "is gone (deleted)", 4);
+    assert_eq!(log.matches("is gone (deleted)").count(), 4, "{log}");
+    assert!(!log.contains("cannot detach"), "{log}");
+    make_tap_again(&ns, &tap, true);
+    let log = wait_for_log(&backend, "is back, and its queue attached again", 2);
+    assert_eq!(
+        log.matches("is back, and its queue attached again").count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(wait_for_tap_queues(&ns, &tap, 2), 2);
+    let host_mac = resolve_host(&mut client, 0);
+    ping(&mut client, 0, host_mac, 3, &payload(64));
+    let before = ns.tap_stat(&tap, "rx_packets");
+    client
+        .send_burst(1, &numbered_frames(8))
+        .expect("send on pair 1");
+    let after = ns.tap_stat(&tap, "rx_packets");
+    assert!(after >= before + 8, "rx_packets {before} -> {after}");
+    backend.assert_alive();
+}
+
 /// A pair the frontend disables while the tap is gone stays off the tap
 /// made again (its worker, still looking every second, leaves it be), and
 /// attaches to it once enabled again.
