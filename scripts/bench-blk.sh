@@ -37,6 +37,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SECS="${1:-5}"
 ROUNDS="${2:-3}"
+for value in "SECONDS per run:$SECS" "ROUNDS:$ROUNDS"; do
+    [[ "${value#*:}" =~ ^[1-9][0-9]*$ ]] ||
+        { echo "bench-blk: ${value%%:*} '${value#*:}': expected a whole number, 1 or more" >&2; exit 1; }
+done
 SIZE=1G
 PAGES="${PAGES:-2m}"
 case "$PAGES" in
@@ -73,9 +77,15 @@ if [[ "$PAGES" == 2m ]]; then
     HUGEPAGES_ADDED="$("$ROOT/scripts/hugepages.sh" 8)"
 fi
 
-wait_socket() {
-    for _ in $(seq 200); do [[ -S "$1" ]] && return 0; sleep 0.05; done
-    echo "bench-blk: $1 did not appear" >&2; return 1
+wait_socket() { # socket pid: up to 10 s, while the backend lives
+    for _ in $(seq 200); do
+        [[ -S "$1" ]] && return 0
+        kill -0 "$2" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "bench-blk: $1 did not appear; the backend's log:" >&2
+    tail -n 20 "$WORK/backend.log" >&2
+    return 1
 }
 
 start_backend() { # kind image direct queues socket
@@ -95,7 +105,7 @@ start_backend() { # kind image direct queues socket
             2>>"$WORK/backend.log" &
     fi
     PIDS+=($!)
-    wait_socket "$sock"
+    wait_socket "$sock" "$!"
 }
 
 stop_backend() {

@@ -11,16 +11,18 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${1:-7}"
+[[ "$RUNS" =~ ^[1-9][0-9]*$ ]] ||
+    { echo "bench-boot: RUNS '$RUNS': expected a whole number, 1 or more" >&2; exit 1; }
 VMM="${VMM_BIN:-$ROOT/target/release/vmm}"
 GUEST="$ROOT/target/guest/testguest.elf"
 QEMU="${QEMU_BIN:-qemu-system-x86_64}"
 
 [[ -e /dev/kvm ]] || { echo "bench-boot: /dev/kvm is missing" >&2; exit 1; }
-if [[ ! -x "$VMM" ]]; then
-    echo "bench-boot: building the vmm (release)" >&2
-    (cd "$ROOT" && cargo build --release -p vmm >&2)
-fi
-[[ -f "$GUEST" ]] || "$ROOT/scripts/build-guest.sh" >&2
+# Built every time (nothing to do when up to date): a stale binary would
+# be timed otherwise.
+echo "bench-boot: building the vmm (release) and the test guest" >&2
+(cd "$ROOT" && cargo build --release -p vmm >&2)
+"$ROOT/scripts/build-guest.sh" >&2
 [[ -x /usr/bin/time ]] || { echo "bench-boot: /usr/bin/time not found (apt-get install time)" >&2; exit 1; }
 command -v "$QEMU" >/dev/null || { echo "bench-boot: $QEMU not found (apt-get install qemu-system-x86)" >&2; exit 1; }
 

@@ -21,6 +21,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SECS="${1:-5}"
 ROUNDS="${2:-3}"
+for value in "SECONDS per run:$SECS" "ROUNDS:$ROUNDS"; do
+    [[ "${value#*:}" =~ ^[1-9][0-9]*$ ]] ||
+        { echo "bench-net: ${value%%:*} '${value#*:}': expected a whole number, 1 or more" >&2; exit 1; }
+done
 for tool in dpdk-testpmd ip python3; do
     command -v "$tool" >/dev/null || { echo "bench-net: $tool not found (apt-get install dpdk-dev iproute2)" >&2; exit 1; }
 done

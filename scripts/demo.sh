@@ -11,7 +11,8 @@
 # namespace and the image.
 # With --interactive the guest then waits for lines to echo back; type
 # "poweroff" to end it (Ctrl-A x quits the VMM at any time).
-# Needs root (network namespaces and taps) and /dev/kvm.
+# Needs root (network namespaces and taps) and /dev/kvm; installs iproute2
+# and python3 if they are missing (scripts/install-deps.sh --demo).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CMDLINE="demo ip=192.0.2.2 ping=192.0.2.1"
@@ -22,6 +23,11 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "demo: the NIC's tap and namespace need root: run it with sudo" >&2
     exit 1
 fi
+if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
+    echo "demo: /dev/kvm is missing or not usable: the VM needs KVM" >&2
+    exit 1
+fi
+"$ROOT/scripts/install-deps.sh" --demo
 echo "demo: building the vmm, vhost-blk, vhost-net and the test guest" >&2
 (cd "$ROOT" && cargo build --release -p vmm -p vhost-blk -p vhost-net)
 "$ROOT/scripts/build-guest.sh" >/dev/null

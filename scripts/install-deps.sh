@@ -6,11 +6,23 @@
 # rustfmt/clippy components, and a Python venv in target/qmp-venv with
 # QEMU's qemu.qmp client library (from PyPI) for the QMP tests. Does
 # nothing that is already there.
+# With --demo, only what scripts/demo.sh needs besides Rust: iproute2 for
+# its tap and namespace, python3 for scripts/launch.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
-packages=(acpica-tools lz4 binutils time qemu-system-x86 qemu-system-common dpdk-dev fio iproute2
-          socat python3 python3-venv openvswitch-switch-dpdk mount)
+demo_only=0
+case "${1:-}" in
+    "") ;;
+    --demo) demo_only=1 ;;
+    *) echo "install-deps: unknown argument '$1' (only --demo)" >&2; exit 2 ;;
+esac
+if ((demo_only)); then
+    packages=(iproute2 python3)
+else
+    packages=(acpica-tools lz4 binutils time qemu-system-x86 qemu-system-common dpdk-dev fio iproute2
+              socat python3 python3-venv openvswitch-switch-dpdk mount)
+fi
 need=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
@@ -21,6 +33,9 @@ if ((${#need[@]})); then
     [[ $(id -u) -eq 0 ]] || SUDO="sudo"
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+if ((demo_only)); then
+    exit 0
 fi
 for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"

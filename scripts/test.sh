@@ -49,7 +49,11 @@ step "the README's demo (scripts/demo.sh)"
 # The main command README.md gives: it must boot the guest with its
 # vhost-user disk and NIC, and the guest's own checks must pass.
 demo_out="$(mktemp)"
-scripts/demo.sh >"$demo_out"
+if ! scripts/demo.sh >"$demo_out"; then
+    echo "test.sh: the demo failed; its console:" >&2
+    cat "$demo_out" >&2
+    exit 1
+fi
 for line in "blk 00:01.0 write-read ok" "net ping 192.0.2.1 3/3 replies" "poweroff"; do
     if ! grep -qx "testguest: $line" "$demo_out"; then
         echo "test.sh: the demo's guest did not report \"$line\":" >&2

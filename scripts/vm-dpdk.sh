@@ -98,7 +98,7 @@ testpmd() {
 wait_for() {  # wait_for WHAT TEST...: up to 30 s, while the VM and testpmd live
     local what="$1"; shift
     for _ in $(seq 600); do
-        "$@" && return 0
+        "$@" >/dev/null 2>&1 && return 0
         if [[ -n "$VM" ]] && ! kill -0 "$VM" 2>/dev/null; then
             VM_STATUS=0
             wait "$VM" || VM_STATUS=$?
@@ -118,7 +118,7 @@ wait_for() {  # wait_for WHAT TEST...: up to 30 s, while the VM and testpmd live
     exit 1
 }
 configure_tap() {
-    wait_for "the tap $TAP" ip -n "$NETNS" link show "$TAP" >/dev/null 2>&1
+    wait_for "the tap $TAP" ip -n "$NETNS" link show "$TAP"
     ip -n "$NETNS" addr add "$HOST_IP" dev "$TAP"
     ip -n "$NETNS" link set "$TAP" up
     echo "vm-dpdk: testpmd (pid $TESTPMD) forwards between $SOCK and tap $TAP ($HOST_IP) in netns $NETNS" >&2
