@@ -2,7 +2,8 @@
 //! virtio-blk driver reports about them.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::backend::Backend;
@@ -186,4 +187,37 @@ fn tempfile_dir() -> std::path::PathBuf {
     ));
     std::fs::create_dir_all(&dir).expect("create test dir");
     dir
+}
+
+/// A loop block device over a file, detached on drop.
+pub struct LoopDevice(pub PathBuf);
+
+impl LoopDevice {
+    pub fn new(file: &Path, sector_size: u32) -> LoopDevice {
+        let out = Command::new("losetup")
+            .args([
+                "--find",
+                "--show",
+                "--sector-size",
+                &sector_size.to_string(),
+            ])
+            .arg(file)
+            .output()
+            .expect("run losetup (util-linux)");
+        assert!(
+            out.status.success(),
+            "losetup (needs root and /dev/loop-control): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        LoopDevice(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup")
+            .arg("--detach")
+            .arg(&self.0)
+            .status();
+    }
 }

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use vmm_tests::backend::workspace_bin;
-use vmm_tests::blk::make_image;
+use vmm_tests::blk::{make_image, LoopDevice};
 use vmm_tests::net::{guest_ip, Netns, HOST_IP};
 use vmm_tests::pty::{same_termios, Pty};
 use vmm_tests::vm::RunningVm;
@@ -162,6 +162,79 @@ fn a_bad_queue_count_is_one_clear_line() {
             "tap0,queues=x".as_ref(),
         ],
         "launch: error: net 0: queues='x' is not a positive number",
+    );
+}
+
+#[test]
+fn a_readonly_flag_other_than_on_or_off_is_one_clear_line() {
+    // Before, any value read as set: readonly=false served the disk
+    // read-only.
+    refused_with(
+        &["--disk".as_ref(), "disk.img,readonly=false".as_ref()],
+        "launch: error: --disk 'disk.img,readonly=false': readonly='false': expected on or off",
+    );
+}
+
+#[test]
+fn config_values_of_the_wrong_kind_are_one_clear_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("bad.toml");
+    let cases = [
+        (
+            "[disk]\nimage = \"disk.img\"\n".to_string(),
+            format!(
+                "launch: error: --config {}: disk must be tables, written [[disk]]",
+                config.display()
+            ),
+        ),
+        (
+            "[vm]\nkernel = 5\n".to_string(),
+            "launch: error: [vm] kernel = 5: expected a string".to_string(),
+        ),
+        (
+            format!(
+                "[vm]\nkernel = {:?}\n[[net]]\ntap = 5\n",
+                test_guest().display().to_string()
+            ),
+            "launch: error: net 0: tap = 5: expected a string".to_string(),
+        ),
+    ];
+    for (text, line) in cases {
+        std::fs::write(&config, text).expect("write");
+        refused_with(&["--config".as_ref(), config.as_os_str()], &line);
+    }
+}
+
+/// An image that is a block device (vhost-blk serves those too) is taken,
+/// and the guest's writes reach it.
+#[test]
+fn a_block_device_as_the_image_is_served() {
+    require_kvm();
+    let target = vmm_tests::repo_root().join("target");
+    let dir = tempfile::tempdir_in(&target).expect("tempdir in target/");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 0);
+    let device = LoopDevice::new(&image, 512);
+    let mut cmd = launcher();
+    cmd.arg("--kernel")
+        .arg(test_guest())
+        .args(["--memory", "128M", "--cmdline", "nonet"])
+        .arg("--disk")
+        .arg(&device.0)
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"));
+    let mut vm = RunningVm::spawn(cmd);
+    vm.expect_line("testguest: blk 00:01.0 write-read ok", TIMEOUT);
+    let status = vm.wait_exit(TIMEOUT);
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    vm.assert_no_guest_failure();
+    assert_all_gone(&stderr, 2);
+    drop(device);
+    assert_eq!(
+        vmm_tests::blk::read_pattern_area(&image),
+        vmm_tests::blk::guest_pattern(0),
+        "the guest's pattern is not on the device's file"
     );
 }
 

@@ -19,6 +19,7 @@ use vhost_test_frontend::virtqueue::RingError;
 use vhost_test_frontend::virtqueue::{Buf, RawDesc, DESC_F_NEXT, DESC_F_WRITE};
 use vhost_test_frontend::{BlkError, ConnectionError, Pipeline, Request};
 use vmm_tests::backend::{require_qemu_storage_daemon, vhost_blk_bin, Backend};
+use vmm_tests::blk::LoopDevice;
 
 const IMAGE_SIZE: usize = 4 << 20;
 
@@ -835,39 +836,6 @@ fn pipelined_writes_then_reads_through(
     }
     let next = 400 * per_block;
     assert!(sector_bytes(img, next, 1).iter().all(|&b| b == next as u8));
-}
-
-/// A loop block device over a file, detached on drop.
-struct LoopDevice(PathBuf);
-
-impl LoopDevice {
-    fn new(file: &Path, sector_size: u32) -> LoopDevice {
-        let out = Command::new("losetup")
-            .args([
-                "--find",
-                "--show",
-                "--sector-size",
-                &sector_size.to_string(),
-            ])
-            .arg(file)
-            .output()
-            .expect("run losetup (util-linux)");
-        assert!(
-            out.status.success(),
-            "losetup (needs root and /dev/loop-control): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        LoopDevice(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup")
-            .arg("--detach")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[test]
