@@ -10,6 +10,7 @@ mod cli;
 mod config;
 mod devices;
 mod exit;
+mod guest_warnings;
 mod interrupts;
 mod pci;
 mod signals;

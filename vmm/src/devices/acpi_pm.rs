@@ -7,6 +7,7 @@ use crate::arch::x86_64::acpi::SLP_TYP_S5;
 use crate::arch::x86_64::layout::ports;
 use crate::bus::BusDevice;
 use crate::exit::{ExitNotifier, VmExit};
+use crate::guest_warnings::GuestWarnings;
 
 const SLP_EN: u8 = 1 << 5;
 const SLP_TYP_SHIFT: u8 = 2;
@@ -15,6 +16,7 @@ const SLP_TYP_MASK: u8 = 0x7;
 /// Covers ports ACPI_SLEEP_CONTROL..=ACPI_RESET.
 pub struct AcpiPm {
     exit: Arc<ExitNotifier>,
+    warnings: GuestWarnings,
 }
 
 pub const PORT_BASE: u16 = ports::ACPI_SLEEP_CONTROL;
@@ -22,7 +24,10 @@ pub const PORT_LEN: u16 = ports::ACPI_RESET - ports::ACPI_SLEEP_CONTROL + 1;
 
 impl AcpiPm {
     pub fn new(exit: Arc<ExitNotifier>) -> Self {
-        AcpiPm { exit }
+        AcpiPm {
+            exit,
+            warnings: GuestWarnings::default(),
+        }
     }
 }
 
@@ -40,7 +45,10 @@ impl BusDevice for AcpiPm {
             if value & SLP_EN != 0 && slp_typ == SLP_TYP_S5 {
                 self.exit.notify(VmExit::PowerOff);
             } else if value & SLP_EN != 0 {
-                log::warn!("guest asked for unsupported sleep state {slp_typ}");
+                log::log!(
+                    self.warnings.level("ACPI PM"),
+                    "guest asked for unsupported sleep state {slp_typ}"
+                );
             }
         } else if port == u64::from(ports::ACPI_RESET) && value == ports::ACPI_RESET_VALUE {
             self.exit.notify(VmExit::Reset);

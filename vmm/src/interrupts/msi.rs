@@ -141,15 +141,19 @@ impl MsiVector {
             Some((address, data)) => {
                 router.set_msi_route(self.gsi, address, data)?;
                 if !self.attached {
+                    // A signal that arrived while masked is pending. KVM
+                    // injects one for a count it finds when the irqfd is
+                    // attached but leaves the count in place, so a later
+                    // wake-up would inject it again: the count is taken
+                    // first and signalled anew once attached (one delivery,
+                    // which takes the count).
+                    let pending = self.event.read().is_ok_and(|count| count > 0);
                     router
                         .vm
                         .register_irqfd(&self.event, self.gsi)
                         .map_err(|e| MsiError::Irqfd("attach", self.gsi, e))?;
                     self.attached = true;
-                    // A signal that arrived while masked is pending: KVM does
-                    // not look at the count when an irqfd is attached, so
-                    // take it and signal again to deliver it now.
-                    if self.event.read().is_ok_and(|count| count > 0) {
+                    if pending {
                         self.event.write(1).map_err(MsiError::EventFd)?;
                     }
                 }

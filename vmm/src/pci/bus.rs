@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 use super::config::PciConfiguration;
 use super::PciDevice;
 use crate::bus::{lock, BusDevice, MmioBus, Overlap};
+use crate::guest_warnings::GuestWarnings;
 
 const COMMAND_REG: usize = 1;
 const COMMAND_MEMORY: u32 = 1 << 1;
@@ -57,6 +58,8 @@ struct MappedBar {
     /// The low and high registers were last written all ones: the BAR is
     /// being sized, and holds its size mask, not an address.
     sizing: [bool; 2],
+    /// Placements the guest got wrong.
+    warnings: GuestWarnings,
 }
 
 impl MappedBar {
@@ -76,8 +79,10 @@ impl MappedBar {
         let slot = self.slot;
         let index = self.index;
         if let Err(e) = mmio.insert(to, self.size, self.window.clone()) {
-            log::warn!(
-                "PCI 00:{slot:02x}.0: BAR{index} at {to:#x} is off the bus until it moves: {e}"
+            let who = format!("PCI 00:{slot:02x}.0: BAR{index}");
+            log::log!(
+                self.warnings.level(&who),
+                "{who} at {to:#x} is off the bus until it moves: {e}"
             );
             return;
         }
@@ -177,6 +182,7 @@ impl PciBus {
             window,
             mapped: Some(addr),
             sizing: [false; 2],
+            warnings: GuestWarnings::default(),
         });
         Ok(())
     }

@@ -19,6 +19,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{ActiveQueue, ConfigNotifier, VirtioDevice, NO_VECTOR, VIRTIO_F_VERSION_1};
+use crate::guest_warnings::GuestWarnings;
 use crate::interrupts::msi::{GsiRouter, MsiError};
 use crate::pci::config::{ConfigSpaceError, PciConfiguration};
 use crate::pci::msix::Msix;
@@ -144,6 +145,8 @@ pub struct VirtioPciDevice {
     status: u8,
     queue_select: u16,
     counters: Arc<TransportCounters>,
+    /// Status writes the driver got wrong.
+    warnings: GuestWarnings,
 }
 
 /// Queue `index`'s notify address with the BAR at `bar_addr`.
@@ -180,12 +183,11 @@ impl VirtioPciDevice {
             2 => 0x01_00_00,
             _ => 0xff_00_00,
         };
-        let mut config = PciConfiguration::new(
-            VIRTIO_VENDOR,
-            VIRTIO_PCI_DEVICE_BASE + device_type,
-            class,
-            device_type,
-        );
+        // VIRTIO 1.x 4.1.2.1: a device that is not transitional has a
+        // subsystem device ID of 0x40 or more, which keeps legacy drivers
+        // (that match on the type there) off it.
+        let device_id = VIRTIO_PCI_DEVICE_BASE + device_type;
+        let mut config = PciConfiguration::new(VIRTIO_VENDOR, device_id, class, device_id);
         config.add_bar64(0, bar_addr, BAR_SIZE)?;
         config.add_capability(&virtio_cap(CFG_COMMON, COMMON_OFFSET, COMMON_LEN, None))?;
         config.add_capability(&virtio_cap(
@@ -252,6 +254,7 @@ impl VirtioPciDevice {
             status: 0,
             queue_select: 0,
             counters: Arc::new(TransportCounters::default()),
+            warnings: GuestWarnings::default(),
             device,
         })
     }
@@ -385,7 +388,8 @@ impl VirtioPciDevice {
         // Only a reset clears status bits (VIRTIO 1.2, 2.1.2): a driver
         // that clears DRIVER_OK any other way has not stopped the device.
         if status & old != old {
-            log::warn!(
+            log::log!(
+                self.warnings.level(self.device.name()),
                 "{}: the driver cleared status bits {:#x} without a reset; they stay",
                 self.device.name(),
                 old & !status
@@ -395,7 +399,8 @@ impl VirtioPciDevice {
         if status & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
             let unknown = self.driver_features & !self.device_features;
             if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                log::warn!(
+                log::log!(
+                    self.warnings.level(self.device.name()),
                     "{}: driver features {:#x} refused (unknown {unknown:#x} or no VERSION_1)",
                     self.device.name(),
                     self.driver_features
@@ -405,7 +410,8 @@ impl VirtioPciDevice {
         }
         if status & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 {
             if old & STATUS_NEEDS_RESET != 0 {
-                log::warn!(
+                log::log!(
+                    self.warnings.level(self.device.name()),
                     "{}: DRIVER_OK on a device that needs a reset; it stays stopped",
                     self.device.name()
                 );
@@ -413,7 +419,8 @@ impl VirtioPciDevice {
                 return;
             }
             if status & STATUS_FEATURES_OK == 0 {
-                log::warn!(
+                log::log!(
+                    self.warnings.level(self.device.name()),
                     "{}: DRIVER_OK without accepted features; the device needs a reset",
                     self.device.name()
                 );
@@ -431,7 +438,8 @@ impl VirtioPciDevice {
                 })
                 .collect();
             if !faults.is_empty() {
-                log::warn!(
+                log::log!(
+                    self.warnings.level(self.device.name()),
                     "{}: DRIVER_OK refused: {}; the device needs a reset",
                     self.device.name(),
                     faults.join(", ")
@@ -891,6 +899,20 @@ mod tests {
         write(&mut dev, 0x14, 1 | 2 | 8 | 4, 1);
         assert_eq!(record.lock().unwrap().activated.len(), 1);
         assert_eq!(read(&mut dev, 0x14, 1), 1 | 2 | STATUS_NEEDS_RESET as u64);
+    }
+
+    /// Modern IDs only: device 0x1040 + type, and a subsystem device ID of
+    /// 0x40 or more (a legacy driver matching the type there stays away).
+    #[test]
+    fn ids_are_those_of_a_modern_only_device() {
+        let (mut dev, _) = mock_transport();
+        let ids = dev.config_read(0);
+        assert_eq!(ids & 0xffff, u32::from(VIRTIO_VENDOR));
+        let device = ids >> 16;
+        assert_eq!(device, 0x1040 + u32::from(dev.device.device_type()));
+        let subsystem = dev.config_read(11) >> 16;
+        assert!(subsystem >= 0x40, "subsystem device ID {subsystem:#x}");
+        assert_eq!(dev.config_read(2) & 0xff, 1, "revision");
     }
 
     /// The kicks' ioeventfds leave with the BAR window, so another
