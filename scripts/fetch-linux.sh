@@ -34,7 +34,14 @@ fi
 
 mkdir -p "$CACHE" "$OUT"
 echo "fetch-linux: downloading $PKG" >&2
-(cd "$CACHE" && apt-get download -q "$PKG" >&2)
+if ! (cd "$CACHE" && apt-get download -q "$PKG" >&2); then
+    # Old package lists name a version the mirror has dropped since.
+    echo "fetch-linux: updating the package lists and trying again" >&2
+    apt-get update -qq
+    PKG="$(resolve)"
+    [[ -n "$PKG" ]] || { echo "fetch-linux: cannot resolve linux-image-cloud-amd64" >&2; exit 1; }
+    (cd "$CACHE" && apt-get download -q "$PKG" >&2)
+fi
 DEB="$(ls -t "$CACHE"/"$PKG"_*.deb | head -1)"
 rm -rf "$CACHE/root"
 dpkg-deb -x "$DEB" "$CACHE/root"
