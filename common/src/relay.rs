@@ -53,7 +53,10 @@ impl Relay {
         let to_backend = std::thread::Builder::new()
             .name("relay-in".into())
             .spawn(move || {
-                let result = copy_messages(&f_read, &b_write, &mut *inspect);
+                let result = copy_messages(&f_read, &b_write, &mut |m, to| {
+                    check_memory_regions(m)?;
+                    inspect(m, to)
+                });
                 finish("frontend", result, &b_write);
             })?;
         let to_frontend =
@@ -98,6 +101,61 @@ fn finish(from: &str, result: io::Result<()>, other: &UnixStream) {
         Err(e) => log::debug!("relay: {from} side ended: {e}"),
     }
     let _ = other.shutdown(std::net::Shutdown::Both);
+}
+
+const SET_MEM_TABLE: u32 = 5;
+const ADD_MEM_REGION: u32 = 37;
+/// A memory region in a message: guest address, size, frontend address,
+/// offset in its file (four little-endian u64).
+const REGION_LEN: usize = 32;
+
+/// Refuses (ending the connection) a memory table or added region that
+/// reaches past the end of its file: the backend would map it all the
+/// same (neither the vhost crate nor vm-memory looks), and its first touch
+/// of a ring or buffer there would kill it with SIGBUS. Regions on files
+/// that are not regular (devices) are left to the mapping.
+fn check_memory_regions(message: &Message<'_>) -> io::Result<()> {
+    let regions = match message.request {
+        SET_MEM_TABLE => message.payload.get(8..),
+        ADD_MEM_REGION => message.payload.get(8..8 + REGION_LEN),
+        _ => return Ok(()),
+    };
+    // A malformed payload is the handler's to refuse.
+    let Some(regions) = regions else {
+        return Ok(());
+    };
+    for (index, (region, fd)) in regions
+        .chunks_exact(REGION_LEN)
+        .zip(message.fds)
+        .enumerate()
+    {
+        let word = |at: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&region[at..at + 8]);
+            u64::from_le_bytes(bytes)
+        };
+        let (size, offset) = (word(8), word(24));
+        // SAFETY: an all-zero stat is a valid value for fstat to fill.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is open (owned by the message) and `stat` is
+        // writable for the call.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            continue;
+        }
+        let file_len = stat.st_size as u64;
+        if offset.checked_add(size).is_none_or(|end| end > file_len) {
+            let e = format!(
+                "memory region {index}: {size:#x} bytes at offset {offset:#x} run past the end \
+                 of its file ({file_len:#x} bytes)"
+            );
+            log::warn!("the frontend's {e}; ending the connection");
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+    }
+    Ok(())
 }
 
 /// Builds a message: header (version 1, no reply wanted) and payload.
@@ -315,6 +373,61 @@ mod tests {
 
         drop(frontend);
         relay.join();
+    }
+
+    fn memory_table(regions: &[(u64, u64)]) -> Vec<u8> {
+        let mut payload = (regions.len() as u64).to_le_bytes().to_vec();
+        for (i, &(size, offset)) in regions.iter().enumerate() {
+            for word in [i as u64 * (1 << 30), size, 0x7f00_0000_0000, offset] {
+                payload.extend_from_slice(&word.to_le_bytes());
+            }
+        }
+        message(SET_MEM_TABLE, &payload)
+    }
+
+    fn memfd(len: u64) -> std::fs::File {
+        // SAFETY: a NUL-terminated name; the call takes no other memory.
+        let fd = unsafe { libc::memfd_create(c"relay-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        file
+    }
+
+    #[test]
+    fn memory_past_the_end_of_its_file_ends_the_relay() {
+        let (a, b) = (memfd(1 << 20), memfd(64 << 10));
+        let fds = [a.as_raw_fd(), b.as_raw_fd()];
+        // Within their files (the second region at an offset): passed on.
+        let (frontend, relay_front) = UnixStream::pair().unwrap();
+        let (relay_back, backend) = UnixStream::pair().unwrap();
+        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        let fits = memory_table(&[(1 << 20, 0), (32 << 10, 32 << 10)]);
+        send_message(&frontend, &fits, &fds).unwrap();
+        assert_eq!(
+            read(&backend),
+            (SET_MEM_TABLE, fits[HEADER_LEN..].to_vec(), 2)
+        );
+        // The second region 1 byte too long: not passed on, and the end.
+        let past = memory_table(&[(1 << 20, 0), (32 << 10, (32 << 10) + 1)]);
+        send_message(&frontend, &past, &fds).unwrap();
+        relay.join();
+        assert!(read_message(&backend).unwrap().is_none());
+
+        // One added region past its file, too; a size that wraps as well.
+        for (size, offset) in [(1 << 20, 0), (u64::MAX, 2)] {
+            let (frontend, relay_front) = UnixStream::pair().unwrap();
+            let (relay_back, backend) = UnixStream::pair().unwrap();
+            let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+            let mut payload = vec![0u8; 8];
+            for word in [0, size, 0x7f00_0000_0000, offset] {
+                payload.extend_from_slice(&u64::to_le_bytes(word));
+            }
+            send_message(&frontend, &message(ADD_MEM_REGION, &payload), &fds[1..]).unwrap();
+            relay.join();
+            assert!(read_message(&backend).unwrap().is_none());
+        }
     }
 
     #[test]

@@ -3,9 +3,14 @@
 //! with what is wrong with it.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
 
 const HEADER_LEN: usize = 12;
 const SET_OWNER: u32 = 3;
@@ -90,6 +95,85 @@ pub fn backend_hangs_up(socket: &Path, bytes: &[u8], timeout: Duration) -> std::
         }
         // A reset is a hang-up too.
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// Hands the backend a memory table whose one region claims 1 MiB of a
+/// 64 KiB memfd, puts ring 0 past the end of the file, enables it and
+/// kicks it: a backend that maps the whole region and reads the ring dies
+/// of SIGBUS. Reports whether the backend closed the connection within
+/// `timeout` (the requests after the table may fail once it has).
+pub fn ring_past_the_end_of_its_memory(socket: &Path, timeout: Duration) -> std::io::Result<bool> {
+    const FRONTEND_ADDR: u64 = 0x7f00_0000_0000;
+    const VERSION_1: u64 = 1 << 32;
+    const PROTOCOL_FEATURES: u64 = 1 << 30;
+    let stream = UnixStream::connect(socket)?;
+    let mut watch = stream.try_clone()?;
+    // SAFETY: a NUL-terminated name; the call takes no other memory.
+    let fd = unsafe { libc::memfd_create(c"short-memory".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(64 << 10)?;
+    let kick = EventFd::new(libc::EFD_NONBLOCK)?;
+    let call = EventFd::new(libc::EFD_NONBLOCK)?;
+    let mut frontend = Frontend::from_stream(stream, 1);
+    let exchange = |frontend: &mut Frontend| -> vhost::Result<()> {
+        frontend.set_owner()?;
+        let offered = frontend.get_features()?;
+        if offered & PROTOCOL_FEATURES != 0 {
+            frontend.get_protocol_features()?;
+            frontend.set_protocol_features(VhostUserProtocolFeatures::empty())?;
+        }
+        frontend.set_features(offered & (VERSION_1 | PROTOCOL_FEATURES))?;
+        frontend.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: 1 << 20,
+            userspace_addr: FRONTEND_ADDR,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+        }])?;
+        frontend.set_vring_num(0, 16)?;
+        frontend.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: 16,
+                queue_size: 16,
+                flags: 0,
+                desc_table_addr: FRONTEND_ADDR + (512 << 10),
+                used_ring_addr: FRONTEND_ADDR + (516 << 10),
+                avail_ring_addr: FRONTEND_ADDR + (520 << 10),
+                log_addr: None,
+            },
+        )?;
+        frontend.set_vring_base(0, 0)?;
+        frontend.set_vring_kick(0, &kick)?;
+        frontend.set_vring_call(0, &call)?;
+        if offered & PROTOCOL_FEATURES != 0 {
+            frontend.set_vring_enable(0, true)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = exchange(&mut frontend) {
+        log::debug!("a ring past the end of its memory: {e}");
+    }
+    let _ = kick.write(1);
+    watch.set_read_timeout(Some(timeout))?;
+    let mut rest = Vec::new();
+    match watch.read_to_end(&mut rest) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(false)
+        }
         Err(e) => Err(e),
     }
 }

@@ -1540,6 +1540,36 @@ fn malformed_vhost_user_messages_drop_the_frontend_not_the_backend() {
     );
 }
 
+/// A frontend whose memory table claims more of a file than the file has
+/// loses its connection before the backend maps it; the backend, which
+/// would have died of SIGBUS at the ring placed past the file's end, serves
+/// the next frontend.
+#[test]
+fn a_memory_table_past_the_end_of_its_file_drops_the_frontend_not_the_backend() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let socket = dir.path().join("blk.sock");
+    let mut backend = Backend::vhost_blk(&socket, &img, &[]);
+    let closed = malformed::ring_past_the_end_of_its_memory(&socket, Duration::from_secs(10))
+        .expect("send the memory table");
+    assert!(closed, "the backend kept the connection open");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        backend.child.try_wait().expect("try_wait").is_none(),
+        "the backend exited; log:\n{}",
+        backend.log.text()
+    );
+    assert!(
+        backend.log.text().contains("run past the end of its file"),
+        "{}",
+        backend.log.text()
+    );
+    let mut client = connect(&socket, 1);
+    let mut buf = [0u8; 512];
+    assert_eq!(client.read(0, 9, &mut buf).expect("read"), S_OK);
+    assert!(buf.iter().all(|&b| b == 9));
+}
+
 #[test]
 fn a_backend_stopped_before_it_bound_leaves_the_live_socket_alone() {
     // Another process listens on the path, and holds the directory's

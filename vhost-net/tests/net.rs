@@ -411,6 +411,29 @@ fn malformed_vhost_user_messages_drop_the_frontend_not_the_backend() {
     backend.assert_alive();
 }
 
+/// A memory table that claims more of its file than the file has ends the
+/// connection before the backend maps it (touching the rx ring placed past
+/// the file's end would kill it with SIGBUS); the next frontend is served.
+#[test]
+fn a_memory_table_past_the_end_of_its_file_drops_the_frontend_not_the_backend() {
+    let ns = Netns::new();
+    let mut backend = Backend::start(&ns, &[]);
+    let closed =
+        malformed::ring_past_the_end_of_its_memory(&backend.socket, TIMEOUT).expect("send");
+    assert!(closed, "the backend kept the connection open");
+    std::thread::sleep(Duration::from_millis(200));
+    backend.assert_alive();
+    assert!(
+        backend.log().contains("run past the end of its file"),
+        "{}",
+        backend.log()
+    );
+    let mut client = NetClient::connect_retrying(&backend.socket, 1, TIMEOUT).expect("connect");
+    let host_mac = resolve_host(&mut client, 0);
+    ping(&mut client, 0, host_mac, 1, &payload(64));
+    backend.assert_alive();
+}
+
 #[test]
 fn get_config_is_refused_and_the_backend_serves_on() {
     let ns = Netns::new();
