@@ -55,6 +55,7 @@ impl Relay {
             .spawn(move || {
                 let result = copy_messages(&f_read, &b_write, &mut |m, to| {
                     check_memory_regions(m)?;
+                    check_ring_events(m)?;
                     inspect(m, to)
                 });
                 finish("frontend", result, &b_write);
@@ -150,6 +151,43 @@ fn check_memory_regions(message: &Message<'_>) -> io::Result<()> {
             let e = format!(
                 "memory region {index}: {size:#x} bytes at offset {offset:#x} run past the end \
                  of its file ({file_len:#x} bytes)"
+            );
+            log::warn!("the frontend's {e}; ending the connection");
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+    }
+    Ok(())
+}
+
+const SET_VRING_KICK: u32 = 12;
+const SET_VRING_ERR: u32 = 14;
+
+/// Refuses (ending the connection) a ring's kick, call or error descriptor
+/// that is not an eventfd: the vhost crates read and write it 8 bytes at a
+/// time and end a ring's worker thread on a short read or a hang-up (a
+/// pipe), which leaves that queue's requests in flight for ever.
+fn check_ring_events(message: &Message<'_>) -> io::Result<()> {
+    if !(SET_VRING_KICK..=SET_VRING_ERR).contains(&message.request) {
+        return Ok(());
+    }
+    for fd in message.fds {
+        let fd = fd.as_raw_fd();
+        let is_eventfd = match std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+            Ok(target) => target.as_os_str() == "anon_inode:[eventfd]",
+            // No /proc (a sandbox): an anonymous inode has no file type.
+            Err(_) => {
+                // SAFETY: an all-zero stat is a valid value for fstat to fill.
+                let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: `fd` is open (owned by the message) and `stat` is
+                // writable for the call.
+                let rc = unsafe { libc::fstat(fd, &mut stat) };
+                rc == 0 && stat.st_mode & libc::S_IFMT == 0
+            }
+        };
+        if !is_eventfd {
+            let e = format!(
+                "request {}: the ring's descriptor is not an eventfd",
+                message.request
             );
             log::warn!("the frontend's {e}; ending the connection");
             return Err(io::Error::new(io::ErrorKind::InvalidData, e));
@@ -428,6 +466,31 @@ mod tests {
             relay.join();
             assert!(read_message(&backend).unwrap().is_none());
         }
+    }
+
+    #[test]
+    fn a_ring_descriptor_that_is_not_an_eventfd_ends_the_relay() {
+        let (frontend, relay_front) = UnixStream::pair().unwrap();
+        let (relay_back, backend) = UnixStream::pair().unwrap();
+        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        // SAFETY: eventfd takes no memory.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor nothing else owns.
+        let event = unsafe { OwnedFd::from_raw_fd(fd) };
+        let ring_0 = 0u64.to_le_bytes();
+        for request in [12, 13, 14] {
+            send_message(&frontend, &message(request, &ring_0), &[event.as_raw_fd()]).unwrap();
+            assert_eq!(read(&backend), (request, ring_0.to_vec(), 1));
+        }
+        // Without a descriptor (polling): passed on.
+        let no_fd = (1u64 << 8).to_le_bytes();
+        send_message(&frontend, &message(12, &no_fd), &[]).unwrap();
+        assert_eq!(read(&backend), (12, no_fd.to_vec(), 0));
+        let (pipe_read, _pipe_write) = std::io::pipe().unwrap();
+        send_message(&frontend, &message(12, &ring_0), &[pipe_read.as_raw_fd()]).unwrap();
+        relay.join();
+        assert!(read_message(&backend).unwrap().is_none());
     }
 
     #[test]
