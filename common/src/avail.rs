@@ -19,6 +19,15 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 const AVAIL_HEADER: u64 = 4;
 const AVAIL_ENTRY: u64 = 2;
 
+/// Whether `next_chain`'s error says the ring is not set up (yet): not
+/// ready, or without its avail ring's address. A frontend may start a ring
+/// before it gives the addresses, or stop it while a worker looks: there is
+/// nothing to take until it is set up, which is not a ring the driver
+/// broke (that one is left alone until the frontend sets it up again).
+pub fn not_set_up(e: &virtio_queue::Error) -> bool {
+    matches!(e, virtio_queue::Error::QueueNotReady)
+}
+
 /// The next chain the driver made available on `q`, or None when it made
 /// none. An error when the ring cannot be read: its index is more than a
 /// ring ahead, it is not ready, or the entry naming the next chain lies
@@ -85,6 +94,25 @@ mod tests {
         let chain = next_chain(&mut q, &mem).expect("ring").expect("a chain");
         assert_eq!(chain.head_index(), 0);
         assert!(next_chain(&mut q, &mem).expect("ring").is_none());
+    }
+
+    #[test]
+    fn a_ring_without_its_addresses_is_not_set_up_rather_than_broken() {
+        let mem = memory();
+        let mut unset = Queue::new(SIZE).expect("queue");
+        unset.set_ready(true);
+        let e = next_chain(&mut unset, &mem).expect_err("a ring with no avail ring");
+        assert!(not_set_up(&e), "{e:?}");
+        let mut q = ring(&mem, 0x2000);
+        q.set_ready(false);
+        assert!(not_set_up(
+            &next_chain(&mut q, &mem).expect_err("not ready")
+        ));
+        let mut past = ring(&mem, MEM - AVAIL_HEADER);
+        mem.write_obj(1u16, GuestAddress(MEM - 2)).expect("idx");
+        assert!(!not_set_up(
+            &next_chain(&mut past, &mem).expect_err("outside")
+        ));
     }
 
     /// The avail ring's header is the last 4 bytes of memory: its index

@@ -21,7 +21,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use vmm_common::avail::next_chain;
+use vmm_common::avail::{next_chain, not_set_up};
 use vmm_common::ring_watch::avail_within;
 
 use crate::queue_io::{Completed, QueueIo};
@@ -311,6 +311,9 @@ impl BlkBackend {
         let vq_err = |e: virtio_queue::Error| io::Error::other(format!("{e:?}"));
         let mut finished = Vec::new();
         let mut chain_buf = ChainBuf::new();
+        // The frontend has not set the ring up (yet): served on its next kick.
+        let mut not_ready = false;
+        let ring_size = usize::from(vring.get_ref().get_queue().size());
         loop {
             if event_idx {
                 vring.disable_notification().map_err(vq_err)?;
@@ -333,10 +336,22 @@ impl BlkBackend {
                     full = true;
                     break;
                 }
+                // A driver that follows the spec has at most a ring's worth
+                // waiting (one per head); one that makes heads available
+                // again before they are used waits for a completion, so
+                // what waits stays bounded.
+                if state.order.pending() >= ring_size {
+                    full = true;
+                    break;
+                }
                 let popped = next_chain(vring.get_mut().get_queue_mut(), mem.clone());
                 let chain = match popped {
                     Ok(Some(chain)) => chain,
                     Ok(None) => break,
+                    Err(e) if not_set_up(&e) => {
+                        not_ready = true;
+                        break;
+                    }
                     Err(e) => {
                         log::warn!(
                             "queue {queue}: the driver's ring is broken ({e}); it is not served until the frontend sets it up again"
@@ -420,7 +435,7 @@ impl BlkBackend {
                 // The chains still available go through the synchronous path.
                 continue;
             }
-            if full || state.broken || !self.may_take(vring) {
+            if full || state.broken || not_ready || !self.may_take(vring) {
                 // A completion brings the worker back for the rest; a ring
                 // it may not take from has nothing more to serve.
                 return Ok(());

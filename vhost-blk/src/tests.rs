@@ -786,3 +786,25 @@ fn a_disabled_ring_is_left_alone_until_enabled() {
     assert!(process_within(&backend, &vring).expect("returns").is_ok());
     assert_eq!(vq.used().idx().load(), 1);
 }
+
+/// A ring the frontend starts before it gives the ring's addresses (its
+/// kick came first) has nothing to take yet: it is not given up as broken,
+/// and is served once the addresses come.
+#[test]
+fn a_ring_started_before_its_addresses_is_served_once_they_come() {
+    let rig = Rig::new();
+    let vq = MockSplitQueue::new(&rig.mem, 16);
+    make_read_available(&rig, &vq, 0);
+    let (backend, vring) = serving(&rig, &vq);
+    vring.set_queue_info(0, 0, 0).unwrap();
+
+    assert!(process_within(&backend, &vring).expect("returns").is_ok());
+    assert_eq!(vq.used().idx().load(), 0);
+
+    vring
+        .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+        .unwrap();
+    assert!(process_within(&backend, &vring).expect("returns").is_ok());
+    assert_eq!(vq.used().idx().load(), 1, "the ring was given up");
+    assert_eq!(rig.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+}

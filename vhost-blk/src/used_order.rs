@@ -24,11 +24,13 @@ pub struct UsedOrder {
     taken: VecDeque<u16>,
     /// By head: how many times it is in `taken` (so a completion need not
     /// search `taken`, which a slow request at its front keeps long).
-    taken_count: Vec<u16>,
+    /// (u32: a driver that makes a head available again and again while
+    /// an earlier request waits must not make it saturate and stick.)
+    taken_count: Vec<u32>,
     /// By head: how many of its requests have finished and wait for
     /// earlier ones (more than one only if a driver made a head available
     /// again before it completed), and the used length of the last.
-    finished: Vec<(u16, u32)>,
+    finished: Vec<(u32, u32)>,
 }
 
 impl UsedOrder {
@@ -89,7 +91,6 @@ impl UsedOrder {
     }
 
     /// Requests taken and not yet published.
-    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.taken.len()
     }

@@ -18,6 +18,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_common::avail::not_set_up;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -158,8 +159,13 @@ fn nonblocking_timer() -> io::Result<TimerFd> {
     Ok(unsafe { TimerFd::from_raw_fd(fd) })
 }
 
-/// Marks a ring the guest broke as broken, and says so once.
+/// Marks a ring the guest broke as broken, and says so once. A ring the
+/// frontend has not set up yet is left as it is: its next kick serves it.
 fn ring_broken(pair: usize, broken: &mut bool, queue: u16, e: &virtio_queue::Error) {
+    if not_set_up(e) {
+        log::debug!("pair {pair}: queue {queue} of the pair is not set up yet");
+        return;
+    }
     if !*broken {
         let (name, index) = match queue {
             RX_QUEUE => ("rx", 2 * pair),
