@@ -18,7 +18,13 @@ case "${1:-}" in
     *) echo "install-deps: unknown argument '$1' (only --demo)" >&2; exit 2 ;;
 esac
 if ((demo_only)); then
-    packages=(iproute2 python3)
+    # By command: a machine may have them without dpkg knowing.
+    packages=()
+    command -v ip >/dev/null || packages+=(iproute2)
+    command -v python3 >/dev/null || packages+=(python3)
+    if ((${#packages[@]} == 0)); then
+        exit 0
+    fi
 else
     packages=(acpica-tools lz4 binutils time qemu-system-x86 qemu-system-common dpdk-dev fio iproute2
               socat python3 python3-venv openvswitch-switch-dpdk mount)

@@ -96,6 +96,15 @@ fn ifreq(name: &str, flags: libc::c_int) -> libc::ifreq {
     req
 }
 
+/// The index of the network interface `name`, 0 if there is none.
+fn interface_index(name: &str) -> libc::c_uint {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: a NUL-terminated string that lives across the call.
+    unsafe { libc::if_nametoindex(c_name.as_ptr()) }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -237,12 +246,12 @@ impl Tap {
     /// not made again here: if the interface went away in the instant
     /// between the look and the attach, the attach made a tap of our own,
     /// under another index, and dropping its only queue deletes it again.
+    /// One queue reattaches at a time in the process, so no other pair
+    /// finds that tap of our own in the meantime and keeps it.
     pub fn reattach(&self) -> Result<bool, TapError> {
-        let Ok(c_name) = std::ffi::CString::new(self.name.as_str()) else {
-            return Ok(false);
-        };
-        // SAFETY: a NUL-terminated string that lives across the call.
-        let index = || unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let _turn = lock(&ONE_AT_A_TIME);
+        let index = || interface_index(&self.name);
         let seen = index();
         if seen == 0 {
             return Ok(false);
@@ -346,9 +355,11 @@ impl Tap {
         };
         let mut req = ifreq("", flags);
         ioctl_ifreq(self.file.as_raw_fd(), libc::TUNSETQUEUE, &mut req).map_err(|e| {
-            // A multi-queue tap's queue refuses EINVAL only once its tap
-            // is gone: said as the reads and writes say it (`is_gone`).
-            if e.raw_os_error() == Some(libc::EINVAL) {
+            // A multi-queue tap's queue refuses EINVAL once its tap is
+            // gone (or when already in the state asked for, which the
+            // `attached` flag rules out): with no interface of its name,
+            // said as the reads and writes say it (`is_gone`).
+            if e.raw_os_error() == Some(libc::EINVAL) && interface_index(&self.name) == 0 {
                 io::Error::from_raw_os_error(libc::EBADFD)
             } else {
                 e

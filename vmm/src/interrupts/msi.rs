@@ -148,10 +148,13 @@ impl MsiVector {
                     // first and signalled anew once attached (one delivery,
                     // which takes the count).
                     let pending = self.event.read().is_ok_and(|count| count > 0);
-                    router
-                        .vm
-                        .register_irqfd(&self.event, self.gsi)
-                        .map_err(|e| MsiError::Irqfd("attach", self.gsi, e))?;
+                    if let Err(e) = router.vm.register_irqfd(&self.event, self.gsi) {
+                        if pending {
+                            // Still pending, for the next attach.
+                            let _ = self.event.write(1);
+                        }
+                        return Err(MsiError::Irqfd("attach", self.gsi, e));
+                    }
                     self.attached = true;
                     if pending {
                         self.event.write(1).map_err(MsiError::EventFd)?;

@@ -301,7 +301,9 @@ impl VhostUserDevice {
         let budget = Budget::new(deadline::HANDSHAKE_LIMIT);
         let failed = |source: ExchangeError| {
             let path = path.clone();
-            if source.timed_out() && budget.spent() {
+            // Once the budget is spent, the next step's limit is 0: the
+            // socket may be shut before the step notices its own deadline.
+            if budget.spent() {
                 FrontendError::SlowHandshake {
                     path,
                     limit: budget.total(),

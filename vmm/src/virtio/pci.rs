@@ -41,6 +41,8 @@ const MSIX_REGION_LEN: u64 = 0x1000;
 
 const VIRTIO_VENDOR: u16 = 0x1af4;
 const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
+/// The subsystem device ID of every device (see `VirtioPciDevice::new`).
+const SUBSYSTEM_ID: u16 = 0x1100;
 const CAP_VENDOR: u8 = 0x09;
 const CFG_COMMON: u8 = 1;
 const CFG_NOTIFY: u8 = 2;
@@ -185,9 +187,14 @@ impl VirtioPciDevice {
         };
         // VIRTIO 1.x 4.1.2.1: a device that is not transitional has a
         // subsystem device ID of 0x40 or more, which keeps legacy drivers
-        // (that match on the type there) off it.
-        let device_id = VIRTIO_PCI_DEVICE_BASE + device_type;
-        let mut config = PciConfiguration::new(VIRTIO_VENDOR, device_id, class, device_id);
+        // (that match on the type there) off it. 0x1100 is QEMU's, which
+        // drivers such as virtio-win's list.
+        let mut config = PciConfiguration::new(
+            VIRTIO_VENDOR,
+            VIRTIO_PCI_DEVICE_BASE + device_type,
+            class,
+            SUBSYSTEM_ID,
+        );
         config.add_bar64(0, bar_addr, BAR_SIZE)?;
         config.add_capability(&virtio_cap(CFG_COMMON, COMMON_OFFSET, COMMON_LEN, None))?;
         config.add_capability(&virtio_cap(
@@ -902,7 +909,8 @@ mod tests {
     }
 
     /// Modern IDs only: device 0x1040 + type, and a subsystem device ID of
-    /// 0x40 or more (a legacy driver matching the type there stays away).
+    /// 0x40 or more (a legacy driver matching the type there stays away):
+    /// QEMU's 1af4:1100.
     #[test]
     fn ids_are_those_of_a_modern_only_device() {
         let (mut dev, _) = mock_transport();
@@ -910,8 +918,8 @@ mod tests {
         assert_eq!(ids & 0xffff, u32::from(VIRTIO_VENDOR));
         let device = ids >> 16;
         assert_eq!(device, 0x1040 + u32::from(dev.device.device_type()));
-        let subsystem = dev.config_read(11) >> 16;
-        assert!(subsystem >= 0x40, "subsystem device ID {subsystem:#x}");
+        let subsystem = dev.config_read(11);
+        assert_eq!(subsystem, 0x1100 << 16 | u32::from(VIRTIO_VENDOR));
         assert_eq!(dev.config_read(2) & 0xff, 1, "revision");
     }
 
