@@ -726,13 +726,18 @@ fn a_frontend_connecting_while_a_multi_queue_tap_is_gone_gets_it_back() {
     assert_eq!(wait_for_tap_queues(&ns, &tap, 2), 2);
     let host_mac = resolve_host(&mut client, 0);
     ping(&mut client, 0, host_mac, 3, &payload(64));
-    let before = ns.tap_stat(&tap, "rx_packets");
+    assert_a_burst_on_pair_1_reaches(&ns, &tap, &mut client);
+    backend.assert_alive();
+}
+
+/// Eight frames sent on pair 1 reach the host through `tap`.
+fn assert_a_burst_on_pair_1_reaches(ns: &Netns, tap: &str, client: &mut NetClient) {
+    let before = ns.tap_stat(tap, "rx_packets");
     client
         .send_burst(1, &numbered_frames(8))
         .expect("send on pair 1");
-    let after = ns.tap_stat(&tap, "rx_packets");
+    let after = ns.tap_stat(tap, "rx_packets");
     assert!(after >= before + 8, "rx_packets {before} -> {after}");
-    backend.assert_alive();
 }
 
 /// A pair the frontend disables while the tap is gone stays off the tap
@@ -763,12 +768,7 @@ fn a_pair_disabled_while_the_tap_is_gone_attaches_once_enabled_again() {
         "the pair enabled again never attached:\n{log}"
     );
     assert_eq!(wait_for_tap_queues(&ns, &tap, 2), 2);
-    let before = ns.tap_stat(&tap, "rx_packets");
-    client
-        .send_burst(1, &numbered_frames(8))
-        .expect("send on pair 1");
-    let after = ns.tap_stat(&tap, "rx_packets");
-    assert!(after >= before + 8, "rx_packets {before} -> {after}");
+    assert_a_burst_on_pair_1_reaches(&ns, &tap, &mut client);
     backend.assert_alive();
 }
 
