@@ -44,6 +44,20 @@ pub fn read_pattern_area(path: &Path) -> Vec<u8> {
     image[start..start + 4096].to_vec()
 }
 
+/// Zeroes the 4 KiB at PATTERN_SECTOR of an image file, so that a guest
+/// that writes its pattern again shows its write reached the image (and
+/// not an earlier guest's). The backend may have the image open: its
+/// reads and writes go through the same page cache.
+pub fn clear_pattern_area(path: &Path) {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image");
+    file.write_all_at(&[0u8; 4096], PATTERN_SECTOR * 512)
+        .expect("clear the pattern area");
+    file.sync_data().expect("sync image");
+}
+
 /// Waits for the guest's report on the disk at `bdf` (found `index`-th)
 /// and checks it; returns the `blk ... capacity` line.
 pub fn expect_disk(vm: &RunningVm, bdf: &str, index: u8, ro: bool) -> String {
@@ -144,7 +158,8 @@ pub fn two_disks_one_mq_one_read_only(
     start: impl Fn(&Path, &Path, u32, bool) -> crate::backend::Backend,
 ) {
     crate::require_kvm();
-    let dir = tempfile_dir();
+    let tmp = test_dir();
+    let dir = tmp.path();
     let rw = dir.join("rw.img");
     let ro = dir.join("ro.img");
     make_image(&rw, 0);
@@ -173,20 +188,17 @@ pub fn two_disks_one_mq_one_read_only(
         ro_before,
         "read-only image changed"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A fresh directory under target/ for one test's images and sockets.
-fn tempfile_dir() -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let dir = crate::repo_root().join("target/test-tmp").join(format!(
-        "blk-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("create test dir");
-    dir
+/// A fresh directory under target/ for one test's images and sockets,
+/// removed when dropped, whether the test passed or not.
+fn test_dir() -> tempfile::TempDir {
+    let parent = crate::repo_root().join("target/test-tmp");
+    std::fs::create_dir_all(&parent).expect("create target/test-tmp");
+    tempfile::Builder::new()
+        .prefix("blk-")
+        .tempdir_in(&parent)
+        .expect("create test dir")
 }
 
 /// A loop block device over a file, detached on drop.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 pub struct RawQmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
-    /// Events seen so far (whole lines).
+    /// Events read past and not taken by `wait_event` yet (whole lines).
     pub events: Vec<String>,
 }
 
@@ -80,18 +80,19 @@ impl RawQmp {
         }
     }
 
-    /// Waits for an event line containing `name`.
+    /// Waits for the next event called `name` and takes it: the oldest one
+    /// read past and not taken yet, else the next to come. Each event is
+    /// returned once, so waiting twice needs two events.
     pub fn wait_event(&mut self, name: &str) -> String {
         let pattern = format!("\"event\":\"{name}\"");
-        if let Some(e) = self.events.iter().find(|e| e.contains(&pattern)) {
-            return e.clone();
+        if let Some(at) = self.events.iter().position(|e| e.contains(&pattern)) {
+            return self.events.remove(at);
         }
         loop {
             let line = self
                 .read_line()
                 .unwrap_or_else(|| panic!("closed before the {name} event"));
             if line.contains(&pattern) {
-                self.events.push(line.clone());
                 return line;
             }
             self.events.push(line);

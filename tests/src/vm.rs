@@ -236,9 +236,19 @@ impl RunningVm {
 }
 
 impl Drop for RunningVm {
+    /// A test that ends early (it failed) leaves nothing behind: SIGTERM
+    /// first, so that a launcher script's exit trap stops what it started
+    /// (testpmd, OVS, namespaces), then SIGKILL after a while.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
+            self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Ok(None) = self.child.try_wait() {
+                let _ = self.child.kill();
+            }
         }
         let _ = self.child.wait();
     }

@@ -328,7 +328,10 @@ fn a_client_that_stops_reading_holds_up_nothing() {
 #[test]
 fn system_reset_reboots_with_the_same_disk_backend() {
     use vmm_tests::backend::Backend;
-    use vmm_tests::blk::{expect_disk, make_image};
+    use vmm_tests::blk::{
+        clear_pattern_area, expect_disk, guest_pattern, hex, make_image, read_pattern_area,
+        sector0_marker,
+    };
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("disk.img");
@@ -368,6 +371,8 @@ fn system_reset_reboots_with_the_same_disk_backend() {
     }
     let version = qmp.request(r#"{"execute": "query-version"}"#);
     assert!(version.contains(r#""package":"vmm "#), "{version}");
+    // What the first boot wrote goes, so the second boot's write must land.
+    clear_pattern_area(&image);
     assert_eq!(
         qmp.request(r#"{"execute": "system_reset"}"#),
         r#"{"return":{}}"#
@@ -378,17 +383,21 @@ fn system_reset_reboots_with_the_same_disk_backend() {
         "{reset}"
     );
     // The guest boots again and its disk checks pass again, on the same
-    // backend process and connection.
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while vm.console.text().matches("write-read ok").count() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no second disk check after the reset:\n{}\n{}",
-            vm.console.text(),
-            vm.stderr.text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    // backend process and connection: it reads the image's sector 0 into
+    // a buffer it poisoned first, writes its pattern, and reads it back.
+    let bdf = "testguest: blk 00:01.0";
+    let sector0 = format!("{bdf} sector0 {}", hex(&sector0_marker(0)));
+    for line in [sector0.as_str(), &format!("{bdf} write-read ok")] {
+        if let Err(e) = vm.console.wait_for_nth(line, 2, TIMEOUT) {
+            panic!("after the reset: {e}\n{}", vm.stderr.text());
+        }
     }
+    let irqs = vm
+        .console
+        .wait_for_nth(&format!("{bdf} irqs "), 2, TIMEOUT)
+        .expect("the rebooted guest's interrupt count");
+    assert!(!irqs.ends_with(" irqs 0"), "{irqs}");
+    assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
     assert_eq!(vm.console.text().matches("testguest: hello").count(), 2);
     assert!(
         backend.child.try_wait().expect("try_wait").is_none(),
@@ -397,7 +406,9 @@ fn system_reset_reboots_with_the_same_disk_backend() {
     // The one vCPU, on the thread the reboot started, not its predecessor.
     let cpus = qmp.request(r#"{"execute": "query-cpus-fast"}"#);
     assert_eq!(cpus.matches(r#""cpu-index""#).count(), 1, "{cpus}");
-    vm.expect_line("testguest: count 2", TIMEOUT);
+    vm.console
+        .wait_for_nth("testguest: count 2", 2, TIMEOUT)
+        .expect("the rebooted guest counts");
     qmp.request(r#"{"execute": "system_powerdown"}"#);
     let shutdown = qmp.wait_event("SHUTDOWN");
     assert!(

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use vmm_tests::backend::{vhost_blk_bin, Backend};
 use vmm_tests::blk::{
-    assert_kicks_bypassed_the_vmm, expect_disk, finish, grow_while_the_guest_watches,
-    guest_pattern, make_image, read_pattern_area, two_disks_one_mq_one_read_only, IMAGE_SIZE,
+    assert_kicks_bypassed_the_vmm, clear_pattern_area, expect_disk, finish,
+    grow_while_the_guest_watches, guest_pattern, make_image, read_pattern_area,
+    two_disks_one_mq_one_read_only, IMAGE_SIZE,
 };
 use vmm_tests::pty::Pty;
 use vmm_tests::qmp::RawQmp;
@@ -31,8 +32,10 @@ fn guest_reads_and_writes_through_vhost_blk_and_the_next_vm_too() {
     let socket = dir.path().join("disk0.sock");
     let _backend = Backend::vhost_blk(&socket, &image, &["--serial", "serial-disk0"]);
 
-    // Two VMs in a row on the same backend: it serves the next frontend.
+    // Two VMs in a row on the same backend: it serves the next frontend,
+    // and the second's writes land too (the first's are cleared first).
     for _ in 0..2 {
+        clear_pattern_area(&image);
         let vm = VmBuilder::new(test_guest())
             .arg("--disk")
             .arg(format!("socket={}", socket.display()))
@@ -238,7 +241,13 @@ fn a_backend_that_stops_answering_is_cut_off_and_taken_back() {
     assert!(qmp
         .request(r#"{"execute": "query-status"}"#)
         .contains("\"running\""));
+    // The guest the first reset started is done with its disk before the
+    // pattern it wrote is cleared.
+    if let Err(e) = vm.console.wait_for_nth("testguest: echo ready", 2, timeout) {
+        panic!("{e}\nvmm stderr:\n{}", vm.stderr.text());
+    }
     let seen = vm.console.count(ok);
+    clear_pattern_area(&image);
     assert_eq!(
         qmp.request(r#"{"execute": "system_reset"}"#),
         r#"{"return":{}}"#

@@ -124,7 +124,9 @@ fn run(start_info: u64) -> Result<(), Fail> {
                 // Where nothing else is in the window the ACPI tables give.
                 let to = MOVED_BARS + u64::from(f.slot) * 0x1_0000;
                 f.move_bar64(0, to);
-                say!("pci 00:{:02x}.{} bar0 moved to {to:#x}", f.slot, f.function);
+                // Where the BAR reads back, not where it was asked to go.
+                let at = f.bar_address(0);
+                say!("pci 00:{:02x}.{} bar0 moved to {at:#x}", f.slot, f.function);
             }
             if vendor == VIRTIO_VENDOR && device == VIRTIO_BLK_MODERN && !has_word(b"noblk") {
                 if result.is_ok() {

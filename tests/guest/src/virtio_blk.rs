@@ -13,8 +13,8 @@ use crate::irq;
 use crate::pcicfg::Function;
 use crate::serial::{say, Bytes};
 use crate::virtio_pci::{
-    locate, rd, wr, DESC_NEXT, DESC_WRITE, F_VERSION_1, STATUS_ACK, STATUS_DRIVER,
-    STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    locate, rd, wr, DESC_NEXT, DESC_WRITE, STATUS_ACK, STATUS_DRIVER, STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
 };
 use crate::Fail;
 
@@ -36,8 +36,8 @@ const QUEUE_SIZE: u16 = 8;
 const SCRATCH_BASE: u64 = 0x40_0000;
 const SCRATCH_PER_DISK: u64 = 0x4000;
 const PATTERN_SECTOR: u64 = 8;
-/// Polls of the used ring before a request counts as lost.
-const POLL_LIMIT: u32 = 5_000_000;
+/// How long a request may take before it counts as lost.
+const REQUEST_TIMEOUT: u64 = 10 * SECOND;
 /// How long a resize is waited for (the test acts on a line of output).
 const RESIZE_TIMEOUT: u64 = 60 * SECOND;
 
@@ -75,7 +75,8 @@ impl Queue {
         wr(self.avail + 2, self.avail_idx);
         fence(Ordering::SeqCst);
         wr(self.notify_addr, 0u16);
-        for _ in 0..POLL_LIMIT {
+        let deadline = Deadline::after(REQUEST_TIMEOUT);
+        while !deadline.passed() {
             let used_idx: u16 = rd(self.used + 2);
             if used_idx != self.last_used {
                 self.last_used = used_idx;
@@ -157,6 +158,7 @@ fn watch_resize(
         bdf.1
     );
     let buf = scratch + 0x2000;
+    poison(buf, 512);
     let last = capacity
         .checked_sub(1)
         .ok_or(Fail::new("virtio-blk resized to nothing"))?;
@@ -175,6 +177,13 @@ fn hex_of(addr: u64, hex: &mut [u8; 32]) {
         let b: u8 = rd(addr + i);
         hex[2 * i as usize] = b"0123456789abcdef"[usize::from(b >> 4)];
         hex[2 * i as usize + 1] = b"0123456789abcdef"[usize::from(b & 0xf)];
+    }
+}
+
+/// Fills `len` bytes at `addr` with a byte no image here starts with.
+fn poison(addr: u64, len: u64) {
+    for i in 0..len {
+        wr(addr + i, 0xeeu8);
     }
 }
 
@@ -199,27 +208,7 @@ pub fn test_disk(f: Function, index: u8, extra: Extra) -> Result<(), Fail> {
     f.enable();
     let dev = locate(f)?;
     let c = dev.common;
-    // Reset, then ACKNOWLEDGE and DRIVER.
-    wr(c + 0x14, 0u8);
-    while rd::<u8>(c + 0x14) != 0 {}
-    wr(c + 0x14, STATUS_ACK);
-    wr(c + 0x14, STATUS_ACK | STATUS_DRIVER);
-    wr(c, 0u32);
-    let mut offered = u64::from(rd::<u32>(c + 4));
-    wr(c, 1u32);
-    offered |= u64::from(rd::<u32>(c + 4)) << 32;
-    if offered & F_VERSION_1 == 0 {
-        return Err(Fail::new("virtio-blk device without VERSION_1"));
-    }
-    let wanted = offered & (F_VERSION_1 | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_MQ);
-    wr(c + 0x08, 0u32);
-    wr(c + 0x0c, wanted as u32);
-    wr(c + 0x08, 1u32);
-    wr(c + 0x0c, (wanted >> 32) as u32);
-    wr(c + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
-    if rd::<u8>(c + 0x14) & STATUS_FEATURES_OK == 0 {
-        return Err(Fail::new("virtio-blk device refused FEATURES_OK"));
-    }
+    let wanted = dev.negotiate(F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_MQ)?;
 
     // Queue 0 in this disk's scratch page.
     let scratch = SCRATCH_BASE + SCRATCH_PER_DISK * u64::from(index);
@@ -299,6 +288,9 @@ pub fn test_disk(f: Function, index: u8, extra: Extra) -> Result<(), Fail> {
         Bytes(serial_text)
     );
 
+    // Whatever an earlier boot left in guest RAM must not pass for data
+    // the device read.
+    poison(buf, 512);
     if request(&mut q, scratch, T_IN, 0, Some((buf, 512, true)))? != S_OK {
         return Err(Fail::new("virtio-blk read of sector 0 failed"));
     }
@@ -333,6 +325,10 @@ pub fn test_disk(f: Function, index: u8, extra: Extra) -> Result<(), Fail> {
         }
         if wanted & F_FLUSH != 0 && request(&mut q, scratch, T_FLUSH, 0, None)? != S_OK {
             return Err(Fail::new("virtio-blk flush failed"));
+        }
+        // Not the pattern: a read that moves no data cannot match.
+        for i in 0..4096u64 {
+            wr(readback + i, !pattern_byte(i, index));
         }
         if request(
             &mut q,

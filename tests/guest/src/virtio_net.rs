@@ -18,9 +18,21 @@ use core::sync::atomic::{fence, Ordering};
 use crate::clock::{Deadline, SECOND};
 use crate::irq;
 use crate::pcicfg::Function;
-use crate::serial::say;
+use crate::serial::{say, Bytes};
 use crate::virtio_pci::{locate, rd, wr, Device, DESC_NEXT, DESC_WRITE};
 use crate::Fail;
+
+/// A value the device reported, or "-" for one it did not.
+struct OrDash(Option<u16>);
+
+impl fmt::Display for OrDash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(v) => write!(f, "{v}"),
+            None => f.write_str("-"),
+        }
+    }
+}
 
 const F_MTU: u64 = 1 << 3;
 const F_MAC: u64 = 1 << 5;
@@ -425,17 +437,18 @@ pub fn test_nic(f: Function, index: u8, cmdline: &[u8]) -> Result<(), Fail> {
     } else {
         mac = [0x52, 0x54, 0x00, 0x7e, 0x57, index];
     }
-    let link_up = features & F_STATUS == 0 || rd::<u16>(cfg + 6) & 1 != 0;
+    // What the device reports, or "-" where it reports nothing.
+    let link: &[u8] = match features & F_STATUS != 0 {
+        false => b"-",
+        true if rd::<u16>(cfg + 6) & 1 != 0 => b"up",
+        true => b"down",
+    };
     let max_pairs = if features & F_MQ != 0 {
         rd::<u16>(cfg + 8)
     } else {
         1
     };
-    let mtu = if features & F_MTU != 0 {
-        rd::<u16>(cfg + 10)
-    } else {
-        1500
-    };
+    let mtu = (features & F_MTU != 0).then(|| rd::<u16>(cfg + 10));
     if max_pairs == 0 {
         return Err(Fail::new("virtio-net reports 0 queue pairs"));
     }
@@ -495,11 +508,12 @@ pub fn test_nic(f: Function, index: u8, cmdline: &[u8]) -> Result<(), Fail> {
         q.kick();
     }
     say!(
-        "net 00:{:02x}.{} mac {} link {} pairs {max_pairs} mtu {mtu}",
+        "net 00:{:02x}.{} mac {} link {} pairs {max_pairs} mtu {}",
         f.slot,
         f.function,
         Mac(mac),
-        if link_up { "up" } else { "down" }
+        Bytes(link),
+        OrDash(mtu)
     );
 
     if let Some(ctrl) = ctrl.as_mut() {
@@ -511,16 +525,22 @@ pub fn test_nic(f: Function, index: u8, cmdline: &[u8]) -> Result<(), Fail> {
             wr(buf + 0x10, 0xffu8);
             ctrl.submit_and_wait(&[(buf, 2, false), (buf + 2, 2, false), (buf + 0x10, 1, true)])?;
             let ack: u8 = rd(buf + 0x10);
-            if ack == 0 {
-                say!("net mq pairs {pairs} set ok");
-            } else {
-                say!("net mq pairs {pairs} set failed (ack {ack})");
+            if ack != 0 {
+                return Err(Fail::new("virtio-net refused VQ_PAIRS_SET"));
             }
+            say!("net mq pairs {pairs} set ok");
         }
     }
 
     let result = match mode {
-        Mode::Report if has_word(cmdline, b"linkwatch") => watch_link(&nic, f),
+        Mode::Report if has_word(cmdline, b"linkwatch") => {
+            if features & F_STATUS == 0 {
+                return Err(Fail::new(
+                    "virtio-net link watch without VIRTIO_NET_F_STATUS",
+                ));
+            }
+            watch_link(&nic, f)
+        }
         Mode::Report => Ok(()),
         Mode::Ping(ip, target) => ping(&mut nic, ip, target),
         Mode::Respond(ip, count) => respond(&mut nic, ip, count),

@@ -4,6 +4,7 @@
 //! virtio structures in the BARs, register access, feature negotiation and
 //! queue setup.
 
+use crate::clock::{Deadline, SECOND};
 use crate::pcicfg::Function;
 use crate::Fail;
 
@@ -23,8 +24,9 @@ pub const F_VERSION_1: u64 = 1 << 32;
 pub const DESC_NEXT: u16 = 1;
 pub const DESC_WRITE: u16 = 2;
 
-/// Reads of the status register before a reset counts as stuck.
-const RESET_POLLS: u32 = 1_000_000;
+/// How long a reset may take (a vhost-user device stops its backend's
+/// rings first) before it counts as stuck.
+const RESET_TIMEOUT: u64 = 30 * SECOND;
 
 pub fn rd<T: Copy>(addr: u64) -> T {
     // SAFETY: callers pass device registers from the BARs or scratch RAM,
@@ -101,8 +103,11 @@ impl Device {
     pub fn negotiate(&self, supported: u64) -> Result<u64, Fail> {
         let c = self.common;
         wr(c + 0x14, 0u8);
-        if !(0..RESET_POLLS).any(|_| rd::<u8>(c + 0x14) == 0) {
-            return Err(Fail::new("virtio device did not reset"));
+        let deadline = Deadline::after(RESET_TIMEOUT);
+        while rd::<u8>(c + 0x14) != 0 {
+            if deadline.passed() {
+                return Err(Fail::new("virtio device did not reset"));
+            }
         }
         wr(c + 0x14, STATUS_ACK);
         wr(c + 0x14, STATUS_ACK | STATUS_DRIVER);
