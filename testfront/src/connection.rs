@@ -74,6 +74,8 @@ pub enum ConnectionError {
     NoAnswer(Duration),
     #[error("cannot duplicate the socket")]
     Dup(#[source] std::io::Error),
+    #[error("cannot start the thread that limits a request's wait")]
+    Watch(#[source] std::io::Error),
     #[error("{0} bytes of guest memory are not enough")]
     OutOfMemory(u64),
     #[error("the new backend settled features {now:#x}, the one before {before:#x}")]
@@ -106,14 +108,14 @@ impl ConnectionError {
 }
 
 /// Shuts a connection down if it is still armed after `limit`.
-struct Watch {
+pub(crate) struct Watch {
     cancel: mpsc::Sender<()>,
     fired: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl Watch {
-    fn arm(stream: UnixStream, limit: Duration) -> std::io::Result<Self> {
+    pub(crate) fn arm(stream: UnixStream, limit: Duration) -> std::io::Result<Self> {
         let (cancel, cancelled) = mpsc::channel::<()>();
         let fired = Arc::new(AtomicBool::new(false));
         let flag = fired.clone();
@@ -133,7 +135,7 @@ impl Watch {
     }
 
     /// Stops watching; true if the connection was shut down meanwhile.
-    fn disarm(self) -> bool {
+    pub(crate) fn disarm(self) -> bool {
         drop(self.cancel);
         let _ = self.thread.join();
         self.fired.load(Ordering::Acquire)
@@ -458,7 +460,23 @@ impl Connection {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(ConnectionError::Missing("the CONFIG protocol feature"));
         }
-        read_config(&mut self.frontend, len)
+        self.exchange(|frontend| read_config(frontend, len))
+    }
+
+    /// Runs requests on the connection with REQUEST_TIMEOUT for them all:
+    /// a backend that stops answering is an error (its connection is shut
+    /// down), not a test that hangs.
+    pub fn exchange<T>(
+        &mut self,
+        requests: impl FnOnce(&mut Frontend) -> Result<T, ConnectionError>,
+    ) -> Result<T, ConnectionError> {
+        let socket = UnixStream::from(Self::peer(&self.frontend)?);
+        let watch = Watch::arm(socket, REQUEST_TIMEOUT).map_err(ConnectionError::Watch)?;
+        let result = requests(&mut self.frontend);
+        if watch.disarm() {
+            return Err(ConnectionError::NoAnswer(REQUEST_TIMEOUT));
+        }
+        result
     }
 
     /// Waits up to `timeout` for the backend to say its configuration

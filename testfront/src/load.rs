@@ -226,6 +226,8 @@ struct Worker {
 }
 
 struct WorkerResult {
+    /// When its last request completed (or it stopped, if none was left).
+    finished: Instant,
     reads: Vec<u64>,
     writes: Vec<u64>,
     bytes: u64,
@@ -248,6 +250,9 @@ impl Worker {
         let mut bytes = 0u64;
         let mut failed = 0u64;
         let mut done: Vec<Done> = Vec::with_capacity(self.pipeline.depth());
+        // A backend that signals without completing anything is as stuck
+        // as one that never signals.
+        let mut last_completion = Instant::now();
         loop {
             let running =
                 submitted < limit && Instant::now() < deadline && !stop.load(Ordering::Relaxed);
@@ -284,11 +289,16 @@ impl Worker {
                 bytes += u64::from(len);
             }
             done_ops.fetch_add(done.len() as u64, Ordering::Relaxed);
-            if done.is_empty() && !self.pipeline.wait(STALL_TIMEOUT).map_err(err)? {
+            if !done.is_empty() {
+                last_completion = Instant::now();
+            } else if last_completion.elapsed() >= STALL_TIMEOUT
+                || !self.pipeline.wait(STALL_TIMEOUT).map_err(err)?
+            {
                 return Err(LoadError::Stalled(queue, STALL_TIMEOUT));
             }
         }
         Ok(WorkerResult {
+            finished: Instant::now(),
             reads,
             writes,
             bytes,
@@ -398,17 +408,24 @@ pub fn run(
             })
         })
         .collect();
+    let mut next_progress = start;
     while !handles.iter().all(|h| h.is_finished()) {
-        std::thread::sleep(Duration::from_millis(200));
-        progress(done_ops.load(Ordering::Relaxed), start.elapsed());
+        std::thread::sleep(Duration::from_millis(10));
+        if Instant::now() >= next_progress + Duration::from_millis(200) {
+            next_progress = Instant::now();
+            progress(done_ops.load(Ordering::Relaxed), start.elapsed());
+        }
     }
-    let elapsed = start.elapsed();
+    // The run lasts until the last request completed, not until this
+    // thread next looked.
+    let mut finished = start;
     let mut report = Report::default();
     let mut failed = 0;
     let mut first_error = None;
     for (i, handle) in handles.into_iter().enumerate() {
         match handle.join() {
             Ok(Ok(r)) => {
+                finished = finished.max(r.finished);
                 report.read_latencies.extend(r.reads);
                 report.write_latencies.extend(r.writes);
                 report.bytes += r.bytes;
@@ -429,7 +446,7 @@ pub fn run(
     if failed > 0 {
         return Err(LoadError::Failed(failed));
     }
-    report.elapsed = elapsed;
+    report.elapsed = finished - start;
     report.read_latencies.sort_unstable();
     report.write_latencies.sort_unstable();
     report.latencies = [&report.read_latencies[..], &report.write_latencies[..]].concat();

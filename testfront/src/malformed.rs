@@ -163,8 +163,16 @@ pub fn ring_past_the_end_of_its_memory(socket: &Path, timeout: Duration) -> std:
         }
         Ok(())
     };
+    // A backend that stops answering midway ends the exchange, not the test.
+    let limit = crate::connection::Watch::arm(watch.try_clone()?, timeout)?;
     if let Err(e) = exchange(&mut frontend) {
         log::debug!("a ring past the end of its memory: {e}");
+    }
+    if limit.disarm() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the backend stopped answering within {timeout:?}"),
+        ));
     }
     let _ = kick.write(1);
     watch.set_read_timeout(Some(timeout))?;

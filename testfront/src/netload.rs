@@ -34,7 +34,12 @@ pub enum NetLoadError {
     FrameSize(usize),
     #[error("{0}")]
     Host(String),
+    #[error("the backend completed no frame for {0:?}")]
+    Stalled(Duration),
 }
+
+/// How long the backend may leave every frame offered to it in flight.
+const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 const DST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -155,6 +160,7 @@ fn run_tx(conn: &mut Connection, load: &NetLoad) -> Result<NetReport, NetLoadErr
     let mut in_flight = std::collections::HashMap::new();
     let mut completed = 0u64;
     let mut used: Vec<Used> = Vec::new();
+    let mut last_completion = Instant::now();
     let tx = 1;
     while Instant::now() < deadline {
         let mem = &conn.memory.mem;
@@ -190,13 +196,18 @@ fn run_tx(conn: &mut Connection, load: &NetLoad) -> Result<NetReport, NetLoadErr
                 completed += 1;
             }
         }
-        if used.is_empty() && added == 0 {
+        if !used.is_empty() {
+            last_completion = Instant::now();
+        } else if added == 0 {
+            if last_completion.elapsed() >= STALL_TIMEOUT {
+                return Err(NetLoadError::Stalled(STALL_TIMEOUT));
+            }
             vq.wait(Duration::from_millis(1))?;
         }
     }
+    let seconds = start.elapsed().as_secs_f64();
     // Frames still in the backend or the tap's queue arrive shortly.
     std::thread::sleep(Duration::from_millis(100));
-    let seconds = start.elapsed().as_secs_f64() - 0.1;
     let after = iface_counter(&load.iface, "rx_packets")?;
     Ok(NetReport {
         frames: after.saturating_sub(before),
@@ -280,11 +291,16 @@ fn run_rx(conn: &mut Connection, load: &NetLoad) -> Result<NetReport, NetLoadErr
             let Some(addr) = posted.remove(&u.head) else {
                 continue;
             };
+            // A frame of ours, whole: the right length and EtherType. The
+            // EtherType is cleared before the buffer goes back, so a
+            // buffer returned empty next time does not count again.
             let mut ethertype = [0u8; 2];
             let at = GuestAddress(addr + HDR_LEN as u64 + 12);
-            if mem.read_slice(&mut ethertype, at).is_ok() && ethertype == ETHERTYPE {
+            let whole = usize::try_from(u.len).ok() == Some(HDR_LEN + load.frame_size);
+            if whole && mem.read_slice(&mut ethertype, at).is_ok() && ethertype == ETHERTYPE {
                 frames += 1;
             }
+            let _ = mem.write_slice(&[0u8; 2], at);
             match vq.add(
                 mem,
                 &[Buf {
@@ -311,7 +327,12 @@ fn run_rx(conn: &mut Connection, load: &NetLoad) -> Result<NetReport, NetLoadErr
             }
         }
         if used.is_empty() {
-            let _ = vq.wait(Duration::from_millis(1));
+            // A backend that hung up ends the run with an error, not a
+            // low figure.
+            if let Err(e) = vq.wait(Duration::from_millis(1)) {
+                result = Err(e.into());
+                break;
+            }
         }
     }
     let seconds = start.elapsed().as_secs_f64();
