@@ -107,6 +107,37 @@ fn stop_pauses_the_guest_and_cont_resumes_it() {
     assert!(!socket.exists(), "the API socket is removed at exit");
 }
 
+/// A `stop` right behind a `system_reset` (so it lands while the VM
+/// reboots, or just after) pauses the rebooted guest: it is reported
+/// paused, not shut down, and runs again only on `cont`.
+#[test]
+fn a_stop_during_a_reset_holds_the_rebooted_guest() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("qmp.sock");
+    let mut vm = counting_vm(&socket);
+    vm.expect_line("testguest: count 2", TIMEOUT);
+    let (mut qmp, _) = RawQmp::connect(&socket);
+    qmp.negotiate();
+    qmp.send_raw(b"{\"execute\": \"system_reset\"}\n{\"execute\": \"stop\"}\n");
+    assert_eq!(qmp.reply(), r#"{"return":{}}"#, "system_reset");
+    assert_eq!(qmp.reply(), r#"{"return":{}}"#, "stop");
+    qmp.wait_event("STOP");
+    let status = qmp.request(r#"{"execute": "query-status"}"#);
+    assert!(status.contains(r#""status":"paused""#), "{status}");
+    qmp.wait_event("RESET");
+    let held = vm.console.text();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(vm.console.text(), held, "the guest ran while paused");
+    assert_eq!(qmp.request(r#"{"execute": "cont"}"#), r#"{"return":{}}"#);
+    qmp.wait_event("RESUME");
+    vm.console
+        .wait_for_nth("testguest: count 2", 2, TIMEOUT)
+        .expect("the rebooted guest runs after cont");
+    assert_eq!(qmp.request(r#"{"execute": "quit"}"#), r#"{"return":{}}"#);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+}
+
 #[test]
 fn bad_input_gets_errors_and_the_vm_keeps_running() {
     require_kvm();

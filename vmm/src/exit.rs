@@ -30,7 +30,7 @@ pub enum VmExit {
 }
 
 impl VmExit {
-    fn is_reset(self) -> bool {
+    pub fn is_reset(self) -> bool {
         matches!(self, VmExit::Reset | VmExit::ResetRequested)
     }
 

@@ -98,6 +98,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         }
         devices::serial::spawn_stdin_forwarder(vm.serial.clone(), vm.exit.clone(), tty)?;
     }
+    let stop_timeout = STOP_GRACE + vhost_user::deadline::longest_run(config.memory_bytes);
     let sink = std::sync::Arc::new(api::server::EventSink::default());
     let control = std::sync::Arc::new(api::VmApi {
         run: vm.run.clone(),
@@ -106,10 +107,11 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         sink: sink.clone(),
         name: config.name.clone(),
         devices: vm.devices.iter().map(|d| d.status.clone()).collect(),
+        no_reboot: config.no_reboot,
+        pause_timeout: stop_timeout,
     });
     control.watch_devices();
     let _api = api.serve(control, sink.clone())?;
-    let stop_timeout = STOP_GRACE + vhost_user::deadline::longest_run(config.memory_bytes);
     let mut threads = vm.start()?;
     let reason = loop {
         let reason = signals.wait_for_exit(&vm.exit)?;
@@ -123,12 +125,24 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         }
         // Reboot in place: the same process, memory and backends; never
         // with a vCPU missing or one still running the old guest.
-        let vcpus = vm
+        let rebooted = vm
             .stop_vcpus(threads, stop_timeout)
-            .map_err(|e| format!("cannot reboot: {e}"))?;
-        vm.reboot(vcpus)?;
-        sink.emit("RESET", Some(api::reset_data(guest)));
-        threads = vm.start()?;
+            .map_err(|e| e.to_string())
+            .and_then(|vcpus| vm.reboot(vcpus).map_err(|e| e.to_string()))
+            .and_then(|()| {
+                sink.emit("RESET", Some(api::reset_data(guest)));
+                vm.start().map_err(|e| e.to_string())
+            });
+        match rebooted {
+            Ok(started) => threads = started,
+            Err(e) => {
+                // The VM ends here: QMP clients hear it as they would any
+                // other end.
+                sink.emit("SHUTDOWN", Some(api::shutdown_data(reason)));
+                sink.flush(Duration::from_secs(1));
+                return Err(format!("cannot reboot: {e}").into());
+            }
+        }
     };
     sink.emit("SHUTDOWN", Some(api::shutdown_data(reason)));
     sink.flush(Duration::from_secs(1));

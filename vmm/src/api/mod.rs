@@ -22,9 +22,6 @@ use crate::vstate::run_control::RunControl;
 use commands::{CpuInfo, DeviceInfo, RunState, VmControl};
 use server::EventSink;
 
-/// How long `stop` waits for every vCPU to leave the guest.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-
 pub struct VmApi {
     pub run: Arc<RunControl>,
     pub ged: Arc<GedEvents>,
@@ -32,6 +29,11 @@ pub struct VmApi {
     pub sink: Arc<EventSink>,
     pub name: Option<String>,
     pub devices: Vec<Arc<DeviceStatus>>,
+    /// A reset ends the VM rather than rebooting it (`--no-reboot`).
+    pub no_reboot: bool,
+    /// How long `stop` waits for every vCPU to leave the guest: as long
+    /// as a vCPU may be held in an exit by a vhost-user backend.
+    pub pause_timeout: Duration,
 }
 
 impl VmApi {
@@ -55,7 +57,10 @@ impl VmApi {
 
 impl VmControl for VmApi {
     fn state(&self) -> RunState {
-        if self.exit.is_stopping() {
+        // A reset under way reboots in place: the VM runs on (as in QEMU,
+        // where a reset never shows as a shutdown), paused if it was.
+        let rebooting = !self.no_reboot && self.exit.reason().is_some_and(VmExit::is_reset);
+        if self.exit.is_stopping() && !rebooting {
             RunState::Shutdown
         } else if self.run.is_paused() {
             RunState::Paused
@@ -66,7 +71,7 @@ impl VmControl for VmApi {
 
     fn stop(&self) -> Result<(), String> {
         self.run
-            .pause(crate::vstate::vcpu::kick_signal(), PAUSE_TIMEOUT)
+            .pause(crate::vstate::vcpu::kick_signal(), self.pause_timeout)
             .map_err(|e| {
                 // Do not leave the VM half paused.
                 self.run.resume();

@@ -323,7 +323,12 @@ fn accept_loop(listeners: &[Listener], vm: &dyn VmControl, sink: &EventSink) {
             }
             match listener.accept() {
                 Ok(conn) => serve_client(conn, vm, sink),
-                Err(e) => log::warn!("QMP accept failed: {e}"),
+                Err(e) => {
+                    // Out of descriptors, say: the listener stays ready,
+                    // so a pause keeps this from spinning on it.
+                    log::warn!("QMP accept failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
             }
         }
     }

@@ -946,6 +946,8 @@ impl VhostUserDevice {
     /// Stops every ring the device started.
     pub fn stop_rings(&mut self) {
         self.activation = None;
+        // The next driver negotiates afresh: nothing is acked until then.
+        self.status.acked_features.store(0, Ordering::Relaxed);
         if self.broken.load(Ordering::Acquire) {
             self.active_queues.clear();
             return;

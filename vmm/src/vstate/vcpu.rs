@@ -193,7 +193,7 @@ impl Vcpu {
     }
 
     fn run(mut self, ctx: &VcpuContext) -> Vcpu {
-        ctx.run.register_tid(self.id);
+        ctx.run.register(self.id, &ctx.stop);
         // A device may have stopped the VM (power-off) during the last exit:
         // do not enter the guest again.
         while !ctx.stop.load(Ordering::Acquire) && !ctx.exit.is_stopping() {
@@ -209,6 +209,7 @@ impl Vcpu {
                 break;
             }
         }
+        ctx.run.unregister();
         self
     }
 
