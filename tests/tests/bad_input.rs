@@ -131,6 +131,11 @@ fn cpus_not_a_number() {
 }
 
 #[test]
+fn cmdline_with_init_arguments_only() {
+    rejected(&["--cmdline", " -- init=/bin/sh"], "init=/bin/sh");
+}
+
+#[test]
 fn serial_mode_unknown() {
     rejected(&["--serial", "bogus"], "bogus");
     rejected(&["--serial", "file="], "file=");
@@ -160,8 +165,27 @@ fn a_failed_start_leaves_the_serial_log_as_it_was() {
     );
     let new_log = dir.path().join("new.log");
     let serial = format!("file={}", new_log.display());
-    rejected(&["--serial", &serial, "--disk", &missing], "nobody.sock");
+    let tables = dir.path().join("acpi");
+    let dump = tables.to_str().expect("utf-8");
+    rejected(
+        &["--serial", &serial, "--dump-acpi", dump, "--disk", &missing],
+        "nobody.sock",
+    );
     assert!(!new_log.exists(), "a failed start left {new_log:?}");
+    assert!(!tables.exists(), "a failed start left {tables:?}");
+}
+
+/// A FIFO no one reads as the serial log is refused at once (not waited
+/// on for ever, with the stop signals blocked).
+#[test]
+fn a_serial_fifo_without_a_reader_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("console.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("no NUL");
+    // SAFETY: a NUL-terminated path; mkfifo reads nothing else.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    let serial = format!("file={}", fifo.display());
+    rejected(&["--serial", &serial], "console.fifo");
 }
 
 /// A kernel that cannot boot is refused before any backend is waited for

@@ -160,3 +160,54 @@ fn a_console_that_fails_is_reported_once() {
     assert_eq!(log.matches("console output failed").count(), 1, "{log}");
     assert!(log.contains("No space left on device"), "{log}");
 }
+
+/// `--serial file=` takes what is not a regular file too: a FIFO gets the
+/// guest's output (it is not truncated, which a FIFO refuses).
+#[test]
+fn the_serial_log_may_be_a_fifo() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::OpenOptionsExt;
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("console.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("no NUL");
+    // SAFETY: a NUL-terminated path; mkfifo reads nothing else.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    // Read and write: open at once, and a reader is there when the vmm
+    // opens its end.
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&fifo)
+        .expect("open the FIFO");
+    let lines = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in BufReader::new(reader).lines() {
+            let line = line.expect("read the FIFO");
+            let done = line.contains("testguest: poweroff");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    let mut cmd = std::process::Command::new(vmm_tests::vmm_bin());
+    cmd.arg("--kernel")
+        .arg(test_guest())
+        .args(["--cmdline", "nopci", "--serial"])
+        .arg(format!("file={}", fifo.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start the vmm");
+    let stderr = Output::capture(child.stderr.take().expect("piped stderr"));
+    let code = wait_or_kill(&mut child, TIMEOUT);
+    assert_eq!(code, Some(0), "stderr: {}", stderr.text());
+    let lines = lines.join().expect("the FIFO reader");
+    assert!(
+        lines.iter().any(|l| l.contains("testguest: hello")),
+        "{lines:?}"
+    );
+}

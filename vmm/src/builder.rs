@@ -3,7 +3,7 @@
 //! vCPUs. Nothing runs until `RunningVm::start`.
 
 use std::fs::File;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -58,7 +58,7 @@ pub enum BuildError {
     ConsoleOutput(#[source] std::io::Error),
     #[error("cannot connect the serial console interrupt to KVM")]
     SerialIrqfd(#[source] kvm_ioctls::Error),
-    #[error("--serial file={0:?}: cannot create the file")]
+    #[error("--serial file={0:?}: cannot open it for writing")]
     SerialFile(std::path::PathBuf, #[source] std::io::Error),
     #[error("cannot place a device on the I/O bus")]
     Bus(#[from] crate::bus::Overlap),
@@ -144,7 +144,25 @@ impl SerialLog {
         {
             Ok(file) => (file, true),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                (std::fs::OpenOptions::new().write(true).open(path)?, false)
+                // Not blocking on a FIFO with no reader (the open fails
+                // instead); the console then writes to it blocking.
+                use std::os::unix::fs::OpenOptionsExt;
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)?;
+                let fd = file.as_raw_fd();
+                // SAFETY: F_GETFL on a descriptor this function owns.
+                let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+                if flags < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: F_SETFL on the same descriptor, with its own flags.
+                let set = unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+                if set < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                (file, false)
             }
             Err(e) => return Err(e),
         };
@@ -158,10 +176,14 @@ impl SerialLog {
         Ok((log, sink))
     }
 
-    /// The VM is built: the log starts empty.
+    /// The VM is built: the log starts empty (a regular file; a terminal,
+    /// a pipe or /dev/null is written to as it is).
     fn keep(mut self) -> std::io::Result<()> {
         self.kept = true;
-        self.file.set_len(0)
+        if self.file.metadata()?.is_file() {
+            self.file.set_len(0)?;
+        }
+        Ok(())
     }
 }
 
@@ -186,9 +208,6 @@ pub fn build(
     // refused before any backend is contacted or file written.
     let tables = acpi::build_tables(config.cpus, config.memory_bytes)?;
     acpi::write_tables(&ram.memory, &tables)?;
-    if let Some(dir) = &config.dump_acpi {
-        dump_acpi(dir, &tables).map_err(|e| BuildError::DumpAcpi(dir.clone(), e))?;
-    }
     let boot_info = boot::load(
         &ram.memory,
         &config.kernel,
@@ -348,6 +367,10 @@ pub fn build(
         boot_info.entry
     );
 
+    // Files last: a start that fails writes none.
+    if let Some(dir) = &config.dump_acpi {
+        dump_acpi(dir, &tables).map_err(|e| BuildError::DumpAcpi(dir.clone(), e))?;
+    }
     if let Some(log) = serial_log {
         let path = log.path.clone();
         log.keep().map_err(|e| BuildError::SerialFile(path, e))?;
@@ -577,12 +600,6 @@ impl BuiltVm {
                 }
             }
         }
-        self.run.set_threads(
-            threads
-                .iter()
-                .map(std::os::unix::thread::JoinHandleExt::as_pthread_t)
-                .collect(),
-        );
         Ok(threads)
     }
 }

@@ -120,6 +120,8 @@ pub enum ConfigError {
     InitramfsNotFile(PathBuf),
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
+    #[error("--cmdline {0:?}: no kernel arguments before \"--\" (what follows it goes to init)")]
+    CmdlineInitOnly(String),
     #[error("--disk {value:?}: {why}")]
     Disk { value: String, why: String },
     #[error("--net {value:?}: {why}")]
@@ -148,6 +150,14 @@ impl VmConfig {
         let serial = parse_serial(&args.serial)?;
         if args.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
+        }
+        // linux-loader writes no command line whose kernel part is empty.
+        let init_only = match format!(" {}", args.cmdline).split_once(" -- ") {
+            Some((kernel, _init)) => kernel.trim().is_empty(),
+            None => false,
+        };
+        if init_only {
+            return Err(ConfigError::CmdlineInitOnly(args.cmdline));
         }
         match readable_file(&args.kernel) {
             Readable::File => {}
