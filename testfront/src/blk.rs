@@ -151,6 +151,7 @@ impl BlkClient {
             Options {
                 mem_size: DEFAULT_MEM,
                 num_queues,
+                queues_without_mq: 1,
                 queue_size,
                 device_features: BLK_FEATURES,
                 event_idx: true,

@@ -147,6 +147,9 @@ impl Watch {
 pub struct Options {
     pub mem_size: u64,
     pub num_queues: usize,
+    /// The queues the device has without the MQ protocol feature (a
+    /// disk's one, a NIC's pair).
+    pub queues_without_mq: usize,
     pub queue_size: u16,
     /// Device feature bits (below 24) the driver would like.
     pub device_features: u64,
@@ -166,7 +169,7 @@ pub struct Connection {
     /// What was acknowledged in SET_FEATURES.
     pub features: u64,
     pub protocol: VhostUserProtocolFeatures,
-    /// GET_QUEUE_NUM's answer (1 without MQ).
+    /// GET_QUEUE_NUM's answer (`queues_without_mq` without MQ).
     pub max_queues: u64,
     /// The config space read at connection (empty without CONFIG).
     pub config: Vec<u8>,
@@ -312,10 +315,10 @@ impl Connection {
         let features = offered & wanted;
         req("SET_FEATURES", frontend.set_features(features))?;
 
-        let mut max_queues = 1;
+        let mut max_queues = options.queues_without_mq as u64;
         if protocol.contains(VhostUserProtocolFeatures::MQ) {
             max_queues = req("GET_QUEUE_NUM", frontend.get_queue_num())?;
-        } else if options.num_queues > 1 {
+        } else if options.num_queues > options.queues_without_mq {
             return Err(ConnectionError::Missing("the MQ protocol feature"));
         }
         if max_queues < options.num_queues as u64 {
@@ -553,6 +556,7 @@ mod tests {
         let options = Options {
             mem_size: 1 << 20,
             num_queues: 1,
+            queues_without_mq: 1,
             queue_size: 8,
             device_features: 0,
             event_idx: false,

@@ -340,6 +340,7 @@ pub fn run(
     let options = Options {
         mem_size,
         num_queues: spec.queues,
+        queues_without_mq: 1,
         queue_size,
         device_features: BLK_FEATURES,
         event_idx: true,

@@ -152,6 +152,7 @@ impl NetClient {
             Options {
                 mem_size: options.mem_size,
                 num_queues: 2 * options.pairs,
+                queues_without_mq: 2,
                 queue_size: options.queue_size,
                 device_features: options.features,
                 event_idx: options.event_idx,

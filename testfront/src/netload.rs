@@ -119,6 +119,7 @@ pub fn run(socket: &Path, load: &NetLoad) -> Result<NetReport, NetLoadError> {
         Options {
             mem_size: 2 * slots * u64::from(RX_BUFFER) + (4 << 20),
             num_queues: 2,
+            queues_without_mq: 2,
             queue_size: load.queue_size,
             device_features: 0,
             event_idx: true,

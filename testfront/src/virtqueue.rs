@@ -241,11 +241,17 @@ impl VirtQueue {
         self.kick.write(1).map_err(RingError::Kick)
     }
 
-    /// The device's used index, as it stands in memory.
+    /// The device's used index, as it stands in memory. The fence before
+    /// orders it after this side's earlier writes (used_event); the one
+    /// after keeps the used entries and buffers it covers from being read
+    /// before it (acquire).
     pub fn used_idx(&self, mem: &Memory) -> Result<u16, RingError> {
         fence(Ordering::SeqCst);
-        mem.read_obj(GuestAddress(self.layout.used + 2))
-            .map_err(|_| RingError::Memory("the used ring"))
+        let idx = mem
+            .read_obj(GuestAddress(self.layout.used + 2))
+            .map_err(|_| RingError::Memory("the used ring"))?;
+        fence(Ordering::Acquire);
+        Ok(idx)
     }
 
     /// Collects completed chains into `out` and frees their descriptors.

@@ -114,6 +114,24 @@ pub fn icmp_echo_request(
 
 /// Whether `f` is an ICMP echo reply from `from` with this id, sequence
 /// number and payload, its checksums right.
+/// Whether `f` is (the start of) any echo reply from `from` with `id` and
+/// `seq`, whole or cut short, whatever it carries.
+pub fn is_echo_reply_numbered(f: &[u8], from: [u8; 4], id: u16, seq: u16) -> bool {
+    if f.len() < ETH_HLEN + 20 || f[12..14] != ETH_IPV4.to_be_bytes() {
+        return false;
+    }
+    let ip = &f[ETH_HLEN..];
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    let Some(icmp) = ip.get(ihl..ihl + 8) else {
+        return false;
+    };
+    ip[9] == 1
+        && ip[12..16] == from
+        && icmp[0] == 0
+        && icmp[4..6] == id.to_be_bytes()
+        && icmp[6..8] == seq.to_be_bytes()
+}
+
 pub fn is_echo_reply(f: &[u8], from: [u8; 4], id: u16, seq: u16, payload: &[u8]) -> bool {
     if f.len() < ETH_HLEN + 28 || f[12..14] != ETH_IPV4.to_be_bytes() {
         return false;
