@@ -236,7 +236,9 @@ pub fn build(
     };
     let (console_output, out) =
         serial::ConsoleOutput::spawn(out).map_err(BuildError::ConsoleOutput)?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
+    let serial = Arc::new(Mutex::new(
+        SerialConsole::new(serial_irq, out).map_err(BuildError::SerialIrq)?,
+    ));
 
     let pio = PioBus::default();
     pio.insert(
@@ -420,6 +422,10 @@ impl BuiltVm {
     /// guest again.
     pub fn reboot(&mut self, vcpus: Vec<Vcpu>) -> Result<(), BuildError> {
         crate::bus::lock(&self.pci_bus).reset_devices();
+        crate::bus::lock(&self.serial)
+            .reset()
+            .map_err(BuildError::SerialIrq)?;
+        self.ged.reset();
         self.platform.restore(&self.vm)?;
         acpi::write_tables(&self.ram.memory, &self.acpi_tables)?;
         let boot_info = boot::load(

@@ -28,6 +28,11 @@ impl GedEvents {
         })
     }
 
+    /// Forgets events the last boot did not read (a reboot).
+    pub fn reset(&self) {
+        self.pending.store(0, Ordering::Release);
+    }
+
     /// Latches `event` and interrupts the guest.
     pub fn raise(&self, event: u32) -> std::io::Result<()> {
         self.pending.fetch_or(event, Ordering::AcqRel);

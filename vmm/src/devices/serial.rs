@@ -55,6 +55,7 @@ struct OutputQueue {
 /// out, so a vCPU writing to the UART never waits on the sink. Past
 /// `OUTPUT_BACKLOG` unwritten bytes, output is dropped (as on a serial line
 /// no one reads) and that is logged; a sink that fails is logged once.
+#[derive(Clone)]
 pub struct ConsoleWriter(Arc<OutputQueue>);
 
 impl Write for ConsoleWriter {
@@ -173,13 +174,26 @@ fn write_out(queue: &OutputQueue, mut sink: ConsoleOut) {
 
 pub struct SerialConsole {
     uart: Serial<IrqTrigger, NoEvents, ConsoleWriter>,
+    /// What a reset builds the UART again from.
+    irq: EventFd,
+    out: ConsoleWriter,
 }
 
 impl SerialConsole {
-    pub fn new(irq: EventFd, out: ConsoleWriter) -> Self {
-        SerialConsole {
-            uart: Serial::new(IrqTrigger(irq), out),
-        }
+    pub fn new(irq: EventFd, out: ConsoleWriter) -> std::io::Result<Self> {
+        Ok(SerialConsole {
+            uart: Serial::new(IrqTrigger(irq.try_clone()?), out.clone()),
+            irq,
+            out,
+        })
+    }
+
+    /// The UART at its power-on state (registers, FIFOs; a reboot must not
+    /// hand the next kernel the last one's loopback or line settings), on
+    /// the same interrupt and output.
+    pub fn reset(&mut self) -> std::io::Result<()> {
+        self.uart = Serial::new(IrqTrigger(self.irq.try_clone()?), self.out.clone());
+        Ok(())
     }
 
     /// Queues input bytes; returns how many fit in the receive FIFO.
@@ -338,7 +352,7 @@ mod tests {
         let sink = Shared::default();
         let (mut output, writer) = ConsoleOutput::spawn(Box::new(sink.clone())).unwrap();
         let irq = EventFd::new(0).unwrap();
-        let mut console = SerialConsole::new(irq.try_clone().unwrap(), writer);
+        let mut console = SerialConsole::new(irq.try_clone().unwrap(), writer).unwrap();
         for b in b"hi" {
             console.write(0, &[*b]);
         }
@@ -351,6 +365,26 @@ mod tests {
         let mut byte = [0u8];
         console.read(0, &mut byte);
         assert_eq!(byte, *b"o");
+    }
+
+    /// A reset puts the registers back as a new UART has them: a loopback
+    /// the last kernel set would swallow the next one's output.
+    #[test]
+    fn a_reset_clears_what_the_last_boot_set() {
+        let (_output, writer) = ConsoleOutput::spawn(Box::new(Shared::default())).unwrap();
+        let mut console = SerialConsole::new(EventFd::new(0).unwrap(), writer).unwrap();
+        let register = |console: &mut SerialConsole, offset: u64| {
+            let mut byte = [0u8];
+            console.read(offset, &mut byte);
+            byte[0]
+        };
+        let (mcr, lcr) = (register(&mut console, 4), register(&mut console, 3));
+        console.write(4, &[0x10]); // loopback
+        console.write(3, &[0x1b]); // 8 bits, 2 stop bits, even parity
+        assert_ne!(register(&mut console, 4), mcr);
+        console.reset().unwrap();
+        assert_eq!(register(&mut console, 4), mcr);
+        assert_eq!(register(&mut console, 3), lcr);
     }
 
     /// A sink that takes nothing until it is let go.

@@ -79,6 +79,14 @@ pub enum BootError {
         "--kernel {path:?}: it needs guest RAM up to {needs:#x} to start; give the VM more memory"
     )]
     KernelTooLarge { path: PathBuf, needs: u64 },
+    #[error("--kernel {0:?}: {1} ELF program headers (at most {MAX_PROGRAM_HEADERS} are taken)")]
+    TooManyProgramHeaders(PathBuf, u16),
+    #[error("--kernel {path:?}: a bzImage cut short ({size} bytes; its setup header says at least {needs})")]
+    TruncatedBzImage {
+        path: PathBuf,
+        size: u64,
+        needs: u64,
+    },
     #[error("--cmdline: invalid or longer than {max} bytes")]
     Cmdline {
         max: usize,
@@ -149,9 +157,14 @@ fn check_elf_segments(file: &mut File, path: &Path, ram_end: u64) -> Result<u64,
     };
     let phoff = u64_at(&ehdr, 32);
     let phentsize = u16_at(&ehdr, 54);
-    let phnum = u16_at(&ehdr, 56).min(MAX_PROGRAM_HEADERS);
-    if phentsize < 56 {
+    let phnum = u16_at(&ehdr, 56);
+    // linux-loader reads every header at the ELF64 size: the check looks
+    // at exactly what it will load.
+    if phentsize != 56 {
         return Err(BootError::Not64BitElf(path.to_path_buf()));
+    }
+    if phnum > MAX_PROGRAM_HEADERS {
+        return Err(BootError::TooManyProgramHeaders(path.to_path_buf(), phnum));
     }
     let mut segments: Vec<(u64, u64)> = Vec::new();
     let mut phdr = vec![0u8; usize::from(phentsize)];
@@ -217,6 +230,7 @@ fn load_kernel(mem: &GuestMemory, path: &Path, ram_end: u64) -> Result<LoadedKer
             _ => Err(BootError::NoPvhEntry(path.to_path_buf())),
         };
     }
+    check_bzimage_size(&mut file, path, ram_end)?;
     match BzImage::load(
         mem,
         None,
@@ -243,6 +257,48 @@ fn load_kernel(mem: &GuestMemory, path: &Path, ram_end: u64) -> Result<LoadedKer
         )) => Err(BootError::UnknownKernelFormat(path.to_path_buf())),
         Err(e) => Err(BootError::LoadBzImage(path.to_path_buf(), e)),
     }
+}
+
+/// Checks a file that has a bzImage's setup header against its own
+/// sizes and guest RAM before linux-loader reads it (whose errors say
+/// neither): the setup sectors must be there, and the protected-mode
+/// kernel after them must fit between 1 MiB and `ram_end`. Other files
+/// are left to the loader to refuse.
+fn check_bzimage_size(file: &mut File, path: &Path, ram_end: u64) -> Result<(), BootError> {
+    const SETUP_SECTS: u64 = 0x1f1;
+    const HEADER_MAGIC: u64 = 0x202;
+    let unreadable = |e| BootError::OpenKernel(path.to_path_buf(), e);
+    let size = file.metadata().map_err(unreadable)?.len();
+    let mut head = [0u8; 0x206];
+    if size < head.len() as u64 {
+        return Ok(());
+    }
+    file.read_exact(&mut head).map_err(unreadable)?;
+    file.seek(SeekFrom::Start(0)).map_err(unreadable)?;
+    if head[HEADER_MAGIC as usize..] != *b"HdrS" {
+        return Ok(());
+    }
+    // 0 means 4, as in the boot protocol.
+    let sects = match head[SETUP_SECTS as usize] {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let setup = (sects + 1) * 512;
+    if size < setup {
+        return Err(BootError::TruncatedBzImage {
+            path: path.to_path_buf(),
+            size,
+            needs: setup,
+        });
+    }
+    let needs = layout::HIGH_RAM_START + (size - setup);
+    if needs > ram_end {
+        return Err(BootError::KernelTooLarge {
+            path: path.to_path_buf(),
+            needs,
+        });
+    }
+    Ok(())
 }
 
 /// Where a bzImage's kernel ends up needing memory to before it reads the
@@ -526,6 +582,54 @@ mod tests {
         assert!(matches!(
             boot(&huge, None, ""),
             Err(BootError::KernelTooLarge { .. })
+        ));
+    }
+
+    /// linux-loader's own errors for these name neither the memory nor
+    /// the file's size.
+    #[test]
+    fn a_bzimage_cut_short_or_larger_than_ram_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let cut = fake_bzimage(dir.path(), |h| h.setup_sects = 10);
+        assert!(matches!(
+            boot(&cut, None, ""),
+            Err(BootError::TruncatedBzImage {
+                size: 2048,
+                needs: 5632,
+                ..
+            })
+        ));
+        let kernel = fake_bzimage(dir.path(), |_| {});
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&kernel)
+            .unwrap()
+            .set_len(80 * MIB)
+            .unwrap();
+        let err = boot(&kernel, None, "").unwrap_err();
+        assert!(matches!(err, BootError::KernelTooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("give the VM more memory"), "{err}");
+    }
+
+    /// The segment check reads the program headers linux-loader loads: all
+    /// of them, at the ELF64 size.
+    #[test]
+    fn elf_program_headers_the_check_cannot_see_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = fake_elf(dir.path(), 2, &[(layout::HIGH_RAM_START, 256, 256)]);
+        let mut bytes = std::fs::read(&kernel).unwrap();
+        bytes[56..58].copy_from_slice(&300u16.to_le_bytes());
+        std::fs::write(&kernel, &bytes).unwrap();
+        assert!(matches!(
+            boot(&kernel, None, ""),
+            Err(BootError::TooManyProgramHeaders(_, 300))
+        ));
+        bytes[56..58].copy_from_slice(&1u16.to_le_bytes());
+        bytes[54..56].copy_from_slice(&64u16.to_le_bytes());
+        std::fs::write(&kernel, &bytes).unwrap();
+        assert!(matches!(
+            boot(&kernel, None, ""),
+            Err(BootError::Not64BitElf(_))
         ));
     }
 
