@@ -4,7 +4,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 
-use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -18,20 +17,7 @@ use crate::resize::{self, ConfigChanges};
 /// for it (and ends the process by its default action).
 pub const STOP_AND_RESIZE: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
-#[derive(Debug, Error)]
-pub enum ServeError {
-    #[error("cannot set up the vhost-user daemon: {0}")]
-    Daemon(String),
-    #[error("--socket {0:?}: cannot listen")]
-    Claim(
-        std::path::PathBuf,
-        #[source] vmm_common::socket_path::Unusable,
-    ),
-    #[error("--socket {0:?}: cannot serve: {1}")]
-    Serve(std::path::PathBuf, String),
-    #[error("cannot set up signal handling")]
-    Signals(#[source] std::io::Error),
-}
+use vmm_common::serve::ServeError;
 
 /// Serves frontends one after another on one listening socket, so a new
 /// frontend can connect (and wait in the backlog) while the last one is
@@ -103,14 +89,7 @@ fn serve_frontends(
             // Accepting failed: the socket itself is broken.
             return Err(ServeError::Serve(socket.to_path_buf(), format!("{e:?}")));
         }
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => log::info!("frontend disconnected"),
-            // A misbehaving frontend ends its connection, not the backend.
-            Err(e) => log::warn!("connection ended: {e:?}"),
-        }
+        vmm_common::serve::log_connection_end(daemon.wait());
         // The workers finish what the frontend left in flight; then
         // dropping the daemon stops and joins them.
         backend.quiesce();
