@@ -120,7 +120,7 @@ impl Watch {
         let fired = Arc::new(AtomicBool::new(false));
         let flag = fired.clone();
         let thread = std::thread::Builder::new()
-            .name("handshake-watch".into())
+            .name("answer-watch".into())
             .spawn(move || {
                 if let Err(mpsc::RecvTimeoutError::Timeout) = cancelled.recv_timeout(limit) {
                     flag.store(true, Ordering::Release);

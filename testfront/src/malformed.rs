@@ -85,11 +85,30 @@ pub fn backend_hangs_up(socket: &Path, bytes: &[u8], timeout: Duration) -> std::
     closed(&mut stream)
 }
 
+/// As `backend_hangs_up`, but true only if the backend also sent nothing
+/// back first: a request it must refuse, not answer.
+pub fn backend_hangs_up_unanswered(
+    socket: &Path,
+    bytes: &[u8],
+    timeout: Duration,
+) -> std::io::Result<bool> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let _ = stream.write_all(bytes);
+    let mut answer = Vec::new();
+    Ok(read_until_closed(&mut stream, &mut answer)? && answer.is_empty())
+}
+
 /// Whether the backend closes `stream` within its read timeout (whatever
 /// it sends before that is read and dropped).
 fn closed(stream: &mut UnixStream) -> std::io::Result<bool> {
-    let mut rest = Vec::new();
-    match stream.read_to_end(&mut rest) {
+    read_until_closed(stream, &mut Vec::new())
+}
+
+/// Reads what the backend sends into `rest` until it closes `stream`
+/// (true) or the read timeout passes (false).
+fn read_until_closed(stream: &mut UnixStream, rest: &mut Vec<u8>) -> std::io::Result<bool> {
+    match stream.read_to_end(rest) {
         Ok(_) => Ok(true),
         Err(e)
             if matches!(

@@ -297,7 +297,8 @@ impl VirtQueue {
     }
 
     /// Waits until the backend signals the call eventfd or `timeout`
-    /// passes; returns whether it signalled.
+    /// passes; returns whether it signalled (or a signal to this process
+    /// cut the wait short: look again either way).
     pub fn wait(&self, timeout: Duration) -> Result<bool, RingError> {
         let hangup = libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR;
         let mut fds = [
@@ -320,7 +321,8 @@ impl VirtQueue {
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
-                return Ok(false);
+                // Not a timeout: the caller looks again.
+                return Ok(true);
             }
             return Err(RingError::Wait(e));
         }

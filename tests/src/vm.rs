@@ -126,18 +126,56 @@ impl Output {
         n: usize,
         timeout: Duration,
     ) -> Result<String, String> {
+        self.wait_until(timeout, &format!("line {n} with {pattern:?}"), |lines| {
+            lines
+                .filter(|l| l.contains(pattern))
+                .nth(n.saturating_sub(1))
+        })
+    }
+
+    /// Waits until a complete line is exactly `line`, among those after
+    /// the `n`th line containing `marker` (say, in the second boot's
+    /// output: `marker` "testguest: hello", `n` 2).
+    pub fn wait_for_line_after(
+        &self,
+        marker: &str,
+        n: usize,
+        line: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let what = format!("{line:?} after line {n} with {marker:?}");
+        self.wait_until(timeout, &what, |lines| {
+            let mut lines = lines.skip_while({
+                let mut seen = 0;
+                move |l| {
+                    if l.contains(marker) {
+                        seen += 1;
+                    }
+                    seen < n
+                }
+            });
+            lines.next()?;
+            lines.find(|l| *l == line)
+        })
+    }
+
+    /// Waits until `find` finds a line among the complete lines so far
+    /// (their line endings cut off); returns it.
+    fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        find: impl for<'x> Fn(&mut dyn Iterator<Item = &'x str>) -> Option<&'x str>,
+    ) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         let (lock, cvar) = &*self.inner;
         let mut state = lock.lock().expect("output lock");
         loop {
             let text = String::from_utf8_lossy(&state.0);
             let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-            let found = complete
-                .lines()
-                .filter(|l| l.contains(pattern))
-                .nth(n.saturating_sub(1));
-            if let Some(line) = found {
-                return Ok(line.trim_end_matches('\r').to_string());
+            let mut lines = complete.lines().map(|l| l.trim_end_matches('\r'));
+            if let Some(line) = find(&mut lines) {
+                return Ok(line.to_string());
             }
             let now = Instant::now();
             if state.1 || now >= deadline {
@@ -147,7 +185,7 @@ impl Output {
                     "timed out"
                 };
                 return Err(format!(
-                    "{why} waiting for line {n} with {pattern:?}; output so far:\n{}",
+                    "{why} waiting for {what}; output so far:\n{}",
                     tail(&text, 60)
                 ));
             }

@@ -126,14 +126,20 @@ fn a_stop_during_a_reset_holds_the_rebooted_guest() {
     let status = qmp.request(r#"{"execute": "query-status"}"#);
     assert!(status.contains(r#""status":"paused""#), "{status}");
     qmp.wait_event("RESET");
+    // Output the old guest had queued in the console thread settles first.
+    std::thread::sleep(Duration::from_millis(500));
     let held = vm.console.text();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(vm.console.text(), held, "the guest ran while paused");
+    let counts = vm.console.count("testguest: count ");
     assert_eq!(qmp.request(r#"{"execute": "cont"}"#), r#"{"return":{}}"#);
     qmp.wait_event("RESUME");
     vm.console
-        .wait_for_nth("testguest: count 2", 2, TIMEOUT)
+        .wait_for_nth("testguest: count ", counts + 1, TIMEOUT)
         .expect("the rebooted guest runs after cont");
+    vm.console
+        .wait_for_line_after("testguest: hello", 2, "testguest: count 2", TIMEOUT)
+        .expect("the rebooted guest counts");
     assert_eq!(qmp.request(r#"{"execute": "quit"}"#), r#"{"return":{}}"#);
     assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
 }
@@ -438,7 +444,7 @@ fn system_reset_reboots_with_the_same_disk_backend() {
     let cpus = qmp.request(r#"{"execute": "query-cpus-fast"}"#);
     assert_eq!(cpus.matches(r#""cpu-index""#).count(), 1, "{cpus}");
     vm.console
-        .wait_for_nth("testguest: count 2", 2, TIMEOUT)
+        .wait_for_line_after("testguest: hello", 2, "testguest: count 2", TIMEOUT)
         .expect("the rebooted guest counts");
     qmp.request(r#"{"execute": "system_powerdown"}"#);
     let shutdown = qmp.wait_event("SHUTDOWN");

@@ -460,8 +460,8 @@ fn get_config_is_refused_and_the_backend_serves_on() {
         malformed::message(GET_CONFIG, &payload),
     ]
     .concat();
-    let hung_up =
-        malformed::backend_hangs_up(&backend.socket, &bytes, TIMEOUT).expect("send GET_CONFIG");
+    let hung_up = malformed::backend_hangs_up_unanswered(&backend.socket, &bytes, TIMEOUT)
+        .expect("send GET_CONFIG");
     assert!(hung_up, "GET_CONFIG was answered, or the connection kept");
     backend.assert_alive();
     let mut client = NetClient::connect_retrying(&backend.socket, 1, TIMEOUT).expect("connect");

@@ -120,7 +120,7 @@ pub enum ConfigError {
     InitramfsNotFile(PathBuf),
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
-    #[error("--cmdline {0:?}: no kernel arguments before \"--\" (what follows it goes to init)")]
+    #[error("--cmdline {0:?}: init arguments after \" -- \" need a kernel argument before it")]
     CmdlineInitOnly(String),
     #[error("--disk {value:?}: {why}")]
     Disk { value: String, why: String },
@@ -152,8 +152,8 @@ impl VmConfig {
             return Err(ConfigError::CmdlineNul);
         }
         // linux-loader writes no command line whose kernel part is empty.
-        let init_only = match format!(" {}", args.cmdline).split_once(" -- ") {
-            Some((kernel, _init)) => kernel.trim().is_empty(),
+        let init_only = match args.cmdline.split_once(" -- ") {
+            Some((kernel, init)) => kernel.trim().is_empty() && !init.trim().is_empty(),
             None => false,
         };
         if init_only {
@@ -585,6 +585,24 @@ mod tests {
             api_tcp_allow_remote: false,
             name: None,
             no_reboot: false,
+        }
+    }
+
+    /// linux-loader writes no line whose part before " -- " is empty; a
+    /// line that only starts with "--" it takes whole.
+    #[test]
+    fn a_cmdline_of_init_arguments_alone_is_refused() {
+        let with = |cmdline: &str| {
+            let mut a = args("1", "64M", "stdio");
+            a.cmdline = cmdline.into();
+            VmConfig::from_args(a, HOST)
+        };
+        assert!(matches!(
+            with(" -- init=/bin/sh"),
+            Err(ConfigError::CmdlineInitOnly(_))
+        ));
+        for fine in ["", "-- single", "console=ttyS0 -- single", " -- "] {
+            assert!(with(fine).is_ok(), "{fine:?}");
         }
     }
 

@@ -36,8 +36,9 @@ const QUEUE_SIZE: u16 = 8;
 const SCRATCH_BASE: u64 = 0x40_0000;
 const SCRATCH_PER_DISK: u64 = 0x4000;
 const PATTERN_SECTOR: u64 = 8;
-/// How long a request may take before it counts as lost.
-const REQUEST_TIMEOUT: u64 = 10 * SECOND;
+/// How long a request may take before it counts as lost (a restarted
+/// backend takes over a request in flight; tests wait 90 s for a line).
+const REQUEST_TIMEOUT: u64 = 30 * SECOND;
 /// How long a resize is waited for (the test acts on a line of output).
 const RESIZE_TIMEOUT: u64 = 60 * SECOND;
 

@@ -112,8 +112,6 @@ pub fn icmp_echo_request(
     f
 }
 
-/// Whether `f` is an ICMP echo reply from `from` with this id, sequence
-/// number and payload, its checksums right.
 /// Whether `f` is (the start of) any echo reply from `from` with `id` and
 /// `seq`, whole or cut short, whatever it carries.
 pub fn is_echo_reply_numbered(f: &[u8], from: [u8; 4], id: u16, seq: u16) -> bool {
@@ -132,6 +130,8 @@ pub fn is_echo_reply_numbered(f: &[u8], from: [u8; 4], id: u16, seq: u16) -> boo
         && icmp[6..8] == seq.to_be_bytes()
 }
 
+/// Whether `f` is an ICMP echo reply from `from` with this id, sequence
+/// number and payload, its checksums right.
 pub fn is_echo_reply(f: &[u8], from: [u8; 4], id: u16, seq: u16, payload: &[u8]) -> bool {
     if f.len() < ETH_HLEN + 28 || f[12..14] != ETH_IPV4.to_be_bytes() {
         return false;
