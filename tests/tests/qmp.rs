@@ -24,6 +24,17 @@ fn counting_vm(socket: &std::path::Path) -> RunningVm {
         .spawn()
 }
 
+/// A counting VM past its second count, and a client that negotiated
+/// capabilities on its API socket in `dir`.
+fn counting_vm_and_client(dir: &std::path::Path) -> (RunningVm, RawQmp) {
+    let socket = dir.join("qmp.sock");
+    let vm = counting_vm(&socket);
+    vm.expect_line("testguest: count 2", TIMEOUT);
+    let (mut qmp, _) = RawQmp::connect(&socket);
+    qmp.negotiate();
+    (vm, qmp)
+}
+
 /// The highest `count N` the guest printed so far.
 fn last_count(vm: &RunningVm) -> u32 {
     vm.console
@@ -114,11 +125,7 @@ fn stop_pauses_the_guest_and_cont_resumes_it() {
 fn a_stop_during_a_reset_holds_the_rebooted_guest() {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("qmp.sock");
-    let mut vm = counting_vm(&socket);
-    vm.expect_line("testguest: count 2", TIMEOUT);
-    let (mut qmp, _) = RawQmp::connect(&socket);
-    qmp.negotiate();
+    let (mut vm, mut qmp) = counting_vm_and_client(dir.path());
     qmp.send_raw(b"{\"execute\": \"system_reset\"}\n{\"execute\": \"stop\"}\n");
     assert_eq!(qmp.reply(), r#"{"return":{}}"#, "system_reset");
     assert_eq!(qmp.reply(), r#"{"return":{}}"#, "stop");
@@ -336,11 +343,7 @@ fn a_client_that_stops_reading_holds_up_nothing() {
     use std::io::Write;
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("qmp.sock");
-    let mut vm = counting_vm(&socket);
-    vm.expect_line("testguest: count 2", TIMEOUT);
-    let (mut qmp, _) = RawQmp::connect(&socket);
-    qmp.negotiate();
+    let (mut vm, qmp) = counting_vm_and_client(dir.path());
     // Far more replies than the socket buffers and the VMM's queue hold;
     // written from a thread, whose writes block once the VMM stops reading.
     let mut writer = qmp.writer();
