@@ -170,6 +170,16 @@ fn bad_input_gets_errors_and_the_vm_keeps_running() {
             "{\"execute\": }",
             r#""class":"GenericError","desc":"JSON parse error"#,
         ),
+        // One error, not a second for the stray `}`: the next request
+        // would read it as its reply.
+        (
+            r#"{"execute": "stop"]}"#,
+            r#""desc":"JSON parse error, mismatched brackets""#,
+        ),
+        (
+            r#"{"execute": "stop", "execute": "quit"}"#,
+            r#""desc":"JSON parse error, duplicate key 'execute'"#,
+        ),
         (
             r#"{"execute": "launch-missiles"}"#,
             r#""class":"CommandNotFound""#,

@@ -154,14 +154,8 @@ impl Session {
 /// offered, so the list must be empty.
 fn check_capabilities(arguments: &Map<String, Value>) -> Result<(), QmpError> {
     for (key, value) in arguments {
-        match (key.as_str(), value) {
-            ("enable", Value::Array(list)) if list.is_empty() => {}
-            ("enable", Value::Array(list)) => {
-                return Err(QmpError::generic(format!(
-                    "Capability '{}' not available",
-                    list[0].as_str().unwrap_or("?")
-                )))
-            }
+        let list = match (key.as_str(), value) {
+            ("enable", Value::Array(list)) => list,
             ("enable", _) => {
                 return Err(QmpError::generic(
                     "Invalid parameter type for 'enable', expected: array",
@@ -172,6 +166,19 @@ fn check_capabilities(arguments: &Map<String, Value>) -> Result<(), QmpError> {
                     "Parameter '{key}' is unexpected"
                 )))
             }
+        };
+        // QEMU knows one capability, `oob`, and this VMM offers none: the
+        // first item is refused, for its type, its name, or as unavailable.
+        if let Some(item) = list.first() {
+            return Err(QmpError::generic(match item {
+                Value::String(name) if name == "oob" => {
+                    format!("Capability '{name}' not available")
+                }
+                Value::String(name) => {
+                    format!("Parameter 'enable[0]' does not accept value '{name}'")
+                }
+                _ => "Invalid parameter type for 'enable[0]', expected: string".to_owned(),
+            }));
         }
     }
     Ok(())
@@ -397,5 +404,33 @@ mod tests {
         assert_eq!(after, After::Quit);
         // Not yet: the VMM ends after the reply is queued, not before.
         assert!(!*vm.quit.lock().unwrap());
+    }
+
+    #[test]
+    fn capabilities_are_refused_for_their_type_their_name_or_as_unavailable() {
+        let (mut s, vm) = (Session::default(), MockVm::default());
+        for (enable, desc) in [
+            ("5", "Invalid parameter type for 'enable', expected: array"),
+            (
+                "[1]",
+                "Invalid parameter type for 'enable[0]', expected: string",
+            ),
+            (
+                r#"["frob"]"#,
+                "Parameter 'enable[0]' does not accept value 'frob'",
+            ),
+            (r#"["oob"]"#, "Capability 'oob' not available"),
+        ] {
+            let request = format!(
+                r#"{{"execute": "qmp_capabilities", "arguments": {{"enable": {enable}}}}}"#
+            );
+            assert_eq!(exec(&mut s, &vm, &request).unwrap_err().desc, desc);
+        }
+        exec(
+            &mut s,
+            &vm,
+            r#"{"execute": "qmp_capabilities", "arguments": {"enable": []}}"#,
+        )
+        .unwrap();
     }
 }

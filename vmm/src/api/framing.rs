@@ -1,7 +1,8 @@
 //! Splits the bytes a QMP client sends into JSON values without parsing
-//! them: braces and brackets are counted outside strings. A value larger
+//! them: braces and brackets are matched outside strings. A value larger
 //! than `MAX_MESSAGE` ends the connection (the stream cannot be resynced);
-//! stray text between values is reported once per line.
+//! stray text between values is reported once per line, and a value closed
+//! by the wrong bracket is reported once, with the rest of its line.
 
 /// Largest message accepted from a client.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -12,6 +13,8 @@ pub enum Piece {
     Value(Vec<u8>),
     /// Text that is not a JSON object or array (a parse error to report).
     Garbage,
+    /// A value closed by the wrong bracket, such as `{"a": 1]`.
+    Mismatched,
     /// A value exceeded MAX_MESSAGE.
     TooLong,
 }
@@ -19,7 +22,8 @@ pub enum Piece {
 #[derive(Default)]
 pub struct Splitter {
     current: Vec<u8>,
-    depth: usize,
+    /// The closing bracket each open one expects, innermost last.
+    closers: Vec<u8>,
     in_string: bool,
     escaped: bool,
     /// Inside a run of stray text already reported.
@@ -31,13 +35,13 @@ impl Splitter {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<Piece> {
         let mut out = Vec::new();
         for &b in bytes {
-            if self.depth == 0 {
+            if self.closers.is_empty() {
                 match b {
                     b'{' | b'[' => {
                         self.in_garbage = false;
                         self.current.clear();
                         self.current.push(b);
-                        self.depth = 1;
+                        self.closers.push(closer(b));
                     }
                     b'\n' => self.in_garbage = false,
                     b' ' | b'\t' | b'\r' => {}
@@ -67,17 +71,35 @@ impl Splitter {
             }
             match b {
                 b'"' => self.in_string = true,
-                b'{' | b'[' => self.depth += 1,
-                b'}' | b']' => {
-                    self.depth -= 1;
-                    if self.depth == 0 {
+                b'{' | b'[' => self.closers.push(closer(b)),
+                b'}' | b']' if self.closers.last() == Some(&b) => {
+                    self.closers.pop();
+                    if self.closers.is_empty() {
                         out.push(Piece::Value(std::mem::take(&mut self.current)));
                     }
+                }
+                b'}' | b']' => {
+                    // The brackets left open would swallow what follows:
+                    // drop the value, and the rest of its line is not
+                    // reported again.
+                    out.push(Piece::Mismatched);
+                    *self = Splitter {
+                        in_garbage: true,
+                        ..Splitter::default()
+                    };
                 }
                 _ => {}
             }
         }
         out
+    }
+}
+
+fn closer(opener: u8) -> u8 {
+    if opener == b'{' {
+        b'}'
+    } else {
+        b']'
     }
 }
 
@@ -109,5 +131,24 @@ mod tests {
         let mut huge = b"{\"a\": \"".to_vec();
         huge.resize(MAX_MESSAGE + 10, b'x');
         assert_eq!(s.push(&huge), vec![Piece::TooLong]);
+    }
+
+    #[test]
+    fn a_wrong_closing_bracket_is_one_error_and_the_next_value_is_kept() {
+        let mut s = Splitter::default();
+        assert_eq!(
+            s.push(br#"{"a": 1]} {"execute": "x", "y": [{}]}"#),
+            vec![
+                Piece::Mismatched,
+                Piece::Value(br#"{"execute": "x", "y": [{}]}"#.to_vec()),
+            ]
+        );
+        assert_eq!(
+            s.push(
+                b"[}]
+]"
+            ),
+            vec![Piece::Mismatched, Piece::Garbage]
+        );
     }
 }

@@ -1,9 +1,11 @@
 //! QMP messages: the greeting, requests, replies, errors and events, as
 //! QEMU's QMP specification defines them.
 
+use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Map, Value};
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+use serde_json::{json, Map, Number, Value};
 
 /// A command the client asked for.
 #[derive(Debug, PartialEq)]
@@ -39,7 +41,7 @@ impl QmpError {
 /// Parses one JSON value from the client into a request. On error, the id
 /// is returned too when the input had one, so the reply can carry it.
 pub fn parse_request(bytes: &[u8]) -> Result<Request, (QmpError, Option<Value>)> {
-    let value: Value = serde_json::from_slice(bytes)
+    let UniqueKeys(value) = serde_json::from_slice(bytes)
         .map_err(|e| (QmpError::generic(format!("JSON parse error, {e}")), None))?;
     let Value::Object(mut object) = value else {
         return Err((QmpError::generic("QMP input must be a JSON object"), None));
@@ -64,6 +66,77 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, (QmpError, Option<Value>)>
         arguments,
         id,
     })
+}
+
+/// A JSON value in which no object names a member twice: serde_json would
+/// keep the last one silently, QEMU refuses the input.
+struct UniqueKeys(Value);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(UniqueKeysVisitor)
+            .map(UniqueKeys)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> Visitor<'de> for UniqueKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // JSON has no NaN or infinity, so this is always a number.
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueKeys(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut members = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if members.contains_key(&key) {
+                return Err(A::Error::custom(format_args!("duplicate key '{key}'")));
+            }
+            let UniqueKeys(value) = map.next_value()?;
+            members.insert(key, value);
+        }
+        Ok(Value::Object(members))
+    }
 }
 
 pub fn greeting(major: u64, minor: u64, micro: u64) -> Value {
@@ -144,6 +217,26 @@ mod tests {
             .0
             .desc
             .starts_with("JSON parse error"));
+    }
+
+    #[test]
+    fn a_member_named_twice_is_refused_at_any_depth() {
+        for input in [
+            &br#"{"execute": "stop", "execute": "cont"}"#[..],
+            br#"{"execute": "x", "arguments": {"a": [{"b": 1, "b": 2}]}}"#,
+        ] {
+            let (e, _) = parse_request(input).unwrap_err();
+            assert!(
+                e.desc.starts_with("JSON parse error, duplicate key '"),
+                "{}",
+                e.desc
+            );
+        }
+        let ok = parse_request(
+            br#"{"execute": "x", "arguments": {"a": [1, -2, 3.5, null, true, "s", {}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.arguments["a"], json!([1, -2, 3.5, null, true, "s", {}]));
     }
 
     #[test]

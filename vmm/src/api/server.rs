@@ -393,6 +393,10 @@ fn serve_client(conn: Conn, vm: &dyn VmControl, sink: &EventSink) {
                     &QmpError::generic("JSON parse error, expected a JSON object"),
                     None,
                 ),
+                Piece::Mismatched => protocol::error(
+                    &QmpError::generic("JSON parse error, mismatched brackets"),
+                    None,
+                ),
                 Piece::TooLong => {
                     outbox.post_reply(&protocol::error(
                         &QmpError::generic("JSON parse error, message too long"),
