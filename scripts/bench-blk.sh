@@ -34,6 +34,8 @@
 # qemu-storage-daemon returns each as it finishes.
 # Usage: [PAGES=2m|4k] scripts/bench-blk.sh [SECONDS per run, default 5] [ROUNDS, default 3]
 set -euo pipefail
+# A failing tool inside $(...) fails the script too, not just its subshell.
+shopt -s inherit_errexit
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SECS="${1:-5}"
 ROUNDS="${2:-3}"
@@ -56,6 +58,11 @@ echo "bench-blk: building (release)" >&2
 BLK="$ROOT/target/release/vhost-blk"
 LOADGEN="$ROOT/target/release/vhost-loadgen"
 
+# qemu-storage-daemon's options and fio's file names give ',' and ':' a
+# meaning of their own.
+case "$ROOT" in
+    *[,:]*) echo "bench-blk: the checkout's path '$ROOT' has a ',' or ':', which qemu-storage-daemon or fio would split" >&2; exit 1 ;;
+esac
 WORK="$(mktemp -d "$ROOT/target/bench-blk.XXXXXX")"
 SHM="$(mktemp -d /dev/shm/bench-blk.XXXXXX)"
 PIDS=()
@@ -130,14 +137,14 @@ loadgen_mixed() { # socket -> "read-IOPS read-p50 read-p99 write-p50" (us)
 fio_mixed() { # image -> as loadgen_mixed
     fio --name=mixed --filename="$1" --direct=1 --bs=4k,64k --rw=randrw --rwmixread=50 \
         --iodepth=32 --ioengine=io_uring --runtime="$SECS" --time_based --lat_percentiles=1 \
-        --output-format=json 2>/dev/null |
+        --output-format=json 2>>"$WORK/fio.log" |
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; p=lambda d,q: round(d["lat_ns"]["percentile"][q]/1000,1); r,w=j["read"],j["write"]; print(round(r["iops"]), p(r,"50.000000"), p(r,"99.000000"), p(w,"50.000000"))'
 }
 
 fio_ceiling() { # image direct jobs size rw -> "iops mbps"
     fio --name=ceiling --filename="$1" --direct="$2" --numjobs="$3" --bs="$4" --rw="$5" \
         --iodepth=32 --ioengine=io_uring --runtime="$SECS" --time_based --group_reporting \
-        --output-format=json 2>/dev/null |
+        --output-format=json 2>>"$WORK/fio.log" |
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print(round(d["iops"]), round(d["bw_bytes"]/1e6,1))'
 }
 
@@ -152,15 +159,27 @@ disk_counters() { # stat-file -> "requests done, ms they spent queued, sectors" 
     if [[ -n "$1" ]]; then awk '{printf "%.0f %.0f %.0f\n", $1 + $5, $4 + $8, $3 + $7}' "$1"; else echo "0 0 0"; fi
 }
 
+ran() { # command... -> its output; a failure names the command and shows the logs
+    local out
+    if ! out="$("$@")"; then
+        echo "bench-blk: '$*' failed; the logs:" >&2
+        tail -n 20 "$WORK"/*.log >&2 || true
+        return 1
+    fi
+    echo "$out"
+}
+
 measured() { # stat-file command... -> "iops mbps requests-in-queue KiB-per-request" ("-" without a disk)
     local stat_file="$1" before out after
     shift
     before="$(disk_counters "$stat_file")"
-    out="$("$@")"
+    out="$(ran "$@")"
     after="$(disk_counters "$stat_file")"
-    python3 - "$out" "$before" "$after" <<'PY'
+    python3 - "$out" "$before" "$after" "$*" <<'PY'
 import sys
 iops, mbps = sys.argv[1].split()
+if float(iops) <= 0:
+    sys.exit(f"bench-blk: '{sys.argv[4]}' completed nothing (0 IOPS)")
 (n0, t0, s0), (n1, t1, s1) = (map(int, a.split()) for a in sys.argv[2:4])
 in_queue = f"{float(iops) * (t1 - t0) / 1000 / (n1 - n0):.1f}" if n1 > n0 else "-"
 kib = f"{(s1 - s0) / 2 / (n1 - n0):.0f}" if n1 > n0 else "-"
@@ -194,12 +213,12 @@ mixed_case() { # image
     local image="$1" sock="$WORK/b.sock" ours qsd ceil round
     for round in $(seq "$ROUNDS"); do
         start_backend vhost-blk "$image" 1 1 "$sock"
-        ours="$(loadgen_mixed "$sock")"
+        ours="$(ran loadgen_mixed "$sock")"
         stop_backend
         start_backend qsd "$image" 1 1 "$sock"
-        qsd="$(loadgen_mixed "$sock")"
+        qsd="$(ran loadgen_mixed "$sock")"
         stop_backend
-        ceil="$(fio_mixed "$image")"
+        ceil="$(ran fio_mixed "$image")"
         printf 'vhost-blk|%s|%s\nqsd|%s|%s\nfio|%s|%s\n' "$round" "$ours" "$round" "$qsd" "$round" "$ceil" >>"$MIXED"
         echo "bench-blk: round $round/$ROUNDS: disk 4k randread + 64k randwrite: vhost-blk $ours, qsd $qsd, fio $ceil (read IOPS, read p50 p99, write p50 us)" >&2
     done

@@ -87,6 +87,11 @@ run() { # round kind direction size socket tap
     json="$(ip netns exec "$NS" "$LOAD" --socket "$sock" --iface "$tap" --direction "$dir" \
         --frame-size "$size" --time "$SECS" --json | tail -n 1)"
     pps="$(python3 -c 'import json,sys; print(int(json.loads(sys.argv[1])["pps"]))' "$json")"
+    if [[ "$pps" -le 0 ]]; then
+        echo "bench-net: $kind $dir ${size}B moved no frames; the logs:" >&2
+        tail -n 20 "$WORK"/*.log >&2 || true
+        exit 1
+    fi
     echo "$round $kind $dir $size $pps" >>"$RESULTS"
     echo "bench-net: round $round/$ROUNDS: $kind $dir ${size}B: $pps pps" >&2
 }
@@ -119,8 +124,8 @@ for d in ("tx", "rx"):
     for size in (64, 1500):
         ours, theirs = runs[("vhost-net", d, size)], runs[("dpdk", d, size)]
         mo, mt = statistics.median(ours.values()), statistics.median(theirs.values())
-        ratios = [ours[r] / max(theirs[r], 1) for r in ours if r in theirs]
+        ratios = [ours[r] / theirs[r] for r in ours if r in theirs]
         gb = lambda pps: pps * size * 8 / 1e9
-        print(f"{d + ' ' + str(size) + 'B':<10} {mo:>14.0f} {mt:>10.0f} {mo / max(mt, 1):>7.2f}x "
+        print(f"{d + ' ' + str(size) + 'B':<10} {mo:>14.0f} {mt:>10.0f} {mo / mt:>7.2f}x "
               f"{min(ratios):>5.2f}-{max(ratios):.2f}x {gb(mo):>11.3f} {gb(mt):>10.3f}")
 PY

@@ -16,11 +16,18 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CMDLINE="demo ip=192.0.2.2 ping=192.0.2.1"
-if [[ "${1:-}" == "--interactive" ]]; then
-    CMDLINE="$CMDLINE echo"
-fi
+case "${1:-}" in
+    "") ;;
+    --interactive) [[ $# -eq 1 ]] || { echo "demo: unexpected argument '$2'" >&2; exit 2; } ;;&
+    --interactive) CMDLINE="$CMDLINE echo" ;;
+    *) echo "demo: unknown argument '$1' (the only one is --interactive)" >&2; exit 2 ;;
+esac
 if [[ $(id -u) -ne 0 ]]; then
-    echo "demo: the NIC's tap and namespace need root: run it with sudo" >&2
+    echo "demo: the NIC's tap and namespace need root: run it with sudo env PATH=\"\$PATH\" (sudo drops ~/.cargo/bin)" >&2
+    exit 1
+fi
+if ! command -v cargo >/dev/null; then
+    echo "demo: cargo is not on PATH ($PATH): install Rust 1.85 or later with rustup, or keep your PATH under sudo (sudo env PATH=\"\$PATH\" scripts/demo.sh)" >&2
     exit 1
 fi
 # An open, not a permission test: root passes those even where a device

@@ -38,6 +38,10 @@ CMDLINE="ip=192.0.2.2 ping=192.0.2.1"
 VMM_ARGS=()
 while (($#)); do
     case "$1" in
+        --netns|--host-ip|--kernel|--cmdline)
+            [[ $# -ge 2 ]] || { echo "vm-dpdk: $1 needs a value" >&2; exit 2; } ;;
+    esac
+    case "$1" in
         --client) CLIENT=1 ;;
         --netns) NETNS="$2"; shift ;;
         --host-ip) HOST_IP="$2"; shift ;;
@@ -54,6 +58,10 @@ VMM="${VMM_BIN:-$ROOT/target/release/vmm}"
 [[ -x "$VMM" ]] || { echo "vm-dpdk: $VMM is missing: cargo build --release -p vmm (or set VMM_BIN)" >&2; exit 1; }
 [[ -f "$KERNEL" ]] || { echo "vm-dpdk: kernel $KERNEL is missing (scripts/build-guest.sh)" >&2; exit 1; }
 
+# The socket's path goes into option lists split at commas.
+case "${TMPDIR:-/tmp}" in
+    *,*) echo "vm-dpdk: TMPDIR '$TMPDIR' has a comma, which would split the socket's path in the options" >&2; exit 1 ;;
+esac
 WORK="$(mktemp -d)"
 SOCK="$WORK/vhost-user.sock"
 TAP="dpdk$$"

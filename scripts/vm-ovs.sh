@@ -27,6 +27,10 @@ CMDLINE="ip=192.0.2.2 ping=192.0.2.1"
 VMM_ARGS=()
 while (($#)); do
     case "$1" in
+        --netns|--host-ip|--kernel|--cmdline)
+            [[ $# -ge 2 ]] || { echo "vm-ovs: $1 needs a value" >&2; exit 2; } ;;
+    esac
+    case "$1" in
         --host-ip) HOST_IP="$2"; shift ;;
         --kernel) KERNEL="$2"; shift ;;
         --cmdline) CMDLINE="$2"; shift ;;
@@ -44,6 +48,10 @@ VMM="${VMM_BIN:-$ROOT/target/release/vmm}"
 [[ -x "$VMM" ]] || { echo "vm-ovs: $VMM is missing: cargo build --release -p vmm (or set VMM_BIN)" >&2; exit 1; }
 [[ -f "$KERNEL" ]] || { echo "vm-ovs: kernel $KERNEL is missing (scripts/build-guest.sh)" >&2; exit 1; }
 
+# The socket's path goes into option lists split at commas.
+case "${TMPDIR:-/tmp}" in
+    *,*) echo "vm-ovs: TMPDIR '$TMPDIR' has a comma, which would split the socket's path in the options" >&2; exit 1 ;;
+esac
 WORK="$(mktemp -d)"
 NETNS="vmmovs$$"
 PREFIX="vmovs$$"
@@ -94,7 +102,9 @@ VM=$!
 # OVS dials the VMM's socket: give it 30 s, while both live.
 connected=0
 for _ in $(seq 600); do
-    if ss -xH state established 2>/dev/null | grep -qF -- "$SOCK"; then connected=1; break; fi
+    # Not grep -q: it would leave ss writing to a closed pipe, and pipefail
+    # would read that as no match.
+    if ss -xH state established 2>/dev/null | grep -F -- "$SOCK" >/dev/null; then connected=1; break; fi
     kill -0 "$VM" 2>/dev/null || break
     if ! kill -0 "$(cat "$WORK/vswitchd.pid" 2>/dev/null)" 2>/dev/null; then
         echo "vm-ovs: ovs-vswitchd exited before it connected to $SOCK; its log:" >&2
