@@ -2,8 +2,9 @@
 //! `Frontend`. Device types differ only in their feature mask and where
 //! their configuration space comes from (see `blk`).
 
+use std::io::{Read, Write};
 use std::ops::Range;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -153,6 +154,39 @@ impl Handshake {
             channel,
         })
     }
+}
+
+/// Asks the backend for its GET_QUEUE_NUM answer over the connection's
+/// socket, past the crate: the crate's own request makes the answer its
+/// limit on ring indexes, and a NIC backend that answers in queue pairs (one
+/// pair: 1) would have its second ring refused before it was sent. The
+/// frontend was made with the device's ring count as that limit.
+fn get_queue_num(frontend: &mut Frontend) -> vhost::Result<u64> {
+    const GET_QUEUE_NUM: u32 = 17;
+    const VERSION_1: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+    let failed = |e| vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e));
+    // SAFETY: the fd is the frontend's socket, open while `frontend` is
+    // borrowed here; it is only duplicated, never closed through this.
+    let socket = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) }
+        .try_clone_to_owned()
+        .map_err(failed)?;
+    let mut socket = UnixStream::from(socket);
+    let mut request = [0u8; 12];
+    request[..4].copy_from_slice(&GET_QUEUE_NUM.to_le_bytes());
+    request[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
+    socket.write_all(&request).map_err(failed)?;
+    let mut reply = [0u8; 20];
+    socket.read_exact(&mut reply).map_err(failed)?;
+    let word = |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
+    if word(0) != GET_QUEUE_NUM || word(4) & REPLY == 0 || word(8) != 8 {
+        return Err(vhost::Error::VhostUserProtocol(
+            vhost::vhost_user::Error::InvalidMessage,
+        ));
+    }
+    let mut value = [0u8; 8];
+    value.copy_from_slice(&reply[12..]);
+    Ok(u64::from_le_bytes(value))
 }
 
 /// Called when a device's backend connection changes (hang-up).
@@ -367,7 +401,7 @@ impl VhostUserDevice {
         }
         if spec.num_queues > 1 && protocol.contains(VhostUserProtocolFeatures::MQ) {
             let max = exchange(frontend, name, "GET_QUEUE_NUM", limit(), |f| {
-                f.get_queue_num()
+                get_queue_num(f)
             })
             .map_err(failed)?;
             let wanted = spec.num_queues.div_ceil(spec.queue_num.rings());
@@ -1005,7 +1039,10 @@ pub struct RingSwitch {
 }
 
 impl RingSwitch {
-    pub fn set(&mut self, index: usize, enable: bool) -> bool {
+    /// Turns ring `index` on or off, waiting up to `limit` for the
+    /// backend's word. False when the backend does not have it: it was
+    /// away (the switch is recorded for the next one) or is cut off now.
+    pub fn set(&mut self, index: usize, enable: bool, limit: Duration) -> bool {
         // Held until the backend has the message (see `hand_rings`).
         let mut flags = crate::bus::lock(&self.enabled);
         if let Some(flag) = flags.get_mut(index) {
@@ -1016,13 +1053,9 @@ impl RingSwitch {
             return false;
         }
         let mut fe = crate::bus::lock(&self.frontend).clone();
-        match exchange(
-            &mut fe,
-            &self.name,
-            "SET_VRING_ENABLE",
-            REPLY_TIMEOUT,
-            |f| f.set_vring_enable(index, enable),
-        ) {
+        match exchange(&mut fe, &self.name, "SET_VRING_ENABLE", limit, |f| {
+            f.set_vring_enable(index, enable)
+        }) {
             Ok(()) => true,
             Err(e) => {
                 // The backend's rings are no longer as the driver set them:
@@ -1035,6 +1068,20 @@ impl RingSwitch {
                 cut_off(&self.frontend, &self.broken, &e);
                 false
             }
+        }
+    }
+}
+
+#[cfg(test)]
+impl RingSwitch {
+    /// A switch whose backend is away: switches are only recorded.
+    pub fn without_backend(rings: usize) -> RingSwitch {
+        let (ours, _theirs) = UnixStream::pair().expect("socket pair");
+        RingSwitch {
+            name: "net9".into(),
+            frontend: Arc::new(Mutex::new(Frontend::from_stream(ours, rings as u64))),
+            enabled: Arc::new(Mutex::new(vec![true; rings])),
+            broken: Arc::new(AtomicBool::new(true)),
         }
     }
 }
@@ -1537,7 +1584,7 @@ mod tests {
         let mut switch = device.ring_switch();
         let switcher = std::thread::spawn(move || {
             std::thread::sleep(SLOW / 3);
-            switch.set(1, false)
+            switch.set(1, false, REPLY_TIMEOUT)
         });
         device.reattach(backend).expect("reattach");
         // Had the switch come before the reconnect (a slow machine), it was
@@ -1705,7 +1752,7 @@ mod tests {
             refused: Some((SET_VRING_ENABLE, ring_state(1, false))),
             ..Script::default()
         });
-        assert!(!device.ring_switch().set(1, false));
+        assert!(!device.ring_switch().set(1, false, REPLY_TIMEOUT));
         assert!(wait_closed(&requests), "the backend is still connected");
 
         let (ours, requests) = spawn_backend(Script::default());
@@ -1742,7 +1789,7 @@ mod tests {
             VhostUserDevice::from_stream(spec, ours, Path::new("scripted")).map(|_| ())
         };
         connect(nic.clone(), 2).expect("two pairs offered, two asked for");
-        let e = connect(nic, 1).expect_err("one pair offered, two asked for");
+        let e = connect(nic.clone(), 1).expect_err("one pair offered, two asked for");
         assert!(
             e.to_string()
                 .contains("offers 1 queue pairs, 2 were asked for"),
@@ -1752,6 +1799,29 @@ mod tests {
         assert!(
             e.to_string().contains("offers 1 queues, 2 were asked for"),
             "{e}"
+        );
+
+        // One pair, answered as 1: both its rings start (the vhost crate
+        // would have taken the 1 as its limit on ring indexes).
+        let (ours, requests) = spawn_backend(Script {
+            queue_num: 1,
+            ..Script::default()
+        });
+        let one_pair = DeviceSpec {
+            num_queues: 2,
+            ..nic
+        };
+        let mut device =
+            VhostUserDevice::from_stream(one_pair, ours, Path::new("scripted")).expect("handshake");
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("both rings of the pair start");
+        let seen = drain(&requests);
+        assert!(
+            seen.contains(&Seen::Request(SET_VRING_ENABLE, ring_state(1, true))),
+            "{seen:?}"
         );
     }
 

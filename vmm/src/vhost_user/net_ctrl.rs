@@ -13,6 +13,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::deadline::{Budget, REPLY_TIMEOUT, RESET_LIMIT};
 use super::frontend::RingSwitch;
 use crate::vstate::memory::GuestMemory;
 
@@ -89,18 +90,29 @@ impl Commands for Controller {
                     );
                     return VIRTIO_NET_ERR;
                 }
-                let mut ok = true;
+                // One command waits for its backend as long as a reset
+                // does, however many rings it switches: past that, the
+                // backend is cut off.
+                let budget = Budget::new(RESET_LIMIT);
+                let mut reached = true;
                 for pair in 0..self.max_pairs {
                     for ring in [2 * pair, 2 * pair + 1] {
-                        ok &= self.rings.set(usize::from(ring), pair < pairs);
+                        let limit = budget.limit(REPLY_TIMEOUT);
+                        reached &= self.rings.set(usize::from(ring), pair < pairs, limit);
                     }
                 }
-                log::info!("{}: {pairs} queue pair(s) in use", self.name);
-                if ok {
-                    VIRTIO_NET_OK
+                if reached {
+                    log::info!("{}: {pairs} queue pair(s) in use", self.name);
                 } else {
-                    VIRTIO_NET_ERR
+                    log::info!(
+                        "{}: {pairs} queue pair(s) in use from the next backend on",
+                        self.name
+                    );
                 }
+                // Acked either way: the driver's count is what every backend
+                // from now on gets, and a driver told ERR would keep its old
+                // count and leave the new receive rings empty.
+                VIRTIO_NET_OK
             }
             [class, cmd, ..] => {
                 log::debug!("{}: unsupported control command {class}.{cmd}", self.name);
@@ -221,6 +233,11 @@ fn serve(
             }
         };
         for chain in chains {
+            if stopping.load(Ordering::Acquire) {
+                // The device is being reset: its rings are the driver's
+                // again, and the rest is not run.
+                return true;
+            }
             let head = chain.head_index();
             let written = handle(chain, mem, ctl);
             if let Err(e) = queue.add_used(mem, head, written) {
@@ -380,5 +397,28 @@ mod tests {
         let (served, recorder) = serve_within(mem).expect("serve returns");
         assert!(!served, "the queue is broken");
         assert!(recorder.0.is_empty(), "no command ran");
+    }
+
+    /// A pair count set while the backend is away is recorded for the next
+    /// one and acked: a driver told ERR keeps its old count and would leave
+    /// the rings the next backend serves without buffers.
+    #[test]
+    fn a_pair_count_set_while_the_backend_is_away_is_acked() {
+        let mut controller = Controller {
+            name: "net9".into(),
+            max_pairs: 2,
+            rings: RingSwitch::without_backend(4),
+        };
+        let set = |pairs: u8| {
+            [
+                VIRTIO_NET_CTRL_MQ,
+                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                pairs,
+                0,
+            ]
+        };
+        assert_eq!(controller.execute(&set(1)), VIRTIO_NET_OK);
+        assert_eq!(controller.execute(&set(0)), VIRTIO_NET_ERR);
+        assert_eq!(controller.execute(&set(3)), VIRTIO_NET_ERR);
     }
 }
