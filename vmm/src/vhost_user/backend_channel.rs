@@ -8,8 +8,8 @@
 //! own copy of the backend's end of the socket, so the channel never reads
 //! as closed: a thread serves it until the connection it was set up on
 //! hangs up (whoever sees that says so through the channel's `Stop`), and
-//! a message that stops halfway fails after `READ_STALL` rather than
-//! holding the thread for ever.
+//! a message that stops halfway, or an ack the backend does not read,
+//! fails after `SOCKET_STALL` rather than holding the thread for ever.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -20,8 +20,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::virtio::device::ConfigNotifier;
 
-/// How long a read of a message that has begun may wait for the rest.
-const READ_STALL: Duration = Duration::from_secs(1);
+/// How long a read of a message that has begun may wait for the rest, and
+/// a send of an ack for room in the socket.
+const SOCKET_STALL: Duration = Duration::from_secs(1);
 
 /// The device's configuration-change notifier, once its transport exists;
 /// shared by the channels of every connection the device has.
@@ -83,24 +84,28 @@ impl BackendChannel {
         let mut handler = FrontendReqHandler::new(Arc::new(changes))?;
         handler.set_reply_ack_flag(reply_ack);
         let stall = libc::timeval {
-            tv_sec: READ_STALL.as_secs() as libc::time_t,
+            tv_sec: SOCKET_STALL.as_secs() as libc::time_t,
             tv_usec: 0,
         };
-        // SAFETY: sets a socket option on a socket the handler owns, from a
-        // timeval that lives across the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                handler.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&stall as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(vhost::Error::VhostUserProtocol(
-                vhost::vhost_user::Error::SocketError(std::io::Error::last_os_error()),
-            ));
+        // Both ways: a backend that sends acked requests and never reads
+        // the acks would otherwise hold the thread in a send for ever.
+        for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+            // SAFETY: sets a socket option on a socket the handler owns,
+            // from a timeval that lives across the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    handler.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&stall as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(vhost::Error::VhostUserProtocol(
+                    vhost::vhost_user::Error::SocketError(std::io::Error::last_os_error()),
+                ));
+            }
         }
         Ok(BackendChannel {
             name: name.to_string(),

@@ -301,6 +301,10 @@ pub struct VhostUserDevice {
     unused_call: EventFd,
     /// Told when the backend reports a configuration change.
     config_notifier: NotifierSlot,
+    /// The backend's configuration space as last read (from offset 0),
+    /// served while it is away: a guest that probes the device then (a
+    /// reboot during a backend restart) must not read all-ones sizes.
+    config_seen: Vec<u8>,
 }
 
 impl VhostUserDevice {
@@ -459,6 +463,10 @@ impl VhostUserDevice {
             hang_up_seen: Condvar::new(),
             listeners: Mutex::new(Vec::new()),
         });
+        // Made before the watcher starts: a failure here drops the
+        // connection, whose fd the watcher would go on polling.
+        let unused_call = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| FrontendError::EventFd(socket.to_path_buf(), e))?;
         watch_hangup(
             frontend.as_raw_fd(),
             status.clone(),
@@ -476,9 +484,9 @@ impl VhostUserDevice {
             active_queues: Vec::new(),
             broken,
             status,
-            unused_call: EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| FrontendError::EventFd(socket.to_path_buf(), e))?,
+            unused_call,
             config_notifier,
+            config_seen: Vec::new(),
         })
     }
 
@@ -561,8 +569,9 @@ fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>, channel: Option<Stop>) {
                 revents: 0,
             };
             // SAFETY: `pfd` is a valid pollfd. The socket stays open while
-            // this thread uses it: devices are never dropped while the VMM
-            // runs, and a connection is replaced (and closed) only after
+            // this thread uses it: a device made is never dropped while the
+            // VMM runs (a start that fails after it ends the VMM), and a
+            // connection is replaced (and closed) only after
             // `set_hung_up(true)`, the last thing this thread does.
             let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
             if rc < 0 {
@@ -620,6 +629,13 @@ impl VirtioDevice for VhostUserDevice {
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         if self.broken.load(Ordering::Acquire) {
+            let seen = usize::try_from(offset)
+                .ok()
+                .and_then(|start| self.config_seen.get(start..));
+            if let Some(seen) = seen {
+                let n = seen.len().min(data.len());
+                data[..n].copy_from_slice(&seen[..n]);
+            }
             return;
         }
         // Only the part of the access inside the backend's struct is asked
@@ -657,6 +673,11 @@ impl VirtioDevice for VhostUserDevice {
         // The `vhost` crate checked the reply's size against the request.
         if let Some(part) = reply.get(start..end) {
             data[..part.len()].copy_from_slice(part);
+        }
+        if reply.len() >= self.config_seen.len() {
+            self.config_seen = reply;
+        } else {
+            self.config_seen[..reply.len()].copy_from_slice(&reply);
         }
     }
 
@@ -1486,6 +1507,32 @@ mod tests {
             .collect();
         assert_eq!(asked, [4, 38, 60], "GET_CONFIG sizes asked");
         assert!(device.status().connected());
+    }
+
+    /// While the backend is away, config reads get what it said last, not
+    /// all ones (a guest probing the disk then would see a 2^64-sector disk
+    /// with 0xffffffff-byte blocks, and give it up).
+    #[test]
+    fn config_reads_while_the_backend_is_away_get_what_it_said_last() {
+        let config: Vec<u8> = (0..60).map(|i| i as u8 + 1).collect();
+        let (mut device, requests) = scripted_disk(Script {
+            config: Some(config.clone()),
+            quit_after: Some(GET_CONFIG),
+            ..Script::default()
+        });
+        let mut whole = [0u8; 60];
+        device.read_config(0, &mut whole);
+        assert_eq!(whole[..8], config[..8]);
+        assert!(wait_closed(&requests), "the backend did not go");
+        wait_hung_up(&device);
+        let mut data = [0u8; 4];
+        device.read_config(20, &mut data);
+        assert_eq!(data, [21, 22, 23, 24]);
+        device.read_config(34, &mut data);
+        assert_eq!(data, [2, 0, 37, 38], "num_queues is still the device's own");
+        let mut across = [0u8; 8];
+        device.read_config(56, &mut across);
+        assert_eq!(across, [57, 58, 59, 60, 0xff, 0xff, 0xff, 0xff]);
     }
 
     /// Only virtio-blk's `writeback` reaches the backend; a backend that
