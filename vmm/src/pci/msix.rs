@@ -26,6 +26,9 @@ pub struct Msix {
     router: Arc<GsiRouter>,
     enabled: bool,
     function_masked: bool,
+    /// The command register's bus-master bit: MSI-X messages are memory
+    /// writes, which a function without it may not make.
+    bus_master: bool,
 }
 
 impl Msix {
@@ -46,6 +49,7 @@ impl Msix {
             router,
             enabled: false,
             function_masked: false,
+            bus_master: false,
         })
     }
 
@@ -73,7 +77,19 @@ impl Msix {
         }
     }
 
-    /// As at power-on: disabled, every entry cleared and masked.
+    /// The guest set or cleared bus mastering. Signals raised without it
+    /// wait in their eventfds, and are delivered once it is back.
+    pub fn set_bus_master(&mut self, on: bool) {
+        if self.bus_master != on {
+            self.bus_master = on;
+            for index in 0..self.entries.len() {
+                self.refresh(index);
+            }
+        }
+    }
+
+    /// As at power-on: disabled, every entry cleared and masked, no bus
+    /// mastering.
     pub fn reset(&mut self) {
         for entry in &mut self.entries {
             *entry = Entry {
@@ -81,6 +97,7 @@ impl Msix {
                 ..Default::default()
             };
         }
+        self.bus_master = false;
         self.set_control(0);
     }
 
@@ -95,7 +112,10 @@ impl Msix {
 
     fn refresh(&mut self, index: usize) {
         let entry = self.entries[index];
-        let deliver = self.enabled && !self.function_masked && entry.control & VECTOR_MASKED == 0;
+        let deliver = self.enabled
+            && self.bus_master
+            && !self.function_masked
+            && entry.control & VECTOR_MASKED == 0;
         let message = deliver.then(|| {
             (
                 u64::from(entry.addr_hi) << 32 | u64::from(entry.addr_lo),
@@ -219,9 +239,25 @@ mod tests {
         msix.table_write(0, &entry_bytes(0xfee0_0000, 0x40, false));
         event().write(1).unwrap();
         settle();
+        assert_eq!(
+            event().read().unwrap(),
+            1,
+            "a signal was delivered without bus mastering"
+        );
+        msix.set_bus_master(true);
+        event().write(1).unwrap();
+        settle();
         assert!(
             event().read().is_err(),
             "an unmasked vector's signal was not taken by KVM"
+        );
+        event().write(1).unwrap();
+        msix.set_bus_master(false);
+        msix.set_bus_master(true);
+        settle();
+        assert!(
+            event().read().is_err(),
+            "a signal held while bus mastering was off was not delivered"
         );
 
         let pba = |msix: &Msix| {
@@ -267,6 +303,7 @@ mod tests {
         msix.reset();
         msix.table_read(0, &mut read_back);
         assert_eq!(read_back, entry_bytes(0, 0, true));
+        msix.set_bus_master(true);
         msix.set_control(CONTROL_ENABLE);
         event().write(1).unwrap();
         settle();

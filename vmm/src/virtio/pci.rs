@@ -125,6 +125,12 @@ impl QueueState {
     }
 }
 
+/// The command register as the VMM leaves it at power-on and after a
+/// reset, as firmware that assigned the BAR does: memory decoding on (the
+/// window answers where the BAR points), bus mastering off until the driver
+/// turns it on.
+const FIRMWARE_COMMAND: [u8; 2] = [0x02, 0];
+
 pub struct VirtioPciDevice {
     config: PciConfiguration,
     msix_cap_reg: usize,
@@ -213,6 +219,7 @@ impl VirtioPciDevice {
         // bar (the low byte of its second register), offset and length are
         // the driver's; pci_cfg_data, the fifth, is served by the device.
         let pci_cfg_reg = config.add_capability(&virtio_cap(CFG_PCI, 0, 0, Some(0)))? / 4;
+        config.write(1, 0, &FIRMWARE_COMMAND);
         config.set_writable(pci_cfg_reg + 1, 0xff);
         config.set_writable(pci_cfg_reg + 2, 0xffff_ffff);
         config.set_writable(pci_cfg_reg + 3, 0xffff_ffff);
@@ -543,7 +550,9 @@ impl VirtioPciDevice {
                 self.device.name()
             );
             self.device.reset();
-            self.status |= STATUS_NEEDS_RESET;
+            // Said with a configuration interrupt (VIRTIO 1.2, 2.1.2), which
+            // waits until bus mastering is back.
+            self.needs_reset();
         }
     }
 
@@ -601,12 +610,12 @@ impl PciDevice for VirtioPciDevice {
 
     fn reset(&mut self) {
         // The device stops (its backend's rings too), MSI-X is disabled and
-        // memory decoding is off, as at power-on.
+        // the command register is as at power-on.
         VirtioPciDevice::reset(self);
         // MSI-X control is the top half of the capability's first dword.
         self.config.write(self.msix_cap_reg, 3, &[0]);
         self.msix.reset();
-        self.config.write(1, 0, &[0, 0]);
+        self.config.write(1, 0, &FIRMWARE_COMMAND);
     }
 
     /// The kicks' ioeventfds go to the notify addresses in the window, each
@@ -640,6 +649,7 @@ impl PciDevice for VirtioPciDevice {
         }
         let was_bus_master = self.config.bus_master();
         self.config.write(reg, offset, data);
+        self.msix.set_bus_master(self.config.bus_master());
         if was_bus_master && !self.config.bus_master() {
             self.bus_master_cleared();
         }
@@ -962,6 +972,17 @@ mod tests {
         assert_eq!(read(&mut dev, 0x14, 1), 1 | 2 | 8 | 4);
     }
 
+    /// The BAR answers at power-on and after a reset alike: memory
+    /// decoding on, as firmware leaves it; bus mastering off.
+    #[test]
+    fn the_command_register_is_the_same_at_power_on_and_after_a_reset() {
+        let (mut dev, _record) = mock_transport();
+        assert_eq!(dev.config_read(1) & 0xffff, 0x02);
+        dev.config_write(1, 0, &[0x06, 0]);
+        PciDevice::reset(&mut dev);
+        assert_eq!(dev.config_read(1) & 0xffff, 0x02);
+    }
+
     /// Taking bus mastering away (Linux does before kexec) stops a running
     /// device: its rings stop and it needs a reset to run again.
     #[test]
@@ -971,9 +992,15 @@ mod tests {
         start_queue_1(&mut dev, 0x10_0000, 0x10_1000, 0x10_2000);
         assert_eq!(record.lock().unwrap().activated.len(), 1);
         // Memory decoding stays on: only bus mastering goes.
+        let generation = read(&mut dev, 0x15, 1);
         dev.config_write(1, 0, &[0x02, 0]);
         assert_eq!(record.lock().unwrap().resets, 1);
         assert_ne!(read(&mut dev, 0x14, 1) & STATUS_NEEDS_RESET as u64, 0);
+        assert_ne!(
+            read(&mut dev, 0x15, 1),
+            generation,
+            "NEEDS_RESET is said with a configuration change"
+        );
         // Turning it back on does not restart the device; a reset does.
         dev.config_write(1, 0, &[0x06, 0]);
         write(&mut dev, 0x14, 1 | 2 | 8 | 4, 1);
