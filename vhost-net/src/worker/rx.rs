@@ -120,16 +120,21 @@ impl Rx {
     ) -> Result<RxOutcome, virtio_queue::Error> {
         let mut used = 0u32;
         let mut reads = 0usize;
+        let mut malformed = 0usize;
         // No kicks are needed while there are buffers.
         q.disable_notification(mem)?;
         loop {
-            if reads == BUDGET {
+            if self.fill(q, mem, cfg, c, &mut used, &mut malformed)? {
+                // A ring's worth of malformed chains: the rest wait for the
+                // next run (the tap's next frame, or a kick: a frame may be
+                // pending), so a guest that keeps offering them cannot hold
+                // the worker and its locks.
+                q.enable_notification(mem)?;
                 return Ok(RxOutcome {
                     used,
                     stop: RxStop::Budget,
                 });
             }
-            self.fill(q, mem, cfg, c, &mut used)?;
             let ready = match self.pending {
                 Some(p) => self.held_bytes >= p.in_chains + p.tail,
                 None => !self.held.is_empty(),
@@ -161,6 +166,15 @@ impl Rx {
                     c.dropped(true, &"its buffers left guest memory");
                 }
                 continue;
+            }
+            // Checked only here, with no frame pending: a frame whose tail
+            // waits in the overflow area is not in the tap, and its
+            // readiness would not bring the worker back for it.
+            if reads == BUDGET {
+                return Ok(RxOutcome {
+                    used,
+                    stop: RxStop::Budget,
+                });
             }
             match self.read(tap, mem, cfg) {
                 Read::Stop(RxStop::TapEmpty) => {
@@ -217,7 +231,8 @@ impl Rx {
 
     /// Takes chains from the ring until the held ones are enough for the
     /// next frame (or the ring is empty). Malformed chains are completed
-    /// empty at once.
+    /// empty at once, and counted in `malformed`: true, with nothing more
+    /// taken, once a ring's worth of them has been.
     fn fill(
         &mut self,
         q: &mut Queue,
@@ -225,8 +240,12 @@ impl Rx {
         cfg: NetConfig,
         c: &mut Counters,
         used: &mut u32,
-    ) -> Result<(), virtio_queue::Error> {
+        malformed: &mut usize,
+    ) -> Result<bool, virtio_queue::Error> {
         loop {
+            if *malformed >= usize::from(q.size()) {
+                return Ok(true);
+            }
             let enough = match self.pending {
                 Some(p) => self.held_bytes >= p.in_chains + p.tail,
                 None if cfg.mrg_rxbuf => {
@@ -235,7 +254,7 @@ impl Rx {
                 None => !self.held.is_empty(),
             };
             if enough {
-                return Ok(());
+                return Ok(false);
             }
             let pos = q.next_avail();
             // An available index more than a ring ahead, or an entry
@@ -243,7 +262,7 @@ impl Rx {
             // otherwise look like buffers that never come, and `process`
             // would wait for them for ever (or spin).
             let Some(chain) = next_chain(q, mem)? else {
-                return Ok(());
+                return Ok(false);
             };
             let head = chain.head_index();
             let mut segs = Vec::new();
@@ -266,6 +285,7 @@ impl Rx {
                     });
                 }
                 Err(why) => {
+                    *malformed += 1;
                     c.bad_chain("rx", head, &why);
                     complete(q, mem, head, 0, used)?;
                 }

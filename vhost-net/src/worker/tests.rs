@@ -861,3 +861,62 @@ fn a_frame_larger_than_the_ring_of_two_buffer_chains_is_dropped() {
     let s = pair.stats();
     assert_eq!((s.rx_frames, s.rx_dropped), (1, 1));
 }
+
+/// The frame read last in a call's budget may be waiting for buffers (its
+/// tail in the overflow area, no longer in the tap): the call asks the
+/// guest for a kick rather than end on the budget, which only the tap's
+/// readiness would have brought the worker back from.
+#[test]
+fn a_frame_waiting_for_buffers_at_the_end_of_the_budget_is_not_left_behind() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    let first: Vec<u16> = (0..2u64)
+        .map(|i| d.add(&[(0x10000 + i * 0x1000, 64, W)]))
+        .collect();
+    // Reads the budget counts, each dropped: shorter than a header.
+    for _ in 0..super::rx::BUDGET - 1 {
+        tap.push(vec![0u8; 4]);
+    }
+    let data = frame(200, 3);
+    tap.push(with_header(&data));
+    let mut pair = Pair::new(0);
+    let out = pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+    assert!(matches!(out.stop, RxStop::NoBuffers), "{out:?}");
+    assert!(d.used().is_empty());
+    let more: Vec<u16> = (2..4u64)
+        .map(|i| d.add(&[(0x10000 + i * 0x1000, 64, W)]))
+        .collect();
+    pair.rx(&tap, &mut q, &mem, MRG).unwrap();
+    let heads: Vec<u32> = d.used().iter().map(|&(head, _)| head).collect();
+    let expected: Vec<u32> = first.iter().chain(&more).map(|&h| u32::from(h)).collect();
+    assert_eq!(heads, expected);
+    let mut got = Vec::new();
+    for (i, len) in [64, 64, 64, 20].into_iter().enumerate() {
+        got.extend(d.read(0x10000 + i as u64 * 0x1000, len));
+    }
+    assert_eq!(got[12..], data[..]);
+}
+
+/// A guest that keeps offering malformed rx chains cannot keep the worker
+/// (and the locks a stopping frontend needs) in one call: after a ring's
+/// worth the call ends, and the next one goes on.
+#[test]
+fn a_ring_of_malformed_rx_chains_ends_the_call() {
+    let mem = memory();
+    let (mut d, mut q) = Driver::new(&mem);
+    let tap = MemTap::default();
+    for i in 0..u64::from(SIZE) {
+        // Readable, where rx needs writable buffers.
+        d.add(&[(0x10000 + i * 0x100, 64, 0)]);
+    }
+    tap.push(with_header(&frame(30, 1)));
+    let mut pair = Pair::new(0);
+    let out = pair.rx(&tap, &mut q, &mem, ONE_CHAIN).unwrap();
+    assert!(matches!(out.stop, RxStop::Budget), "{out:?}");
+    assert_eq!(pair.stats().bad_chains, u64::from(SIZE));
+    assert_eq!(d.used().len(), usize::from(SIZE));
+    let good = d.add(&[(0x20000, 64, W)]);
+    pair.rx(&tap, &mut q, &mem, ONE_CHAIN).unwrap();
+    assert_eq!(d.used(), [(u32::from(good), 42)]);
+}
