@@ -43,10 +43,14 @@ const POLL: Duration = Duration::from_micros(50);
 /// `block` is the disk's preferred transfer unit (a power of two, at least
 /// a sector): the topology's physical block and minimum I/O size, so a
 /// guest aligns its I/O to it while sectors stay 512 bytes.
-fn config_space(capacity_sectors: u64, num_queues: u16, block: u64) -> Vec<u8> {
+/// `seg_max` leaves a ring of `queue_size` room for a request's header and
+/// status too: a driver without indirect descriptors puts a whole request
+/// in the ring, and one that cannot fit waits for ever.
+fn config_space(capacity_sectors: u64, num_queues: u16, queue_size: u16, block: u64) -> Vec<u8> {
     let mut c = vec![0u8; 60];
     c[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
-    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+    let seg_max = SEG_MAX.min(u32::from(queue_size).saturating_sub(2));
+    c[12..16].copy_from_slice(&seg_max.to_le_bytes());
     c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
     let sectors_per_block = (block / SECTOR_SIZE).clamp(1, 1 << 15);
     c[24] = sectors_per_block.ilog2() as u8; // physical_block_exp
@@ -119,7 +123,12 @@ impl BlkBackend {
     pub fn new(device: Arc<Device>) -> Self {
         let capacity = device.target.disk.size() / SECTOR_SIZE;
         let block = device.target.disk.preferred_block();
-        let config = Arc::new(config_space(capacity, device.num_queues, block));
+        let config = Arc::new(config_space(
+            capacity,
+            device.num_queues,
+            device.queue_size,
+            block,
+        ));
         BlkBackend {
             config,
             event_idx: Arc::new(AtomicBool::new(false)),
@@ -268,14 +277,13 @@ impl BlkBackend {
         let Some(atomic) = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(());
         };
-        let mem: Arc<GuestMemoryMmap> = atomic.memory().into_inner();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let Some(state) = self.queues.get(queue) else {
             return Ok(());
         };
         let mut guard = lock(state);
         let state = &mut *guard;
-        let served = self.serve(queue, vring, state, mem, event_idx);
+        let served = self.serve(queue, vring, state, &atomic, event_idx);
         if let Err(e) = &served {
             if !state.broken {
                 log::error!(
@@ -293,7 +301,7 @@ impl BlkBackend {
         queue: usize,
         vring: &VringRwLock,
         state: &mut QueueState,
-        mem: Arc<GuestMemoryMmap>,
+        atomic: &GuestMemoryAtomic<GuestMemoryMmap>,
         event_idx: bool,
     ) -> io::Result<()> {
         // A stopped ring (GET_VRING_BASE) is the frontend's again: a late
@@ -315,6 +323,11 @@ impl BlkBackend {
         let mut not_ready = false;
         let ring_size = usize::from(vring.get_ref().get_queue().size());
         loop {
+            // Taken again each pass: a busy queue may stay here a long
+            // time, and a memory table the frontend sends meanwhile (memory
+            // it added) must be the one new requests are read from.
+            // Transfers in flight keep the memory they were started with.
+            let mem: Arc<GuestMemoryMmap> = atomic.memory().into_inner();
             if event_idx {
                 vring.disable_notification().map_err(vq_err)?;
             }
@@ -629,5 +642,22 @@ impl VhostUserBackend for BlkBackend {
             state.order.clear();
         }
         drained
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    #[test]
+    fn seg_max_leaves_room_in_the_ring_for_header_and_status() {
+        let seg_max = |queue_size| {
+            let c = config_space(8, 1, queue_size, 512);
+            u32::from_le_bytes([c[12], c[13], c[14], c[15]])
+        };
+        assert_eq!(seg_max(256), SEG_MAX);
+        assert_eq!(seg_max(128), 126);
+        assert_eq!(seg_max(64), 62);
+        assert_eq!(seg_max(4), 2);
     }
 }

@@ -24,7 +24,7 @@ pub struct Config {
 pub enum ConfigError {
     #[error("--num-queues {0:?}: expected 1 to {MAX_QUEUES}")]
     NumQueues(String),
-    #[error("--queue-size {0:?}: expected a power of two from 1 to 32768")]
+    #[error("--queue-size {0:?}: expected a power of two from 4 to 32768")]
     QueueSize(String),
     #[error("--serial {0:?}: longer than {SERIAL_LEN} bytes")]
     Serial(String),
@@ -46,7 +46,8 @@ impl TryFrom<Args> for Config {
             .queue_size
             .parse::<u16>()
             .ok()
-            .filter(|n| n.is_power_of_two())
+            // Room for a request's header and status around a data segment.
+            .filter(|n| n.is_power_of_two() && *n >= 4)
             .ok_or_else(|| ConfigError::QueueSize(args.queue_size.clone()))?;
         if args.socket.as_os_str().is_empty() {
             return Err(ConfigError::Socket);
@@ -107,7 +108,7 @@ mod tests {
             let err = Config::try_from(args(q, s, None)).unwrap_err();
             assert!(err.to_string().starts_with("--num-queues"), "{err}");
         }
-        for s in ["0", "100", "65536", "-1"] {
+        for s in ["0", "2", "100", "65536", "-1"] {
             let err = Config::try_from(args("1", s, None)).unwrap_err();
             assert!(err.to_string().starts_with("--queue-size"), "{err}");
         }

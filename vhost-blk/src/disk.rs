@@ -70,10 +70,12 @@ pub trait Disk: Send + Sync {
 }
 
 /// A discard only allows the device to free the range: one the file system
-/// or device cannot punch holes in is still done.
+/// or device cannot punch holes in is still done. So is one a block device
+/// refuses (EINVAL) for not being aligned to its logical blocks, larger
+/// than the 512 bytes the image is opened with when it is not O_DIRECT.
 fn advisory(punched: io::Result<()>) -> io::Result<()> {
     match punched {
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
             log::debug!("discard: {e}; the range stays allocated");
             Ok(())
         }
@@ -504,6 +506,9 @@ impl Disk for RawFile {
         };
         let mut bounce = Bounce::new(window_len(offset, buf.len(), align), bounce_align(align))?;
         for w in Windows::new(offset, buf.len(), align) {
+            // What a read that stops at the end of the file leaves is zero,
+            // not the last window's bytes.
+            bounce.as_mut_slice()[..w.span].fill(0);
             // SAFETY: the bounce buffer owns at least `w.span` writable bytes.
             eof_ok(unsafe { transfer(fd, Op::Read, bounce.ptr, w.span, w.start) })?;
             buf.subslice(w.done, w.len)
