@@ -212,10 +212,15 @@ impl BlkBackend {
     }
 
     /// Once the frontend has left, before the workers are stopped: they
-    /// take no new request, and every transfer in flight finishes and is
-    /// completed. A worker may be waiting for blocks that another queue's
-    /// transfers hold, and only their completion releases them, so none of
-    /// them may be left in flight when the workers stop.
+    /// take no new request, and every transfer in flight finishes. A worker
+    /// may be waiting for blocks that another queue's transfers hold, and
+    /// only their completion releases them, so none of them may be left in
+    /// flight when the workers stop. None is completed to the driver: the
+    /// frontend that gave them has gone, and may already have read the used
+    /// index to hand on to the next backend (QEMU does when a backend hangs
+    /// up; the vmm, when it cuts a slow backend off), which runs them
+    /// again. A used entry written now could count a request twice, or land
+    /// in a ring a new driver has set up since.
     pub fn quiesce(&self) {
         self.closing.store(true, Ordering::Release);
         for queue in 0..self.queues.len() {
@@ -225,14 +230,13 @@ impl BlkBackend {
         }
     }
 
-    /// Waits for the queue's transfers in flight and completes them.
+    /// Waits for the queue's transfers in flight, completing none of them.
     fn finish_in_flight(&self, queue: usize) -> io::Result<()> {
         let Some(state) = self.queues.get(queue) else {
             return Ok(());
         };
         let mut guard = lock(state);
         let state = &mut *guard;
-        let vring = state.vring.clone();
         let AsyncIo::Ready(qio) = &mut state.io else {
             return Ok(());
         };
@@ -240,24 +244,17 @@ impl BlkBackend {
         qio.clear_event();
         let mut finished = Vec::new();
         let drained = qio.drain(&mut finished);
-        let lost = qio.take_lost();
+        let left = finished.len() + qio.take_lost().len();
         if drained.is_err() {
             // `drain` gave the ring up (`abandon`): its submission queue
             // may still name transfers that are gone, so it is never
             // entered again; the queue runs synchronously from now on.
             state.io = AsyncIo::Unavailable;
         }
-        let (Some(vring), Some(atomic)) = (
-            vring,
-            self.mem.read().unwrap_or_else(|p| p.into_inner()).clone(),
-        ) else {
-            return drained;
-        };
-        let mem = atomic.memory();
-        let completed = Self::complete(queue, &vring, &mut state.order, &mem, &mut finished)
-            + forget(queue, &vring, &mut state.order, lost);
-        if completed > 0 {
-            vring.signal_used_queue()?;
+        if left > 0 {
+            log::info!(
+                "queue {queue}: {left} request(s) in flight when the frontend left; the next backend runs them again"
+            );
         }
         drained
     }

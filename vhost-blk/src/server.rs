@@ -90,8 +90,9 @@ fn serve_frontends(
             return Err(ServeError::Serve(socket.to_path_buf(), format!("{e:?}")));
         }
         vmm_common::serve::log_connection_end(daemon.wait());
-        // The workers finish what the frontend left in flight; then
-        // dropping the daemon stops and joins them.
+        // The transfers the frontend left in flight finish (uncompleted:
+        // see `quiesce`); then dropping the daemon stops and joins the
+        // workers.
         backend.quiesce();
         drop(daemon);
         relay.join();
