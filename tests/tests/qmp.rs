@@ -170,10 +170,10 @@ fn bad_input_gets_errors_and_the_vm_keeps_running() {
             "{\"execute\": }",
             r#""class":"GenericError","desc":"JSON parse error"#,
         ),
-        // One error, not a second for the stray `}`: the next request
-        // would read it as its reply.
+        // One error, not a second for the stray `}` (the next request
+        // would read it as its reply), and the object inside does not run.
         (
-            r#"{"execute": "stop"]}"#,
+            r#"{"a": [1}, "b": {"execute": "quit"}}"#,
             r#""desc":"JSON parse error, mismatched brackets""#,
         ),
         (

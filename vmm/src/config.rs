@@ -418,7 +418,15 @@ fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
                     .filter(|n| (1..=MAX_QUEUES).contains(n))
                     .ok_or_else(|| bad(format!("num_queues={value} is not 1 to {MAX_QUEUES}")))?;
             }
-            "queue_size" => queue_size = parse_queue_size(value).map_err(bad)?,
+            "queue_size" => {
+                queue_size = parse_queue_size(value).map_err(bad)?;
+                if queue_size < 4 {
+                    // A request is a header, data and a status.
+                    return Err(bad(format!(
+                        "queue_size={value} is too small for a disk: 4 at least"
+                    )));
+                }
+            }
             _ => return Err(bad(format!("unknown or empty option {key:?}"))),
         }
     }
@@ -640,6 +648,7 @@ mod tests {
             "socket=",
             "socket=/x,num_queues=0",
             "socket=/x,queue_size=100",
+            "socket=/x,queue_size=2",
             "socket=/x,queue_size=65536",
             "socket=/x,color=red",
             "/x",

@@ -2,7 +2,7 @@
 //! them: braces and brackets are matched outside strings. A value larger
 //! than `MAX_MESSAGE` ends the connection (the stream cannot be resynced);
 //! stray text between values is reported once per line, and a value closed
-//! by the wrong bracket is reported once, with the rest of its line.
+//! by the wrong bracket is reported once, and the rest of its line dropped.
 
 /// Largest message accepted from a client.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -28,6 +28,9 @@ pub struct Splitter {
     escaped: bool,
     /// Inside a run of stray text already reported.
     in_garbage: bool,
+    /// After a wrong closing bracket: everything up to the end of the line
+    /// is dropped (it belongs to the broken value, objects inside it too).
+    skipping_line: bool,
 }
 
 impl Splitter {
@@ -35,6 +38,10 @@ impl Splitter {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<Piece> {
         let mut out = Vec::new();
         for &b in bytes {
+            if self.skipping_line {
+                self.skipping_line = b != b'\n';
+                continue;
+            }
             if self.closers.is_empty() {
                 match b {
                     b'{' | b'[' => {
@@ -80,11 +87,11 @@ impl Splitter {
                 }
                 b'}' | b']' => {
                     // The brackets left open would swallow what follows:
-                    // drop the value, and the rest of its line is not
-                    // reported again.
+                    // drop the value and the rest of its line, which is
+                    // not reported again and runs nothing.
                     out.push(Piece::Mismatched);
                     *self = Splitter {
-                        in_garbage: true,
+                        skipping_line: true,
                         ..Splitter::default()
                     };
                 }
@@ -134,21 +141,17 @@ mod tests {
     }
 
     #[test]
-    fn a_wrong_closing_bracket_is_one_error_and_the_next_value_is_kept() {
+    fn a_wrong_closing_bracket_drops_the_rest_of_its_line_and_the_next_is_kept() {
         let mut s = Splitter::default();
+        // The object inside the broken value does not run.
         assert_eq!(
-            s.push(br#"{"a": 1]} {"execute": "x", "y": [{}]}"#),
-            vec![
-                Piece::Mismatched,
-                Piece::Value(br#"{"execute": "x", "y": [{}]}"#.to_vec()),
-            ]
+            s.push(br#"{"a": [1}, "b": {"execute": "quit"}}"#),
+            vec![Piece::Mismatched]
         );
         assert_eq!(
-            s.push(
-                b"[}]
-]"
-            ),
-            vec![Piece::Mismatched, Piece::Garbage]
+            s.push(b"\n{\"execute\": \"x\", \"y\": [{}]}"),
+            vec![Piece::Value(br#"{"execute": "x", "y": [{}]}"#.to_vec())]
         );
+        assert_eq!(s.push(b"[}]\n]"), vec![Piece::Mismatched, Piece::Garbage]);
     }
 }

@@ -9,6 +9,8 @@ use super::frontend::{DeviceSpec, FrontendError, QueueNum, VhostUserDevice};
 const VIRTIO_ID_BLOCK: u16 = 2;
 /// Offset of `num_queues` in virtio_blk_config.
 const CONFIG_NUM_QUEUES: u64 = 34;
+/// Offset of `seg_max` in virtio_blk_config.
+const CONFIG_SEG_MAX: u64 = 12;
 /// virtio_blk_config up to `write_zeroes_may_unmap` and its padding, as
 /// qemu-storage-daemon 7.2 and our `vhost-blk` serve it.
 const CONFIG_SIZE: usize = 60;
@@ -42,6 +44,7 @@ pub fn connect(
         num_queues,
         queue_size,
         queue_count_field: Some(CONFIG_NUM_QUEUES),
+        seg_max_field: Some(CONFIG_SEG_MAX),
         config_from_backend: true,
         queues_without_mq: 1,
         queue_num: QueueNum::Queues,

@@ -108,6 +108,11 @@ pub struct DeviceSpec {
     /// answers itself: the backend may serve more queues than this device
     /// exposes (virtio-blk `num_queues`).
     pub queue_count_field: Option<u64>,
+    /// Offset of a u32 segments-per-request field the VMM caps at the ring
+    /// size less two (virtio-blk `seg_max`): the backend's figure is for
+    /// its own ring size, and a driver without indirect descriptors puts a
+    /// whole request (header and status too) in the ring.
+    pub seg_max_field: Option<u64>,
     /// The backend serves the configuration space (GET_CONFIG); otherwise
     /// the device type answers it in the VMM (network backends such as
     /// DPDK's do not implement GET_CONFIG).
@@ -668,6 +673,13 @@ impl VirtioDevice for VhostUserDevice {
                 if let Some(slot) = reply.get_mut(field + i) {
                     *slot = *byte;
                 }
+            }
+        }
+        if let Some(field) = self.spec.seg_max_field.map(|f| f as usize) {
+            if let Some(slot) = reply.get_mut(field..field + 4) {
+                let said = u32::from_le_bytes([slot[0], slot[1], slot[2], slot[3]]);
+                let room = u32::from(self.spec.queue_size).saturating_sub(2);
+                slot.copy_from_slice(&said.min(room).to_le_bytes());
             }
         }
         // The `vhost` crate checked the reply's size against the request.
@@ -1317,6 +1329,7 @@ mod tests {
             num_queues: 2,
             queue_size: 16,
             queue_count_field: Some(34),
+            seg_max_field: Some(12),
             config_from_backend: true,
             queues_without_mq: 1,
             queue_num: QueueNum::Queues,
@@ -1491,6 +1504,8 @@ mod tests {
         assert_eq!(data, [1, 2, 3, 4]);
         device.read_config(34, &mut data);
         assert_eq!(data[..2], [2, 0], "num_queues is the device's own");
+        device.read_config(12, &mut data);
+        assert_eq!(data, [14, 0, 0, 0], "seg_max fits the 16-entry ring");
         device.read_config(60, &mut data);
         assert_eq!(data, [0xff; 4]);
         device.read_config(0xffc, &mut data);
@@ -1505,7 +1520,7 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(asked, [4, 38, 60], "GET_CONFIG sizes asked");
+        assert_eq!(asked, [4, 38, 16, 60], "GET_CONFIG sizes asked");
         assert!(device.status().connected());
     }
 
@@ -1822,6 +1837,7 @@ mod tests {
             num_queues: 4,
             queues_without_mq: 2,
             queue_count_field: None,
+            seg_max_field: None,
             config_from_backend: false,
             queue_num: QueueNum::Pairs,
             config_size: 0,

@@ -71,6 +71,7 @@ fn device_spec(net: &NetSpec<'_>) -> DeviceSpec {
         num_queues: 2 * net.queue_pairs,
         queue_size: net.queue_size,
         queue_count_field: None,
+        seg_max_field: None,
         config_from_backend: false,
         queues_without_mq: 2,
         queue_num: QueueNum::Pairs,
