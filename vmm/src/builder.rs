@@ -481,6 +481,7 @@ impl PciDevices<'_> {
         )
         .map_err(|e| BuildError::Transport(name.clone(), e))?;
         let transport_counters = transport.counters();
+        let msix = transport.msix_region();
         let transport = Arc::new(Mutex::new(transport));
         let bar_counters = Arc::new(BarExitCounters::default());
         let mut bus = crate::bus::lock(self.bus);
@@ -491,11 +492,9 @@ impl PciDevices<'_> {
             0,
             bar_addr,
             virtio_pci::BAR_SIZE,
-            Arc::new(Mutex::new(BarRegion::new(
-                transport.clone(),
-                0,
-                bar_counters.clone(),
-            ))),
+            Arc::new(Mutex::new(
+                BarRegion::new(transport.clone(), 0, bar_counters.clone()).with_msix(msix),
+            )),
         )?;
         drop(bus);
         log::info!(

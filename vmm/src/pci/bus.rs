@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::config::PciConfiguration;
+use super::msix::MsixRegion;
 use super::PciDevice;
 use crate::bus::{lock, BusDevice, MmioBus, Overlap};
 use crate::guest_warnings::GuestWarnings;
@@ -357,11 +358,13 @@ pub struct BarExitCounters {
 }
 
 /// A BAR's MMIO window on the bus, forwarding to its device and counting
-/// the exits.
+/// the exits. The MSI-X table and PBA, when the BAR holds them, are served
+/// without the device's lock (see `MsixRegion`).
 pub struct BarRegion {
     device: Arc<Mutex<dyn PciDevice>>,
     bar: usize,
     counters: Arc<BarExitCounters>,
+    msix: Option<MsixRegion>,
 }
 
 impl BarRegion {
@@ -374,18 +377,31 @@ impl BarRegion {
             device,
             bar,
             counters,
+            msix: None,
         }
+    }
+
+    /// The BAR holds the device's MSI-X table and PBA.
+    pub fn with_msix(mut self, msix: MsixRegion) -> Self {
+        self.msix = Some(msix);
+        self
     }
 }
 
 impl BusDevice for BarRegion {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        if self.msix.as_ref().is_some_and(|m| m.read(offset, data)) {
+            return;
+        }
         lock(&self.device).bar_read(self.bar, offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        if self.msix.as_ref().is_some_and(|m| m.write(offset, data)) {
+            return;
+        }
         lock(&self.device).bar_write(self.bar, offset, data);
     }
 }

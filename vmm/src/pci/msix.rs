@@ -1,8 +1,9 @@
 //! MSI-X: the capability, the vector table and the pending-bit array, kept
 //! in step with KVM routes (see `interrupts::msi`).
 
+use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::interrupts::msi::{GsiRouter, MsiError, MsiVector};
 
@@ -205,6 +206,47 @@ impl Msix {
         // timeout only looks at its state.
         let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
         ready > 0 && pfd.revents & libc::POLLIN != 0
+    }
+}
+
+/// A device's MSI-X table and PBA, where they lie in its BAR, served under
+/// the MSI-X state's own lock: a vCPU that masks a vector (Linux does, with
+/// interrupts off, to move an interrupt) does not wait for the device's
+/// lock, which a vCPU may hold while the device waits for its backend.
+#[derive(Clone)]
+pub struct MsixRegion {
+    msix: Arc<Mutex<Msix>>,
+    table: Range<u64>,
+    pba: Range<u64>,
+}
+
+impl MsixRegion {
+    pub fn new(msix: Arc<Mutex<Msix>>, table: Range<u64>, pba: Range<u64>) -> Self {
+        MsixRegion { msix, table, pba }
+    }
+
+    /// Serves a read at `offset` in the BAR if it is the table's or the
+    /// PBA's; false otherwise.
+    pub fn read(&self, offset: u64, data: &mut [u8]) -> bool {
+        if self.table.contains(&offset) {
+            crate::bus::lock(&self.msix).table_read(offset - self.table.start, data);
+        } else if self.pba.contains(&offset) {
+            crate::bus::lock(&self.msix).pba_read(offset - self.pba.start, data);
+        } else {
+            return false;
+        }
+        true
+    }
+
+    /// Serves a write at `offset` in the BAR if it is the table's (the PBA
+    /// is read-only); false otherwise.
+    pub fn write(&self, offset: u64, data: &[u8]) -> bool {
+        if self.table.contains(&offset) {
+            crate::bus::lock(&self.msix).table_write(offset - self.table.start, data);
+        } else if !self.pba.contains(&offset) {
+            return false;
+        }
+        true
     }
 }
 

@@ -12,7 +12,7 @@
 //! configuration space.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _};
@@ -22,7 +22,7 @@ use super::device::{ActiveQueue, ConfigNotifier, VirtioDevice, NO_VECTOR, VIRTIO
 use crate::guest_warnings::GuestWarnings;
 use crate::interrupts::msi::{GsiRouter, MsiError};
 use crate::pci::config::{ConfigSpaceError, PciConfiguration};
-use crate::pci::msix::Msix;
+use crate::pci::msix::{Msix, MsixRegion};
 use crate::pci::PciDevice;
 use crate::vstate::memory::GuestMemory;
 
@@ -136,7 +136,13 @@ pub struct VirtioPciDevice {
     msix_cap_reg: usize,
     /// The first register of the VIRTIO_PCI_CAP_PCI_CFG capability.
     pci_cfg_reg: usize,
-    msix: Msix,
+    /// Locked alone by the BAR's window for the table and PBA (see
+    /// `MsixRegion`); locked after the transport by the transport.
+    msix: Arc<Mutex<Msix>>,
+    msix_region: MsixRegion,
+    /// How many vectors there are, and the eventfd that raises each (the
+    /// call fds the rings are given).
+    vector_events: Vec<EventFd>,
     device: Box<dyn VirtioDevice>,
     mem: GuestMemory,
     queues: Vec<QueueState>,
@@ -174,6 +180,11 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec
 }
 
 impl VirtioPciDevice {
+    /// The MSI-X table and PBA, for the BAR's window to serve itself.
+    pub fn msix_region(&self) -> MsixRegion {
+        self.msix_region.clone()
+    }
+
     /// Creates the transport for `device` with BAR 0 at `bar_addr`, and
     /// registers its queues' notify addresses with KVM.
     pub fn new(
@@ -248,7 +259,18 @@ impl VirtioPciDevice {
                 vector_events.push(event.try_clone().map_err(TransportError::EventFd)?);
             }
         }
-        let config_change = ConfigNotifier::new(vector_events);
+        let notifier_events = vector_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(TransportError::EventFd)?;
+        let config_change = ConfigNotifier::new(notifier_events);
+        let msix = Arc::new(Mutex::new(msix));
+        let msix_region = MsixRegion::new(
+            msix.clone(),
+            MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + MSIX_REGION_LEN,
+            MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + MSIX_REGION_LEN,
+        );
         device.set_config_notifier(config_change.clone());
         let device_features = device.features() | VIRTIO_F_VERSION_1;
         Ok(VirtioPciDevice {
@@ -256,6 +278,8 @@ impl VirtioPciDevice {
             msix_cap_reg,
             pci_cfg_reg,
             msix,
+            msix_region,
+            vector_events,
             mem,
             queues: max_sizes.iter().map(|&m| QueueState::new(m)).collect(),
             kicks,
@@ -336,7 +360,7 @@ impl VirtioPciDevice {
         }
         // Queue set-up is only allowed before DRIVER_OK.
         let can_setup = self.status & STATUS_DRIVER_OK == 0;
-        let msix_len = self.msix.len();
+        let msix_len = self.vector_events.len() as u16;
         match offset {
             0x00 => self.device_feature_select = value as u32,
             0x08 => self.driver_feature_select = value as u32,
@@ -488,11 +512,7 @@ impl VirtioPciDevice {
                 avail: q.avail,
                 used: q.used,
                 kick: &self.kicks[index],
-                call: if q.msix_vector == NO_VECTOR {
-                    None
-                } else {
-                    self.msix.vector_event(q.msix_vector)
-                },
+                call: self.vector_events.get(usize::from(q.msix_vector)),
             })
             .collect();
         log::info!(
@@ -614,7 +634,7 @@ impl PciDevice for VirtioPciDevice {
         VirtioPciDevice::reset(self);
         // MSI-X control is the top half of the capability's first dword.
         self.config.write(self.msix_cap_reg, 3, &[0]);
-        self.msix.reset();
+        crate::bus::lock(&self.msix).reset();
         self.config.write(1, 0, &FIRMWARE_COMMAND);
     }
 
@@ -649,16 +669,17 @@ impl PciDevice for VirtioPciDevice {
         }
         let was_bus_master = self.config.bus_master();
         self.config.write(reg, offset, data);
-        self.msix.set_bus_master(self.config.bus_master());
+        crate::bus::lock(&self.msix).set_bus_master(self.config.bus_master());
         if was_bus_master && !self.config.bus_master() {
             self.bus_master_cleared();
         }
         if reg == self.msix_cap_reg {
             let control = (self.config.read(reg) >> 16) as u16;
-            if control & 0x8000 != 0 && !self.msix.enabled() {
+            let mut msix = crate::bus::lock(&self.msix);
+            if control & 0x8000 != 0 && !msix.enabled() {
                 log::debug!("{}: MSI-X enabled", self.device.name());
             }
-            self.msix.set_control(control);
+            msix.set_control(control);
         }
     }
 
@@ -679,12 +700,9 @@ impl PciDevice for VirtioPciDevice {
             o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + DEVICE_CONFIG_LEN).contains(&o) => {
                 self.device.read_config(o - DEVICE_CONFIG_OFFSET, data);
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + MSIX_REGION_LEN).contains(&o) => {
-                self.msix.table_read(o - MSIX_TABLE_OFFSET, data);
-            }
-            o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + MSIX_REGION_LEN).contains(&o) => {
-                self.msix.pba_read(o - MSIX_PBA_OFFSET, data);
-            }
+            // The table and PBA; their window serves them itself, but the
+            // PCI_CFG window comes here.
+            o if self.msix_region.read(o, data) => {}
             _ => data.fill(0),
         }
     }
@@ -703,9 +721,7 @@ impl PciDevice for VirtioPciDevice {
                     let _ = kick.write(1);
                 }
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + MSIX_REGION_LEN).contains(&o) => {
-                self.msix.table_write(o - MSIX_TABLE_OFFSET, data);
-            }
+            o if self.msix_region.write(o, data) => {}
             _ => {}
         }
     }
@@ -804,6 +820,40 @@ mod tests {
         )
         .unwrap();
         (dev, record)
+    }
+
+    /// The MSI-X table answers through the BAR's window while the device
+    /// is locked (a vCPU waiting on the backend holds it).
+    #[test]
+    fn the_msix_table_answers_while_the_device_is_busy() {
+        use crate::bus::BusDevice;
+        use crate::pci::bus::{BarExitCounters, BarRegion};
+
+        let (dev, _record) = mock_transport();
+        let msix = dev.msix_region();
+        let dev = Arc::new(Mutex::new(dev));
+        let mut window =
+            BarRegion::new(dev.clone(), 0, Arc::new(BarExitCounters::default())).with_msix(msix);
+        let busy = dev.lock().unwrap();
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            window.write(MSIX_TABLE_OFFSET + 8, &0x41u32.to_le_bytes());
+            let mut entry = [0u8; 16];
+            window.read(MSIX_TABLE_OFFSET, &mut entry);
+            let _ = done.send(entry);
+        });
+        let entry = result
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the table waited for the device's lock");
+        assert_eq!(entry[8..12], 0x41u32.to_le_bytes());
+        assert_eq!(entry[12], 1, "still masked");
+        drop(busy);
+        // The transport sees the same table (the PCI_CFG window's path).
+        let mut data = [0u8; 4];
+        dev.lock()
+            .unwrap()
+            .bar_read(0, MSIX_TABLE_OFFSET + 8, &mut data);
+        assert_eq!(data, 0x41u32.to_le_bytes());
     }
 
     #[test]
@@ -1084,8 +1134,8 @@ mod tests {
 
     /// Takes what the configuration vector was raised since the last call.
     fn config_signals(dev: &VirtioPciDevice, vector: u16) -> u64 {
-        dev.msix
-            .vector_event(vector)
+        dev.vector_events
+            .get(usize::from(vector))
             .expect("vector")
             .read()
             .unwrap_or(0)
