@@ -26,7 +26,7 @@ pub struct Args {
     /// Number of request queues (1 to 16), one worker thread each.
     #[arg(long, value_name = "N", default_value = "1")]
     pub num_queues: String,
-    /// Maximum size of each queue (a power of two, 1 to 32768).
+    /// Maximum size of each queue (a power of two, 4 to 32768).
     #[arg(long, value_name = "N", default_value = "256")]
     pub queue_size: String,
     /// Serial number reported to VIRTIO_BLK_T_GET_ID (at most 20 bytes;
