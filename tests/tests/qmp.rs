@@ -118,6 +118,41 @@ fn stop_pauses_the_guest_and_cont_resumes_it() {
     assert!(!socket.exists(), "the API socket is removed at exit");
 }
 
+/// Resets while the guest does nothing but MMIO reads (`busymmio`) reboot
+/// it cleanly, again and again. The VMM has KVM finish the last read before
+/// the vCPU gets its new registers (the KVM API asks for it; finished after,
+/// it would send the rebooted guest to the old instruction's end). This
+/// host's KVM reboots cleanly without that too, so here the test guards the
+/// path rather than shows the fix.
+#[test]
+fn resets_during_mmio_reads_reboot_cleanly() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("qmp.sock");
+    let mut vm = VmBuilder::new(test_guest())
+        .memory("64M")
+        .cmdline("count busymmio")
+        .arg("--api-socket")
+        .arg(socket.display().to_string())
+        .spawn();
+    vm.expect_line("testguest: count 2", TIMEOUT);
+    let (mut qmp, _) = RawQmp::connect(&socket);
+    qmp.negotiate();
+    for boot in 2..=4 {
+        assert_eq!(
+            qmp.request(r#"{"execute": "system_reset"}"#),
+            r#"{"return":{}}"#
+        );
+        qmp.wait_event("RESET");
+        vm.console
+            .wait_for_line_after("testguest: hello", boot, "testguest: count 2", TIMEOUT)
+            .unwrap_or_else(|e| panic!("boot {boot}: {e}:\n{}", vm.console.text()));
+    }
+    assert!(!vm.console.text().contains("FAIL"), "{}", vm.console.text());
+    assert_eq!(qmp.request(r#"{"execute": "quit"}"#), r#"{"return":{}}"#);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+}
+
 /// A `stop` right behind a `system_reset` (so it lands while the VM
 /// reboots, or just after) pauses the rebooted guest: it is reported
 /// paused, not shut down, and runs again only on `cont`.

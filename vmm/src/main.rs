@@ -32,7 +32,15 @@ fn main() -> ExitCode {
     vmm_common::logging::init();
     let args = cli::Args::parse();
     std::panic::set_hook(Box::new(|info| {
-        terminal::restore();
+        // Only where a panic ends the VMM (the main thread; a vCPU's stops
+        // the VM): one in a helper thread leaves the VM running on a raw
+        // terminal, and main restores it on the way out.
+        let ends_the_vmm = std::thread::current()
+            .name()
+            .is_none_or(|name| name == "main" || name.starts_with("vcpu"));
+        if ends_the_vmm {
+            terminal::restore();
+        }
         eprintln!("vmm panicked: {info}");
     }));
     match run(args) {

@@ -148,7 +148,7 @@ fn run(start_info: u64) -> Result<(), Fail> {
         result?;
     }
     if has_word(b"count") {
-        count();
+        count(has_word(b"busymmio"));
     }
     if has_word(b"flood") {
         flood();
@@ -234,14 +234,23 @@ fn string_io() {
 /// Prints `count N` about five times a second (by the time-stamp counter,
 /// so a paused VM prints nothing), up to `COUNT_MAX`, or until the ACPI
 /// power button is pressed (looked at about a hundred times a second).
-fn count() {
+/// With `busy_mmio` it waits reading the host bridge's ID through ECAM, so
+/// the vCPU is nearly always in an MMIO exit (a reset must find it there).
+fn count(busy_mmio: bool) {
     const COUNT_MAX: u32 = 3000;
+    const ECAM_HOST_BRIDGE_ID: usize = 0xe000_0000;
     for n in 1..=COUNT_MAX {
         say!("count {n}");
         for _ in 0..20 {
             let next = clock::Deadline::after(clock::SECOND / 100);
             while !next.passed() {
-                core::hint::spin_loop();
+                if busy_mmio {
+                    // SAFETY: ECAM, identity-mapped like all of the low
+                    // 4 GiB; reading a register has no side effect.
+                    let _ = unsafe { core::ptr::read_volatile(ECAM_HOST_BRIDGE_ID as *const u32) };
+                } else {
+                    core::hint::spin_loop();
+                }
             }
             if power_button_pressed() {
                 say!("power button");

@@ -54,7 +54,9 @@ struct OutputQueue {
 /// The UART's output: appends to the backlog a thread of its own writes
 /// out, so a vCPU writing to the UART never waits on the sink. Past
 /// `OUTPUT_BACKLOG` unwritten bytes, output is dropped (as on a serial line
-/// no one reads) and that is logged; a sink that fails is logged once.
+/// no one reads) and counted, and the writing thread logs it (a vCPU never
+/// logs here: stderr may be the very pipe no one reads); a sink that fails
+/// is logged once.
 #[derive(Clone)]
 pub struct ConsoleWriter(Arc<OutputQueue>);
 
@@ -65,12 +67,6 @@ impl Write for ConsoleWriter {
             return Ok(buf.len());
         }
         if backlog.bytes.len() + buf.len() > OUTPUT_BACKLOG {
-            if backlog.dropped == 0 {
-                log::warn!(
-                    "console output: {OUTPUT_BACKLOG} bytes are waiting to be written; \
-                     dropping output until they are"
-                );
-            }
             backlog.dropped += buf.len() as u64;
             return Ok(buf.len());
         }
@@ -144,6 +140,7 @@ impl Drop for ConsoleOutput {
 fn write_out(queue: &OutputQueue, mut sink: ConsoleOut) {
     let mut batch = Vec::new();
     loop {
+        let dropped;
         {
             let mut backlog = lock(&queue.backlog);
             while backlog.bytes.is_empty() && !backlog.closed {
@@ -156,10 +153,14 @@ fn write_out(queue: &OutputQueue, mut sink: ConsoleOut) {
                 return;
             }
             std::mem::swap(&mut batch, &mut backlog.bytes);
-            if backlog.dropped > 0 {
-                log::warn!("console output: {} bytes were dropped", backlog.dropped);
-                backlog.dropped = 0;
-            }
+            dropped = std::mem::take(&mut backlog.dropped);
+        }
+        // Logged without the lock, which vCPUs writing to the UART take.
+        if dropped > 0 {
+            log::warn!(
+                "console output: {dropped} bytes were dropped ({OUTPUT_BACKLOG} bytes were \
+                 waiting to be written)"
+            );
         }
         if let Err(e) = sink.write_all(&batch).and_then(|()| sink.flush()) {
             log::warn!("console output failed, the rest is dropped: {e}");

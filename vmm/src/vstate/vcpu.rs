@@ -160,6 +160,7 @@ impl Vcpu {
     ) -> Result<(), VcpuError> {
         let id = self.id;
         regs::setup_msrs(&self.fd, supported_msrs).map_err(|e| VcpuError::Regs(id, e))?;
+        regs::reset_pv_msrs(&self.fd, supported_msrs).map_err(|e| VcpuError::Regs(id, e))?;
         regs::setup_fpu(&self.fd).map_err(|e| VcpuError::Regs(id, e))?;
         self.power_on
             .restore(&self.fd)
@@ -209,8 +210,25 @@ impl Vcpu {
                 break;
             }
         }
+        self.finish_pending_exit();
         ctx.run.unregister();
         self
+    }
+
+    /// Completes the last MMIO or port exit inside KVM without running
+    /// the guest. KVM finishes an emulated read (its register, RIP) only at
+    /// the next KVM_RUN; after a reset that would overwrite the new entry
+    /// point with the end of the old instruction. With `immediate_exit`,
+    /// KVM_RUN finishes it and returns EINTR before entering the guest.
+    fn finish_pending_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            // After a triple fault or a KVM error, say: nothing to finish.
+            Err(e) => log::debug!("vCPU {}: completing its last exit: {e}", self.id),
+            Ok(exit) => log::debug!("vCPU {}: completing its last exit: {exit:?}", self.id),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// Runs the vCPU until its next exit; returns a reason to stop the VM.

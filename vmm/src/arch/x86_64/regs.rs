@@ -230,6 +230,51 @@ pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
         .collect()
 }
 
+/// KVM's paravirtual MSRs with persistent effect, at their power-on
+/// values: kvmclock, steal time, async page faults and PV EOI off, halt
+/// polling allowed. KVM resets them only at an INIT, which the boot vCPU
+/// of a reboot in place never gets; left on, KVM would go on writing the
+/// last kernel's structures into the next one's memory. (The wall-clock
+/// MSRs are one-shot writes of the time to a guest address: not touched.)
+const PV_MSRS_AT_RESET: [(u32, u64); 7] = [
+    (0x0000_0012, 0), // MSR_KVM_SYSTEM_TIME
+    (0x4b56_4d01, 0), // MSR_KVM_SYSTEM_TIME_NEW
+    (0x4b56_4d02, 0), // MSR_KVM_ASYNC_PF_EN
+    (0x4b56_4d03, 0), // MSR_KVM_STEAL_TIME
+    (0x4b56_4d04, 0), // MSR_KVM_PV_EOI_EN
+    (0x4b56_4d05, 1), // MSR_KVM_POLL_CONTROL
+    (0x4b56_4d06, 0), // MSR_KVM_ASYNC_PF_INT
+];
+
+/// Puts KVM's paravirtual MSRs back as at power-on (see
+/// `PV_MSRS_AT_RESET`), those KVM lists as supported.
+pub fn reset_pv_msrs(vcpu: &VcpuFd, supported: &[u32]) -> Result<(), RegsError> {
+    let entries: Vec<kvm_msr_entry> = PV_MSRS_AT_RESET
+        .iter()
+        .filter(|(index, _)| supported.contains(index))
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let msrs = Msrs::from_entries(&entries).map_err(|_| RegsError::MsrList)?;
+    let written = vcpu
+        .set_msrs(&msrs)
+        .map_err(|e| RegsError::Kvm("paravirtual MSRs", e))?;
+    if written != entries.len() {
+        log::warn!(
+            "KVM accepted {written} of {} paravirtual MSRs at reset (stopped at {:#x})",
+            entries.len(),
+            entries[written].index
+        );
+    }
+    Ok(())
+}
+
 pub fn setup_msrs(vcpu: &VcpuFd, supported: &[u32]) -> Result<(), RegsError> {
     let entries = boot_msrs(supported);
     let msrs = Msrs::from_entries(&entries).map_err(|_| RegsError::MsrList)?;
@@ -329,6 +374,36 @@ mod tests {
         assert_eq!((code32.l, code32.db), (0, 1));
         let tss = segment_from_gdt(gdt_entry(0x008b, 0, 0x67), 3);
         assert_eq!((tss.limit, tss.g, tss.type_), (0x67, 0, 0xb));
+    }
+
+    /// kvmclock and steal time left on by the last kernel are off after
+    /// `reset_pv_msrs`. Needs /dev/kvm.
+    #[test]
+    fn the_last_kernels_kvmclock_and_steal_time_are_turned_off() {
+        use kvm_bindings::Msrs;
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let ram = crate::vstate::memory::create_guest_ram(16 << 20, false).unwrap();
+        let vm = crate::vstate::vm::create_vm(&kvm, &ram.memory).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let supported = kvm.get_msr_index_list().unwrap().as_slice().to_vec();
+        let on = [(0x4b56_4d01u32, 0x1000u64 | 1), (0x4b56_4d03, 0x2000 | 1)];
+        let on: Vec<_> = on
+            .iter()
+            .filter(|(index, _)| supported.contains(index))
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        assert!(!on.is_empty(), "KVM lists neither kvmclock nor steal time");
+        let mut msrs = Msrs::from_entries(&on).unwrap();
+        assert_eq!(vcpu.set_msrs(&msrs).unwrap(), on.len());
+        reset_pv_msrs(&vcpu, &supported).unwrap();
+        assert_eq!(vcpu.get_msrs(&mut msrs).unwrap(), on.len());
+        for entry in msrs.as_slice() {
+            assert_eq!(entry.data, 0, "MSR {:#x} is still on", entry.index);
+        }
     }
 
     #[test]
