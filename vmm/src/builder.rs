@@ -492,9 +492,7 @@ impl PciDevices<'_> {
             0,
             bar_addr,
             virtio_pci::BAR_SIZE,
-            Arc::new(Mutex::new(
-                BarRegion::new(transport.clone(), 0, bar_counters.clone()).with_msix(msix),
-            )),
+            Arc::new(BarRegion::new(transport.clone(), 0, bar_counters.clone()).with_msix(msix)),
         )?;
         drop(bus);
         log::info!(

@@ -8,16 +8,36 @@
 use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on a bus. `offset` is relative to the start of the range the
-/// device was inserted at.
+/// device was inserted at. The bus holds it in a `Mutex`, locked for each
+/// access.
 pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// What the bus holds: a device that serves accesses through `&self`,
+/// doing its own locking, so accesses to different parts of it need not
+/// wait for each other (a PCI BAR's window: its MSI-X table does not wait
+/// for the device). A `Mutex` of a `BusDevice` is one, locked whole.
+pub trait SharedBusDevice: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+impl<T: BusDevice + ?Sized> SharedBusDevice for Mutex<T> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        lock(self).read(offset, data);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        lock(self).write(offset, data);
+    }
+}
+
 struct Range {
     base: u64,
     len: u64,
-    device: Arc<Mutex<dyn BusDevice>>,
+    device: Arc<dyn SharedBusDevice>,
 }
 
 /// The port I/O bus (ports are 16-bit but kept as u64 like MMIO).
@@ -59,7 +79,7 @@ impl Bus {
         &self,
         base: u64,
         len: u64,
-        device: Arc<Mutex<dyn BusDevice>>,
+        device: Arc<dyn SharedBusDevice>,
     ) -> Result<(), Overlap> {
         let mut ranges = self.ranges_mut();
         if len == 0 || base.checked_add(len).is_none() || overlaps(&ranges, base, len, None) {
@@ -70,14 +90,14 @@ impl Bus {
     }
 
     /// Takes the range inserted at `base` off the bus.
-    pub fn remove(&self, base: u64) -> Option<Arc<Mutex<dyn BusDevice>>> {
+    pub fn remove(&self, base: u64) -> Option<Arc<dyn SharedBusDevice>> {
         let mut ranges = self.ranges_mut();
         let at = ranges.iter().position(|r| r.base == base)?;
         Some(ranges.swap_remove(at).device)
     }
 
     /// The device at `addr` and the offset into its range.
-    fn find(&self, addr: u64) -> Option<(Arc<Mutex<dyn BusDevice>>, u64)> {
+    fn find(&self, addr: u64) -> Option<(Arc<dyn SharedBusDevice>, u64)> {
         self.ranges()
             .iter()
             .find(|r| addr >= r.base && addr - r.base < r.len)
@@ -86,7 +106,7 @@ impl Bus {
 
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some((device, offset)) => lock(&device).read(offset, data),
+            Some((device, offset)) => device.read(offset, data),
             None => {
                 log::trace!("read from unclaimed address {addr:#x}");
                 data.fill(0xff);
@@ -96,7 +116,7 @@ impl Bus {
 
     pub fn write(&self, addr: u64, data: &[u8]) {
         match self.find(addr) {
-            Some((device, offset)) => lock(&device).write(offset, data),
+            Some((device, offset)) => device.write(offset, data),
             None => log::trace!("write {data:x?} to unclaimed address {addr:#x}"),
         }
     }

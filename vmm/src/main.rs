@@ -32,13 +32,14 @@ fn main() -> ExitCode {
     vmm_common::logging::init();
     let args = cli::Args::parse();
     std::panic::set_hook(Box::new(|info| {
-        // Only where a panic ends the VMM (the main thread; a vCPU's stops
-        // the VM): one in a helper thread leaves the VM running on a raw
-        // terminal, and main restores it on the way out.
-        let ends_the_vmm = std::thread::current()
+        // Where a panic ends the VMM (the main thread; a vCPU's stops the
+        // VM), or ends what reads the terminal (console-in: then Ctrl-C
+        // must work again). One in another helper thread leaves the VM
+        // running on its raw terminal, and main restores it on the way out.
+        let restores = std::thread::current()
             .name()
-            .is_none_or(|name| name == "main" || name.starts_with("vcpu"));
-        if ends_the_vmm {
+            .is_none_or(|name| name == "main" || name == "console-in" || name.starts_with("vcpu"));
+        if restores {
             terminal::restore();
         }
         eprintln!("vmm panicked: {info}");

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 use super::config::PciConfiguration;
 use super::msix::MsixRegion;
 use super::PciDevice;
-use crate::bus::{lock, BusDevice, MmioBus, Overlap};
+use crate::bus::{lock, BusDevice, MmioBus, Overlap, SharedBusDevice};
 use crate::guest_warnings::GuestWarnings;
 
 const COMMAND_REG: usize = 1;
@@ -52,7 +52,7 @@ struct MappedBar {
     slot: u8,
     index: usize,
     size: u64,
-    window: Arc<Mutex<dyn BusDevice>>,
+    window: Arc<dyn SharedBusDevice>,
     /// Where the window is on the bus, if it is; the device has what
     /// follows the BAR (ioeventfds) there too, and nowhere else.
     mapped: Option<u64>,
@@ -169,7 +169,7 @@ impl PciBus {
         index: usize,
         addr: u64,
         size: u64,
-        window: Arc<Mutex<dyn BusDevice>>,
+        window: Arc<dyn SharedBusDevice>,
     ) -> Result<(), Overlap> {
         let mmio = self.mmio.upgrade().ok_or(Overlap {
             base: addr,
@@ -358,8 +358,9 @@ pub struct BarExitCounters {
 }
 
 /// A BAR's MMIO window on the bus, forwarding to its device and counting
-/// the exits. The MSI-X table and PBA, when the BAR holds them, are served
-/// without the device's lock (see `MsixRegion`).
+/// the exits. It holds no lock of its own: the MSI-X table and PBA, when
+/// the BAR holds them, are served without the device's lock (see
+/// `MsixRegion`), the rest under it.
 pub struct BarRegion {
     device: Arc<Mutex<dyn PciDevice>>,
     bar: usize,
@@ -388,8 +389,8 @@ impl BarRegion {
     }
 }
 
-impl BusDevice for BarRegion {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl SharedBusDevice for BarRegion {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         if self.msix.as_ref().is_some_and(|m| m.read(offset, data)) {
             return;
@@ -397,7 +398,7 @@ impl BusDevice for BarRegion {
         lock(&self.device).bar_read(self.bar, offset, data);
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&self, offset: u64, data: &[u8]) {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         if self.msix.as_ref().is_some_and(|m| m.write(offset, data)) {
             return;
@@ -473,8 +474,7 @@ mod tests {
             }));
             bus.add(slot, device.clone());
             let window = BarRegion::new(device.clone(), 0, Arc::default());
-            bus.map_bar(slot, 0, addr, SIZE, Arc::new(Mutex::new(window)))
-                .unwrap();
+            bus.map_bar(slot, 0, addr, SIZE, Arc::new(window)).unwrap();
             all.push(device);
         }
         (mmio, ConfigSpace::new(Arc::new(Mutex::new(bus))), all)

@@ -822,32 +822,48 @@ mod tests {
         (dev, record)
     }
 
-    /// The MSI-X table answers through the BAR's window while the device
-    /// is locked (a vCPU waiting on the backend holds it).
+    /// The MSI-X table answers through the MMIO bus while a vCPU waits for
+    /// the device in another access to the same BAR (the device is held by
+    /// a vCPU waiting on its backend).
     #[test]
     fn the_msix_table_answers_while_the_device_is_busy() {
-        use crate::bus::BusDevice;
+        use crate::bus::MmioBus;
         use crate::pci::bus::{BarExitCounters, BarRegion};
+        const AT: u64 = 0xc000_0000;
 
         let (dev, _record) = mock_transport();
         let msix = dev.msix_region();
         let dev = Arc::new(Mutex::new(dev));
-        let mut window =
+        let mmio = Arc::new(MmioBus::default());
+        let window =
             BarRegion::new(dev.clone(), 0, Arc::new(BarExitCounters::default())).with_msix(msix);
+        mmio.insert(AT, BAR_SIZE, Arc::new(window)).unwrap();
         let busy = dev.lock().unwrap();
+        let waiting = {
+            let mmio = mmio.clone();
+            std::thread::spawn(move || {
+                let mut status = [0u8];
+                mmio.read(AT + 0x14, &mut status);
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
         let (done, result) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            window.write(MSIX_TABLE_OFFSET + 8, &0x41u32.to_le_bytes());
-            let mut entry = [0u8; 16];
-            window.read(MSIX_TABLE_OFFSET, &mut entry);
-            let _ = done.send(entry);
-        });
+        {
+            let mmio = mmio.clone();
+            std::thread::spawn(move || {
+                mmio.write(AT + MSIX_TABLE_OFFSET + 8, &0x41u32.to_le_bytes());
+                let mut entry = [0u8; 16];
+                mmio.read(AT + MSIX_TABLE_OFFSET, &mut entry);
+                let _ = done.send(entry);
+            });
+        }
         let entry = result
             .recv_timeout(std::time::Duration::from_secs(5))
-            .expect("the table waited for the device's lock");
+            .expect("the table waited for the device");
         assert_eq!(entry[8..12], 0x41u32.to_le_bytes());
         assert_eq!(entry[12], 1, "still masked");
         drop(busy);
+        waiting.join().unwrap();
         // The transport sees the same table (the PCI_CFG window's path).
         let mut data = [0u8; 4];
         dev.lock()

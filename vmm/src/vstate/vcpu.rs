@@ -210,7 +210,7 @@ impl Vcpu {
                 break;
             }
         }
-        self.finish_pending_exit();
+        self.finish_pending_exit(ctx);
         ctx.run.unregister();
         self
     }
@@ -219,14 +219,33 @@ impl Vcpu {
     /// the guest. KVM finishes an emulated read (its register, RIP) only at
     /// the next KVM_RUN; after a reset that would overwrite the new entry
     /// point with the end of the old instruction. With `immediate_exit`,
-    /// KVM_RUN finishes it and returns EINTR before entering the guest.
-    fn finish_pending_exit(&mut self) {
+    /// KVM_RUN finishes it and returns EINTR before entering the guest; an
+    /// access KVM splits (more than 8 bytes, across a page, a `rep movs`)
+    /// exits again for its next part first, which is served the same way.
+    fn finish_pending_exit(&mut self, ctx: &VcpuContext) {
+        const MOST_PARTS: usize = 64;
         self.fd.set_kvm_immediate_exit(1);
-        match self.fd.run() {
-            Err(e) if e.errno() == libc::EINTR => {}
-            // After a triple fault or a KVM error, say: nothing to finish.
-            Err(e) => log::debug!("vCPU {}: completing its last exit: {e}", self.id),
-            Ok(exit) => log::debug!("vCPU {}: completing its last exit: {exit:?}", self.id),
+        for _ in 0..MOST_PARTS {
+            match self.fd.run() {
+                Ok(VcpuExit::MmioRead(addr, data)) => ctx.mmio.read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => ctx.mmio.write(addr, data),
+                Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => {
+                    if let Err(e) = self.port_io(ctx) {
+                        log::debug!("vCPU {}: completing its last exit: {e}", self.id);
+                        break;
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR => break,
+                // After a triple fault or a KVM error, say: nothing to finish.
+                Err(e) => {
+                    log::debug!("vCPU {}: completing its last exit: {e}", self.id);
+                    break;
+                }
+                Ok(exit) => {
+                    log::debug!("vCPU {}: completing its last exit: {exit:?}", self.id);
+                    break;
+                }
+            }
         }
         self.fd.set_kvm_immediate_exit(0);
     }

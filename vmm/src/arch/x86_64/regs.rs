@@ -247,30 +247,26 @@ const PV_MSRS_AT_RESET: [(u32, u64); 7] = [
 ];
 
 /// Puts KVM's paravirtual MSRs back as at power-on (see
-/// `PV_MSRS_AT_RESET`), those KVM lists as supported.
+/// `PV_MSRS_AT_RESET`), those KVM lists as supported, one at a time: KVM
+/// stops a list at the first it refuses (steal time, on a host without
+/// scheduler statistics), and the rest must still be written.
 pub fn reset_pv_msrs(vcpu: &VcpuFd, supported: &[u32]) -> Result<(), RegsError> {
-    let entries: Vec<kvm_msr_entry> = PV_MSRS_AT_RESET
+    for &(index, data) in PV_MSRS_AT_RESET
         .iter()
         .filter(|(index, _)| supported.contains(index))
-        .map(|&(index, data)| kvm_msr_entry {
+    {
+        let entry = kvm_msr_entry {
             index,
             data,
             ..Default::default()
-        })
-        .collect();
-    if entries.is_empty() {
-        return Ok(());
-    }
-    let msrs = Msrs::from_entries(&entries).map_err(|_| RegsError::MsrList)?;
-    let written = vcpu
-        .set_msrs(&msrs)
-        .map_err(|e| RegsError::Kvm("paravirtual MSRs", e))?;
-    if written != entries.len() {
-        log::warn!(
-            "KVM accepted {written} of {} paravirtual MSRs at reset (stopped at {:#x})",
-            entries.len(),
-            entries[written].index
-        );
+        };
+        let msrs = Msrs::from_entries(&[entry]).map_err(|_| RegsError::MsrList)?;
+        let written = vcpu
+            .set_msrs(&msrs)
+            .map_err(|e| RegsError::Kvm("paravirtual MSRs", e))?;
+        if written != 1 {
+            log::warn!("KVM refused paravirtual MSR {index:#x} = {data:#x} at reset");
+        }
     }
     Ok(())
 }
