@@ -219,6 +219,11 @@ pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
         // MTRRs enabled, write-back by default.
         (MSR_MTRR_DEF_TYPE, (1 << 11) | 0x6),
     ];
+    supported_entries(&wanted, supported)
+}
+
+/// The (index, value) pairs whose MSR KVM lists as supported, as entries.
+fn supported_entries(wanted: &[(u32, u64)], supported: &[u32]) -> Vec<kvm_msr_entry> {
     wanted
         .iter()
         .filter(|(index, _)| supported.contains(index))
@@ -251,21 +256,17 @@ const PV_MSRS_AT_RESET: [(u32, u64); 7] = [
 /// stops a list at the first it refuses (steal time, on a host without
 /// scheduler statistics), and the rest must still be written.
 pub fn reset_pv_msrs(vcpu: &VcpuFd, supported: &[u32]) -> Result<(), RegsError> {
-    for &(index, data) in PV_MSRS_AT_RESET
-        .iter()
-        .filter(|(index, _)| supported.contains(index))
-    {
-        let entry = kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        };
+    for entry in supported_entries(&PV_MSRS_AT_RESET, supported) {
         let msrs = Msrs::from_entries(&[entry]).map_err(|_| RegsError::MsrList)?;
         let written = vcpu
             .set_msrs(&msrs)
             .map_err(|e| RegsError::Kvm("paravirtual MSRs", e))?;
         if written != 1 {
-            log::warn!("KVM refused paravirtual MSR {index:#x} = {data:#x} at reset");
+            log::warn!(
+                "KVM refused paravirtual MSR {:#x} = {:#x} at reset",
+                entry.index,
+                entry.data
+            );
         }
     }
     Ok(())
@@ -382,16 +383,10 @@ mod tests {
         let vm = crate::vstate::vm::create_vm(&kvm, &ram.memory).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         let supported = kvm.get_msr_index_list().unwrap().as_slice().to_vec();
-        let on = [(0x4b56_4d01u32, 0x1000u64 | 1), (0x4b56_4d03, 0x2000 | 1)];
-        let on: Vec<_> = on
-            .iter()
-            .filter(|(index, _)| supported.contains(index))
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
+        let on = supported_entries(
+            &[(0x4b56_4d01, 0x1000 | 1), (0x4b56_4d03, 0x2000 | 1)],
+            &supported,
+        );
         assert!(!on.is_empty(), "KVM lists neither kvmclock nor steal time");
         let mut msrs = Msrs::from_entries(&on).unwrap();
         assert_eq!(vcpu.set_msrs(&msrs).unwrap(), on.len());
