@@ -14,9 +14,14 @@ use vmm_tests::{assert_threads_sleep, repo_root, require_kvm, test_guest};
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn counting_vm(socket: &std::path::Path) -> RunningVm {
+    guest_with_api(socket, "count")
+}
+
+/// The test guest with `cmdline`, its API on `socket`.
+fn guest_with_api(socket: &std::path::Path, cmdline: &str) -> RunningVm {
     VmBuilder::new(test_guest())
         .memory("64M")
-        .cmdline("count")
+        .cmdline(cmdline)
         .arg("--api-socket")
         .arg(socket.display().to_string())
         .arg("--name")
@@ -129,12 +134,7 @@ fn resets_during_mmio_reads_reboot_cleanly() {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("qmp.sock");
-    let mut vm = VmBuilder::new(test_guest())
-        .memory("64M")
-        .cmdline("count busymmio")
-        .arg("--api-socket")
-        .arg(socket.display().to_string())
-        .spawn();
+    let mut vm = guest_with_api(&socket, "count busymmio");
     vm.expect_line("testguest: count 2", TIMEOUT);
     let (mut qmp, _) = RawQmp::connect(&socket);
     qmp.negotiate();
