@@ -1,5 +1,7 @@
 //! The file behind guest memory that vhost-user backends map: a memfd,
-//! on 2 MiB huge pages when asked.
+//! on 2 MiB huge pages when asked, sealed at its size so that no process
+//! it is handed to can shrink it under the others' mappings (touching a
+//! page past the end of a shared file is SIGBUS).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -18,6 +20,8 @@ pub enum MemfdError {
     Create(#[source] std::io::Error),
     #[error("cannot size the memory file to {0} bytes")]
     Size(u64, #[source] std::io::Error),
+    #[error("cannot seal the memory file at its size")]
+    Seal(#[source] std::io::Error),
     #[error("{0} bytes is not a whole number of 2 MiB huge pages")]
     NotWholePages(u64),
     #[error("cannot take {pages} huge pages of 2 MiB (see {HUGEPAGE_POOL}/free_hugepages; a cgroup or memory policy may also limit them)")]
@@ -31,16 +35,18 @@ pub enum MemfdError {
 /// A memfd of `size` bytes named `name`. With `hugepages` it is on 2 MiB
 /// huge pages (`size` a multiple of them), every one allocated now: the
 /// mappings vm-memory makes are MAP_NORESERVE, so a pool that ran dry later
-/// would kill whoever first touched a page with SIGBUS.
+/// would kill whoever first touched a page with SIGBUS. Its size is
+/// sealed (no shrinking, no growing, no more seals), as QEMU's
+/// `memory-backend-memfd` does by default.
 pub fn create(name: &str, size: u64, hugepages: bool) -> Result<File, MemfdError> {
     let name = CString::new(name).map_err(|e| MemfdError::Create(e.into()))?;
     let flags = if hugepages {
         if size % HUGEPAGE_SIZE != 0 {
             return Err(MemfdError::NotWholePages(size));
         }
-        libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
     } else {
-        libc::MFD_CLOEXEC
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING
     };
     // SAFETY: `name` is a valid NUL-terminated string and the flags are valid.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
@@ -62,6 +68,12 @@ pub fn create(name: &str, size: u64, hugepages: bool) -> Result<File, MemfdError
                 source: std::io::Error::last_os_error(),
             });
         }
+    }
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a memfd this function owns; no memory is
+    // passed to the kernel.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(MemfdError::Seal(std::io::Error::last_os_error()));
     }
     Ok(file)
 }
@@ -89,6 +101,21 @@ mod tests {
             Err(MemfdError::NotWholePages(_))
         ));
         let file = create("t", 1 << 20, false).expect("memfd");
+        assert_eq!(file.metadata().expect("metadata").len(), 1 << 20);
+    }
+
+    /// Whoever the file is handed to cannot change its size, nor lift the
+    /// seals that stop them.
+    #[test]
+    fn the_size_is_sealed() {
+        let file = create("t", 1 << 20, false).expect("memfd");
+        for size in [0, 4096, 2 << 20] {
+            let err = file.set_len(size).expect_err("a sealed size");
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "to {size}");
+        }
+        // SAFETY: F_ADD_SEALS on a memfd this test owns.
+        let added = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, 0) };
+        assert_eq!(added, -1, "F_SEAL_SEAL refuses more seals");
         assert_eq!(file.metadata().expect("metadata").len(), 1 << 20);
     }
 }
