@@ -63,24 +63,7 @@ impl Backend {
         num_queues: u32,
         writable: bool,
     ) -> Backend {
-        let writable = if writable { "on" } else { "off" };
-        let mut cmd = Command::new("qemu-storage-daemon");
-        cmd.arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={},read-only={}",
-                image.display(),
-                if writable == "on" { "off" } else { "on" }
-            ))
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=raw,node-name=disk0,file=file0,read-only={}",
-                if writable == "on" { "off" } else { "on" }
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={writable},num-queues={num_queues}",
-                socket.display()
-            ));
+        let cmd = qemu_storage_daemon_command(socket, image, num_queues, writable);
         Backend::spawn(cmd, socket)
     }
 
@@ -97,6 +80,37 @@ impl Drop for Backend {
         }
         let _ = self.child.wait();
     }
+}
+
+/// The qemu-storage-daemon command line that exports `image` as
+/// vhost-user-blk on `socket`.
+pub fn qemu_storage_daemon_command(
+    socket: &Path,
+    image: &Path,
+    num_queues: u32,
+    writable: bool,
+) -> Command {
+    let (writable, read_only) = if writable {
+        ("on", "off")
+    } else {
+        ("off", "on")
+    };
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={},read-only={read_only}",
+            image.display()
+        ))
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=raw,node-name=disk0,file=file0,read-only={read_only}"
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={writable},num-queues={num_queues}",
+            socket.display()
+        ));
+    cmd
 }
 
 /// The `vhost-blk` binary: `VHOST_BLK_BIN`, or the workspace's debug build.

@@ -4,16 +4,20 @@
 //! bytes), what reached the image file (the guest's writes, byte for byte),
 //! read-only rejection, that the guest's kicks never exited to the VMM,
 //! that the threads that watch a backend sleep until it dies, that its
-//! death stops its device but not the VMM, and that a
+//! death stops its device but not the VMM, that `vhost-blk` and
+//! qemu-storage-daemon lock each other out of an image, and that a
 //! backend that is missing, never answers or answers nonsense is a clear
 //! error at start.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use vmm_tests::backend::{require_qemu_storage_daemon, Backend};
+use vmm_tests::backend::{
+    qemu_storage_daemon_command, require_qemu_storage_daemon, vhost_blk_bin, Backend,
+};
 use vmm_tests::blk::{
     assert_kicks_bypassed_the_vmm, expect_disk, finish, guest_pattern, make_image,
     read_pattern_area, two_disks_one_mq_one_read_only,
@@ -48,6 +52,75 @@ fn two_disks_one_with_two_queues_one_read_only() {
     two_disks_one_mq_one_read_only(|socket, image, queues, writable| {
         Backend::qemu_storage_daemon(socket, image, queues, writable)
     });
+}
+
+/// Both take QEMU's image locks: neither starts on an image the other
+/// has open for writing, each says why, and the image is untouched.
+#[test]
+fn vhost_blk_and_qemu_storage_daemon_lock_each_other_out() {
+    require_qemu_storage_daemon();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("shared.img");
+    make_image(&image, 7);
+    let before = std::fs::read(&image).expect("read the image");
+    let qsd_socket = dir.path().join("qsd.sock");
+    let ours_socket = dir.path().join("ours.sock");
+
+    {
+        let _ours = Backend::vhost_blk(&ours_socket, &image, &["--readonly"]);
+        let mut qsd = qemu_storage_daemon_command(&qsd_socket, &image, 1, true)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start qemu-storage-daemon");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = qsd.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = qsd.kill();
+                let _ = qsd.wait();
+                panic!("qemu-storage-daemon exported an image a read-only vhost-blk serves");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        qsd.stderr
+            .take()
+            .expect("piped stderr")
+            .read_to_string(&mut stderr)
+            .expect("read its stderr");
+        assert!(!status.success(), "{stderr}");
+        assert!(stderr.contains("\"write\" lock"), "{stderr}");
+        assert!(!qsd_socket.exists());
+    }
+
+    let _qsd = Backend::qemu_storage_daemon(&qsd_socket, &image, 1, true);
+    let refused_socket = dir.path().join("refused.sock");
+    for readonly in [false, true] {
+        let mut cmd = Command::new(vhost_blk_bin());
+        cmd.env_remove("RUST_LOG")
+            .arg("--socket")
+            .arg(&refused_socket)
+            .arg("--image")
+            .arg(&image);
+        if readonly {
+            cmd.arg("--readonly");
+        }
+        let out = cmd.output().expect("run vhost-blk");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("shared.img") && stderr.contains("open for writing"),
+            "{stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(!refused_socket.exists());
+    }
+    drop(_qsd);
+    assert_eq!(std::fs::read(&image).expect("read the image"), before);
 }
 
 #[test]

@@ -3,8 +3,8 @@
 //! `RawFile` serves a raw image with positioned reads and writes straight
 //! into guest memory (no copy), O_DIRECT on request (aligned to what the
 //! file system asks for; unaligned transfers go through a bounded aligned
-//! bounce buffer, read-modify-writes holding their blocks alone), and an advisory lock
-//! so two writable backends cannot open the same image. `MemDisk` is for
+//! bounce buffer, read-modify-writes holding their blocks alone), and QEMU's
+//! advisory locks (`image_lock`) so two writers cannot open the same image. `MemDisk` is for
 //! tests.
 
 use std::fs::{File, OpenOptions};
@@ -22,6 +22,7 @@ use thiserror::Error;
 use vm_memory::VolatileSlice;
 
 use crate::block_writes::{BlockWrites, WriteClaim};
+use crate::image_lock::{self, Conflict, LockError};
 
 /// A guest buffer.
 pub type GuestBuf<'a> = VolatileSlice<'a, ()>;
@@ -168,8 +169,8 @@ impl Alignment {
 pub enum DiskError {
     #[error("--image {0:?}: cannot open")]
     Open(PathBuf, #[source] io::Error),
-    #[error("--image {0:?}: in use by another backend (it is locked)")]
-    Locked(PathBuf),
+    #[error("--image {0:?}: locked: {1} (a vhost-blk, QEMU or qemu-storage-daemon)")]
+    Locked(PathBuf, Conflict),
     #[error("--image {0:?}: cannot lock")]
     Lock(PathBuf, #[source] io::Error),
     #[error("--image {0:?}: size {1} is not a multiple of 512 bytes")]
@@ -186,22 +187,19 @@ pub enum DiskError {
 const LOCK_GRACE: Duration = Duration::from_secs(2);
 const LOCK_RETRY: Duration = Duration::from_millis(10);
 
-/// Takes the image's `flock` (`mode`: LOCK_EX or LOCK_SH), waiting up to
-/// LOCK_GRACE for a holder to let go of it.
-fn lock(file: &File, mode: libc::c_int, path: &Path) -> Result<(), DiskError> {
+/// Takes the image's locks (see `image_lock`), waiting up to LOCK_GRACE
+/// for a holder to let go of them.
+fn lock(file: &File, writable: bool, path: &Path) -> Result<(), DiskError> {
     let deadline = Instant::now() + LOCK_GRACE;
     let mut logged = false;
     loop {
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(DiskError::Lock(path.to_path_buf(), err));
-        }
+        let conflict = match image_lock::lock(file, writable) {
+            Ok(()) => return Ok(()),
+            Err(LockError::Io(e)) => return Err(DiskError::Lock(path.to_path_buf(), e)),
+            Err(LockError::Conflict(conflict)) => conflict,
+        };
         if Instant::now() >= deadline {
-            return Err(DiskError::Locked(path.to_path_buf()));
+            return Err(DiskError::Locked(path.to_path_buf(), conflict));
         }
         if !logged {
             log::info!(
@@ -263,12 +261,7 @@ impl RawFile {
         let file = options
             .open(path)
             .map_err(|e| DiskError::Open(path.to_path_buf(), e))?;
-        let mode = if readonly {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        lock(&file, mode, path)?;
+        lock(&file, !readonly, path)?;
         let size = end_of(&file).map_err(|e| DiskError::Open(path.to_path_buf(), e))?;
         let direct = direct.then(|| Alignment::of(&file));
         if let Some(align) = direct {
@@ -768,7 +761,7 @@ mod tests {
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
         let first = RawFile::open(&path, false, false).unwrap();
         let err = RawFile::open(&path, false, false).err().unwrap();
-        assert!(matches!(err, DiskError::Locked(_)), "{err}");
+        assert!(matches!(err, DiskError::Locked(..)), "{err}");
         assert!(RawFile::open(&path, true, false).is_err());
         drop(first);
         RawFile::open(&path, false, false).unwrap();

@@ -5,6 +5,7 @@ mod block_writes;
 mod cli;
 mod config;
 mod disk;
+mod image_lock;
 mod queue_io;
 mod request;
 mod resize;
