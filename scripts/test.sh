@@ -11,9 +11,23 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
 step() { echo; echo "=== $* (at ${SECONDS} s)"; }
+# Runs one stage's command under a time limit, so a stage that hangs fails
+# naming itself rather than at CI's overall limit. timeout(1) signals the
+# command's whole process group (test binaries, the VMs and backends they
+# started), and kills it 30 s later if it is still there. Stdin is
+# /dev/null: from a terminal the command is not in the foreground group.
+limited() { # seconds command...
+    local limit=$1 rc=0
+    shift
+    timeout --kill-after=30 "$limit" "$@" </dev/null || rc=$?
+    if ((rc == 124 || rc == 137)); then
+        echo "test.sh: \"$*\" ran past its limit of $limit s and was stopped" >&2
+    fi
+    return "$rc"
+}
 
 step "install what is missing (Debian packages, rustfmt, clippy)"
-scripts/install-deps.sh
+limited 1800 scripts/install-deps.sh
 if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
     echo "test.sh: /dev/kvm is not usable: the KVM tests will fail" >&2
 fi
@@ -31,25 +45,25 @@ cleanup() {
 trap cleanup EXIT
 
 step "build the test guest"
-scripts/build-guest.sh
+limited 900 scripts/build-guest.sh
 step "fetch the Linux kernel for the early-boot check"
-scripts/fetch-linux.sh
+limited 600 scripts/fetch-linux.sh
 step "build the workspace"
-cargo build --workspace --all-targets
+limited 2400 cargo build --workspace --all-targets
 step "rustfmt"
-cargo fmt --all --check
-cargo fmt --manifest-path tests/guest/Cargo.toml --check
+limited 300 cargo fmt --all --check
+limited 300 cargo fmt --manifest-path tests/guest/Cargo.toml --check
 step "clippy"
-cargo clippy --workspace --all-targets -- -D warnings
-cargo --config tests/guest/.cargo/config.toml clippy --release \
+limited 1800 cargo clippy --workspace --all-targets -- -D warnings
+limited 900 cargo --config tests/guest/.cargo/config.toml clippy --release \
     --manifest-path tests/guest/Cargo.toml --target-dir target/guest-build -- -D warnings
 step "tests"
-cargo test --workspace
+limited 2400 cargo test --workspace
 step "the README's demo (scripts/demo.sh)"
 # The main command README.md gives: it must boot the guest with its
 # vhost-user disk and NIC, and the guest's own checks must pass.
 demo_out="$(mktemp)"
-if ! scripts/demo.sh >"$demo_out"; then
+if ! limited 600 scripts/demo.sh >"$demo_out"; then
     echo "test.sh: the demo failed; its console:" >&2
     cat "$demo_out" >&2
     exit 1
@@ -89,13 +103,13 @@ PY
     fi
 }
 bench_out="$(mktemp)"
-scripts/bench-blk.sh 1 1 >"$bench_out"
+limited 900 scripts/bench-blk.sh 1 1 >"$bench_out"
 expect_rows "$bench_out" \
     "tmpfs 4k randread q1" "tmpfs 4k randread q2" "tmpfs 64k seqread q1" "tmpfs 64k seqwrite q1" \
     "disk 4k randread q1" "disk 4k randread q2" "disk 64k seqread q1" "disk 64k seqwrite q1" \
     "vhost-blk" "qsd" "fio"
-scripts/bench-net.sh 1 1 >"$bench_out"
+limited 600 scripts/bench-net.sh 1 1 >"$bench_out"
 expect_rows "$bench_out" "tx 64B" "tx 1500B" "rx 64B" "rx 1500B"
-scripts/bench-boot.sh 1 >"$bench_out"
+limited 600 scripts/bench-boot.sh 1 >"$bench_out"
 expect_rows "$bench_out" "first serial byte" "exit after poweroff" "peak RSS"
 echo "test.sh: the benchmarks ran and printed every row"
