@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use vmm_tests::backend::workspace_bin;
 use vmm_tests::blk::{make_image, LoopDevice};
-use vmm_tests::net::{guest_ip, Netns, HOST_IP};
+use vmm_tests::net::{guest_ip, mac_text, Netns, HOST_IP};
 use vmm_tests::pty::{same_termios, Pty};
 use vmm_tests::vm::RunningVm;
 use vmm_tests::{repo_root, require_kvm, test_guest, vmm_bin};
@@ -42,11 +42,10 @@ fn assert_all_gone(stderr: &str, expected: usize) {
         );
     }
     let work = stderr
-        .split_whitespace()
-        .find(|w| w.contains("/vmm-launch-"))
-        .map(|w| w.trim_matches(|c| c == '(' || c == ')' || c == ':'))
-        .and_then(|w| std::path::Path::new(w).parent().map(|p| p.to_path_buf()));
-    let work = work.unwrap_or_else(|| panic!("no socket path in:\n{stderr}"));
+        .lines()
+        .find_map(|l| l.strip_prefix("launch: sockets in "))
+        .unwrap_or_else(|| panic!("no socket directory in:\n{stderr}"));
+    let work = std::path::Path::new(work);
     assert!(!work.exists(), "{} (sockets) remains", work.display());
 }
 
@@ -77,7 +76,10 @@ fn a_vm_with_a_disk_and_a_nic_starts_and_leaves_nothing_behind() {
         .arg(dir.path().join("logs"));
     let mut vm = RunningVm::spawn(cmd);
     vm.expect_line("testguest: blk 00:01.0 write-read ok", TIMEOUT);
-    vm.expect_line("testguest: net 00:02.0 mac ", TIMEOUT);
+    // Not the vmm's default (from the socket's path, new every launch):
+    // one from the NIC's netns and tap, the same every time.
+    let mac = vm.expect_line("testguest: net 00:02.0 mac ", TIMEOUT);
+    assert!(mac.contains(&mac_text(stable_mac(&ns.name, &tap))), "{mac}");
     vm.expect_line(
         &format!("testguest: net ping {HOST_IP} 3/3 replies"),
         TIMEOUT,
@@ -131,6 +133,18 @@ fn a_killed_backend_is_reported_and_everything_is_torn_down() {
     assert_all_gone(&stderr, 2);
 }
 
+/// The launcher's default MAC for a NIC: FNV-1a of "NETNS/TAP", its first
+/// three bytes after 52:54:00.
+fn stable_mac(netns: &str, tap: &str) -> [u8; 6] {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in format!("{netns}/{tap}").bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let [a, b, c, _] = hash.to_be_bytes();
+    [0x52, 0x54, 0x00, a, b, c]
+}
+
 /// Runs the launcher with `args`; expects status 1 and exactly `line` on
 /// stderr.
 fn refused_with(args: &[&std::ffi::OsStr], line: &str) {
@@ -172,6 +186,94 @@ fn a_readonly_flag_other_than_on_or_off_is_one_clear_line() {
     refused_with(
         &["--disk".as_ref(), "disk.img,readonly=false".as_ref()],
         "launch: error: --disk 'disk.img,readonly=false': readonly='false': expected on or off",
+    );
+}
+
+/// Each mistake names the value: an unknown key, a MAC that is not a
+/// unicast one, a tap given twice, an image path with an escaped comma.
+#[test]
+fn bad_device_options_are_one_clear_line_naming_the_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let guest = test_guest();
+    let kernel = ["--kernel".as_ref(), guest.as_os_str()];
+    let comma = format!("{}/a,,b.img", dir.path().display());
+    let cases: [(&[&str], String); 5] = [
+        (
+            &["--disk", "d.img,foo=1"],
+            "launch: error: disk 0: unknown key 'foo' (known: image, readonly, queues)".into(),
+        ),
+        (
+            &["--net", "tap0,readonly"],
+            "launch: error: --net 'tap0,readonly': 'readonly' is not key=value".into(),
+        ),
+        (
+            &["--net", "tap0,mac=01:00:00:00:00:01"],
+            "launch: error: net 0: mac '01:00:00:00:00:01' is not a unicast MAC like 52:54:00:12:34:56"
+                .into(),
+        ),
+        (
+            &["--net", "tap0", "--net", "tap0"],
+            "launch: error: net 1: tap 'tap0' is net 0's already".into(),
+        ),
+        (
+            &["--disk", &comma],
+            format!(
+                "launch: error: disk 0: image '{}/a,b.img': no such file",
+                dir.path().display()
+            ),
+        ),
+    ];
+    for (args, line) in cases {
+        let mut all: Vec<&std::ffi::OsStr> = kernel.to_vec();
+        all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        refused_with(&all, &line);
+    }
+}
+
+/// A log directory another launch holds is refused before anything
+/// starts (its backends' logs would be overwritten), and so is a vmm
+/// binary that cannot be run.
+#[test]
+fn a_busy_log_dir_or_a_binary_that_cannot_run_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).expect("mkdir");
+    let held = std::fs::File::open(&logs).expect("open the log dir");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&held);
+    // SAFETY: flock on a descriptor this test owns; no memory is passed.
+    let locked = unsafe { libc::flock(fd, libc::LOCK_EX) };
+    assert_eq!(locked, 0);
+    let guest = test_guest();
+    refused_with(
+        &[
+            "--kernel".as_ref(),
+            guest.as_os_str(),
+            "--log-dir".as_ref(),
+            logs.as_os_str(),
+        ],
+        &format!(
+            "launch: error: --log-dir {}: another launch is using it (give each VM its own)",
+            logs.display()
+        ),
+    );
+    drop(held);
+
+    let not_executable = dir.path().join("vmm");
+    std::fs::write(&not_executable, "").expect("write");
+    let out = launcher()
+        .env("VMM_BIN", &not_executable)
+        .arg("--kernel")
+        .arg(&guest)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "launch: error: {} is not executable (check VMM_BIN)",
+            not_executable.display()
+        )
     );
 }
 
