@@ -68,30 +68,8 @@ fn vhost_blk_and_qemu_storage_daemon_lock_each_other_out() {
 
     {
         let _ours = Backend::vhost_blk(&ours_socket, &image, &["--readonly"]);
-        let mut qsd = qemu_storage_daemon_command(&qsd_socket, &image, 1, true)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start qemu-storage-daemon");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = qsd.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = qsd.kill();
-                let _ = qsd.wait();
-                panic!("qemu-storage-daemon exported an image a read-only vhost-blk serves");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut stderr = String::new();
-        qsd.stderr
-            .take()
-            .expect("piped stderr")
-            .read_to_string(&mut stderr)
-            .expect("read its stderr");
+        let mut qsd = qemu_storage_daemon_command(&qsd_socket, &image, 1, true);
+        let (status, stderr) = refused_within(&mut qsd, "qemu-storage-daemon");
         assert!(!status.success(), "{stderr}");
         assert!(stderr.contains("\"write\" lock"), "{stderr}");
         assert!(!qsd_socket.exists());
@@ -109,9 +87,8 @@ fn vhost_blk_and_qemu_storage_daemon_lock_each_other_out() {
         if readonly {
             cmd.arg("--readonly");
         }
-        let out = cmd.output().expect("run vhost-blk");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let (status, stderr) = refused_within(&mut cmd, "vhost-blk");
+        assert_eq!(status.code(), Some(1), "{stderr}");
         assert!(
             stderr.contains("shared.img") && stderr.contains("open for writing"),
             "{stderr}"
@@ -121,6 +98,38 @@ fn vhost_blk_and_qemu_storage_daemon_lock_each_other_out() {
     }
     drop(_qsd);
     assert_eq!(std::fs::read(&image).expect("read the image"), before);
+}
+
+/// Runs `cmd`, which should refuse to start: its exit status and stderr.
+/// One still running after 20 s took what it should have been refused:
+/// it is killed and the test fails.
+fn refused_within(cmd: &mut Command, what: &str) -> (std::process::ExitStatus, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} started on an image locked against it");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut stderr)
+        .expect("read its stderr");
+    (status, stderr)
 }
 
 #[test]

@@ -73,9 +73,9 @@ pub enum LockError {
 /// Takes the image's locks for a backend that reads it, and writes it
 /// when `writable`; checks nobody else's locks conflict. The locks are
 /// taken before the check, as QEMU does, so two processes racing for one
-/// image cannot both succeed. On a conflict the locks taken stay until
-/// the file is closed or the call repeated (they are read locks on the
-/// same bytes: taking them again changes nothing).
+/// image cannot both succeed; on a conflict they are let go again, so a
+/// process racing this one (or trying while this one waits to retry)
+/// does not see them.
 pub fn lock(file: &File, writable: bool) -> Result<(), LockError> {
     let held: &[Permission] = if writable {
         &[Permission::ConsistentRead, Permission::Write]
@@ -83,18 +83,36 @@ pub fn lock(file: &File, writable: bool) -> Result<(), LockError> {
         &[Permission::ConsistentRead]
     };
     let unshared = [Permission::Write];
-    for &p in held {
-        set(file, PERM_BASE + p as i64).map_err(LockError::Io)?;
+    let bytes: Vec<i64> = held
+        .iter()
+        .map(|&p| PERM_BASE + p as i64)
+        .chain(unshared.iter().map(|&p| SHARED_BASE + p as i64))
+        .collect();
+    let outcome = take_and_check(file, held, &unshared, &bytes);
+    if outcome.is_err() {
+        for &byte in &bytes {
+            // Best effort: the locks go with the file when it is closed.
+            let _ = set(file, libc::F_UNLCK, byte);
+        }
     }
-    for p in unshared {
-        set(file, SHARED_BASE + p as i64).map_err(LockError::Io)?;
+    outcome
+}
+
+fn take_and_check(
+    file: &File,
+    held: &[Permission],
+    unshared: &[Permission],
+    bytes: &[i64],
+) -> Result<(), LockError> {
+    for &byte in bytes {
+        set(file, libc::F_RDLCK, byte).map_err(LockError::Io)?;
     }
     for &p in held {
         if locked_by_others(file, SHARED_BASE + p as i64).map_err(LockError::Io)? {
             return Err(LockError::Conflict(Conflict::NotShared(p)));
         }
     }
-    for p in unshared {
+    for &p in unshared {
         if locked_by_others(file, PERM_BASE + p as i64).map_err(LockError::Io)? {
             return Err(LockError::Conflict(Conflict::InUse(p)));
         }
@@ -113,9 +131,10 @@ fn one_byte(kind: libc::c_int, byte: i64) -> libc::flock {
     range
 }
 
-/// A read lock on `byte`, owned by the open file.
-fn set(file: &File, byte: i64) -> io::Result<()> {
-    let range = one_byte(libc::F_RDLCK, byte);
+/// A read lock on `byte` (`kind` F_RDLCK), owned by the open file, or
+/// none (F_UNLCK).
+fn set(file: &File, kind: libc::c_int, byte: i64) -> io::Result<()> {
+    let range = one_byte(kind, byte);
     // SAFETY: F_OFD_SETLK reads the flock struct, which lives across the call.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &range) } != 0 {
         return Err(io::Error::last_os_error());
@@ -174,6 +193,10 @@ mod tests {
             Some(Conflict::NotShared(Permission::Write)),
             "readers refuse a writer"
         );
+        assert!(
+            !locked_by_others(&a, PERM_BASE + 1).expect("test 101"),
+            "a refused writer keeps no lock"
+        );
         drop((a, b, c));
         let (a, b) = (open(&path), open(&path));
         assert_eq!(conflict(lock(&a, true)), None, "closing lets go");
@@ -192,8 +215,8 @@ mod tests {
     fn qemu_sees_the_locks_and_they_see_qemu() {
         let (_dir, path) = image();
         let qemu = open(&path);
-        set(&qemu, PERM_BASE).expect("lock 100");
-        set(&qemu, PERM_BASE + 1).expect("lock 101");
+        set(&qemu, libc::F_RDLCK, PERM_BASE).expect("lock 100");
+        set(&qemu, libc::F_RDLCK, PERM_BASE + 1).expect("lock 101");
         let ours = open(&path);
         assert_eq!(
             conflict(lock(&ours, false)),
