@@ -12,22 +12,43 @@ cd "$ROOT"
 
 step() { echo; echo "=== $* (at ${SECONDS} s)"; }
 # Runs one stage's command under a time limit, so a stage that hangs fails
-# naming itself rather than at CI's overall limit. timeout(1) signals the
-# command's whole process group (test binaries, the VMs and backends they
-# started), and kills it 30 s later if it is still there. Stdin is
-# /dev/null: from a terminal the command is not in the foreground group.
+# naming itself rather than at CI's overall limit. timeout(1) runs it in a
+# process group of its own and signals the whole group (test binaries, the
+# VMs and backends they started), killing it 30 s later if it is still
+# there. Being in its own group, the stage misses a Ctrl-C or a signal to
+# this script's group: `on_signal` hands those on. Stdin is /dev/null: from
+# a terminal the stage is not in the foreground group.
+stage_pid=""
 limited() { # seconds command...
     local limit=$1 rc=0
     shift
-    timeout --kill-after=30 "$limit" "$@" </dev/null || rc=$?
-    if ((rc == 124 || rc == 137)); then
+    timeout --kill-after=30 "$limit" "$@" </dev/null &
+    stage_pid=$!
+    wait "$stage_pid" || rc=$?
+    stage_pid=""
+    if ((rc == 124)); then
         echo "test.sh: \"$*\" ran past its limit of $limit s and was stopped" >&2
+    elif ((rc == 137)); then
+        echo "test.sh: \"$*\" was killed (past its limit of $limit s, or by SIGKILL)" >&2
     fi
     return "$rc"
 }
+on_signal() { # exit-status
+    trap - INT TERM HUP
+    if [[ -n "$stage_pid" ]]; then
+        # timeout passes the signal on to the stage's group.
+        kill -TERM "$stage_pid" 2>/dev/null || true
+        wait "$stage_pid" 2>/dev/null || true
+    fi
+    exit "$1"
+}
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
+trap 'on_signal 129' HUP
 
 step "install what is missing (Debian packages, rustfmt, clippy)"
-limited 1800 scripts/install-deps.sh
+# Not limited: as a user, it may ask for sudo's password on the terminal.
+scripts/install-deps.sh
 if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
     echo "test.sh: /dev/kvm is not usable: the KVM tests will fail" >&2
 fi
@@ -59,6 +80,8 @@ limited 900 cargo --config tests/guest/.cargo/config.toml clippy --release \
     --manifest-path tests/guest/Cargo.toml --target-dir target/guest-build -- -D warnings
 step "tests"
 limited 2400 cargo test --workspace
+step "build the release binaries (the demo and the benchmarks run them)"
+limited 2400 cargo build --release -p vmm -p vhost-blk -p vhost-net -p vhost-test-frontend
 step "the README's demo (scripts/demo.sh)"
 # The main command README.md gives: it must boot the guest with its
 # vhost-user disk and NIC, and the guest's own checks must pass.
