@@ -681,7 +681,10 @@ fn a_second_writable_backend_on_the_same_image_is_refused() {
     let out = waiting.wait_with_output().expect("wait");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("in use"), "unclear refusal: {stderr}");
+    assert!(
+        stderr.contains("locked: another process has it open"),
+        "unclear refusal: {stderr}"
+    );
     assert!(!second.exists());
     // The first one is unaffected.
     let mut client = connect(&first, 1);
