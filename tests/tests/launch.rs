@@ -133,6 +133,55 @@ fn a_killed_backend_is_reported_and_everything_is_torn_down() {
     assert_all_gone(&stderr, 2);
 }
 
+/// A backend that cannot start (here the second disk's: its image is the
+/// first's, locked) ends the launch with its log, before the vmm starts,
+/// and the backend started before it is stopped; a vmm that refuses its
+/// arguments ends it with the vmm's status, its backend stopped too.
+#[test]
+fn a_backend_or_vmm_failing_at_start_stops_what_started() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 0);
+    let out = launcher()
+        .arg("--kernel")
+        .arg(test_guest())
+        .arg("--disk")
+        .arg(&image)
+        .arg("--disk")
+        .arg(&image)
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("launch: error: disk1: the backend exited with status 1; its log:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("disk.img\": locked"), "{stderr}");
+    assert!(!stderr.contains("vmm: started"), "{stderr}");
+    assert_all_gone(&stderr, 2);
+
+    let out = launcher()
+        .arg("--kernel")
+        .arg(test_guest())
+        .arg("--disk")
+        .arg(&image)
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"))
+        .args(["--", "--no-such-option"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("launch: vmm: exited with status 2"),
+        "{stderr}"
+    );
+    assert_all_gone(&stderr, 2);
+}
+
 /// The launcher's default MAC for a NIC: FNV-1a of "NETNS/TAP", its first
 /// three bytes after 52:54:00.
 fn stable_mac(netns: &str, tap: &str) -> [u8; 6] {
