@@ -89,9 +89,21 @@ impl RawQmp {
             return self.events.remove(at);
         }
         loop {
-            let line = self
-                .read_line()
-                .unwrap_or_else(|| panic!("closed before the {name} event"));
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => panic!("the VMM closed QMP before the {name} event"),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("no {name} event within the 30 s read timeout")
+                }
+                Err(e) => panic!("reading QMP before the {name} event: {e}"),
+                Ok(_) => {}
+            }
+            let line = line.trim_end().to_string();
             if line.contains(&pattern) {
                 return line;
             }
