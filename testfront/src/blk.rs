@@ -24,6 +24,8 @@ pub const S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
 pub const S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
 /// What the status byte holds before the backend writes it.
 pub const S_UNWRITTEN: u8 = 0xff;
+/// What a read's data buffer holds before the backend writes it.
+pub const POISON: u8 = 0xee;
 pub const WRITE_ZEROES_FLAG_UNMAP: u32 = vb::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 pub const ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 /// `struct virtio_blk_outhdr`: type, reserved (ioprio), sector.
@@ -228,9 +230,16 @@ impl BlkClient {
         self.slot
     }
 
-    /// Reads `buf.len()` bytes from `sector`; returns the status.
+    /// Reads `buf.len()` bytes from `sector`; returns the status. The data
+    /// buffer is filled with `POISON` first, as a driver's fresh buffer
+    /// would hold anything: bytes the backend did not write are never
+    /// those a write on this client left there.
     pub fn read(&mut self, queue: usize, sector: u64, buf: &mut [u8]) -> Result<u8, BlkError> {
         let len = self.fits(buf.len())?;
+        let poison = vec![POISON; len as usize];
+        let _ = self
+            .mem()
+            .write_slice(&poison, GuestAddress(self.slot.data));
         self.prepare_header(T_IN, sector);
         let chain = self.slot.chain(len, true);
         let done = self.submit(queue, &chain)?;
