@@ -131,11 +131,26 @@ fn the_guest_sees_the_link_go_down_and_up_with_its_backend() {
     vm.expect_line("testguest: net link watch", TIMEOUT);
 
     drop(first);
-    vm.expect_line("testguest: net config change: link down", TIMEOUT);
+    let down = "testguest: net config change: link down";
+    let up = "testguest: net config change: link up";
+    vm.expect_line(down, TIMEOUT);
+    assert_eq!(
+        vm.console.count(up),
+        0,
+        "the link came up with no backend:\n{}",
+        vm.console.text()
+    );
     let _second = Backend::vhost_net(&ns, &socket, &tap, 1);
-    vm.expect_line("testguest: net config change: link up", TIMEOUT);
+    vm.expect_line(up, TIMEOUT);
     assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
     vm.assert_no_guest_failure();
+    let text = vm.console.text();
+    let changes: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| l.contains("net config change"))
+        .collect();
+    assert_eq!(changes, [down, up], "{text}");
 }
 
 #[test]
