@@ -128,9 +128,27 @@ fn a_restarted_vhost_blk_takes_over_the_running_guest() {
     qmp.negotiate();
 
     drop(first);
-    qmp.expect_backend(false);
-    let _second = Backend::vhost_blk(&socket, &image, &[]);
-    qmp.expect_backend(true);
+    // A missing event fails with what the VMM and the new backend logged.
+    let expect_backend = |qmp: &mut RawQmp, connected: bool, backend: Option<&Backend>| {
+        let seen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            qmp.expect_backend(connected)
+        }));
+        if let Err(e) = seen {
+            let why = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!(
+                "{why} (connected: {connected})\nvmm stderr:\n{}\nnew backend's log:\n{}",
+                vm.stderr.text(),
+                backend.map(|b| b.log.text()).unwrap_or_default()
+            );
+        }
+    };
+    expect_backend(&mut qmp, false, None);
+    let second = Backend::vhost_blk(&socket, &image, &[]);
+    expect_backend(&mut qmp, true, Some(&second));
 
     let mut master = pty.master.try_clone().expect("dup master");
     master.write_all(b"\r").expect("wake the guest");
