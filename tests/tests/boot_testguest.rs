@@ -1,6 +1,7 @@
 //! Boots the test guest with several vCPU counts and memory sizes and checks
-//! what it reports: the CPUs in the MADT, the RAM in the PVH memory map, the
-//! ACPI tables, and a clean power-off (exit 0).
+//! what it reports: the CPUs in the MADT, the RAM in the PVH memory map and
+//! that the guest could write and read back both ends of every RAM range
+//! (above 4 GiB too), the ACPI tables, and a clean power-off (exit 0).
 
 use std::time::Duration;
 
@@ -29,6 +30,21 @@ fn boot_and_check(cpus: u32, memory_mib: u64) {
             memory_mib * 1024 - LEGACY_HOLE_KIB
         ),
         "RAM reported for --memory {memory}"
+    );
+    // RAM below the legacy hole, from 1 MiB to 3 GiB, and what is above
+    // 3 GiB moved to 4 GiB.
+    let (ranges, top) = if memory_mib <= 3072 {
+        (2, (memory_mib << 20) - 1)
+    } else {
+        (3, (1u64 << 32) + ((memory_mib - 3072) << 20) - 1)
+    };
+    let ram_line = vm.expect_line("testguest: ram ", BOOT_TIMEOUT);
+    assert_eq!(
+        ram_line,
+        format!(
+            "testguest: ram written and read back at both ends of {ranges} ranges, top {top:#x}"
+        ),
+        "RAM the guest touched for --memory {memory}"
     );
     vm.expect_line("testguest: rsdp 0xe0000 search", BOOT_TIMEOUT);
     for table in ["FACP", "DSDT", "APIC"] {

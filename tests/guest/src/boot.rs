@@ -7,7 +7,9 @@
 //!
 //! 1. load our own GDT and data segments, clear `.bss` (not the stack);
 //! 2. CR4 = PAE, CR3 = page tables identity-mapping 0..4 GiB with 2 MiB pages
-//!    (built by the assembler, so there is no fill loop at run time);
+//!    (built by the assembler, so there is no fill loop at run time), and
+//!    an empty page directory at 4..5 GiB that `phys::window` points at
+//!    any 2 MiB of physical memory, above 4 GiB too;
 //! 3. EFER = LME, CR0 |= PG | PE, far jump to the 64-bit code segment;
 //! 4. set the stack and call `testguest_main(start_info)`.
 //!
@@ -96,13 +98,18 @@ boot_pdpt:
     .quad boot_pd + 0x1003
     .quad boot_pd + 0x2003
     .quad boot_pd + 0x3003
-    .fill 508, 8, 0
+    .quad boot_window_pd + 0x3      /* 4..5 GiB: phys::window */
+    .fill 507, 8, 0
 boot_pd:
     .set boot_page, 0
     .rept 2048
     .quad boot_page + 0x83          /* present, writable, 2 MiB page */
     .set boot_page, boot_page + 0x200000
     .endr
+    .balign 4096
+    .globl boot_window_pd
+boot_window_pd:
+    .fill 512, 8, 0
 
     .section .stack, "aw", @nobits
     .balign 16

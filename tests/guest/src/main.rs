@@ -81,6 +81,43 @@ impl fmt::Display for Fail {
     }
 }
 
+/// Writes a word at the first and the last 8 bytes of every RAM range of
+/// the memory map (above 4 GiB too, through `phys::window`), reads it back
+/// and puts the old value back: memory the map promises is memory. Returns
+/// the number of ranges and the last byte of the highest.
+fn touch_ram(info: &pvh::StartInfo) -> Result<(u32, u64), Fail> {
+    let ranges = info.ram_ranges()?.ok_or(Fail::new("no memory map"))?;
+    let (mut count, mut top) = (0u32, 0u64);
+    for (start, len) in ranges {
+        if len < 8 {
+            continue;
+        }
+        let first = (start + 7) & !7;
+        let last = (start + len - 8) & !7;
+        for addr in [first, last] {
+            // Nothing here is a Rust object touched meanwhile (one CPU,
+            // interrupts off), and the old value goes back at once.
+            // SAFETY: RAM the memory map names, 8-byte aligned.
+            let word = unsafe { phys::window(addr) };
+            let pattern = addr ^ 0x5a5a_a5a5_5a5a_a5a5;
+            // SAFETY: `word` maps `addr` until the next `window` call.
+            let seen = unsafe {
+                let old = core::ptr::read_volatile(word);
+                core::ptr::write_volatile(word, pattern);
+                let seen = core::ptr::read_volatile(word);
+                core::ptr::write_volatile(word, old);
+                seen
+            };
+            if seen != pattern {
+                return Err(Fail::at("RAM did not keep a word written", addr));
+            }
+        }
+        count += 1;
+        top = top.max(start + len - 1);
+    }
+    Ok((count, top))
+}
+
 /// Called by the `boot.rs` trampoline in 64-bit mode with the physical
 /// address of `hvm_start_info`.
 #[no_mangle]
@@ -102,6 +139,8 @@ fn run(start_info: u64) -> Result<(), Fail> {
     // Rounded to the nearest MiB: firmware holes (640 KiB..1 MiB) keep the
     // exact sum just under the configured size. The exact figure follows.
     say!("memory {} MiB ({} KiB)", (ram + (1 << 19)) >> 20, ram >> 10);
+    let (ranges, top) = touch_ram(&info)?;
+    say!("ram written and read back at both ends of {ranges} ranges, top {top:#x}");
 
     let rsdp = acpi::Rsdp::find(info.rsdp_paddr)?;
     say!("rsdp {:#x} {}", rsdp.addr, rsdp.source);

@@ -6,6 +6,35 @@
 /// End of the identity map built by `boot.rs`.
 pub const MAPPED_END: u64 = 1 << 32;
 
+/// Virtual base of the window `boot.rs` leaves at 4 GiB (one PDPT entry,
+/// its page directory empty until `window` fills its first entry).
+const WINDOW: u64 = 1 << 32;
+const TWO_MIB: u64 = 2 << 20;
+
+extern "C" {
+    /// The window's page directory (`boot.rs`).
+    static mut boot_window_pd: [u64; 512];
+}
+
+/// A pointer to the u64 at physical `addr` (8-byte aligned), through the
+/// window: its 2 MiB page is mapped at WINDOW, so any physical address
+/// works, the RAM above 4 GiB among them. Valid until the next call.
+///
+/// # Safety
+/// Only one CPU runs the guest, and nothing else uses the window while the
+/// pointer is in use; what lies at `addr` must be safe to access.
+pub unsafe fn window(addr: u64) -> *mut u64 {
+    let page = addr & !(TWO_MIB - 1);
+    // SAFETY: the window's page directory is only written here, by the one
+    // CPU; a present, writable 2 MiB page (0x83) at `page`.
+    unsafe {
+        core::ptr::write_volatile(core::ptr::addr_of_mut!(boot_window_pd[0]), page | 0x83);
+        // The old translation of the window may be cached.
+        core::arch::asm!("invlpg [{0}]", in(reg) WINDOW, options(nostack, preserves_flags));
+    }
+    (WINDOW + (addr - page)) as *mut u64
+}
+
 /// Returns the `len` bytes at physical address `addr`, or `None` if `addr` is
 /// 0 or the range does not lie entirely below `MAPPED_END`.
 ///

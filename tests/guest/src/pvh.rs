@@ -51,16 +51,24 @@ impl StartInfo {
     /// Total bytes of RAM (type 1) in the memory map, or `None` if there is
     /// no memory map (version 0, or zero entries).
     pub fn ram_bytes(&self) -> Result<Option<u64>, Fail> {
+        Ok(self
+            .ram_ranges()?
+            .map(|ranges| ranges.fold(0u64, |sum, (_, len)| sum.saturating_add(len))))
+    }
+
+    /// The RAM (type 1) ranges of the memory map as (start, length), or
+    /// `None` if there is no memory map.
+    pub fn ram_ranges(&self) -> Result<Option<impl Iterator<Item = (u64, u64)>>, Fail> {
         if self.version == 0 || self.memmap_paddr == 0 || self.memmap_entries == 0 {
             return Ok(None);
         }
         let len = u64::from(self.memmap_entries) * MEMMAP_ENTRY_SIZE as u64;
         let map = phys::bytes(self.memmap_paddr, len)
             .ok_or(Fail::at("memory map outside memory", self.memmap_paddr))?;
-        let ram = map
-            .chunks_exact(MEMMAP_ENTRY_SIZE)
-            .filter(|e| u32_at(e, 16) == MEMMAP_TYPE_RAM)
-            .fold(0u64, |sum, e| sum.saturating_add(u64_at(e, 8)));
-        Ok(Some(ram))
+        Ok(Some(
+            map.chunks_exact(MEMMAP_ENTRY_SIZE)
+                .filter(|e| u32_at(e, 16) == MEMMAP_TYPE_RAM)
+                .map(|e| (u64_at(e, 0), u64_at(e, 8))),
+        ))
     }
 }
