@@ -368,7 +368,26 @@ fn serve_client(conn: Conn, vm: &dyn VmControl, sink: &EventSink) {
                             Ok(value) => protocol::reply(value, request.id),
                             Err(e) => protocol::error(&e, request.id),
                         };
-                        let posted = outbox.post_reply(&message);
+                        let posted = if negotiated && !subscribed {
+                            // The reply and the subscription under the
+                            // sink's lock, as one step for `emit`: an event
+                            // sent once the client may have read the reply
+                            // goes to it, queued after the reply. (Set after
+                            // the reply was out, an event in between was
+                            // lost, though the client was entitled to it.)
+                            // Queued without waiting, as events are, since
+                            // the lock is held: a client with a full queue
+                            // is disconnected.
+                            let mut client = lock(&sink.client);
+                            let posted = outbox.post_event(&message);
+                            if posted {
+                                subscribed = true;
+                                *client = Some(outbox.clone());
+                            }
+                            posted
+                        } else {
+                            outbox.post_reply(&message)
+                        };
                         if after == After::Quit {
                             // After the reply is queued, so it goes out
                             // before the SHUTDOWN event (the VMM flushes
@@ -378,12 +397,6 @@ fn serve_client(conn: Conn, vm: &dyn VmControl, sink: &EventSink) {
                         }
                         if !posted {
                             break 'conn;
-                        }
-                        if negotiated && !subscribed {
-                            // Events flow once capabilities are negotiated,
-                            // after the reply that says so.
-                            subscribed = true;
-                            *lock(&sink.client) = Some(outbox.clone());
                         }
                         continue;
                     }
