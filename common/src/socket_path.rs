@@ -71,6 +71,7 @@ fn take_turn(path: &Path) -> Result<Option<File>, Unusable> {
         return Ok(None);
     };
     let deadline = Instant::now() + TURN_TIMEOUT;
+    let mut logged = false;
     loop {
         // SAFETY: flock on a descriptor we own; no memory is passed.
         if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -80,6 +81,13 @@ fn take_turn(path: &Path) -> Result<Option<File>, Unusable> {
         if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
             // A file system without locks: claim alone.
             return Ok(None);
+        }
+        if !logged {
+            log::info!(
+                "{}: another process is claiming a socket path here; waiting up to {TURN_TIMEOUT:?}",
+                path.display()
+            );
+            logged = true;
         }
         if Instant::now() >= deadline {
             return Err(Unusable::Io(io::Error::new(

@@ -20,6 +20,7 @@ use vhost_test_frontend::virtqueue::{Buf, RawDesc, DESC_F_NEXT, DESC_F_WRITE};
 use vhost_test_frontend::{BlkError, ConnectionError, Pipeline, Request};
 use vmm_tests::backend::{require_qemu_storage_daemon, vhost_blk_bin, Backend};
 use vmm_tests::blk::LoopDevice;
+use vmm_tests::vm::Output;
 
 const IMAGE_SIZE: usize = 4 << 20;
 
@@ -664,7 +665,8 @@ fn a_second_writable_backend_on_the_same_image_is_refused() {
     let first = dir.path().join("first.sock");
     let _backend = Backend::vhost_blk(&first, &img, &[]);
     let second = dir.path().join("second.sock");
-    let waiting = Command::new(vhost_blk_bin())
+    let mut waiting = Command::new(vhost_blk_bin())
+        .env("RUST_LOG", "info")
         .arg("--socket")
         .arg(&second)
         .arg("--image")
@@ -673,14 +675,19 @@ fn a_second_writable_backend_on_the_same_image_is_refused() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run a second vhost-blk");
+    let log = Output::capture(waiting.stderr.take().expect("piped stderr"));
     // A SIGHUP while it waits for the lock does not end it: only the
     // refusal does, with its message and status 1.
-    std::thread::sleep(Duration::from_millis(300));
+    log.wait_for("is locked; waiting", Duration::from_secs(10))
+        .expect("the second vhost-blk did not wait for the lock");
     // SAFETY: kill(2) on a child of ours that has not been waited for.
     unsafe { libc::kill(waiting.id() as libc::pid_t, libc::SIGHUP) };
-    let out = waiting.wait_with_output().expect("wait");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let status = waiting.wait().expect("wait");
+    let stderr = log
+        .wait_for("error: --image", Duration::from_secs(10))
+        .map(|_| log.text())
+        .unwrap_or_else(|e| panic!("no refusal: {e}"));
+    assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("locked: another process has it open"),
         "unclear refusal: {stderr}"
@@ -1595,6 +1602,7 @@ fn a_backend_stopped_before_it_bound_leaves_the_live_socket_alone() {
     let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir_handle), libc::LOCK_EX) };
     assert_eq!(rc, 0, "lock the directory");
     let mut child = Command::new(vhost_blk_bin())
+        .env("RUST_LOG", "info")
         .arg("--socket")
         .arg(&socket)
         .arg("--image")
@@ -1602,7 +1610,9 @@ fn a_backend_stopped_before_it_bound_leaves_the_live_socket_alone() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start vhost-blk");
-    std::thread::sleep(Duration::from_millis(500));
+    let log = Output::capture(child.stderr.take().expect("piped stderr"));
+    log.wait_for("waiting up to", Duration::from_secs(10))
+        .expect("vhost-blk did not wait for its turn");
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let status = child.wait().expect("wait");
