@@ -82,40 +82,72 @@ impl fmt::Display for Fail {
 }
 
 /// Writes a word at the first and the last 8 bytes of every RAM range of
-/// the memory map (above 4 GiB too, through `phys::window`), reads it back
-/// and puts the old value back: memory the map promises is memory. Returns
+/// the memory map (above 4 GiB too, through `phys::window`), each its own
+/// value, all of them before any is read back: two ranges backed by the
+/// same memory would overwrite each other. Below 4 GiB each is read back
+/// through the identity map as well. Then the old values go back. Returns
 /// the number of ranges and the last byte of the highest.
 fn touch_ram(info: &pvh::StartInfo) -> Result<(u32, u64), Fail> {
-    let ranges = info.ram_ranges()?.ok_or(Fail::new("no memory map"))?;
+    const MAX_PROBES: usize = 64;
+    let pattern = |addr: u64| addr ^ 0x5a5a_a5a5_5a5a_a5a5;
+    // (address, the value it held)
+    let mut probes = [(0u64, 0u64); MAX_PROBES];
+    let mut n = 0;
     let (mut count, mut top) = (0u32, 0u64);
-    for (start, len) in ranges {
+    for (start, len) in info.ram_ranges()?.ok_or(Fail::new("no memory map"))? {
         if len < 8 {
             continue;
         }
         let first = (start + 7) & !7;
         let last = (start + len - 8) & !7;
         for addr in [first, last] {
-            // Nothing here is a Rust object touched meanwhile (one CPU,
-            // interrupts off), and the old value goes back at once.
-            // SAFETY: RAM the memory map names, 8-byte aligned.
-            let word = unsafe { phys::window(addr) };
-            let pattern = addr ^ 0x5a5a_a5a5_5a5a_a5a5;
-            // SAFETY: `word` maps `addr` until the next `window` call.
-            let seen = unsafe {
-                let old = core::ptr::read_volatile(word);
-                core::ptr::write_volatile(word, pattern);
-                let seen = core::ptr::read_volatile(word);
-                core::ptr::write_volatile(word, old);
-                seen
-            };
-            if seen != pattern {
-                return Err(Fail::at("RAM did not keep a word written", addr));
+            if n > 0 && probes[n - 1].0 == addr {
+                continue;
             }
+            if n == MAX_PROBES {
+                return Err(Fail::new("more RAM ranges than the RAM check holds"));
+            }
+            probes[n] = (addr, 0);
+            n += 1;
         }
         count += 1;
         top = top.max(start + len - 1);
     }
-    Ok((count, top))
+    // Nothing at these addresses is touched meanwhile (one CPU, interrupts
+    // off, none of them in the guest's stack or data), and every old value
+    // goes back before this returns.
+    for probe in &mut probes[..n] {
+        // SAFETY: RAM the memory map names, 8-byte aligned; the pointer is
+        // used before the next `window` call.
+        unsafe {
+            let word = phys::window(probe.0);
+            probe.1 = core::ptr::read_volatile(word);
+            core::ptr::write_volatile(word, pattern(probe.0));
+        }
+    }
+    let mut bad = None;
+    for &(addr, _) in &probes[..n] {
+        // SAFETY: as above.
+        let seen = unsafe { core::ptr::read_volatile(phys::window(addr)) };
+        let direct = if addr != 0 && addr + 8 <= phys::MAPPED_END {
+            // SAFETY: non-null, below 4 GiB: identity-mapped RAM.
+            unsafe { core::ptr::read_volatile(addr as *const u64) }
+        } else {
+            seen
+        };
+        if seen != pattern(addr) || direct != seen {
+            bad = Some(addr);
+            break;
+        }
+    }
+    for &(addr, old) in &probes[..n] {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(phys::window(addr), old) };
+    }
+    match bad {
+        Some(addr) => Err(Fail::at("RAM did not keep a word written", addr)),
+        None => Ok((count, top)),
+    }
 }
 
 /// Called by the `boot.rs` trampoline in 64-bit mode with the physical
