@@ -264,6 +264,10 @@ impl BlkClient {
 
     /// The device id (the backend's serial, NUL padded).
     pub fn get_id(&mut self) -> Result<[u8; ID_BYTES], BlkError> {
+        // Poisoned, so the NUL padding is the backend's.
+        let _ = self
+            .mem()
+            .write_slice(&[POISON; ID_BYTES], GuestAddress(self.slot.data));
         self.prepare_header(T_GET_ID, 0);
         let chain = self.slot.chain(ID_BYTES as u32, true);
         let done = self.submit(0, &chain)?;
