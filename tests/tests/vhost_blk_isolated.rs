@@ -680,6 +680,11 @@ fn a_second_writable_backend_on_the_same_image_is_refused() {
     // refusal does, with its message and status 1.
     log.wait_for("is locked; waiting", Duration::from_secs(10))
         .expect("the second vhost-blk did not wait for the lock");
+    assert!(
+        waiting.try_wait().expect("try_wait").is_none(),
+        "it gave up before the SIGHUP: {}",
+        log.text()
+    );
     // SAFETY: kill(2) on a child of ours that has not been waited for.
     unsafe { libc::kill(waiting.id() as libc::pid_t, libc::SIGHUP) };
     let status = waiting.wait().expect("wait");
@@ -1611,7 +1616,7 @@ fn a_backend_stopped_before_it_bound_leaves_the_live_socket_alone() {
         .spawn()
         .expect("start vhost-blk");
     let log = Output::capture(child.stderr.take().expect("piped stderr"));
-    log.wait_for("waiting up to", Duration::from_secs(10))
+    log.wait_for("claiming a socket path", Duration::from_secs(10))
         .expect("vhost-blk did not wait for its turn");
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
