@@ -246,7 +246,7 @@ fn bad_device_options_are_one_clear_line_naming_the_value() {
     let guest = test_guest();
     let kernel = ["--kernel".as_ref(), guest.as_os_str()];
     let comma = format!("{}/a,,b.img", dir.path().display());
-    let cases: [(&[&str], String); 5] = [
+    let cases: [(&[&str], String); 6] = [
         (
             &["--disk", "d.img,foo=1"],
             "launch: error: disk 0: unknown key 'foo' (known: image, readonly, queues)".into(),
@@ -263,6 +263,15 @@ fn bad_device_options_are_one_clear_line_naming_the_value() {
         (
             &["--net", "tap0", "--net", "tap0"],
             "launch: error: net 1: tap 'tap0' is net 0's already".into(),
+        ),
+        (
+            &[
+                "--net",
+                "tap0,mac=52:54:00:00:00:01",
+                "--net",
+                "tap1,mac=52-54-00-00-00-01",
+            ],
+            "launch: error: net 1: mac '52-54-00-00-00-01' is net 0's already".into(),
         ),
         (
             &["--disk", &comma],
@@ -306,6 +315,31 @@ fn a_busy_log_dir_or_a_binary_that_cannot_run_is_refused() {
         ),
     );
     drop(held);
+
+    // A backend binary missing is named before the first backend starts.
+    let image = dir.path().join("disk.img");
+    make_image(&image, 0);
+    let missing = dir.path().join("no-vhost-net");
+    let out = launcher()
+        .env("VHOST_NET_BIN", &missing)
+        .arg("--kernel")
+        .arg(&guest)
+        .arg("--disk")
+        .arg(&image)
+        .args(["--net", "tap0"])
+        .arg("--log-dir")
+        .arg(&logs)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "launch: error: {} is missing: run `cargo build --release -p vhost-net` (or set VHOST_NET_BIN)",
+            missing.display()
+        )
+    );
 
     let not_executable = dir.path().join("vmm");
     std::fs::write(&not_executable, "").expect("write");
