@@ -197,7 +197,14 @@ fn stable_mac(netns: &str, tap: &str) -> [u8; 6] {
 /// Runs the launcher with `args`; expects status 1 and exactly `line` on
 /// stderr.
 fn refused_with(args: &[&std::ffi::OsStr], line: &str) {
-    let out = launcher().args(args).output().expect("run");
+    let mut cmd = launcher();
+    cmd.args(args);
+    refused(cmd, line);
+}
+
+/// Runs `cmd`; expects status 1 and exactly `line` on stderr.
+fn refused(mut cmd: Command, line: &str) {
+    let out = cmd.output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim_end(), line);
@@ -320,43 +327,35 @@ fn a_busy_log_dir_or_a_binary_that_cannot_run_is_refused() {
     let image = dir.path().join("disk.img");
     make_image(&image, 0);
     let missing = dir.path().join("no-vhost-net");
-    let out = launcher()
-        .env("VHOST_NET_BIN", &missing)
+    let mut cmd = launcher();
+    cmd.env("VHOST_NET_BIN", &missing)
         .arg("--kernel")
         .arg(&guest)
         .arg("--disk")
         .arg(&image)
         .args(["--net", "tap0"])
         .arg("--log-dir")
-        .arg(&logs)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert_eq!(
-        stderr.trim_end(),
-        format!(
+        .arg(&logs);
+    refused(
+        cmd,
+        &format!(
             "launch: error: {} is missing: run `cargo build --release -p vhost-net` (or set VHOST_NET_BIN)",
             missing.display()
-        )
+        ),
     );
 
     let not_executable = dir.path().join("vmm");
     std::fs::write(&not_executable, "").expect("write");
-    let out = launcher()
-        .env("VMM_BIN", &not_executable)
+    let mut cmd = launcher();
+    cmd.env("VMM_BIN", &not_executable)
         .arg("--kernel")
-        .arg(&guest)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert_eq!(
-        stderr.trim_end(),
-        format!(
+        .arg(&guest);
+    refused(
+        cmd,
+        &format!(
             "launch: error: {} is not executable (check VMM_BIN)",
             not_executable.display()
-        )
+        ),
     );
 }
 
