@@ -23,11 +23,13 @@ fn launcher() -> Command {
     cmd
 }
 
-/// Pids from the launcher's "started ... (pid N)" lines.
+/// Pids from the launcher's "started ... (pid N)" lines. The vmm writes to
+/// the same stderr, so one of its messages may run into a line's start.
 fn started_pids(stderr: &str) -> Vec<u32> {
     stderr
         .lines()
-        .filter(|l| l.starts_with("launch: ") && l.contains("started"))
+        .filter_map(|l| l.find("launch: ").map(|at| &l[at..]))
+        .filter(|l| l.contains(": started "))
         .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
         .collect()
 }
