@@ -2,10 +2,11 @@
 # Runs the whole test suite: builds the test guest, fetches the Linux kernel
 # for the early-boot check, builds the workspace, checks formatting and
 # clippy, then runs every unit and integration test (the integration tests
-# boot real guests on /dev/kvm and fail without it), the README's demo,
-# checking what its guest reports, and last each benchmark script for one
-# short round, checking that it prints every row of its table (not how fast:
-# figures are for the benchmarks themselves).
+# boot real guests on /dev/kvm and fail without it), builds the release
+# binaries, runs the README's demo, checking what its guest reports, and
+# last each benchmark script for one short round, checking that it prints
+# every row of its table (not how fast: figures are for the benchmarks
+# themselves). Each stage after the dependency install has a time limit.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"

@@ -4,7 +4,8 @@
 //! into guest memory (no copy), O_DIRECT on request (aligned to what the
 //! file system asks for; unaligned transfers go through a bounded aligned
 //! bounce buffer, read-modify-writes holding their blocks alone), and QEMU's
-//! advisory locks (`image_lock`) so two writers cannot open the same image. `MemDisk` is for
+//! advisory locks (`image_lock`), so no writer opens an image another
+//! process uses, nor anyone an image another process writes. `MemDisk` is for
 //! tests.
 
 use std::fs::{File, OpenOptions};

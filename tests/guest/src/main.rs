@@ -2,7 +2,8 @@
 //!
 //! Booted through PVH (see `boot.rs`), it reports over COM1, one
 //! `testguest: ...` line per fact: hello, the command line, RAM from the PVH
-//! memory map, the RSDP, each ACPI table, the enabled CPU count; in `echo`
+//! memory map and that both ends of each RAM range keep a word written
+//! (`touch_ram`), the RSDP, each ACPI table, the enabled CPU count; in `echo`
 //! mode it echoes serial input lines; in `count` mode it prints a counter
 //! about five times a second; it drives every virtio-blk disk
 //! (`virtio_blk`) and virtio-net NIC (`virtio_net`: `ip=`, `ping=`,

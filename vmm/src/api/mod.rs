@@ -37,7 +37,8 @@ pub struct VmApi {
 }
 
 impl VmApi {
-    /// Sends a DEVICE_BACKEND event whenever a backend hangs up.
+    /// Sends a DEVICE_BACKEND event whenever a backend hangs up or a new
+    /// one takes the device over.
     pub fn watch_devices(&self) {
         for device in &self.devices {
             let sink = self.sink.clone();
