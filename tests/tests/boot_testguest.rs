@@ -1,7 +1,8 @@
 //! Boots the test guest with several vCPU counts and memory sizes and checks
-//! what it reports: the CPUs in the MADT, the RAM in the PVH memory map and
-//! that the guest could write and read back both ends of every RAM range
-//! (above 4 GiB too), the ACPI tables, and a clean power-off (exit 0).
+//! what it reports: the CPUs in the MADT and that each of them ran the
+//! guest's code, the RAM in the PVH memory map and that the guest could
+//! write and read back both ends of every RAM range (above 4 GiB too), the
+//! ACPI tables, and a clean power-off (exit 0).
 
 use std::time::Duration;
 
@@ -52,6 +53,9 @@ fn boot_and_check(cpus: u32, memory_mib: u64) {
     }
     let cpu_line = vm.expect_line("testguest: cpus ", BOOT_TIMEOUT);
     assert_eq!(cpu_line, format!("testguest: cpus {cpus}"));
+    // Every processor in the MADT ran the guest's start-up code.
+    let running = vm.expect_line("testguest: cpus running ", BOOT_TIMEOUT);
+    assert_eq!(running, format!("testguest: cpus running {cpus}"));
     vm.expect_line("testguest: poweroff", BOOT_TIMEOUT);
     let status = vm.wait_exit(BOOT_TIMEOUT);
     vm.assert_no_guest_failure();

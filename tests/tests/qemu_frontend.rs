@@ -2,7 +2,8 @@
 //! RAM in a shared memfd) boots the test guest, whose virtio-blk driver
 //! reads and writes through our vhost-blk (and sees the disk grow when
 //! vhost-blk says so) and whose virtio-net driver pings the host through
-//! our vhost-net.
+//! our vhost-net. QEMU gives the guest two processors, and the guest's
+//! check that every processor runs its code passes on QEMU too.
 
 use std::process::Command;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use vmm_tests::{require_kvm, test_guest};
 fn qemu_with_shared_memory() -> Command {
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-M", "q35,memory-backend=mem", "-accel", "kvm"])
-        .args(["-cpu", "max,-arch-capabilities", "-m", "256", "-smp", "1"])
+        .args(["-cpu", "max,-arch-capabilities", "-m", "256", "-smp", "2"])
         .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
         .args([
             "-nodefaults",
@@ -90,6 +91,9 @@ fn qemu_boots_the_test_guest_on_our_vhost_blk() {
         ])
         .args(["-append", "diskresize"]);
     let vm = RunningVm::spawn(qemu);
+    // The guest's processor check holds on a VMM that is not ours.
+    let running = vm.expect_line("testguest: cpus running ", Duration::from_secs(120));
+    assert_eq!(running, "testguest: cpus running 2");
     let info = expect_disk(&vm, "00:01.0", 0, false);
     assert!(info.ends_with("serial from-qemu"), "{info}");
     // QEMU takes vhost-blk's word that the disk grew to the guest.

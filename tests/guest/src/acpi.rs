@@ -268,32 +268,49 @@ impl Madt {
     pub const SIGNATURE: [u8; 4] = *b"APIC";
     /// Header plus local APIC address and flags.
     const ENTRIES: usize = 44;
+    const LOCAL_APIC_ADDRESS: usize = 36;
     const TYPE_LOCAL_APIC: u8 = 0;
     const TYPE_LOCAL_X2APIC: u8 = 9;
     const ENABLED: u32 = 1 << 0;
 
     /// Counts enabled Processor Local APIC and x2APIC entries.
     pub fn enabled_cpus(&self) -> Result<u32, Fail> {
+        let mut cpus = 0;
+        self.for_each_enabled_apic(|_| cpus += 1)?;
+        Ok(cpus)
+    }
+
+    /// Calls `f` with the APIC ID of each enabled Processor Local APIC and
+    /// x2APIC entry.
+    pub fn for_each_enabled_apic(&self, mut f: impl FnMut(u32)) -> Result<(), Fail> {
         let b = self.0.bytes;
         let mut off = Self::ENTRIES;
-        let mut cpus = 0;
         while off < b.len() {
             let kind = b[off];
             let len = b.get(off + 1).map_or(0, |&l| usize::from(l));
             let Some(entry) = b.get(off..off + len).filter(|_| len >= 2) else {
                 return Err(Fail::at("bad MADT entry", self.0.addr + off as u64));
             };
-            let flags = match kind {
-                Self::TYPE_LOCAL_APIC if len >= 8 => u32_at(entry, 4),
-                Self::TYPE_LOCAL_X2APIC if len >= 12 => u32_at(entry, 8),
-                _ => 0,
+            let (id, flags) = match kind {
+                Self::TYPE_LOCAL_APIC if len >= 8 => (u32::from(entry[3]), u32_at(entry, 4)),
+                Self::TYPE_LOCAL_X2APIC if len >= 12 => (u32_at(entry, 4), u32_at(entry, 8)),
+                _ => (0, 0),
             };
             if flags & Self::ENABLED != 0 {
-                cpus += 1;
+                f(id);
             }
             off += len;
         }
-        Ok(cpus)
+        Ok(())
+    }
+
+    /// The local APICs' physical address (xAPIC mode).
+    pub fn local_apic_address(&self) -> Result<u32, Fail> {
+        let b = self.0.bytes;
+        if b.len() < Self::ENTRIES {
+            return Err(Fail::at("MADT too short", self.0.addr));
+        }
+        Ok(u32_at(b, Self::LOCAL_APIC_ADDRESS))
     }
 }
 

@@ -3,11 +3,11 @@
 //! Booted through PVH (see `boot.rs`), it reports over COM1, one
 //! `testguest: ...` line per fact: hello, the command line, RAM from the PVH
 //! memory map and that both ends of each RAM range keep a word written
-//! (`touch_ram`), the RSDP, each ACPI table, the enabled CPU count; in `echo`
-//! mode it echoes serial input lines; in `count` mode it prints a counter
-//! about five times a second; it drives every virtio-blk disk
-//! (`virtio_blk`) and virtio-net NIC (`virtio_net`: `ip=`, `ping=`,
-//! `respond=`, `linkwatch`) it finds on PCI (with `diskwait`, each disk
+//! (`touch_ram`), the RSDP, each ACPI table, the enabled CPU count and how
+//! many CPUs ran its code (`smp`); in `echo` mode it echoes serial input
+//! lines; in `count` mode it prints a counter about five times a second; it
+//! drives every virtio-blk disk (`virtio_blk`) and virtio-net NIC
+//! (`virtio_net`: `ip=`, `ping=`, `respond=`, `linkwatch`) it finds on PCI (with `diskwait`, each disk
 //! waits for a line on the serial port between its first read and its
 //! writes, while the test swaps the backend; with `movebars`, it first
 //! moves each virtio device's BAR); then it powers off through ACPI, or
@@ -33,6 +33,7 @@ mod port;
 mod power;
 mod pvh;
 mod serial;
+mod smp;
 mod virtio_blk;
 mod virtio_net;
 mod virtio_pci;
@@ -180,6 +181,8 @@ fn run(start_info: u64) -> Result<(), Fail> {
 
     let madt = walk_acpi(&rsdp)?;
     say!("cpus {}", madt.enabled_cpus()?);
+    let running = smp::start_others(&madt)?;
+    say!("cpus running {}", running.count());
 
     let has_word = |wanted: &[u8]| cmdline.split(u8::is_ascii_whitespace).any(|w| w == wanted);
     // `nopci` skips PCI discovery (the boot benchmark powers off at once).
@@ -382,7 +385,7 @@ const APIC_BASE_X2APIC: u64 = 1 << 10;
 const CPUID_1_ECX_X2APIC: u32 = 1 << 21;
 const LAPIC_LVT_TIMER: u64 = 0xfee0_0320;
 
-fn rdmsr(msr: u32) -> u64 {
+pub(crate) fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: reads an architectural MSR the VMM provides; no memory access.
     unsafe {
@@ -393,7 +396,7 @@ fn rdmsr(msr: u32) -> u64 {
 
 // The MSR is written as two 32-bit halves.
 #[allow(clippy::cast_possible_truncation)]
-fn wrmsr(msr: u32, value: u64) {
+pub(crate) fn wrmsr(msr: u32, value: u64) {
     // SAFETY: the caller writes an architectural MSR with a valid value.
     unsafe {
         asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,

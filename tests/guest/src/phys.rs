@@ -21,7 +21,8 @@ extern "C" {
 /// works, the RAM above 4 GiB among them. Valid until the next call.
 ///
 /// # Safety
-/// Only one CPU runs the guest, and nothing else uses the window while the
+/// Only the boot processor runs the guest (the others halt in `smp`'s
+/// trampoline), and nothing else uses the window while the
 /// pointer is in use; what lies at `addr` must be safe to access.
 pub unsafe fn window(addr: u64) -> *mut u64 {
     let page = addr & !(TWO_MIB - 1);
