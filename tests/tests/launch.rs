@@ -426,6 +426,17 @@ fn a_block_device_as_the_image_is_served() {
 
 #[test]
 fn a_signal_to_the_launcher_stops_everything() {
+    stops_everything_on(libc::SIGINT);
+}
+
+/// A signal nobody presses a key for, whose default action would end
+/// launch without its clean-up.
+#[test]
+fn sigusr1_to_the_launcher_stops_everything_too() {
+    stops_everything_on(libc::SIGUSR1);
+}
+
+fn stops_everything_on(signal: libc::c_int) {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("disk.img");
@@ -442,12 +453,12 @@ fn a_signal_to_the_launcher_stops_everything() {
         .arg(dir.path().join("logs"));
     let mut vm = RunningVm::spawn(cmd);
     vm.expect_line("testguest: count 2", TIMEOUT);
-    vm.signal(libc::SIGINT);
+    vm.signal(signal);
     let status = vm.wait_exit(TIMEOUT);
     let stderr = vm.stderr.text();
-    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert_eq!(status.code(), Some(128 + signal), "{stderr}");
     assert!(
-        stderr.contains("launch: signal 2: stopping the VM"),
+        stderr.contains(&format!("launch: signal {signal}: stopping the VM")),
         "{stderr}"
     );
     assert_all_gone(&stderr, 2);
