@@ -175,6 +175,29 @@ fn a_failed_start_leaves_the_serial_log_as_it_was() {
     assert!(!tables.exists(), "a failed start left {tables:?}");
 }
 
+/// A socket file whose backend is gone (nothing listens on it) is refused
+/// with one line naming it, after the short grace a backend that is just
+/// starting gets.
+#[test]
+fn a_stale_backend_socket_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stale = dir.path().join("gone.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    assert!(stale.exists(), "the socket file stays after its listener");
+    let disk = format!("socket={}", stale.display());
+    rejected(&["--disk", &disk], "gone.sock");
+    let (_, _, stderr) = run_vmm(&[
+        "--kernel",
+        test_guest().to_str().expect("utf-8 path"),
+        "--disk",
+        &disk,
+    ]);
+    assert!(
+        stderr.contains("connection refused for 1 s: nothing listens on the socket"),
+        "{stderr}"
+    );
+}
+
 /// A FIFO no one reads as the serial log is refused at once (not waited
 /// on for ever, with the stop signals blocked).
 #[test]

@@ -208,6 +208,38 @@ pub fn exchange<T>(
     })
 }
 
+/// How long `dial_at_start` keeps trying a socket that refuses: a backend
+/// started just before the VMM has made its socket file but may not listen
+/// on it yet (bind, then listen), which a launcher that waits for the file
+/// cannot see. A stale socket, whose backend is gone, is refused the
+/// whole time and fails after it.
+pub const REFUSED_GRACE: Duration = Duration::from_secs(1);
+const REFUSED_RETRY: Duration = Duration::from_millis(10);
+
+/// `dial` for a VMM starting up: a refused connection is tried again for
+/// `grace`, as `REFUSED_GRACE` explains.
+pub fn dial_at_start(path: &Path, limit: Duration, grace: Duration) -> io::Result<UnixStream> {
+    let started = Instant::now();
+    loop {
+        match dial(path, limit) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                log::debug!("{}: {e}; trying again", path.display());
+                if started.elapsed() >= grace {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!(
+                            "connection refused for {}: nothing listens on the socket (its backend is gone, or has not started)",
+                            Secs(grace)
+                        ),
+                    ));
+                }
+                std::thread::sleep(REFUSED_RETRY);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Connects to the backend listening on `path`, giving it `limit` to make
 /// room in its listen queue (a backend that stopped accepting fills it).
 pub fn dial(path: &Path, limit: Duration) -> io::Result<UnixStream> {
@@ -523,6 +555,71 @@ mod tests {
         let waited = started.elapsed();
         assert!(waited >= Duration::from_millis(250), "{waited:?}");
         assert!(waited < REPLY_TIMEOUT, "{waited:?}");
+    }
+
+    /// A socket file with nothing listening on it yet: bound, not
+    /// listening (std's bind does both at once).
+    fn bound_socket(path: &Path) -> OwnedFd {
+        // SAFETY: socket() takes no pointers; the fd is ours alone.
+        let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(raw >= 0, "socket");
+        // SAFETY: `raw` is a fresh socket that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (to, &from) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *to = from as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sa_family_t>() + path.as_os_str().len() + 1;
+        // SAFETY: `addr` holds the family and the NUL-terminated path in
+        // its first `len` bytes; bind only reads them.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                std::ptr::addr_of!(addr).cast(),
+                len as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+        fd
+    }
+
+    #[test]
+    fn a_backend_that_listens_shortly_after_binding_is_reached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("late.sock");
+        let socket = bound_socket(&path);
+        let refused = dial(&path, REPLY_TIMEOUT).expect_err("nothing listens yet");
+        assert_eq!(
+            refused.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{refused}"
+        );
+        let raw = socket.as_raw_fd();
+        let listens = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            // SAFETY: listen() on the bound socket, kept open by `socket`
+            // until the thread is joined; no pointers.
+            assert_eq!(unsafe { libc::listen(raw, 1) }, 0);
+        });
+        let stream = dial_at_start(&path, REPLY_TIMEOUT, REFUSED_GRACE);
+        listens.join().expect("listen thread");
+        stream.expect("connected once the backend listened");
+        drop(socket);
+    }
+
+    #[test]
+    fn a_socket_nothing_listens_on_is_refused_after_the_grace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("stale.sock");
+        let _socket = bound_socket(&path);
+        let started = Instant::now();
+        let e = dial_at_start(&path, REPLY_TIMEOUT, Duration::from_millis(300))
+            .expect_err("nothing listens");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+        assert!(e.to_string().contains("refused for 300 ms"), "{e}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
     }
 
     #[test]
