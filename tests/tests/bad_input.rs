@@ -198,6 +198,25 @@ fn a_stale_backend_socket_is_refused() {
     );
 }
 
+/// An image given where the backend's socket goes is refused, naming it,
+/// without the grace a starting backend gets.
+#[test]
+fn a_file_that_is_not_a_socket_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, [0u8; 4096]).expect("write");
+    let disk = format!("socket={}", image.display());
+    rejected(&["--disk", &disk], "disk.img");
+    let (_, _, stderr) = run_vmm(&[
+        "--kernel",
+        test_guest().to_str().expect("utf-8 path"),
+        "--disk",
+        &disk,
+    ]);
+    assert!(stderr.contains("the path is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&image).expect("read"), [0u8; 4096]);
+}
+
 /// A FIFO no one reads as the serial log is refused at once (not waited
 /// on for ever, with the stop signals blocked).
 #[test]

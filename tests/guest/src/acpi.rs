@@ -268,7 +268,6 @@ impl Madt {
     pub const SIGNATURE: [u8; 4] = *b"APIC";
     /// Header plus local APIC address and flags.
     const ENTRIES: usize = 44;
-    const LOCAL_APIC_ADDRESS: usize = 36;
     const TYPE_LOCAL_APIC: u8 = 0;
     const TYPE_LOCAL_X2APIC: u8 = 9;
     const ENABLED: u32 = 1 << 0;
@@ -302,15 +301,6 @@ impl Madt {
             off += len;
         }
         Ok(())
-    }
-
-    /// The local APICs' physical address (xAPIC mode).
-    pub fn local_apic_address(&self) -> Result<u32, Fail> {
-        let b = self.0.bytes;
-        if b.len() < Self::ENTRIES {
-            return Err(Fail::at("MADT too short", self.0.addr));
-        }
-        Ok(u32_at(b, Self::LOCAL_APIC_ADDRESS))
     }
 }
 

@@ -2,8 +2,9 @@
 //! of processors that ran its code, not of the MADT's entries.
 //!
 //! For each enabled local APIC in the MADT but the boot processor's, the
-//! boot processor sends INIT and then STARTUP (twice, as the MP
-//! specification asks) through its local APIC. The processor wakes in real
+//! boot processor sends INIT and then STARTUP through its local APIC (and
+//! STARTUP once more if the processor has not marked itself 200 us later,
+//! as the MP specification asks). The processor wakes in real
 //! mode at `TRAMPOLINE`, sets the bit of its initial APIC ID (CPUID leaf 1)
 //! in a bitmap there, and halts with interrupts off for good: it touches no
 //! other memory, so the rest of the guest still runs on one processor.
@@ -31,9 +32,10 @@ const START_TIMEOUT: u64 = 10 * SECOND;
 
 const MSR_APIC_BASE: u32 = 0x1b;
 const APIC_BASE_X2APIC: u64 = 1 << 10;
+const APIC_BASE_ADDRESS: u64 = 0xf_ffff_f000;
 /// The x2APIC ICR (one 64-bit MSR: destination in the high half).
 const MSR_X2APIC_ICR: u32 = 0x830;
-/// xAPIC register offsets from the base in the MADT.
+/// xAPIC register offsets from the base.
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
 const ICR_DELIVERY_PENDING: u32 = 1 << 12;
@@ -107,7 +109,10 @@ pub fn start_others(madt: &Madt) -> Result<Running, Fail> {
     // SAFETY: `bitmap` is in the copied trampoline, which only the
     // processors started below write, with locked bit sets.
     unsafe { set_bit(bitmap, bsp) };
-    let apic = Apic::new(madt.local_apic_address()?);
+    let apic = Apic::new();
+    if !apic.x2apic && apic.base >= crate::phys::MAPPED_END {
+        return Err(Fail::at("the local APIC is above 4 GiB", apic.base));
+    }
     for id in (0..MAX_APIC_IDS).filter(|&id| id != bsp && bit(&wanted, id)) {
         apic.send(id, ICR_INIT)?;
         pause(SECOND / 100);
@@ -188,10 +193,13 @@ struct Apic {
 }
 
 impl Apic {
-    fn new(madt_base: u32) -> Self {
+    /// Where the APIC base MSR says it is (the MADT's address may be
+    /// overridden by a later entry; the MSR is what the processor uses).
+    fn new() -> Self {
+        let base = crate::rdmsr(MSR_APIC_BASE);
         Apic {
-            x2apic: crate::rdmsr(MSR_APIC_BASE) & APIC_BASE_X2APIC != 0,
-            base: u64::from(madt_base),
+            x2apic: base & APIC_BASE_X2APIC != 0,
+            base: base & APIC_BASE_ADDRESS,
         }
     }
 
@@ -204,8 +212,9 @@ impl Apic {
         }
         let high = (self.base + ICR_HIGH) as *mut u32;
         let low = (self.base + ICR_LOW) as *mut u32;
-        // SAFETY: the local APIC's registers (from the MADT), below 4 GiB
-        // and so identity-mapped; in xAPIC mode (checked in `new`).
+        // SAFETY: the local APIC's registers (from the base MSR), below
+        // 4 GiB (checked in `start_others`) and so identity-mapped; in
+        // xAPIC mode (checked in `new`).
         unsafe {
             ptr::write_volatile(high, id << 24);
             ptr::write_volatile(low, command);

@@ -16,6 +16,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -223,6 +224,15 @@ pub fn dial_at_start(path: &Path, limit: Duration, grace: Duration) -> io::Resul
     loop {
         match dial(path, limit) {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                // Linux refuses a connection to a file or directory too:
+                // that is no backend starting up.
+                let is_socket = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket());
+                if !is_socket {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        "the path is not a socket",
+                    ));
+                }
                 log::debug!("{}: {e}; trying again", path.display());
                 if started.elapsed() >= grace {
                     return Err(io::Error::new(
@@ -567,6 +577,10 @@ mod tests {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
         let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        assert!(
+            path.as_os_str().len() < addr.sun_path.len(),
+            "socket path too long: {path:?}"
+        );
         addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
         for (to, &from) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
             *to = from as libc::c_char;
@@ -620,6 +634,21 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
         assert!(e.to_string().contains("refused for 300 ms"), "{e}");
         assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[test]
+    fn a_path_that_is_not_a_socket_is_refused_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("disk.img");
+        std::fs::write(&file, b"not a socket").expect("write");
+        let started = Instant::now();
+        let e = dial_at_start(&file, REPLY_TIMEOUT, Duration::from_secs(30))
+            .expect_err("a file is no socket");
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "it waited out the grace"
+        );
     }
 
     #[test]
