@@ -217,10 +217,17 @@ pub fn exchange<T>(
 pub const REFUSED_GRACE: Duration = Duration::from_secs(1);
 const REFUSED_RETRY: Duration = Duration::from_millis(10);
 
-/// `dial` for a VMM starting up: a refused connection is tried again for
-/// `grace`, as `REFUSED_GRACE` explains.
-pub fn dial_at_start(path: &Path, limit: Duration, grace: Duration) -> io::Result<UnixStream> {
-    let started = Instant::now();
+/// When the start-up grace (`REFUSED_GRACE`) ends: one grace for the
+/// whole start, from the first backend dialed, so several stale sockets
+/// do not add up while the stop signals wait.
+pub fn start_up_grace() -> Instant {
+    static ENDS: OnceLock<Instant> = OnceLock::new();
+    *ENDS.get_or_init(|| Instant::now() + REFUSED_GRACE)
+}
+
+/// `dial` for a VMM starting up: a refused connection is tried again until
+/// `grace_ends`, as `REFUSED_GRACE` explains.
+pub fn dial_at_start(path: &Path, limit: Duration, grace_ends: Instant) -> io::Result<UnixStream> {
     loop {
         match dial(path, limit) {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -233,16 +240,16 @@ pub fn dial_at_start(path: &Path, limit: Duration, grace: Duration) -> io::Resul
                         "the path is not a socket",
                     ));
                 }
-                log::debug!("{}: {e}; trying again", path.display());
-                if started.elapsed() >= grace {
+                if Instant::now() >= grace_ends {
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionRefused,
                         format!(
-                            "connection refused for {}: nothing listens on the socket (its backend is gone, or has not started)",
-                            Secs(grace)
+                            "connection refused: nothing listens on the socket (its backend is gone, or did not start within {} of the VMM)",
+                            Secs(REFUSED_GRACE)
                         ),
                     ));
                 }
+                log::debug!("{}: {e}; trying again", path.display());
                 std::thread::sleep(REFUSED_RETRY);
             }
             other => return other,
@@ -617,7 +624,7 @@ mod tests {
             // until the thread is joined; no pointers.
             assert_eq!(unsafe { libc::listen(raw, 1) }, 0);
         });
-        let stream = dial_at_start(&path, REPLY_TIMEOUT, REFUSED_GRACE);
+        let stream = dial_at_start(&path, REPLY_TIMEOUT, Instant::now() + REFUSED_GRACE);
         listens.join().expect("listen thread");
         stream.expect("connected once the backend listened");
         drop(socket);
@@ -629,10 +636,13 @@ mod tests {
         let path = dir.path().join("stale.sock");
         let _socket = bound_socket(&path);
         let started = Instant::now();
-        let e = dial_at_start(&path, REPLY_TIMEOUT, Duration::from_millis(300))
+        let e = dial_at_start(&path, REPLY_TIMEOUT, started + Duration::from_millis(300))
             .expect_err("nothing listens");
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
-        assert!(e.to_string().contains("refused for 300 ms"), "{e}");
+        assert!(
+            e.to_string().contains("nothing listens on the socket"),
+            "{e}"
+        );
         assert!(started.elapsed() >= Duration::from_millis(300));
     }
 
@@ -642,7 +652,7 @@ mod tests {
         let file = dir.path().join("disk.img");
         std::fs::write(&file, b"not a socket").expect("write");
         let started = Instant::now();
-        let e = dial_at_start(&file, REPLY_TIMEOUT, Duration::from_secs(30))
+        let e = dial_at_start(&file, REPLY_TIMEOUT, started + Duration::from_secs(30))
             .expect_err("a file is no socket");
         assert!(e.to_string().contains("not a socket"), "{e}");
         assert!(

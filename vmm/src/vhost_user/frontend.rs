@@ -316,7 +316,7 @@ impl VhostUserDevice {
     /// Connects to a backend listening on `socket` and negotiates everything
     /// that does not depend on the driver.
     pub fn connect(spec: DeviceSpec, socket: &Path) -> Result<Self, FrontendError> {
-        let stream = deadline::dial_at_start(socket, REPLY_TIMEOUT, deadline::REFUSED_GRACE)
+        let stream = deadline::dial_at_start(socket, REPLY_TIMEOUT, deadline::start_up_grace())
             .map_err(|e| FrontendError::Connect(socket.to_path_buf(), e))?;
         Self::from_stream(spec, stream, socket)
     }
