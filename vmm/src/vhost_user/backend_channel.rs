@@ -23,6 +23,8 @@ use crate::virtio::device::ConfigNotifier;
 /// How long a read of a message that has begun may wait for the rest, and
 /// a send of an ack for room in the socket.
 const SOCKET_STALL: Duration = Duration::from_secs(1);
+/// Refused backend requests logged as warnings, per channel.
+const REFUSALS_LOGGED: u64 = 10;
 
 /// The device's configuration-change notifier, once its transport exists;
 /// shared by the channels of every connection the device has.
@@ -137,6 +139,7 @@ impl BackendChannel {
             .name(format!("{name}-requests"))
             .spawn(move || {
                 let fds = [handler.as_raw_fd(), stop.fd()];
+                let mut refused = 0u64;
                 loop {
                     match ready(&fds, -1) {
                         Some(0) => {}
@@ -160,7 +163,20 @@ impl BackendChannel {
                             e @ (vhost::vhost_user::Error::ReqHandlerError(_)
                             | vhost::vhost_user::Error::InvalidMessage),
                         ) => {
-                            log::warn!("{name}: a backend request refused: {e}");
+                            // A backend that keeps sending them must not
+                            // flood the VMM's log.
+                            refused += 1;
+                            if refused <= REFUSALS_LOGGED {
+                                log::warn!("{name}: a backend request refused: {e}");
+                            } else {
+                                log::debug!("{name}: a backend request refused: {e}");
+                            }
+                            if refused == REFUSALS_LOGGED {
+                                log::warn!(
+                                    "{name}: {REFUSALS_LOGGED} backend requests refused; \
+                                     more are logged at debug level only"
+                                );
+                            }
                         }
                         Err(e) => {
                             if !stop.stopped() {
