@@ -26,14 +26,16 @@ fn run_vmm(args: &[&str]) -> (i32, String, String) {
 
 /// Runs with the test guest as kernel plus `args`; expects a rejection
 /// whose message names `needle`.
-fn rejected(args: &[&str], needle: &str) {
+/// Runs the vmm on the test guest with `args`; checks it failed with one
+/// error line naming `needle`, and returns its stderr.
+fn rejected(args: &[&str], needle: &str) -> String {
     let guest = test_guest();
     let mut all = vec!["--kernel", guest.to_str().expect("utf-8 path")];
     all.extend_from_slice(args);
-    rejected_raw(&all, needle);
+    rejected_raw(&all, needle)
 }
 
-fn rejected_raw(args: &[&str], needle: &str) {
+fn rejected_raw(args: &[&str], needle: &str) -> String {
     let (code, stdout, stderr) = run_vmm(args);
     assert_ne!(code, 0, "{args:?} was accepted; stderr: {stderr}");
     assert!(
@@ -46,6 +48,7 @@ fn rejected_raw(args: &[&str], needle: &str) {
     );
     let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(error_lines.len(), 1, "not one error line: {stderr}");
+    stderr
 }
 
 #[test]
@@ -185,13 +188,7 @@ fn a_stale_backend_socket_is_refused() {
     drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
     assert!(stale.exists(), "the socket file stays after its listener");
     let disk = format!("socket={}", stale.display());
-    rejected(&["--disk", &disk], "gone.sock");
-    let (_, _, stderr) = run_vmm(&[
-        "--kernel",
-        test_guest().to_str().expect("utf-8 path"),
-        "--disk",
-        &disk,
-    ]);
+    let stderr = rejected(&["--disk", &disk], "gone.sock");
     assert!(
         stderr.contains("connection refused: nothing listens on the socket"),
         "{stderr}"
@@ -206,13 +203,7 @@ fn a_file_that_is_not_a_socket_is_refused() {
     let image = dir.path().join("disk.img");
     std::fs::write(&image, [0u8; 4096]).expect("write");
     let disk = format!("socket={}", image.display());
-    rejected(&["--disk", &disk], "disk.img");
-    let (_, _, stderr) = run_vmm(&[
-        "--kernel",
-        test_guest().to_str().expect("utf-8 path"),
-        "--disk",
-        &disk,
-    ]);
+    let stderr = rejected(&["--disk", &disk], "disk.img");
     assert!(stderr.contains("the path is not a socket"), "{stderr}");
     assert_eq!(std::fs::read(&image).expect("read"), [0u8; 4096]);
 }

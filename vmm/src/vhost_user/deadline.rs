@@ -260,43 +260,15 @@ pub fn dial_at_start(path: &Path, limit: Duration, grace_ends: Instant) -> io::R
 /// Connects to the backend listening on `path`, giving it `limit` to make
 /// room in its listen queue (a backend that stopped accepting fills it).
 pub fn dial(path: &Path, limit: Duration) -> io::Result<UnixStream> {
-    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let name = path.as_os_str().as_bytes();
-    if name.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "the socket path is longer than {} bytes",
-                addr.sun_path.len() - 1
-            ),
-        ));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (to, &from) in addr.sun_path.iter_mut().zip(name) {
-        *to = from as libc::c_char;
-    }
-    // SAFETY: socket() takes no pointers; the fd it returns is ours alone.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket that nothing else owns.
-    let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let (addr, len) = unix_address(path)?;
+    let stream = UnixStream::from(unix_socket()?);
     // A Unix socket's connect waits for room in the listen queue for as
     // long as its send timeout.
     stream.set_write_timeout(Some(limit))?;
-    let len = std::mem::size_of::<libc::sa_family_t>() + name.len() + 1;
     loop {
         // SAFETY: `addr` is a valid sockaddr_un whose first `len` bytes
         // hold the family and the NUL-terminated path; connect only reads it.
-        let rc = unsafe {
-            libc::connect(
-                stream.as_raw_fd(),
-                std::ptr::addr_of!(addr).cast(),
-                len as libc::socklen_t,
-            )
-        };
+        let rc = unsafe { libc::connect(stream.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) };
         if rc == 0 {
             break;
         }
@@ -317,6 +289,41 @@ pub fn dial(path: &Path, limit: Duration) -> io::Result<UnixStream> {
     }
     stream.set_write_timeout(None)?;
     Ok(stream)
+}
+
+/// `path` as a socket address, and the length of the part that counts
+/// (the family and the NUL-terminated path).
+fn unix_address(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let name = path.as_os_str().as_bytes();
+    if name.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the socket path is longer than {} bytes",
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (to, &from) in addr.sun_path.iter_mut().zip(name) {
+        *to = from as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + name.len() + 1;
+    // At most the size of sockaddr_un (checked above).
+    Ok((addr, len as libc::socklen_t))
+}
+
+/// A fresh Unix stream socket, closed on exec.
+fn unix_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket() takes no pointers; the fd it returns is ours alone.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The running exchange's clock: dropping it stops the clock.
@@ -577,31 +584,11 @@ mod tests {
     /// A socket file with nothing listening on it yet: bound, not
     /// listening (std's bind does both at once).
     fn bound_socket(path: &Path) -> OwnedFd {
-        // SAFETY: socket() takes no pointers; the fd is ours alone.
-        let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        assert!(raw >= 0, "socket");
-        // SAFETY: `raw` is a fresh socket that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        assert!(
-            path.as_os_str().len() < addr.sun_path.len(),
-            "socket path too long: {path:?}"
-        );
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (to, &from) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
-            *to = from as libc::c_char;
-        }
-        let len = std::mem::size_of::<libc::sa_family_t>() + path.as_os_str().len() + 1;
+        let fd = unix_socket().expect("socket");
+        let (addr, len) = unix_address(path).expect("a short enough path");
         // SAFETY: `addr` holds the family and the NUL-terminated path in
         // its first `len` bytes; bind only reads them.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::addr_of!(addr).cast(),
-                len as libc::socklen_t,
-            )
-        };
+        let rc = unsafe { libc::bind(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) };
         assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
         fd
     }
