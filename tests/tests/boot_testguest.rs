@@ -2,7 +2,8 @@
 //! what it reports: the CPUs in the MADT and that each of them ran the
 //! guest's code, the RAM in the PVH memory map and that the guest could
 //! write and read back both ends of every RAM range (above 4 GiB too), the
-//! ACPI tables, and a clean power-off (exit 0).
+//! ACPI tables, and a clean power-off (exit 0); the processors are started
+//! through the xAPIC registers, and once through the x2APIC ICR.
 
 use std::time::Duration;
 
@@ -90,4 +91,26 @@ fn two_cpus_16g() {
 #[test]
 fn eight_cpus_128m() {
     boot_and_check(8, 128);
+}
+
+/// The guest switches its local APIC to x2APIC mode first, so INIT and
+/// STARTUP go through the x2APIC ICR (an MSR write) rather than the xAPIC
+/// registers.
+#[test]
+fn four_cpus_started_in_x2apic_mode() {
+    require_kvm();
+    let mut vm = VmBuilder::new(test_guest())
+        .cpus(4)
+        .memory("128M")
+        .cmdline("x2apic nopci")
+        .spawn();
+    let mode = vm.expect_line("testguest: lapic x2apic mode ", BOOT_TIMEOUT);
+    // APIC base 0xfee00000, enabled (bit 11), x2APIC (bit 10), BSP (bit 8).
+    assert_eq!(mode, "testguest: lapic x2apic mode 0xfee00d00");
+    let running = vm.expect_line("testguest: cpus running ", BOOT_TIMEOUT);
+    assert_eq!(running, "testguest: cpus running 4");
+    vm.expect_line("testguest: poweroff", BOOT_TIMEOUT);
+    let status = vm.wait_exit(BOOT_TIMEOUT);
+    vm.assert_no_guest_failure();
+    assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr.text());
 }

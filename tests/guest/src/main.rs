@@ -13,7 +13,8 @@
 //! moves each virtio device's BAR); then it powers off through ACPI, or
 //! with `reset` on the command line resets the machine, or with
 //! `triplefault` crashes it, or with `resetonce` resets it once and powers
-//! off after the reboot.
+//! off after the reboot. With `x2apic` (and `nopci`) it starts the other
+//! processors in x2APIC mode.
 //! Any failure prints `testguest: FAIL <reason>` and powers off.
 //!
 //! It runs under emulating nested KVM at about a million instructions per
@@ -181,10 +182,20 @@ fn run(start_info: u64) -> Result<(), Fail> {
 
     let madt = walk_acpi(&rsdp)?;
     say!("cpus {}", madt.enabled_cpus()?);
+    let has_word = |wanted: &[u8]| cmdline.split(u8::is_ascii_whitespace).any(|w| w == wanted);
+    // `x2apic` starts the processors through the x2APIC ICR instead of the
+    // xAPIC registers. The interrupt code uses the xAPIC registers, so it
+    // goes with `nopci`.
+    if has_word(b"x2apic") {
+        if has_word(b"nopci") {
+            enter_x2apic_mode()?;
+        } else {
+            return Err(Fail::new("x2apic needs nopci"));
+        }
+    }
     let running = smp::start_others(&madt)?;
     say!("cpus running {}", running.count());
 
-    let has_word = |wanted: &[u8]| cmdline.split(u8::is_ascii_whitespace).any(|w| w == wanted);
     // `nopci` skips PCI discovery (the boot benchmark powers off at once).
     if !has_word(b"nopci") {
         irq::init();
@@ -378,6 +389,16 @@ fn reset_once() {
     }
     say!("resetting");
     power::reset();
+}
+
+/// Switches the boot processor's local APIC from xAPIC to x2APIC mode.
+fn enter_x2apic_mode() -> Result<(), Fail> {
+    if cpuid_ecx(1) & CPUID_1_ECX_X2APIC == 0 {
+        return Err(Fail::new("the CPU has no x2APIC (CPUID.1:ECX bit 21)"));
+    }
+    wrmsr(MSR_APIC_BASE, rdmsr(MSR_APIC_BASE) | APIC_BASE_X2APIC);
+    say!("lapic x2apic mode {:#x}", rdmsr(MSR_APIC_BASE));
+    Ok(())
 }
 
 const MSR_APIC_BASE: u32 = 0x1b;
