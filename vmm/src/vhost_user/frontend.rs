@@ -2,9 +2,8 @@
 //! `Frontend`. Device types differ only in their feature mask and where
 //! their configuration space comes from (see `blk`).
 
-use std::io::{Read, Write};
 use std::ops::Range;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend_channel::{BackendChannel, NotifierSlot, Stop};
 use super::deadline::{self, exchange, Budget, ExchangeError, Secs, REPLY_TIMEOUT};
+use super::raw_request;
 use crate::virtio::device::{
     ActivateError, ActiveQueue, ConfigNotifier, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -35,6 +35,8 @@ pub const TRANSPORT_FEATURES: u64 =
 /// Config accesses are "frontend" accesses (flags 0, as QEMU sends them),
 /// at most this large in one GET_CONFIG (the vhost-user limit).
 const MAX_CONFIG_ACCESS: usize = 256;
+/// Config accesses a backend refused that are logged as warnings, per device.
+const CONFIG_REFUSALS_LOGGED: u64 = 10;
 
 /// What a backend's GET_QUEUE_NUM answer counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,39 +163,6 @@ impl Handshake {
     }
 }
 
-/// Asks the backend for its GET_QUEUE_NUM answer over the connection's
-/// socket, past the crate: the crate's own request makes the answer its
-/// limit on ring indexes, and a NIC backend that answers in queue pairs (one
-/// pair: 1) would have its second ring refused before it was sent. The
-/// frontend was made with the device's ring count as that limit.
-fn get_queue_num(frontend: &mut Frontend) -> vhost::Result<u64> {
-    const GET_QUEUE_NUM: u32 = 17;
-    const VERSION_1: u32 = 0x1;
-    const REPLY: u32 = 0x4;
-    let failed = |e| vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e));
-    // SAFETY: the fd is the frontend's socket, open while `frontend` is
-    // borrowed here; it is only duplicated, never closed through this.
-    let socket = unsafe { BorrowedFd::borrow_raw(frontend.as_raw_fd()) }
-        .try_clone_to_owned()
-        .map_err(failed)?;
-    let mut socket = UnixStream::from(socket);
-    let mut request = [0u8; 12];
-    request[..4].copy_from_slice(&GET_QUEUE_NUM.to_le_bytes());
-    request[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
-    socket.write_all(&request).map_err(failed)?;
-    let mut reply = [0u8; 20];
-    socket.read_exact(&mut reply).map_err(failed)?;
-    let word = |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
-    if word(0) != GET_QUEUE_NUM || word(4) & REPLY == 0 || word(8) != 8 {
-        return Err(vhost::Error::VhostUserProtocol(
-            vhost::vhost_user::Error::InvalidMessage,
-        ));
-    }
-    let mut value = [0u8; 8];
-    value.copy_from_slice(&reply[12..]);
-    Ok(u64::from_le_bytes(value))
-}
-
 /// Called when a device's backend connection changes (hang-up).
 pub type StatusListener = Box<dyn Fn(&DeviceStatus) + Send>;
 
@@ -310,6 +279,8 @@ pub struct VhostUserDevice {
     /// served while it is away: a guest that probes the device then (a
     /// reboot during a backend restart) must not read all-ones sizes.
     config_seen: Vec<u8>,
+    /// Config accesses the backend refused, for the log's sake.
+    config_refusals: u64,
 }
 
 impl VhostUserDevice {
@@ -410,7 +381,7 @@ impl VhostUserDevice {
         }
         if spec.num_queues > 1 && protocol.contains(VhostUserProtocolFeatures::MQ) {
             let max = exchange(frontend, name, "GET_QUEUE_NUM", limit(), |f| {
-                get_queue_num(f)
+                raw_request::get_queue_num(f)
             })
             .map_err(failed)?;
             let wanted = spec.num_queues.div_ceil(spec.queue_num.rings());
@@ -492,6 +463,7 @@ impl VhostUserDevice {
             unused_call,
             config_notifier,
             config_seen: Vec::new(),
+            config_refusals: 0,
         })
     }
 
@@ -528,10 +500,22 @@ impl VhostUserDevice {
     /// leaves the connection as it was; anything else (a malformed reply,
     /// a broken socket) leaves the stream of replies out of step, so the
     /// backend is cut off and the device takes one back as after a crash.
-    fn config_failed(&self, what: &str, e: &ExchangeError) {
+    fn config_failed(&mut self, what: &str, e: &ExchangeError) {
         let name = &self.spec.name;
         if e.refused() {
-            log::warn!("{name}: {what}: {e}");
+            // A guest that keeps reading must not flood the log.
+            self.config_refusals += 1;
+            if self.config_refusals <= CONFIG_REFUSALS_LOGGED {
+                log::warn!("{name}: {what}: {e}");
+            } else {
+                log::debug!("{name}: {what}: {e}");
+            }
+            if self.config_refusals == CONFIG_REFUSALS_LOGGED {
+                log::warn!(
+                    "{name}: {CONFIG_REFUSALS_LOGGED} config accesses refused by the backend; \
+                     more are logged at debug level only"
+                );
+            }
         } else {
             log::error!("{name}: {what}: {e}; cutting the backend off");
             cut_off(&self.frontend, &self.broken, e);
@@ -652,16 +636,15 @@ impl VirtioDevice for VhostUserDevice {
             return;
         };
         let end = start.saturating_add(data.len()).min(size);
-        let request = vec![0u8; end];
         let read = exchange(
             &mut self.fe(),
             &self.spec.name,
             "GET_CONFIG",
             REPLY_TIMEOUT,
-            |f| f.get_config(0, end as u32, VhostUserConfigFlags::empty(), &request),
+            |f| raw_request::get_config(f, end as u32),
         );
         let mut reply = match read {
-            Ok((_, reply)) => reply,
+            Ok(reply) => reply,
             Err(e) => {
                 self.config_failed(&format!("reading {end} bytes of config space"), &e);
                 return;
@@ -682,7 +665,7 @@ impl VirtioDevice for VhostUserDevice {
                 slot.copy_from_slice(&said.min(room).to_le_bytes());
             }
         }
-        // The `vhost` crate checked the reply's size against the request.
+        // `get_config` checked the reply's size against the request.
         if let Some(part) = reply.get(start..end) {
             data[..part.len()].copy_from_slice(part);
         }
@@ -1158,6 +1141,8 @@ mod tests {
         config: Option<Vec<u8>>,
         /// Its GET_CONFIG replies name another offset than asked.
         garbled_config: bool,
+        /// It refuses its first GET_CONFIG, in this form.
+        config_refusal: Option<ConfigRefusal>,
         /// Its GET_QUEUE_NUM answer.
         queue_num: u64,
         /// It hangs up after answering this request.
@@ -1179,6 +1164,7 @@ mod tests {
                 refused: None,
                 config: Some(vec![0; 60]),
                 garbled_config: false,
+                config_refusal: None,
                 queue_num: 2,
                 quit_after: None,
                 slow: None,
@@ -1186,6 +1172,16 @@ mod tests {
                 config_change_after: None,
             }
         }
+    }
+
+    /// How a backend says it cannot read its configuration space.
+    #[derive(Clone, Copy)]
+    enum ConfigRefusal {
+        /// The header alone, of size 0 (libvhost-user: qemu-storage-daemon).
+        HeaderOnly,
+        /// The body with a size of 0 and no config bytes (the `vhost`
+        /// crate's backends).
+        EmptyBody,
     }
 
     #[derive(Debug, PartialEq)]
@@ -1219,6 +1215,7 @@ mod tests {
     fn scripted_backend(mut stream: UnixStream, script: Script, seen: mpsc::Sender<Seen>) {
         let mut channel = None;
         let mut delay = None;
+        let mut config_refusal = script.config_refusal;
         loop {
             let mut header = [0u8; 12];
             let mut payload = Vec::new();
@@ -1260,6 +1257,14 @@ mod tests {
                     Some(message(code, &offered.bits().to_le_bytes()))
                 }
                 GET_QUEUE_NUM => Some(message(code, &script.queue_num.to_le_bytes())),
+                GET_CONFIG if config_refusal.is_some() => {
+                    let mut body = payload.get(..12).unwrap_or_default().to_vec();
+                    match config_refusal.take() {
+                        Some(ConfigRefusal::EmptyBody) => body[4..8].fill(0),
+                        _ => body.clear(),
+                    }
+                    Some(message(code, &body))
+                }
                 GET_CONFIG => {
                     let (offset, size) = (word(&payload, 0), word(&payload, 4));
                     let config = script.config.clone().unwrap_or_default();
@@ -1581,6 +1586,32 @@ mod tests {
         assert_eq!(data, [0xff; 4]);
         assert!(!device.status().connected());
         assert!(wait_closed(&requests), "the backend is still connected");
+    }
+
+    /// A backend that cannot read its configuration space says so with a
+    /// shorter reply than an answer, in either form backends use: the
+    /// guest reads all ones, the backend stays connected and in step (the
+    /// next read gets its config), and nobody waits for the bytes of an
+    /// answer (that would hold the vCPU until the reply deadline, and then
+    /// cut the backend off).
+    #[test]
+    fn a_config_read_the_backend_refuses_leaves_it_connected() {
+        for refusal in [ConfigRefusal::HeaderOnly, ConfigRefusal::EmptyBody] {
+            let mut config = vec![0u8; 60];
+            config[..4].copy_from_slice(&[1, 2, 3, 4]);
+            let (mut device, _requests) = scripted_disk(Script {
+                config: Some(config),
+                config_refusal: Some(refusal),
+                ..Script::default()
+            });
+            let mut data = [0u8; 4];
+            device.read_config(0, &mut data);
+            assert_eq!(data, [0xff; 4]);
+            assert!(device.status().connected());
+            device.read_config(0, &mut data);
+            assert_eq!(data, [1, 2, 3, 4]);
+            assert!(device.status().connected());
+        }
     }
 
     /// A device the driver starts while its backend is away (a reboot

@@ -10,4 +10,5 @@ pub mod frontend;
 pub mod listener;
 pub mod net;
 pub mod net_ctrl;
+pub mod raw_request;
 pub mod reconnect;
