@@ -7,22 +7,20 @@
 //! The `vhost` crate's `FrontendReqHandler` reads the channel. It keeps its
 //! own copy of the backend's end of the socket, so the channel never reads
 //! as closed: a thread serves it until the connection it was set up on
-//! hangs up (whoever sees that says so through the channel's `Stop`), and
-//! a message that stops halfway, or an ack the backend does not read,
-//! fails after `SOCKET_STALL` rather than holding the thread for ever.
+//! hangs up (whoever sees that says so through the channel's `Stop`). The
+//! crate waits for the rest of a message that stopped halfway, and for
+//! room to send an ack the backend does not read, however long that takes
+//! (it retries reads and sends that time out), so `Stop` also shuts the
+//! channel's socket down: a thread stuck there then finds it closed.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use vhost::vhost_user::{FrontendReqHandler, HandlerResult, VhostUserFrontendReqHandler};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::virtio::device::ConfigNotifier;
 
-/// How long a read of a message that has begun may wait for the rest, and
-/// a send of an ack for room in the socket.
-const SOCKET_STALL: Duration = Duration::from_secs(1);
 /// Refused backend requests logged as warnings, per channel.
 const REFUSALS_LOGGED: u64 = 10;
 
@@ -54,19 +52,34 @@ pub struct BackendChannel {
     stop: Stop,
 }
 
-/// Ends a channel's thread: its connection is gone. Readable once stopped.
+/// Ends a channel's thread: its connection is gone.
 #[derive(Clone)]
-pub struct Stop(Arc<EventFd>);
+pub struct Stop(Arc<StopState>);
+
+struct StopState {
+    /// Readable once stopped.
+    stopped: EventFd,
+    /// The channel's socket (a duplicate, so that it is still this socket
+    /// when the thread has ended and dropped its own).
+    socket: OwnedFd,
+}
 
 impl Stop {
     pub fn stop(&self) {
-        if let Err(e) = self.0.write(1) {
+        if let Err(e) = self.0.stopped.write(1) {
             log::warn!("cannot stop a backend's request channel: {e}");
+        }
+        // SAFETY: shuts down a socket this owns; no memory is involved.
+        if unsafe { libc::shutdown(self.0.socket.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
+            log::warn!(
+                "cannot shut a backend's request channel down: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 
     fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.0.stopped.as_raw_fd()
     }
 
     fn stopped(&self) -> bool {
@@ -80,39 +93,19 @@ impl BackendChannel {
             name: name.to_string(),
             notifier,
         };
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| {
-            vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e))
-        })?;
+        let failed = |e| vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e));
+        let stopped = EventFd::new(EFD_NONBLOCK).map_err(failed)?;
         let mut handler = FrontendReqHandler::new(Arc::new(changes))?;
         handler.set_reply_ack_flag(reply_ack);
-        let stall = libc::timeval {
-            tv_sec: SOCKET_STALL.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // Both ways: a backend that sends acked requests and never reads
-        // the acks would otherwise hold the thread in a send for ever.
-        for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-            // SAFETY: sets a socket option on a socket the handler owns,
-            // from a timeval that lives across the call.
-            let rc = unsafe {
-                libc::setsockopt(
-                    handler.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    option,
-                    (&stall as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(vhost::Error::VhostUserProtocol(
-                    vhost::vhost_user::Error::SocketError(std::io::Error::last_os_error()),
-                ));
-            }
-        }
+        // SAFETY: the handler's socket, open while `handler` lives here;
+        // it is only duplicated.
+        let socket = unsafe { BorrowedFd::borrow_raw(handler.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(failed)?;
         Ok(BackendChannel {
             name: name.to_string(),
             handler,
-            stop: Stop(Arc::new(stop)),
+            stop: Stop(Arc::new(StopState { stopped, socket })),
         })
     }
 
@@ -129,7 +122,7 @@ impl BackendChannel {
     /// Serves the channel on a thread of its own until it is stopped (the
     /// connection it belongs to hung up) or the backend breaks the
     /// channel's framing. The thread sleeps until one or the other.
-    pub fn serve(self) {
+    pub fn serve(self) -> Option<std::thread::JoinHandle<()>> {
         let BackendChannel {
             name,
             mut handler,
@@ -190,9 +183,9 @@ impl BackendChannel {
                     }
                 }
             });
-        if let Err(e) = spawned {
-            log::warn!("cannot serve the backend's request channel: {e}");
-        }
+        spawned
+            .inspect_err(|e| log::warn!("cannot serve the backend's request channel: {e}"))
+            .ok()
     }
 }
 
@@ -220,5 +213,84 @@ fn ready(fds: &[RawFd], millis: i32) -> Option<usize> {
             return None;
         }
         return pfds.iter().position(|p| p.revents != 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{ErrorKind, Write};
+    use std::os::unix::net::UnixStream;
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A served channel, its stopper and the backend's end.
+    fn served() -> (JoinHandle<()>, Stop, UnixStream) {
+        let channel = BackendChannel::new("disk9", Arc::new(Mutex::new(None)), true)
+            .expect("a request channel");
+        // SAFETY: the backend's end, open while `channel` lives; duplicated.
+        let backend = unsafe { BorrowedFd::borrow_raw(channel.backend_end()) }
+            .try_clone_to_owned()
+            .expect("dup");
+        let stop = channel.stopper();
+        let thread = channel.serve().expect("the channel's thread");
+        (thread, stop, UnixStream::from(backend))
+    }
+
+    fn assert_ends_once_stopped(thread: JoinHandle<()>, stop: &Stop) {
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !thread.is_finished(),
+            "the thread was not stuck to begin with"
+        );
+        stop.stop();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(thread.is_finished(), "the thread is still stuck after stop");
+    }
+
+    /// A backend that sends part of a message and then nothing holds the
+    /// thread in the crate's read, until the channel is stopped.
+    #[test]
+    fn a_message_that_stops_halfway_holds_the_thread_until_stopped() {
+        let (thread, stop, mut backend) = served();
+        // Five of the header's twelve bytes.
+        backend.write_all(&[2, 0, 0, 0, 1]).expect("write");
+        assert_ends_once_stopped(thread, &stop);
+    }
+
+    /// A backend that sends acked requests and never reads the acks holds
+    /// the thread in the crate's send once the socket is full, until the
+    /// channel is stopped.
+    #[test]
+    fn acks_the_backend_never_reads_hold_the_thread_until_stopped() {
+        let (thread, stop, mut backend) = served();
+        // CONFIG_CHANGE_MSG, version 1, NEED_REPLY, no payload; as many as
+        // fit, while the thread answers until its sends fill the socket.
+        let mut message = Vec::new();
+        for word in [2u32, 0x1 | 0x8, 0] {
+            message.extend_from_slice(&word.to_le_bytes());
+        }
+        backend.set_nonblocking(true).expect("nonblocking");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut quiet_since = None;
+        while Instant::now() < deadline {
+            match backend.write(&message) {
+                // A short write leaves a message halfway: stuck all the same.
+                Ok(_) => quiet_since = None,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let since = *quiet_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_millis(300) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        assert_ends_once_stopped(thread, &stop);
     }
 }
