@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::deadline::{Budget, REPLY_TIMEOUT, RESET_LIMIT};
 use super::frontend::RingSwitch;
+use crate::guest_warnings::GuestWarnings;
 use crate::vstate::memory::GuestMemory;
 
 const VIRTIO_NET_CTRL_MQ: u8 = 4;
@@ -69,8 +70,18 @@ pub struct Controller {
 trait Commands {
     /// The device's name, for the log.
     fn name(&self) -> &str;
-    /// Executes one command; returns the ack byte.
-    fn execute(&mut self, command: &[u8]) -> u8;
+    /// Executes one command.
+    fn execute(&mut self, command: &[u8]) -> Ack;
+}
+
+/// What a command's ack says.
+#[derive(Debug, PartialEq)]
+enum Ack {
+    Ok,
+    /// A command the device does not implement (drivers probe them).
+    Unsupported,
+    /// The driver got it wrong: why, for the log.
+    Refused(String),
 }
 
 impl Commands for Controller {
@@ -78,17 +89,15 @@ impl Commands for Controller {
         &self.name
     }
 
-    fn execute(&mut self, command: &[u8]) -> u8 {
+    fn execute(&mut self, command: &[u8]) -> Ack {
         match command {
             [VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..] => {
                 let pairs = u16::from_le_bytes([*lo, *hi]);
                 if pairs == 0 || pairs > self.max_pairs {
-                    log::warn!(
-                        "{}: the driver asked for {pairs} queue pairs of {}",
-                        self.name,
+                    return Ack::Refused(format!(
+                        "the driver asked for {pairs} queue pairs of {}",
                         self.max_pairs
-                    );
-                    return VIRTIO_NET_ERR;
+                    ));
                 }
                 // One command waits for its backend as long as a reset
                 // does, however many rings it switches: past that, the
@@ -112,13 +121,13 @@ impl Commands for Controller {
                 // Acked either way: the driver's count is what every backend
                 // from now on gets, and a driver told ERR would keep its old
                 // count and leave the new receive rings empty.
-                VIRTIO_NET_OK
+                Ack::Ok
             }
             [class, cmd, ..] => {
                 log::debug!("{}: unsupported control command {class}.{cmd}", self.name);
-                VIRTIO_NET_ERR
+                Ack::Unsupported
             }
-            _ => VIRTIO_NET_ERR,
+            _ => Ack::Refused(format!("a control command of {} bytes", command.len())),
         }
     }
 }
@@ -140,6 +149,7 @@ impl ControlQueue {
         let thread = std::thread::Builder::new()
             .name(format!("{}-ctrl", controller.name))
             .spawn(move || {
+                let mut warnings = GuestWarnings::default();
                 while wait(&kick, &stop_worker) {
                     let _ = kick.read();
                     let served = serve(
@@ -147,6 +157,7 @@ impl ControlQueue {
                         &mem,
                         call.as_ref(),
                         &mut controller,
+                        &mut warnings,
                         &stopping_worker,
                     );
                     if !served {
@@ -216,6 +227,7 @@ fn serve(
     mem: &GuestMemory,
     call: Option<&EventFd>,
     ctl: &mut impl Commands,
+    warnings: &mut GuestWarnings,
     stopping: &AtomicBool,
 ) -> bool {
     while !stopping.load(Ordering::Acquire) {
@@ -239,7 +251,7 @@ fn serve(
                 return true;
             }
             let head = chain.head_index();
-            let written = handle(chain, mem, ctl);
+            let written = handle(chain, mem, ctl, warnings);
             if let Err(e) = queue.add_used(mem, head, written) {
                 log::warn!("{}: control queue broken: {e}", ctl.name());
                 return false;
@@ -263,8 +275,20 @@ fn serve(
 }
 
 /// Reads the command from the readable descriptors, writes the ack into the
-/// first writable byte. Returns the number of bytes written (0 or 1).
-fn handle(chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory, ctl: &mut impl Commands) -> u32 {
+/// first writable byte. Returns the number of bytes written (0 or 1). The
+/// driver's mistakes are logged through `warnings`: a driver that makes
+/// them in a loop does not flood the log.
+fn handle(
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+    ctl: &mut impl Commands,
+    warnings: &mut GuestWarnings,
+) -> u32 {
+    let name = ctl.name().to_string();
+    let mut warn = |what: &str| {
+        let level = warnings.level(&name);
+        log::log!(level, "{name}: {what}");
+    };
     let mut command = Vec::with_capacity(MAX_COMMAND);
     let mut ack_at = None;
     for desc in chain {
@@ -279,15 +303,22 @@ fn handle(chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory, ctl: &mut imp
         let start = command.len();
         command.resize(start + take, 0);
         if mem.read_slice(&mut command[start..], desc.addr()).is_err() {
-            log::warn!("{}: control command outside guest memory", ctl.name());
+            warn("control command outside guest memory");
             return 0;
         }
     }
     let Some(ack_at) = ack_at else {
-        log::warn!("{}: control command without room for the ack", ctl.name());
+        warn("control command without room for the ack");
         return 0;
     };
-    let ack = ctl.execute(&command);
+    let ack = match ctl.execute(&command) {
+        Ack::Ok => VIRTIO_NET_OK,
+        Ack::Unsupported => VIRTIO_NET_ERR,
+        Ack::Refused(why) => {
+            warn(&why);
+            VIRTIO_NET_ERR
+        }
+    };
     match mem.write_obj(ack, ack_at) {
         Ok(()) => 1,
         Err(_) => 0,
@@ -323,9 +354,9 @@ mod tests {
             "net0"
         }
 
-        fn execute(&mut self, command: &[u8]) -> u8 {
+        fn execute(&mut self, command: &[u8]) -> Ack {
             self.0.push(command.to_vec());
-            VIRTIO_NET_OK
+            Ack::Ok
         }
     }
 
@@ -357,7 +388,15 @@ mod tests {
             let mut queue = RING.queue().unwrap();
             let mut recorder = Recorder(Vec::new());
             let stopping = AtomicBool::new(false);
-            let served = serve(&mut queue, &mem, None, &mut recorder, &stopping);
+            let mut warnings = GuestWarnings::default();
+            let served = serve(
+                &mut queue,
+                &mem,
+                None,
+                &mut recorder,
+                &mut warnings,
+                &stopping,
+            );
             let _ = done.send((served, recorder));
         });
         result.recv_timeout(Duration::from_secs(5)).ok()
@@ -417,8 +456,9 @@ mod tests {
                 0,
             ]
         };
-        assert_eq!(controller.execute(&set(1)), VIRTIO_NET_OK);
-        assert_eq!(controller.execute(&set(0)), VIRTIO_NET_ERR);
-        assert_eq!(controller.execute(&set(3)), VIRTIO_NET_ERR);
+        assert_eq!(controller.execute(&set(1)), Ack::Ok);
+        let refused = |ack| matches!(ack, Ack::Refused(_));
+        assert!(refused(controller.execute(&set(0))));
+        assert!(refused(controller.execute(&set(3))));
     }
 }
