@@ -274,7 +274,7 @@ pub fn build(
     mmio.insert(
         layout::PCI_ECAM_START,
         layout::PCI_ECAM_SIZE,
-        Arc::new(Mutex::new(Ecam::new(pci_config))),
+        Arc::new(Ecam::new(pci_config)),
     )?;
 
     mmio.insert(
