@@ -150,6 +150,9 @@ impl PciBus {
             .enumerate()
             .filter_map(|(slot, device)| Some((slot as u8, device.clone()?)))
             .collect();
+        for bar in &mut self.bars {
+            bar.sizing = [false; 2];
+        }
         for (slot, device) in devices {
             crate::bus::lock(&device).reset();
             self.place_bars(slot, &device);
@@ -441,9 +444,11 @@ mod tests {
             self.moves.push(('-', at));
             Ok(())
         }
-        /// Memory decoding off, as at power-on.
+        /// Memory decoding off and the BAR where it was made, as at
+        /// power-on.
         fn reset(&mut self) {
             self.config.write(COMMAND_REG, 0, &[0, 0]);
+            self.config.reset_bars();
         }
     }
 
@@ -549,6 +554,24 @@ mod tests {
         assert_eq!(read_at(&mmio, 0xc000_0000), 0xff);
         write_reg(&bus, 1, COMMAND_REG, DECODE);
         assert_eq!(read_at(&mmio, 0xc000_0000), 1);
+    }
+
+    /// A BAR the guest moved, and one it left half-way through sizing, are
+    /// back where the VMM put them after a platform reset, and the window
+    /// follows once decoding is on.
+    #[test]
+    fn a_reset_puts_the_bars_back() {
+        let (mmio, bus, devices) = bus_with(1);
+        write_reg(&bus, 1, COMMAND_REG, DECODE);
+        write_reg(&bus, 1, BAR0_REG, 0xd000_0000);
+        assert_eq!(read_at(&mmio, 0xd000_0000), 1);
+        write_reg(&bus, 1, BAR0_REG + 1, u32::MAX);
+        lock(&bus.bus).reset_devices();
+        let bar = |reg| lock(&devices[0]).config_read(reg);
+        assert_eq!((bar(BAR0_REG), bar(BAR0_REG + 1)), (0xc000_0004, 0));
+        write_reg(&bus, 1, COMMAND_REG, DECODE);
+        assert_eq!(read_at(&mmio, 0xc000_0000), 1);
+        assert_eq!(read_at(&mmio, 0xd000_0000), 0xff);
     }
 
     #[test]

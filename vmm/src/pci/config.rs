@@ -83,6 +83,15 @@ impl PciConfiguration {
         Ok(())
     }
 
+    /// Puts every BAR back where `add_bar64` put it (a platform reset: the
+    /// VMM is the firmware that assigned them).
+    pub fn reset_bars(&mut self) {
+        for bar in &self.bars {
+            self.regs[BAR0_REG + bar.index] = (bar.addr as u32) | BAR_MEM_64BIT;
+            self.regs[BAR0_REG + bar.index + 1] = (bar.addr >> 32) as u32;
+        }
+    }
+
     /// Appends a capability (`body` starts with its ID byte; the next
     /// pointer byte is filled in). Returns its offset.
     pub fn add_capability(&mut self, body: &[u8]) -> Result<usize, ConfigSpaceError> {

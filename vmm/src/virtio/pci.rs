@@ -629,13 +629,15 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn reset(&mut self) {
-        // The device stops (its backend's rings too), MSI-X is disabled and
-        // the command register is as at power-on.
+        // The device stops (its backend's rings too), MSI-X is disabled,
+        // and the command register and the BARs are as at power-on (a BAR
+        // the guest moved, or left holding its size mask, goes back).
         VirtioPciDevice::reset(self);
         // MSI-X control is the top half of the capability's first dword.
         self.config.write(self.msix_cap_reg, 3, &[0]);
         crate::bus::lock(&self.msix).reset();
         self.config.write(1, 0, &FIRMWARE_COMMAND);
+        self.config.reset_bars();
     }
 
     /// The kicks' ioeventfds go to the notify addresses in the window, each
