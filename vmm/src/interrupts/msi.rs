@@ -88,8 +88,17 @@ impl GsiRouter {
         entry.u.msi.address_hi = (address >> 32) as u32;
         entry.u.msi.data = data;
         let mut table = lock(&self.table);
-        table.routes.insert(gsi, entry);
-        self.commit(&table)
+        // A route KVM refuses is not kept: it would fail every later
+        // change to any other route with it.
+        let before = table.routes.insert(gsi, entry);
+        let committed = self.commit(&table);
+        if committed.is_err() {
+            match before {
+                Some(before) => table.routes.insert(gsi, before),
+                None => table.routes.remove(&gsi),
+            };
+        }
+        committed
     }
 
     fn commit(&self, table: &Table) -> Result<(), MsiError> {
@@ -171,5 +180,28 @@ impl MsiVector {
             None => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::memory::create_guest_ram;
+
+    /// A route KVM refuses (here a GSI past KVM's table) leaves the table
+    /// as it was, so the next route still goes in. Needs /dev/kvm.
+    #[test]
+    fn a_route_kvm_refuses_is_not_kept() {
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let ram = create_guest_ram(16 << 20, false).expect("guest RAM");
+        let vm = Arc::new(crate::vstate::vm::create_vm(&kvm, &ram.memory).expect("a VM"));
+        let router = GsiRouter::new(vm);
+        // KVM_MAX_IRQ_ROUTES is 4096.
+        router
+            .set_msi_route(1 << 20, 0xfee0_0000, 0x40)
+            .expect_err("a GSI past KVM's routing table");
+        router
+            .set_msi_route(IOAPIC_PINS, 0xfee0_0000, 0x41)
+            .expect("a good route after a refused one");
     }
 }
