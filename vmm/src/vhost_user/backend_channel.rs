@@ -69,6 +69,13 @@ impl Stop {
         if let Err(e) = self.0.stopped.write(1) {
             log::warn!("cannot stop a backend's request channel: {e}");
         }
+        self.shut_down();
+    }
+
+    /// Closes the channel both ways, for the backend too: one waiting for
+    /// an ack (libvhost-user's CONFIG_CHANGE_MSG) gets EOF rather than
+    /// waiting for ever.
+    fn shut_down(&self) {
         // SAFETY: shuts down a socket this owns; no memory is involved.
         if unsafe { libc::shutdown(self.0.socket.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
             log::warn!(
@@ -133,6 +140,9 @@ impl BackendChannel {
             .spawn(move || {
                 let fds = [handler.as_raw_fd(), stop.fd()];
                 let mut refused = 0u64;
+                // However the thread ends, the channel is closed: the copy
+                // `Stop` holds would otherwise keep it open.
+                let _closing = ShutDownOnDrop(&stop);
                 loop {
                     match ready(&fds, -1) {
                         Some(0) => {}
@@ -186,6 +196,15 @@ impl BackendChannel {
         spawned
             .inspect_err(|e| log::warn!("cannot serve the backend's request channel: {e}"))
             .ok()
+    }
+}
+
+/// Shuts the channel down when dropped.
+struct ShutDownOnDrop<'a>(&'a Stop);
+
+impl Drop for ShutDownOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.shut_down();
     }
 }
 
@@ -260,6 +279,25 @@ mod tests {
         // Five of the header's twelve bytes.
         backend.write_all(&[2, 0, 0, 0, 1]).expect("write");
         assert_ends_once_stopped(thread, &stop);
+    }
+
+    /// A thread that ends on its own (here: a message cut short by the
+    /// backend closing its sending side) closes the channel, so a backend
+    /// reading it gets EOF rather than waiting for ever.
+    #[test]
+    fn a_channel_whose_thread_ends_is_closed_for_the_backend() {
+        let (thread, _stop, mut backend) = served();
+        backend.write_all(&[2, 0, 0, 0, 1]).expect("write");
+        backend
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        thread.join().expect("the channel's thread");
+        backend
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut byte = [0u8];
+        let read = std::io::Read::read(&mut backend, &mut byte);
+        assert_eq!(read.ok(), Some(0), "the channel is still open");
     }
 
     /// A backend that sends acked requests and never reads the acks holds
