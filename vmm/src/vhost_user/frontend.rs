@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::backend_channel::{BackendChannel, NotifierSlot, Stop};
 use super::deadline::{self, exchange, Budget, ExchangeError, Secs, REPLY_TIMEOUT};
 use super::raw_request;
+use crate::guest_warnings::GuestWarnings;
 use crate::virtio::device::{
     ActivateError, ActiveQueue, ConfigNotifier, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -35,8 +36,6 @@ pub const TRANSPORT_FEATURES: u64 =
 /// Config accesses are "frontend" accesses (flags 0, as QEMU sends them),
 /// at most this large in one GET_CONFIG (the vhost-user limit).
 const MAX_CONFIG_ACCESS: usize = 256;
-/// Config accesses a backend refused that are logged as warnings, per device.
-const CONFIG_REFUSALS_LOGGED: u64 = 10;
 
 /// What a backend's GET_QUEUE_NUM answer counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,7 +279,7 @@ pub struct VhostUserDevice {
     /// reboot during a backend restart) must not read all-ones sizes.
     config_seen: Vec<u8>,
     /// Config accesses the backend refused, for the log's sake.
-    config_refusals: u64,
+    config_refusals: GuestWarnings,
 }
 
 impl VhostUserDevice {
@@ -463,7 +462,7 @@ impl VhostUserDevice {
             unused_call,
             config_notifier,
             config_seen: Vec::new(),
-            config_refusals: 0,
+            config_refusals: GuestWarnings::default(),
         })
     }
 
@@ -504,18 +503,8 @@ impl VhostUserDevice {
         let name = &self.spec.name;
         if e.refused() {
             // A guest that keeps reading must not flood the log.
-            self.config_refusals += 1;
-            if self.config_refusals <= CONFIG_REFUSALS_LOGGED {
-                log::warn!("{name}: {what}: {e}");
-            } else {
-                log::debug!("{name}: {what}: {e}");
-            }
-            if self.config_refusals == CONFIG_REFUSALS_LOGGED {
-                log::warn!(
-                    "{name}: {CONFIG_REFUSALS_LOGGED} config accesses refused by the backend; \
-                     more are logged at debug level only"
-                );
-            }
+            let level = self.config_refusals.level(name);
+            log::log!(level, "{name}: {what}: {e}");
         } else {
             log::error!("{name}: {what}: {e}; cutting the backend off");
             cut_off(&self.frontend, &self.broken, e);

@@ -22,6 +22,7 @@ use vhost::vhost_user::{Error as ProtocolError, Frontend};
 const GET_QUEUE_NUM: u32 = 17;
 const GET_CONFIG: u32 = 24;
 const VERSION_1: u32 = 0x1;
+const VERSION_MASK: u32 = 0x3;
 const REPLY: u32 = 0x4;
 const HEADER_SIZE: usize = 12;
 /// GET_CONFIG's body before the config bytes: offset, size, flags.
@@ -68,7 +69,12 @@ fn request(
     let mut header = [0u8; HEADER_SIZE];
     socket.read_exact(&mut header).map_err(socket_error)?;
     let size = word(&header, 8) as usize;
-    if word(&header, 0) != code || word(&header, 4) & REPLY == 0 || size > max_reply {
+    let flags = word(&header, 4);
+    if word(&header, 0) != code
+        || flags & VERSION_MASK != VERSION_1
+        || flags & REPLY == 0
+        || size > max_reply
+    {
         return Err(protocol(ProtocolError::InvalidMessage));
     }
     let mut reply = vec![0u8; size];
