@@ -340,8 +340,9 @@ impl Ecam {
     }
 }
 
-/// Not behind a lock of its own: it has no state, and an access waits only
-/// for the device it reaches (and the bus, briefly).
+/// Not behind a lock of its own: it has no state. An access waits for the
+/// bus (held briefly, except by a write that moves a device's BAR windows,
+/// for as long as that device is busy) and for the device it reaches.
 impl SharedBusDevice for Ecam {
     fn read(&self, offset: u64, data: &mut [u8]) {
         let (bus, slot, function, reg, byte) = Self::decode(offset);

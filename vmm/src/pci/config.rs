@@ -75,8 +75,7 @@ impl PciConfiguration {
             return Err(ConfigSpaceError::Bar(index));
         }
         let mask = !(size - 1);
-        self.regs[BAR0_REG + index] = (addr as u32) | BAR_MEM_64BIT;
-        self.regs[BAR0_REG + index + 1] = (addr >> 32) as u32;
+        self.set_bar64(index, addr);
         self.writable[BAR0_REG + index] = mask as u32 & !0xf;
         self.writable[BAR0_REG + index + 1] = (mask >> 32) as u32;
         self.bars.push(BarInfo { index, addr, size });
@@ -86,10 +85,16 @@ impl PciConfiguration {
     /// Puts every BAR back where `add_bar64` put it (a platform reset: the
     /// VMM is the firmware that assigned them).
     pub fn reset_bars(&mut self) {
-        for bar in &self.bars {
-            self.regs[BAR0_REG + bar.index] = (bar.addr as u32) | BAR_MEM_64BIT;
-            self.regs[BAR0_REG + bar.index + 1] = (bar.addr >> 32) as u32;
+        let placed: Vec<(usize, u64)> = self.bars.iter().map(|b| (b.index, b.addr)).collect();
+        for (index, addr) in placed {
+            self.set_bar64(index, addr);
         }
+    }
+
+    /// The two registers of a 64-bit memory BAR (not prefetchable) at `addr`.
+    fn set_bar64(&mut self, index: usize, addr: u64) {
+        self.regs[BAR0_REG + index] = (addr as u32) | BAR_MEM_64BIT;
+        self.regs[BAR0_REG + index + 1] = (addr >> 32) as u32;
     }
 
     /// Appends a capability (`body` starts with its ID byte; the next

@@ -1051,6 +1051,19 @@ mod tests {
         assert_eq!(dev.config_read(1) & 0xffff, 0x02);
     }
 
+    /// BAR 0, moved by the guest or left holding its size mask, is where
+    /// the VMM put it after a platform reset.
+    #[test]
+    fn bar0_is_back_where_the_vmm_put_it_after_a_reset() {
+        let (mut dev, _record) = mock_transport();
+        assert_eq!((dev.config_read(4), dev.config_read(5)), (0xc000_0004, 0));
+        dev.config_write(4, 0, &0xd000_0000u32.to_le_bytes());
+        dev.config_write(5, 0, &u32::MAX.to_le_bytes());
+        assert_ne!((dev.config_read(4), dev.config_read(5)), (0xc000_0004, 0));
+        PciDevice::reset(&mut dev);
+        assert_eq!((dev.config_read(4), dev.config_read(5)), (0xc000_0004, 0));
+    }
+
     /// Taking bus mastering away (Linux does before kexec) stops a running
     /// device: its rings stop and it needs a reset to run again.
     #[test]
