@@ -130,6 +130,30 @@ fn read_until_closed(stream: &mut UnixStream, rest: &mut Vec<u8>) -> std::io::Re
 /// of SIGBUS. Reports whether the backend closed the connection within
 /// `timeout` (the requests after the table may fail once it has).
 pub fn ring_past_the_end_of_its_memory(socket: &Path, timeout: Duration) -> std::io::Result<bool> {
+    ring_in_missing_memory(socket, timeout, Shrink::BeforeTheTable)
+}
+
+/// As `ring_past_the_end_of_its_memory`, but the memfd is 1 MiB when the
+/// table is sent and cut to 64 KiB right after (before the ring is set up
+/// and kicked): the backend cannot see it coming when it maps the region.
+pub fn ring_in_memory_shrunk_after_the_table(
+    socket: &Path,
+    timeout: Duration,
+) -> std::io::Result<bool> {
+    ring_in_missing_memory(socket, timeout, Shrink::AfterTheTable)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Shrink {
+    BeforeTheTable,
+    AfterTheTable,
+}
+
+fn ring_in_missing_memory(
+    socket: &Path,
+    timeout: Duration,
+    shrink: Shrink,
+) -> std::io::Result<bool> {
     const FRONTEND_ADDR: u64 = 0x7f00_0000_0000;
     const VERSION_1: u64 = 1 << 32;
     const PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -142,7 +166,11 @@ pub fn ring_past_the_end_of_its_memory(socket: &Path, timeout: Duration) -> std:
     }
     // SAFETY: a new descriptor nothing else owns.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.set_len(64 << 10)?;
+    let short = 64 << 10;
+    file.set_len(match shrink {
+        Shrink::BeforeTheTable => short,
+        Shrink::AfterTheTable => 1 << 20,
+    })?;
     let kick = EventFd::new(libc::EFD_NONBLOCK)?;
     let call = EventFd::new(libc::EFD_NONBLOCK)?;
     let mut frontend = Frontend::from_stream(stream, 1);
@@ -161,6 +189,12 @@ pub fn ring_past_the_end_of_its_memory(socket: &Path, timeout: Duration) -> std:
             mmap_offset: 0,
             mmap_handle: file.as_raw_fd(),
         }])?;
+        if shrink == Shrink::AfterTheTable {
+            // A request with a reply: once it comes back, the handler has
+            // taken (mapped) the table, whole.
+            frontend.get_features()?;
+            file.set_len(short).map_err(vhost::Error::IOError)?;
+        }
         frontend.set_vring_num(0, 16)?;
         frontend.set_vring_addr(
             0,

@@ -215,3 +215,41 @@ fn two_guests_on_a_bridge_exchange_frames() {
         "ARP and echo replies"
     );
 }
+
+/// A frontend that shrinks its memory file after vhost-net mapped it (past
+/// the ring it then kicks) loses its connection; the backend, which would
+/// have died of SIGBUS reading the ring, serves the next frontend (which
+/// does the same, and is dropped the same way). No VM: the test frontend
+/// drives the socket.
+#[test]
+fn memory_shrunk_under_vhost_net_drops_the_frontend_not_the_backend() {
+    let ns = Netns::new();
+    let tap = ns.tap(false);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("net.sock");
+    let mut backend = Backend::vhost_net(&ns, &socket, &tap, 1);
+    for round in 1..=2 {
+        let closed = vhost_test_frontend::malformed::ring_in_memory_shrunk_after_the_table(
+            &socket,
+            Duration::from_secs(10),
+        )
+        .expect("send the memory table");
+        assert!(
+            closed,
+            "round {round}: the backend kept the connection open"
+        );
+        backend
+            .log
+            .wait_for_nth(
+                "went away under the backend",
+                round,
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|e| panic!("round {round}: {e}; log:\n{}", backend.log.text()));
+        assert!(
+            backend.child.try_wait().expect("try_wait").is_none(),
+            "round {round}: the backend exited; log:\n{}",
+            backend.log.text()
+        );
+    }
+}

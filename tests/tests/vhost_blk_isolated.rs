@@ -1593,6 +1593,43 @@ fn a_memory_table_past_the_end_of_its_file_drops_the_frontend_not_the_backend() 
     assert!(buf.iter().all(|&b| b == 9));
 }
 
+/// A frontend that shrinks its memory file after the backend mapped it
+/// (past the ring it then kicks) loses its connection; the backend, which
+/// would have died of SIGBUS reading the ring, serves the next frontend.
+#[test]
+fn memory_shrunk_under_the_backend_drops_the_frontend_not_the_backend() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let socket = dir.path().join("blk.sock");
+    let mut backend = Backend::vhost_blk(&socket, &img, &[]);
+    for round in 1..=2 {
+        let closed =
+            malformed::ring_in_memory_shrunk_after_the_table(&socket, Duration::from_secs(10))
+                .expect("send the memory table");
+        assert!(
+            closed,
+            "round {round}: the backend kept the connection open"
+        );
+        backend
+            .log
+            .wait_for_nth(
+                "went away under the backend",
+                round,
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|e| panic!("round {round}: {e}; log:\n{}", backend.log.text()));
+        assert!(
+            backend.child.try_wait().expect("try_wait").is_none(),
+            "round {round}: the backend exited; log:\n{}",
+            backend.log.text()
+        );
+        let mut client = connect(&socket, 1);
+        let mut buf = [0u8; 512];
+        assert_eq!(client.read(0, 9, &mut buf).expect("read"), S_OK);
+        assert!(buf.iter().all(|&b| b == 9));
+    }
+}
+
 #[test]
 fn a_backend_stopped_before_it_bound_leaves_the_live_socket_alone() {
     // Another process listens on the path, and holds the directory's

@@ -566,6 +566,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        vmm_common::lost_memory::watch(&mem.memory());
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
         Ok(())
     }

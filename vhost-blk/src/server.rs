@@ -72,6 +72,7 @@ fn serve_frontends(
 ) -> Result<(), ServeError> {
     let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
     let mut listener = Listener::from(UnixListener::bind(inner_path).map_err(serve_err)?);
+    vmm_common::lost_memory::install().map_err(serve_err)?;
     loop {
         let backend = BlkBackend::new(device.clone());
         let mut daemon = VhostUserDaemon::new(
@@ -84,6 +85,7 @@ fn serve_frontends(
         log::info!("waiting for a frontend on {}", socket.display());
         let frontend = public.accept().map_err(serve_err)?.0;
         let inner = UnixStream::connect(inner_path).map_err(serve_err)?;
+        vmm_common::lost_memory::end_on_loss(&frontend).map_err(serve_err)?;
         let relay = Relay::start(frontend, inner, changes.watch()).map_err(serve_err)?;
         if let Err(e) = daemon.start(&mut listener) {
             // Accepting failed: the socket itself is broken.
@@ -96,6 +98,9 @@ fn serve_frontends(
         backend.quiesce();
         drop(daemon);
         relay.join();
+        // The connection's memory is unmapped (its last users, the
+        // workers, are gone with the daemon).
+        vmm_common::lost_memory::forget();
         // Only once the relay is done: it may still pass on messages the
         // frontend sent before the end, a channel among them.
         changes.forget();

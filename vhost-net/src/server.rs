@@ -46,6 +46,7 @@ fn serve_frontends(
 ) -> Result<(), ServeError> {
     let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
     let mut listener = Listener::from(UnixListener::bind(inner_path).map_err(serve_err)?);
+    vmm_common::lost_memory::install().map_err(serve_err)?;
     loop {
         let backend = NetBackend::new(device.clone());
         let mut daemon = VhostUserDaemon::new(
@@ -61,6 +62,7 @@ fn serve_frontends(
             Err(e) => return Err(serve_err(e)),
         };
         let inner = UnixStream::connect(inner_path).map_err(serve_err)?;
+        vmm_common::lost_memory::end_on_loss(&frontend).map_err(serve_err)?;
         let relay = Relay::start(frontend, inner, crate::relay::protocol_features_first())
             .map_err(serve_err)?;
         if let Err(e) = daemon.start(&mut listener) {
@@ -71,6 +73,9 @@ fn serve_frontends(
         // Dropping the daemon stops and joins this connection's workers.
         drop(daemon);
         relay.join();
+        // The connection's memory is unmapped (its last users, the
+        // workers, are gone with the daemon).
+        vmm_common::lost_memory::forget();
         backend.report();
     }
 }

@@ -1,0 +1,298 @@
+//! Guest memory that goes away under a backend: a frontend that shrinks
+//! (truncates) the file behind a memory region after sending it, or a
+//! hugetlbfs region whose pages cannot be had when first touched. Touching
+//! such a page raises SIGBUS, whose default action ends the whole backend
+//! process: every queue, and the next frontend with it.
+//!
+//! Instead, a SIGBUS on an address in one of the current frontend's
+//! memory regions replaces that region's mapping with anonymous zero pages
+//! (the access then completes, on memory that is no longer the guest's)
+//! and ends that frontend's connection: its memory is not what it said.
+//! Any other SIGBUS keeps its default action.
+//!
+//! A signal handler can take no lock, so the regions it checks sit in a
+//! fixed table behind a sequence counter (a seqlock): the writer makes the
+//! counter odd, rewrites the table and makes it even again; the handler
+//! reads the table between two equal, even readings of the counter.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{fence, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// More regions than vhost-user's memory table can hold (8) without the
+/// memory-slots protocol feature, which neither backend offers.
+const SLOTS: usize = 32;
+
+/// One watched region: where it is mapped here and where the guest sees it.
+struct Slot {
+    host_addr: AtomicUsize,
+    len: AtomicUsize,
+    guest_addr: AtomicU64,
+}
+
+static TABLE: [Slot; SLOTS] = [const {
+    Slot {
+        host_addr: AtomicUsize::new(0),
+        len: AtomicUsize::new(0),
+        guest_addr: AtomicU64::new(0),
+    }
+}; SLOTS];
+/// Odd while the table is being rewritten.
+static SEQUENCE: AtomicUsize = AtomicUsize::new(0);
+/// Serializes writers of the table.
+static WRITER: Mutex<()> = Mutex::new(());
+/// The eventfd the handler writes when it has replaced a region.
+static LOST_EVENT: AtomicI32 = AtomicI32::new(-1);
+/// The guest address and length of the region replaced last (for the log).
+static LOST_GUEST_ADDR: AtomicU64 = AtomicU64::new(0);
+static LOST_LEN: AtomicUsize = AtomicUsize::new(0);
+/// The current frontend's connection, shut down when its memory is lost.
+static CONNECTION: Mutex<Option<UnixStream>> = Mutex::new(None);
+static INSTALLED: OnceLock<()> = OnceLock::new();
+
+/// Installs the SIGBUS handler and starts the thread that ends a
+/// connection whose memory was lost. Once per process; later calls do
+/// nothing.
+pub fn install() -> io::Result<()> {
+    if INSTALLED.get().is_some() {
+        return Ok(());
+    }
+    // SAFETY: eventfd takes no pointers; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let event = unsafe { OwnedFd::from_raw_fd(fd) };
+    LOST_EVENT.store(event.as_raw_fd(), Ordering::Relaxed);
+    std::thread::Builder::new()
+        .name("lost-memory".into())
+        .spawn(move || end_connections(event))?;
+    // SAFETY: an all-zero sigaction is a valid value to fill in.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_sigbus as extern "C" fn(_, _, _) as usize;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: `action.sa_mask` is a sigset_t owned here.
+    unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    // SAFETY: installs a handler that only touches atomics and makes
+    // async-signal-safe calls (mmap, write, signal); `action` outlives the
+    // call and no old action is asked for.
+    if unsafe { libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let _ = INSTALLED.set(());
+    Ok(())
+}
+
+/// Watches the regions of `mem` (the frontend's memory table just mapped)
+/// in place of the ones watched before.
+pub fn watch(mem: &GuestMemoryMmap) {
+    let regions: Vec<(usize, usize, u64)> = mem
+        .iter()
+        .map(|r| (r.as_ptr() as usize, r.len() as usize, r.start_addr().0))
+        .collect();
+    if regions.len() > SLOTS {
+        log::warn!(
+            "{} memory regions: only the first {SLOTS} are guarded against being taken away",
+            regions.len()
+        );
+    }
+    write_table(&regions);
+}
+
+/// Watches no region (the connection is over and its memory unmapped).
+pub fn forget() {
+    write_table(&[]);
+    *CONNECTION.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
+/// `frontend` is the connection to end when a watched region is lost.
+pub fn end_on_loss(frontend: &UnixStream) -> io::Result<()> {
+    let stream = frontend.try_clone()?;
+    *CONNECTION.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+    Ok(())
+}
+
+fn write_table(regions: &[(usize, usize, u64)]) {
+    let _writer = WRITER.lock().unwrap_or_else(|p| p.into_inner());
+    let sequence = SEQUENCE.load(Ordering::Relaxed);
+    SEQUENCE.store(sequence.wrapping_add(1), Ordering::Relaxed);
+    fence(Ordering::Release);
+    for (index, slot) in TABLE.iter().enumerate() {
+        let (host_addr, len, guest_addr) = regions.get(index).copied().unwrap_or((0, 0, 0));
+        slot.host_addr.store(host_addr, Ordering::Relaxed);
+        slot.len.store(len, Ordering::Relaxed);
+        slot.guest_addr.store(guest_addr, Ordering::Relaxed);
+    }
+    SEQUENCE.store(sequence.wrapping_add(2), Ordering::Release);
+}
+
+/// The watched region holding `addr`: host address, length, guest address.
+/// Async-signal-safe (atomics only). Gives up (None) if the table stays
+/// mid-rewrite for long: the writer never touches guest memory, so it
+/// cannot be the thread the handler interrupted.
+fn region_holding(addr: usize) -> Option<(usize, usize, u64)> {
+    for _ in 0..1_000_000 {
+        let before = SEQUENCE.load(Ordering::Acquire);
+        if before % 2 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let found = TABLE.iter().find_map(|slot| {
+            let start = slot.host_addr.load(Ordering::Relaxed);
+            let len = slot.len.load(Ordering::Relaxed);
+            let guest_addr = slot.guest_addr.load(Ordering::Relaxed);
+            (len != 0 && addr >= start && addr - start < len).then_some((start, len, guest_addr))
+        });
+        fence(Ordering::Acquire);
+        if SEQUENCE.load(Ordering::Relaxed) == before {
+            return found;
+        }
+    }
+    None
+}
+
+extern "C" fn on_sigbus(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    // SAFETY: the kernel hands an SA_SIGINFO handler a valid siginfo; for
+    // SIGBUS its address field is the faulting address.
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    if code == libc::BUS_ADRERR {
+        if let Some((start, len, guest_addr)) = region_holding(addr) {
+            // SAFETY: replaces exactly the range the region's own mapping
+            // covers (vm-memory unmaps the same range when the region
+            // goes), with private anonymous memory; nothing else is mapped
+            // there.
+            let mapped = unsafe {
+                libc::mmap(
+                    start as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if mapped != libc::MAP_FAILED {
+                LOST_GUEST_ADDR.store(guest_addr, Ordering::Relaxed);
+                LOST_LEN.store(len, Ordering::Relaxed);
+                let one = 1u64;
+                // SAFETY: writes 8 bytes from a local to the eventfd made
+                // in `install` (which stays open for the process's life).
+                unsafe {
+                    libc::write(
+                        LOST_EVENT.load(Ordering::Relaxed),
+                        (&one as *const u64).cast(),
+                        8,
+                    )
+                };
+                return;
+            }
+        }
+    }
+    // Not guest memory, or it could not be replaced: the default action,
+    // which the access raises again once this returns.
+    // SAFETY: signal(2) with SIG_DFL is async-signal-safe and takes no
+    // pointers.
+    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}
+
+/// Ends the current connection each time the handler reports a loss.
+fn end_connections(event: OwnedFd) {
+    loop {
+        let mut count = [0u8; 8];
+        // SAFETY: reads 8 bytes into a local buffer from the eventfd owned
+        // by this thread.
+        let n = unsafe { libc::read(event.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        if n != 8 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!(
+                "lost-memory events: {e}; a frontend whose memory goes away will not be dropped"
+            );
+            return;
+        }
+        let (guest_addr, len) = (
+            LOST_GUEST_ADDR.load(Ordering::Relaxed),
+            LOST_LEN.load(Ordering::Relaxed),
+        );
+        log::warn!(
+            "the frontend's memory region at guest address {guest_addr:#x} ({len:#x} bytes) went away \
+             under the backend (its file was shrunk, or its huge pages ran out); ending the connection"
+        );
+        if let Some(stream) = CONNECTION
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use vm_memory::{Bytes, FileOffset, GuestAddress};
+
+    use super::*;
+
+    /// One test, as the table is the process's.
+    #[test]
+    fn a_shrunk_region_reads_as_zeros_and_ends_the_connection() {
+        // Lookups: only addresses inside a watched region are found.
+        write_table(&[(0x1000, 0x2000, 0x0), (0x8000, 0x1000, 0x10_0000)]);
+        assert_eq!(region_holding(0xfff), None);
+        assert_eq!(region_holding(0x1000), Some((0x1000, 0x2000, 0)));
+        assert_eq!(region_holding(0x2fff), Some((0x1000, 0x2000, 0)));
+        assert_eq!(region_holding(0x3000), None);
+        assert_eq!(region_holding(0x8fff), Some((0x8000, 0x1000, 0x10_0000)));
+        write_table(&[]);
+        assert_eq!(region_holding(0x1000), None);
+
+        // A region whose file is cut to nothing after it was mapped.
+        install().expect("install");
+        // SAFETY: a NUL-terminated name; the call takes no other memory.
+        let fd = unsafe { libc::memfd_create(c"lost".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "{}", io::Error::last_os_error());
+        // SAFETY: a new descriptor nothing else owns.
+        let file = Arc::new(unsafe { std::fs::File::from_raw_fd(fd) });
+        file.set_len(64 << 10).expect("size the memfd");
+        let guest = GuestAddress(0x10_0000);
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            guest,
+            64 << 10,
+            Some(FileOffset::from_arc(file.clone(), 0)),
+        )])
+        .expect("map");
+        let word = GuestAddress(guest.0 + 0x8000);
+        mem.write_obj(0xabcd_u32, word).expect("write");
+        let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
+        end_on_loss(&ours).expect("end_on_loss");
+        watch(&mem);
+
+        file.set_len(0).expect("shrink the memfd");
+        let read: u32 = mem.read_obj(word).expect("read");
+        assert_eq!(read, 0, "the region reads as zero pages");
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut byte = [0u8; 1];
+        assert_eq!(theirs.read(&mut byte).expect("read the connection"), 0);
+        assert_eq!(LOST_GUEST_ADDR.load(Ordering::Relaxed), guest.0);
+        forget();
+    }
+}
