@@ -43,10 +43,18 @@ pub struct Relay {
 impl Relay {
     /// Relays between `frontend` and `backend` until either side closes;
     /// `inspect` sees what the frontend sends.
-    pub fn start(
+    pub fn start(frontend: UnixStream, backend: UnixStream, inspect: Inspect) -> io::Result<Relay> {
+        Self::start_with_end(frontend, backend, inspect, Box::new(|| ()))
+    }
+
+    /// `start`, with `frontend_left` run as soon as the frontend's side
+    /// ends (it closed, or the connection was shut down), before the
+    /// handler is told.
+    pub fn start_with_end(
         frontend: UnixStream,
         backend: UnixStream,
         mut inspect: Inspect,
+        frontend_left: Box<dyn FnOnce() + Send>,
     ) -> io::Result<Relay> {
         let (f_read, f_write) = (frontend.try_clone()?, frontend);
         let (b_read, b_write) = (backend.try_clone()?, backend);
@@ -58,6 +66,7 @@ impl Relay {
                     check_ring_events(m)?;
                     inspect(m, to)
                 });
+                frontend_left();
                 finish("frontend", result, &b_write);
             })?;
         let to_frontend =

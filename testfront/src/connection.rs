@@ -457,6 +457,13 @@ impl Connection {
         Ok(())
     }
 
+    /// Stops ring `index` (GET_VRING_BASE, as QEMU does to stop or migrate
+    /// a VM) and returns the base the backend reports: where the ring
+    /// starts again.
+    pub fn stop_ring(&mut self, index: usize) -> Result<u32, ConnectionError> {
+        self.exchange(|frontend| req("GET_VRING_BASE", frontend.get_vring_base(index)))
+    }
+
     /// Reads `len` bytes of the device's config space from offset 0, now
     /// (`config` holds the copy read at connection).
     pub fn get_config(&mut self, len: u32) -> Result<Vec<u8>, ConnectionError> {

@@ -211,6 +211,14 @@ impl BlkBackend {
         !self.closing.load(Ordering::Acquire) && vring.get_ref().is_enabled()
     }
 
+    /// The frontend has gone (its socket ended): from now on the workers
+    /// take no new request and put nothing in the used ring (see
+    /// `quiesce`). Set as soon as the relay sees the end, not only once the
+    /// handler has: the frontend may read the used index at once.
+    pub fn frontend_left(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
     /// Once the frontend has left, before the workers are stopped: they
     /// take no new request, and every transfer in flight finishes. A worker
     /// may be waiting for blocks that another queue's transfers hold, and
@@ -222,7 +230,7 @@ impl BlkBackend {
     /// again. A used entry written now could count a request twice, or land
     /// in a ring a new driver has set up since.
     pub fn quiesce(&self) {
-        self.closing.store(true, Ordering::Release);
+        self.frontend_left();
         for queue in 0..self.queues.len() {
             if let Err(e) = self.finish_in_flight(queue) {
                 log::warn!("queue {queue}: {e}");
@@ -304,6 +312,22 @@ impl BlkBackend {
         // A stopped ring (GET_VRING_BASE) is the frontend's again: a late
         // completion event must not touch it.
         if !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
+        if self.closing.load(Ordering::Acquire) {
+            // The frontend has gone: transfers that finished are reaped,
+            // which lets go of the blocks their writes held (a request on
+            // another queue may wait for them), but none is completed.
+            if let AsyncIo::Ready(qio) = &mut state.io {
+                let mut finished = Vec::new();
+                qio.reap(&mut finished);
+                if !finished.is_empty() {
+                    log::debug!(
+                        "queue {queue}: {} request(s) finished after the frontend left; not completed",
+                        finished.len()
+                    );
+                }
+            }
             return Ok(());
         }
         if state.vring.is_none() {
@@ -626,19 +650,51 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    /// The ring stops (GET_VRING_BASE): every transfer in flight finishes
-    /// and is completed first, so the base reported covers no request the
-    /// kernel may still be reading or writing.
+    /// The ring stops (GET_VRING_BASE) with its frontend still there (QEMU
+    /// stopping the VM, saving it or migrating it; a device reset): every
+    /// transfer in flight finishes and is completed to the driver, with
+    /// the requests waiting behind it, and the driver told, before the
+    /// base goes back. The frontend takes the ring back at that base, which
+    /// counts every request taken: one not in the used ring by then would
+    /// never be.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let queue = queue_index as usize;
-        let drained = self.finish_in_flight(queue);
-        if let Some(state) = self.queues.get(queue) {
-            let mut state = lock(state);
-            state.broken = false;
-            // Everything taken has finished (or was failed by `abandon`);
-            // the next frontend's ring starts from nothing taken.
-            state.order.clear();
+        let Some(state) = self.queues.get(queue) else {
+            return Ok(());
+        };
+        let mut guard = lock(state);
+        let state = &mut *guard;
+        let mut finished = Vec::new();
+        let mut lost = Vec::new();
+        let mut drained = Ok(());
+        if let AsyncIo::Ready(qio) = &mut state.io {
+            // The completions are taken here: the worker need not wake.
+            qio.clear_event();
+            drained = qio.drain(&mut finished);
+            lost = qio.take_lost();
+            if drained.is_err() {
+                // As in `finish_in_flight`: the ring is never entered again.
+                state.io = AsyncIo::Unavailable;
+            }
         }
+        let mem = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if let (Some(vring), Some(atomic)) = (state.vring.clone(), mem) {
+            let mem: Arc<GuestMemoryMmap> = atomic.memory().into_inner();
+            let mut completed =
+                Self::complete(queue, &vring, &mut state.order, &mem, &mut finished);
+            completed += forget(queue, &vring, &mut state.order, lost);
+            if completed > 0 {
+                // The call eventfd is still the frontend's until this
+                // returns.
+                if let Err(e) = vring.signal_used_queue() {
+                    log::warn!("queue {queue}: cannot signal the requests completed at stop: {e}");
+                }
+            }
+        }
+        state.broken = false;
+        // Everything taken is in the used ring now (or was given up); the
+        // ring starts again from nothing taken.
+        state.order.clear();
         drained
     }
 }

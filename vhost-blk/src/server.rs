@@ -86,7 +86,14 @@ fn serve_frontends(
         let frontend = public.accept().map_err(serve_err)?.0;
         let inner = UnixStream::connect(inner_path).map_err(serve_err)?;
         vmm_common::lost_memory::end_on_loss(&frontend).map_err(serve_err)?;
-        let relay = Relay::start(frontend, inner, changes.watch()).map_err(serve_err)?;
+        let left = backend.clone();
+        let relay = Relay::start_with_end(
+            frontend,
+            inner,
+            changes.watch(),
+            Box::new(move || left.frontend_left()),
+        )
+        .map_err(serve_err)?;
         if let Err(e) = daemon.start(&mut listener) {
             // Accepting failed: the socket itself is broken.
             return Err(ServeError::Serve(socket.to_path_buf(), format!("{e:?}")));
