@@ -23,11 +23,13 @@ case "${1:-}" in
     *) echo "demo: unknown argument '$1' (the only one is --interactive)" >&2; exit 2 ;;
 esac
 if [[ $(id -u) -ne 0 ]]; then
-    echo "demo: the NIC's tap and namespace need root: run it with sudo env PATH=\"\$PATH\" (sudo drops ~/.cargo/bin)" >&2
+    echo "demo: the NIC's tap and namespace need root: run it with sudo env PATH=\"\$PATH\" RUSTUP_HOME=\"\$HOME/.rustup\" (sudo drops ~/.cargo/bin and your home)" >&2
     exit 1
 fi
-if ! command -v cargo >/dev/null; then
-    echo "demo: cargo is not on PATH ($PATH): install Rust 1.85 or later with rustup, or keep your PATH under sudo (sudo env PATH=\"\$PATH\" scripts/demo.sh)" >&2
+# Run, not just found: under sudo, rustup's cargo finds no toolchain in
+# root's home unless RUSTUP_HOME says where the user's is.
+if ! cargo --version >/dev/null 2>&1; then
+    echo "demo: cargo does not run (PATH=$PATH, RUSTUP_HOME=${RUSTUP_HOME:-unset}): install Rust 1.85 or later with rustup, and under sudo keep your PATH and toolchains (sudo env PATH=\"\$PATH\" RUSTUP_HOME=\"\$HOME/.rustup\" scripts/demo.sh)" >&2
     exit 1
 fi
 # An open, not a permission test: root passes those even where a device
@@ -43,20 +45,23 @@ echo "demo: building the vmm, vhost-blk, vhost-net and the test guest" >&2
 
 WORK="$(mktemp -d)"
 NS="vmmdemo$$"
-LAUNCH=""
 cleanup() {
+    # A second Ctrl-C (or TERM, HUP) must not cut the cleanup short.
+    trap '' INT TERM HUP
     set +e
-    if [[ -n "$LAUNCH" ]]; then
-        # launch stops the VM and its backends on SIGTERM.
-        kill -TERM "$LAUNCH" 2>/dev/null
-        wait "$LAUNCH" 2>/dev/null
-    fi
+    # The launcher (a running job, even if a signal came before its pid
+    # was kept) stops the VM and its backends on SIGTERM.
+    for pid in $(jobs -p); do
+        kill -TERM "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
     ip netns del "$NS" 2>/dev/null
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 truncate -s 64M "$WORK/disk0.img"
 ip netns add "$NS"
@@ -74,6 +79,5 @@ status=0
     --log-dir "$WORK/logs" <&0 &
 LAUNCH=$!
 wait "$LAUNCH" || status=$?
-LAUNCH=""
 echo "demo: the VM exited with status $status" >&2
 exit "$status"

@@ -36,7 +36,10 @@ done
 if ((${#need[@]})); then
     echo "install-deps: installing ${need[*]}" >&2
     SUDO=""
-    [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+    if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null || { echo "install-deps: installing ${need[*]} needs root, and there is no sudo: run it as root" >&2; exit 1; }
+        SUDO="sudo"
+    fi
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi

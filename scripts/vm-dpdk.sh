@@ -71,6 +71,8 @@ TESTPMD=""
 VM=""
 MADE_NETNS=0
 cleanup() {
+    # A second Ctrl-C (or TERM, HUP) must not cut the cleanup short.
+    trap '' INT TERM HUP
     set +e
     if [[ -n "$VM" ]]; then
         kill "$VM" 2>/dev/null
@@ -88,6 +90,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 if ! ip netns list | awk '{print $1}' | grep -qxF -- "$NETNS"; then
     ip netns add "$NETNS"

@@ -20,6 +20,8 @@
 # here). Needs the Debian package openvswitch-switch-dpdk (its
 # ovs-vswitchd-dpdk binary is used directly; no system service is touched).
 set -euo pipefail
+# The OVS daemons live in /usr/sbin, which a user's PATH kept under sudo lacks.
+PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 HOST_IP="192.0.2.1/24"
 KERNEL="$ROOT/target/guest/testguest.elf"
@@ -59,6 +61,8 @@ DB="unix:$WORK/db.sock"
 VM=""
 export OVS_RUNDIR="$WORK" OVS_LOGDIR="$WORK" OVS_DBDIR="$WORK"
 cleanup() {
+    # A second Ctrl-C (or TERM, HUP) must not cut the cleanup short.
+    trap '' INT TERM HUP
     set +e
     if [[ -n "$VM" ]]; then
         kill "$VM" 2>/dev/null
@@ -67,9 +71,17 @@ cleanup() {
     for pidfile in "$WORK/vswitchd.pid" "$WORK/ovsdb.pid"; do
         [[ -f "$pidfile" ]] && kill "$(cat "$pidfile")" 2>/dev/null
     done
-    for _ in $(seq 50); do
-        [[ -f "$WORK/vswitchd.pid" ]] && kill -0 "$(cat "$WORK/vswitchd.pid")" 2>/dev/null || break
-        sleep 0.1
+    for pidfile in "$WORK/vswitchd.pid" "$WORK/ovsdb.pid"; do
+        [[ -f "$pidfile" ]] || continue
+        pid="$(cat "$pidfile")"
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "vm-ovs: $pidfile's process $pid did not stop in 5 s; killing it" >&2
+            kill -KILL "$pid" 2>/dev/null
+        fi
     done
     ip netns del "$NETNS" 2>/dev/null
     rm -rf "$WORK" "/var/run/dpdk/$PREFIX"
@@ -77,6 +89,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 ip netns add "$NETNS"
 ip -n "$NETNS" link set lo up

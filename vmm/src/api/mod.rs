@@ -59,9 +59,14 @@ impl VmApi {
 impl VmControl for VmApi {
     fn state(&self) -> RunState {
         // A reset under way reboots in place: the VM runs on (as in QEMU,
-        // where a reset never shows as a shutdown), paused if it was.
-        let rebooting = !self.no_reboot && self.exit.reason().is_some_and(VmExit::is_reset);
-        if self.exit.is_stopping() && !rebooting {
+        // where a reset never shows as a shutdown), paused if it was. One
+        // reading of the reason (set with the stopping flag, under one
+        // lock), so a reset between two readings cannot show as a shutdown.
+        let shutting_down = self
+            .exit
+            .reason()
+            .is_some_and(|reason| self.no_reboot || !reason.is_reset());
+        if shutting_down {
             RunState::Shutdown
         } else if self.run.is_paused() {
             RunState::Paused
