@@ -96,6 +96,27 @@ fn eight_cpus_128m() {
 /// The guest switches its local APIC to x2APIC mode first, so INIT and
 /// STARTUP go through the x2APIC ICR (an MSR write) rather than the xAPIC
 /// registers.
+/// A guest that believes the ACPI tables (no 8259) never masks the 8259s;
+/// the serial port's interrupt must not reach it through them (KVM makes
+/// them unmasked with vector base 0: exception 4, and a triple fault).
+#[test]
+fn a_guest_that_leaves_the_8259s_alone_gets_no_interrupt_from_them() {
+    require_kvm();
+    let mut vm = VmBuilder::new(test_guest())
+        .memory("128M")
+        .cmdline("picquiet nopci")
+        .spawn();
+    let quiet = vm.expect_line("testguest: 8259s quiet", BOOT_TIMEOUT);
+    assert_eq!(
+        quiet,
+        "testguest: 8259s quiet, 0 interrupts at the test vector"
+    );
+    vm.expect_line("testguest: poweroff", BOOT_TIMEOUT);
+    let status = vm.wait_exit(BOOT_TIMEOUT);
+    vm.assert_no_guest_failure();
+    assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr.text());
+}
+
 #[test]
 fn four_cpus_started_in_x2apic_mode() {
     require_kvm();

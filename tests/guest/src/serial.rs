@@ -20,6 +20,15 @@ pub fn init() {
     outb(LCR, 0x03);
 }
 
+/// Enables the "transmitter empty" interrupt, which a 16550 raises at once
+/// (its holding register is empty), and disables it again: one interrupt
+/// on the port's line (GSI 4).
+pub fn raise_interrupt() {
+    const IER_THR_EMPTY: u8 = 1 << 1;
+    outb(IER, IER_THR_EMPTY);
+    outb(IER, 0);
+}
+
 /// Sends one byte once the transmit holding register is empty.
 pub fn write_byte(b: u8) {
     while inb(LSR) & LSR_THR_EMPTY == 0 {}

@@ -63,6 +63,7 @@ pub fn create_vm(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, VmError> {
         .map_err(|e| VmError::Kvm("set the identity map address", e))?;
     vm.create_irq_chip()
         .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+    mask_legacy_pics(&vm)?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -87,7 +88,37 @@ pub fn create_vm(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
-/// The PICs, the IOAPIC and the PIT as KVM created them. An in-place
+/// Masks both 8259s and moves their vectors to 0x20 and 0x28, as firmware
+/// leaves them. KVM makes them unmasked with vector base 0, and the boot
+/// CPU's LINT0 takes their output (ExtINT), so the first serial (GSI 4) or
+/// GED (GSI 5) interrupt would reach a guest as exception 4 or 5. The
+/// tables say there is no 8259 (HW-reduced ACPI, MADT without PCAT_COMPAT),
+/// so a guest that believes them never masks it itself; Linux does, and so
+/// does a guest that programs the 8259s (which sets their masks anew).
+fn mask_legacy_pics(vm: &VmFd) -> Result<(), VmError> {
+    for (chip_id, vector_base) in [
+        (KVM_IRQCHIP_PIC_MASTER, 0x20),
+        (KVM_IRQCHIP_PIC_SLAVE, 0x28),
+    ] {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip)
+            .map_err(|e| VmError::Kvm("read the 8259 state", e))?;
+        // SAFETY: for the PIC chip ids KVM fills (and reads) the union's
+        // `pic` member; every bit pattern is a valid kvm_pic_state.
+        let pic = unsafe { &mut chip.chip.pic };
+        pic.imr = 0xff;
+        pic.irq_base = vector_base;
+        vm.set_irqchip(&chip)
+            .map_err(|e| VmError::Kvm("mask the 8259s", e))?;
+    }
+    Ok(())
+}
+
+/// The PICs, the IOAPIC and the PIT as KVM created them (the PICs masked:
+/// `mask_legacy_pics`). An in-place
 /// reboot puts them back, so the next boot finds them at power-on state
 /// rather than as the last guest left them (its redirection entries, its
 /// masks, a running timer).
