@@ -54,6 +54,10 @@ pub enum BootError {
     OldBzImage(PathBuf, u16),
     #[error("--kernel {0:?}: not a 64-bit ELF file")]
     Not64BitElf(PathBuf),
+    #[error("--kernel {0:?}: not an x86-64 executable (ELF machine {1}, type {2})")]
+    NotX86Executable(PathBuf, u16, u16),
+    #[error("--kernel {path:?}: the PVH entry point {entry:#x} is in none of its loaded segments")]
+    PvhEntryOutside { path: PathBuf, entry: u64 },
     #[error("--kernel {path:?}: cannot read the ELF program headers")]
     ReadElfHeaders {
         path: PathBuf,
@@ -105,6 +109,8 @@ pub enum BootError {
     },
     #[error("cannot write the initramfs to guest memory")]
     WriteInitramfs(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot clear the kernel's zero-filled memory (BSS)")]
+    WriteKernel(#[source] vm_memory::GuestMemoryError),
     #[error("cannot write the boot information to guest memory")]
     Configure(#[source] linux_loader::configurator::Error),
 }
@@ -129,15 +135,39 @@ pub struct BootInfo {
 }
 
 const ELFCLASS64: u8 = 2;
+const ET_EXEC: u16 = 2;
+const EM_X86_64: u16 = 62;
 const PT_LOAD: u32 = 1;
+/// What Linux keeps of a command line on x86 (COMMAND_LINE_SIZE, its NUL
+/// included); a PVH kernel is not asked how much it takes.
+const LINUX_COMMAND_LINE_SIZE: usize = 2048;
 /// Program headers looked at, at most (Linux has a handful).
 const MAX_PROGRAM_HEADERS: u16 = 256;
 
-/// Checks an ELF kernel's loadable segments before anything is loaded:
-/// each wholly in RAM between 1 MiB (below are the boot structures and
-/// ACPI tables) and `ram_end`, none overlapping another. Returns where
-/// the last one ends, its zero-filled tail (memsz past filesz) included.
-fn check_elf_segments(file: &mut File, path: &Path, ram_end: u64) -> Result<u64, BootError> {
+/// A loadable ELF segment: its guest address, the bytes the file gives it,
+/// and its size in memory (the rest is zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Segment {
+    start: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+impl Segment {
+    fn end(&self) -> u64 {
+        self.start + self.filesz.max(self.memsz)
+    }
+}
+
+/// Checks an ELF kernel before anything is loaded: an x86-64 executable,
+/// each loadable segment wholly in RAM between 1 MiB (below are the boot
+/// structures and ACPI tables) and `ram_end`, none overlapping another.
+/// Returns the segments, by address.
+fn check_elf_segments(
+    file: &mut File,
+    path: &Path,
+    ram_end: u64,
+) -> Result<Vec<Segment>, BootError> {
     let unreadable = |source| BootError::ReadElfHeaders {
         path: path.to_path_buf(),
         source,
@@ -155,6 +185,14 @@ fn check_elf_segments(file: &mut File, path: &Path, ram_end: u64) -> Result<u64,
         bytes.copy_from_slice(&b[at..at + 8]);
         u64::from_le_bytes(bytes)
     };
+    let (elf_type, machine) = (u16_at(&ehdr, 16), u16_at(&ehdr, 18));
+    if elf_type != ET_EXEC || machine != EM_X86_64 {
+        return Err(BootError::NotX86Executable(
+            path.to_path_buf(),
+            machine,
+            elf_type,
+        ));
+    }
     let phoff = u64_at(&ehdr, 32);
     let phentsize = u16_at(&ehdr, 54);
     let phnum = u16_at(&ehdr, 56);
@@ -166,7 +204,7 @@ fn check_elf_segments(file: &mut File, path: &Path, ram_end: u64) -> Result<u64,
     if phnum > MAX_PROGRAM_HEADERS {
         return Err(BootError::TooManyProgramHeaders(path.to_path_buf(), phnum));
     }
-    let mut segments: Vec<(u64, u64)> = Vec::new();
+    let mut segments: Vec<Segment> = Vec::new();
     let mut phdr = vec![0u8; usize::from(phentsize)];
     for i in 0..u64::from(phnum) {
         let at = phoff
@@ -181,7 +219,11 @@ fn check_elf_segments(file: &mut File, path: &Path, ram_end: u64) -> Result<u64,
         let end = start.checked_add(filesz.max(memsz));
         match end {
             Some(end) if start >= layout::HIGH_RAM_START && end <= ram_end => {
-                segments.push((start, end))
+                segments.push(Segment {
+                    start,
+                    filesz,
+                    memsz,
+                })
             }
             _ => {
                 return Err(BootError::ElfSegmentOutside {
@@ -195,16 +237,36 @@ fn check_elf_segments(file: &mut File, path: &Path, ram_end: u64) -> Result<u64,
     }
     segments.sort_unstable();
     for pair in segments.windows(2) {
-        if pair[1].0 < pair[0].1 {
+        if pair[1].start < pair[0].end() {
             return Err(BootError::ElfSegmentsOverlap {
                 path: path.to_path_buf(),
-                first: pair[0].0,
-                second: pair[1].0,
+                first: pair[0].start,
+                second: pair[1].start,
             });
         }
     }
     file.seek(SeekFrom::Start(0)).map_err(unreadable)?;
-    Ok(segments.last().map_or(layout::HIGH_RAM_START, |s| s.1))
+    Ok(segments)
+}
+
+/// Zeroes each segment's memory past what the file gives it (its BSS):
+/// linux-loader writes only the file's bytes, and after an in-place reboot
+/// guest RAM still holds what the last boot left there.
+fn zero_segment_tails(
+    mem: &GuestMemory,
+    segments: &[Segment],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    for s in segments.iter().filter(|s| s.memsz > s.filesz) {
+        let mut at = s.start + s.filesz;
+        let end = s.start + s.memsz;
+        while at < end {
+            let n = (end - at).min(ZEROS.len() as u64) as usize;
+            mem.write_slice(&ZEROS[..n], GuestAddress(at))?;
+            at += n as u64;
+        }
+    }
+    Ok(())
 }
 
 fn load_kernel(mem: &GuestMemory, path: &Path, ram_end: u64) -> Result<LoadedKernel, BootError> {
@@ -214,7 +276,8 @@ fn load_kernel(mem: &GuestMemory, path: &Path, ram_end: u64) -> Result<LoadedKer
     file.seek(SeekFrom::Start(0))
         .map_err(|e| BootError::OpenKernel(path.to_path_buf(), e))?;
     if is_elf {
-        let segments_end = check_elf_segments(&mut file, path, ram_end)?;
+        let segments = check_elf_segments(&mut file, path, ram_end)?;
+        let segments_end = segments.last().map_or(layout::HIGH_RAM_START, Segment::end);
         let result = Elf::load(
             mem,
             None,
@@ -222,18 +285,30 @@ fn load_kernel(mem: &GuestMemory, path: &Path, ram_end: u64) -> Result<LoadedKer
             Some(GuestAddress(layout::HIGH_RAM_START)),
         )
         .map_err(|e| BootError::LoadElf(path.to_path_buf(), e))?;
-        return match result.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel::Pvh {
-                entry: entry.0,
-                end: result.kernel_end.max(segments_end),
-            }),
-            _ => Err(BootError::NoPvhEntry(path.to_path_buf())),
+        let PvhBootCapability::PvhEntryPresent(entry) = result.pvh_boot_cap else {
+            return Err(BootError::NoPvhEntry(path.to_path_buf()));
         };
+        if !segments
+            .iter()
+            .any(|s| (s.start..s.end()).contains(&entry.0))
+        {
+            return Err(BootError::PvhEntryOutside {
+                path: path.to_path_buf(),
+                entry: entry.0,
+            });
+        }
+        zero_segment_tails(mem, &segments).map_err(BootError::WriteKernel)?;
+        return Ok(LoadedKernel::Pvh {
+            entry: entry.0,
+            end: result.kernel_end.max(segments_end),
+        });
     }
     check_bzimage_size(&mut file, path, ram_end)?;
+    // At 1 MiB, where `check_bzimage_size` measured it, whatever the
+    // header's code32_start says.
     match BzImage::load(
         mem,
-        None,
+        Some(GuestAddress(layout::HIGH_RAM_START)),
         &mut file,
         Some(GuestAddress(layout::HIGH_RAM_START)),
     ) {
@@ -335,14 +410,16 @@ fn load_initramfs(
     if addr < kernel_end {
         return Err(too_large());
     }
-    let data = std::fs::read(path).map_err(unreadable)?;
-    if data.len() as u64 != size {
-        return Err(unreadable(std::io::Error::other(
-            "the file changed size while it was read",
-        )));
-    }
-    mem.write_slice(&data, GuestAddress(addr))
-        .map_err(BootError::WriteInitramfs)?;
+    // Straight from the file into guest memory: an initramfs can be
+    // gigabytes, and a copy on the heap would count against the host
+    // twice.
+    let mut file = File::open(path).map_err(unreadable)?;
+    let count = usize::try_from(size).map_err(|_| too_large())?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, count)
+        .map_err(|e| match e {
+            vm_memory::GuestMemoryError::IOError(e) => unreadable(e),
+            other => BootError::WriteInitramfs(other),
+        })?;
     Ok((addr, size))
 }
 
@@ -388,6 +465,13 @@ pub fn load(
 
     match loaded {
         LoadedKernel::Pvh { entry, end } => {
+            if cmdline.len() >= LINUX_COMMAND_LINE_SIZE {
+                log::warn!(
+                    "--cmdline: {} bytes; a Linux kernel booted through PVH keeps only the first {}",
+                    cmdline.len(),
+                    LINUX_COMMAND_LINE_SIZE - 1
+                );
+            }
             let mut start_info = hvm_start_info {
                 magic: PVH_START_INFO_MAGIC,
                 version: 1,
@@ -651,6 +735,21 @@ mod tests {
     /// A 64-bit (or, with `class` 1, 32-bit) x86 ELF with one PT_LOAD per
     /// (physical address, file size, memory size), each 256 bytes of file.
     fn fake_elf(dir: &Path, class: u8, segments: &[(u64, u64, u64)]) -> PathBuf {
+        fake_pvh_elf(dir, class, segments, None)
+    }
+
+    /// An ELF kernel with `segments` (guest address, file size, memory
+    /// size; each gives up to 256 bytes of 0x90 from the file) and, with
+    /// `entry`, a PVH entry note.
+    fn fake_pvh_elf(
+        dir: &Path,
+        class: u8,
+        segments: &[(u64, u64, u64)],
+        entry: Option<u32>,
+    ) -> PathBuf {
+        const PT_NOTE: u32 = 4;
+        const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+        let phnum = segments.len() + usize::from(entry.is_some());
         let mut elf = vec![0u8; 64];
         elf[..4].copy_from_slice(b"\x7fELF");
         elf[4] = class;
@@ -663,8 +762,9 @@ mod tests {
         elf[32..40].copy_from_slice(&64u64.to_le_bytes());
         elf[52..54].copy_from_slice(&64u16.to_le_bytes());
         elf[54..56].copy_from_slice(&56u16.to_le_bytes());
-        elf[56..58].copy_from_slice(&(segments.len() as u16).to_le_bytes());
-        let data_at = 64 + 56 * segments.len() as u64;
+        elf[56..58].copy_from_slice(&(phnum as u16).to_le_bytes());
+        let data_at = 64 + 56 * phnum as u64;
+        let note_at = data_at + 256;
         for &(paddr, filesz, memsz) in segments {
             let mut phdr = [0u8; 56];
             phdr[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
@@ -675,10 +775,96 @@ mod tests {
             phdr[40..48].copy_from_slice(&memsz.to_le_bytes());
             elf.extend_from_slice(&phdr);
         }
+        let mut note = Vec::new();
+        if let Some(entry) = entry {
+            note.extend_from_slice(&4u32.to_le_bytes()); // name size
+            note.extend_from_slice(&4u32.to_le_bytes()); // descriptor size
+            note.extend_from_slice(&XEN_ELFNOTE_PHYS32_ENTRY.to_le_bytes());
+            note.extend_from_slice(b"Xen\0");
+            note.extend_from_slice(&entry.to_le_bytes());
+            let mut phdr = [0u8; 56];
+            phdr[..4].copy_from_slice(&PT_NOTE.to_le_bytes());
+            phdr[8..16].copy_from_slice(&note_at.to_le_bytes());
+            phdr[32..40].copy_from_slice(&(note.len() as u64).to_le_bytes());
+            phdr[40..48].copy_from_slice(&(note.len() as u64).to_le_bytes());
+            phdr[48..56].copy_from_slice(&4u64.to_le_bytes());
+            elf.extend_from_slice(&phdr);
+        }
         elf.resize(data_at as usize + 256, 0x90);
+        elf.extend_from_slice(&note);
         let path = dir.join("kernel.elf");
         std::fs::write(&path, elf).unwrap();
         path
+    }
+
+    #[test]
+    fn an_elf_file_that_is_not_an_x86_64_executable_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = fake_elf(dir.path(), 2, &[(layout::HIGH_RAM_START, 256, 256)]);
+        let mut elf = std::fs::read(&path).unwrap();
+        elf[18..20].copy_from_slice(&183u16.to_le_bytes()); // aarch64
+        std::fs::write(&path, &elf).unwrap();
+        let err = boot(&path, None, "").unwrap_err();
+        assert!(
+            matches!(err, BootError::NotX86Executable(_, 183, 2)),
+            "{err}"
+        );
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+        elf[16..18].copy_from_slice(&3u16.to_le_bytes()); // a shared object
+        std::fs::write(&path, &elf).unwrap();
+        assert!(matches!(
+            boot(&path, None, ""),
+            Err(BootError::NotX86Executable(_, 62, 3))
+        ));
+    }
+
+    #[test]
+    fn a_pvh_entry_outside_the_loaded_segments_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let at_1m = layout::HIGH_RAM_START;
+        let inside = fake_pvh_elf(dir.path(), 2, &[(at_1m, 256, 256)], Some(at_1m as u32 + 16));
+        assert!(boot(&inside, None, "").is_ok());
+        let outside = fake_pvh_elf(dir.path(), 2, &[(at_1m, 256, 256)], Some(0x20_0000));
+        let err = boot(&outside, None, "").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BootError::PvhEntryOutside {
+                    entry: 0x20_0000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    /// What a segment has past its file bytes is zeros, even where guest
+    /// RAM held something (an in-place reboot reuses it).
+    #[test]
+    fn a_segments_zero_filled_tail_is_cleared_in_ram_that_held_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let at_1m = layout::HIGH_RAM_START;
+        let kernel = fake_pvh_elf(
+            dir.path(),
+            2,
+            &[(at_1m, 256, 3 * 4096 + 8)],
+            Some(at_1m as u32),
+        );
+        let ram = create_guest_ram(64 * MIB, false).unwrap();
+        let old = vec![0xaau8; 4 * 4096];
+        ram.memory.write_slice(&old, GuestAddress(at_1m)).unwrap();
+        load(&ram.memory, &kernel, None, "", 64 * MIB, layout::ACPI_START).unwrap();
+        let mut back = vec![0u8; 4 * 4096];
+        ram.memory
+            .read_slice(&mut back, GuestAddress(at_1m))
+            .unwrap();
+        assert!(back[..256].iter().all(|&b| b == 0x90), "the file's bytes");
+        let tail_end = 3 * 4096 + 8;
+        assert!(back[256..tail_end].iter().all(|&b| b == 0), "the tail");
+        assert!(
+            back[tail_end..].iter().all(|&b| b == 0xaa),
+            "past the segment"
+        );
     }
 
     /// ELF segments are checked before anything is loaded: below 1 MiB

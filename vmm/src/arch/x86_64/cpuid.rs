@@ -49,7 +49,13 @@ fn with_topology_subleaves(base: &CpuId) -> CpuId {
         }
     }
     // Too many entries for KVM's list: the leaves stay as KVM gave them.
-    CpuId::from_entries(&entries).unwrap_or_else(|_| base.clone())
+    CpuId::from_entries(&entries).unwrap_or_else(|e| {
+        log::warn!(
+            "CPUID: no room for the topology subleaves ({} entries: {e:?}); the guest sees each vCPU as a socket of its own",
+            entries.len()
+        );
+        base.clone()
+    })
 }
 
 /// Patches `base` (from KVM_GET_SUPPORTED_CPUID) for vCPU `apic_id` of `cpu_count`.
