@@ -19,7 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{fence, AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -50,15 +50,26 @@ static LOST_EVENT: AtomicI32 = AtomicI32::new(-1);
 /// The guest address and length of the region replaced last (for the log).
 static LOST_GUEST_ADDR: AtomicU64 = AtomicU64::new(0);
 static LOST_LEN: AtomicUsize = AtomicUsize::new(0);
-/// The current frontend's connection, shut down when its memory is lost.
-static CONNECTION: Mutex<Option<UnixStream>> = Mutex::new(None);
-static INSTALLED: OnceLock<()> = OnceLock::new();
+/// The connection the handler's loss belongs to (`end_on_loss` counts
+/// them), so a loss reported late cannot end the next connection.
+static LOST_CONNECTION: AtomicU64 = AtomicU64::new(0);
+/// The current connection's number, as the handler reads it.
+static CURRENT_CONNECTION: AtomicU64 = AtomicU64::new(0);
+/// The current frontend's connection and its number, shut down when its
+/// memory is lost.
+static CONNECTION: Mutex<Option<(u64, UnixStream)>> = Mutex::new(None);
+/// The memory the table lists, held so that none of it is unmapped while
+/// listed (the vhost crate drops the old memory before the backend hears
+/// of the new).
+static WATCHED: Mutex<Option<Arc<GuestMemoryMmap>>> = Mutex::new(None);
+static INSTALLED: Mutex<bool> = Mutex::new(false);
 
 /// Installs the SIGBUS handler and starts the thread that ends a
 /// connection whose memory was lost. Once per process; later calls do
 /// nothing.
 pub fn install() -> io::Result<()> {
-    if INSTALLED.get().is_some() {
+    let mut installed = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
+    if *installed {
         return Ok(());
     }
     // SAFETY: eventfd takes no pointers; the result is checked.
@@ -68,29 +79,33 @@ pub fn install() -> io::Result<()> {
     }
     // SAFETY: a new descriptor nothing else owns.
     let event = unsafe { OwnedFd::from_raw_fd(fd) };
-    LOST_EVENT.store(event.as_raw_fd(), Ordering::Relaxed);
-    std::thread::Builder::new()
-        .name("lost-memory".into())
-        .spawn(move || end_connections(event))?;
+    let raw_event = event.as_raw_fd();
     // SAFETY: an all-zero sigaction is a valid value to fill in.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
     action.sa_sigaction = on_sigbus as extern "C" fn(_, _, _) as usize;
     action.sa_flags = libc::SA_SIGINFO;
     // SAFETY: `action.sa_mask` is a sigset_t owned here.
     unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    // The thread first, so a handler that reports a loss has a reader.
+    LOST_EVENT.store(raw_event, Ordering::Relaxed);
+    std::thread::Builder::new()
+        .name("lost-memory".into())
+        .spawn(move || end_connections(event))?;
     // SAFETY: installs a handler that only touches atomics and makes
-    // async-signal-safe calls (mmap, write, signal); `action` outlives the
-    // call and no old action is asked for.
+    // system calls that are safe in a handler (mmap, write, sched_yield,
+    // signal, raise); `action` outlives the call and no old action is
+    // asked for.
     if unsafe { libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let _ = INSTALLED.set(());
+    *installed = true;
     Ok(())
 }
 
 /// Watches the regions of `mem` (the frontend's memory table just mapped)
-/// in place of the ones watched before.
-pub fn watch(mem: &GuestMemoryMmap) {
+/// in place of the ones watched before, and keeps it mapped while it is
+/// watched.
+pub fn watch(mem: Arc<GuestMemoryMmap>) {
     let regions: Vec<(usize, usize, u64)> = mem
         .iter()
         .map(|r| (r.as_ptr() as usize, r.len() as usize, r.start_addr().0))
@@ -101,19 +116,28 @@ pub fn watch(mem: &GuestMemoryMmap) {
             regions.len()
         );
     }
+    let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
     write_table(&regions);
+    // Only now may the memory listed before go.
+    *watched = Some(mem);
 }
 
-/// Watches no region (the connection is over and its memory unmapped).
+/// Watches no region (the connection is over: nothing touches its memory
+/// any more) and lets go of its memory.
 pub fn forget() {
+    let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
     write_table(&[]);
+    *watched = None;
     *CONNECTION.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
 /// `frontend` is the connection to end when a watched region is lost.
 pub fn end_on_loss(frontend: &UnixStream) -> io::Result<()> {
     let stream = frontend.try_clone()?;
-    *CONNECTION.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+    let mut connection = CONNECTION.lock().unwrap_or_else(|p| p.into_inner());
+    let number = CURRENT_CONNECTION.load(Ordering::Relaxed) + 1;
+    CURRENT_CONNECTION.store(number, Ordering::Relaxed);
+    *connection = Some((number, stream));
     Ok(())
 }
 
@@ -132,14 +156,19 @@ fn write_table(regions: &[(usize, usize, u64)]) {
 }
 
 /// The watched region holding `addr`: host address, length, guest address.
-/// Async-signal-safe (atomics only). Gives up (None) if the table stays
-/// mid-rewrite for long: the writer never touches guest memory, so it
-/// cannot be the thread the handler interrupted.
+/// Async-signal-safe (atomics, and sched_yield while the table is being
+/// rewritten: the writer never touches guest memory, so it is not the
+/// thread the handler interrupted, and it finishes).
 fn region_holding(addr: usize) -> Option<(usize, usize, u64)> {
-    for _ in 0..1_000_000 {
+    for spin in 0u32.. {
         let before = SEQUENCE.load(Ordering::Acquire);
         if before % 2 == 1 {
-            std::hint::spin_loop();
+            if spin % 1024 == 1023 {
+                // SAFETY: sched_yield takes no arguments.
+                unsafe { libc::sched_yield() };
+            } else {
+                std::hint::spin_loop();
+            }
             continue;
         }
         let found = TABLE.iter().find_map(|slot| {
@@ -181,6 +210,10 @@ extern "C" fn on_sigbus(
                 )
             };
             if mapped != libc::MAP_FAILED {
+                LOST_CONNECTION.store(
+                    CURRENT_CONNECTION.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
                 LOST_GUEST_ADDR.store(guest_addr, Ordering::Relaxed);
                 LOST_LEN.store(len, Ordering::Relaxed);
                 let one = 1u64;
@@ -198,10 +231,17 @@ extern "C" fn on_sigbus(
         }
     }
     // Not guest memory, or it could not be replaced: the default action,
-    // which the access raises again once this returns.
-    // SAFETY: signal(2) with SIG_DFL is async-signal-safe and takes no
-    // pointers.
-    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+    // which a faulting access raises again once this returns. A SIGBUS
+    // sent by a process (kill) is raised again here instead; it is
+    // delivered once the handler returns.
+    // SAFETY: signal(2) with SIG_DFL and raise(3) are async-signal-safe
+    // and take no pointers.
+    unsafe {
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        if code <= 0 {
+            libc::raise(libc::SIGBUS);
+        }
+    }
 }
 
 /// Ends the current connection each time the handler reports a loss.
@@ -229,12 +269,17 @@ fn end_connections(event: OwnedFd) {
             "the frontend's memory region at guest address {guest_addr:#x} ({len:#x} bytes) went away \
              under the backend (its file was shrunk, or its huge pages ran out); ending the connection"
         );
-        if let Some(stream) = CONNECTION
+        let lost = LOST_CONNECTION.load(Ordering::Relaxed);
+        match CONNECTION
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
         {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+            Some((number, stream)) if *number == lost => {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+            // That connection has ended already.
+            _ => {}
         }
     }
 }
@@ -282,7 +327,8 @@ mod tests {
         mem.write_obj(0xabcd_u32, word).expect("write");
         let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
         end_on_loss(&ours).expect("end_on_loss");
-        watch(&mem);
+        let mem = Arc::new(mem);
+        watch(mem.clone());
 
         file.set_len(0).expect("shrink the memfd");
         let read: u32 = mem.read_obj(word).expect("read");

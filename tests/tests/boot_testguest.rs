@@ -3,7 +3,8 @@
 //! guest's code, the RAM in the PVH memory map and that the guest could
 //! write and read back both ends of every RAM range (above 4 GiB too), the
 //! ACPI tables, and a clean power-off (exit 0); the processors are started
-//! through the xAPIC registers, and once through the x2APIC ICR.
+//! through the xAPIC registers, and once through the x2APIC ICR; a guest
+//! that leaves the 8259s alone gets no interrupt through them.
 
 use std::time::Duration;
 
@@ -93,9 +94,6 @@ fn eight_cpus_128m() {
     boot_and_check(8, 128);
 }
 
-/// The guest switches its local APIC to x2APIC mode first, so INIT and
-/// STARTUP go through the x2APIC ICR (an MSR write) rather than the xAPIC
-/// registers.
 /// A guest that believes the ACPI tables (no 8259) never masks the 8259s;
 /// the serial port's interrupt must not reach it through them (KVM makes
 /// them unmasked with vector base 0: exception 4, and a triple fault).
@@ -117,6 +115,9 @@ fn a_guest_that_leaves_the_8259s_alone_gets_no_interrupt_from_them() {
     assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr.text());
 }
 
+/// The guest switches its local APIC to x2APIC mode first, so INIT and
+/// STARTUP go through the x2APIC ICR (an MSR write) rather than the xAPIC
+/// registers.
 #[test]
 fn four_cpus_started_in_x2apic_mode() {
     require_kvm();

@@ -590,7 +590,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        vmm_common::lost_memory::watch(&mem.memory());
+        vmm_common::lost_memory::watch(mem.memory().into_inner());
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
         Ok(())
     }
@@ -676,6 +676,20 @@ impl VhostUserBackend for BlkBackend {
                 // As in `finish_in_flight`: the ring is never entered again.
                 state.io = AsyncIo::Unavailable;
             }
+        }
+        if self.closing.load(Ordering::Acquire) {
+            // The frontend left while the transfers finished (the vmm cuts
+            // off a backend whose stop takes too long, and takes the ring
+            // back): as in `quiesce`, none is completed.
+            let left = finished.len() + lost.len();
+            if left > 0 {
+                log::info!(
+                    "queue {queue}: {left} request(s) in flight when the frontend left; the next backend runs them again"
+                );
+            }
+            finished.clear();
+            state.order.clear();
+            return drained;
         }
         let mem = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone();
         if let (Some(vring), Some(atomic)) = (state.vring.clone(), mem) {

@@ -105,8 +105,8 @@ fn serve_frontends(
         backend.quiesce();
         drop(daemon);
         relay.join();
-        // The connection's memory is unmapped (its last users, the
-        // workers, are gone with the daemon).
+        // Nothing touches the connection's memory any more (the workers
+        // are gone with the daemon).
         vmm_common::lost_memory::forget();
         // Only once the relay is done: it may still pass on messages the
         // frontend sent before the end, a channel among them.

@@ -590,7 +590,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        vmm_common::lost_memory::watch(&mem.memory());
+        vmm_common::lost_memory::watch(mem.memory().into_inner());
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
         Ok(())
     }

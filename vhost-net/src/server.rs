@@ -73,8 +73,8 @@ fn serve_frontends(
         // Dropping the daemon stops and joins this connection's workers.
         drop(daemon);
         relay.join();
-        // The connection's memory is unmapped (its last users, the
-        // workers, are gone with the daemon).
+        // Nothing touches the connection's memory any more (the workers
+        // are gone with the daemon).
         vmm_common::lost_memory::forget();
         backend.report();
     }

@@ -88,13 +88,15 @@ pub fn create_vm(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
-/// Masks both 8259s and moves their vectors to 0x20 and 0x28, as firmware
-/// leaves them. KVM makes them unmasked with vector base 0, and the boot
-/// CPU's LINT0 takes their output (ExtINT), so the first serial (GSI 4) or
-/// GED (GSI 5) interrupt would reach a guest as exception 4 or 5. The
-/// tables say there is no 8259 (HW-reduced ACPI, MADT without PCAT_COMPAT),
-/// so a guest that believes them never masks it itself; Linux does, and so
-/// does a guest that programs the 8259s (which sets their masks anew).
+/// Masks both 8259s (firmware leaves them masked too) and moves their
+/// vectors clear of the exceptions, to 0x20 and 0x28. KVM makes them
+/// unmasked with vector base 0, and the boot CPU's LINT0 takes their
+/// output (ExtINT), so the first serial (GSI 4) or GED (GSI 5) interrupt
+/// would reach a guest as exception 4 or 5. The tables say there is no
+/// 8259 (HW-reduced ACPI, MADT without PCAT_COMPAT), so a guest that
+/// believes them never masks it. Linux is not affected (it masks LINT0
+/// when it sets its local APIC up), nor is a guest that programs the
+/// 8259s (which sets their masks anew).
 fn mask_legacy_pics(vm: &VmFd) -> Result<(), VmError> {
     for (chip_id, vector_base) in [
         (KVM_IRQCHIP_PIC_MASTER, 0x20),

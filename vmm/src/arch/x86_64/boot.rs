@@ -399,8 +399,9 @@ fn load_initramfs(
     limit: u64,
 ) -> Result<(u64, u64), BootError> {
     let unreadable = |e| BootError::ReadInitramfs(path.to_path_buf(), e);
+    let mut file = File::open(path).map_err(unreadable)?;
     // The size first: a file larger than the room is refused unread.
-    let size = std::fs::metadata(path).map_err(unreadable)?.len();
+    let size = file.metadata().map_err(unreadable)?.len();
     let too_large = || BootError::InitramfsTooLarge {
         path: path.to_path_buf(),
         size,
@@ -410,16 +411,26 @@ fn load_initramfs(
     if addr < kernel_end {
         return Err(too_large());
     }
-    // Straight from the file into guest memory: an initramfs can be
-    // gigabytes, and a copy on the heap would count against the host
-    // twice.
-    let mut file = File::open(path).map_err(unreadable)?;
-    let count = usize::try_from(size).map_err(|_| too_large())?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, count)
-        .map_err(|e| match e {
-            vm_memory::GuestMemoryError::IOError(e) => unreadable(e),
-            other => BootError::WriteInitramfs(other),
-        })?;
+    // Straight from the file into guest memory, a piece at a time: an
+    // initramfs can be gigabytes (a copy on the heap would count against
+    // the host twice, and one read(2) moves at most 2 GiB).
+    const PIECE: u64 = 256 << 20;
+    let mut done = 0u64;
+    while done < size {
+        let want = (size - done).min(PIECE) as usize;
+        let n = mem
+            .read_volatile_from(GuestAddress(addr + done), &mut file, want)
+            .map_err(|e| match e {
+                vm_memory::GuestMemoryError::IOError(e) => unreadable(e),
+                other => BootError::WriteInitramfs(other),
+            })?;
+        if n == 0 {
+            return Err(unreadable(std::io::Error::other(format!(
+                "the file ended at byte {done} of {size} (it changed size while it was read)"
+            ))));
+        }
+        done += n as u64;
+    }
     Ok((addr, size))
 }
 
