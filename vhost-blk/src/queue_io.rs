@@ -33,6 +33,8 @@ const IORING_ENTER_GETEVENTS: u32 = 1;
 struct InFlight {
     head: u16,
     io: PendingIo,
+    /// The file the transfer is on (for the rest of a short one).
+    fd: RawFd,
     /// Keeps the guest memory the transfer reads or writes mapped until it
     /// completes, even if the frontend replaces the memory table meanwhile.
     _mem: Arc<GuestMemoryMmap>,
@@ -133,6 +135,7 @@ impl QueueIo {
         self.slots[slot] = Some(InFlight {
             head,
             io,
+            fd,
             _mem: mem,
         });
         self.unsubmitted += 1;
@@ -251,21 +254,7 @@ impl QueueIo {
                 continue;
             };
             self.free.push(slot);
-            let ok = u32::try_from(cqe.result()).is_ok_and(|n| n == done.io.len);
-            if !ok {
-                let what = if done.io.write { "write" } else { "read" };
-                let result = cqe.result();
-                let outcome = if result < 0 {
-                    io::Error::from_raw_os_error(-result).to_string()
-                } else {
-                    format!("{result} bytes moved")
-                };
-                log::warn!(
-                    "{what} of {} bytes at byte {} failed: {outcome}",
-                    done.io.len,
-                    done.io.offset
-                );
-            }
+            let ok = settle(&done, cqe.result());
             out.push(Completed {
                 head: done.head,
                 io: done.io,
@@ -296,6 +285,80 @@ impl QueueIo {
     }
 }
 
+/// Whether a transfer that completed with `result` moved all its bytes. A
+/// short one (io_uring may stop a buffered transfer early, as a plain
+/// read(2) may) has its rest moved here, synchronously, as the synchronous
+/// path would: only the end of the file or an error fails it.
+fn settle(done: &InFlight, result: i32) -> bool {
+    let io = &done.io;
+    let what = if io.write { "write" } else { "read" };
+    let outcome = match u32::try_from(result) {
+        Ok(n) if n == io.len => return true,
+        Ok(n) if n > 0 && n < io.len => match finish_rest(done, n as usize) {
+            Ok(()) => return true,
+            Err(e) => format!("{n} bytes moved, then {e}"),
+        },
+        Ok(n) => format!("{n} bytes moved"),
+        Err(_) => io::Error::from_raw_os_error(result.saturating_neg()).to_string(),
+    };
+    log::warn!(
+        "{what} of {} bytes at byte {} failed: {outcome}",
+        io.len,
+        io.offset
+    );
+    false
+}
+
+/// Moves what a short transfer left after its first `moved` bytes.
+fn finish_rest(done: &InFlight, mut moved: usize) -> io::Result<()> {
+    let io = &done.io;
+    let total = io.len as usize;
+    while moved < total {
+        let rest = iovecs_after(&io.iovecs, moved);
+        let at = i64::try_from(io.offset + moved as u64)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let count = rest.len() as libc::c_int;
+        // SAFETY: `rest` describes the part of the transfer's buffers not
+        // yet moved; they are guest memory kept mapped by `done._mem`, and
+        // no transfer in the kernel uses them (this one has completed).
+        let n = unsafe {
+            if io.write {
+                libc::pwritev64(done.fd, rest.as_ptr(), count, at)
+            } else {
+                libc::preadv64(done.fd, rest.as_ptr(), count, at)
+            }
+        };
+        match n {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            n => moved += n as usize,
+        }
+    }
+    Ok(())
+}
+
+/// The iovecs that describe what follows the first `skip` bytes of `iovecs`.
+fn iovecs_after(iovecs: &[libc::iovec], mut skip: usize) -> Vec<libc::iovec> {
+    let mut rest = Vec::with_capacity(iovecs.len());
+    for v in iovecs {
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        rest.push(libc::iovec {
+            iov_base: v.iov_base.cast::<u8>().wrapping_add(skip).cast(),
+            iov_len: v.iov_len - skip,
+        });
+        skip = 0;
+    }
+    rest
+}
+
 impl Drop for QueueIo {
     /// The kernel may still be writing into guest memory that is about to
     /// be unmapped: wait for every transfer first (`drain` leaves nothing
@@ -323,6 +386,55 @@ mod tests {
             .get_host_address(GuestAddress(page * PAGE))
             .expect("in guest memory");
         PendingIo::for_test(true, offset, host, PAGE as u32)
+    }
+
+    /// A transfer io_uring ends early has its rest moved, and succeeds; one
+    /// that runs into the end of the file fails.
+    #[test]
+    fn a_short_transfer_is_finished_and_one_past_the_end_fails() {
+        let mem = Arc::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 * PAGE as usize)])
+                .expect("guest memory"),
+        );
+        let file = tempfile::tempfile().expect("temp file");
+        let image: Vec<u8> = (0..3 * PAGE).map(|i| (i % 251) as u8).collect();
+        std::io::Write::write_all(&mut &file, &image).expect("fill the file");
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .expect("in guest memory");
+        // Two pages read into two iovecs, as if the kernel had stopped
+        // 100 bytes into the second.
+        let mut io = PendingIo::for_test(false, PAGE, host, 2 * PAGE as u32);
+        io.iovecs = vec![
+            libc::iovec {
+                iov_base: host.cast(),
+                iov_len: PAGE as usize,
+            },
+            libc::iovec {
+                iov_base: host.wrapping_add(PAGE as usize).cast(),
+                iov_len: PAGE as usize,
+            },
+        ];
+        let done = InFlight {
+            head: 0,
+            io,
+            fd: file.as_raw_fd(),
+            _mem: mem.clone(),
+        };
+        let first = PAGE as usize + 100;
+        mem.write_slice(&image[PAGE as usize..][..first], GuestAddress(0))
+            .expect("what the kernel moved");
+        assert!(settle(&done, first as i32));
+        let mut read = vec![0; 2 * PAGE as usize];
+        mem.read_slice(&mut read, GuestAddress(0)).expect("read back");
+        assert!(read == image[PAGE as usize..], "the rest was not read");
+
+        // The same read one page further runs into the end of the file.
+        let mut past = done;
+        past.io.offset = 2 * PAGE;
+        assert!(!settle(&past, 100));
+        assert!(!settle(&past, -libc::EIO));
+        assert!(settle(&past, 2 * PAGE as i32));
     }
 
     /// A ring the kernel refuses is given up: the transfer it took is

@@ -2,7 +2,8 @@
 //! them: braces and brackets are matched outside strings. A value larger
 //! than `MAX_MESSAGE` ends the connection (the stream cannot be resynced);
 //! stray text between values is reported once per line, and a value closed
-//! by the wrong bracket is reported once, and the rest of its line dropped.
+//! by the wrong bracket is reported once and dropped up to where its
+//! brackets, counted without regard to kind, close (or the line ends).
 
 /// Largest message accepted from a client.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -28,9 +29,11 @@ pub struct Splitter {
     escaped: bool,
     /// Inside a run of stray text already reported.
     in_garbage: bool,
-    /// After a wrong closing bracket: everything up to the end of the line
-    /// is dropped (it belongs to the broken value, objects inside it too).
-    skipping_line: bool,
+    /// After a wrong closing bracket: how many brackets of the broken value
+    /// are still open. What follows is dropped (objects inside it too)
+    /// until they close or the line ends, so a client that sends no
+    /// newlines is heard again after the broken value.
+    skipping: Option<usize>,
 }
 
 impl Splitter {
@@ -38,8 +41,8 @@ impl Splitter {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<Piece> {
         let mut out = Vec::new();
         for &b in bytes {
-            if self.skipping_line {
-                self.skipping_line = b != b'\n';
+            if let Some(open) = self.skipping {
+                self.skip(b, open);
                 continue;
             }
             if self.closers.is_empty() {
@@ -87,18 +90,49 @@ impl Splitter {
                 }
                 b'}' | b']' => {
                     // The brackets left open would swallow what follows:
-                    // drop the value and the rest of its line, which is
-                    // not reported again and runs nothing.
+                    // drop the value up to where it closes, counting
+                    // brackets of either kind, or to the end of its line.
+                    // What is dropped is not reported again and runs
+                    // nothing.
                     out.push(Piece::Mismatched);
-                    *self = Splitter {
-                        skipping_line: true,
-                        ..Splitter::default()
-                    };
+                    let open = self.closers.len() - 1;
+                    *self = Splitter::default();
+                    if open > 0 {
+                        self.skipping = Some(open);
+                    }
                 }
                 _ => {}
             }
         }
         out
+    }
+
+    /// One byte of a broken value being dropped, `open` brackets deep.
+    fn skip(&mut self, b: u8, open: usize) {
+        if b == b'\n' {
+            // JSON strings hold no raw newline: the line ends here.
+            *self = Splitter::default();
+            return;
+        }
+        if self.in_string {
+            match (self.escaped, b) {
+                (true, _) => self.escaped = false,
+                (false, b'\\') => self.escaped = true,
+                (false, b'"') => self.in_string = false,
+                _ => {}
+            }
+            return;
+        }
+        self.skipping = match b {
+            b'"' => {
+                self.in_string = true;
+                Some(open)
+            }
+            b'{' | b'[' => Some(open.saturating_add(1)),
+            b'}' | b']' if open == 1 => None,
+            b'}' | b']' => Some(open - 1),
+            _ => Some(open),
+        };
     }
 }
 
@@ -141,17 +175,30 @@ mod tests {
     }
 
     #[test]
-    fn a_wrong_closing_bracket_drops_the_rest_of_its_line_and_the_next_is_kept() {
+    fn a_wrong_closing_bracket_drops_the_broken_value_and_what_follows_is_kept() {
         let mut s = Splitter::default();
-        // The object inside the broken value does not run.
+        // The object inside the broken value does not run; the one after
+        // it does, with no newline between them.
         assert_eq!(
-            s.push(br#"{"a": [1}, "b": {"execute": "quit"}}"#),
+            s.push(br#"{"a": [1}, "b": {"execute": "quit", "c": "]}"}}{"execute": "x"}"#),
+            vec![
+                Piece::Mismatched,
+                Piece::Value(br#"{"execute": "x"}"#.to_vec())
+            ]
+        );
+        // A broken value left open ends with its line.
+        assert_eq!(
+            s.push(b"{\"a\": [[[}, {\"execute\": \"quit\"}"),
             vec![Piece::Mismatched]
         );
         assert_eq!(
             s.push(b"\n{\"execute\": \"x\", \"y\": [{}]}"),
             vec![Piece::Value(br#"{"execute": "x", "y": [{}]}"#.to_vec())]
         );
-        assert_eq!(s.push(b"[}]\n]"), vec![Piece::Mismatched, Piece::Garbage]);
+        // Closed at once: the stray bracket after it is stray text.
+        assert_eq!(
+            s.push(b"[}]\n]"),
+            vec![Piece::Mismatched, Piece::Garbage, Piece::Garbage]
+        );
     }
 }
