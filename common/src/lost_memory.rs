@@ -58,10 +58,15 @@ static CURRENT_CONNECTION: AtomicU64 = AtomicU64::new(0);
 /// The current frontend's connection and its number, shut down when its
 /// memory is lost.
 static CONNECTION: Mutex<Option<(u64, UnixStream)>> = Mutex::new(None);
-/// The memory the table lists, held so that none of it is unmapped while
-/// listed (the vhost crate drops the old memory before the backend hears
-/// of the new).
-static WATCHED: Mutex<Option<Arc<GuestMemoryMmap>>> = Mutex::new(None);
+/// The memory the table lists, oldest first, held so that none of it is
+/// unmapped while listed (the vhost crate drops the old memory before the
+/// backend hears of the new). The newest is the frontend's current table;
+/// older ones stay listed while a worker still uses them (a pass that
+/// started before the table changed), and go once only this list holds
+/// them.
+static WATCHED: Mutex<Vec<Arc<GuestMemoryMmap>>> = Mutex::new(Vec::new());
+/// How often memory no worker uses any more is let go of.
+const PRUNE_EVERY_MS: libc::c_int = 1000;
 static INSTALLED: Mutex<bool> = Mutex::new(false);
 
 /// Installs the SIGBUS handler and starts the thread that ends a
@@ -103,12 +108,50 @@ pub fn install() -> io::Result<()> {
 }
 
 /// Watches the regions of `mem` (the frontend's memory table just mapped)
-/// in place of the ones watched before, and keeps it mapped while it is
-/// watched.
+/// and keeps it mapped while it is watched. The tables watched before stay
+/// watched while something besides this module still holds them.
 pub fn watch(mem: Arc<GuestMemoryMmap>) {
-    let regions: Vec<(usize, usize, u64)> = mem
+    let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
+    watched.push(mem);
+    let gone = relist(&mut watched);
+    drop(watched);
+    // Unmapped only now, off the table.
+    drop(gone);
+}
+
+/// Lets go of the earlier tables nothing else uses any more.
+fn prune() {
+    let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
+    if watched.len() < 2 {
+        return;
+    }
+    let gone = relist(&mut watched);
+    drop(watched);
+    drop(gone);
+}
+
+/// Drops from `watched` the earlier tables only it holds, lists the
+/// regions of the rest (the newest first) in the table, and hands back the
+/// dropped ones, to be unmapped once off the table.
+fn relist(watched: &mut Vec<Arc<GuestMemoryMmap>>) -> Vec<Arc<GuestMemoryMmap>> {
+    let newest = watched.len().saturating_sub(1);
+    let mut gone = Vec::new();
+    let mut index = 0;
+    watched.retain(|mem| {
+        let keep = index == newest || Arc::strong_count(mem) > 1;
+        index += 1;
+        if !keep {
+            gone.push(mem.clone());
+        }
+        keep
+    });
+    let regions: Vec<(usize, usize, u64)> = watched
         .iter()
-        .map(|r| (r.as_ptr() as usize, r.len() as usize, r.start_addr().0))
+        .rev()
+        .flat_map(|mem| {
+            mem.iter()
+                .map(|r| (r.as_ptr() as usize, r.len() as usize, r.start_addr().0))
+        })
         .collect();
     if regions.len() > SLOTS {
         log::warn!(
@@ -116,10 +159,8 @@ pub fn watch(mem: Arc<GuestMemoryMmap>) {
             regions.len()
         );
     }
-    let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
     write_table(&regions);
-    // Only now may the memory listed before go.
-    *watched = Some(mem);
+    gone
 }
 
 /// Watches no region (the connection is over: nothing touches its memory
@@ -127,7 +168,9 @@ pub fn watch(mem: Arc<GuestMemoryMmap>) {
 pub fn forget() {
     let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
     write_table(&[]);
-    *watched = None;
+    let gone = std::mem::take(&mut *watched);
+    drop(watched);
+    drop(gone);
     *CONNECTION.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
@@ -244,9 +287,26 @@ extern "C" fn on_sigbus(
     }
 }
 
-/// Ends the current connection each time the handler reports a loss.
+/// Ends the current connection each time the handler reports a loss, and
+/// lets go of memory no worker uses any more meanwhile.
 fn end_connections(event: OwnedFd) {
     loop {
+        let mut poll = libc::pollfd {
+            fd: event.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one pollfd, a local that outlives the call.
+        match unsafe { libc::poll(&mut poll, 1, PRUNE_EVERY_MS) } {
+            0 => {
+                prune();
+                continue;
+            }
+            n if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {
+                continue
+            }
+            _ => {}
+        }
         let mut count = [0u8; 8];
         // SAFETY: reads 8 bytes into a local buffer from the eventfd owned
         // by this thread.
@@ -340,5 +400,31 @@ mod tests {
         assert_eq!(theirs.read(&mut byte).expect("read the connection"), 0);
         assert_eq!(LOST_GUEST_ADDR.load(Ordering::Relaxed), guest.0);
         forget();
+
+        // A table replaced while a worker still uses it stays watched until
+        // it is let go of.
+        let map = |at: u64| {
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(at), 64 << 10)]);
+            Arc::new(mem.expect("map"))
+        };
+        let host = |mem: &GuestMemoryMmap| mem.iter().next().expect("a region").as_ptr() as usize;
+        let (old, new) = (map(0), map(0x10_0000));
+        let in_use = old.clone();
+        watch(old);
+        watch(new.clone());
+        assert!(region_holding(host(&in_use)).is_some(), "still in use");
+        assert!(region_holding(host(&new)).is_some());
+        prune();
+        assert!(region_holding(host(&in_use)).is_some(), "still in use");
+        let old_addr = host(&in_use);
+        drop(in_use);
+        prune();
+        assert_eq!(region_holding(old_addr), None, "let go of");
+        assert!(
+            region_holding(host(&new)).is_some(),
+            "the current table stays"
+        );
+        forget();
+        assert_eq!(region_holding(host(&new)), None);
     }
 }

@@ -14,6 +14,8 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub const HEADER_LEN: usize = 12;
@@ -58,12 +60,17 @@ impl Relay {
     ) -> io::Result<Relay> {
         let (f_read, f_write) = (frontend.try_clone()?, frontend);
         let (b_read, b_write) = (backend.try_clone()?, backend);
+        // The protocol features the backend offered: the vhost crate takes
+        // whatever the frontend acks, offered or not.
+        let offered = Arc::new(AtomicU64::new(0));
+        let offered_in = offered.clone();
         let to_backend = std::thread::Builder::new()
             .name("relay-in".into())
             .spawn(move || {
                 let result = copy_messages(&f_read, &b_write, &mut |m, to| {
                     check_memory_regions(m)?;
                     check_ring_events(m)?;
+                    check_protocol_features(m, offered_in.load(Ordering::Acquire))?;
                     inspect(m, to)
                 });
                 frontend_left();
@@ -73,7 +80,14 @@ impl Relay {
             std::thread::Builder::new()
                 .name("relay-out".into())
                 .spawn(move || {
-                    let result = copy_messages(&b_read, &f_write, &mut |_, _| Ok(()));
+                    let result = copy_messages(&b_read, &f_write, &mut |m, _| {
+                        if m.request == GET_PROTOCOL_FEATURES {
+                            if let Ok(bits) = <[u8; 8]>::try_from(m.payload) {
+                                offered.store(u64::from_le_bytes(bits), Ordering::Release);
+                            }
+                        }
+                        Ok(())
+                    });
                     finish("backend", result, &f_write);
                 })?;
         Ok(Relay {
@@ -171,10 +185,41 @@ fn check_memory_regions(message: &Message<'_>) -> io::Result<()> {
 const SET_VRING_KICK: u32 = 12;
 const SET_VRING_ERR: u32 = 14;
 
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+
+/// Refuses (ending the connection) protocol features the backend did not
+/// offer (`offered`, from its reply to GET_PROTOCOL_FEATURES): the vhost
+/// crate would take them and serve requests the backend is not built for
+/// (added memory regions beyond what it guards, a device reset it does
+/// not clear its rings on).
+fn check_protocol_features(message: &Message<'_>, offered: u64) -> io::Result<()> {
+    if message.request != SET_PROTOCOL_FEATURES {
+        return Ok(());
+    }
+    // A malformed payload is the handler's to refuse.
+    let Ok(bits) = <[u8; 8]>::try_from(message.payload) else {
+        return Ok(());
+    };
+    let unoffered = u64::from_le_bytes(bits) & !offered;
+    if unoffered != 0 {
+        let e = format!(
+            "protocol features {unoffered:#x} were acked but not offered (offered: {offered:#x})"
+        );
+        log::warn!("the frontend's {e}; ending the connection");
+        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+    }
+    Ok(())
+}
+
 /// Refuses (ending the connection) a ring's kick, call or error descriptor
-/// that is not an eventfd: the vhost crates read and write it 8 bytes at a
-/// time and end a ring's worker thread on a short read or a hang-up (a
-/// pipe), which leaves that queue's requests in flight for ever.
+/// that is not a non-blocking eventfd: the vhost crates read and write it
+/// 8 bytes at a time and end a ring's worker thread on a short read or a
+/// hang-up (a pipe), which leaves that queue's requests in flight for
+/// ever; and a blocking one would hold a worker, with its ring locked, in
+/// a write to a full counter or a read of an empty one, and the frontend's
+/// next message about that ring with it, for ever. (QEMU, DPDK and our
+/// `vmm` make them non-blocking.)
 fn check_ring_events(message: &Message<'_>) -> io::Result<()> {
     if !(SET_VRING_KICK..=SET_VRING_ERR).contains(&message.request) {
         return Ok(());
@@ -193,11 +238,17 @@ fn check_ring_events(message: &Message<'_>) -> io::Result<()> {
                 rc == 0 && stat.st_mode & libc::S_IFMT == 0
             }
         };
-        if !is_eventfd {
-            let e = format!(
-                "request {}: the ring's descriptor is not an eventfd",
-                message.request
-            );
+        // SAFETY: F_GETFL on an open descriptor takes no memory.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        let fault = if !is_eventfd {
+            Some("is not an eventfd")
+        } else if flags < 0 || flags & libc::O_NONBLOCK == 0 {
+            Some("is a blocking eventfd (EFD_NONBLOCK is needed)")
+        } else {
+            None
+        };
+        if let Some(fault) = fault {
+            let e = format!("request {}: the ring's descriptor {fault}", message.request);
             log::warn!("the frontend's {e}; ending the connection");
             return Err(io::Error::new(io::ErrorKind::InvalidData, e));
         }
@@ -487,16 +538,69 @@ mod tests {
         }
     }
 
+    fn eventfd(flags: libc::c_int) -> OwnedFd {
+        // SAFETY: eventfd takes no memory.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | flags) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn a_blocking_ring_eventfd_ends_the_relay() {
+        let (frontend, relay_front) = UnixStream::pair().unwrap();
+        let (relay_back, backend) = UnixStream::pair().unwrap();
+        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        let blocking = eventfd(0);
+        send_message(
+            &frontend,
+            &message(13, &0u64.to_le_bytes()),
+            &[blocking.as_raw_fd()],
+        )
+        .unwrap();
+        assert_ends(&backend);
+        relay.join();
+    }
+
+    #[test]
+    fn protocol_features_not_offered_end_the_relay() {
+        let (mut frontend, relay_front) = UnixStream::pair().unwrap();
+        let (relay_back, mut backend) = UnixStream::pair().unwrap();
+        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        // Offered: MQ (0) and REPLY_ACK (3).
+        let offered = 0b1001u64.to_le_bytes();
+        frontend
+            .write_all(&message(GET_PROTOCOL_FEATURES, &[]))
+            .unwrap();
+        assert_eq!(read(&backend).0, GET_PROTOCOL_FEATURES);
+        backend
+            .write_all(&message(GET_PROTOCOL_FEATURES, &offered))
+            .unwrap();
+        assert_eq!(
+            read(&frontend),
+            (GET_PROTOCOL_FEATURES, offered.to_vec(), 0)
+        );
+        // Part of what was offered: passed on.
+        let acked = 0b1000u64.to_le_bytes();
+        frontend
+            .write_all(&message(SET_PROTOCOL_FEATURES, &acked))
+            .unwrap();
+        assert_eq!(read(&backend), (SET_PROTOCOL_FEATURES, acked.to_vec(), 0));
+        // CONFIGURE_MEM_SLOTS (15) was not offered.
+        let more = (0b1001u64 | 1 << 15).to_le_bytes();
+        (&frontend)
+            .write_all(&message(SET_PROTOCOL_FEATURES, &more))
+            .unwrap();
+        assert_ends(&backend);
+        relay.join();
+    }
+
     #[test]
     fn a_ring_descriptor_that_is_not_an_eventfd_ends_the_relay() {
         let (frontend, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, backend) = UnixStream::pair().unwrap();
         let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
-        // SAFETY: eventfd takes no memory.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a new descriptor nothing else owns.
-        let event = unsafe { OwnedFd::from_raw_fd(fd) };
+        let event = eventfd(libc::EFD_NONBLOCK);
         let ring_0 = 0u64.to_le_bytes();
         for request in [12, 13, 14] {
             send_message(&frontend, &message(request, &ring_0), &[event.as_raw_fd()]).unwrap();

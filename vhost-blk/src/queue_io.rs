@@ -426,7 +426,8 @@ mod tests {
             .expect("what the kernel moved");
         assert!(settle(&done, first as i32));
         let mut read = vec![0; 2 * PAGE as usize];
-        mem.read_slice(&mut read, GuestAddress(0)).expect("read back");
+        mem.read_slice(&mut read, GuestAddress(0))
+            .expect("read back");
         assert!(read == image[PAGE as usize..], "the rest was not read");
 
         // The same read one page further runs into the end of the file.

@@ -436,10 +436,15 @@ impl Rx {
         if self.pending.take().is_some() {
             c.dropped(true, &"the rx ring stopped");
         }
-        let k = self.held.len();
+        // Let go of first: a chain is given back at most once, even if
+        // completing one of them fails half way.
+        let held = std::mem::take(&mut self.held);
+        self.held_bytes = 0;
+        self.held_segs = 0;
+        self.held_descs = 0;
+        let k = held.len();
         let next = q.next_avail();
-        let in_order = self
-            .held
+        let in_order = held
             .iter()
             .enumerate()
             .all(|(i, h)| h.pos == next.wrapping_sub((k - i) as u16));
@@ -447,14 +452,10 @@ impl Rx {
         if in_order {
             q.set_next_avail(next.wrapping_sub(k as u16));
         } else {
-            for h in &self.held {
+            for h in &held {
                 complete(q, mem, h.head, 0, &mut used)?;
             }
         }
-        self.held.clear();
-        self.held_bytes = 0;
-        self.held_segs = 0;
-        self.held_descs = 0;
         Ok(used)
     }
 }
