@@ -129,6 +129,9 @@ pub struct MsiVector {
     pub gsi: u32,
     pub event: EventFd,
     attached: bool,
+    /// The message the GSI is routed to: rewriting the same one skips
+    /// KVM's routing table, which is rebuilt whole on every change.
+    routed: Option<(u64, u32)>,
 }
 
 impl MsiVector {
@@ -137,6 +140,7 @@ impl MsiVector {
             gsi: router.allocate_gsi()?,
             event: EventFd::new(libc::EFD_NONBLOCK).map_err(MsiError::EventFd)?,
             attached: false,
+            routed: None,
         })
     }
 
@@ -148,7 +152,10 @@ impl MsiVector {
     ) -> Result<(), MsiError> {
         match message {
             Some((address, data)) => {
-                router.set_msi_route(self.gsi, address, data)?;
+                if self.routed != Some((address, data)) {
+                    router.set_msi_route(self.gsi, address, data)?;
+                    self.routed = Some((address, data));
+                }
                 if !self.attached {
                     // A signal that arrived while masked is pending. KVM
                     // injects one for a count it finds when the irqfd is

@@ -71,8 +71,17 @@ impl Msix {
 
     /// The guest wrote the capability's message control word.
     pub fn set_control(&mut self, control: u16) {
-        self.enabled = control & CONTROL_ENABLE != 0;
-        self.function_masked = control & CONTROL_FUNCTION_MASK != 0;
+        let enabled = control & CONTROL_ENABLE != 0;
+        let function_masked = control & CONTROL_FUNCTION_MASK != 0;
+        if (enabled, function_masked) == (self.enabled, self.function_masked) {
+            return;
+        }
+        self.enabled = enabled;
+        self.function_masked = function_masked;
+        self.refresh_all();
+    }
+
+    fn refresh_all(&mut self) {
         for index in 0..self.entries.len() {
             self.refresh(index);
         }
@@ -83,9 +92,7 @@ impl Msix {
     pub fn set_bus_master(&mut self, on: bool) {
         if self.bus_master != on {
             self.bus_master = on;
-            for index in 0..self.entries.len() {
-                self.refresh(index);
-            }
+            self.refresh_all();
         }
     }
 
@@ -99,7 +106,9 @@ impl Msix {
             };
         }
         self.bus_master = false;
-        self.set_control(0);
+        self.enabled = false;
+        self.function_masked = false;
+        self.refresh_all();
     }
 
     pub fn enabled(&self) -> bool {

@@ -280,6 +280,14 @@ pub struct VhostUserDevice {
     config_seen: Vec<u8>,
     /// Config accesses the backend refused, for the log's sake.
     config_refusals: GuestWarnings,
+    /// What the driver wrote to writable fields since the device was last
+    /// reset and the backend took (offset, bytes), latest last: sent again
+    /// to a backend that reconnects, which starts from its own defaults (a
+    /// disk set to write-through must not come back write-back).
+    config_written: Vec<(u32, Vec<u8>)>,
+    /// Starts while the backend is away or lost, which a driver resetting
+    /// in a loop can repeat, for the log's sake.
+    start_warnings: GuestWarnings,
 }
 
 impl VhostUserDevice {
@@ -463,6 +471,8 @@ impl VhostUserDevice {
             config_notifier,
             config_seen: Vec::new(),
             config_refusals: GuestWarnings::default(),
+            config_written: Vec::new(),
+            start_warnings: GuestWarnings::default(),
         })
     }
 
@@ -689,8 +699,13 @@ impl VirtioDevice for VhostUserDevice {
         let written = exchange(&mut self.fe(), name, "SET_CONFIG", REPLY_TIMEOUT, |f| {
             f.set_config(at, VhostUserConfigFlags::empty(), data)
         });
-        if let Err(e) = written {
-            self.config_failed(&format!("writing config space at {offset:#x}"), &e);
+        match written {
+            Ok(()) => {
+                self.config_written
+                    .retain(|(o, bytes)| (*o, bytes.len()) != (at, data.len()));
+                self.config_written.push((at, data.to_vec()));
+            }
+            Err(e) => self.config_failed(&format!("writing config space at {offset:#x}"), &e),
         }
     }
 
@@ -704,6 +719,7 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn reset(&mut self) {
+        self.config_written.clear();
         self.stop_rings();
     }
 
@@ -789,7 +805,8 @@ impl VhostUserDevice {
             // The driver started the device while its backend is away (a
             // reboot during a backend restart): the next backend gets the
             // rings when it connects, as after a crash.
-            log::warn!(
+            log::log!(
+                self.start_warnings.level(&self.spec.name),
                 "{}: started while the backend is away; its rings wait for the next one",
                 self.spec.name
             );
@@ -801,7 +818,8 @@ impl VhostUserDevice {
         match handed {
             Ok(()) => {}
             // Lost halfway, as in a crash: the next backend gets the rings.
-            Err(Handover::Lost(e)) => log::warn!(
+            Err(Handover::Lost(e)) => log::log!(
+                self.start_warnings.level(&self.spec.name),
                 "{}: the backend was lost while the driver started the device ({e}); its rings wait for the next one",
                 self.spec.name
             ),
@@ -971,6 +989,7 @@ impl VhostUserDevice {
         if let Some(channel) = channel {
             channel.serve();
         }
+        self.replay_config_writes()?;
         if let Some(activation) = self.activation.take() {
             let result = self.hand_rings(&activation, &flags, true);
             self.activation = Some(activation);
@@ -979,6 +998,40 @@ impl VhostUserDevice {
         drop(flags);
         log::warn!("{}: the vhost-user backend reconnected", self.spec.name);
         self.status.changed();
+        if self.spec.config_from_backend {
+            // The new backend's configuration (a disk's capacity, say) may
+            // not be the last one's: the driver reads it again.
+            if let Some(notifier) = crate::bus::lock(&self.config_notifier).as_ref() {
+                notifier.notify();
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a new backend what the driver wrote to the configuration
+    /// space before it came. One it refuses keeps its own value, which the
+    /// driver reads from it from now on.
+    fn replay_config_writes(&mut self) -> Result<(), String> {
+        let name = self.spec.name.clone();
+        for (at, bytes) in &self.config_written {
+            let written = exchange(&mut self.fe(), &name, "SET_CONFIG", REPLY_TIMEOUT, |f| {
+                f.set_config(*at, VhostUserConfigFlags::empty(), bytes)
+            });
+            match written {
+                Ok(()) => log::info!(
+                    "{name}: the driver's config write at {at:#x} sent again to the new backend"
+                ),
+                Err(e) if e.refused() => log::warn!(
+                    "{name}: the new backend refused the driver's config write at {at:#x} ({e}); \
+                     it keeps its own value"
+                ),
+                Err(e) => {
+                    // Out of step with the backend, as for a ring handover.
+                    cut_off(&self.frontend, &self.broken, &e);
+                    return Err(format!("sending the driver's config write at {at:#x}: {e}"));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1559,6 +1612,48 @@ mod tests {
         device.write_config(32, &[1]);
         assert_eq!(drain(&requests), [Seen::Request(SET_CONFIG, 32 | 1 << 32)]);
         assert!(device.status().connected(), "cut off for a refusal");
+    }
+
+    /// What the driver wrote to a writable field (a disk's cache mode)
+    /// reaches a backend that reconnects, and the driver is told to read
+    /// the configuration again; a device reset forgets the write.
+    #[test]
+    fn config_writes_reach_a_reconnected_backend_until_the_device_resets() {
+        let (mut device, requests) = scripted_disk(Script {
+            quit_after: Some(SET_CONFIG),
+            ..Script::default()
+        });
+        let vector = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let notifier = ConfigNotifier::new(vec![vector.try_clone().expect("dup")]);
+        notifier.set_vector(0);
+        device.set_config_notifier(notifier.clone());
+        device.write_config(32, &[0]);
+        assert!(wait_closed(&requests));
+        wait_hung_up(&device);
+
+        let set_writeback = Seen::Request(SET_CONFIG, 32 | 1 << 32);
+        let generation = notifier.generation();
+        let (ours, requests) = spawn_backend(Script {
+            quit_after: Some(SET_CONFIG),
+            ..Script::default()
+        });
+        let backend = device.handshake().run(ours).expect("handshake");
+        device.reattach(backend).expect("reattach");
+        let seen = seen_until_quiet(&requests, WAIT);
+        assert!(seen.contains(&set_writeback), "not sent again: {seen:?}");
+        assert_eq!(notifier.generation(), generation.wrapping_add(1));
+        assert_eq!(vector.read().ok(), Some(1), "no configuration interrupt");
+        wait_hung_up(&device);
+
+        device.reset();
+        let (ours, requests) = spawn_backend(Script::default());
+        let backend = device.handshake().run(ours).expect("handshake");
+        device.reattach(backend).expect("reattach");
+        let seen = drain(&requests);
+        assert!(
+            !seen.contains(&set_writeback),
+            "sent after a reset: {seen:?}"
+        );
     }
 
     /// A malformed reply leaves the connection out of step: the backend is

@@ -7,11 +7,13 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use super::frontend::{
     DeviceSpec, FrontendError, Handshake, NewBackend, QueueNum, VhostUserDevice,
 };
 use super::net_ctrl::{ControlQueue, ControlRing, Controller};
+use crate::guest_warnings::GuestWarnings;
 use crate::virtio::device::{ActivateError, ActiveQueue, ConfigNotifier, VirtioDevice};
 use crate::vstate::memory::GuestMemory;
 
@@ -56,6 +58,8 @@ pub struct NetDevice {
     queue_pairs: u16,
     queue_size: u16,
     control: Option<ControlQueue>,
+    /// The control queue's warnings, across resets.
+    control_warnings: Arc<Mutex<GuestWarnings>>,
 }
 
 fn device_spec(net: &NetSpec<'_>) -> DeviceSpec {
@@ -108,6 +112,7 @@ impl NetDevice {
             queue_pairs: pairs,
             queue_size: net.queue_size,
             control: None,
+            control_warnings: Arc::default(),
         }
     }
 
@@ -233,11 +238,21 @@ impl VirtioDevice for NetDevice {
                 let controller = Controller {
                     name: self.name().to_string(),
                     max_pairs: pairs,
+                    set_up: data.iter().map(|q| q.index).collect(),
                     rings: self.inner.ring_switch(),
                 };
+                // The last worker's lock on the warnings goes with it.
+                self.control = None;
                 self.control = Some(
-                    ControlQueue::start(&ring, mem.clone(), kick, call, controller)
-                        .map_err(ActivateError)?,
+                    ControlQueue::start(
+                        &ring,
+                        mem.clone(),
+                        kick,
+                        call,
+                        controller,
+                        self.control_warnings.clone(),
+                    )
+                    .map_err(ActivateError)?,
                 );
             }
         }

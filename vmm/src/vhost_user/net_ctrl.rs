@@ -6,7 +6,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -63,6 +63,8 @@ pub struct ControlQueue {
 pub struct Controller {
     pub name: String,
     pub max_pairs: u16,
+    /// The data rings the driver set up (the backend has only these).
+    pub set_up: Vec<u16>,
     pub rings: RingSwitch,
 }
 
@@ -99,6 +101,14 @@ impl Commands for Controller {
                         self.max_pairs
                     ));
                 }
+                // A ring the driver left alone was never handed to the
+                // backend: it cannot carry traffic, and turning it on would
+                // reach a backend ring set up by no one.
+                if let Some(ring) = (0..2 * pairs).find(|r| !self.set_up.contains(r)) {
+                    return Ack::Refused(format!(
+                        "the driver asked for {pairs} queue pairs without setting up ring {ring}"
+                    ));
+                }
                 // One command waits for its backend as long as a reset
                 // does, however many rings it switches: past that, the
                 // backend is cut off.
@@ -106,6 +116,9 @@ impl Commands for Controller {
                 let mut reached = true;
                 for pair in 0..self.max_pairs {
                     for ring in [2 * pair, 2 * pair + 1] {
+                        if !self.set_up.contains(&ring) {
+                            continue;
+                        }
                         let limit = budget.limit(REPLY_TIMEOUT);
                         reached &= self.rings.set(usize::from(ring), pair < pairs, limit);
                     }
@@ -140,6 +153,7 @@ impl ControlQueue {
         kick: EventFd,
         call: Option<EventFd>,
         mut controller: Controller,
+        warnings: Arc<Mutex<GuestWarnings>>,
     ) -> Result<ControlQueue, String> {
         let mut queue = ring.queue()?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
@@ -149,7 +163,10 @@ impl ControlQueue {
         let thread = std::thread::Builder::new()
             .name(format!("{}-ctrl", controller.name))
             .spawn(move || {
-                let mut warnings = GuestWarnings::default();
+                // Shared with the device's earlier and later workers, so a
+                // driver that breaks the queue and resets in a loop cannot
+                // flood the log.
+                let mut warnings = warnings.lock().unwrap_or_else(|p| p.into_inner());
                 while wait(&kick, &stop_worker) {
                     let _ = kick.read();
                     let served = serve(
@@ -157,7 +174,7 @@ impl ControlQueue {
                         &mem,
                         call.as_ref(),
                         &mut controller,
-                        &mut warnings,
+                        &mut *warnings,
                         &stopping_worker,
                     );
                     if !served {
@@ -232,7 +249,11 @@ fn serve(
 ) -> bool {
     while !stopping.load(Ordering::Acquire) {
         if let Err(e) = queue.disable_notification(mem) {
-            log::warn!("{}: control queue broken: {e}", ctl.name());
+            log::log!(
+                warnings.level(ctl.name()),
+                "{}: control queue broken: {e}",
+                ctl.name()
+            );
             return false;
         }
         // At most one ring's worth: `iter` refuses an index more than the
@@ -240,7 +261,11 @@ fn serve(
         let chains: Vec<_> = match queue.iter(mem) {
             Ok(available) => available.collect(),
             Err(e) => {
-                log::warn!("{}: control queue broken: {e}", ctl.name());
+                log::log!(
+                    warnings.level(ctl.name()),
+                    "{}: control queue broken: {e}",
+                    ctl.name()
+                );
                 return false;
             }
         };
@@ -253,7 +278,11 @@ fn serve(
             let head = chain.head_index();
             let written = handle(chain, mem, ctl, warnings);
             if let Err(e) = queue.add_used(mem, head, written) {
-                log::warn!("{}: control queue broken: {e}", ctl.name());
+                log::log!(
+                    warnings.level(ctl.name()),
+                    "{}: control queue broken: {e}",
+                    ctl.name()
+                );
                 return false;
             }
         }
@@ -261,7 +290,11 @@ fn serve(
             Ok(true) => continue,
             Ok(false) => break,
             Err(e) => {
-                log::warn!("{}: control queue broken: {e}", ctl.name());
+                log::log!(
+                    warnings.level(ctl.name()),
+                    "{}: control queue broken: {e}",
+                    ctl.name()
+                );
                 return false;
             }
         }
@@ -446,6 +479,7 @@ mod tests {
         let mut controller = Controller {
             name: "net9".into(),
             max_pairs: 2,
+            set_up: vec![0, 1, 2, 3],
             rings: RingSwitch::without_backend(4),
         };
         let set = |pairs: u8| {
@@ -460,5 +494,28 @@ mod tests {
         let refused = |ack| matches!(ack, Ack::Refused(_));
         assert!(refused(controller.execute(&set(0))));
         assert!(refused(controller.execute(&set(3))));
+        assert_eq!(controller.execute(&set(2)), Ack::Ok);
+    }
+
+    /// Pairs whose rings the driver did not set up are refused: the
+    /// backend never got those rings.
+    #[test]
+    fn pairs_whose_rings_were_not_set_up_are_refused() {
+        let mut controller = Controller {
+            name: "net9".into(),
+            max_pairs: 2,
+            set_up: vec![0, 1, 2],
+            rings: RingSwitch::without_backend(4),
+        };
+        let set = |pairs: u8| {
+            [
+                VIRTIO_NET_CTRL_MQ,
+                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                pairs,
+                0,
+            ]
+        };
+        assert_eq!(controller.execute(&set(1)), Ack::Ok);
+        assert!(matches!(controller.execute(&set(2)), Ack::Refused(e) if e.contains("ring 3")));
     }
 }
