@@ -174,7 +174,7 @@ impl ControlQueue {
                         &mem,
                         call.as_ref(),
                         &mut controller,
-                        &mut *warnings,
+                        &mut warnings,
                         &stopping_worker,
                     );
                     if !served {
