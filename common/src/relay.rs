@@ -70,6 +70,7 @@ impl Relay {
                 let result = copy_messages(&f_read, &b_write, &mut |m, to| {
                     check_memory_regions(m)?;
                     check_ring_events(m)?;
+                    check_ring_size(m)?;
                     check_protocol_features(m, offered_in.load(Ordering::Acquire))?;
                     inspect(m, to)
                 });
@@ -184,6 +185,29 @@ fn check_memory_regions(message: &Message<'_>) -> io::Result<()> {
 
 const SET_VRING_KICK: u32 = 12;
 const SET_VRING_ERR: u32 = 14;
+
+const SET_VRING_NUM: u32 = 8;
+
+/// Refuses (ending the connection) a split ring size that is not a power
+/// of two: the vhost crate logs it and keeps the ring's old size, so the
+/// backend would read a ring of a size the driver never made.
+fn check_ring_size(message: &Message<'_>) -> io::Result<()> {
+    if message.request != SET_VRING_NUM {
+        return Ok(());
+    }
+    // vhost_vring_state: the ring's index, then its size. A malformed
+    // payload is the handler's to refuse.
+    let Some(num) = message.payload.get(4..8) else {
+        return Ok(());
+    };
+    let num = u32::from_le_bytes([num[0], num[1], num[2], num[3]]);
+    if num != 0 && !num.is_power_of_two() {
+        let e = format!("ring size {num} is not a power of two");
+        log::warn!("the frontend's {e}; ending the connection");
+        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+    }
+    Ok(())
+}
 
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const SET_PROTOCOL_FEATURES: u32 = 16;
@@ -558,6 +582,27 @@ mod tests {
             &[blocking.as_raw_fd()],
         )
         .unwrap();
+        assert_ends(&backend);
+        relay.join();
+    }
+
+    #[test]
+    fn a_ring_size_that_is_not_a_power_of_two_ends_the_relay() {
+        let (mut frontend, relay_front) = UnixStream::pair().unwrap();
+        let (relay_back, backend) = UnixStream::pair().unwrap();
+        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        let state = |index: u32, num: u32| {
+            let mut payload = index.to_le_bytes().to_vec();
+            payload.extend_from_slice(&num.to_le_bytes());
+            payload
+        };
+        frontend
+            .write_all(&message(SET_VRING_NUM, &state(1, 256)))
+            .unwrap();
+        assert_eq!(read(&backend), (SET_VRING_NUM, state(1, 256), 0));
+        frontend
+            .write_all(&message(SET_VRING_NUM, &state(1, 255)))
+            .unwrap();
         assert_ends(&backend);
         relay.join();
     }

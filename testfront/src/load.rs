@@ -13,6 +13,7 @@ use crate::blk::{BlkError, BLK_FEATURES, S_OK, T_IN, T_OUT};
 use crate::connection::{Connection, ConnectionError, Options};
 use crate::pipeline::{Done, Pipeline, Request};
 use crate::virtqueue::Layout;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO;
 
 /// How long a queue may go without a completion before the backend counts
 /// as hung.
@@ -95,8 +96,17 @@ pub enum LoadError {
     },
     #[error("the disk ({0} bytes) is smaller than one request")]
     DiskTooSmall(u64),
-    #[error("{0} requests failed (status not OK)")]
-    Failed(u64),
+    #[error(
+        "queue {queue}: a {kind} came back with status {status} \
+         (1: I/O error, 2: unsupported, 255: the backend wrote none)"
+    )]
+    RequestFailed {
+        queue: usize,
+        kind: &'static str,
+        status: u8,
+    },
+    #[error("the disk is read-only (VIRTIO_BLK_F_RO): only --op read runs on it")]
+    ReadOnly,
     #[error("queue {0}")]
     Queue(usize, #[source] BlkError),
     #[error("queue {0}: no completion for {1:?}, the backend hung")]
@@ -231,7 +241,6 @@ struct WorkerResult {
     reads: Vec<u64>,
     writes: Vec<u64>,
     bytes: u64,
-    failed: u64,
 }
 
 impl Worker {
@@ -248,7 +257,6 @@ impl Worker {
         let mut reads = Vec::with_capacity(1 << 16);
         let mut writes = Vec::with_capacity(1 << 16);
         let mut bytes = 0u64;
-        let mut failed = 0u64;
         let mut done: Vec<Done> = Vec::with_capacity(self.pipeline.depth());
         // A backend that signals without completing anything is as stuck
         // as one that never signals.
@@ -275,12 +283,18 @@ impl Worker {
             done.clear();
             self.pipeline.reap(&mut done).map_err(err)?;
             for d in &done {
-                if d.status != S_OK {
-                    failed += 1;
-                }
-                let latency = u64::try_from(d.latency.as_nanos()).unwrap_or(u64::MAX);
                 // The tag is the request's number.
                 let (kind, len) = self.spec.request(d.tag);
+                if d.status != S_OK {
+                    // The first one ends the run: the rest would not be
+                    // the load asked for.
+                    return Err(LoadError::RequestFailed {
+                        queue,
+                        kind: if kind == T_OUT { "write" } else { "read" },
+                        status: d.status,
+                    });
+                }
+                let latency = u64::try_from(d.latency.as_nanos()).unwrap_or(u64::MAX);
                 if kind == T_OUT {
                     writes.push(latency);
                 } else {
@@ -302,7 +316,6 @@ impl Worker {
             reads,
             writes,
             bytes,
-            failed,
         })
     }
 }
@@ -375,6 +388,9 @@ pub fn run(
     if disk_bytes < u64::from(spec.largest()) {
         return Err(LoadError::DiskTooSmall(disk_bytes));
     }
+    if !matches!(spec.op, Op::Read) && conn.features & (1 << VIRTIO_BLK_F_RO) != 0 {
+        return Err(LoadError::ReadOnly);
+    }
     let queues = std::mem::take(&mut conn.queues);
     let mut workers = Vec::with_capacity(queues.len());
     for (i, queue) in queues.into_iter().enumerate() {
@@ -397,11 +413,17 @@ pub fn run(
     let deadline = start + spec.duration;
     let handles: Vec<_> = workers
         .into_iter()
-        .map(|w| {
+        .enumerate()
+        .map(|(i, w)| {
             let done_ops = done_ops.clone();
             let stop = stop.clone();
             std::thread::spawn(move || {
-                let result = w.run(deadline, &done_ops, &stop);
+                // A worker that panics stops the others too, rather than
+                // leaving them to run to the deadline.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    w.run(deadline, &done_ops, &stop)
+                }))
+                .unwrap_or(Err(LoadError::Panicked(i)));
                 if result.is_err() {
                     stop.store(true, Ordering::Relaxed);
                 }
@@ -421,7 +443,6 @@ pub fn run(
     // thread next looked.
     let mut finished = start;
     let mut report = Report::default();
-    let mut failed = 0;
     let mut first_error = None;
     for (i, handle) in handles.into_iter().enumerate() {
         match handle.join() {
@@ -430,7 +451,6 @@ pub fn run(
                 report.read_latencies.extend(r.reads);
                 report.write_latencies.extend(r.writes);
                 report.bytes += r.bytes;
-                failed += r.failed;
             }
             Ok(Err(e)) => {
                 first_error.get_or_insert(e);
@@ -443,9 +463,6 @@ pub fn run(
     drop(conn);
     if let Some(e) = first_error {
         return Err(e);
-    }
-    if failed > 0 {
-        return Err(LoadError::Failed(failed));
     }
     report.elapsed = finished - start;
     report.read_latencies.sort_unstable();

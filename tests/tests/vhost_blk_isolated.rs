@@ -1333,6 +1333,40 @@ fn the_load_generator_drives_vhost_blk() {
     assert_eq!(report.bytes, 1000 * 65536);
 }
 
+/// Writes to a read-only disk are refused before the run starts, with an
+/// error saying why; reads run.
+#[test]
+fn the_load_generator_writes_nothing_to_a_read_only_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let before = std::fs::read(&img).expect("read the image");
+    let socket = dir.path().join("ro.sock");
+    let _backend = Backend::vhost_blk(&socket, &img, &["--readonly"]);
+    let spec = |op| LoadSpec {
+        queues: 1,
+        depth: 4,
+        size: 4096,
+        random: true,
+        op,
+        duration: Duration::from_secs(30),
+        max_requests: Some(50),
+        seed: 5,
+        mem_size: None,
+        hugepages: false,
+    };
+    for op in [Op::Write, Op::Mixed { write_size: 4096 }] {
+        match load::run(&socket, spec(op), |_, _| {}) {
+            Err(e @ load::LoadError::ReadOnly) => {
+                assert!(e.to_string().contains("read-only"), "{e}")
+            }
+            other => panic!("a write load on a read-only disk: {other:?}"),
+        }
+    }
+    let report = load::run(&socket, spec(Op::Read), |_, _| {}).expect("reads");
+    assert_eq!(report.ops, 50);
+    assert_eq!(std::fs::read(&img).expect("read the image"), before);
+}
+
 #[test]
 fn a_mixed_load_counts_reads_and_writes_apart() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -15,6 +15,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{FrontendReqHandler, HandlerResult, VhostUserFrontendReqHandler};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -28,18 +29,61 @@ const REFUSALS_LOGGED: u64 = 10;
 /// shared by the channels of every connection the device has.
 pub type NotifierSlot = Arc<Mutex<Option<ConfigNotifier>>>;
 
+/// Configuration changes logged at info level in a minute (per channel);
+/// the rest of the minute's go to debug, so a backend that sends them in
+/// a loop cannot flood the log.
+const CHANGES_LOGGED: u32 = 10;
+const CHANGES_WINDOW: Duration = Duration::from_secs(60);
+
 /// What the VMM does with a backend's requests.
 pub struct ConfigChanges {
     name: String,
     notifier: NotifierSlot,
+    /// When the current minute began, and the changes logged in it.
+    logged: Mutex<(Option<Instant>, u32)>,
+}
+
+impl ConfigChanges {
+    /// The level to log the next change at.
+    fn level(&self) -> log::Level {
+        let mut logged = crate::bus::lock(&self.logged);
+        let now = Instant::now();
+        if logged
+            .0
+            .is_none_or(|since| now.duration_since(since) >= CHANGES_WINDOW)
+        {
+            *logged = (Some(now), 0);
+        }
+        logged.1 = logged.1.saturating_add(1);
+        match logged.1 {
+            n if n <= CHANGES_LOGGED => log::Level::Info,
+            n if n == CHANGES_LOGGED + 1 => {
+                log::warn!(
+                    "{}: {CHANGES_LOGGED} configuration changes from the backend within a minute; \
+                     the rest of the minute's are logged at debug level",
+                    self.name
+                );
+                log::Level::Debug
+            }
+            _ => log::Level::Debug,
+        }
+    }
 }
 
 impl VhostUserFrontendReqHandler for ConfigChanges {
     fn handle_config_change(&self) -> HandlerResult<u64> {
-        log::info!("{}: the backend's configuration changed", self.name);
+        let level = self.level();
+        log::log!(level, "{}: the backend's configuration changed", self.name);
         match crate::bus::lock(&self.notifier).as_ref() {
             Some(notifier) => notifier.notify(),
-            None => log::warn!("{}: no driver to tell of the change yet", self.name),
+            None => {
+                let level = if level == log::Level::Info {
+                    log::Level::Warn
+                } else {
+                    log::Level::Debug
+                };
+                log::log!(level, "{}: no driver to tell of the change yet", self.name);
+            }
         }
         Ok(0)
     }
@@ -99,6 +143,7 @@ impl BackendChannel {
         let changes = ConfigChanges {
             name: name.to_string(),
             notifier,
+            logged: Mutex::new((None, 0)),
         };
         let failed = |e| vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e));
         let stopped = EventFd::new(EFD_NONBLOCK).map_err(failed)?;
@@ -298,6 +343,24 @@ mod tests {
         let mut byte = [0u8];
         let read = std::io::Read::read(&mut backend, &mut byte);
         assert_eq!(read.ok(), Some(0), "the channel is still open");
+    }
+
+    /// A backend that says its configuration changed over and over gets
+    /// the first few of a minute logged at info level, the rest at debug.
+    #[test]
+    fn config_changes_in_a_loop_are_logged_at_debug_past_the_first_few() {
+        let changes = ConfigChanges {
+            name: "disk9".into(),
+            notifier: NotifierSlot::default(),
+            logged: Mutex::new((None, 0)),
+        };
+        let levels: Vec<log::Level> = (0..CHANGES_LOGGED + 3).map(|_| changes.level()).collect();
+        let shown = CHANGES_LOGGED as usize;
+        assert!(levels[..shown].iter().all(|l| *l == log::Level::Info));
+        assert!(levels[shown..].iter().all(|l| *l == log::Level::Debug));
+        // A new minute shows them again.
+        crate::bus::lock(&changes.logged).0 = Instant::now().checked_sub(CHANGES_WINDOW);
+        assert_eq!(changes.level(), log::Level::Info);
     }
 
     /// A backend that sends acked requests and never reads the acks holds
