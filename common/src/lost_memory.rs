@@ -290,6 +290,7 @@ extern "C" fn on_sigbus(
 /// Ends the current connection each time the handler reports a loss, and
 /// lets go of memory no worker uses any more meanwhile.
 fn end_connections(event: OwnedFd) {
+    let mut pruned = std::time::Instant::now();
     loop {
         let mut poll = libc::pollfd {
             fd: event.as_raw_fd(),
@@ -297,15 +298,23 @@ fn end_connections(event: OwnedFd) {
             revents: 0,
         };
         // SAFETY: polls one pollfd, a local that outlives the call.
-        match unsafe { libc::poll(&mut poll, 1, PRUNE_EVERY_MS) } {
-            0 => {
-                prune();
+        let ready = unsafe { libc::poll(&mut poll, 1, PRUNE_EVERY_MS) };
+        if pruned.elapsed().as_millis() >= PRUNE_EVERY_MS as u128 {
+            prune();
+            pruned = std::time::Instant::now();
+        }
+        if ready < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            n if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {
-                continue
-            }
-            _ => {}
+            log::error!(
+                "lost-memory events: {e}; a frontend whose memory goes away will not be dropped"
+            );
+            return;
+        }
+        if ready == 0 || poll.revents & libc::POLLIN == 0 {
+            continue;
         }
         let mut count = [0u8; 8];
         // SAFETY: reads 8 bytes into a local buffer from the eventfd owned

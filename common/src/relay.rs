@@ -14,8 +14,6 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub const HEADER_LEN: usize = 12;
@@ -44,9 +42,15 @@ pub struct Relay {
 
 impl Relay {
     /// Relays between `frontend` and `backend` until either side closes;
-    /// `inspect` sees what the frontend sends.
-    pub fn start(frontend: UnixStream, backend: UnixStream, inspect: Inspect) -> io::Result<Relay> {
-        Self::start_with_end(frontend, backend, inspect, Box::new(|| ()))
+    /// `inspect` sees what the frontend sends. `offered` is the backend's
+    /// protocol features: the frontend may ack no others.
+    pub fn start(
+        frontend: UnixStream,
+        backend: UnixStream,
+        offered: u64,
+        inspect: Inspect,
+    ) -> io::Result<Relay> {
+        Self::start_with_end(frontend, backend, offered, inspect, Box::new(|| ()))
     }
 
     /// `start`, with `frontend_left` run as soon as the frontend's side
@@ -55,15 +59,12 @@ impl Relay {
     pub fn start_with_end(
         frontend: UnixStream,
         backend: UnixStream,
+        offered: u64,
         mut inspect: Inspect,
         frontend_left: Box<dyn FnOnce() + Send>,
     ) -> io::Result<Relay> {
         let (f_read, f_write) = (frontend.try_clone()?, frontend);
         let (b_read, b_write) = (backend.try_clone()?, backend);
-        // The protocol features the backend offered: the vhost crate takes
-        // whatever the frontend acks, offered or not.
-        let offered = Arc::new(AtomicU64::new(0));
-        let offered_in = offered.clone();
         let to_backend = std::thread::Builder::new()
             .name("relay-in".into())
             .spawn(move || {
@@ -71,7 +72,7 @@ impl Relay {
                     check_memory_regions(m)?;
                     check_ring_events(m)?;
                     check_ring_size(m)?;
-                    check_protocol_features(m, offered_in.load(Ordering::Acquire))?;
+                    check_protocol_features(m, offered)?;
                     inspect(m, to)
                 });
                 frontend_left();
@@ -81,14 +82,7 @@ impl Relay {
             std::thread::Builder::new()
                 .name("relay-out".into())
                 .spawn(move || {
-                    let result = copy_messages(&b_read, &f_write, &mut |m, _| {
-                        if m.request == GET_PROTOCOL_FEATURES {
-                            if let Ok(bits) = <[u8; 8]>::try_from(m.payload) {
-                                offered.store(u64::from_le_bytes(bits), Ordering::Release);
-                            }
-                        }
-                        Ok(())
-                    });
+                    let result = copy_messages(&b_read, &f_write, &mut |_, _| Ok(()));
                     finish("backend", result, &f_write);
                 })?;
         Ok(Relay {
@@ -209,11 +203,11 @@ fn check_ring_size(message: &Message<'_>) -> io::Result<()> {
     Ok(())
 }
 
-const GET_PROTOCOL_FEATURES: u32 = 15;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 
 /// Refuses (ending the connection) protocol features the backend did not
-/// offer (`offered`, from its reply to GET_PROTOCOL_FEATURES): the vhost
+/// offer (`offered`; a frontend that reconnects may ack what it saved
+/// without asking again, as Cloud Hypervisor does): the vhost
 /// crate would take them and serve requests the backend is not built for
 /// (added memory regions beyond what it guards, a device reset it does
 /// not clear its rings on).
@@ -237,13 +231,16 @@ fn check_protocol_features(message: &Message<'_>, offered: u64) -> io::Result<()
 }
 
 /// Refuses (ending the connection) a ring's kick, call or error descriptor
-/// that is not a non-blocking eventfd: the vhost crates read and write it
-/// 8 bytes at a time and end a ring's worker thread on a short read or a
-/// hang-up (a pipe), which leaves that queue's requests in flight for
-/// ever; and a blocking one would hold a worker, with its ring locked, in
-/// a write to a full counter or a read of an empty one, and the frontend's
-/// next message about that ring with it, for ever. (QEMU, DPDK and our
-/// `vmm` make them non-blocking.)
+/// that is not an eventfd: the vhost crates read and write it 8 bytes at a
+/// time and end a ring's worker thread on a short read or a hang-up (a
+/// pipe), which leaves that queue's requests in flight for ever. A
+/// blocking eventfd (crosvm's) is made non-blocking: the crates read a
+/// kick once epoll says it is readable, and a frontend that takes the
+/// count first (or gives two rings one eventfd) would otherwise hold the
+/// worker, with its ring locked, in that read for ever, and every later
+/// message about the ring with it. The flag belongs to the file, so the
+/// frontend's descriptor turns non-blocking too; QEMU, DPDK and our `vmm`
+/// make them so anyway, and a frontend waits for these with poll.
 fn check_ring_events(message: &Message<'_>) -> io::Result<()> {
     if !(SET_VRING_KICK..=SET_VRING_ERR).contains(&message.request) {
         return Ok(());
@@ -262,20 +259,36 @@ fn check_ring_events(message: &Message<'_>) -> io::Result<()> {
                 rc == 0 && stat.st_mode & libc::S_IFMT == 0
             }
         };
-        // SAFETY: F_GETFL on an open descriptor takes no memory.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
         let fault = if !is_eventfd {
-            Some("is not an eventfd")
-        } else if flags < 0 || flags & libc::O_NONBLOCK == 0 {
-            Some("is a blocking eventfd (EFD_NONBLOCK is needed)")
+            Some("is not an eventfd".to_string())
         } else {
-            None
+            make_nonblocking(fd)
+                .err()
+                .map(|e| format!("cannot be made non-blocking: {e}"))
         };
         if let Some(fault) = fault {
             let e = format!("request {}: the ring's descriptor {fault}", message.request);
             log::warn!("the frontend's {e}; ending the connection");
             return Err(io::Error::new(io::ErrorKind::InvalidData, e));
         }
+    }
+    Ok(())
+}
+
+fn make_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL on an open descriptor (owned by the message) takes
+    // no memory.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK != 0 {
+        return Ok(());
+    }
+    log::debug!("a ring's eventfd is blocking; making it non-blocking");
+    // SAFETY: F_SETFL with an int argument on the same descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -459,6 +472,9 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// Every protocol feature offered.
+    const ALL: u64 = u64::MAX;
+
     fn read(stream: &UnixStream) -> (u32, Vec<u8>, usize) {
         let (m, fds) = read_message(stream).unwrap().expect("a message");
         let request = u32::from_le_bytes(m[..4].try_into().unwrap());
@@ -477,7 +493,7 @@ mod tests {
             }
             Ok(())
         });
-        let relay = Relay::start(relay_front, relay_back, inspect).unwrap();
+        let relay = Relay::start(relay_front, relay_back, ALL, inspect).unwrap();
 
         let file = std::fs::File::open("/dev/null").unwrap();
         send_message(&frontend, &message(5, &[1, 2, 3, 4]), &[file.as_raw_fd()]).unwrap();
@@ -534,7 +550,7 @@ mod tests {
         // Within their files (the second region at an offset): passed on.
         let (frontend, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, backend) = UnixStream::pair().unwrap();
-        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        let relay = Relay::start(relay_front, relay_back, ALL, Box::new(|_, _| Ok(()))).unwrap();
         let fits = memory_table(&[(1 << 20, 0), (32 << 10, 32 << 10)]);
         send_message(&frontend, &fits, &fds).unwrap();
         assert_eq!(
@@ -551,7 +567,8 @@ mod tests {
         for (size, offset) in [(1 << 20, 0), (u64::MAX, 2)] {
             let (frontend, relay_front) = UnixStream::pair().unwrap();
             let (relay_back, backend) = UnixStream::pair().unwrap();
-            let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+            let relay =
+                Relay::start(relay_front, relay_back, ALL, Box::new(|_, _| Ok(()))).unwrap();
             let mut payload = vec![0u8; 8];
             for word in [0, size, 0x7f00_0000_0000, offset] {
                 payload.extend_from_slice(&u64::to_le_bytes(word));
@@ -571,18 +588,21 @@ mod tests {
     }
 
     #[test]
-    fn a_blocking_ring_eventfd_ends_the_relay() {
+    fn a_blocking_ring_eventfd_is_made_non_blocking() {
         let (frontend, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, backend) = UnixStream::pair().unwrap();
-        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        let relay = Relay::start(relay_front, relay_back, ALL, Box::new(|_, _| Ok(()))).unwrap();
         let blocking = eventfd(0);
-        send_message(
-            &frontend,
-            &message(13, &0u64.to_le_bytes()),
-            &[blocking.as_raw_fd()],
-        )
-        .unwrap();
-        assert_ends(&backend);
+        let ring_0 = 0u64.to_le_bytes();
+        send_message(&frontend, &message(13, &ring_0), &[blocking.as_raw_fd()]).unwrap();
+        assert_eq!(read(&backend), (13, ring_0.to_vec(), 1));
+        // SAFETY: F_GETFL on an open descriptor takes no memory.
+        let flags = unsafe { libc::fcntl(blocking.as_raw_fd(), libc::F_GETFL) };
+        assert!(
+            flags >= 0 && flags & libc::O_NONBLOCK != 0,
+            "still blocking"
+        );
+        drop(frontend);
         relay.join();
     }
 
@@ -590,7 +610,7 @@ mod tests {
     fn a_ring_size_that_is_not_a_power_of_two_ends_the_relay() {
         let (mut frontend, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, backend) = UnixStream::pair().unwrap();
-        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        let relay = Relay::start(relay_front, relay_back, ALL, Box::new(|_, _| Ok(()))).unwrap();
         let state = |index: u32, num: u32| {
             let mut payload = index.to_le_bytes().to_vec();
             payload.extend_from_slice(&num.to_le_bytes());
@@ -610,22 +630,10 @@ mod tests {
     #[test]
     fn protocol_features_not_offered_end_the_relay() {
         let (mut frontend, relay_front) = UnixStream::pair().unwrap();
-        let (relay_back, mut backend) = UnixStream::pair().unwrap();
-        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        let (relay_back, backend) = UnixStream::pair().unwrap();
         // Offered: MQ (0) and REPLY_ACK (3).
-        let offered = 0b1001u64.to_le_bytes();
-        frontend
-            .write_all(&message(GET_PROTOCOL_FEATURES, &[]))
-            .unwrap();
-        assert_eq!(read(&backend).0, GET_PROTOCOL_FEATURES);
-        backend
-            .write_all(&message(GET_PROTOCOL_FEATURES, &offered))
-            .unwrap();
-        assert_eq!(
-            read(&frontend),
-            (GET_PROTOCOL_FEATURES, offered.to_vec(), 0)
-        );
-        // Part of what was offered: passed on.
+        let relay = Relay::start(relay_front, relay_back, 0b1001, Box::new(|_, _| Ok(()))).unwrap();
+        // Part of what was offered, without asking first: passed on.
         let acked = 0b1000u64.to_le_bytes();
         frontend
             .write_all(&message(SET_PROTOCOL_FEATURES, &acked))
@@ -633,7 +641,7 @@ mod tests {
         assert_eq!(read(&backend), (SET_PROTOCOL_FEATURES, acked.to_vec(), 0));
         // CONFIGURE_MEM_SLOTS (15) was not offered.
         let more = (0b1001u64 | 1 << 15).to_le_bytes();
-        (&frontend)
+        frontend
             .write_all(&message(SET_PROTOCOL_FEATURES, &more))
             .unwrap();
         assert_ends(&backend);
@@ -644,7 +652,7 @@ mod tests {
     fn a_ring_descriptor_that_is_not_an_eventfd_ends_the_relay() {
         let (frontend, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, backend) = UnixStream::pair().unwrap();
-        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        let relay = Relay::start(relay_front, relay_back, ALL, Box::new(|_, _| Ok(()))).unwrap();
         let event = eventfd(libc::EFD_NONBLOCK);
         let ring_0 = 0u64.to_le_bytes();
         for request in [12, 13, 14] {
@@ -665,7 +673,7 @@ mod tests {
     fn an_oversized_payload_ends_the_relay() {
         let (mut frontend, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, backend) = UnixStream::pair().unwrap();
-        let relay = Relay::start(relay_front, relay_back, Box::new(|_, _| Ok(()))).unwrap();
+        let relay = Relay::start(relay_front, relay_back, ALL, Box::new(|_, _| Ok(()))).unwrap();
         let mut header = message(5, &[]);
         header[8..12].copy_from_slice(&(1u32 << 20).to_le_bytes());
         frontend.write_all(&header).unwrap();

@@ -286,9 +286,10 @@ impl QueueIo {
 }
 
 /// Whether a transfer that completed with `result` moved all its bytes. A
-/// short one (io_uring may stop a buffered transfer early, as a plain
-/// read(2) may) has its rest moved here, synchronously, as the synchronous
-/// path would: only the end of the file or an error fails it.
+/// short one (the kernel may end a direct transfer early, as read(2) and
+/// write(2) may) has its rest moved here, synchronously, as the
+/// synchronous path would: only the end of the file or an error fails it
+/// (with O_DIRECT, so does a rest that does not start on a block).
 fn settle(done: &InFlight, result: i32) -> bool {
     let io = &done.io;
     let what = if io.write { "write" } else { "read" };

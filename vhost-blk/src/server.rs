@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_common::relay::{self, Relay};
 
@@ -90,6 +90,7 @@ fn serve_frontends(
         let relay = Relay::start_with_end(
             frontend,
             inner,
+            backend.protocol_features().bits(),
             changes.watch(),
             Box::new(move || left.frontend_left()),
         )

@@ -57,7 +57,8 @@ mod tests {
     fn relay() -> (UnixStream, UnixStream, Relay) {
         let (frontend, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, backend) = UnixStream::pair().unwrap();
-        let relay = Relay::start(relay_front, relay_back, protocol_features_first()).unwrap();
+        let relay =
+            Relay::start(relay_front, relay_back, u64::MAX, protocol_features_first()).unwrap();
         (frontend, backend, relay)
     }
 

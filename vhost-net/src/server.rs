@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{Device, NetBackend};
@@ -63,8 +63,14 @@ fn serve_frontends(
         };
         let inner = UnixStream::connect(inner_path).map_err(serve_err)?;
         vmm_common::lost_memory::end_on_loss(&frontend).map_err(serve_err)?;
-        let relay = Relay::start(frontend, inner, crate::relay::protocol_features_first())
-            .map_err(serve_err)?;
+        let offered = backend.protocol_features().bits();
+        let relay = Relay::start(
+            frontend,
+            inner,
+            offered,
+            crate::relay::protocol_features_first(),
+        )
+        .map_err(serve_err)?;
         if let Err(e) = daemon.start(&mut listener) {
             // Accepting failed: the socket itself is broken.
             return Err(ServeError::Serve(socket.to_path_buf(), format!("{e:?}")));

@@ -71,13 +71,10 @@ impl Msix {
 
     /// The guest wrote the capability's message control word.
     pub fn set_control(&mut self, control: u16) {
-        let enabled = control & CONTROL_ENABLE != 0;
-        let function_masked = control & CONTROL_FUNCTION_MASK != 0;
-        if (enabled, function_masked) == (self.enabled, self.function_masked) {
-            return;
-        }
-        self.enabled = enabled;
-        self.function_masked = function_masked;
+        self.enabled = control & CONTROL_ENABLE != 0;
+        self.function_masked = control & CONTROL_FUNCTION_MASK != 0;
+        // Cheap when nothing changed (a vector re-routes only a new
+        // message), and a vector whose route failed is tried again.
         self.refresh_all();
     }
 

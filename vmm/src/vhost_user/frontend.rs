@@ -690,22 +690,27 @@ impl VirtioDevice for VhostUserDevice {
             );
             return;
         }
-        if self.broken.load(Ordering::Acquire) {
-            return;
-        }
         let Ok(at) = u32::try_from(offset) else {
             return;
         };
+        if self.broken.load(Ordering::Acquire) {
+            // For the next backend.
+            self.record_config_write(at, data);
+            return;
+        }
         let written = exchange(&mut self.fe(), name, "SET_CONFIG", REPLY_TIMEOUT, |f| {
             f.set_config(at, VhostUserConfigFlags::empty(), data)
         });
         match written {
-            Ok(()) => {
-                self.config_written
-                    .retain(|(o, bytes)| (*o, bytes.len()) != (at, data.len()));
-                self.config_written.push((at, data.to_vec()));
+            Ok(()) => self.record_config_write(at, data),
+            Err(e) => {
+                if !e.refused() {
+                    // Lost with the backend, not refused: the next one
+                    // gets it.
+                    self.record_config_write(at, data);
+                }
+                self.config_failed(&format!("writing config space at {offset:#x}"), &e);
             }
-            Err(e) => self.config_failed(&format!("writing config space at {offset:#x}"), &e),
         }
     }
 
@@ -998,9 +1003,9 @@ impl VhostUserDevice {
         drop(flags);
         log::warn!("{}: the vhost-user backend reconnected", self.spec.name);
         self.status.changed();
-        if self.spec.config_from_backend {
+        if self.spec.config_from_backend && self.activation.is_some() {
             // The new backend's configuration (a disk's capacity, say) may
-            // not be the last one's: the driver reads it again.
+            // not be the last one's: a running driver reads it again.
             if let Some(notifier) = crate::bus::lock(&self.config_notifier).as_ref() {
                 notifier.notify();
             }
@@ -1008,14 +1013,30 @@ impl VhostUserDevice {
         Ok(())
     }
 
+    /// Keeps what the driver wrote at `at` for a backend that reconnects,
+    /// and serves it while the backend is away.
+    fn record_config_write(&mut self, at: u32, data: &[u8]) {
+        self.config_written
+            .retain(|(o, bytes)| (*o, bytes.len()) != (at, data.len()));
+        self.config_written.push((at, data.to_vec()));
+        let start = at as usize;
+        if let Some(seen) = self.config_seen.get_mut(start..start + data.len()) {
+            seen.copy_from_slice(data);
+        }
+    }
+
     /// Sends a new backend what the driver wrote to the configuration
     /// space before it came. One it refuses keeps its own value, which the
-    /// driver reads from it from now on.
+    /// driver reads from it from now on; one it fails otherwise is dropped
+    /// (so the next backend is not failed by it too) and fails the
+    /// reconnect.
     fn replay_config_writes(&mut self) -> Result<(), String> {
         let name = self.spec.name.clone();
-        for (at, bytes) in &self.config_written {
+        let mut index = 0;
+        while let Some((at, bytes)) = self.config_written.get(index).cloned() {
+            index += 1;
             let written = exchange(&mut self.fe(), &name, "SET_CONFIG", REPLY_TIMEOUT, |f| {
-                f.set_config(*at, VhostUserConfigFlags::empty(), bytes)
+                f.set_config(at, VhostUserConfigFlags::empty(), &bytes)
             });
             match written {
                 Ok(()) => log::info!(
@@ -1026,6 +1047,7 @@ impl VhostUserDevice {
                      it keeps its own value"
                 ),
                 Err(e) => {
+                    self.config_written.remove(index - 1);
                     // Out of step with the backend, as for a ring handover.
                     cut_off(&self.frontend, &self.broken, &e);
                     return Err(format!("sending the driver's config write at {at:#x}: {e}"));
@@ -1614,9 +1636,10 @@ mod tests {
         assert!(device.status().connected(), "cut off for a refusal");
     }
 
-    /// What the driver wrote to a writable field (a disk's cache mode)
-    /// reaches a backend that reconnects, and the driver is told to read
-    /// the configuration again; a device reset forgets the write.
+    /// What the driver wrote to a writable field (a disk's cache mode),
+    /// before the backend was lost or while it was away, reaches the next
+    /// backend, and the running driver is told to read the configuration
+    /// again; a device reset forgets the writes.
     #[test]
     fn config_writes_reach_a_reconnected_backend_until_the_device_resets() {
         let (mut device, requests) = scripted_disk(Script {
@@ -1627,33 +1650,42 @@ mod tests {
         let notifier = ConfigNotifier::new(vec![vector.try_clone().expect("dup")]);
         notifier.set_vector(0);
         device.set_config_notifier(notifier.clone());
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("start");
+        // The driver reads the field, then writes it.
+        let mut read = [0u8; 1];
+        device.read_config(32, &mut read);
         device.write_config(32, &[0]);
         assert!(wait_closed(&requests));
         wait_hung_up(&device);
+        // While the backend is away: kept, and read back.
+        device.write_config(32, &[1]);
+        device.read_config(32, &mut read);
+        assert_eq!(read, [1]);
+        assert_eq!(device.config_written, [(32, vec![1])]);
 
-        let set_writeback = Seen::Request(SET_CONFIG, 32 | 1 << 32);
         let generation = notifier.generation();
-        let (ours, requests) = spawn_backend(Script {
-            quit_after: Some(SET_CONFIG),
-            ..Script::default()
-        });
-        let backend = device.handshake().run(ours).expect("handshake");
-        device.reattach(backend).expect("reattach");
-        let seen = seen_until_quiet(&requests, WAIT);
-        assert!(seen.contains(&set_writeback), "not sent again: {seen:?}");
-        assert_eq!(notifier.generation(), generation.wrapping_add(1));
-        assert_eq!(vector.read().ok(), Some(1), "no configuration interrupt");
-        wait_hung_up(&device);
-
-        device.reset();
         let (ours, requests) = spawn_backend(Script::default());
         let backend = device.handshake().run(ours).expect("handshake");
         device.reattach(backend).expect("reattach");
         let seen = drain(&requests);
-        assert!(
-            !seen.contains(&set_writeback),
-            "sent after a reset: {seen:?}"
-        );
+        let set = seen
+            .iter()
+            .position(|s| *s == Seen::Request(SET_CONFIG, 32 | 1 << 32))
+            .unwrap_or_else(|| panic!("not sent again: {seen:?}"));
+        let rings = seen
+            .iter()
+            .position(|s| matches!(s, Seen::Request(SET_VRING_KICK, _)))
+            .expect("rings handed over");
+        assert!(set < rings, "the rings ran before the cache mode was set");
+        assert_eq!(notifier.generation(), generation.wrapping_add(1));
+        assert_eq!(vector.read().ok(), Some(1), "no configuration interrupt");
+
+        device.reset();
+        assert!(device.config_written.is_empty(), "kept across a reset");
     }
 
     /// A malformed reply leaves the connection out of step: the backend is
