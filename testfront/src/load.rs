@@ -173,8 +173,14 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
 pub struct Rng(u64);
 
 impl Rng {
+    /// Every seed its own sequence: the seed is mixed (splitmix64's
+    /// finalizer) into a state xorshift can use (any but zero).
     pub fn new(seed: u64) -> Self {
-        Rng(seed | 1)
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        Rng(if z == 0 { 0x9e37_79b9_7f4a_7c15 } else { z })
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -476,6 +482,14 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn neighbouring_seeds_give_different_sequences() {
+        let first = |seed| Rng::new(seed).next_u64();
+        assert_ne!(first(0), first(1));
+        assert_ne!(first(2), first(3));
+        assert_eq!(first(7), first(7));
+    }
 
     fn spec(random: bool, queues: usize) -> LoadSpec {
         LoadSpec {
