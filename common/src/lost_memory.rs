@@ -287,6 +287,10 @@ extern "C" fn on_sigbus(
     }
 }
 
+fn events_failed(e: &io::Error) {
+    log::error!("lost-memory events: {e}; a frontend whose memory goes away will not be dropped");
+}
+
 /// Ends the current connection each time the handler reports a loss, and
 /// lets go of memory no worker uses any more meanwhile.
 fn end_connections(event: OwnedFd) {
@@ -308,10 +312,7 @@ fn end_connections(event: OwnedFd) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            log::error!(
-                "lost-memory events: {e}; a frontend whose memory goes away will not be dropped"
-            );
-            return;
+            return events_failed(&e);
         }
         if ready == 0 || poll.revents & libc::POLLIN == 0 {
             continue;
@@ -325,10 +326,7 @@ fn end_connections(event: OwnedFd) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            log::error!(
-                "lost-memory events: {e}; a frontend whose memory goes away will not be dropped"
-            );
-            return;
+            return events_failed(&e);
         }
         let (guest_addr, len) = (
             LOST_GUEST_ADDR.load(Ordering::Relaxed),

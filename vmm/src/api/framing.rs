@@ -71,12 +71,7 @@ impl Splitter {
                 return out;
             }
             if self.in_string {
-                match (self.escaped, b) {
-                    (true, _) => self.escaped = false,
-                    (false, b'\\') => self.escaped = true,
-                    (false, b'"') => self.in_string = false,
-                    _ => {}
-                }
+                self.string_byte(b);
                 continue;
             }
             match b {
@@ -107,6 +102,16 @@ impl Splitter {
         out
     }
 
+    /// One byte inside a string: only an unescaped quote ends it.
+    fn string_byte(&mut self, b: u8) {
+        match (self.escaped, b) {
+            (true, _) => self.escaped = false,
+            (false, b'\\') => self.escaped = true,
+            (false, b'"') => self.in_string = false,
+            _ => {}
+        }
+    }
+
     /// One byte of a broken value being dropped, `open` brackets deep.
     fn skip(&mut self, b: u8, open: usize) {
         if b == b'\n' {
@@ -115,12 +120,7 @@ impl Splitter {
             return;
         }
         if self.in_string {
-            match (self.escaped, b) {
-                (true, _) => self.escaped = false,
-                (false, b'\\') => self.escaped = true,
-                (false, b'"') => self.in_string = false,
-                _ => {}
-            }
+            self.string_byte(b);
             return;
         }
         self.skipping = match b {

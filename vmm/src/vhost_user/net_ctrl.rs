@@ -471,6 +471,16 @@ mod tests {
         assert!(recorder.0.is_empty(), "no command ran");
     }
 
+    /// VQ_PAIRS_SET for `pairs` queue pairs.
+    fn set(pairs: u8) -> [u8; 4] {
+        [
+            VIRTIO_NET_CTRL_MQ,
+            VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+            pairs,
+            0,
+        ]
+    }
+
     /// A pair count set while the backend is away is recorded for the next
     /// one and acked: a driver told ERR keeps its old count and would leave
     /// the rings the next backend serves without buffers.
@@ -481,14 +491,6 @@ mod tests {
             max_pairs: 2,
             set_up: vec![0, 1, 2, 3],
             rings: RingSwitch::without_backend(4),
-        };
-        let set = |pairs: u8| {
-            [
-                VIRTIO_NET_CTRL_MQ,
-                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
-                pairs,
-                0,
-            ]
         };
         assert_eq!(controller.execute(&set(1)), Ack::Ok);
         let refused = |ack| matches!(ack, Ack::Refused(_));
@@ -506,14 +508,6 @@ mod tests {
             max_pairs: 2,
             set_up: vec![0, 1, 2],
             rings: RingSwitch::without_backend(4),
-        };
-        let set = |pairs: u8| {
-            [
-                VIRTIO_NET_CTRL_MQ,
-                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
-                pairs,
-                0,
-            ]
         };
         assert_eq!(controller.execute(&set(1)), Ack::Ok);
         assert!(matches!(controller.execute(&set(2)), Ack::Refused(e) if e.contains("ring 3")));
