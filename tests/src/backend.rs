@@ -67,6 +67,23 @@ impl Backend {
         Backend::spawn(cmd, socket)
     }
 
+    /// After round `round` of a frontend that shrank its memory under the
+    /// backend: the backend said it dropped that frontend, and still runs.
+    pub fn dropped_a_frontend_whose_memory_shrank(&mut self, round: usize) {
+        self.log
+            .wait_for_nth(
+                "went away under the backend",
+                round,
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|e| panic!("round {round}: {e}; log:\n{}", self.log.text()));
+        assert!(
+            self.child.try_wait().expect("try_wait").is_none(),
+            "round {round}: the backend exited; log:\n{}",
+            self.log.text()
+        );
+    }
+
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid with a valid signal number.
         unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
