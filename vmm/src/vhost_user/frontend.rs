@@ -1059,7 +1059,7 @@ impl VhostUserDevice {
 
     /// Stops every ring the device started.
     pub fn stop_rings(&mut self) {
-        self.activation = None;
+        let was_running = self.activation.take().is_some();
         // The next driver negotiates afresh: nothing is acked until then.
         self.status.acked_features.store(0, Ordering::Relaxed);
         if self.broken.load(Ordering::Acquire) {
@@ -1106,7 +1106,9 @@ impl VhostUserDevice {
             log::error!("{name}: stopping ring {index}: {e}{whole}; cutting the backend off");
             cut_off(&self.frontend, &self.broken, &e);
         }
-        log::info!("{}: reset", self.spec.name);
+        if was_running {
+            log::info!("{}: reset", self.spec.name);
+        }
     }
 }
 

@@ -261,7 +261,7 @@ impl VirtioDevice for NetDevice {
 
     fn reset(&mut self) {
         self.control = None;
-        self.inner.stop_rings();
+        VirtioDevice::reset(&mut self.inner);
     }
 
     fn reconnect(&mut self, backend: NewBackend) -> Result<(), String> {

@@ -127,7 +127,9 @@ pub trait VirtioDevice: Send {
         driver_features: u64,
         queues: &[ActiveQueue<'_>],
     ) -> Result<(), ActivateError>;
-    /// The driver reset the device: stop the data path.
+    /// The device was reset, by its driver or with the platform, whether it
+    /// had started or not: stop the data path if it runs, and forget what
+    /// the driver set (its configuration-space writes too).
     fn reset(&mut self);
     /// Hands the device the transport's configuration-change notification,
     /// once, before the driver runs (devices whose configuration never

@@ -577,9 +577,9 @@ impl VirtioPciDevice {
     }
 
     fn reset(&mut self) {
-        if self.status & STATUS_DRIVER_OK != 0 {
-            self.device.reset();
-        }
+        // Also before DRIVER_OK: the device forgets what this driver wrote
+        // to its configuration space.
+        self.device.reset();
         self.status = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
@@ -942,6 +942,20 @@ mod tests {
         assert_eq!(read(&mut dev, 0x14, 1), 0);
         write(&mut dev, 0x16, 1, 2);
         assert_eq!(read(&mut dev, 0x1c, 2), 0, "reset disables the queues");
+    }
+
+    /// A reset before DRIVER_OK reaches the device too, so that it forgets
+    /// configuration writes a driver made while setting up.
+    #[test]
+    fn a_reset_before_driver_ok_reaches_the_device() {
+        let (mut dev, record) = mock_transport();
+        write(&mut dev, 0x14, 1 | 2, 1);
+        dev.bar_write(0, DEVICE_CONFIG_OFFSET + 0x20, &[0]);
+        write(&mut dev, 0x14, 0, 1);
+        let rec = record.lock().unwrap();
+        assert_eq!(rec.config_writes, vec![(0x20, vec![0])]);
+        assert_eq!(rec.resets, 1);
+        assert!(rec.activated.is_empty());
     }
 
     /// VIRTIO 1.x lets a driver write the 64-bit ring addresses whole as
