@@ -32,13 +32,18 @@
 # guest gave them (so that a restarted backend repeats and skips nothing),
 # and a read queued behind a write cannot come back before it, while
 # qemu-storage-daemon returns each as it finishes.
-# Usage: [PAGES=2m|4k] scripts/bench-blk.sh [SECONDS per run, default 5] [ROUNDS, default 3]
+# Each run first warms up for WARMUP seconds (default 1) that no figure counts:
+# the load generator's --warmup, fio's --ramp_time.
+# Usage: [PAGES=2m|4k] [WARMUP=s] scripts/bench-blk.sh [SECONDS per run, default 5] [ROUNDS, default 3]
 set -euo pipefail
 # A failing tool inside $(...) fails the script too, not just its subshell.
 shopt -s inherit_errexit
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SECS="${1:-5}"
 ROUNDS="${2:-3}"
+WARMUP="${WARMUP:-1}"
+[[ "$WARMUP" =~ ^[0-9]+$ ]] ||
+    { echo "bench-blk: WARMUP '$WARMUP': expected a whole number of seconds" >&2; exit 1; }
 for value in "SECONDS per run:$SECS" "ROUNDS:$ROUNDS"; do
     [[ "${value#*:}" =~ ^[1-9][0-9]*$ ]] ||
         { echo "bench-blk: ${value%%:*} '${value#*:}': expected a whole number, 1 or more" >&2; exit 1; }
@@ -124,26 +129,26 @@ stop_backend() {
 
 loadgen() { # socket queues size pattern op -> "iops mbps"
     "$LOADGEN" --socket "$1" --queues "$2" --depth 32 --size "$3" --pattern "$4" \
-        --op "$5" --time "$SECS" "${LOADGEN_MEM[@]}" --json --quiet |
+        --op "$5" --warmup "$WARMUP" --time "$SECS" "${LOADGEN_MEM[@]}" --json --quiet |
         python3 -c 'import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(d["iops"], d["mbps"])'
 }
 
 loadgen_mixed() { # socket -> "read-IOPS read-p50 read-p99 write-p50" (us)
     "$LOADGEN" --socket "$1" --queues 1 --depth 32 --op mixed --size 4k --write-size 64k \
-        --pattern rand --time "$SECS" "${LOADGEN_MEM[@]}" --json --quiet |
+        --pattern rand --warmup "$WARMUP" --time "$SECS" "${LOADGEN_MEM[@]}" --json --quiet |
         python3 -c 'import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(d["read_iops"], d["read_p50_us"], d["read_p99_us"], d["write_p50_us"])'
 }
 
 fio_mixed() { # image -> as loadgen_mixed
     fio --name=mixed --filename="$1" --direct=1 --bs=4k,64k --rw=randrw --rwmixread=50 \
-        --iodepth=32 --ioengine=io_uring --runtime="$SECS" --time_based --lat_percentiles=1 \
+        --iodepth=32 --ioengine=io_uring --ramp_time="$WARMUP" --runtime="$SECS" --time_based --lat_percentiles=1 \
         --output-format=json 2>>"$WORK/fio.log" |
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; p=lambda d,q: round(d["lat_ns"]["percentile"][q]/1000,1); r,w=j["read"],j["write"]; print(round(r["iops"]), p(r,"50.000000"), p(r,"99.000000"), p(w,"50.000000"))'
 }
 
 fio_ceiling() { # image direct jobs size rw -> "iops mbps"
     fio --name=ceiling --filename="$1" --direct="$2" --numjobs="$3" --bs="$4" --rw="$5" \
-        --iodepth=32 --ioengine=io_uring --runtime="$SECS" --time_based --group_reporting \
+        --iodepth=32 --ioengine=io_uring --ramp_time="$WARMUP" --runtime="$SECS" --time_based --group_reporting \
         --output-format=json 2>>"$WORK/fio.log" |
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; print(round(d["iops"]), round(d["bw_bytes"]/1e6,1))'
 }

@@ -10,6 +10,7 @@
 //! - `pipeline`: up to `depth` virtio-blk requests in flight on one queue.
 //! - `malformed`: vhost-user messages no frontend should send.
 //! - `fuzz`: random and mutated descriptor chains.
+//! - `latency`: request latencies as a histogram of fixed size.
 //! - `load`: the engine of the `vhost-loadgen` benchmark.
 //! - `netload`: the engine of the `vhost-netload` benchmark (frames through
 //!   a net backend and its tap, either way).
@@ -20,6 +21,7 @@
 pub mod blk;
 pub mod connection;
 pub mod fuzz;
+pub mod latency;
 pub mod load;
 pub mod malformed;
 pub mod memory;

@@ -11,12 +11,13 @@ use thiserror::Error;
 
 use crate::blk::{BlkError, BLK_FEATURES, S_OK, T_IN, T_OUT};
 use crate::connection::{Connection, ConnectionError, Options};
+use crate::latency::Latencies;
 use crate::pipeline::{Done, Pipeline, Request};
 use crate::virtqueue::Layout;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO;
 
 /// How long a queue may go without a completion before the backend counts
-/// as hung.
+/// as hung, unless the spec says otherwise.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long to retry a connection the backend is not ready for.
@@ -43,8 +44,15 @@ pub struct LoadSpec {
     pub size: u32,
     pub random: bool,
     pub op: Op,
+    /// How long the load runs before it is measured: what completes in it
+    /// counts in no figure.
+    pub warmup: Duration,
+    /// How long the measured part runs.
     pub duration: Duration,
-    /// Stop each queue after this many requests (None: run for `duration`).
+    /// How long a queue may wait for a completion before the run fails.
+    pub stall_timeout: Duration,
+    /// Stop each queue after this many requests, warm-up ones included
+    /// (None: run for `duration`).
     pub max_requests: Option<u64>,
     pub seed: u64,
     /// Guest memory; None sizes it to fit the rings and buffers.
@@ -105,6 +113,11 @@ pub enum LoadError {
         kind: &'static str,
         status: u8,
     },
+    #[error(
+        "queue {queue}: a read of {asked} bytes came back with used length {used}: \
+         the backend says it wrote less than the data and status byte"
+    )]
+    ShortRead { queue: usize, asked: u32, used: u32 },
     #[error("the disk is read-only (VIRTIO_BLK_F_RO): only --op read runs on it")]
     ReadOnly,
     #[error("queue {0}")]
@@ -120,12 +133,12 @@ pub struct Report {
     pub ops: u64,
     pub bytes: u64,
     pub elapsed: Duration,
-    /// Sorted request latencies in nanoseconds.
-    pub latencies: Vec<u64>,
-    /// The reads' latencies alone, sorted.
-    pub read_latencies: Vec<u64>,
-    /// The writes' latencies alone, sorted.
-    pub write_latencies: Vec<u64>,
+    /// Every request's latency.
+    pub latencies: Latencies,
+    /// The reads' latencies alone.
+    pub read_latencies: Latencies,
+    /// The writes' latencies alone.
+    pub write_latencies: Latencies,
 }
 
 impl Report {
@@ -139,33 +152,18 @@ impl Report {
 
     /// Reads completed per second.
     pub fn read_iops(&self) -> f64 {
-        self.read_latencies.len() as f64 / self.elapsed.as_secs_f64()
+        self.read_latencies.count() as f64 / self.elapsed.as_secs_f64()
     }
 
     /// Writes completed per second.
     pub fn write_iops(&self) -> f64 {
-        self.write_latencies.len() as f64 / self.elapsed.as_secs_f64()
+        self.write_latencies.count() as f64 / self.elapsed.as_secs_f64()
     }
 
     /// The `p`-th percentile latency in microseconds (nearest rank).
     pub fn percentile_us(&self, p: f64) -> f64 {
-        percentile_us(&self.latencies, p)
+        self.latencies.percentile_us(p)
     }
-}
-
-/// The `p`-th percentile of sorted nanoseconds, in microseconds.
-pub fn percentile_us(sorted: &[u64], p: f64) -> f64 {
-    percentile(sorted, p) as f64 / 1000.0
-}
-
-/// Nearest-rank percentile of sorted values (0 for none).
-pub fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    // The epsilon keeps 99.9% of 1000 at rank 999 despite rounding.
-    let rank = ((p / 100.0) * sorted.len() as f64 - 1e-9).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// A small deterministic generator (xorshift64*).
@@ -244,14 +242,15 @@ struct Worker {
 struct WorkerResult {
     /// When its last request completed (or it stopped, if none was left).
     finished: Instant,
-    reads: Vec<u64>,
-    writes: Vec<u64>,
+    reads: Latencies,
+    writes: Latencies,
     bytes: u64,
 }
 
 impl Worker {
     fn run(
         mut self,
+        measured_from: Instant,
         deadline: Instant,
         done_ops: &AtomicU64,
         stop: &AtomicBool,
@@ -260,8 +259,8 @@ impl Worker {
         let err = |e| LoadError::Queue(queue, e);
         let limit = self.spec.max_requests.unwrap_or(u64::MAX);
         let mut submitted = 0u64;
-        let mut reads = Vec::with_capacity(1 << 16);
-        let mut writes = Vec::with_capacity(1 << 16);
+        let mut reads = Latencies::default();
+        let mut writes = Latencies::default();
         let mut bytes = 0u64;
         let mut done: Vec<Done> = Vec::with_capacity(self.pipeline.depth());
         // A backend that signals without completing anything is as stuck
@@ -288,6 +287,7 @@ impl Worker {
             self.pipeline.kick().map_err(err)?;
             done.clear();
             self.pipeline.reap(&mut done).map_err(err)?;
+            let measured = Instant::now() >= measured_from;
             for d in &done {
                 // The tag is the request's number.
                 let (kind, len) = self.spec.request(d.tag);
@@ -300,21 +300,32 @@ impl Worker {
                         status: d.status,
                     });
                 }
+                if kind != T_OUT && d.used_len < len.saturating_add(1) {
+                    // Counted as read, it would inflate the figures.
+                    return Err(LoadError::ShortRead {
+                        queue,
+                        asked: len,
+                        used: d.used_len,
+                    });
+                }
+                if !measured {
+                    continue;
+                }
                 let latency = u64::try_from(d.latency.as_nanos()).unwrap_or(u64::MAX);
                 if kind == T_OUT {
-                    writes.push(latency);
+                    writes.record(latency);
                 } else {
-                    reads.push(latency);
+                    reads.record(latency);
                 }
                 bytes += u64::from(len);
             }
             done_ops.fetch_add(done.len() as u64, Ordering::Relaxed);
             if !done.is_empty() {
                 last_completion = Instant::now();
-            } else if last_completion.elapsed() >= STALL_TIMEOUT
-                || !self.pipeline.wait(STALL_TIMEOUT).map_err(err)?
+            } else if last_completion.elapsed() >= self.spec.stall_timeout
+                || !self.pipeline.wait(self.spec.stall_timeout).map_err(err)?
             {
-                return Err(LoadError::Stalled(queue, STALL_TIMEOUT));
+                return Err(LoadError::Stalled(queue, self.spec.stall_timeout));
             }
         }
         Ok(WorkerResult {
@@ -416,7 +427,8 @@ pub fn run(
     let done_ops = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
-    let deadline = start + spec.duration;
+    let measured_from = start + spec.warmup;
+    let deadline = measured_from + spec.duration;
     let handles: Vec<_> = workers
         .into_iter()
         .enumerate()
@@ -427,7 +439,7 @@ pub fn run(
                 // A worker that panics stops the others too, rather than
                 // leaving them to run to the deadline.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    w.run(deadline, &done_ops, &stop)
+                    w.run(measured_from, deadline, &done_ops, &stop)
                 }))
                 .unwrap_or(Err(LoadError::Panicked(i)));
                 if result.is_err() {
@@ -445,17 +457,17 @@ pub fn run(
             progress(done_ops.load(Ordering::Relaxed), start.elapsed());
         }
     }
-    // The run lasts until the last request completed, not until this
-    // thread next looked.
-    let mut finished = start;
+    // The measured run lasts until the last request completed, not until
+    // this thread next looked.
+    let mut finished = measured_from;
     let mut report = Report::default();
     let mut first_error = None;
     for (i, handle) in handles.into_iter().enumerate() {
         match handle.join() {
             Ok(Ok(r)) => {
                 finished = finished.max(r.finished);
-                report.read_latencies.extend(r.reads);
-                report.write_latencies.extend(r.writes);
+                report.read_latencies.merge(&r.reads);
+                report.write_latencies.merge(&r.writes);
                 report.bytes += r.bytes;
             }
             Ok(Err(e)) => {
@@ -470,12 +482,10 @@ pub fn run(
     if let Some(e) = first_error {
         return Err(e);
     }
-    report.elapsed = finished - start;
-    report.read_latencies.sort_unstable();
-    report.write_latencies.sort_unstable();
-    report.latencies = [&report.read_latencies[..], &report.write_latencies[..]].concat();
-    report.latencies.sort_unstable();
-    report.ops = report.latencies.len() as u64;
+    report.elapsed = finished.saturating_duration_since(measured_from);
+    report.latencies.merge(&report.read_latencies);
+    report.latencies.merge(&report.write_latencies);
+    report.ops = report.latencies.count();
     Ok(report)
 }
 
@@ -498,24 +508,14 @@ mod tests {
             size: 4096,
             random,
             op: Op::Read,
+            warmup: Duration::ZERO,
             duration: Duration::from_secs(1),
+            stall_timeout: STALL_TIMEOUT,
             max_requests: None,
             seed: 1,
             mem_size: None,
             hugepages: false,
         }
-    }
-
-    #[test]
-    fn percentiles_use_the_nearest_rank() {
-        let v: Vec<u64> = (1..=1000).collect();
-        assert_eq!(percentile(&v, 50.0), 500);
-        assert_eq!(percentile(&v, 99.0), 990);
-        assert_eq!(percentile(&v, 99.9), 999);
-        assert_eq!(percentile(&v, 100.0), 1000);
-        assert_eq!(percentile(&v, 0.0), 1);
-        assert_eq!(percentile(&[], 50.0), 0);
-        assert_eq!(percentile(&[7], 99.9), 7);
     }
 
     #[test]

@@ -1292,7 +1292,9 @@ fn short_load(socket: &Path, queues: usize, write: bool) -> Report {
         size: 4096,
         random: true,
         op: if write { Op::Write } else { Op::Read },
+        warmup: Duration::ZERO,
         duration: Duration::from_millis(700),
+        stall_timeout: load::STALL_TIMEOUT,
         max_requests: None,
         seed: 7,
         mem_size: None,
@@ -1322,7 +1324,9 @@ fn the_load_generator_drives_vhost_blk() {
         size: 65536,
         random: false,
         op: Op::Read,
+        warmup: Duration::ZERO,
         duration: Duration::from_secs(30),
+        stall_timeout: load::STALL_TIMEOUT,
         max_requests: Some(500),
         seed: 1,
         mem_size: Some(64 << 20),
@@ -1348,7 +1352,9 @@ fn the_load_generator_writes_nothing_to_a_read_only_disk() {
         size: 4096,
         random: true,
         op,
+        warmup: Duration::ZERO,
         duration: Duration::from_secs(30),
+        stall_timeout: load::STALL_TIMEOUT,
         max_requests: Some(50),
         seed: 5,
         mem_size: None,
@@ -1365,6 +1371,18 @@ fn the_load_generator_writes_nothing_to_a_read_only_disk() {
     let report = load::run(&socket, spec(Op::Read), |_, _| {}).expect("reads");
     assert_eq!(report.ops, 50);
     assert_eq!(std::fs::read(&img).expect("read the image"), before);
+
+    // Requests that all complete in the warm-up count in no figure.
+    let warm = LoadSpec {
+        warmup: Duration::from_secs(60),
+        ..spec(Op::Read)
+    };
+    let report = load::run(&socket, warm, |_, _| {}).expect("warm-up reads");
+    assert_eq!(
+        (report.ops, report.bytes, report.read_latencies.count()),
+        (0, 0, 0),
+        "warm-up requests were measured"
+    );
 }
 
 #[test]
@@ -1379,7 +1397,9 @@ fn a_mixed_load_counts_reads_and_writes_apart() {
         size: 4096,
         random: true,
         op: Op::Mixed { write_size: 65536 },
+        warmup: Duration::ZERO,
         duration: Duration::from_secs(30),
+        stall_timeout: load::STALL_TIMEOUT,
         max_requests: Some(300),
         seed: 3,
         mem_size: None,
@@ -1388,7 +1408,10 @@ fn a_mixed_load_counts_reads_and_writes_apart() {
     let report = load::run(&socket, spec, |_, _| {}).expect("load run");
     assert_eq!(report.ops, 600);
     assert_eq!(
-        (report.read_latencies.len(), report.write_latencies.len()),
+        (
+            report.read_latencies.count(),
+            report.write_latencies.count()
+        ),
         (300, 300),
         "each queue's requests take turns"
     );

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use vhost_test_frontend::load::{self, percentile_us, LoadSpec, Op, Report};
+use vhost_test_frontend::load::{self, LoadSpec, Op, Report};
 
 #[derive(Debug, Parser)]
 #[command(name = "vhost-loadgen", version, about)]
@@ -46,9 +46,17 @@ struct Args {
     /// default --size.
     #[arg(long, value_name = "SIZE")]
     write_size: Option<String>,
-    /// Seconds to run.
+    /// Seconds to run, measured.
     #[arg(long, default_value = "5")]
     time: f64,
+    /// Seconds to run first, unmeasured (caches, io_uring workers and the
+    /// backend's threads settle).
+    #[arg(long, default_value = "0", value_name = "SECS")]
+    warmup: f64,
+    /// Seconds a queue may wait for a completion before the backend
+    /// counts as hung and the run fails.
+    #[arg(long, default_value = "5", value_name = "SECS")]
+    stall_timeout: f64,
     /// Stop each queue after this many requests (before --time if sooner).
     #[arg(long, value_name = "N")]
     requests: Option<u64>,
@@ -122,8 +130,26 @@ fn spec(args: &Args) -> Result<LoadSpec, String> {
     if !(args.time > 0.0 && args.time <= 3600.0) {
         return Err(format!("--time {}: expected 0 to 3600 seconds", args.time));
     }
+    if !(args.warmup >= 0.0 && args.warmup <= 3600.0) {
+        return Err(format!(
+            "--warmup {}: expected 0 to 3600 seconds",
+            args.warmup
+        ));
+    }
+    if !(args.stall_timeout >= 0.1 && args.stall_timeout <= 3600.0) {
+        return Err(format!(
+            "--stall-timeout {}: expected 0.1 to 3600 seconds",
+            args.stall_timeout
+        ));
+    }
     if args.requests == Some(0) {
         return Err("--requests 0: expected at least 1".into());
+    }
+    if args.requests.is_some() && args.warmup > 0.0 {
+        return Err(format!(
+            "--warmup {} with --requests: the warm-up would take some of the requests; use one",
+            args.warmup
+        ));
     }
     let mem_size = match &args.mem {
         None => None,
@@ -139,7 +165,9 @@ fn spec(args: &Args) -> Result<LoadSpec, String> {
         size,
         random,
         op,
+        warmup: Duration::from_secs_f64(args.warmup),
         duration: Duration::from_secs_f64(args.time),
+        stall_timeout: Duration::from_secs_f64(args.stall_timeout),
         max_requests: args.requests,
         seed: args.seed,
         mem_size,
@@ -149,8 +177,8 @@ fn spec(args: &Args) -> Result<LoadSpec, String> {
 
 fn print_report(args: &Args, spec: &LoadSpec, report: &Report) {
     let [p50, p99, p999, max] = [50.0, 99.0, 99.9, 100.0].map(|p| report.percentile_us(p));
-    let [r50, r99, r999] = [50.0, 99.0, 99.9].map(|p| percentile_us(&report.read_latencies, p));
-    let [w50, w99, w999] = [50.0, 99.0, 99.9].map(|p| percentile_us(&report.write_latencies, p));
+    let [r50, r99, r999] = [50.0, 99.0, 99.9].map(|p| report.read_latencies.percentile_us(p));
+    let [w50, w99, w999] = [50.0, 99.0, 99.9].map(|p| report.write_latencies.percentile_us(p));
     let (sizes, mix) = match spec.op {
         Op::Mixed { .. } => (
             format!("{}+{}", args.size, args.write_size.as_deref().unwrap_or(&args.size)),
