@@ -465,6 +465,45 @@ fn stops_everything_on(signal: libc::c_int) {
     assert!(!api.exists(), "the vmm's API socket remains");
 }
 
+/// A vmm that ignores SIGTERM is killed at once on a second signal, rather
+/// than after launch's whole stop timeout.
+#[test]
+fn a_second_signal_kills_what_ignores_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = dir.path().join("stubborn-vmm");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\ntrap '' TERM\necho stubborn vmm up\nexec sleep 600\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let mut cmd = launcher();
+    cmd.env("VMM_BIN", &fake)
+        .arg("--kernel")
+        .arg(&fake)
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"));
+    let mut vm = RunningVm::spawn(cmd);
+    vm.expect_line("stubborn vmm up", TIMEOUT);
+    vm.signal(libc::SIGTERM);
+    // The first signal is seen before the second is sent: two pending
+    // signals of one kind are one.
+    vm.stderr
+        .wait_for("launch: signal 15: stopping the VM", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    vm.signal(libc::SIGINT);
+    let status = vm.wait_exit(TIMEOUT);
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(
+        stderr.contains("still running after another signal; killing it"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("ignored SIGTERM"), "{stderr}");
+    assert_all_gone(&stderr, 1);
+}
+
 /// A vmm that dies without putting the terminal back (here one that makes
 /// it raw and kills itself with SIGKILL): launch puts it back.
 #[test]
