@@ -68,18 +68,25 @@ cleanup() {
         kill "$VM" 2>/dev/null
         wait "$VM" 2>/dev/null
     fi
-    for pidfile in "$WORK/vswitchd.pid" "$WORK/ovsdb.pid"; do
-        [[ -f "$pidfile" ]] && kill "$(cat "$pidfile")" 2>/dev/null
-    done
+    # A daemon that crashed leaves its pidfile, and its pid may since be
+    # another process's: only a process started with that pidfile is
+    # signalled.
+    local daemons=() pidfile pid cmdline
     for pidfile in "$WORK/vswitchd.pid" "$WORK/ovsdb.pid"; do
         [[ -f "$pidfile" ]] || continue
         pid="$(cat "$pidfile")"
+        cmdline="$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline")"
+        [[ " $cmdline" == *" --pidfile=$pidfile "* ]] || continue
+        kill "$pid" 2>/dev/null
+        daemons+=("$pid")
+    done
+    for pid in "${daemons[@]}"; do
         for _ in $(seq 50); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
         if kill -0 "$pid" 2>/dev/null; then
-            echo "vm-ovs: $pidfile's process $pid did not stop in 5 s; killing it" >&2
+            echo "vm-ovs: $(cat "/proc/$pid/comm" 2>/dev/null) (pid $pid) did not stop in 5 s; killing it" >&2
             kill -KILL "$pid" 2>/dev/null
         fi
     done

@@ -151,6 +151,26 @@ fn ovs_dpdk_carries_the_guest_ping() {
         !String::from_utf8_lossy(&namespaces.stdout).contains(&netns),
         "vm-ovs.sh left its namespace {netns}"
     );
+    // Its daemons ran with their pidfiles in the socket's directory.
+    let work = stderr
+        .split("with port vhu0 on ")
+        .nth(1)
+        .and_then(|s| s.lines().next())
+        .and_then(|sock| std::path::Path::new(sock).parent())
+        .unwrap_or_else(|| panic!("no socket path in:\n{stderr}"))
+        .to_path_buf();
+    assert!(!work.exists(), "vm-ovs.sh left {}", work.display());
+    let work = work.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let path = entry.expect("/proc entry").path();
+        let cmdline = std::fs::read(path.join("cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(&work),
+            "{} survived vm-ovs.sh: {}",
+            path.display(),
+            String::from_utf8_lossy(&cmdline).replace('\0', " ")
+        );
+    }
 }
 
 /// With server=on, a DPDK that restarts (client=1 reconnects) gets the NIC
