@@ -184,11 +184,18 @@ fn a_backend_or_vmm_failing_at_start_stops_what_started() {
     assert_all_gone(&stderr, 2);
 }
 
-/// The launcher's default MAC for a NIC: FNV-1a of "NETNS/TAP", its first
-/// three bytes after 52:54:00.
+/// The launcher's default MAC for a NIC: FNV-1a of "HOST/NETNS/TAP" (HOST:
+/// /etc/machine-id, or the host name), its first three bytes after
+/// 52:54:00.
 fn stable_mac(netns: &str, tap: &str) -> [u8; 6] {
+    let host = ["/etc/machine-id", "/proc/sys/kernel/hostname"]
+        .iter()
+        .filter_map(|path| std::fs::read(path).ok())
+        .map(|id| id.trim_ascii().to_vec())
+        .find(|id| !id.is_empty())
+        .unwrap_or_default();
     let mut hash: u32 = 0x811c_9dc5;
-    for byte in format!("{netns}/{tap}").bytes() {
+    for byte in host.into_iter().chain(format!("/{netns}/{tap}").bytes()) {
         hash ^= u32::from(byte);
         hash = hash.wrapping_mul(0x0100_0193);
     }

@@ -62,7 +62,8 @@ pub struct Args {
     /// connects to the backend's socket, or with server=on listens on it and
     /// waits for the backend (DPDK client=1, OVS dpdkvhostuserclient).
     /// num_queues counts queue pairs (default 1); mac defaults to one
-    /// derived from the socket path; queue_size defaults to 256.
+    /// derived from the host's machine id and the socket path; queue_size
+    /// defaults to 256.
     #[arg(
         long = "net",
         value_name = "socket=PATH[,mac=MAC][,num_queues=N][,queue_size=N][,server=on]"

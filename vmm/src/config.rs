@@ -543,12 +543,29 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
-/// A locally administered MAC derived from the socket path, so the same
-/// command line gives the guest the same address every time.
+/// A locally administered MAC derived from this host's identity and the
+/// socket path: the same command line gives the guest the same address
+/// every time, and the same command line on another host (on the same
+/// network, say) another address.
 fn stable_mac(socket: &std::path::Path) -> [u8; 6] {
-    // FNV-1a: stable across Rust versions, unlike DefaultHasher.
+    mac_of(&host_identity(), socket.as_os_str().as_encoded_bytes())
+}
+
+/// /etc/machine-id, or the host name where there is none.
+fn host_identity() -> Vec<u8> {
+    ["/etc/machine-id", "/proc/sys/kernel/hostname"]
+        .iter()
+        .filter_map(|path| std::fs::read(path).ok())
+        .map(|id| id.trim_ascii().to_vec())
+        .find(|id| !id.is_empty())
+        .unwrap_or_default()
+}
+
+/// 52:54:00 and three bytes of the FNV-1a hash (stable across Rust
+/// versions, unlike DefaultHasher) of "HOST/NAME".
+fn mac_of(host: &[u8], name: &[u8]) -> [u8; 6] {
     let mut hash: u32 = 0x811c_9dc5;
-    for byte in socket.as_os_str().as_encoded_bytes() {
+    for byte in host.iter().chain(b"/").chain(name) {
         hash ^= u32::from(*byte);
         hash = hash.wrapping_mul(0x0100_0193);
     }
@@ -722,6 +739,12 @@ mod tests {
         // The derived MAC is stable and depends on the socket.
         assert_eq!(plain.mac, parse_net("socket=/run/n.sock").unwrap().mac);
         assert_ne!(plain.mac, parse_net("socket=/run/m.sock").unwrap().mac);
+        assert_eq!(plain.mac, mac_of(&host_identity(), b"/run/n.sock"));
+        assert_ne!(
+            mac_of(b"host-a", b"/run/n.sock"),
+            mac_of(b"host-b", b"/run/n.sock"),
+            "another host, another address"
+        );
         assert_eq!(plain.mac[0] & 3, 2, "locally administered unicast");
         for bad in [
             "mac=52:54:00:00:00:01",
