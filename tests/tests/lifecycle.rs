@@ -114,3 +114,78 @@ fn sigterm_exits_143() {
 fn sigint_exits_130() {
     stop_with(libc::SIGINT, 130);
 }
+
+/// Whether the process has SIGINT and SIGTERM blocked (the vmm blocks them
+/// before it builds the VM and reads them from a signalfd).
+fn stop_signals_blocked(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| {
+            let bit = |s: i32| 1u64 << (s - 1);
+            mask & bit(libc::SIGINT) != 0 && mask & bit(libc::SIGTERM) != 0
+        })
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Ctrl-C while the vmm waits for a `server=on` backend is a stop like
+/// any other (status 130), not an error, and the socket goes.
+#[test]
+fn sigint_while_waiting_for_a_server_backend_exits_130() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("net.sock");
+    let mut vm = VmBuilder::new(test_guest())
+        .arg("--net")
+        .arg(format!("socket={},server=on", socket.display()))
+        .spawn();
+    wait_until("the vmm listens", || socket.exists());
+    vm.signal(libc::SIGINT);
+    let status = vm.wait_exit(TIMEOUT);
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(130), "stderr: {stderr}");
+    assert!(!stderr.contains("error"), "stderr: {stderr}");
+    assert!(!socket.exists(), "the socket remains");
+}
+
+/// A stop signal that comes while the VM is being built (here while its
+/// disk's backend is stopped mid-handshake) ends it before the guest runs.
+#[test]
+fn a_signal_during_the_build_stops_the_vm_before_the_guest_runs() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    vmm_tests::blk::make_image(&image, 0);
+    let socket = dir.path().join("disk.sock");
+    let backend = vmm_tests::backend::Backend::vhost_blk(&socket, &image, &[]);
+    backend.signal(libc::SIGSTOP);
+    let mut cmd = VmBuilder::new(test_guest())
+        .arg("--disk")
+        .arg(format!("socket={}", socket.display()))
+        .command();
+    cmd.env("RUST_LOG", "info");
+    let mut vm = vmm_tests::vm::RunningVm::spawn(cmd);
+    let pid = vm.child.id();
+    wait_until("the vmm blocks its stop signals", || {
+        stop_signals_blocked(pid)
+    });
+    vm.signal(libc::SIGTERM);
+    backend.signal(libc::SIGCONT);
+    let status = vm.wait_exit(TIMEOUT);
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(143), "stderr: {stderr}");
+    assert!(
+        stderr.contains("stopped by a signal before the guest started"),
+        "stderr: {stderr}"
+    );
+    assert!(vm.console.text().is_empty(), "the guest ran");
+}

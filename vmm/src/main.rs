@@ -80,6 +80,27 @@ fn host_memory_bytes() -> u64 {
     (info.totalram as u64 + info.totalswap as u64) * u64::from(info.mem_unit)
 }
 
+/// What ends `run` with an error past the build, with its cause.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("cannot take the stop signals (SIGINT, SIGTERM, SIGHUP)")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot put the terminal in raw mode for the console")]
+    RawTerminal(#[source] std::io::Error),
+    #[error("cannot start the thread that reads the console's input")]
+    ConsoleIn(#[source] std::io::Error),
+    #[error("waiting for the VM to stop")]
+    Wait(#[source] std::io::Error),
+    #[error("cannot reboot")]
+    Reboot(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl RunError {
+    fn reboot(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        RunError::Reboot(Box::new(e))
+    }
+}
+
 /// How long vCPU threads get to leave the guest when the VM stops, on top
 /// of the longest a vCPU may wait on a vhost-user backend (a device it
 /// starts or resets in the middle of an exit: `longest_run`).
@@ -96,16 +117,30 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         free_hugepages: vmm_common::shared_memory::free_hugepages(),
     };
     let config = VmConfig::from_args(args, limits)?;
-    let signals = signals::SignalFd::block_stop_signals()?;
+    let signals = signals::SignalFd::block_stop_signals().map_err(RunError::Signals)?;
     let api = api::server::listen(config.api_socket.as_deref(), config.api_tcp)?;
-    let mut vm = builder::build(&kvm, &config, signals.as_fd())?;
+    let mut vm = match builder::build(&kvm, &config, signals.as_fd()) {
+        Ok(vm) => vm,
+        Err(builder::BuildError::Listen(vhost_user::listener::ListenError::Interrupted(_))) => {
+            // Ctrl-C while waiting for a server=on backend: a stop, not an
+            // error (the signal is still pending: it says which stop).
+            let reason = signals
+                .take_pending()
+                .map_err(RunError::Signals)?
+                .unwrap_or(VmExit::Terminated);
+            log::info!("stopped by a signal while waiting for a backend");
+            return Ok(reason);
+        }
+        Err(e) => return Err(e.into()),
+    };
 
     if config.serial == SerialMode::Stdio {
         let tty = terminal::stdin_is_tty();
         if tty {
-            terminal::set_raw()?;
+            terminal::set_raw().map_err(RunError::RawTerminal)?;
         }
-        devices::serial::spawn_stdin_forwarder(vm.serial.clone(), vm.exit.clone(), tty)?;
+        devices::serial::spawn_stdin_forwarder(vm.serial.clone(), vm.exit.clone(), tty)
+            .map_err(RunError::ConsoleIn)?;
     }
     let stop_timeout = STOP_GRACE + vhost_user::deadline::longest_run(config.memory_bytes);
     let sink = std::sync::Arc::new(api::server::EventSink::default());
@@ -121,9 +156,18 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
     });
     control.watch_devices();
     let _api = api.serve(control, sink.clone())?;
+    // A stop signal that came while the VM was built (backends connecting,
+    // memory being allocated) stops it before the guest runs at all.
+    if let Some(reason) = signals.take_pending().map_err(RunError::Signals)? {
+        log::info!("stopped by a signal before the guest started");
+        sink.emit("SHUTDOWN", Some(api::shutdown_data(reason)));
+        sink.flush(Duration::from_secs(1));
+        terminal::restore();
+        return Ok(reason);
+    }
     let mut threads = vm.start()?;
     let reason = loop {
-        let reason = signals.wait_for_exit(&vm.exit)?;
+        let reason = signals.wait_for_exit(&vm.exit).map_err(RunError::Wait)?;
         let guest = match reason {
             VmExit::Reset => true,
             VmExit::ResetRequested => false,
@@ -136,11 +180,11 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
         // with a vCPU missing or one still running the old guest.
         let rebooted = vm
             .stop_vcpus(threads, stop_timeout)
-            .map_err(|e| e.to_string())
-            .and_then(|vcpus| vm.reboot(vcpus).map_err(|e| e.to_string()))
+            .map_err(RunError::reboot)
+            .and_then(|vcpus| vm.reboot(vcpus).map_err(RunError::reboot))
             .and_then(|()| {
                 sink.emit("RESET", Some(api::reset_data(guest)));
-                vm.start().map_err(|e| e.to_string())
+                vm.start().map_err(RunError::reboot)
             });
         match rebooted {
             Ok(started) => threads = started,
@@ -149,7 +193,7 @@ fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
                 // other end.
                 sink.emit("SHUTDOWN", Some(api::shutdown_data(reason)));
                 sink.flush(Duration::from_secs(1));
-                return Err(format!("cannot reboot: {e}").into());
+                return Err(e.into());
             }
         }
     };

@@ -65,24 +65,7 @@ impl SignalFd {
                 return Err(err);
             }
             if fds[0].revents & libc::POLLIN != 0 {
-                // SAFETY: an all-zero siginfo is valid storage for read().
-                let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-                let size = std::mem::size_of::<libc::signalfd_siginfo>();
-                // SAFETY: `info` is writable and exactly `size` bytes long.
-                let n = unsafe {
-                    libc::read(
-                        self.fd.as_raw_fd(),
-                        (&mut info as *mut libc::signalfd_siginfo).cast(),
-                        size,
-                    )
-                };
-                if n == size as isize {
-                    let reason = if info.ssi_signo == libc::SIGINT as u32 {
-                        VmExit::Interrupted
-                    } else {
-                        VmExit::Terminated
-                    };
-                    log::info!("signal {} received", info.ssi_signo);
+                if let Some(reason) = self.read_signal() {
                     exit.notify(reason);
                 }
             }
@@ -91,6 +74,53 @@ impl SignalFd {
                 let _ = exit.event().read();
             }
         }
+    }
+}
+
+impl SignalFd {
+    /// A stop signal that came before anything waited for one (while the
+    /// VM was being built), taken; None if none is pending.
+    pub fn take_pending(&self) -> std::io::Result<Option<VmExit>> {
+        let mut fd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `fd` is one valid pollfd; a zero timeout does not block.
+        let rc = unsafe { libc::poll(&mut fd, 1, 0) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(if fd.revents & libc::POLLIN != 0 {
+            self.read_signal()
+        } else {
+            None
+        })
+    }
+
+    /// Reads one signal from the signalfd (which is readable): SIGINT is
+    /// an interrupt, SIGTERM and SIGHUP a termination.
+    fn read_signal(&self) -> Option<VmExit> {
+        // SAFETY: an all-zero siginfo is valid storage for read().
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: `info` is writable and exactly `size` bytes long.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        if n != size as isize {
+            return None;
+        }
+        log::info!("signal {} received", info.ssi_signo);
+        Some(if info.ssi_signo == libc::SIGINT as u32 {
+            VmExit::Interrupted
+        } else {
+            VmExit::Terminated
+        })
     }
 }
 
