@@ -74,11 +74,16 @@ pub struct Vcpu {
 /// setup does not write: the whole local APIC (timer, TPR, LVTs, pending
 /// interrupts), the APIC base MSR (a guest that switched to x2APIC mode
 /// would otherwise keep it, and an xAPIC kernel could not reach its LAPIC),
-/// and the pending exception, NMI and interrupt-shadow state.
+/// the pending exception, NMI and interrupt-shadow state, the debug
+/// registers (breakpoints a debugger armed in DR7 would fire in the next
+/// kernel's first instructions) and XCR0 (the extended state it enabled).
 struct PowerOnState {
     lapic: kvm_bindings::kvm_lapic_state,
     apic_base: u64,
     events: kvm_bindings::kvm_vcpu_events,
+    debug_regs: kvm_bindings::kvm_debugregs,
+    /// None where KVM keeps no XCRs for its guests.
+    xcrs: Option<kvm_bindings::kvm_xcrs>,
 }
 
 impl PowerOnState {
@@ -91,6 +96,10 @@ impl PowerOnState {
             events: fd
                 .get_vcpu_events()
                 .map_err(|e| regs::RegsError::Kvm("vCPU events", e))?,
+            debug_regs: fd
+                .get_debug_regs()
+                .map_err(|e| regs::RegsError::Kvm("debug registers", e))?,
+            xcrs: fd.get_xcrs().ok(),
         })
     }
 
@@ -100,7 +109,14 @@ impl PowerOnState {
         fd.set_lapic(&self.lapic)
             .map_err(|e| regs::RegsError::Kvm("LAPIC", e))?;
         fd.set_vcpu_events(&self.events)
-            .map_err(|e| regs::RegsError::Kvm("vCPU events", e))
+            .map_err(|e| regs::RegsError::Kvm("vCPU events", e))?;
+        fd.set_debug_regs(&self.debug_regs)
+            .map_err(|e| regs::RegsError::Kvm("debug registers", e))?;
+        if let Some(xcrs) = &self.xcrs {
+            fd.set_xcrs(xcrs)
+                .map_err(|e| regs::RegsError::Kvm("XCRs", e))?;
+        }
+        Ok(())
     }
 }
 
