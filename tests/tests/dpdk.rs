@@ -78,6 +78,9 @@ fn guest_pings_the_host_across_testpmd_as_client() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A peer that connects and hangs up first (a probe of whether the
+    // socket is live) is not taken for the backend.
+    drop(std::os::unix::net::UnixStream::connect(&socket).expect("probe the socket"));
     let tap = unique_name("vd");
     let _testpmd = Testpmd::start(&ns, &socket, &tap, true, 1);
     ns.wait_for_link(&tap, TIMEOUT);

@@ -316,8 +316,20 @@ pub fn build(
         };
         if net.server {
             let server = ServerSocket::bind(&net.socket)?;
-            let stream = server.accept(interrupt)?;
-            let device = vhost_user::net::from_stream(&spec, stream).map_err(BuildError::Net)?;
+            // A peer that connects and goes (a probe of whether the socket
+            // is live), or talks nonsense, is not the backend: the next
+            // connection may be. One that answers and refuses is.
+            let device = loop {
+                let stream = server.accept(interrupt)?;
+                match vhost_user::net::from_stream(&spec, stream) {
+                    Ok(device) => break device,
+                    Err(e) if e.peer_failed() => log::warn!(
+                        "net{index}: {}; waiting for another connection",
+                        vmm_common::error_chain::render(&e)
+                    ),
+                    Err(e) => return Err(BuildError::Net(e)),
+                }
+            };
             let status = device.status();
             let handshake = device.handshake();
             let transport = pci.add_virtio(Box::new(device), status.clone(), "vhost-user-net")?;

@@ -96,6 +96,19 @@ pub enum FrontendError {
     },
 }
 
+impl FrontendError {
+    /// Whether the peer broke the exchange (hung up, garbled it, went
+    /// silent) rather than answered in good form what it cannot do: a
+    /// listening VMM may get its real backend on the next connection.
+    pub fn peer_failed(&self) -> bool {
+        match self {
+            FrontendError::Exchange { source, .. }
+            | FrontendError::SlowHandshake { source, .. } => !source.refused(),
+            _ => false,
+        }
+    }
+}
+
 /// What a device type asks of the generic frontend.
 #[derive(Clone)]
 pub struct DeviceSpec {

@@ -29,10 +29,26 @@ pub enum Source {
 }
 
 impl Source {
-    /// Waits for the next connection; an error ends the reconnecting.
+    /// Waits for the next connection; an error that leaves the socket
+    /// unusable ends the reconnecting. Others (out of descriptors or
+    /// memory for a while) are waited out.
     fn next(&self, path: &Path, name: &str) -> io::Result<UnixStream> {
         match self {
-            Source::Listener(listener) => listener.accept().map(|(stream, _)| stream),
+            Source::Listener(listener) => loop {
+                match listener.accept() {
+                    Ok((stream, _)) => return Ok(stream),
+                    Err(e) if accept_retryable(&e) => {
+                        if e.kind() != io::ErrorKind::Interrupted {
+                            log::warn!(
+                                "{name}: taking a connection on {}: {e}; trying again",
+                                path.display()
+                            );
+                            std::thread::sleep(RETRY_AFTER_FAILURE);
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            },
             Source::Dial => {
                 log::info!(
                     "{name}: dialing {} until the backend is back",
@@ -47,6 +63,15 @@ impl Source {
             }
         }
     }
+}
+
+/// Whether accept(2) may succeed later on the same socket: it failed for
+/// want of descriptors or memory, or for the one connection it took.
+fn accept_retryable(e: &io::Error) -> bool {
+    !matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP | libc::EFAULT)
+    )
 }
 
 /// Serves a device's reconnections for the life of the process: each time
@@ -79,4 +104,33 @@ pub fn spawn(
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Running out of descriptors (a backend's rings hold many) is waited
+    /// out; a socket that is gone is not.
+    #[test]
+    fn accept_waits_out_a_lack_of_descriptors_but_not_a_broken_socket() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+            libc::ENOBUFS,
+            libc::EINTR,
+        ] {
+            assert!(
+                accept_retryable(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        for errno in [libc::EBADF, libc::EINVAL, libc::ENOTSOCK] {
+            assert!(
+                !accept_retryable(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+    }
 }
