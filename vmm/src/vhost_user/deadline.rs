@@ -438,24 +438,34 @@ fn watchdog() -> Option<&'static Watchdog> {
 impl Watchdog {
     fn run(&self) {
         let mut armed = crate::bus::lock(&self.armed);
+        let mut expired = Vec::new();
         loop {
             let now = Instant::now();
             armed.retain(|a| {
                 if a.due > now {
                     return true;
                 }
-                log::error!(
-                    "{}: the vhost-user backend did not answer within {}; closing its connection",
-                    a.name,
-                    Secs(a.limit)
-                );
                 a.expired.store(true, Ordering::Release);
                 // SAFETY: the fd is open: the `Deadline` that armed this
                 // entry holds the connection until it has removed the entry
                 // under this lock.
                 unsafe { cut_off(a.fd) };
+                expired.push((a.name.clone(), a.limit));
                 false
             });
+            if !expired.is_empty() {
+                // Logged without the lock: a stderr nobody drains must not
+                // hold up every exchange that arms or disarms meanwhile.
+                drop(armed);
+                for (name, limit) in expired.drain(..) {
+                    log::error!(
+                        "{name}: the vhost-user backend did not answer within {}; closing its connection",
+                        Secs(limit)
+                    );
+                }
+                armed = crate::bus::lock(&self.armed);
+                continue;
+            }
             armed = match armed.iter().map(|a| a.due).min() {
                 None => self
                     .changed
