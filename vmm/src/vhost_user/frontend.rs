@@ -471,7 +471,7 @@ impl VhostUserDevice {
         if let Some(channel) = channel {
             channel.serve();
         }
-        Ok(VhostUserDevice {
+        let mut device = VhostUserDevice {
             ring_enabled: Arc::new(Mutex::new(vec![false; spec.num_queues])),
             activation: None,
             spec,
@@ -486,7 +486,10 @@ impl VhostUserDevice {
             config_refusals: GuestWarnings::default(),
             config_written: Vec::new(),
             start_warnings: GuestWarnings::default(),
-        })
+        };
+        // One that fails here is cut off, and taken back like any other.
+        let _ = device.prime_config();
+        Ok(device)
     }
 
     /// A backend that failed a step of handing the rings over. One that
@@ -522,6 +525,68 @@ impl VhostUserDevice {
     /// leaves the connection as it was; anything else (a malformed reply,
     /// a broken socket) leaves the stream of replies out of step, so the
     /// backend is cut off and the device takes one back as after a crash.
+    /// What the VMM says in the backend's configuration space: its own
+    /// queue count, and a segment limit its rings can hold.
+    fn override_config(&self, reply: &mut [u8]) {
+        if let Some(field) = self.spec.queue_count_field.map(|f| f as usize) {
+            let count = (self.spec.num_queues as u16).to_le_bytes();
+            for (i, byte) in count.iter().enumerate() {
+                if let Some(slot) = reply.get_mut(field + i) {
+                    *slot = *byte;
+                }
+            }
+        }
+        if let Some(field) = self.spec.seg_max_field.map(|f| f as usize) {
+            if let Some(slot) = reply.get_mut(field..field + 4) {
+                let said = u32::from_le_bytes([slot[0], slot[1], slot[2], slot[3]]);
+                let room = u32::from(self.spec.queue_size).saturating_sub(2);
+                slot.copy_from_slice(&said.min(room).to_le_bytes());
+            }
+        }
+    }
+
+    /// Keeps the backend's latest configuration (overridden) for reads
+    /// while it is away.
+    fn remember_config(&mut self, reply: Vec<u8>) {
+        if reply.len() >= self.config_seen.len() {
+            self.config_seen = reply;
+        } else {
+            self.config_seen[..reply.len()].copy_from_slice(&reply);
+        }
+    }
+
+    /// Reads the new backend's whole configuration space, so that a driver
+    /// that first reads it after the backend is lost again reads it, not
+    /// all ones (a disk of 2^64 sectors, of 0xffff queues).
+    fn prime_config(&mut self) -> Result<(), String> {
+        if !self.spec.config_from_backend {
+            return Ok(());
+        }
+        let size = self.spec.config_size.min(MAX_CONFIG_ACCESS);
+        let read = exchange(
+            &mut self.fe(),
+            &self.spec.name,
+            "GET_CONFIG",
+            REPLY_TIMEOUT,
+            |f| raw_request::get_config(f, size as u32),
+        );
+        match read {
+            Ok(mut reply) => {
+                self.override_config(&mut reply);
+                self.remember_config(reply);
+                Ok(())
+            }
+            Err(e) => {
+                let what = format!("reading its {size} bytes of config space");
+                self.config_failed(&what, &e);
+                if self.broken.load(Ordering::Acquire) {
+                    return Err(format!("{what}: {e}"));
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn config_failed(&mut self, what: &str, e: &ExchangeError) {
         let name = &self.spec.name;
         if e.refused() {
@@ -659,33 +724,19 @@ impl VirtioDevice for VhostUserDevice {
             Ok(reply) => reply,
             Err(e) => {
                 self.config_failed(&format!("reading {end} bytes of config space"), &e);
+                if self.broken.load(Ordering::Acquire) {
+                    // Lost in this very read: what it said last, as below.
+                    self.read_config(offset, data);
+                }
                 return;
             }
         };
-        if let Some(field) = self.spec.queue_count_field.map(|f| f as usize) {
-            let count = (self.spec.num_queues as u16).to_le_bytes();
-            for (i, byte) in count.iter().enumerate() {
-                if let Some(slot) = reply.get_mut(field + i) {
-                    *slot = *byte;
-                }
-            }
-        }
-        if let Some(field) = self.spec.seg_max_field.map(|f| f as usize) {
-            if let Some(slot) = reply.get_mut(field..field + 4) {
-                let said = u32::from_le_bytes([slot[0], slot[1], slot[2], slot[3]]);
-                let room = u32::from(self.spec.queue_size).saturating_sub(2);
-                slot.copy_from_slice(&said.min(room).to_le_bytes());
-            }
-        }
+        self.override_config(&mut reply);
         // `get_config` checked the reply's size against the request.
         if let Some(part) = reply.get(start..end) {
             data[..part.len()].copy_from_slice(part);
         }
-        if reply.len() >= self.config_seen.len() {
-            self.config_seen = reply;
-        } else {
-            self.config_seen[..reply.len()].copy_from_slice(&reply);
-        }
+        self.remember_config(reply);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -1008,6 +1059,7 @@ impl VhostUserDevice {
             channel.serve();
         }
         self.replay_config_writes()?;
+        self.prime_config()?;
         if let Some(activation) = self.activation.take() {
             let result = self.hand_rings(&activation, &flags, true);
             self.activation = Some(activation);
@@ -1220,7 +1272,8 @@ mod tests {
         config: Option<Vec<u8>>,
         /// Its GET_CONFIG replies name another offset than asked.
         garbled_config: bool,
-        /// It refuses its first GET_CONFIG, in this form.
+        /// It refuses its first GET_CONFIG after the one at connection, in
+        /// this form.
         config_refusal: Option<ConfigRefusal>,
         /// Its GET_QUEUE_NUM answer.
         queue_num: u64,
@@ -1295,6 +1348,7 @@ mod tests {
         let mut channel = None;
         let mut delay = None;
         let mut config_refusal = script.config_refusal;
+        let mut config_reads = 0;
         loop {
             let mut header = [0u8; 12];
             let mut payload = Vec::new();
@@ -1319,6 +1373,9 @@ mod tests {
             let (code, flags) = (word(&header, 0), word(&header, 4));
             let first = u64::from(word(&payload, 0)) | u64::from(word(&payload, 4)) << 32;
             let _ = seen.send(Seen::Request(code, first));
+            if code == GET_CONFIG {
+                config_reads += 1;
+            }
             let answer = match code {
                 GET_FEATURES => Some(message(
                     code,
@@ -1336,7 +1393,7 @@ mod tests {
                     Some(message(code, &offered.bits().to_le_bytes()))
                 }
                 GET_QUEUE_NUM => Some(message(code, &script.queue_num.to_le_bytes())),
-                GET_CONFIG if config_refusal.is_some() => {
+                GET_CONFIG if config_reads > 1 && config_refusal.is_some() => {
                     let mut body = payload.get(..12).unwrap_or_default().to_vec();
                     match config_refusal.take() {
                         Some(ConfigRefusal::EmptyBody) => body[4..8].fill(0),
@@ -1619,11 +1676,13 @@ mod tests {
             quit_after: Some(GET_CONFIG),
             ..Script::default()
         });
+        // The device read the whole space as the backend came; the backend
+        // went right after, before the driver read any of it.
+        assert!(wait_closed(&requests), "the backend did not go");
+        wait_hung_up(&device);
         let mut whole = [0u8; 60];
         device.read_config(0, &mut whole);
         assert_eq!(whole[..8], config[..8]);
-        assert!(wait_closed(&requests), "the backend did not go");
-        wait_hung_up(&device);
         let mut data = [0u8; 4];
         device.read_config(20, &mut data);
         assert_eq!(data, [21, 22, 23, 24]);
