@@ -919,15 +919,21 @@ impl VhostUserDevice {
         let table_limit = deadline::longest_reply(memory_bytes);
         let budget = Budget::new(deadline::handover_limit(memory_bytes));
         let limit = || budget.limit(REPLY_TIMEOUT);
-        let features = (act.features & self.features()) | PROTOCOL_FEATURES_BIT;
-        exchange(&mut fe, &name, "SET_FEATURES", limit(), |f| {
-            f.set_features(features)
-        })
-        .map_err(|e| self.fail_within(e, &budget))?;
-        self.status
-            .acked_features
-            .store(features & !PROTOCOL_FEATURES_BIT, Ordering::Relaxed);
-
+        // Everything that may be refused is worked out before the first
+        // message: a handover refused halfway would leave the backend with
+        // some rings running.
+        let mut rings = Vec::with_capacity(act.queues.len());
+        for queue in &act.queues {
+            rings.push(VringConfigData {
+                queue_max_size: self.spec.queue_size,
+                queue_size: queue.size,
+                flags: 0,
+                desc_table_addr: Self::host_addr(mem, queue.desc).map_err(Handover::Refused)?,
+                used_ring_addr: Self::host_addr(mem, queue.used).map_err(Handover::Refused)?,
+                avail_ring_addr: Self::host_addr(mem, queue.avail).map_err(Handover::Refused)?,
+                log_addr: None,
+            });
+        }
         let mut regions = Vec::new();
         for region in mem.iter() {
             let file = region.file_offset().ok_or_else(|| {
@@ -941,6 +947,15 @@ impl VhostUserDevice {
                 mmap_handle: file.file().as_raw_fd(),
             });
         }
+
+        let features = (act.features & self.features()) | PROTOCOL_FEATURES_BIT;
+        exchange(&mut fe, &name, "SET_FEATURES", limit(), |f| {
+            f.set_features(features)
+        })
+        .map_err(|e| self.fail_within(e, &budget))?;
+        self.status
+            .acked_features
+            .store(features & !PROTOCOL_FEATURES_BIT, Ordering::Relaxed);
         exchange(
             &mut fe,
             &name,
@@ -951,17 +966,8 @@ impl VhostUserDevice {
         .map_err(|e| self.fail_within(e, &budget))?;
 
         self.active_queues.clear();
-        for queue in &act.queues {
+        for (queue, ring) in act.queues.iter().zip(&rings) {
             let index = usize::from(queue.index);
-            let ring = VringConfigData {
-                queue_max_size: self.spec.queue_size,
-                queue_size: queue.size,
-                flags: 0,
-                desc_table_addr: Self::host_addr(mem, queue.desc).map_err(Handover::Refused)?,
-                used_ring_addr: Self::host_addr(mem, queue.used).map_err(Handover::Refused)?,
-                avail_ring_addr: Self::host_addr(mem, queue.avail).map_err(Handover::Refused)?,
-                log_addr: None,
-            };
             // A new backend starts where the guest's used ring stands: what
             // the old one completed stays completed, the rest is redone.
             let base = if resume {
@@ -977,7 +983,7 @@ impl VhostUserDevice {
             })
             .map_err(|e| self.fail_within(e, &budget))?;
             exchange(&mut fe, &name, "SET_VRING_ADDR", limit(), |f| {
-                f.set_vring_addr(index, &ring)
+                f.set_vring_addr(index, ring)
             })
             .map_err(|e| self.fail_within(e, &budget))?;
             exchange(&mut fe, &name, "SET_VRING_BASE", limit(), |f| {
@@ -1590,6 +1596,27 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// A ring outside guest memory is refused before the backend hears
+    /// anything, so that no earlier ring runs on at a backend whose
+    /// handover stopped halfway.
+    #[test]
+    fn a_ring_outside_guest_memory_is_refused_before_any_message() {
+        let (mut device, requests) = scripted_disk(Script::default());
+        drain(&requests);
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        let mut queues = rings(&kicks);
+        queues[1].used = 2 << 20;
+        assert!(device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &queues)
+            .is_err());
+        let sent = drain(&requests);
+        assert!(
+            !sent.iter().any(|s| matches!(s, Seen::Request(..))),
+            "sent before the refusal: {sent:?}"
+        );
     }
 
     /// A scripted disk the driver started with both rings.
