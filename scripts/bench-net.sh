@@ -9,14 +9,18 @@
 #       host (the tap's rx_packets);
 #   rx  a thread injects frames into the tap through an AF_PACKET socket;
 #       counted: frames that arrived in the frontend's rx ring.
-# Each backend runs in its own network namespace with its own tap (no
+# Each backend runs in turn in one network namespace, with its own tap (no
 # addresses; the test frames use a local EtherType the host stack drops).
-# DPDK runs without hugepages (--no-huge -m 1024), as in scripts/vm-dpdk.sh;
-# its forwarding core polls, so it keeps one of the cores busy throughout.
+# DPDK runs without hugepages (--no-huge -m 1024), as in scripts/vm-dpdk.sh.
+# Nothing is pinned by default: the frontend, its injecting thread (rx) and
+# the backend share the CPUs, and DPDK's forwarding lcore polls one busy.
+# PIN=1 gives the backend CPU 1 (vhost-net's threads; DPDK's forwarding
+# lcore, its main lcore on 0) and the frontend CPU 0. Either way the rx
+# figures are bound by the frontend: its injecting thread sends flat out.
 # Only one backend runs at a time. Figures on a shared machine move by 10-20%
 # from one run to the next, so the backends take turns for ROUNDS rounds and
 # the table shows each one's median, with the lowest and highest ratio.
-# Usage: scripts/bench-net.sh [SECONDS per run, default 5] [ROUNDS, default 3]
+# Usage: [PIN=1] scripts/bench-net.sh [SECONDS per run, default 5] [ROUNDS, default 3]
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SECS="${1:-5}"
@@ -25,7 +29,15 @@ for value in "SECONDS per run:$SECS" "ROUNDS:$ROUNDS"; do
     [[ "${value#*:}" =~ ^[1-9][0-9]*$ ]] ||
         { echo "bench-net: ${value%%:*} '${value#*:}': expected a whole number, 1 or more" >&2; exit 1; }
 done
-for tool in dpdk-testpmd ip python3; do
+PIN="${PIN:-0}"
+case "$PIN" in
+    0) FRONTEND_PIN=() BACKEND_PIN=() DPDK_LCORES=() ;;
+    1) [[ "$(nproc)" -ge 2 ]] ||
+           { echo "bench-net: PIN=1 needs 2 CPUs (one for the frontend, one for the backend); nproc says $(nproc)" >&2; exit 1; }
+       FRONTEND_PIN=(taskset -c 0) BACKEND_PIN=(taskset -c 1) DPDK_LCORES=(-l 0,1) ;;
+    *) echo "bench-net: PIN=$PIN: expected 0 or 1" >&2; exit 1 ;;
+esac
+for tool in dpdk-testpmd ip python3 taskset; do
     command -v "$tool" >/dev/null || { echo "bench-net: $tool not found (apt-get install dpdk-dev iproute2)" >&2; exit 1; }
 done
 echo "bench-net: building (release)" >&2
@@ -61,9 +73,11 @@ wait_for() { # what command...
 start_backend() { # kind socket tap
     local kind="$1" sock="$2" tap="$3"
     if [[ "$kind" == vhost-net ]]; then
-        ip netns exec "$NS" "$NET" --socket "$sock" --tap "$tap" 2>"$WORK/vhost-net.log" &
+        ip netns exec "$NS" "${BACKEND_PIN[@]}" "$NET" --socket "$sock" --tap "$tap" \
+            2>"$WORK/vhost-net.log" &
     else
-        ip netns exec "$NS" dpdk-testpmd --no-pci --no-huge -m 1024 --file-prefix="$PREFIX" \
+        ip netns exec "$NS" dpdk-testpmd "${DPDK_LCORES[@]}" --no-pci --no-huge -m 1024 \
+            --file-prefix="$PREFIX" \
             --vdev "net_vhost0,iface=$sock,queues=1" --vdev "net_tap0,iface=$tap" -- \
             --no-mlockall --total-num-mbufs=16384 --forward-mode=io --auto-start \
             --stats-period=60 </dev/null >"$WORK/testpmd.log" 2>&1 &
@@ -84,7 +98,7 @@ stop_backends() {
 RESULTS="$WORK/results"
 run() { # round kind direction size socket tap
     local round="$1" kind="$2" dir="$3" size="$4" sock="$5" tap="$6" json pps
-    json="$(ip netns exec "$NS" "$LOAD" --socket "$sock" --iface "$tap" --direction "$dir" \
+    json="$(ip netns exec "$NS" "${FRONTEND_PIN[@]}" "$LOAD" --socket "$sock" --iface "$tap" --direction "$dir" \
         --frame-size "$size" --time "$SECS" --json | tail -n 1)"
     pps="$(python3 -c 'import json,sys; print(int(json.loads(sys.argv[1])["pps"]))' "$json")"
     if [[ "$pps" -le 0 ]]; then

@@ -71,7 +71,8 @@ pub struct NetReport {
     /// Frames counted at the receiving end.
     pub frames: u64,
     /// Frames the sending end handed over (tx: completed by the backend;
-    /// rx: injected into the tap).
+    /// rx: sent into the tap while the ring was watched, those the tap's
+    /// full queue dropped included).
     pub offered: u64,
     pub seconds: f64,
 }
@@ -206,8 +207,25 @@ fn run_tx(conn: &mut Connection, load: &NetLoad) -> Result<NetReport, NetLoadErr
             vq.wait(Duration::from_millis(1))?;
         }
     }
+    // The frames still on the ring are counted too, and the time they
+    // take: the tap's count then covers the same frames.
+    let drain_deadline = Instant::now() + STALL_TIMEOUT;
+    while !in_flight.is_empty() && Instant::now() < drain_deadline {
+        let mem = &conn.memory.mem;
+        let vq = &mut conn.queues[tx];
+        used.clear();
+        vq.reap(mem, &mut used)?;
+        for u in &used {
+            if in_flight.remove(&u.head).is_some() {
+                completed += 1;
+            }
+        }
+        if used.is_empty() {
+            vq.wait(Duration::from_millis(1))?;
+        }
+    }
     let seconds = start.elapsed().as_secs_f64();
-    // Frames still in the backend or the tap's queue arrive shortly.
+    // Frames the backend wrote may still be on their way through the tap.
     std::thread::sleep(Duration::from_millis(100));
     let after = iface_counter(&load.iface, "rx_packets")?;
     Ok(NetReport {
@@ -275,11 +293,12 @@ fn run_rx(conn: &mut Connection, load: &NetLoad) -> Result<NetReport, NetLoadErr
         })
     };
     let start = Instant::now();
+    let injected_before = injected.load(Ordering::Relaxed);
     let deadline = start + load.duration;
     let mut frames = 0u64;
     let mut used: Vec<Used> = Vec::new();
     let mut result: Result<(), NetLoadError> = Ok(());
-    while Instant::now() < deadline {
+    'run: while Instant::now() < deadline {
         let mem = &conn.memory.mem;
         let vq = &mut conn.queues[rx];
         used.clear();
@@ -317,7 +336,7 @@ fn run_rx(conn: &mut Connection, load: &NetLoad) -> Result<NetReport, NetLoadErr
                 Ok(None) => {}
                 Err(e) => {
                     result = Err(e.into());
-                    break;
+                    break 'run;
                 }
             }
         }
@@ -337,12 +356,14 @@ fn run_rx(conn: &mut Connection, load: &NetLoad) -> Result<NetReport, NetLoadErr
         }
     }
     let seconds = start.elapsed().as_secs_f64();
+    // Only what was injected while the ring was watched.
+    let offered = injected.load(Ordering::Relaxed) - injected_before;
     stop.store(true, Ordering::Relaxed);
     let _ = injector.join();
     result?;
     Ok(NetReport {
         frames,
-        offered: injected.load(Ordering::Relaxed),
+        offered,
         seconds,
     })
 }
