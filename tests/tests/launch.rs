@@ -472,17 +472,10 @@ fn stops_everything_on(signal: libc::c_int) {
     assert!(!api.exists(), "the vmm's API socket remains");
 }
 
-/// A vmm that ignores SIGTERM is killed at once on a second signal, rather
-/// than after launch's whole stop timeout.
-#[test]
-fn a_second_signal_kills_what_ignores_sigterm() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let fake = dir.path().join("stubborn-vmm");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\ntrap '' TERM\necho stubborn vmm up\nexec sleep 600\n",
-    )
-    .expect("write");
+/// The launcher with `script` (written into `dir`) as its vmm and kernel.
+fn launcher_of_fake_vmm(dir: &std::path::Path, script: &str) -> Command {
+    let fake = dir.join("fake-vmm");
+    std::fs::write(&fake, script).expect("write");
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
     let mut cmd = launcher();
@@ -490,7 +483,19 @@ fn a_second_signal_kills_what_ignores_sigterm() {
         .arg("--kernel")
         .arg(&fake)
         .arg("--log-dir")
-        .arg(dir.path().join("logs"));
+        .arg(dir.join("logs"));
+    cmd
+}
+
+/// A vmm that ignores SIGTERM is killed at once on a second signal, rather
+/// than after launch's whole stop timeout.
+#[test]
+fn a_second_signal_kills_what_ignores_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cmd = launcher_of_fake_vmm(
+        dir.path(),
+        "#!/bin/sh\ntrap '' TERM\necho stubborn vmm up\nexec sleep 600\n",
+    );
     let mut vm = RunningVm::spawn(cmd);
     vm.expect_line("stubborn vmm up", TIMEOUT);
     vm.signal(libc::SIGTERM);
@@ -516,18 +521,9 @@ fn a_second_signal_kills_what_ignores_sigterm() {
 #[test]
 fn launch_restores_the_terminal_a_killed_vmm_left_raw() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let fake = dir.path().join("fake-vmm");
-    std::fs::write(&fake, "#!/bin/sh\nstty raw -echo\nkill -KILL $$\n").expect("write");
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    let cmd = launcher_of_fake_vmm(dir.path(), "#!/bin/sh\nstty raw -echo\nkill -KILL $$\n");
     let pty = Pty::open();
     let before = pty.attributes();
-    let mut cmd = launcher();
-    cmd.env("VMM_BIN", &fake)
-        .arg("--kernel")
-        .arg(&fake)
-        .arg("--log-dir")
-        .arg(dir.path().join("logs"));
     let mut vm = pty.spawn(cmd);
     let status = vm.wait_exit(TIMEOUT);
     let stderr = vm.stderr.text();
