@@ -98,6 +98,8 @@ pub enum ConfigError {
     MemoryOption { value: String, why: String },
     #[error("--memory {0:?}: with hugepages=on the size must be a multiple of 2M")]
     MemoryHugeAlign(String),
+    #[error("--memory {0:?}: not a whole number of 4 KiB pages")]
+    MemoryPageAlign(String),
     #[error("--memory {value:?}: needs {needed} huge pages of 2 MiB, the host has {free} free (raise {HUGEPAGE_POOL}/nr_hugepages)")]
     MemoryHugeShort {
         value: String,
@@ -137,6 +139,12 @@ pub enum ConfigError {
         path: PathBuf,
         first: &'static str,
         second: &'static str,
+    },
+    #[error("--net {second:?}: mac={mac} is already the address of --net {first:?}")]
+    MacTwice {
+        mac: String,
+        first: String,
+        second: String,
     },
     #[error("--disk and --net: {0} devices, more than the {MAX_PCI_DEVICES} PCI slots")]
     TooManyDevices(usize),
@@ -208,6 +216,17 @@ impl VmConfig {
             }
             seen.push((option, same));
         }
+        // Two NICs with one address on one network: each would get the
+        // other's frames.
+        for (index, net) in nets.iter().enumerate() {
+            if let Some(first) = nets[..index].iter().position(|n| n.mac == net.mac) {
+                return Err(ConfigError::MacTwice {
+                    mac: format_mac(&net.mac),
+                    first: args.nets[first].clone(),
+                    second: args.nets[index].clone(),
+                });
+            }
+        }
         let api_tcp = match &args.api_tcp {
             None => None,
             Some(text) => Some(parse_api_tcp(text, args.api_tcp_allow_remote)?),
@@ -243,10 +262,15 @@ enum Readable {
 
 /// Whether `path` is a regular file this process can open for reading.
 fn readable_file(path: &std::path::Path) -> Readable {
-    match std::fs::File::open(path).and_then(|f| f.metadata()) {
-        Ok(meta) if meta.is_file() => Readable::File,
-        Ok(_) => Readable::NotFile,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Readable::Missing,
+    // The type first: opening a FIFO would wait for a writer.
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => return Readable::NotFile,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Readable::Missing,
+        Err(e) => return Readable::Unreadable(e.to_string()),
+        Ok(_) => {}
+    }
+    match std::fs::File::open(path) {
+        Ok(_) => Readable::File,
         Err(e) => Readable::Unreadable(e.to_string()),
     }
 }
@@ -366,7 +390,10 @@ fn parse_memory(text: &str, host: HostLimits) -> Result<(u64, bool), ConfigError
         }
     }
     // Guest RAM is mapped in whole pages.
-    Ok((bytes & !0xfff, hugepages))
+    if bytes % 4096 != 0 {
+        return Err(ConfigError::MemoryPageAlign(text.to_string()));
+    }
+    Ok((bytes, hugepages))
 }
 
 /// Splits `key=value,key=value` into its pairs. As in QEMU, `,,` is a comma
@@ -506,17 +533,15 @@ fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
 /// `HOST:PORT` with an IP address or `localhost`; loopback only unless
 /// `allow_remote`.
 fn parse_api_tcp(text: &str, allow_remote: bool) -> Result<std::net::SocketAddr, ConfigError> {
-    use std::net::ToSocketAddrs;
-    let literal = text.replace("localhost:", "127.0.0.1:");
-    let addr = literal
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .filter(|_| {
-            text.rsplit_once(':')
-                .is_some_and(|(host, _)| !host.is_empty())
-        })
-        .ok_or_else(|| ConfigError::ApiTcp(text.to_string()))?;
+    // No name lookup: what a host name resolves to (Debian maps its own to
+    // 127.0.1.1) is not what the user wrote.
+    let literal = match text.strip_prefix("localhost:") {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None => text.to_string(),
+    };
+    let addr: std::net::SocketAddr = literal
+        .parse()
+        .map_err(|_| ConfigError::ApiTcp(text.to_string()))?;
     if addr.port() == 0 {
         return Err(ConfigError::ApiTcp(text.to_string()));
     }
@@ -524,6 +549,13 @@ fn parse_api_tcp(text: &str, allow_remote: bool) -> Result<std::net::SocketAddr,
         return Err(ConfigError::ApiTcpRemote(text.to_string()));
     }
     Ok(addr)
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// `aa:bb:cc:dd:ee:ff` (or with dashes), unicast and not all zeroes.
@@ -714,6 +746,9 @@ mod tests {
             "127.0.0.1:http",
             "host name:1",
             "127.0.0.1:0",
+            // Names are not looked up.
+            "localhost.localdomain:4444",
+            "ip6-localhost:4444",
         ] {
             assert_eq!(
                 parse_api_tcp(bad, false),
@@ -847,6 +882,49 @@ mod tests {
                 .starts_with("--kernel \"/proc/self/exe/kernel\": cannot read it: Not a directory"),
             "{err}"
         );
+    }
+
+    /// A FIFO is refused by its type, without opening it (which would
+    /// wait for a writer that never comes).
+    #[test]
+    fn a_fifo_as_the_kernel_is_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("kernel");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path, which outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let mut a = args("1", "64M", "off");
+        a.kernel = fifo.clone();
+        let err = VmConfig::from_args(a, HOST).unwrap_err();
+        assert_eq!(err, ConfigError::KernelNotFile(fifo));
+    }
+
+    #[test]
+    fn memory_in_part_pages_is_refused() {
+        let err = VmConfig::from_args(args("1", "1000000000", "off"), HOST).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--memory \"1000000000\": not a whole number of 4 KiB pages"
+        );
+        let config = VmConfig::from_args(args("1", "999997440", "off"), HOST).unwrap();
+        assert_eq!(config.memory_bytes, 999997440);
+    }
+
+    #[test]
+    fn two_nics_with_one_address_are_refused() {
+        let mut a = args("1", "64M", "off");
+        a.nets = vec![
+            "socket=/run/a.sock,mac=52:54:00:00:00:01".into(),
+            "socket=/run/b.sock,mac=52-54-00-00-00-01".into(),
+        ];
+        let err = VmConfig::from_args(a, HOST).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--net \"socket=/run/b.sock,mac=52-54-00-00-00-01\": mac=52:54:00:00:00:01 is already the address of --net \"socket=/run/a.sock,mac=52:54:00:00:00:01\""
+        );
+        let mut a = args("1", "64M", "off");
+        a.nets = vec!["socket=/run/a.sock".into(), "socket=/run/b.sock".into()];
+        assert!(VmConfig::from_args(a, HOST).is_ok());
     }
 
     /// One socket is one backend connection: it may serve one device, and
