@@ -91,6 +91,13 @@ pub enum After {
     /// `quit`: the caller queues the reply, then ends the VMM
     /// (`VmControl::quit`), so the reply comes before the SHUTDOWN event.
     Quit,
+    /// `system_reset`: the caller queues the reply, then resets the VM
+    /// (`VmControl::reset`), so the reply comes before the RESET event, as
+    /// in QEMU.
+    Reset,
+    /// The caller queues the reply, then sends this event (POWERDOWN
+    /// follows `system_powerdown`'s reply, as in QEMU).
+    Emit(&'static str),
 }
 
 impl Session {
@@ -145,6 +152,24 @@ impl Session {
         match name {
             // The caller ends the VMM once the reply is on its way.
             "quit" => (Ok(json!({})), After::Quit),
+            "system_reset" => match vm.state() {
+                RunState::Shutdown => (
+                    Err(QmpError::generic("The VM has shut down")),
+                    After::Continue,
+                ),
+                // The caller resets the VM once the reply is on its way.
+                _ => (Ok(json!({})), After::Reset),
+            },
+            "system_powerdown" => match vm.state() {
+                RunState::Shutdown => (
+                    Err(QmpError::generic("The VM has shut down")),
+                    After::Continue,
+                ),
+                _ => match vm.powerdown() {
+                    Ok(()) => (Ok(json!({})), After::Emit("POWERDOWN")),
+                    Err(e) => (Err(QmpError::generic(e)), After::Continue),
+                },
+            },
             _ => (run(name, vm), After::Continue),
         }
     }
@@ -224,21 +249,6 @@ fn run(name: &str, vm: &dyn VmControl) -> Result<Value, QmpError> {
                 })
                 .collect(),
         )),
-        "system_powerdown" => {
-            if vm.state() == RunState::Shutdown {
-                return Err(QmpError::generic("The VM has shut down"));
-            }
-            vm.powerdown().map_err(QmpError::generic)?;
-            vm.emit("POWERDOWN", None);
-            Ok(json!({}))
-        }
-        "system_reset" => {
-            if vm.state() == RunState::Shutdown {
-                return Err(QmpError::generic("The VM has shut down"));
-            }
-            vm.reset();
-            Ok(json!({}))
-        }
         "query-version" => Ok(version()),
         "query-commands" => Ok(Value::Array(
             COMMANDS.iter().map(|c| json!({ "name": c })).collect(),
@@ -404,6 +414,20 @@ mod tests {
         assert_eq!(after, After::Quit);
         // Not yet: the VMM ends after the reply is queued, not before.
         assert!(!*vm.quit.lock().unwrap());
+        // Nor does a reset or the power button's event come first.
+        let (result, after) = s.execute(
+            &parse_request(br#"{"execute": "system_reset"}"#).unwrap(),
+            &vm,
+        );
+        assert!(result.is_ok());
+        assert_eq!(after, After::Reset);
+        let (result, after) = s.execute(
+            &parse_request(br#"{"execute": "system_powerdown"}"#).unwrap(),
+            &vm,
+        );
+        assert!(result.is_ok());
+        assert_eq!(after, After::Emit("POWERDOWN"));
+        assert!(vm.events.lock().unwrap().is_empty());
     }
 
     #[test]

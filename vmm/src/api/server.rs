@@ -21,6 +21,7 @@ use super::commands::{After, Session, VmControl};
 use super::framing::{Piece, Splitter};
 use super::protocol::{self, QmpError};
 use crate::bus::lock;
+use vmm_common::socket_path::OwnSocket;
 
 #[derive(Debug, Error)]
 pub enum ApiError {
@@ -205,15 +206,16 @@ impl Conn {
     }
 }
 
-/// The listening sockets; the Unix socket file is removed on drop.
+/// The listening sockets; the Unix socket file is removed on drop (if it
+/// is still this socket's).
 pub struct ApiServer {
-    unix_path: Option<PathBuf>,
+    unix: Option<OwnSocket>,
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        if let Some(path) = &self.unix_path {
-            let _ = std::fs::remove_file(path);
+        if let Some(socket) = &self.unix {
+            socket.remove();
         }
     }
 }
@@ -238,10 +240,43 @@ impl Listener {
                 let (stream, peer) = l.accept()?;
                 log::info!("QMP client from {peer}");
                 stream.set_nodelay(true)?;
+                keep_alive(&stream)?;
                 Ok(Conn::Tcp(stream))
             }
         }
     }
+}
+
+/// Has the kernel probe an idle TCP client, so that one whose host went
+/// away (or a NAT that forgot it) is found gone within about a minute
+/// rather than holding the API, which serves one client at a time, for
+/// ever.
+fn keep_alive(stream: &TcpStream) -> std::io::Result<()> {
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: setsockopt on the stream's open socket, reading one int
+        // from a local that outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    // Probes after 30 s of silence, every 10 s, 3 unanswered: gone.
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
+    // Sent data unacknowledged for a minute: gone too.
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 60_000)
 }
 
 /// Starts listening and serving clients on a thread.
@@ -256,15 +291,19 @@ pub struct Listening {
 /// `serve` wait in the backlog.
 pub fn listen(unix: Option<&Path>, tcp: Option<SocketAddr>) -> Result<Listening, ApiError> {
     let mut listeners = Vec::new();
-    let mut server = ApiServer { unix_path: None };
+    let mut server = ApiServer { unix: None };
     if let Some(path) = unix {
         // Only a socket file left by a VMM that died is replaced.
         let claim = vmm_common::socket_path::claim(path)
             .map_err(|e| ApiError::Claim(path.to_path_buf(), e))?;
         let listener =
             UnixListener::bind(path).map_err(|e| ApiError::Unix(path.to_path_buf(), e))?;
+        let own = OwnSocket::bound(path).map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            ApiError::Unix(path.to_path_buf(), e)
+        })?;
         drop(claim);
-        server.unix_path = Some(path.to_path_buf());
+        server.unix = Some(own);
         listeners.push(Listener::Unix(listener));
     }
     if let Some(addr) = tcp {
@@ -311,11 +350,14 @@ fn accept_loop(listeners: &[Listener], vm: &dyn VmControl, sink: &EventSink) {
             if std::io::Error::last_os_error().kind() == ErrorKind::Interrupted {
                 continue;
             }
-            log::error!(
-                "the QMP listener failed: {}",
+            // Out of memory for the poll set, say: waited out, as a failed
+            // accept is, rather than leave the VM without its API.
+            log::warn!(
+                "the QMP listener's poll failed: {}; trying again",
                 std::io::Error::last_os_error()
             );
-            return;
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
         }
         for (listener, pfd) in listeners.iter().zip(&fds) {
             if pfd.revents == 0 {
@@ -388,12 +430,17 @@ fn serve_client(conn: Conn, vm: &dyn VmControl, sink: &EventSink) {
                         } else {
                             outbox.post_reply(&message)
                         };
-                        if after == After::Quit {
-                            // After the reply is queued, so it goes out
-                            // before the SHUTDOWN event (the VMM flushes
-                            // its clients before it ends).
-                            log::info!("QMP quit");
-                            vm.quit();
+                        // After the reply is queued, so it goes out
+                        // before the event the step sends (the VMM
+                        // flushes its clients before it ends).
+                        match after {
+                            After::Continue => {}
+                            After::Quit => {
+                                log::info!("QMP quit");
+                                vm.quit();
+                            }
+                            After::Reset => vm.reset(),
+                            After::Emit(event) => vm.emit(event, None),
                         }
                         if !posted {
                             break 'conn;
@@ -434,4 +481,48 @@ fn version_triple() -> (u64, u64, u64) {
     let v = super::commands::version();
     let n = |k: &str| v["qemu"][k].as_u64().unwrap_or(0);
     (n("major"), n("minor"), n("micro"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn option(stream: &TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on an open socket, writing one int into a
+        // local whose size is passed.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                level,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        value
+    }
+
+    /// A TCP client that vanishes (its host gone, a NAT that forgot it)
+    /// is probed and found gone, not waited on for ever.
+    #[test]
+    fn tcp_clients_are_probed_when_idle() {
+        let listener = Listener::Tcp(TcpListener::bind("127.0.0.1:0").unwrap());
+        let Listener::Tcp(tcp) = &listener else {
+            unreachable!()
+        };
+        let _client = TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        let Conn::Tcp(stream) = listener.accept().unwrap() else {
+            panic!("not a TCP connection")
+        };
+        assert_eq!(option(&stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 30);
+        assert_eq!(option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 3);
+        assert_eq!(
+            option(&stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+            60_000
+        );
+    }
 }
