@@ -38,6 +38,9 @@ impl PciDevice for HostBridge {
         data.fill(0xff);
     }
     fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn reset(&mut self) {
+        self.config.reset();
+    }
 }
 
 pub struct PciBus {
@@ -261,6 +264,12 @@ impl PciBus {
         let Some(bar_reg) = reg.checked_sub(BAR0_REG).filter(|r| *r < 6) else {
             return;
         };
+        // A write the register does not take (an 8-byte ECAM store, a
+        // dword at byte 1) leaves it, and whether it is being sized, as
+        // it was.
+        if offset as usize + data.len() > 4 {
+            return;
+        }
         let all_ones = offset == 0 && data.len() == 4 && data.iter().all(|&b| b == 0xff);
         for bar in self.bars.iter_mut().filter(|b| b.slot == slot) {
             if let Some(half) = bar_reg.checked_sub(bar.index).filter(|h| *h < 2) {
@@ -521,6 +530,19 @@ mod tests {
         write_reg(&bus, 1, BAR0_REG + 1, u32::MAX);
         write_reg(&bus, 1, BAR0_REG + 1, 0);
         assert_eq!(lock(device).moves.len(), 2, "sizing is not a move");
+        assert_eq!(read_at(&mmio, 0xd000_0000), 1);
+
+        // A write the register does not take, in the middle of sizing,
+        // leaves the BAR being sized: its size mask is not an address.
+        write_reg(&bus, 1, BAR0_REG, u32::MAX);
+        bus.write(0, 1, 0, BAR0_REG, 0, &[0; 8]);
+        bus.write(0, 1, 0, BAR0_REG, 1, &[0; 4]);
+        write_reg(&bus, 1, BAR0_REG, 0xd000_0000);
+        assert_eq!(
+            lock(device).moves.len(),
+            2,
+            "the size mask taken for an address"
+        );
         assert_eq!(read_at(&mmio, 0xd000_0000), 1);
 
         // Onto another device: off the bus, the other answers.

@@ -27,6 +27,9 @@ pub struct PciConfiguration {
     bars: Vec<BarInfo>,
     last_capability: Option<usize>,
     next_capability: usize,
+    /// The registers as the guest first found them (taken at its first
+    /// write), which a reset restores.
+    power_on: Option<[u32; NUM_REGS]>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -54,6 +57,7 @@ impl PciConfiguration {
             bars: Vec::new(),
             last_capability: None,
             next_capability: FIRST_CAPABILITY,
+            power_on: None,
         }
     }
 
@@ -80,6 +84,17 @@ impl PciConfiguration {
         self.writable[BAR0_REG + index + 1] = (mask >> 32) as u32;
         self.bars.push(BarInfo { index, addr, size });
         Ok(())
+    }
+
+    /// Puts every register the guest may write back as it was before its
+    /// first write (a platform reset): the command register, BARs,
+    /// interrupt line, capability fields.
+    pub fn reset(&mut self) {
+        if let Some(power_on) = self.power_on {
+            for ((reg, writable), first) in self.regs.iter_mut().zip(self.writable).zip(power_on) {
+                *reg = (*reg & !writable) | (first & writable);
+            }
+        }
     }
 
     /// Puts every BAR back where `add_bar64` put it (a platform reset: the
@@ -140,6 +155,9 @@ impl PciConfiguration {
     pub fn write(&mut self, reg: usize, offset: u64, data: &[u8]) {
         if reg >= NUM_REGS || offset as usize + data.len() > 4 {
             return;
+        }
+        if self.power_on.is_none() {
+            self.power_on = Some(self.regs);
         }
         let mut value = self.regs[reg];
         for (i, byte) in data.iter().enumerate() {

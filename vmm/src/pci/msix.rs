@@ -106,6 +106,13 @@ impl Msix {
         self.enabled = false;
         self.function_masked = false;
         self.refresh_all();
+        // A signal held for the old driver (its vector masked) is not the
+        // next one's: taken now, so its first unmask raises nothing. The
+        // device's rings are stopped by then, so no new one comes.
+        for vector in &self.vectors {
+            // Non-blocking: nothing held reads EAGAIN.
+            let _ = vector.event.read();
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -347,8 +354,12 @@ mod tests {
         assert_eq!(read_back, entry_bytes(0xfee0_0000, 0x40, false));
 
         // A reset leaves every entry cleared and masked, as at power-on:
-        // the next driver's vectors start from nothing.
+        // the next driver's vectors start from nothing, a signal held for
+        // the old one included.
+        msix.table_write(0, &entry_bytes(0xfee0_0000, 0x40, true));
+        event().write(1).unwrap();
         msix.reset();
+        assert!(event().read().is_err(), "a held signal outlived the reset");
         msix.table_read(0, &mut read_back);
         assert_eq!(read_back, entry_bytes(0, 0, true));
         msix.set_bus_master(true);

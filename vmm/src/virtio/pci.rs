@@ -633,8 +633,9 @@ impl PciDevice for VirtioPciDevice {
         // and the command register and the BARs are as at power-on (a BAR
         // the guest moved, or left holding its size mask, goes back).
         VirtioPciDevice::reset(self);
-        // MSI-X control is the top half of the capability's first dword.
-        self.config.write(self.msix_cap_reg, 3, &[0]);
+        // Every register the guest may write as it first found it: MSI-X
+        // control (off), the PCI_CFG window, the interrupt line, ...
+        self.config.reset();
         crate::bus::lock(&self.msix).reset();
         self.config.write(1, 0, &FIRMWARE_COMMAND);
         self.config.reset_bars();
@@ -1076,6 +1077,35 @@ mod tests {
         assert_ne!((dev.config_read(4), dev.config_read(5)), (0xc000_0004, 0));
         PciDevice::reset(&mut dev);
         assert_eq!((dev.config_read(4), dev.config_read(5)), (0xc000_0004, 0));
+    }
+
+    /// What a driver left in the registers it may write is gone after a
+    /// platform reset: a PCI_CFG window left on the ISR (which a later
+    /// dump of config space would read, and clear), the interrupt line,
+    /// MSI-X enable.
+    #[test]
+    fn a_reset_clears_what_the_driver_wrote_to_config_space() {
+        let (mut dev, _record) = mock_transport();
+        let window = dev.pci_cfg_reg;
+        let before: Vec<u32> = (0..64).map(|reg| dev.config_read(reg)).collect();
+        dev.config_write(window + 1, 0, &[0]);
+        dev.config_write(window + 2, 0, &0x1000u32.to_le_bytes());
+        dev.config_write(window + 3, 0, &1u32.to_le_bytes());
+        dev.config_write(15, 0, &[11]);
+        dev.config_write(dev.msix_cap_reg, 3, &[0x80]);
+        assert_ne!(dev.config_read(window + 3), before[window + 3]);
+        assert_ne!(dev.config_read(15), before[15]);
+        assert_ne!(dev.config_read(dev.msix_cap_reg), before[dev.msix_cap_reg]);
+        PciDevice::reset(&mut dev);
+        let after: Vec<u32> = (0..64)
+            .filter(|&reg| reg != window + 4)
+            .map(|reg| dev.config_read(reg))
+            .collect();
+        let before: Vec<u32> = (0..64)
+            .filter(|&reg| reg != window + 4)
+            .map(|reg| before[reg])
+            .collect();
+        assert_eq!(after, before);
     }
 
     /// Taking bus mastering away (Linux does before kexec) stops a running
