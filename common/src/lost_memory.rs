@@ -233,6 +233,18 @@ extern "C" fn on_sigbus(
     info: *mut libc::siginfo_t,
     _context: *mut libc::c_void,
 ) {
+    // The calls below may set errno; the interrupted code may be about
+    // to read it.
+    // SAFETY: __errno_location returns this thread's errno, valid for the
+    // thread's life.
+    let errno = unsafe { *libc::__errno_location() };
+    handle_sigbus(info);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// `on_sigbus`'s work, errno aside.
+fn handle_sigbus(info: *mut libc::siginfo_t) {
     // SAFETY: the kernel hands an SA_SIGINFO handler a valid siginfo; for
     // SIGBUS its address field is the faulting address.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
@@ -273,19 +285,28 @@ extern "C" fn on_sigbus(
             }
         }
     }
-    // Not guest memory, or it could not be replaced: the default action,
-    // which a faulting access raises again once this returns. A SIGBUS
-    // sent by a process (kill) is raised again here instead; it is
-    // delivered once the handler returns.
+    // Not guest memory, or it could not be replaced: the default action.
+    // A fault (these codes) happens again when the access is retried once
+    // this returns, and is then fatal. Any other SIGBUS (sent by a
+    // process, or a memory error reported ahead of any access) would not
+    // come back: it is raised again here, and delivered once this returns.
+    let refaults = matches!(
+        code,
+        libc::BUS_ADRALN | libc::BUS_ADRERR | libc::BUS_OBJERR | BUS_MCEERR_AR
+    );
     // SAFETY: signal(2) with SIG_DFL and raise(3) are async-signal-safe
     // and take no pointers.
     unsafe {
         libc::signal(libc::SIGBUS, libc::SIG_DFL);
-        if code <= 0 {
+        if !refaults {
             libc::raise(libc::SIGBUS);
         }
     }
 }
+
+/// A memory error in a page the faulting access needed
+/// (include/uapi/asm-generic/siginfo.h).
+const BUS_MCEERR_AR: libc::c_int = 4;
 
 fn events_failed(e: &io::Error) {
     log::error!("lost-memory events: {e}; a frontend whose memory goes away will not be dropped");

@@ -165,6 +165,16 @@ fn check_memory_regions(message: &Message<'_>) -> io::Result<()> {
             continue;
         }
         let file_len = stat.st_size as u64;
+        if let Some(page) = huge_page_size(fd, &stat)? {
+            if size % page != 0 || offset % page != 0 {
+                let e = format!(
+                    "memory region {index}: {size:#x} bytes at offset {offset:#x} of a file of \
+                     {page:#x}-byte huge pages are not whole pages"
+                );
+                log::warn!("the frontend's {e}; ending the connection");
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
         if offset.checked_add(size).is_none_or(|end| end > file_len) {
             let e = format!(
                 "memory region {index}: {size:#x} bytes at offset {offset:#x} run past the end \
@@ -175,6 +185,25 @@ fn check_memory_regions(message: &Message<'_>) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The huge page size of a file on hugetlbfs (or a huge-page memfd), None
+/// for any other file. A region of such a file must be whole pages: the
+/// kernel maps whole ones, and a lost region could not be replaced (see
+/// `lost_memory`) from the middle of one.
+fn huge_page_size(fd: &OwnedFd, stat: &libc::stat) -> io::Result<Option<u64>> {
+    /// linux/magic.h
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: an all-zero statfs is a valid value for fstatfs to fill.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open (owned by the message) and `fs` is writable for
+    // the call.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets.
+    let is_hugetlbfs = fs.f_type as i64 == HUGETLBFS_MAGIC;
+    Ok(is_hugetlbfs.then_some(stat.st_blksize as u64))
 }
 
 const SET_VRING_KICK: u32 = 12;
@@ -574,6 +603,49 @@ mod tests {
                 payload.extend_from_slice(&u64::to_le_bytes(word));
             }
             send_message(&frontend, &message(ADD_MEM_REGION, &payload), &fds[1..]).unwrap();
+            assert_ends(&backend);
+            relay.join();
+        }
+    }
+
+    /// A region of a huge-page file must be whole pages: a lost one is
+    /// replaced whole, and part of a huge page cannot be.
+    #[test]
+    fn part_of_a_huge_page_ends_the_relay() {
+        // SAFETY: a NUL-terminated name; the call takes no other memory.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"relay-test".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_HUGETLB,
+            )
+        };
+        assert!(
+            fd >= 0,
+            "memfd_create(MFD_HUGETLB): {}",
+            io::Error::last_os_error()
+        );
+        // SAFETY: a new descriptor nothing else owns.
+        let huge = unsafe { std::fs::File::from_raw_fd(fd) };
+        // Sizing a hugetlbfs file takes no page from the pool.
+        huge.set_len(4 << 20).unwrap();
+        let fds = [huge.as_raw_fd()];
+        let (frontend, relay_front) = UnixStream::pair().unwrap();
+        let (relay_back, backend) = UnixStream::pair().unwrap();
+        let relay = Relay::start(relay_front, relay_back, ALL, Box::new(|_, _| Ok(()))).unwrap();
+        let whole = memory_table(&[(2 << 20, 2 << 20)]);
+        send_message(&frontend, &whole, &fds).unwrap();
+        assert_eq!(
+            read(&backend),
+            (SET_MEM_TABLE, whole[HEADER_LEN..].to_vec(), 1)
+        );
+        drop(frontend);
+        relay.join();
+        for (size, offset) in [((2 << 20) + 4096, 0), (2 << 20, 4096)] {
+            let (frontend, relay_front) = UnixStream::pair().unwrap();
+            let (relay_back, backend) = UnixStream::pair().unwrap();
+            let relay =
+                Relay::start(relay_front, relay_back, ALL, Box::new(|_, _| Ok(()))).unwrap();
+            send_message(&frontend, &memory_table(&[(size, offset)]), &fds).unwrap();
             assert_ends(&backend);
             relay.join();
         }

@@ -10,8 +10,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How long a claim waits for another process's claim in the same
@@ -121,6 +121,52 @@ fn check(path: &Path) -> Result<(), Unusable> {
     }
 }
 
+/// A socket this process bound, known by its file (device and inode), so
+/// that removing it at exit removes that socket only: if someone deleted
+/// it and another process bound the path since, the other's live socket
+/// stays.
+#[derive(Clone, Debug)]
+pub struct OwnSocket {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl OwnSocket {
+    /// Records the socket just bound at `path`.
+    pub fn bound(path: &Path) -> io::Result<Self> {
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(OwnSocket {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the socket file if the path still names it; true if it did.
+    /// Claims in its directory wait meanwhile, so none binds the path
+    /// between the check and the removal.
+    pub fn remove(&self) -> bool {
+        let _turn = take_turn(&self.path);
+        // Gone already: nothing to do.
+        let Ok(meta) = std::fs::symlink_metadata(&self.path) else {
+            return false;
+        };
+        if (meta.dev(), meta.ino()) != (self.dev, self.ino) {
+            log::info!(
+                "{}: left in place, it is no longer this process's socket",
+                self.path.display()
+            );
+            return false;
+        }
+        std::fs::remove_file(&self.path).is_ok()
+    }
+}
+
 /// Connects to the socket at `path` without waiting for room in its
 /// listen queue (std's connect would block on a full one).
 fn probe(path: &Path) -> io::Result<()> {
@@ -200,6 +246,25 @@ mod tests {
 
         assert!(claim(&dir.join("absent.sock")).is_ok());
         std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    /// A socket deleted and bound again by another process is the other's:
+    /// only the socket this process bound is removed.
+    #[test]
+    fn only_the_socket_bound_is_removed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("own.sock");
+        let first = UnixListener::bind(&path).expect("bind");
+        let own = OwnSocket::bound(&path).expect("stat");
+        std::fs::remove_file(&path).expect("someone deletes it");
+        let _second = UnixListener::bind(&path).expect("another process binds the path");
+        assert!(!own.remove());
+        std::os::unix::net::UnixStream::connect(&path).expect("the second still listens");
+        drop(first);
+        let again = OwnSocket::bound(&path).expect("stat");
+        assert!(again.remove());
+        assert!(!path.exists());
+        assert!(!again.remove(), "gone already");
     }
 
     #[test]

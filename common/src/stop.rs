@@ -2,24 +2,24 @@
 //! last words (a final flush, say), removes its socket and exits 0. And a
 //! signal it acts on and goes on (vhost-blk's SIGHUP).
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-/// Whether the process has bound its socket: a stop removes the socket
-/// file only then (before, the path may hold another process's live
-/// socket, the one that made this process's claim fail or wait).
+use crate::socket_path::OwnSocket;
+
+/// The socket a stop removes, once the process has bound it (before, the
+/// path may hold another process's live socket, the one that made this
+/// process's claim fail or wait).
 #[derive(Clone, Default)]
-pub struct SocketBound(Arc<AtomicBool>);
+pub struct SocketBound(Arc<Mutex<Option<OwnSocket>>>);
 
 impl SocketBound {
     /// Call once the socket is bound.
-    pub fn set(&self) {
-        self.0.store(true, Ordering::Release);
+    pub fn set(&self, socket: OwnSocket) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket);
     }
 
-    fn is_set(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+    fn take(&self) -> Option<OwnSocket> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -63,10 +63,10 @@ fn wait_for(set: &libc::sigset_t) -> libc::c_int {
 
 /// Blocks SIGTERM and SIGINT in the calling thread (threads started later
 /// inherit that) and starts a thread that waits for either, then runs
-/// `before_exit`, removes `socket` (once the returned flag says it is
-/// bound) and exits the process with status 0.
+/// `before_exit`, removes the socket (once it is set in the returned
+/// `SocketBound`, and only if it is still there) and exits the process
+/// with status 0.
 pub fn exit_on_stop_signals(
-    socket: PathBuf,
     before_exit: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<SocketBound> {
     let bound = SocketBound::default();
@@ -80,8 +80,8 @@ pub fn exit_on_stop_signals(
             let signal = wait_for(&set);
             log::info!("signal {signal}: stopping");
             before_exit();
-            if ours.is_set() {
-                let _ = std::fs::remove_file(&socket);
+            if let Some(socket) = ours.take() {
+                socket.remove();
             }
             std::process::exit(0);
         })?;

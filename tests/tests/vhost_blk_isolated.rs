@@ -617,6 +617,28 @@ fn sigterm_exits_0_and_removes_the_socket() {
     }
 }
 
+/// A backend whose socket was deleted and taken by another backend leaves
+/// the other's socket alone when it stops.
+#[test]
+fn a_stopped_backend_leaves_a_successors_socket_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path());
+    let socket = dir.path().join("shared.sock");
+    let mut first = Backend::vhost_blk(&socket, &img, &["--readonly"]);
+    std::fs::remove_file(&socket).expect("someone deletes the socket");
+    let _second = Backend::vhost_blk(&socket, &img, &["--readonly"]);
+    first.signal(libc::SIGTERM);
+    let status = wait_exit(&mut first, Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    assert!(
+        socket.exists(),
+        "the first backend removed the second's socket"
+    );
+    let mut client = connect(&socket, 1);
+    let mut buf = [0u8; 512];
+    assert_eq!(client.read(0, 5, &mut buf).expect("read"), S_OK);
+}
+
 /// Waits until every thread of `pid` is stopped (SIGSTOP is asynchronous).
 fn wait_stopped(pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(5);

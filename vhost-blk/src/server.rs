@@ -8,6 +8,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_common::relay::{self, Relay};
+use vmm_common::socket_path::OwnSocket;
 
 use crate::backend::{BlkBackend, Device};
 use crate::resize::{self, ConfigChanges};
@@ -34,7 +35,7 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     // Data is written with pwrite as requests complete; a final fdatasync
     // makes it durable before the process exits.
     let flushed = device.clone();
-    let bound = vmm_common::stop::exit_on_stop_signals(socket.to_path_buf(), move || {
+    let bound = vmm_common::stop::exit_on_stop_signals(move || {
         if let Err(e) = flushed.target.disk.flush() {
             log::warn!("final flush failed: {e}");
         }
@@ -50,7 +51,11 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     let claim = vmm_common::socket_path::claim(socket)
         .map_err(|e| ServeError::Claim(socket.to_path_buf(), e))?;
     let public = UnixListener::bind(socket).map_err(serve_err)?;
-    bound.set();
+    let own = OwnSocket::bound(socket).map_err(|e| {
+        let _ = std::fs::remove_file(socket);
+        serve_err(e)
+    })?;
+    bound.set(own.clone());
     drop(claim);
     let result = serve_frontends(
         socket,
@@ -59,7 +64,7 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
         &device,
         &changes,
     );
-    let _ = std::fs::remove_file(socket);
+    own.remove();
     result
 }
 

@@ -10,6 +10,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{Device, NetBackend};
 use vmm_common::relay::{self, Relay};
+use vmm_common::socket_path::OwnSocket;
 
 use vmm_common::serve::ServeError;
 
@@ -24,17 +25,21 @@ pub fn serve(socket: &Path, device: Device) -> Result<(), ServeError> {
     let private = relay::private_dir("vhost-net-").map_err(serve_err)?;
     let private_path = private.path().to_path_buf();
     // A tap this process created goes away with its last queue.
-    let bound = vmm_common::stop::exit_on_stop_signals(socket.to_path_buf(), move || {
+    let bound = vmm_common::stop::exit_on_stop_signals(move || {
         let _ = std::fs::remove_dir_all(&private_path);
     })
     .map_err(ServeError::Signals)?;
     let claim = vmm_common::socket_path::claim(socket)
         .map_err(|e| ServeError::Claim(socket.to_path_buf(), e))?;
     let public = UnixListener::bind(socket).map_err(serve_err)?;
-    bound.set();
+    let own = OwnSocket::bound(socket).map_err(|e| {
+        let _ = std::fs::remove_file(socket);
+        serve_err(e)
+    })?;
+    bound.set(own.clone());
     drop(claim);
     let result = serve_frontends(socket, &public, &relay::inner_socket(&private), &device);
-    let _ = std::fs::remove_file(socket);
+    own.remove();
     result
 }
 

@@ -25,10 +25,12 @@ pub enum ListenError {
     Interrupted(PathBuf),
 }
 
-/// A listening socket whose file is removed on drop.
+/// A listening socket whose file is removed on drop (if it is still this
+/// socket's).
 pub struct ServerSocket {
     path: PathBuf,
     listener: UnixListener,
+    own: vmm_common::socket_path::OwnSocket,
 }
 
 impl ServerSocket {
@@ -44,10 +46,15 @@ impl ServerSocket {
         };
         let listener =
             UnixListener::bind(path).map_err(|e| ListenError::Bind(path.to_path_buf(), e))?;
+        let own = vmm_common::socket_path::OwnSocket::bound(path).map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            ListenError::Bind(path.to_path_buf(), e)
+        })?;
         drop(claim);
         Ok(ServerSocket {
             path: path.to_path_buf(),
             listener,
+            own,
         })
     }
 
@@ -113,9 +120,7 @@ impl ServerSocket {
 
 impl Drop for ServerSocket {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            log::warn!("cannot remove the socket {}: {e}", self.path.display());
-        }
+        self.own.remove();
     }
 }
 
