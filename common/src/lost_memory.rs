@@ -10,6 +10,12 @@
 //! and ends that frontend's connection: its memory is not what it said.
 //! Any other SIGBUS keeps its default action.
 //!
+//! The vhost crate maps a new memory table and hands it to the workers
+//! before the backend can watch it (`update_memory` comes after). So the
+//! relay says when a table is on its way (`table_coming`), and a fault
+//! outside every watched region meanwhile waits, in the handler, for the
+//! table to be watched (`watch`), up to `TABLE_WAIT`, then looks again.
+//!
 //! A signal handler can take no lock, so the regions it checks sit in a
 //! fixed table behind a sequence counter (a seqlock): the writer makes the
 //! counter odd, rewrites the table and makes it even again; the handler
@@ -18,8 +24,9 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{fence, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -53,6 +60,11 @@ static LOST_LEN: AtomicUsize = AtomicUsize::new(0);
 /// The connection the handler's loss belongs to (`end_on_loss` counts
 /// them), so a loss reported late cannot end the next connection.
 static LOST_CONNECTION: AtomicU64 = AtomicU64::new(0);
+/// A memory table is on its way to the vhost crate and not watched yet.
+static TABLE_COMING: AtomicBool = AtomicBool::new(false);
+/// How long a fault outside the watched regions waits for a table on its
+/// way (mapping one takes microseconds).
+const TABLE_WAIT: Duration = Duration::from_secs(2);
 /// The current connection's number, as the handler reads it.
 static CURRENT_CONNECTION: AtomicU64 = AtomicU64::new(0);
 /// The current frontend's connection and its number, shut down when its
@@ -114,9 +126,17 @@ pub fn watch(mem: Arc<GuestMemoryMmap>) {
     let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
     watched.push(mem);
     let gone = relist(&mut watched);
+    // Listed: a fault waiting for it looks again.
+    TABLE_COMING.store(false, Ordering::Release);
     drop(watched);
     // Unmapped only now, off the table.
     drop(gone);
+}
+
+/// A memory table (or an added region) passes to the vhost crate next,
+/// which maps it and lets the workers use it before `watch` lists it.
+pub fn table_coming() {
+    TABLE_COMING.store(true, Ordering::Release);
 }
 
 /// Lets go of the earlier tables nothing else uses any more.
@@ -168,6 +188,7 @@ fn relist(watched: &mut Vec<Arc<GuestMemoryMmap>>) -> Vec<Arc<GuestMemoryMmap>> 
 pub fn forget() {
     let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
     write_table(&[]);
+    TABLE_COMING.store(false, Ordering::Release);
     let gone = std::mem::take(&mut *watched);
     drop(watched);
     drop(gone);
@@ -249,7 +270,8 @@ fn handle_sigbus(info: *mut libc::siginfo_t) {
     // SIGBUS its address field is the faulting address.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
     if code == libc::BUS_ADRERR {
-        if let Some((start, len, guest_addr)) = region_holding(addr) {
+        if let Some((start, len, guest_addr)) = region_holding(addr).or_else(|| coming_region(addr))
+        {
             // SAFETY: replaces exactly the range the region's own mapping
             // covers (vm-memory unmaps the same range when the region
             // goes), with private anonymous memory; nothing else is mapped
@@ -302,6 +324,29 @@ fn handle_sigbus(info: *mut libc::siginfo_t) {
             libc::raise(libc::SIGBUS);
         }
     }
+}
+
+/// Waits (up to `TABLE_WAIT`) for a memory table on its way to be
+/// watched, then looks `addr` up in it. Async-signal-safe: atomics,
+/// clock_gettime and sched_yield. The thread that lists the table (the
+/// vhost crate's) takes no lock a worker holds on its way there.
+fn coming_region(addr: usize) -> Option<(usize, usize, u64)> {
+    let now = || {
+        // SAFETY: an all-zero timespec is a valid value to fill.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: clock_gettime writes one timespec into a local.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    };
+    let start = now();
+    while TABLE_COMING.load(Ordering::Acquire) {
+        if now().saturating_sub(start) >= TABLE_WAIT {
+            return None;
+        }
+        // SAFETY: sched_yield takes no arguments.
+        unsafe { libc::sched_yield() };
+    }
+    region_holding(addr)
 }
 
 /// A memory error in a page the faulting access needed
@@ -384,6 +429,16 @@ mod tests {
     use super::*;
 
     /// One test, as the table is the process's.
+    fn memfd_of(len: u64) -> std::fs::File {
+        // SAFETY: a NUL-terminated name; the call takes no other memory.
+        let fd = unsafe { libc::memfd_create(c"lost".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "{}", io::Error::last_os_error());
+        // SAFETY: a new descriptor nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len).expect("size the memfd");
+        file
+    }
+
     #[test]
     fn a_shrunk_region_reads_as_zeros_and_ends_the_connection() {
         // Lookups: only addresses inside a watched region are found.
@@ -398,12 +453,7 @@ mod tests {
 
         // A region whose file is cut to nothing after it was mapped.
         install().expect("install");
-        // SAFETY: a NUL-terminated name; the call takes no other memory.
-        let fd = unsafe { libc::memfd_create(c"lost".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "{}", io::Error::last_os_error());
-        // SAFETY: a new descriptor nothing else owns.
-        let file = Arc::new(unsafe { std::fs::File::from_raw_fd(fd) });
-        file.set_len(64 << 10).expect("size the memfd");
+        let file = Arc::new(memfd_of(64 << 10));
         let guest = GuestAddress(0x10_0000);
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             guest,
@@ -427,6 +477,31 @@ mod tests {
         let mut byte = [0u8; 1];
         assert_eq!(theirs.read(&mut byte).expect("read the connection"), 0);
         assert_eq!(LOST_GUEST_ADDR.load(Ordering::Relaxed), guest.0);
+        forget();
+
+        // A table the vhost crate has mapped but the backend not watched
+        // yet: a fault in it waits for the watch, then is a loss like any.
+        let file = Arc::new(memfd_of(64 << 10));
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            guest,
+            64 << 10,
+            Some(FileOffset::from_arc(file.clone(), 0)),
+        )])
+        .expect("map");
+        let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
+        end_on_loss(&ours).expect("end_on_loss");
+        table_coming();
+        file.set_len(0).expect("shrink the memfd");
+        let mem = Arc::new(mem);
+        let later = mem.clone();
+        let watcher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            watch(later);
+        });
+        let read: u32 = mem.read_obj(word).expect("read");
+        assert_eq!(read, 0, "the region reads as zero pages");
+        assert_eq!(theirs.read(&mut byte).expect("read the connection"), 0);
+        watcher.join().expect("watcher");
         forget();
 
         // A table replaced while a worker still uses it stays watched until

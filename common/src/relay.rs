@@ -73,7 +73,13 @@ impl Relay {
                     check_ring_events(m)?;
                     check_ring_size(m)?;
                     check_protocol_features(m, offered)?;
-                    inspect(m, to)
+                    inspect(m, to)?;
+                    if matches!(m.request, SET_MEM_TABLE | ADD_MEM_REGION) {
+                        // Passed on next: the workers may touch it before
+                        // the backend watches it.
+                        crate::lost_memory::table_coming();
+                    }
+                    Ok(())
                 });
                 frontend_left();
                 finish("frontend", result, &b_write);
