@@ -14,7 +14,8 @@
 //! before the backend can watch it (`update_memory` comes after). So the
 //! relay says when a table is on its way (`table_coming`), and a fault
 //! outside every watched region meanwhile waits, in the handler, for the
-//! table to be watched (`watch`), up to `TABLE_WAIT`, then looks again.
+//! tables on their way to be watched (`watch`), up to `TABLE_WAIT`, then
+//! looks again.
 //!
 //! A signal handler can take no lock, so the regions it checks sit in a
 //! fixed table behind a sequence counter (a seqlock): the writer makes the
@@ -24,7 +25,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,8 +61,12 @@ static LOST_LEN: AtomicUsize = AtomicUsize::new(0);
 /// The connection the handler's loss belongs to (`end_on_loss` counts
 /// them), so a loss reported late cannot end the next connection.
 static LOST_CONNECTION: AtomicU64 = AtomicU64::new(0);
-/// A memory table is on its way to the vhost crate and not watched yet.
-static TABLE_COMING: AtomicBool = AtomicBool::new(false);
+/// Memory tables (and added regions) passed to the vhost crate, and how
+/// many of them were watched since: while fewer were watched, one is on
+/// its way (counts, not a flag, so that watching one table does not end
+/// the wait for the next one right behind it).
+static TABLES_SENT: AtomicU64 = AtomicU64::new(0);
+static TABLES_WATCHED: AtomicU64 = AtomicU64::new(0);
 /// How long a fault outside the watched regions waits for a table on its
 /// way (mapping one takes microseconds).
 const TABLE_WAIT: Duration = Duration::from_secs(2);
@@ -127,7 +132,7 @@ pub fn watch(mem: Arc<GuestMemoryMmap>) {
     watched.push(mem);
     let gone = relist(&mut watched);
     // Listed: a fault waiting for it looks again.
-    TABLE_COMING.store(false, Ordering::Release);
+    TABLES_WATCHED.fetch_add(1, Ordering::AcqRel);
     drop(watched);
     // Unmapped only now, off the table.
     drop(gone);
@@ -136,7 +141,12 @@ pub fn watch(mem: Arc<GuestMemoryMmap>) {
 /// A memory table (or an added region) passes to the vhost crate next,
 /// which maps it and lets the workers use it before `watch` lists it.
 pub fn table_coming() {
-    TABLE_COMING.store(true, Ordering::Release);
+    TABLES_SENT.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Whether a table passed to the vhost crate is not watched yet.
+fn table_on_its_way() -> bool {
+    TABLES_WATCHED.load(Ordering::Acquire) < TABLES_SENT.load(Ordering::Acquire)
 }
 
 /// Lets go of the earlier tables nothing else uses any more.
@@ -188,7 +198,9 @@ fn relist(watched: &mut Vec<Arc<GuestMemoryMmap>>) -> Vec<Arc<GuestMemoryMmap>> 
 pub fn forget() {
     let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
     write_table(&[]);
-    TABLE_COMING.store(false, Ordering::Release);
+    // A table the vhost crate refused was never watched; none is coming
+    // for this connection any more.
+    TABLES_WATCHED.store(TABLES_SENT.load(Ordering::Acquire), Ordering::Release);
     let gone = std::mem::take(&mut *watched);
     drop(watched);
     drop(gone);
@@ -339,10 +351,9 @@ fn coming_region(addr: usize) -> Option<(usize, usize, u64)> {
         Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     };
     let start = now();
-    while TABLE_COMING.load(Ordering::Acquire) {
-        if now().saturating_sub(start) >= TABLE_WAIT {
-            return None;
-        }
+    // Past the limit it looks all the same: the table it waited for may be
+    // watched with another still on its way.
+    while table_on_its_way() && now().saturating_sub(start) < TABLE_WAIT {
         // SAFETY: sched_yield takes no arguments.
         unsafe { libc::sched_yield() };
     }
@@ -429,6 +440,11 @@ mod tests {
     use super::*;
 
     /// One test, as the table is the process's.
+    fn map_at(at: u64) -> Arc<GuestMemoryMmap> {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(at), 64 << 10)]);
+        Arc::new(mem.expect("map"))
+    }
+
     fn memfd_of(len: u64) -> std::fs::File {
         // SAFETY: a NUL-terminated name; the call takes no other memory.
         let fd = unsafe { libc::memfd_create(c"lost".as_ptr(), libc::MFD_CLOEXEC) };
@@ -489,12 +505,21 @@ mod tests {
         )])
         .expect("map");
         let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         end_on_loss(&ours).expect("end_on_loss");
+        // Two tables sent back to back; the fault is in the second, and
+        // watching the first does not end its wait.
+        table_coming();
         table_coming();
         file.set_len(0).expect("shrink the memfd");
         let mem = Arc::new(mem);
         let later = mem.clone();
+        let first = map_at(0x4000_0000);
         let watcher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            watch(first);
             std::thread::sleep(Duration::from_millis(200));
             watch(later);
         });
@@ -506,10 +531,7 @@ mod tests {
 
         // A table replaced while a worker still uses it stays watched until
         // it is let go of.
-        let map = |at: u64| {
-            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(at), 64 << 10)]);
-            Arc::new(mem.expect("map"))
-        };
+        let map = map_at;
         let host = |mem: &GuestMemoryMmap| mem.iter().next().expect("a region").as_ptr() as usize;
         let (old, new) = (map(0), map(0x10_0000));
         let in_use = old.clone();

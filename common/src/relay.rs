@@ -622,7 +622,7 @@ mod tests {
         let fd = unsafe {
             libc::memfd_create(
                 c"relay-test".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_HUGETLB,
+                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
             )
         };
         assert!(

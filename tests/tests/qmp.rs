@@ -139,9 +139,12 @@ fn resets_during_mmio_reads_reboot_cleanly() {
     let (mut qmp, _) = RawQmp::connect(&socket);
     qmp.negotiate();
     for boot in 2..=4 {
+        // The reply comes first, then the RESET event, as in QEMU.
+        qmp.send_raw(b"{\"execute\": \"system_reset\"}\n");
         assert_eq!(
-            qmp.request(r#"{"execute": "system_reset"}"#),
-            r#"{"return":{}}"#
+            qmp.read_line().as_deref(),
+            Some(r#"{"return":{}}"#),
+            "boot {boot}: the first line after system_reset"
         );
         qmp.wait_event("RESET");
         vm.console

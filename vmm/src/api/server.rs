@@ -240,7 +240,12 @@ impl Listener {
                 let (stream, peer) = l.accept()?;
                 log::info!("QMP client from {peer}");
                 stream.set_nodelay(true)?;
-                keep_alive(&stream)?;
+                // Best effort: a client is served without it.
+                if let Err(e) = keep_alive(&stream) {
+                    log::warn!(
+                        "QMP client from {peer}: {e}; it is served without keepalive probes"
+                    );
+                }
                 Ok(Conn::Tcp(stream))
             }
         }
@@ -252,7 +257,7 @@ impl Listener {
 /// rather than holding the API, which serves one client at a time, for
 /// ever.
 fn keep_alive(stream: &TcpStream) -> std::io::Result<()> {
-    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> std::io::Result<()> {
         // SAFETY: setsockopt on the stream's open socket, reading one int
         // from a local that outlives the call.
         let rc = unsafe {
@@ -270,13 +275,25 @@ fn keep_alive(stream: &TcpStream) -> std::io::Result<()> {
             Err(std::io::Error::last_os_error())
         }
     };
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
-    // Probes after 30 s of silence, every 10 s, 3 unanswered: gone.
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
-    // Sent data unacknowledged for a minute: gone too.
-    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 60_000)
+    let options = [
+        ("SO_KEEPALIVE", libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        // Probes after 30 s of silence, every 10 s, 3 unanswered: gone.
+        ("TCP_KEEPIDLE", libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30),
+        ("TCP_KEEPINTVL", libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
+        ("TCP_KEEPCNT", libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+        // Sent data unacknowledged for a minute: gone too.
+        (
+            "TCP_USER_TIMEOUT",
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            60_000,
+        ),
+    ];
+    for (option, level, name, value) in options {
+        set(level, name, value)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot set {option}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Starts listening and serving clients on a thread.

@@ -120,14 +120,10 @@ pub struct NoFreeSlot;
 impl PciBus {
     pub fn new(mmio: &Arc<MmioBus>) -> Self {
         let mut slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>> = vec![None; SLOTS];
-        slots[0] = Some(Arc::new(Mutex::new(HostBridge {
-            config: PciConfiguration::new(
-                HOST_BRIDGE_VENDOR,
-                HOST_BRIDGE_DEVICE,
-                CLASS_BRIDGE_HOST,
-                0,
-            ),
-        })));
+        let mut config =
+            PciConfiguration::new(HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE, CLASS_BRIDGE_HOST, 0);
+        config.remember_power_on();
+        slots[0] = Some(Arc::new(Mutex::new(HostBridge { config })));
         PciBus {
             slots,
             mmio: Arc::downgrade(mmio),

@@ -27,8 +27,8 @@ pub struct PciConfiguration {
     bars: Vec<BarInfo>,
     last_capability: Option<usize>,
     next_capability: usize,
-    /// The registers as the guest first found them (taken at its first
-    /// write), which a reset restores.
+    /// The registers as the guest first finds them (`remember_power_on`),
+    /// which a reset restores.
     power_on: Option<[u32; NUM_REGS]>,
 }
 
@@ -86,9 +86,15 @@ impl PciConfiguration {
         Ok(())
     }
 
-    /// Puts every register the guest may write back as it was before its
-    /// first write (a platform reset): the command register, BARs,
-    /// interrupt line, capability fields.
+    /// Takes the registers as they are now (the device fully made, before
+    /// the guest runs) as their power-on state, which `reset` restores.
+    pub fn remember_power_on(&mut self) {
+        self.power_on = Some(self.regs);
+    }
+
+    /// Puts every register the guest may write back as it was at power-on
+    /// (a platform reset): the command register, BARs, interrupt line,
+    /// capability fields.
     pub fn reset(&mut self) {
         if let Some(power_on) = self.power_on {
             for ((reg, writable), first) in self.regs.iter_mut().zip(self.writable).zip(power_on) {
@@ -155,9 +161,6 @@ impl PciConfiguration {
     pub fn write(&mut self, reg: usize, offset: u64, data: &[u8]) {
         if reg >= NUM_REGS || offset as usize + data.len() > 4 {
             return;
-        }
-        if self.power_on.is_none() {
-            self.power_on = Some(self.regs);
         }
         let mut value = self.regs[reg];
         for (i, byte) in data.iter().enumerate() {

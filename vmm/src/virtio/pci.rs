@@ -244,6 +244,7 @@ impl VirtioPciDevice {
         let msix_cap_reg = msix_cap / 4;
         // Message control (upper half of the first dword): enable and mask.
         config.set_writable(msix_cap_reg, 0xc000_0000);
+        config.remember_power_on();
 
         let mut kicks = Vec::with_capacity(max_sizes.len());
         for index in 0..max_sizes.len() {
