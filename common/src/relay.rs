@@ -119,6 +119,18 @@ pub fn inner_socket(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("relay.sock")
 }
 
+/// Binds the handler's inner socket at `path`; the error names it (a long
+/// TMPDIR makes it too long for a socket, and the user knows only the
+/// public one).
+pub fn bind_inner(path: &std::path::Path) -> io::Result<std::os::unix::net::UnixListener> {
+    std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("the relay's inner socket {}: {e}", path.display()),
+        )
+    })
+}
+
 /// Shuts the other side down once one direction ends, so both threads stop.
 fn finish(from: &str, result: io::Result<()>, other: &UnixStream) {
     match result {

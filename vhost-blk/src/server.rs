@@ -76,14 +76,7 @@ fn serve_frontends(
     changes: &Arc<ConfigChanges>,
 ) -> Result<(), ServeError> {
     let serve_err = |e: std::io::Error| ServeError::Serve(socket.to_path_buf(), e.to_string());
-    let inner = UnixListener::bind(inner_path).map_err(|e| {
-        // A long TMPDIR makes this path too long for a socket.
-        ServeError::Serve(
-            socket.to_path_buf(),
-            format!("the relay's inner socket {}: {e}", inner_path.display()),
-        )
-    })?;
-    let mut listener = Listener::from(inner);
+    let mut listener = Listener::from(relay::bind_inner(inner_path).map_err(serve_err)?);
     vmm_common::lost_memory::install().map_err(serve_err)?;
     loop {
         let backend = BlkBackend::new(device.clone());
