@@ -84,7 +84,20 @@ pub fn expect_disk(vm: &RunningVm, bdf: &str, index: u8, ro: bool) -> String {
             TIMEOUT,
         );
     } else {
-        vm.expect_line(&format!("testguest: blk {bdf} write-read ok"), TIMEOUT);
+        vm.expect_line(&format!("testguest: blk {bdf} flush ok"), TIMEOUT);
+        // The guest drives up to two queues and reads back through the
+        // last, so a second queue must carry data too.
+        let queues: u32 = info
+            .split(" queues ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no queue count in {info:?}"));
+        let last = queues.clamp(1, 2) - 1;
+        vm.expect_line(
+            &format!("testguest: blk {bdf} write-read ok on queue {last}"),
+            TIMEOUT,
+        );
     }
     let irqs = vm.expect_line(&format!("testguest: blk {bdf} irqs "), TIMEOUT);
     let count: u64 = irqs

@@ -39,6 +39,9 @@ fn tables_disassemble_without_errors() {
         .spawn();
     vm.expect_line("testguest: poweroff", Duration::from_secs(60));
     assert_eq!(vm.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    // The guest checks the tables it was given (checksums, the CPUs in the
+    // MADT) and says FAIL, then still powers off.
+    vm.assert_no_guest_failure();
 
     // The RSDP is not a table with a standard header, and this iasl cannot
     // disassemble it on its own: check its signature and both checksums.
@@ -56,7 +59,9 @@ fn tables_disassemble_without_errors() {
         for line in dsl.lines() {
             let lower = line.to_ascii_lowercase();
             assert!(
-                !lower.contains("error") && !lower.contains("invalid"),
+                !lower.contains("error")
+                    && !lower.contains("invalid")
+                    && !lower.contains("incorrect"),
                 "{sig}: {line}\n{dsl}"
             );
         }

@@ -171,6 +171,12 @@ fn two_queue_pairs_are_negotiated() {
     assert!(info.ends_with(" link up pairs 2 mtu 1500"), "{info}");
     vm.expect_line("testguest: net mq pairs 2 set ok", TIMEOUT);
     expect_ping(&vm, HOST_IP);
+    // The guest sends its requests on each pair in turn: the second
+    // pair's transmit ring carried one out, and its reply came back.
+    vm.expect_line(
+        &format!("testguest: net ping {HOST_IP} seq 2 reply ok on pair 1"),
+        TIMEOUT,
+    );
     finish(vm);
 }
 

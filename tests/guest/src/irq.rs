@@ -1,25 +1,32 @@
 // Register fields are cut out of wider words on purpose.
 #![allow(clippy::cast_possible_truncation)]
-//! Just enough interrupt handling to see MSI-X completions arrive: an IDT
-//! whose only gate is `VECTOR`, a handler that counts and sends EOI, the
-//! local APIC enabled, and the legacy 8259s masked.
+//! Just enough interrupt handling to see MSI-X messages arrive: an IDT
+//! whose only gates are `VECTOR` (queue completions) and `CONFIG_VECTOR`
+//! (configuration changes), each with a handler that counts and sends EOI,
+//! the local APIC enabled, and the legacy 8259s masked.
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::port::outb;
 
-/// The vector MSI-X messages are sent with.
+/// The vector queue completions are sent with.
 pub const VECTOR: u8 = 0x40;
+/// The vector configuration changes are sent with: counted apart, so an
+/// interrupt sent on the wrong MSI-X entry is not taken for the right one.
+pub const CONFIG_VECTOR: u8 = 0x48;
 /// Where the IDT lives: a free page of RAM below the scratch area.
 const IDT_ADDR: u64 = 0x3f_f000;
 const LAPIC_BASE: u64 = 0xfee0_0000;
 const LAPIC_SVR: u64 = LAPIC_BASE + 0xf0;
 const LAPIC_TPR: u64 = LAPIC_BASE + 0x80;
 
-/// Interrupts taken on `VECTOR`; the handler increments it.
+/// Interrupts taken on `VECTOR` and on `CONFIG_VECTOR`; the handlers
+/// increment them.
 #[no_mangle]
 static IRQ_COUNT: AtomicU64 = AtomicU64::new(0);
+#[no_mangle]
+static CONFIG_IRQ_COUNT: AtomicU64 = AtomicU64::new(0);
 
 global_asm!(
     r#"
@@ -32,16 +39,32 @@ testguest_irq:
     movl $0, (%rax)                 /* LAPIC EOI */
     pop %rax
     iretq
+
+    .globl testguest_config_irq
+testguest_config_irq:
+    push %rax
+    lock incq CONFIG_IRQ_COUNT(%rip)
+    mov $0xfee000b0, %eax
+    movl $0, (%rax)                 /* LAPIC EOI */
+    pop %rax
+    iretq
 "#,
     options(att_syntax)
 );
 
 extern "C" {
     fn testguest_irq();
+    fn testguest_config_irq();
 }
 
+/// Interrupts taken on `VECTOR`.
 pub fn count() -> u64 {
     IRQ_COUNT.load(Ordering::SeqCst)
+}
+
+/// Interrupts taken on `CONFIG_VECTOR`.
+pub fn config_count() -> u64 {
+    CONFIG_IRQ_COUNT.load(Ordering::SeqCst)
 }
 
 /// Installs the IDT, enables the LAPIC, masks the 8259s, and enables interrupts.
@@ -55,22 +78,29 @@ pub fn init() {
 /// `init`, but the 8259s are left as they were: the ACPI tables say there
 /// are none, and a guest that believes them never touches them.
 pub fn init_trusting_acpi() {
-    let handler = testguest_irq as *const () as u64;
     let cs: u16;
     // SAFETY: reads the code segment selector; no memory access.
     unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
-    let gate_lo = (handler & 0xffff)
-        | u64::from(cs) << 16
-        | 0x8e00u64 << 32 // present, DPL 0, 64-bit interrupt gate
-        | ((handler >> 16) & 0xffff) << 48;
-    let gate_hi = handler >> 32;
-    let entry = IDT_ADDR + u64::from(VECTOR) * 16;
     // SAFETY: IDT_ADDR is free RAM that nothing else uses; the identity map
-    // covers it; the stores are within the 4 KiB IDT.
-    unsafe {
-        core::ptr::write_bytes(IDT_ADDR as *mut u8, 0, 4096);
-        core::ptr::write_volatile(entry as *mut u64, gate_lo);
-        core::ptr::write_volatile((entry + 8) as *mut u64, gate_hi);
+    // covers it; the page is within the 4 KiB IDT.
+    unsafe { core::ptr::write_bytes(IDT_ADDR as *mut u8, 0, 4096) };
+    let handlers: [(u8, unsafe extern "C" fn()); 2] = [
+        (VECTOR, testguest_irq),
+        (CONFIG_VECTOR, testguest_config_irq),
+    ];
+    for (vector, handler) in handlers {
+        let handler = handler as *const () as u64;
+        let gate_lo = (handler & 0xffff)
+            | u64::from(cs) << 16
+            | 0x8e00u64 << 32 // present, DPL 0, 64-bit interrupt gate
+            | ((handler >> 16) & 0xffff) << 48;
+        let gate_hi = handler >> 32;
+        let entry = IDT_ADDR + u64::from(vector) * 16;
+        // SAFETY: as above; a vector's 16-byte gate is within the IDT.
+        unsafe {
+            core::ptr::write_volatile(entry as *mut u64, gate_lo);
+            core::ptr::write_volatile((entry + 8) as *mut u64, gate_hi);
+        }
     }
     let descriptor: [u16; 5] = [
         4095,
@@ -81,8 +111,8 @@ pub fn init_trusting_acpi() {
     ];
     // SAFETY: the descriptor points at the IDT written above; the LAPIC
     // registers are MMIO in the identity map; enabling interrupts is safe
-    // because every source that can fire now has a gate (only VECTOR is
-    // unmasked anywhere).
+    // because every source that can fire now has a gate (only VECTOR and
+    // CONFIG_VECTOR are unmasked anywhere).
     unsafe {
         asm!("lidt [{0}]", in(reg) descriptor.as_ptr(), options(nostack));
         core::ptr::write_volatile(LAPIC_TPR as *mut u32, 0);

@@ -8,6 +8,7 @@ const BASE: u16 = 0x3f8;
 /// Receive buffer (read) / transmit holding register (write).
 pub const DATA: u16 = BASE;
 const IER: u16 = BASE + 1;
+const IIR: u16 = BASE + 2;
 const LCR: u16 = BASE + 3;
 pub const LSR: u16 = BASE + 5;
 const LSR_DATA_READY: u8 = 1 << 0;
@@ -22,11 +23,13 @@ pub fn init() {
 
 /// Enables the "transmitter empty" interrupt, which a 16550 raises at once
 /// (its holding register is empty), and disables it again: one interrupt
-/// on the port's line (GSI 4).
+/// on the port's line (GSI 4). Reading IIR then acknowledges it, so the
+/// next call raises another.
 pub fn raise_interrupt() {
     const IER_THR_EMPTY: u8 = 1 << 1;
     outb(IER, IER_THR_EMPTY);
     outb(IER, 0);
+    inb(IIR);
 }
 
 /// Sends one byte once the transmit holding register is empty.

@@ -1,8 +1,9 @@
 // Register fields are cut out of wider words on purpose.
 #![allow(clippy::cast_possible_truncation)]
 //! A virtio-blk driver for modern virtio-pci devices (1af4:1042): feature
-//! negotiation, one split virtqueue, MSI-X, and a fixed test: identify,
-//! read sector 0, write a pattern at sector 8, flush, read it back. On
+//! negotiation, up to two split virtqueues, MSI-X (configuration changes
+//! on their own vector), and a fixed test: identify, read sector 0, write
+//! a pattern at sector 8, flush, read it back through the last queue. On
 //! request it then waits for the disk to be resized and reads its new
 //! last sector.
 
@@ -12,10 +13,7 @@ use crate::clock::{Deadline, SECOND};
 use crate::irq;
 use crate::pcicfg::Function;
 use crate::serial::{say, Bytes};
-use crate::virtio_pci::{
-    locate, rd, wr, DESC_NEXT, DESC_WRITE, STATUS_ACK, STATUS_DRIVER, STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK,
-};
+use crate::virtio_pci::{locate, rd, wr, DESC_NEXT, DESC_WRITE};
 use crate::Fail;
 
 const F_SEG_MAX: u64 = 1 << 2;
@@ -30,11 +28,19 @@ const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
 
 const QUEUE_SIZE: u16 = 8;
-/// Per-disk scratch RAM: ring page, request header and status, two buffers.
+/// Queues driven at most; a disk may offer more.
+const MAX_QUEUES: u16 = 2;
+/// Per-disk scratch RAM: queue 0's ring page, request header and status,
+/// two buffers, queue 1's ring page.
 const SCRATCH_BASE: u64 = 0x40_0000;
-const SCRATCH_PER_DISK: u64 = 0x4000;
+const SCRATCH_PER_DISK: u64 = 0x5000;
+const RING_PAGES: [u64; MAX_QUEUES as usize] = [0, 0x4000];
+/// MSI-X table entries: configuration changes on 0, queue N on N + 1 (as
+/// Linux has them).
+const CONFIG_ENTRY: u16 = 0;
 const PATTERN_SECTOR: u64 = 8;
 /// How long a request may take before it counts as lost (a restarted
 /// backend takes over a request in flight; tests wait 90 s for a line).
@@ -44,6 +50,7 @@ const RESIZE_TIMEOUT: u64 = 60 * SECOND;
 
 /// A split virtqueue in scratch RAM, with one request in flight at a time.
 struct Queue {
+    index: u16,
     desc: u64,
     avail: u64,
     used: u64,
@@ -75,7 +82,7 @@ impl Queue {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         wr(self.avail + 2, self.avail_idx);
         fence(Ordering::SeqCst);
-        wr(self.notify_addr, 0u16);
+        wr(self.notify_addr, self.index);
         let deadline = Deadline::after(REQUEST_TIMEOUT);
         while !deadline.passed() {
             let used_idx: u16 = rd(self.used + 2);
@@ -139,10 +146,10 @@ fn watch_resize(
     let generation = rd::<u8>(common + 0x15);
     // Counted before the announcement: the test acts on the line, and the
     // interrupt may arrive before the next instruction here runs.
-    let irqs = irq::count();
+    let irqs = irq::config_count();
     say!("blk 00:{:02x}.{} resize watch", bdf.0, bdf.1);
     let deadline = Deadline::after(RESIZE_TIMEOUT);
-    while rd::<u8>(common + 0x15) == generation || (msix && irq::count() == irqs) {
+    while rd::<u8>(common + 0x15) == generation || (msix && irq::config_count() == irqs) {
         if deadline.passed() {
             return Err(Fail::new(if rd::<u8>(common + 0x15) == generation {
                 "virtio-blk configuration did not change"
@@ -210,69 +217,66 @@ pub fn test_disk(f: Function, index: u8, extra: Extra) -> Result<(), Fail> {
     let dev = locate(f)?;
     let c = dev.common;
     let wanted = dev.negotiate(F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_MQ)?;
-
-    // Queue 0 in this disk's scratch page.
-    let scratch = SCRATCH_BASE + SCRATCH_PER_DISK * u64::from(index);
-    // SAFETY: the scratch area is free RAM reserved for this driver.
-    unsafe { core::ptr::write_bytes(scratch as *mut u8, 0, 0x1000) };
-    wr(c + 0x16, 0u16);
-    let max = rd::<u16>(c + 0x18);
-    if max == 0 {
-        return Err(Fail::new("virtio-blk queue 0 missing"));
-    }
-    let size = max.min(QUEUE_SIZE);
-    if size != QUEUE_SIZE {
-        return Err(Fail::new("virtio-blk queue smaller than 8"));
-    }
-    wr(c + 0x18, size);
-    let mut q = Queue {
-        desc: scratch,
-        avail: scratch + 0x200,
-        used: scratch + 0x400,
-        notify_addr: dev.notify + u64::from(rd::<u16>(c + 0x1e)) * u64::from(dev.notify_multiplier),
-        last_used: 0,
-        avail_idx: 0,
-    };
-    for (off, addr) in [(0x20, q.desc), (0x28, q.avail), (0x30, q.used)] {
-        wr(c + off, addr as u32);
-        wr(c + off + 4, (addr >> 32) as u32);
-    }
-    // MSI-X: queue 0 gets entry 0; configuration changes get it too when
-    // a resize is watched for, else no vector.
-    wr(c + 0x10, 0xffffu16);
-    if dev.msix_table.is_some() {
-        dev.route_msix(f, 0)?;
-        wr(c + 0x1a, 0u16);
-        if extra.resize {
-            wr(c + 0x10, 0u16);
-            if rd::<u16>(c + 0x10) != 0 {
-                return Err(Fail::new("virtio-blk refused configuration vector 0"));
-            }
-        }
-    }
-    wr(c + 0x1c, 1u16);
-    wr(
-        c + 0x14,
-        STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-    );
-
     let cfg = dev.device_cfg;
-    let capacity = u64::from(rd::<u32>(cfg)) | u64::from(rd::<u32>(cfg + 4)) << 32;
     let ro = wanted & F_RO != 0;
     let queues = if wanted & F_MQ != 0 {
         rd::<u16>(cfg + 34)
     } else {
         1
     };
+    if queues == 0 {
+        return Err(Fail::new("virtio-blk reports 0 queues"));
+    }
+    let driven = queues.min(MAX_QUEUES);
+
+    let scratch = SCRATCH_BASE + SCRATCH_PER_DISK * u64::from(index);
+    let msix = dev.msix_table.is_some();
+    if msix {
+        dev.route_msix(f, CONFIG_ENTRY, irq::CONFIG_VECTOR)?;
+        for queue in 0..driven {
+            dev.route_msix(f, queue + 1, irq::VECTOR)?;
+        }
+        dev.set_config_vector(CONFIG_ENTRY)?;
+    }
+    let mut rings: [Option<Queue>; MAX_QUEUES as usize] = [None, None];
+    for queue in 0..driven {
+        let ring = scratch + RING_PAGES[usize::from(queue)];
+        rings[usize::from(queue)] = Some(Queue {
+            index: queue,
+            desc: ring,
+            avail: ring + 0x200,
+            used: ring + 0x400,
+            notify_addr: dev.setup_queue(queue, QUEUE_SIZE, ring, msix.then_some(queue + 1))?,
+            last_used: 0,
+            avail_idx: 0,
+        });
+    }
+    dev.driver_ok();
+    let [Some(mut q), last] = rings else {
+        return Err(Fail::new("virtio-blk queue 0 missing"));
+    };
+    // The read-back goes through the last queue driven.
+    let mut last = last;
+
+    let capacity = u64::from(rd::<u32>(cfg)) | u64::from(rd::<u32>(cfg + 4)) << 32;
     let irqs_before = irq::count();
     let buf = scratch + 0x2000;
     let readback = scratch + 0x3000;
 
+    // A device that says OK and writes nothing leaves the poison, which
+    // is no serial.
+    poison(buf, 20);
     let mut serial = [0u8; 20];
-    let id_status = request(&mut q, scratch, T_GET_ID, 0, Some((buf, 20, true)))?;
-    if id_status == S_OK {
-        // SAFETY: `buf` holds the 20 bytes the device wrote.
-        unsafe { core::ptr::copy_nonoverlapping(buf as *const u8, serial.as_mut_ptr(), 20) };
+    match request(&mut q, scratch, T_GET_ID, 0, Some((buf, 20, true)))? {
+        S_OK => {
+            // SAFETY: `buf` holds the 20 bytes the device wrote.
+            unsafe { core::ptr::copy_nonoverlapping(buf as *const u8, serial.as_mut_ptr(), 20) };
+            if serial.iter().all(|&b| b == 0xee) {
+                return Err(Fail::new("virtio-blk GET_ID said OK and wrote nothing"));
+            }
+        }
+        S_UNSUPP => {}
+        _ => return Err(Fail::new("virtio-blk GET_ID failed")),
     }
     let serial_len = serial.iter().position(|&b| b == 0).unwrap_or(20);
     let serial_text: &[u8] = if serial_len == 0 {
@@ -324,15 +328,20 @@ pub fn test_disk(f: Function, index: u8, extra: Extra) -> Result<(), Fail> {
         if status != S_OK {
             return Err(Fail::new("virtio-blk write failed"));
         }
-        if wanted & F_FLUSH != 0 && request(&mut q, scratch, T_FLUSH, 0, None)? != S_OK {
-            return Err(Fail::new("virtio-blk flush failed"));
+        if wanted & F_FLUSH != 0 {
+            if request(&mut q, scratch, T_FLUSH, 0, None)? != S_OK {
+                return Err(Fail::new("virtio-blk flush failed"));
+            }
+            say!("blk 00:{:02x}.{} flush ok", bdf.0, bdf.1);
         }
         // Not the pattern: a read that moves no data cannot match.
         for i in 0..4096u64 {
             wr(readback + i, !pattern_byte(i, index));
         }
+        let through = last.as_mut().unwrap_or(&mut q);
+        let through_index = through.index;
         if request(
-            &mut q,
+            through,
             scratch,
             T_IN,
             PATTERN_SECTOR,
@@ -346,13 +355,15 @@ pub fn test_disk(f: Function, index: u8, extra: Extra) -> Result<(), Fail> {
                 return Err(Fail::at("virtio-blk read-back mismatch", i));
             }
         }
-        say!("blk 00:{:02x}.{} write-read ok", bdf.0, bdf.1);
+        say!(
+            "blk 00:{:02x}.{} write-read ok on queue {through_index}",
+            bdf.0,
+            bdf.1
+        );
     }
     // Let the last completion's interrupt land before counting.
-    for _ in 0..100_000 {
-        if irq::count() > irqs_before {
-            break;
-        }
+    let settle = Deadline::after(SECOND);
+    while irq::count() == irqs_before && !settle.passed() {
         core::hint::spin_loop();
     }
     say!(
@@ -362,10 +373,9 @@ pub fn test_disk(f: Function, index: u8, extra: Extra) -> Result<(), Fail> {
         irq::count() - irqs_before
     );
     if extra.resize {
-        let msix = dev.msix_table.is_some();
         watch_resize(&mut q, scratch, c, dev.device_cfg, bdf, msix)?;
     }
     // Leave the device reset so nothing writes to scratch RAM afterwards.
-    wr(c + 0x14, 0u8);
+    dev.reset();
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! A virtio-net driver for modern virtio-pci devices (1af4:1041) and a tiny
 //! IPv4 stack on top: it reports the MAC, link and queue pairs, sets the
 //! pair count over the control queue, and, given `ip=A.B.C.D`, either pings
-//! a host (`ping=A.B.C.D`: ARP, then three ICMP echo requests) or answers
+//! a host (`ping=A.B.C.D`: ARP, then three ICMP echo requests, sent on
+//! each queue pair in use in turn) or answers
 //! ARP and echo requests until it has answered `respond=N` of them.
 //!
 //! With `linkwatch` (and no `ip=`), it then reports the link status after
@@ -151,6 +152,7 @@ fn mode(cmdline: &[u8]) -> Result<Mode, Fail> {
 
 /// A split virtqueue the driver fills and polls.
 struct Queue {
+    index: u16,
     ring: u64,
     notify: u64,
     avail_idx: u16,
@@ -181,7 +183,7 @@ impl Queue {
     }
 
     fn kick(&self) {
-        wr(self.notify, 0u16);
+        wr(self.notify, self.index);
     }
 
     /// The next used element (id, len), if the device returned one.
@@ -223,10 +225,12 @@ struct Nic {
     dev: Device,
     mac: [u8; 6],
     rx: [Option<Queue>; MAX_PAIRS as usize],
-    tx: Queue,
+    tx: [Option<Queue>; MAX_PAIRS as usize],
     scratch: u64,
-    /// Receive queues in use.
+    /// Receive queues polled.
     pairs: usize,
+    /// Transmit queues in use: 1 until the device takes more pairs.
+    tx_pairs: usize,
 }
 
 impl Nic {
@@ -236,6 +240,12 @@ impl Nic {
 
     /// Sends one Ethernet frame (without the virtio header) on pair 0.
     fn send(&mut self, frame: &[u8]) -> Result<(), Fail> {
+        self.send_on(0, frame)
+    }
+
+    /// Sends one Ethernet frame on the transmit queue of `pair` (which must
+    /// be in use).
+    fn send_on(&mut self, pair: usize, frame: &[u8]) -> Result<(), Fail> {
         let buf = self.scratch + TX_BUF;
         for i in 0..HDR_LEN as u64 {
             wr(buf + i, 0u8);
@@ -248,7 +258,9 @@ impl Nic {
                 frame.get(i).copied().unwrap_or(0),
             );
         }
-        self.tx
+        self.tx[pair]
+            .as_mut()
+            .ok_or(Fail::new("virtio-net transmit queue not in use"))?
             .submit_and_wait(&[(buf, (HDR_LEN + len) as u32, false)])
             .map(|_| ())
     }
@@ -456,20 +468,21 @@ pub fn test_nic(f: Function, index: u8, cmdline: &[u8]) -> Result<(), Fail> {
 
     let scratch = SCRATCH_BASE + SCRATCH_PER_NIC * u64::from(index);
     let mut rx: [Option<Queue>; MAX_PAIRS as usize] = [None, None, None, None];
-    let mut tx = None;
+    let mut tx: [Option<Queue>; MAX_PAIRS as usize] = [None, None, None, None];
     for pair in 0..pairs {
         for (queue, is_rx) in [(2 * pair, true), (2 * pair + 1, false)] {
             let ring = scratch + RINGS + 0x1000 * u64::from(queue);
             let q = Queue {
+                index: queue,
                 ring,
-                notify: dev.setup_queue(queue, QUEUE_SIZE, ring)?,
+                notify: dev.setup_queue(queue, QUEUE_SIZE, ring, None)?,
                 avail_idx: 0,
                 last_used: 0,
             };
             if is_rx {
                 rx[usize::from(pair)] = Some(q);
-            } else if pair == 0 {
-                tx = Some(q);
+            } else {
+                tx[usize::from(pair)] = Some(q);
             }
         }
     }
@@ -478,13 +491,13 @@ pub fn test_nic(f: Function, index: u8, cmdline: &[u8]) -> Result<(), Fail> {
         let index = 2 * max_pairs;
         let ring = scratch + CTRL_RING;
         ctrl = Some(Queue {
+            index,
             ring,
-            notify: dev.setup_queue(index, QUEUE_SIZE, ring)?,
+            notify: dev.setup_queue(index, QUEUE_SIZE, ring, None)?,
             avail_idx: 0,
             last_used: 0,
         });
     }
-    let tx = tx.ok_or(Fail::new("virtio-net has no transmit queue"))?;
     let mut nic = Nic {
         dev,
         mac,
@@ -492,6 +505,7 @@ pub fn test_nic(f: Function, index: u8, cmdline: &[u8]) -> Result<(), Fail> {
         tx,
         scratch,
         pairs: usize::from(pairs),
+        tx_pairs: 1,
     };
     // Post the receive buffers, one descriptor each.
     for pair in 0..usize::from(pairs) {
@@ -529,6 +543,7 @@ pub fn test_nic(f: Function, index: u8, cmdline: &[u8]) -> Result<(), Fail> {
                 return Err(Fail::new("virtio-net refused VQ_PAIRS_SET"));
             }
             say!("net mq pairs {pairs} set ok");
+            nic.tx_pairs = usize::from(pairs);
         }
     }
 
@@ -557,25 +572,21 @@ fn has_word(cmdline: &[u8], wanted: &[u8]) -> bool {
 /// reports the link status after each of the next two (the test takes the
 /// backend away and brings it back).
 fn watch_link(nic: &Nic, f: Function) -> Result<(), Fail> {
-    let c = nic.dev.common;
-    nic.dev.route_msix(f, 0)?;
-    wr(c + 0x10, 0u16);
-    if rd::<u16>(c + 0x10) != 0 {
-        return Err(Fail::new("virtio-net refused configuration vector 0"));
-    }
+    nic.dev.route_msix(f, 0, irq::CONFIG_VECTOR)?;
+    nic.dev.set_config_vector(0)?;
     // Counted before each announcement: the test acts on the line, and
     // its interrupt may arrive before the next instruction here runs.
-    let mut seen = irq::count();
+    let mut seen = irq::config_count();
     say!("net link watch");
     for _ in 0..2 {
         let deadline = Deadline::after(LINK_WATCH_TIMEOUT);
-        while irq::count() == seen {
+        while irq::config_count() == seen {
             if deadline.passed() {
                 return Err(Fail::new("no configuration change interrupt"));
             }
             core::hint::spin_loop();
         }
-        seen = irq::count();
+        seen = irq::config_count();
         let up = rd::<u16>(nic.dev.device_cfg + 6) & 1 != 0;
         say!("net config change: link {}", if up { "up" } else { "down" });
     }
@@ -642,9 +653,12 @@ fn ping(nic: &mut Nic, ip: Ip, target: Ip) -> Result<(), Fail> {
                 payload: &payload,
             },
         );
+        // Each pair in use carries a request, so a transmit queue the
+        // device never started fails the ping.
+        let pair = usize::from(seq - 1) % nic.tx_pairs;
         let mut answered = false;
         for _ in 0..ATTEMPTS {
-            nic.send(&request)?;
+            nic.send_on(pair, &request)?;
             let deadline = Deadline::after(REPLY_TIMEOUT);
             while !deadline.passed() {
                 nic.poll(&mut |nic, frame| {
@@ -675,7 +689,7 @@ fn ping(nic: &mut Nic, ip: Ip, target: Ip) -> Result<(), Fail> {
             say!("net ping {target} failed: no reply to seq {seq}");
             return Err(Fail::new("virtio-net: echo request unanswered"));
         }
-        say!("net ping {target} seq {seq} reply ok");
+        say!("net ping {target} seq {seq} reply ok on pair {pair}");
         replies += 1;
     }
     say!("net ping {target} {replies}/{PINGS} replies");

@@ -22,6 +22,8 @@ pub const STATUS_FEATURES_OK: u8 = 8;
 pub const F_VERSION_1: u64 = 1 << 32;
 
 pub const DESC_NEXT: u16 = 1;
+/// VIRTIO_MSI_NO_VECTOR: a queue or configuration change without MSI-X.
+pub const NO_VECTOR: u16 = 0xffff;
 pub const DESC_WRITE: u16 = 2;
 
 /// How long a reset may take (a vhost-user device stops its backend's
@@ -132,9 +134,15 @@ impl Device {
 
     /// Sets up queue `index` with `size` entries in the zeroed 4 KiB page
     /// at `ring` (descriptors at 0, available ring at 0x200, used ring at
-    /// 0x400), with no MSI-X vector, and enables it. Returns the queue's
-    /// notify address.
-    pub fn setup_queue(&self, index: u16, size: u16, ring: u64) -> Result<u64, Fail> {
+    /// 0x400), with MSI-X table entry `vector` (or none), and enables it.
+    /// Returns the queue's notify address.
+    pub fn setup_queue(
+        &self,
+        index: u16,
+        size: u16,
+        ring: u64,
+        vector: Option<u16>,
+    ) -> Result<u64, Fail> {
         let c = self.common;
         wr(c + 0x16, index);
         let max = rd::<u16>(c + 0x18);
@@ -151,26 +159,45 @@ impl Device {
             wr(c + off, addr as u32);
             wr(c + off + 4, (addr >> 32) as u32);
         }
-        wr(c + 0x1a, 0xffffu16);
+        let vector = vector.unwrap_or(NO_VECTOR);
+        wr(c + 0x1a, vector);
+        if rd::<u16>(c + 0x1a) != vector {
+            return Err(Fail::new("virtio device refused a queue's MSI-X vector"));
+        }
         let notify =
             self.notify + u64::from(rd::<u16>(c + 0x1e)) * u64::from(self.notify_multiplier);
         wr(c + 0x1c, 1u16);
         Ok(notify)
     }
 
-    /// Points MSI-X table entry `entry` at the guest's interrupt vector
-    /// (`irq::VECTOR`, on CPU 0) and enables MSI-X on the function.
-    pub fn route_msix(&self, f: Function, entry: u16) -> Result<(), Fail> {
+    /// Points MSI-X table entry `entry` at interrupt `vector` on CPU 0 and
+    /// enables MSI-X on the function.
+    pub fn route_msix(&self, f: Function, entry: u16, vector: u8) -> Result<(), Fail> {
         let table = self
             .msix_table
             .ok_or(Fail::new("virtio device without MSI-X"))?;
+        let control = f.read32(self.msix_cap);
+        // Message Control (the upper half): table size minus one.
+        if u32::from(entry) > (control >> 16) & 0x7ff {
+            return Err(Fail::new("virtio device has too few MSI-X entries"));
+        }
         let at = table + 16 * u64::from(entry);
         wr(at, 0xfee0_0000u32);
         wr(at + 4, 0u32);
-        wr(at + 8, u32::from(crate::irq::VECTOR));
+        wr(at + 8, u32::from(vector));
         wr(at + 12, 0u32);
-        let control = f.read32(self.msix_cap);
         f.write32(self.msix_cap, control | 1 << 31);
+        Ok(())
+    }
+
+    /// Has configuration changes signalled on MSI-X table entry `vector`.
+    pub fn set_config_vector(&self, vector: u16) -> Result<(), Fail> {
+        wr(self.common + 0x10, vector);
+        if rd::<u16>(self.common + 0x10) != vector {
+            return Err(Fail::new(
+                "virtio device refused the configuration MSI-X vector",
+            ));
+        }
         Ok(())
     }
 
