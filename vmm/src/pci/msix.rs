@@ -5,6 +5,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
+use crate::guest_warnings::GuestWarnings;
 use crate::interrupts::msi::{GsiRouter, MsiError, MsiVector};
 
 pub const CAP_ID: u8 = 0x11;
@@ -12,6 +13,8 @@ const ENTRY_SIZE: u64 = 16;
 const CONTROL_ENABLE: u16 = 1 << 15;
 const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
 const VECTOR_MASKED: u32 = 1;
+/// Where the local APICs take MSI messages: 0xFEE00000-0xFEEFFFFF.
+const APIC_MESSAGE_WINDOW: u32 = 0xfee;
 
 #[derive(Clone, Copy, Default)]
 struct Entry {
@@ -19,6 +22,15 @@ struct Entry {
     addr_hi: u32,
     data: u32,
     control: u32,
+}
+
+impl Entry {
+    /// Whether the message goes to the local APICs. Anything else would be
+    /// a memory write into the guest (nothing here models one): such an
+    /// entry is treated as masked, its signals held.
+    fn is_apic_message(&self) -> bool {
+        self.addr_hi == 0 && self.addr_lo >> 20 == APIC_MESSAGE_WINDOW
+    }
 }
 
 pub struct Msix {
@@ -30,6 +42,7 @@ pub struct Msix {
     /// The command register's bus-master bit: MSI-X messages are memory
     /// writes, which a function without it may not make.
     bus_master: bool,
+    warnings: GuestWarnings,
 }
 
 impl Msix {
@@ -51,6 +64,7 @@ impl Msix {
             enabled: false,
             function_masked: false,
             bus_master: false,
+            warnings: GuestWarnings::default(),
         })
     }
 
@@ -124,12 +138,31 @@ impl Msix {
         self.vectors.get(usize::from(vector)).map(|v| &v.event)
     }
 
-    fn refresh(&mut self, index: usize) {
-        let entry = self.entries[index];
-        let deliver = self.enabled
+    /// Whether the vector is attached: MSI-X on, bus mastering on, neither
+    /// it nor the function masked, and a message the APICs take.
+    fn deliverable(&self, entry: &Entry) -> bool {
+        self.enabled
             && self.bus_master
             && !self.function_masked
-            && entry.control & VECTOR_MASKED == 0;
+            && entry.control & VECTOR_MASKED == 0
+            && entry.is_apic_message()
+    }
+
+    fn refresh(&mut self, index: usize) {
+        let entry = self.entries[index];
+        let deliver = self.deliverable(&entry);
+        if !deliver
+            && self.enabled
+            && !self.function_masked
+            && entry.control & VECTOR_MASKED == 0
+            && !entry.is_apic_message()
+        {
+            log::log!(
+                self.warnings.level("MSI-X"),
+                "MSI-X vector {index} unmasked with address {:#x}, not an APIC's: its interrupts are held",
+                u64::from(entry.addr_hi) << 32 | u64::from(entry.addr_lo)
+            );
+        }
         let message = deliver.then(|| {
             (
                 u64::from(entry.addr_hi) << 32 | u64::from(entry.addr_lo),
@@ -137,7 +170,7 @@ impl Msix {
             )
         });
         if let Err(e) = self.vectors[index].update(&self.router, message) {
-            log::error!("MSI-X vector {index}: {e}");
+            log::log!(self.warnings.level("MSI-X"), "MSI-X vector {index}: {e}");
         }
     }
 
@@ -187,9 +220,11 @@ impl Msix {
         }
     }
 
-    /// The pending-bit array from byte `offset`. A masked vector's signals
-    /// wait in its eventfd (and are delivered on unmask), so its bit is
-    /// whether that eventfd holds a count; read without taking it.
+    /// The pending-bit array from byte `offset`. A vector that is not
+    /// delivered (masked, or held for another reason: MSI-X or bus
+    /// mastering off, no APIC address) keeps its signals in its eventfd
+    /// until it is, so its bit is whether that eventfd holds a count; read
+    /// without taking it.
     pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
         for (i, byte) in data.iter_mut().enumerate() {
             let first = usize::try_from(offset)
@@ -206,8 +241,7 @@ impl Msix {
         let (Some(entry), Some(vector)) = (self.entries.get(index), self.vectors.get(index)) else {
             return false;
         };
-        let masked = self.function_masked || entry.control & VECTOR_MASKED != 0;
-        if !self.enabled || !masked {
+        if self.deliverable(entry) {
             return false;
         }
         let mut pfd = libc::pollfd {
@@ -348,6 +382,28 @@ mod tests {
         settle();
         assert_eq!(pba(&msix), 1, "held by the function mask, not pending");
         assert_eq!(event().read().unwrap(), 1);
+
+        // Unmasked at an address no APIC answers (the entry's reset value,
+        // say): held and pending, delivered once the address is one.
+        msix.set_control(CONTROL_ENABLE);
+        msix.table_write(0, &entry_bytes(0, 0x40, false));
+        event().write(1).unwrap();
+        settle();
+        assert_eq!(pba(&msix), 1, "held at address 0, not pending");
+        msix.table_write(0, &entry_bytes(0xfee0_0000, 0x40, false));
+        settle();
+        assert!(
+            event().read().is_err(),
+            "the signal held at address 0 was not delivered"
+        );
+        // Held while bus mastering is off: pending too.
+        msix.set_bus_master(false);
+        event().write(1).unwrap();
+        settle();
+        assert_eq!(pba(&msix), 1, "held without bus mastering, not pending");
+        msix.set_bus_master(true);
+        settle();
+        assert_eq!(pba(&msix), 0, "pending after delivery");
 
         let mut read_back = [0u8; 16];
         msix.table_read(0, &mut read_back);
