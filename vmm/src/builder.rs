@@ -115,6 +115,8 @@ pub struct BuiltVm {
     pub ged: Arc<GedEvents>,
     /// What an in-place reboot needs again.
     pci_bus: Arc<Mutex<PciBus>>,
+    pci_config_io: Arc<Mutex<PciConfigIo>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
     acpi_tables: Vec<acpi::AcpiTable>,
     supported_msrs: Vec<u32>,
     platform: vm::PlatformState,
@@ -246,10 +248,11 @@ pub fn build(
         u64::from(layout::ports::SERIAL_LEN),
         serial.clone(),
     )?;
+    let pm_registers = Arc::new(Mutex::new(AcpiPm::new(exit.clone())));
     pio.insert(
         u64::from(acpi_pm::PORT_BASE),
         u64::from(acpi_pm::PORT_LEN),
-        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        pm_registers.clone(),
     )?;
     pio.insert(
         u64::from(layout::ports::I8042_COMMAND),
@@ -263,13 +266,14 @@ pub fn build(
     let mmio = Arc::new(MmioBus::default());
     let pci_bus = Arc::new(Mutex::new(PciBus::new(&mmio)));
     let pci_config = ConfigSpace::new(pci_bus.clone());
+    let pci_config_io = Arc::new(Mutex::new(PciConfigIo::new(
+        pci_config.clone(),
+        exit.clone(),
+    )));
     pio.insert(
         u64::from(config_io::PORT_BASE),
         u64::from(config_io::PORT_LEN),
-        Arc::new(Mutex::new(PciConfigIo::new(
-            pci_config.clone(),
-            exit.clone(),
-        ))),
+        pci_config_io.clone(),
     )?;
     mmio.insert(
         layout::PCI_ECAM_START,
@@ -403,6 +407,8 @@ pub fn build(
         run: Arc::new(RunControl::default()),
         ged,
         pci_bus,
+        pci_config_io,
+        acpi_pm: pm_registers,
         acpi_tables: tables,
         supported_msrs,
         platform,
@@ -434,6 +440,8 @@ impl BuiltVm {
     /// guest again.
     pub fn reboot(&mut self, vcpus: Vec<Vcpu>) -> Result<(), BuildError> {
         crate::bus::lock(&self.pci_bus).reset_devices();
+        crate::bus::lock(&self.pci_config_io).reset();
+        crate::bus::lock(&self.acpi_pm).reset();
         crate::bus::lock(&self.serial)
             .reset()
             .map_err(BuildError::SerialIrq)?;

@@ -61,6 +61,11 @@ impl BusDevice for AcpiPm {
 }
 
 impl AcpiPm {
+    /// As at power-on: not woken.
+    pub fn reset(&mut self) {
+        self.status = 0;
+    }
+
     fn write_port(&mut self, port: u64, value: u8) {
         if port == u64::from(ports::ACPI_SLEEP_CONTROL) {
             let slp_typ = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
@@ -114,6 +119,9 @@ mod tests {
         assert_eq!(read(&mut pm), WAK_STS, "writing 0 leaves it");
         pm.write(status, &[WAK_STS]);
         assert_eq!(read(&mut pm), 0);
+        pm.write(0, &[(3 << SLP_TYP_SHIFT) | SLP_EN]);
+        pm.reset();
+        assert_eq!(read(&mut pm), 0, "a reboot clears it");
     }
 
     #[test]

@@ -30,6 +30,11 @@ impl PciConfigIo {
         }
     }
 
+    /// As at power-on: no configuration address selected.
+    pub fn reset(&mut self) {
+        self.address = 0;
+    }
+
     fn target(&self) -> (u8, u8, u8, usize) {
         let bus = (self.address >> 16) as u8;
         let slot = ((self.address >> 11) & 0x1f) as u8;
@@ -98,5 +103,9 @@ mod tests {
         assert_eq!(u32::from_le_bytes(data), ENABLE | 1 << 11);
         pci.write(1, &[0x6]);
         assert_eq!(exit.reason(), Some(VmExit::Reset));
+        // The reset it asks for clears the address, as at power-on.
+        pci.reset();
+        pci.read(0, &mut data);
+        assert_eq!(u32::from_le_bytes(data), 0);
     }
 }
