@@ -15,6 +15,11 @@ const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
 const VECTOR_MASKED: u32 = 1;
 /// Where the local APICs take MSI messages: 0xFEE00000-0xFEEFFFFF.
 const APIC_MESSAGE_WINDOW: u32 = 0xfee;
+/// The data's delivery mode (bits 8-10): fixed and lowest priority carry a
+/// vector, which must not be one of the 16 the APIC refuses.
+const DELIVERY_MODE_SHIFT: u32 = 8;
+const DELIVERY_LOWEST_PRIORITY: u32 = 1;
+const FIRST_VALID_VECTOR: u32 = 0x10;
 
 #[derive(Clone, Copy, Default)]
 struct Entry {
@@ -25,11 +30,16 @@ struct Entry {
 }
 
 impl Entry {
-    /// Whether the message goes to the local APICs. Anything else would be
-    /// a memory write into the guest (nothing here models one): such an
-    /// entry is treated as masked, its signals held.
+    /// Whether the message goes to the local APICs, with a vector they
+    /// take. Anything else would be a memory write into the guest (nothing
+    /// here models one) or an interrupt the APIC drops: such an entry is
+    /// treated as masked, its signals held (a guest that unmasks an entry
+    /// and then writes its address and data gets them once it is whole).
     fn is_apic_message(&self) -> bool {
-        self.addr_hi == 0 && self.addr_lo >> 20 == APIC_MESSAGE_WINDOW
+        let carries_vector = (self.data >> DELIVERY_MODE_SHIFT) & 0x7 <= DELIVERY_LOWEST_PRIORITY;
+        self.addr_hi == 0
+            && self.addr_lo >> 20 == APIC_MESSAGE_WINDOW
+            && !(carries_vector && self.data & 0xff < FIRST_VALID_VECTOR)
     }
 }
 
@@ -159,8 +169,9 @@ impl Msix {
         {
             log::log!(
                 self.warnings.level("MSI-X"),
-                "MSI-X vector {index} unmasked with address {:#x}, not an APIC's: its interrupts are held",
-                u64::from(entry.addr_hi) << 32 | u64::from(entry.addr_lo)
+                "MSI-X vector {index} unmasked with address {:#x} and data {:#x}, not an interrupt the APICs take: its interrupts are held",
+                u64::from(entry.addr_hi) << 32 | u64::from(entry.addr_lo),
+                entry.data
             );
         }
         let message = deliver.then(|| {
@@ -170,7 +181,9 @@ impl Msix {
             )
         });
         if let Err(e) = self.vectors[index].update(&self.router, message) {
-            log::log!(self.warnings.level("MSI-X"), "MSI-X vector {index}: {e}");
+            // KVM refusing a route or an irqfd is the host's failure, not
+            // the guest's: never hushed by the guest's warnings.
+            log::error!("MSI-X vector {index}: {e}");
         }
     }
 
@@ -384,13 +397,17 @@ mod tests {
         assert_eq!(event().read().unwrap(), 1);
 
         // Unmasked at an address no APIC answers (the entry's reset value,
-        // say): held and pending, delivered once the address is one.
+        // say): held and pending; still held once the address is one but
+        // the data is not yet (vector 0); delivered once both are.
         msix.set_control(CONTROL_ENABLE);
-        msix.table_write(0, &entry_bytes(0, 0x40, false));
+        msix.table_write(0, &entry_bytes(0, 0, false));
         event().write(1).unwrap();
         settle();
         assert_eq!(pba(&msix), 1, "held at address 0, not pending");
-        msix.table_write(0, &entry_bytes(0xfee0_0000, 0x40, false));
+        msix.table_write(0, &0xfee0_0000u32.to_le_bytes());
+        settle();
+        assert_eq!(pba(&msix), 1, "held with vector 0, not pending");
+        msix.table_write(8, &0x40u32.to_le_bytes());
         settle();
         assert!(
             event().read().is_err(),
