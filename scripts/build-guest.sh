@@ -35,4 +35,13 @@ if bad="$(grep -E "$forbidden" <<<"$disasm")"; then
     exit 1
 fi
 
+# Nothing may be kept below the stack pointer (the red zone): an interrupt
+# pushes its frame there. Generic code from core is compiled with the
+# guest's flags; a precompiled core function that used it would show here.
+if bad="$(grep -E -- '-0x[0-9a-f]+\(%rsp\)' <<<"$disasm")"; then
+    echo "build-guest: $out keeps data below the stack pointer, where interrupts write:" >&2
+    echo "$bad" | head -20 >&2
+    exit 1
+fi
+
 echo "$root/$out"

@@ -418,6 +418,12 @@ fn legacy_pics_quiet() {
     set_ioapic_redirection_high(SERIAL_PIN, 0);
     set_ioapic_redirection_low(SERIAL_PIN, u32::from(irq::VECTOR));
     serial::raise_interrupt();
+    // The injection may wait for a host kernel worker: up to a second for
+    // it, then a moment more for a second one that must not come.
+    let arrival = clock::Deadline::after(clock::SECOND);
+    while irq::count() == quiet && !arrival.passed() {
+        core::hint::spin_loop();
+    }
     settle();
     let routed = irq::count() - quiet;
     set_ioapic_redirection_low(SERIAL_PIN, 1 << 16);

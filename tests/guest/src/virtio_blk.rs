@@ -227,11 +227,17 @@ pub fn test_disk(f: Function, index: u8, extra: Extra) -> Result<(), Fail> {
     if queues == 0 {
         return Err(Fail::new("virtio-blk reports 0 queues"));
     }
-    let driven = queues.min(MAX_QUEUES);
+    let mut driven = queues.min(MAX_QUEUES);
 
     let scratch = SCRATCH_BASE + SCRATCH_PER_DISK * u64::from(index);
     let msix = dev.msix_table.is_some();
     if msix {
+        // A table too small for a vector per queue drives fewer queues.
+        let entries = dev.msix_entries(f);
+        if entries < 2 {
+            return Err(Fail::new("virtio-blk MSI-X table of one entry"));
+        }
+        driven = driven.min(entries - 1);
         dev.route_msix(f, CONFIG_ENTRY, irq::CONFIG_VECTOR)?;
         for queue in 0..driven {
             dev.route_msix(f, queue + 1, irq::VECTOR)?;

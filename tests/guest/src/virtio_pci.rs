@@ -170,17 +170,25 @@ impl Device {
         Ok(notify)
     }
 
+    /// The entries in the MSI-X table (0 without MSI-X).
+    pub fn msix_entries(&self, f: Function) -> u16 {
+        if self.msix_table.is_none() {
+            return 0;
+        }
+        // Message Control (the upper half): table size minus one.
+        ((f.read32(self.msix_cap) >> 16) & 0x7ff) as u16 + 1
+    }
+
     /// Points MSI-X table entry `entry` at interrupt `vector` on CPU 0 and
     /// enables MSI-X on the function.
     pub fn route_msix(&self, f: Function, entry: u16, vector: u8) -> Result<(), Fail> {
         let table = self
             .msix_table
             .ok_or(Fail::new("virtio device without MSI-X"))?;
-        let control = f.read32(self.msix_cap);
-        // Message Control (the upper half): table size minus one.
-        if u32::from(entry) > (control >> 16) & 0x7ff {
+        if entry >= self.msix_entries(f) {
             return Err(Fail::new("virtio device has too few MSI-X entries"));
         }
+        let control = f.read32(self.msix_cap);
         let at = table + 16 * u64::from(entry);
         wr(at, 0xfee0_0000u32);
         wr(at + 4, 0u32);
