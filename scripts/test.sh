@@ -92,7 +92,7 @@ if ! limited 600 scripts/demo.sh >"$demo_out"; then
     cat "$demo_out" >&2
     exit 1
 fi
-for line in "blk 00:01.0 write-read ok" "net ping 192.0.2.1 3/3 replies" "poweroff"; do
+for line in "blk 00:01.0 write-read ok on queue 0" "net ping 192.0.2.1 3/3 replies" "poweroff"; do
     if ! grep -qx "testguest: $line" "$demo_out"; then
         echo "test.sh: the demo's guest did not report \"$line\":" >&2
         cat "$demo_out" >&2
