@@ -1,13 +1,17 @@
 //! Disk images for the block tests and the checks of what the test guest's
 //! virtio-blk driver reports about them.
 
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use crate::backend::Backend;
-use crate::vm::RunningVm;
+use crate::pty::Pty;
+use crate::qmp::RawQmp;
+use crate::test_guest;
+use crate::vm::{RunningVm, VmBuilder};
 
 pub const IMAGE_SIZE: u64 = 16 << 20;
 /// Where the guest writes its 4 KiB pattern.
@@ -245,4 +249,67 @@ impl Drop for LoopDevice {
             .arg(&self.0)
             .status();
     }
+}
+
+/// A disk backend that dies while the guest runs is taken back when it
+/// restarts: the guest reads through the first backend and stops (with
+/// `diskwait`); the backend (from `start(socket, image)`) is killed, QMP
+/// reports it gone, a new one starts on the same socket, the VMM dials it
+/// and QMP reports it back; the guest's writes and read-back then go
+/// through the new backend, and land in the image. Returns the VMM's log
+/// (at info level).
+pub fn restarted_backend_takes_over(start: &dyn Fn(&Path, &Path) -> Backend) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk0.img");
+    make_image(&image, 0);
+    let socket = dir.path().join("disk0.sock");
+    let api = dir.path().join("vm.qmp");
+    let first = start(&socket, &image);
+    let pty = Pty::open();
+    let mut cmd = VmBuilder::new(test_guest())
+        .cmdline("diskwait")
+        .arg("--disk")
+        .arg(format!("socket={}", socket.display()))
+        .arg("--api-socket")
+        .arg(api.display().to_string())
+        .command();
+    cmd.env("RUST_LOG", "info");
+    let vm = pty.spawn(cmd);
+    vm.expect_line("testguest: blk 00:01.0 waiting", TIMEOUT);
+    let (mut qmp, _) = RawQmp::connect(&api);
+    qmp.negotiate();
+
+    drop(first);
+    // A missing event fails with what the VMM and the new backend logged.
+    let expect_backend = |qmp: &mut RawQmp, connected: bool, backend: Option<&Backend>| {
+        let seen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            qmp.expect_backend(connected)
+        }));
+        if let Err(e) = seen {
+            let why = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!(
+                "{why} (connected: {connected})\nvmm stderr:\n{}\nnew backend's log:\n{}",
+                vm.stderr.text(),
+                backend.map(|b| b.log.text()).unwrap_or_default()
+            );
+        }
+    };
+    expect_backend(&mut qmp, false, None);
+    let second = start(&socket, &image);
+    expect_backend(&mut qmp, true, Some(&second));
+
+    let mut master = pty.master.try_clone().expect("dup master");
+    master.write_all(b"\r").expect("wake the guest");
+    vm.expect_line("testguest: blk 00:01.0 write-read ok", TIMEOUT);
+    let log = finish(vm);
+    assert!(
+        log.contains("disk0: the vhost-user backend reconnected"),
+        "{log}"
+    );
+    assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
+    log
 }

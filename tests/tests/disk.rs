@@ -4,7 +4,8 @@
 //! bytes), what reached the image file (the guest's writes, byte for byte),
 //! read-only rejection, that the guest's kicks never exited to the VMM,
 //! that the threads that watch a backend sleep until it dies, that its
-//! death stops its device but not the VMM, that `vhost-blk` and
+//! death stops its device but not the VMM and a restarted one takes over
+//! the running guest's disk, that `vhost-blk` and
 //! qemu-storage-daemon lock each other out of an image, and that a
 //! backend that is missing, never answers or answers nonsense is a clear
 //! error at start.
@@ -20,7 +21,7 @@ use vmm_tests::backend::{
 };
 use vmm_tests::blk::{
     assert_kicks_bypassed_the_vmm, expect_disk, finish, guest_pattern, make_image,
-    read_pattern_area, two_disks_one_mq_one_read_only,
+    read_pattern_area, restarted_backend_takes_over, two_disks_one_mq_one_read_only,
 };
 use vmm_tests::vm::VmBuilder;
 use vmm_tests::{assert_threads_sleep, require_kvm, test_guest, thread_switches};
@@ -44,6 +45,19 @@ fn guest_reads_and_writes_through_qemu_storage_daemon() {
     let log = finish(vm);
     assert_kicks_bypassed_the_vmm(&log, "disk0");
     assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
+}
+
+/// qemu-storage-daemon killed while the guest runs is taken back when it
+/// restarts (see `restarted_backend_takes_over`).
+#[test]
+fn a_restarted_qemu_storage_daemon_takes_over_the_running_guest() {
+    require_kvm();
+    require_qemu_storage_daemon();
+    let log = restarted_backend_takes_over(&|socket, image| {
+        Backend::qemu_storage_daemon(socket, image, 1, true)
+    });
+    // Its export (7.2) offers no INFLIGHT_SHMFD: nothing to hand over.
+    assert!(!log.contains("requests in flight"), "{log}");
 }
 
 #[test]

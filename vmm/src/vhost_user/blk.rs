@@ -50,6 +50,7 @@ pub fn connect(
         queue_num: QueueNum::Queues,
         config_size: CONFIG_SIZE,
         writable_config: &[CONFIG_WRITEBACK],
+        track_inflight: true,
     };
     VhostUserDevice::connect(spec, socket)
 }

@@ -2,6 +2,7 @@
 //! `Frontend`. Device types differ only in their feature mask and where
 //! their configuration space comes from (see `blk`).
 
+use std::fs::File;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -11,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -144,6 +145,11 @@ pub struct DeviceSpec {
     /// SET_CONFIG (virtio-blk's `writeback`). Writes anywhere else are
     /// dropped: backends refuse them.
     pub writable_config: &'static [Range<u64>],
+    /// Asks a backend that offers it (INFLIGHT_SHMFD) for a region where it
+    /// records the requests it has taken and not completed, and hands the
+    /// same region to the backend that takes over after it dies (see
+    /// `InflightRegion`). Disks only, as in QEMU: a NIC may drop packets.
+    pub track_inflight: bool,
 }
 
 /// Negotiates with a device's next backend, away from the device itself,
@@ -159,18 +165,84 @@ pub struct NewBackend {
     frontend: Frontend,
     features: u64,
     channel: Option<BackendChannel>,
+    /// It took INFLIGHT_SHMFD.
+    tracks_inflight: bool,
+}
+
+/// What the handshake settled.
+struct Negotiated {
+    features: u64,
+    channel: Option<BackendChannel>,
+    tracks_inflight: bool,
+}
+
+/// The shared memory (a file the backend made, GET_INFLIGHT_FD) where a
+/// backend records each request it takes from a ring until it completes
+/// it, in the layout the vhost-user spec gives. The VMM keeps the file
+/// from the device's first start after a reset to the next reset, and
+/// hands it (SET_INFLIGHT_FD) to each backend that takes the rings over:
+/// a backend that restarts after a crash serves again exactly the
+/// requests its predecessor had taken and not completed, even if it had
+/// completed later ones first. The VMM never maps it.
+struct InflightRegion {
+    /// As sent with SET_INFLIGHT_FD.
+    info: VhostUserInflight,
+    file: File,
+}
+
+impl InflightRegion {
+    /// The region a backend answered `asked` with, if it is one the next
+    /// backend can map as told without faulting: in a memfd (as
+    /// libvhost-user, DPDK and SPDK make it; its size is then known
+    /// without asking another process, as a FUSE file's would be), within
+    /// the file, and large enough for the rings `asked` names (the spec's
+    /// split-ring layout: a 16-byte header and 16 bytes a descriptor per
+    /// queue, each queue's part 64-byte aligned).
+    fn check(asked: VhostUserInflight, size: u64, offset: u64, file: File) -> Result<Self, String> {
+        // SAFETY: F_GET_SEALS on a descriptor we own reads its seals and
+        // changes nothing.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) } < 0 {
+            return Err("its in-flight region is not in a memfd".into());
+        }
+        let file_len = file
+            .metadata()
+            .map_err(|e| format!("cannot look at its in-flight region's memfd: {e}"))?
+            .len();
+        let per_queue = (16 + 16 * u64::from(asked.queue_size)).next_multiple_of(64);
+        let needed = per_queue * u64::from(asked.num_queues);
+        let end = offset.checked_add(size);
+        if size < needed || end.is_none_or(|end| end > file_len) {
+            return Err(format!(
+                "its in-flight region ({size} bytes at offset {offset}) is not within its memfd \
+                 of {file_len} bytes or is smaller than the {needed} bytes {} queues of {} need",
+                asked.num_queues, asked.queue_size
+            ));
+        }
+        Ok(InflightRegion {
+            info: VhostUserInflight {
+                mmap_size: size,
+                mmap_offset: offset,
+                ..asked
+            },
+            file,
+        })
+    }
 }
 
 impl Handshake {
     pub fn run(&self, stream: UnixStream) -> Result<NewBackend, String> {
         let mut frontend = Frontend::from_stream(stream, self.spec.num_queues as u64);
-        let (features, channel) =
-            VhostUserDevice::negotiate(&self.spec, &mut frontend, &self.socket, &self.notifier)
-                .map_err(|e| vmm_common::error_chain::render(&e))?;
+        let Negotiated {
+            features,
+            channel,
+            tracks_inflight,
+        } = VhostUserDevice::negotiate(&self.spec, &mut frontend, &self.socket, &self.notifier)
+            .map_err(|e| vmm_common::error_chain::render(&e))?;
         Ok(NewBackend {
             frontend,
             features,
             channel,
+            tracks_inflight,
         })
     }
 }
@@ -285,6 +357,10 @@ pub struct VhostUserDevice {
     status: Arc<DeviceStatus>,
     /// Given as the call fd of queues the driver left without a vector.
     unused_call: EventFd,
+    /// The backend took INFLIGHT_SHMFD (see `InflightRegion`).
+    backend_tracks_inflight: bool,
+    /// Made by a backend at the device's first start since it was reset.
+    inflight: Option<InflightRegion>,
     /// Told when the backend reports a configuration change.
     config_notifier: NotifierSlot,
     /// The backend's configuration space as last read (from offset 0),
@@ -324,13 +400,12 @@ impl VhostUserDevice {
 
     /// The handshake that does not depend on the driver: owner, features,
     /// protocol features, the backend's request channel, queue count.
-    /// Returns the backend's features and the channel, if it takes one.
     fn negotiate(
         spec: &DeviceSpec,
         frontend: &mut Frontend,
         socket: &Path,
         notifier: &NotifierSlot,
-    ) -> Result<(u64, Option<BackendChannel>), FrontendError> {
+    ) -> Result<Negotiated, FrontendError> {
         let path = socket.to_path_buf();
         let budget = Budget::new(deadline::HANDSHAKE_LIMIT);
         let failed = |source: ExchangeError| {
@@ -372,6 +447,9 @@ impl VhostUserDevice {
             // With the request channel, the backend can say when its
             // configuration changed (a resized disk).
             wanted |= VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::BACKEND_REQ;
+        }
+        if spec.track_inflight {
+            wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
         let protocol = offered & wanted;
         exchange(frontend, name, "SET_PROTOCOL_FEATURES", limit(), |f| {
@@ -434,7 +512,11 @@ impl VhostUserDevice {
             socket.display(),
             protocol
         );
-        Ok((backend_features, channel))
+        Ok(Negotiated {
+            features: backend_features,
+            channel,
+            tracks_inflight: protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+        })
     }
 
     /// The handshake, then the device around the connection.
@@ -444,8 +526,11 @@ impl VhostUserDevice {
         socket: &Path,
         config_notifier: NotifierSlot,
     ) -> Result<Self, FrontendError> {
-        let (backend_features, channel) =
-            Self::negotiate(&spec, &mut frontend, socket, &config_notifier)?;
+        let Negotiated {
+            features: backend_features,
+            channel,
+            tracks_inflight,
+        } = Self::negotiate(&spec, &mut frontend, socket, &config_notifier)?;
         let broken = Arc::new(AtomicBool::new(false));
         let status = Arc::new(DeviceStatus {
             name: spec.name.clone(),
@@ -481,6 +566,8 @@ impl VhostUserDevice {
             broken,
             status,
             unused_call,
+            backend_tracks_inflight: tracks_inflight,
+            inflight: None,
             config_notifier,
             config_seen: Vec::new(),
             config_refusals: GuestWarnings::default(),
@@ -611,12 +698,20 @@ impl VhostUserDevice {
 /// backend drops every ring and the hang-up watcher hands the device to the
 /// next backend.
 fn cut_off(frontend: &Mutex<Frontend>, broken: &AtomicBool, e: &ExchangeError) {
-    broken.store(true, Ordering::Release);
-    if !e.timed_out() {
-        let frontend = crate::bus::lock(frontend);
-        // SAFETY: the connection's socket stays open while we hold it.
-        unsafe { deadline::cut_off(frontend.as_raw_fd()) };
+    if e.timed_out() {
+        broken.store(true, Ordering::Release);
+    } else {
+        cut_off_now(frontend, broken);
     }
+}
+
+/// `cut_off`, for a backend whose exchange went through but whose answer
+/// the VMM cannot use.
+fn cut_off_now(frontend: &Mutex<Frontend>, broken: &AtomicBool) {
+    broken.store(true, Ordering::Release);
+    let frontend = crate::bus::lock(frontend);
+    // SAFETY: the connection's socket stays open while we hold it.
+    unsafe { deadline::cut_off(frontend.as_raw_fd()) };
 }
 
 /// Logs once when the backend's socket hangs up, marks the device broken,
@@ -790,6 +885,9 @@ impl VirtioDevice for VhostUserDevice {
     fn reset(&mut self) {
         self.config_written.clear();
         self.stop_rings();
+        // Every request was completed (or the backend is gone, and the
+        // driver gave its requests up): the next start gets a clean region.
+        self.inflight = None;
     }
 
     fn reconnect(&mut self, backend: NewBackend) -> Result<(), String> {
@@ -956,6 +1054,7 @@ impl VhostUserDevice {
         self.status
             .acked_features
             .store(features & !PROTOCOL_FEATURES_BIT, Ordering::Relaxed);
+        self.share_inflight(&mut fe, &budget)?;
         exchange(
             &mut fe,
             &name,
@@ -1025,6 +1124,69 @@ impl VhostUserDevice {
         Ok(())
     }
 
+    /// Hands a backend that tracks requests in flight the device's region
+    /// for them, first asking it for one if the device has none (its first
+    /// start since a reset, or one made while no backend was there). As in
+    /// QEMU, this comes after the features (a backend lays the region out
+    /// for the ring format they name) and before the memory table and the
+    /// rings. A backend that does not track them gets none, and the region
+    /// is dropped: what it serves is not recorded there, and a backend
+    /// after it must not serve again what the region says. A start
+    /// refused later keeps the region until the driver resets the device.
+    fn share_inflight(&mut self, fe: &mut Frontend, budget: &Budget) -> Result<(), Handover> {
+        if !self.backend_tracks_inflight {
+            self.inflight = None;
+            return Ok(());
+        }
+        let name = self.spec.name.clone();
+        let limit = || budget.limit(REPLY_TIMEOUT);
+        if self.inflight.is_some() {
+            log::info!("{name}: handing the backend the requests in flight recorded so far");
+        } else {
+            let asked = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                // At most 64 for a disk (the config's limit).
+                num_queues: self.spec.num_queues as u16,
+                queue_size: self.spec.queue_size,
+            };
+            let answered = exchange(fe, &name, "GET_INFLIGHT_FD", limit(), |f| {
+                raw_request::get_inflight_fd(f, asked.num_queues, asked.queue_size)
+            })
+            .map_err(|e| self.fail_within(e, budget))?;
+            let Some(file) = answered.file else {
+                // As QEMU takes a size of 0.
+                log::warn!(
+                    "{name}: the backend keeps no region for requests in flight; they are not tracked"
+                );
+                return Ok(());
+            };
+            let region =
+                InflightRegion::check(asked, answered.mmap_size, answered.mmap_offset, file)
+                    .map_err(|why| {
+                        // Out of step with what it offered, as a refused ring is.
+                        cut_off_now(&self.frontend, &self.broken);
+                        Handover::Refused(ActivateError(format!(
+                            "GET_INFLIGHT_FD: {why}; the device is stopped"
+                        )))
+                    })?;
+            log::info!(
+                "{name}: the backend records requests in flight in {} bytes",
+                region.info.mmap_size
+            );
+            self.inflight = Some(region);
+        }
+        // Kept whatever happens now: a backend lost here leaves the
+        // requests to the next one.
+        if let Some(region) = &self.inflight {
+            exchange(fe, &name, "SET_INFLIGHT_FD", limit(), |f| {
+                f.set_inflight_fd(&region.info, region.file.as_raw_fd())
+            })
+            .map_err(|e| self.fail_within(e, budget))?;
+        }
+        Ok(())
+    }
+
     /// Takes a new backend connection after the last one closed (the
     /// backend connected to our `server=on` socket, or answered when the
     /// VMM dialed its socket again): the handshake,
@@ -1035,6 +1197,7 @@ impl VhostUserDevice {
             frontend,
             features,
             channel,
+            tracks_inflight,
         } = backend;
         // Everything the guest was offered, used yet or not: a driver
         // that starts after the reconnect (or after a reboot) may take any
@@ -1052,6 +1215,7 @@ impl VhostUserDevice {
         let ring_enabled = self.ring_enabled.clone();
         let flags = crate::bus::lock(&ring_enabled);
         *crate::bus::lock(&self.frontend) = frontend;
+        self.backend_tracks_inflight = tracks_inflight;
         // Cleared before the watcher starts: a connection that is already
         // gone must leave the device marked broken and hung up.
         self.broken.store(false, Ordering::Release);
@@ -1261,6 +1425,8 @@ mod tests {
     const SET_BACKEND_REQ_FD: u32 = 21;
     const GET_CONFIG: u32 = 24;
     const SET_CONFIG: u32 = 25;
+    const GET_INFLIGHT_FD: u32 = 31;
+    const SET_INFLIGHT_FD: u32 = 32;
     const REPLY: u32 = 0x4;
     const NEED_REPLY: u32 = 0x8;
     const WAIT: Duration = Duration::from_secs(5);
@@ -1294,6 +1460,10 @@ mod tests {
         /// this request, sends CONFIG_CHANGE_MSG on the channel it got and
         /// reports the frontend's ack.
         config_change_after: Option<u32>,
+        /// It offers INFLIGHT_SHMFD, and answers GET_INFLIGHT_FD so, its
+        /// 4 KiB file starting with `inflight_mark`.
+        inflight: Option<InflightAnswer>,
+        inflight_mark: u64,
     }
 
     impl Default for Script {
@@ -1308,8 +1478,21 @@ mod tests {
                 slow: None,
                 slow_from: None,
                 config_change_after: None,
+                inflight: None,
+                inflight_mark: 0,
             }
         }
+    }
+
+    /// A scripted backend's answer to GET_INFLIGHT_FD.
+    #[derive(Clone, Copy)]
+    enum InflightAnswer {
+        /// A region of this size in a memfd.
+        Memfd(u64),
+        /// A whole region in a file that is not a memfd.
+        PlainFile,
+        /// A size of 0 and no file.
+        NoFile,
     }
 
     /// How a backend says it cannot read its configuration space.
@@ -1328,6 +1511,9 @@ mod tests {
         Request(u32, u64),
         /// The frontend's ack of a CONFIG_CHANGE_MSG.
         ConfigChangeAck(u64),
+        /// The file of a SET_INFLIGHT_FD: the mark it starts with, and the
+        /// message's size, offset, queue count and queue size.
+        Inflight(u64, u64, u64, u16, u16),
         Closed,
     }
 
@@ -1355,6 +1541,7 @@ mod tests {
         let mut delay = None;
         let mut config_refusal = script.config_refusal;
         let mut config_reads = 0;
+        let mut file_sent = None;
         loop {
             let mut header = [0u8; 12];
             let mut payload = Vec::new();
@@ -1363,8 +1550,11 @@ mod tests {
                 .recv_with_fd(&mut header)
                 .map_err(std::io::Error::other)
                 .and_then(|(got, file)| {
-                    if word(&header, 0) == SET_BACKEND_REQ_FD {
-                        channel = file.map(|f| UnixStream::from(std::os::fd::OwnedFd::from(f)));
+                    match word(&header, 0) {
+                        SET_BACKEND_REQ_FD => {
+                            channel = file.map(|f| UnixStream::from(std::os::fd::OwnedFd::from(f)))
+                        }
+                        _ => file_sent = file,
                     }
                     stream.read_exact(&mut header[got..])
                 })
@@ -1382,6 +1572,19 @@ mod tests {
             if code == GET_CONFIG {
                 config_reads += 1;
             }
+            if let (SET_INFLIGHT_FD, Some(file)) = (code, file_sent.take()) {
+                let mut mark = [0u8; 8];
+                // The file's offset is the maker's: read from the start.
+                let _ = std::os::unix::fs::FileExt::read_exact_at(&file, &mut mark, 0);
+                let half = |at| u16::from_le_bytes([payload[at], payload[at + 1]]);
+                let _ = seen.send(Seen::Inflight(
+                    u64::from_le_bytes(mark),
+                    first,
+                    u64::from(word(&payload, 8)) | u64::from(word(&payload, 12)) << 32,
+                    half(16),
+                    half(18),
+                ));
+            }
             let answer = match code {
                 GET_FEATURES => Some(message(
                     code,
@@ -1396,9 +1599,48 @@ mod tests {
                     if script.config_change_after.is_some() {
                         offered |= VhostUserProtocolFeatures::BACKEND_REQ;
                     }
+                    if script.inflight.is_some() {
+                        offered |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+                    }
                     Some(message(code, &offered.bits().to_le_bytes()))
                 }
                 GET_QUEUE_NUM => Some(message(code, &script.queue_num.to_le_bytes())),
+                GET_INFLIGHT_FD => {
+                    let (size, file) = match script.inflight {
+                        Some(InflightAnswer::Memfd(size)) => (
+                            size,
+                            Some(
+                                vmm_common::shared_memory::create("inflight", 4096, false)
+                                    .expect("in-flight memfd"),
+                            ),
+                        ),
+                        Some(InflightAnswer::PlainFile) => {
+                            let file = tempfile::tempfile().expect("in-flight file");
+                            file.set_len(4096).expect("in-flight file size");
+                            (4096, Some(file))
+                        }
+                        _ => (0, None),
+                    };
+                    // Its size and offset, then the queue count and size asked.
+                    let mut body = size.to_le_bytes().to_vec();
+                    body.extend_from_slice(&0u64.to_le_bytes());
+                    body.extend_from_slice(payload.get(16..24).unwrap_or(&[0; 8]));
+                    let answer = message(code, &body);
+                    let sent = match &file {
+                        Some(file) => {
+                            (&*file)
+                                .write_all(&script.inflight_mark.to_le_bytes())
+                                .expect("in-flight mark");
+                            stream.send_with_fd(&answer[..], file.as_raw_fd()).map(drop)
+                        }
+                        None => stream.write_all(&answer).map_err(Into::into),
+                    };
+                    if sent.is_err() {
+                        let _ = seen.send(Seen::Closed);
+                        return;
+                    }
+                    None
+                }
                 GET_CONFIG if config_reads > 1 && config_refusal.is_some() => {
                     let mut body = payload.get(..12).unwrap_or_default().to_vec();
                     match config_refusal.take() {
@@ -1482,6 +1724,7 @@ mod tests {
             queue_num: QueueNum::Queues,
             config_size: 60,
             writable_config: &[WRITEBACK],
+            track_inflight: true,
         }
     }
 
@@ -1617,6 +1860,248 @@ mod tests {
             !sent.iter().any(|s| matches!(s, Seen::Request(..))),
             "sent before the refusal: {sent:?}"
         );
+    }
+
+    /// A disk backend that tracks requests in flight, its region marked.
+    fn tracking(mark: u64) -> Script {
+        Script {
+            inflight: Some(InflightAnswer::Memfd(4096)),
+            inflight_mark: mark,
+            ..Script::default()
+        }
+    }
+
+    fn position(seen: &[Seen], what: impl Fn(&Seen) -> bool, name: &str) -> usize {
+        seen.iter()
+            .position(what)
+            .unwrap_or_else(|| panic!("no {name}: {seen:?}"))
+    }
+
+    /// A backend that tracks requests in flight gets a region of its own
+    /// at the device's start, after its features and before its memory
+    /// table and rings. The backend
+    /// that takes over after it dies gets that same region, with what the
+    /// dead one recorded in it, and is not asked for another; after a
+    /// reset, the next start asks for a new one.
+    #[test]
+    fn the_in_flight_region_outlives_a_backend_until_the_device_resets() {
+        let (mut device, requests) = scripted_disk(Script {
+            quit_after: Some(SET_VRING_KICK),
+            ..tracking(7)
+        });
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("start");
+        let seen = seen_until_quiet(&requests, WAIT);
+        let asked = position(
+            &seen,
+            |s| matches!(s, Seen::Request(GET_INFLIGHT_FD, _)),
+            "GET_INFLIGHT_FD",
+        );
+        let table = position(
+            &seen,
+            |s| matches!(s, Seen::Request(SET_MEM_TABLE, _)),
+            "SET_MEM_TABLE",
+        );
+        let given = position(
+            &seen,
+            |s| *s == Seen::Inflight(7, 4096, 0, 2, 16),
+            "SET_INFLIGHT_FD of region 7",
+        );
+        let features = position(
+            &seen,
+            |s| matches!(s, Seen::Request(SET_FEATURES, _)),
+            "SET_FEATURES",
+        );
+        assert!(
+            features < asked && asked < given && given < table,
+            "{seen:?}"
+        );
+        wait_hung_up(&device);
+
+        let (ours, requests) = spawn_backend(tracking(8));
+        let backend = device.handshake().run(ours).expect("handshake");
+        device.reattach(backend).expect("reattach");
+        let seen = drain(&requests);
+        assert!(
+            seen.contains(&Seen::Inflight(7, 4096, 0, 2, 16)),
+            "{seen:?}"
+        );
+        assert!(
+            !seen
+                .iter()
+                .any(|s| matches!(s, Seen::Request(GET_INFLIGHT_FD, _))),
+            "asked the new backend for a region: {seen:?}"
+        );
+        assert_every_ring_handed_over(&seen);
+
+        device.reset();
+        drain(&requests);
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("start after the reset");
+        let seen = drain(&requests);
+        assert!(
+            seen.contains(&Seen::Inflight(8, 4096, 0, 2, 16)),
+            "{seen:?}"
+        );
+    }
+
+    /// A backend without in-flight tracking that takes over ends the
+    /// region: it records nothing there, so the next backend that tracks
+    /// them gets a new region rather than requests served long ago.
+    #[test]
+    fn a_backend_that_does_not_track_requests_in_flight_ends_the_region() {
+        let (mut device, requests) = scripted_disk(Script {
+            quit_after: Some(SET_VRING_KICK),
+            ..tracking(7)
+        });
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("start");
+        assert!(wait_closed(&requests));
+        wait_hung_up(&device);
+        let (ours, requests) = spawn_backend(Script {
+            quit_after: Some(SET_VRING_KICK),
+            ..Script::default()
+        });
+        // Lost halfway through the rings.
+        let _ = device.reattach(device.handshake().run(ours).expect("handshake"));
+        let seen = seen_until_quiet(&requests, WAIT);
+        assert!(
+            !seen.iter().any(|s| matches!(s, Seen::Inflight(..))),
+            "{seen:?}"
+        );
+        wait_hung_up(&device);
+        let (ours, requests) = spawn_backend(tracking(9));
+        device
+            .reattach(device.handshake().run(ours).expect("handshake"))
+            .expect("reattach");
+        let seen = drain(&requests);
+        assert!(
+            seen.contains(&Seen::Inflight(9, 4096, 0, 2, 16)),
+            "{seen:?}"
+        );
+    }
+
+    /// A device the driver started while its backend was away gets its
+    /// region from the backend that takes the rings.
+    #[test]
+    fn a_device_started_while_its_backend_is_away_gets_a_region_from_the_next_one() {
+        let (mut device, requests) = scripted_disk(Script {
+            quit_after: Some(GET_QUEUE_NUM),
+            ..tracking(7)
+        });
+        assert!(wait_closed(&requests));
+        wait_hung_up(&device);
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("starting a device whose backend is away");
+        let (ours, requests) = spawn_backend(tracking(8));
+        device
+            .reattach(device.handshake().run(ours).expect("handshake"))
+            .expect("reattach");
+        let seen = drain(&requests);
+        assert!(
+            seen.iter()
+                .any(|s| matches!(s, Seen::Request(GET_INFLIGHT_FD, _))),
+            "{seen:?}"
+        );
+        assert!(
+            seen.contains(&Seen::Inflight(8, 4096, 0, 2, 16)),
+            "{seen:?}"
+        );
+        assert_every_ring_handed_over(&seen);
+    }
+
+    /// A backend that answers GET_INFLIGHT_FD with no file (a size of 0)
+    /// keeps no region, as in QEMU: the rings go to it without one.
+    #[test]
+    fn a_backend_that_offers_no_in_flight_region_gets_the_rings_without_one() {
+        let (_device, requests) = started_disk(Script {
+            inflight: Some(InflightAnswer::NoFile),
+            ..Script::default()
+        });
+        let seen = drain(&requests);
+        assert!(
+            !seen
+                .iter()
+                .any(|s| matches!(s, Seen::Request(SET_INFLIGHT_FD, _))),
+            "{seen:?}"
+        );
+        assert_every_ring_handed_over(&seen);
+    }
+
+    /// A region in a file that is not a memfd is refused (its size could
+    /// only be learned by asking whoever serves the file), and the backend
+    /// is cut off; a backend that reconnects with one is cut off too,
+    /// rather than left connected with no rings.
+    #[test]
+    fn an_in_flight_region_outside_a_memfd_cuts_the_backend_off() {
+        let plain = || Script {
+            inflight: Some(InflightAnswer::PlainFile),
+            ..Script::default()
+        };
+        let (mut device, requests) = scripted_disk(plain());
+        drain(&requests);
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        let e = device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect_err("a region outside a memfd was taken");
+        assert!(e.to_string().contains("not in a memfd"), "{e}");
+        assert!(wait_closed(&requests), "the backend is still connected");
+        wait_hung_up(&device);
+
+        // Started while away; the next backend's region is refused at
+        // the reconnect.
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("starting a device whose backend is away");
+        let (ours, requests) = spawn_backend(plain());
+        let refused = device.reattach(device.handshake().run(ours).expect("handshake"));
+        assert!(refused.is_err());
+        assert!(wait_closed(&requests), "the backend is still connected");
+        assert!(!device.status().connected());
+    }
+
+    /// A region larger than the file the backend sent, or too small for
+    /// the rings (2 of 16 entries: 640 bytes), would fault in the next
+    /// backend that maps it: the start fails before the memory table and
+    /// any ring, and the backend is cut off.
+    #[test]
+    fn an_in_flight_region_outside_its_file_or_too_small_fails_the_start() {
+        for size in [8192, 576] {
+            let (mut device, requests) = scripted_disk(Script {
+                inflight: Some(InflightAnswer::Memfd(size)),
+                ..Script::default()
+            });
+            drain(&requests);
+            let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+            let kicks = kicks();
+            let e = device
+                .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+                .expect_err("a bad region was taken");
+            assert!(
+                e.to_string().contains(&format!("{size} bytes at offset 0")),
+                "{e}"
+            );
+            let sent = seen_until_quiet(&requests, WAIT);
+            assert!(
+                !sent.iter().any(|s| matches!(
+                    s,
+                    Seen::Request(SET_INFLIGHT_FD | SET_MEM_TABLE | SET_VRING_KICK, _)
+                )),
+                "{sent:?}"
+            );
+            assert!(sent.contains(&Seen::Closed), "not cut off: {sent:?}");
+        }
     }
 
     /// A scripted disk the driver started with both rings.
@@ -2090,6 +2575,7 @@ mod tests {
             queue_num: QueueNum::Pairs,
             config_size: 0,
             writable_config: &[],
+            track_inflight: false,
             ..disk_spec()
         };
         let connect = |spec: DeviceSpec, queue_num| {

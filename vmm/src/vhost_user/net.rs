@@ -82,6 +82,7 @@ fn device_spec(net: &NetSpec<'_>) -> DeviceSpec {
         // The VMM serves the NIC's configuration space (see `read_config`).
         config_size: 0,
         writable_config: &[],
+        track_inflight: false,
     }
 }
 
