@@ -10,15 +10,24 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-/// Whether the driver makes new chains available on `q` within `window`
-/// (false at once if the avail ring cannot be read).
-pub fn avail_within(q: &Queue, mem: &GuestMemoryMmap, window: Duration) -> bool {
+/// Whether the driver makes new chains available on `q`, or `other` says
+/// there is other work, within `window` (false at once if the avail ring
+/// cannot be read).
+pub fn avail_within(
+    q: &Queue,
+    mem: &GuestMemoryMmap,
+    window: Duration,
+    mut other: impl FnMut() -> bool,
+) -> bool {
     let deadline = Instant::now() + window;
     for spin in 0u32.. {
         match q.avail_idx(mem, Ordering::Acquire) {
             Ok(idx) if idx.0 != q.next_avail() => return true,
             Ok(_) => {}
             Err(_) => return false,
+        }
+        if other() {
+            return true;
         }
         // The clock is read every few rounds only.
         if spin % 16 == 15 && Instant::now() >= deadline {

@@ -324,6 +324,10 @@ fn bad_arguments_are_named() {
             vec!["--image", "/etc/hostname", "--queue-size", "100"],
             "--queue-size",
         ),
+        (
+            vec!["--image", "/etc/hostname", "--poll-us", "5000"],
+            "--poll-us \"5000\"",
+        ),
     ] {
         let out = Command::new(vhost_blk_bin())
             .arg("--socket")

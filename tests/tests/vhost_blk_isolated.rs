@@ -1090,6 +1090,15 @@ fn direct_transfers_in_flight_complete_in_order_with_the_right_data() {
 }
 
 #[test]
+fn a_queue_that_watches_for_work_completes_in_order_with_the_right_data() {
+    // --poll-us: a queue with transfers in flight reaps completions and
+    // takes new requests while it watches, without the events.
+    let target = vmm_tests::repo_root().join("target");
+    let dir = tempfile::tempdir_in(&target).expect("tempdir in target/");
+    pipelined_writes_then_reads(dir.path(), &["--direct", "--poll-us", "200"], 4096);
+}
+
+#[test]
 fn direct_sector_writes_from_two_queues_into_one_block_all_land() {
     // Queue 0 writes the even sectors and queue 1 the odd ones, so both
     // keep writing into the same 4 KiB blocks at once, and none may undo

@@ -70,6 +70,9 @@ pub struct Device {
     pub target: BlkTarget,
     pub num_queues: u16,
     pub queue_size: u16,
+    /// How long a queue with transfers in flight watches its ring and its
+    /// completions before it sleeps (`--poll-us`).
+    pub poll: Duration,
 }
 
 type Handler = VringEpollHandler<BlkBackend>;
@@ -474,15 +477,27 @@ impl BlkBackend {
                 // it may not take from has nothing more to serve.
                 return Ok(());
             }
-            // Synchronous requests only: a queue whose transfers wait for a
-            // device does better sleeping (watching would take the core
-            // that the device's completions need).
+            // Synchronous requests: the next ones come within microseconds.
+            // A queue whose transfers wait for a device does better
+            // sleeping, unless asked to watch (`--poll-us`): watching takes
+            // a core that the guest and the device's completions may need.
             if completed > 0
                 && !is_async
                 && event_idx
-                && avail_within(vring.get_ref().get_queue(), &mem, POLL)
+                && avail_within(vring.get_ref().get_queue(), &mem, POLL, || false)
             {
                 continue;
+            }
+            if is_async && event_idx && !self.device.poll.is_zero() {
+                if let AsyncIo::Ready(qio) = &mut state.io {
+                    if (qio.in_flight() > 0 || completed > 0)
+                        && avail_within(vring.get_ref().get_queue(), &mem, self.device.poll, || {
+                            qio.has_completions()
+                        })
+                    {
+                        continue;
+                    }
+                }
             }
             if !event_idx || !vring.enable_notification().map_err(vq_err)? {
                 return Ok(());

@@ -1,6 +1,7 @@
 //! Validated configuration of the backend (pure; unit-tested).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -8,6 +9,7 @@ use crate::cli::Args;
 
 pub const MAX_QUEUES: u16 = 16;
 pub const SERIAL_LEN: usize = 20;
+pub const MAX_POLL_US: u64 = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -18,6 +20,8 @@ pub struct Config {
     pub num_queues: u16,
     pub queue_size: u16,
     pub serial: [u8; SERIAL_LEN],
+    /// How long a queue waiting for its disk watches for work (`--poll-us`).
+    pub poll: Duration,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -30,6 +34,8 @@ pub enum ConfigError {
     Serial(String),
     #[error("--socket: the path is empty")]
     Socket,
+    #[error("--poll-us {0:?}: expected 0 to {MAX_POLL_US} microseconds")]
+    Poll(String),
 }
 
 impl TryFrom<Args> for Config {
@@ -49,6 +55,13 @@ impl TryFrom<Args> for Config {
             // Room for a request's header and status around a data segment.
             .filter(|n| n.is_power_of_two() && *n >= 4)
             .ok_or_else(|| ConfigError::QueueSize(args.queue_size.clone()))?;
+        let poll = args
+            .poll_us
+            .parse::<u64>()
+            .ok()
+            .filter(|us| *us <= MAX_POLL_US)
+            .map(Duration::from_micros)
+            .ok_or_else(|| ConfigError::Poll(args.poll_us.clone()))?;
         if args.socket.as_os_str().is_empty() {
             return Err(ConfigError::Socket);
         }
@@ -73,6 +86,7 @@ impl TryFrom<Args> for Config {
             num_queues,
             queue_size,
             serial,
+            poll,
         })
     }
 }
@@ -90,6 +104,7 @@ mod tests {
             num_queues: queues.into(),
             queue_size: size.into(),
             serial: serial.map(String::from),
+            poll_us: "0".into(),
         }
     }
 
@@ -114,5 +129,19 @@ mod tests {
         }
         let err = Config::try_from(args("1", "8", Some("012345678901234567890"))).unwrap_err();
         assert!(err.to_string().starts_with("--serial"));
+        for us in ["1001", "-1", "x", ""] {
+            let err = Config::try_from(Args {
+                poll_us: us.into(),
+                ..args("1", "8", None)
+            })
+            .unwrap_err();
+            assert_eq!(err, ConfigError::Poll(us.into()));
+        }
+        let c = Config::try_from(Args {
+            poll_us: "1000".into(),
+            ..args("1", "8", None)
+        })
+        .unwrap();
+        assert_eq!(c.poll, Duration::from_millis(1));
     }
 }

@@ -34,6 +34,7 @@ fn run(args: cli::Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         num_queues: config.num_queues,
         queue_size: config.queue_size,
+        poll: config.poll,
     };
     server::serve(&config.socket, device)?;
     Ok(())

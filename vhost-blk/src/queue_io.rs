@@ -246,6 +246,11 @@ impl QueueIo {
         std::mem::take(&mut self.lost)
     }
 
+    /// Whether a transfer has completed and waits to be reaped.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// Takes every completed transfer, without waiting.
     pub fn reap(&mut self, out: &mut Vec<Completed>) {
         for cqe in self.ring.completion() {

@@ -642,6 +642,7 @@ fn serving(rig: &Rig, vq: &MockSplitQueue<GuestMemoryMmap>) -> (BlkBackend, Vrin
         target: rig.target(false),
         num_queues: 1,
         queue_size: 256,
+        poll: std::time::Duration::ZERO,
     };
     let backend = BlkBackend::new(Arc::new(device));
     let atomic = GuestMemoryAtomic::new(rig.mem.clone());

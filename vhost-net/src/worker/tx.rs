@@ -163,7 +163,7 @@ pub fn run<T: FrameIo, R: TxRing>(
         // A sender that keeps its ring full refills it within
         // microseconds: look for more for a moment before going back to
         // sleep, which saves its kick and our wake-up.
-        if used > 0 && avail_within(ring.queue(), mem, budget.poll) {
+        if used > 0 && avail_within(ring.queue(), mem, budget.poll, || false) {
             continue;
         }
         if unsignalled > 0 {
