@@ -9,11 +9,22 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+# The guest's target (bare metal, no SSE in its ABI; see
+# tests/guest/.cargo/config.toml) comes with rustup, not with the toolchain.
+target=x86_64-unknown-none
+if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+    echo "build-guest: adding the Rust target $target (rustup target add $target)" >&2
+    if ! rustup target add "$target" >&2; then
+        echo "build-guest: the Rust target $target is missing and rustup could not add it: run 'rustup target add $target' where rustup can download" >&2
+        exit 1
+    fi
+fi
+
 cargo --config tests/guest/.cargo/config.toml build --release \
     --manifest-path tests/guest/Cargo.toml \
     --target-dir target/guest-build
 
-built=target/guest-build/x86_64-unknown-linux-gnu/release/testguest
+built=target/guest-build/$target/release/testguest
 out=target/guest/testguest.elf
 mkdir -p target/guest
 cp "$built" "$out"
