@@ -1744,6 +1744,14 @@ mod tests {
         (device, requests)
     }
 
+    /// A backend following `script` takes the device over; what it saw.
+    fn take_over(device: &mut VhostUserDevice, script: Script) -> Vec<Seen> {
+        let (ours, requests) = spawn_backend(script);
+        let backend = device.handshake().run(ours).expect("handshake");
+        device.reattach(backend).expect("reattach");
+        drain(&requests)
+    }
+
     /// What the backend saw, up to its hang-up or `WAIT` of quiet.
     fn seen_until_quiet(requests: &mpsc::Receiver<Seen>, quiet: Duration) -> Vec<Seen> {
         let mut seen = Vec::new();
@@ -1799,10 +1807,22 @@ mod tests {
         crate::vstate::memory::GuestRam,
         [EventFd; 2],
     ) {
-        let (mut device, requests) = scripted_disk(Script {
+        started_as_scripted_backend_is_lost(Script {
             quit_after: Some(quit_after),
             ..Script::default()
-        });
+        })
+    }
+
+    /// `started_as_backend_is_lost`, the backend following `script` (which
+    /// must quit during the start).
+    fn started_as_scripted_backend_is_lost(
+        script: Script,
+    ) -> (
+        VhostUserDevice,
+        crate::vstate::memory::GuestRam,
+        [EventFd; 2],
+    ) {
+        let (mut device, requests) = scripted_disk(script);
         let ram = create_guest_ram(1 << 20, false).expect("guest memory");
         let kicks = kicks();
         device
@@ -1871,6 +1891,12 @@ mod tests {
         }
     }
 
+    /// What a backend given `tracking(mark)`'s region for both 16-entry
+    /// rings sees.
+    fn region(mark: u64) -> Seen {
+        Seen::Inflight(mark, 4096, 0, 2, 16)
+    }
+
     fn position(seen: &[Seen], what: impl Fn(&Seen) -> bool, name: &str) -> usize {
         seen.iter()
             .position(what)
@@ -1905,11 +1931,7 @@ mod tests {
             |s| matches!(s, Seen::Request(SET_MEM_TABLE, _)),
             "SET_MEM_TABLE",
         );
-        let given = position(
-            &seen,
-            |s| *s == Seen::Inflight(7, 4096, 0, 2, 16),
-            "SET_INFLIGHT_FD of region 7",
-        );
+        let given = position(&seen, |s| *s == region(7), "SET_INFLIGHT_FD of region 7");
         let features = position(
             &seen,
             |s| matches!(s, Seen::Request(SET_FEATURES, _)),
@@ -1925,10 +1947,7 @@ mod tests {
         let backend = device.handshake().run(ours).expect("handshake");
         device.reattach(backend).expect("reattach");
         let seen = drain(&requests);
-        assert!(
-            seen.contains(&Seen::Inflight(7, 4096, 0, 2, 16)),
-            "{seen:?}"
-        );
+        assert!(seen.contains(&region(7)), "{seen:?}");
         assert!(
             !seen
                 .iter()
@@ -1943,10 +1962,7 @@ mod tests {
             .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
             .expect("start after the reset");
         let seen = drain(&requests);
-        assert!(
-            seen.contains(&Seen::Inflight(8, 4096, 0, 2, 16)),
-            "{seen:?}"
-        );
+        assert!(seen.contains(&region(8)), "{seen:?}");
     }
 
     /// A backend without in-flight tracking that takes over ends the
@@ -1954,17 +1970,10 @@ mod tests {
     /// them gets a new region rather than requests served long ago.
     #[test]
     fn a_backend_that_does_not_track_requests_in_flight_ends_the_region() {
-        let (mut device, requests) = scripted_disk(Script {
+        let (mut device, _ram, _kicks) = started_as_scripted_backend_is_lost(Script {
             quit_after: Some(SET_VRING_KICK),
             ..tracking(7)
         });
-        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
-        let kicks = kicks();
-        device
-            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
-            .expect("start");
-        assert!(wait_closed(&requests));
-        wait_hung_up(&device);
         let (ours, requests) = spawn_backend(Script {
             quit_after: Some(SET_VRING_KICK),
             ..Script::default()
@@ -1977,15 +1986,8 @@ mod tests {
             "{seen:?}"
         );
         wait_hung_up(&device);
-        let (ours, requests) = spawn_backend(tracking(9));
-        device
-            .reattach(device.handshake().run(ours).expect("handshake"))
-            .expect("reattach");
-        let seen = drain(&requests);
-        assert!(
-            seen.contains(&Seen::Inflight(9, 4096, 0, 2, 16)),
-            "{seen:?}"
-        );
+        let seen = take_over(&mut device, tracking(9));
+        assert!(seen.contains(&region(9)), "{seen:?}");
     }
 
     /// A device the driver started while its backend was away gets its
@@ -2003,20 +2005,13 @@ mod tests {
         device
             .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
             .expect("starting a device whose backend is away");
-        let (ours, requests) = spawn_backend(tracking(8));
-        device
-            .reattach(device.handshake().run(ours).expect("handshake"))
-            .expect("reattach");
-        let seen = drain(&requests);
+        let seen = take_over(&mut device, tracking(8));
         assert!(
             seen.iter()
                 .any(|s| matches!(s, Seen::Request(GET_INFLIGHT_FD, _))),
             "{seen:?}"
         );
-        assert!(
-            seen.contains(&Seen::Inflight(8, 4096, 0, 2, 16)),
-            "{seen:?}"
-        );
+        assert!(seen.contains(&region(8)), "{seen:?}");
         assert_every_ring_handed_over(&seen);
     }
 
@@ -2254,10 +2249,7 @@ mod tests {
         assert_eq!(device.config_written, [(32, vec![1])]);
 
         let generation = notifier.generation();
-        let (ours, requests) = spawn_backend(Script::default());
-        let backend = device.handshake().run(ours).expect("handshake");
-        device.reattach(backend).expect("reattach");
-        let seen = drain(&requests);
+        let seen = take_over(&mut device, Script::default());
         let set = seen
             .iter()
             .position(|s| *s == Seen::Request(SET_CONFIG, 32 | 1 << 32))
@@ -2353,10 +2345,7 @@ mod tests {
     fn a_backend_lost_while_the_device_starts_leaves_its_rings_to_the_next_one() {
         let (mut device, _ram, _kicks) = started_as_backend_is_lost(SET_FEATURES);
 
-        let (ours, requests) = spawn_backend(Script::default());
-        let backend = device.handshake().run(ours).expect("handshake");
-        device.reattach(backend).expect("reattach");
-        let seen = drain(&requests);
+        let seen = take_over(&mut device, Script::default());
         assert_every_ring_handed_over(&seen);
         assert!(device.status().connected());
     }
@@ -2550,10 +2539,7 @@ mod tests {
         assert!(!device.ring_switch().set(1, false, REPLY_TIMEOUT));
         assert!(wait_closed(&requests), "the backend is still connected");
 
-        let (ours, requests) = spawn_backend(Script::default());
-        let backend = device.handshake().run(ours).expect("handshake");
-        device.reattach(backend).expect("reattach");
-        let seen = drain(&requests);
+        let seen = take_over(&mut device, Script::default());
         assert!(seen.contains(&Seen::Request(SET_VRING_ENABLE, ring_state(0, true))));
         assert!(
             seen.contains(&Seen::Request(SET_VRING_ENABLE, ring_state(1, false))),
