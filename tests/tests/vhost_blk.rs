@@ -328,6 +328,10 @@ fn bad_arguments_are_named() {
             vec!["--image", "/etc/hostname", "--poll-us", "5000"],
             "--poll-us \"5000\"",
         ),
+        (
+            vec!["--image", "/etc/hostname", "--poll-us", "30"],
+            "--poll-us 30: only with --direct",
+        ),
     ] {
         let out = Command::new(vhost_blk_bin())
             .arg("--socket")

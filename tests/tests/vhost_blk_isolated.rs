@@ -783,24 +783,31 @@ fn the_socket_path_is_taken_only_from_a_dead_backend() {
 /// On a backend started with `args` and two queues, each queue writes then
 /// reads back 200 blocks of `len` bytes (queue q: blocks q, q + 2, ...)
 /// with up to 16 requests in flight; checks the data, and the image after.
-fn pipelined_writes_then_reads(dir: &Path, args: &[&str], len: u32) {
+fn pipelined_writes_then_reads(dir: &Path, args: &[&str], len: u32) -> Backend {
     let img = image(dir);
-    pipelined_writes_then_reads_through(dir, &img, &img, args, len);
+    pipelined_writes_then_reads_through(dir, &img, &img, args, len)
 }
 
 /// The pipelines above, with the backend serving `served` (the image
-/// itself, or a block device over it) and the checks reading `img`.
+/// itself, or a block device over it) and the checks reading `img`; the
+/// backend (logging at info), its frontend gone.
 fn pipelined_writes_then_reads_through(
     dir: &Path,
     img: &Path,
     served: &Path,
     args: &[&str],
     len: u32,
-) {
+) -> Backend {
     let socket = dir.join("async.sock");
-    let mut backend_args = vec!["--num-queues", "2"];
-    backend_args.extend_from_slice(args);
-    let _backend = Backend::vhost_blk(&socket, served, &backend_args);
+    let mut cmd = Command::new(vhost_blk_bin());
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(served)
+        .args(["--num-queues", "2"])
+        .args(args)
+        .env("RUST_LOG", "info");
+    let backend = Backend::spawn(cmd, &socket);
     let mut client = connect(&socket, 2);
     let pipelines = client.pipelines(16, len).expect("pipelines");
     assert_eq!(pipelines.len(), 2);
@@ -881,6 +888,7 @@ fn pipelined_writes_then_reads_through(
     }
     let next = 400 * per_block;
     assert!(sector_bytes(img, next, 1).iter().all(|&b| b == next as u8));
+    backend
 }
 
 #[test]
@@ -1092,10 +1100,27 @@ fn direct_transfers_in_flight_complete_in_order_with_the_right_data() {
 #[test]
 fn a_queue_that_watches_for_work_completes_in_order_with_the_right_data() {
     // --poll-us: a queue with transfers in flight reaps completions and
-    // takes new requests while it watches, without the events.
+    // takes new requests while it watches, in order and with the right
+    // data, and watching did find work on each queue (the count it logs
+    // once the frontend has gone).
     let target = vmm_tests::repo_root().join("target");
     let dir = tempfile::tempdir_in(&target).expect("tempdir in target/");
-    pipelined_writes_then_reads(dir.path(), &["--direct", "--poll-us", "200"], 4096);
+    let backend = pipelined_writes_then_reads(dir.path(), &["--direct", "--poll-us", "200"], 4096);
+    for queue in 0..2 {
+        let line = format!("queue {queue}: watching (--poll-us) found work ");
+        expect_log(&backend, &line);
+        let text = backend.log.text();
+        let found: u64 = text
+            .split(&line)
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count after {line:?}:\n{text}"));
+        assert!(
+            found > 0,
+            "queue {queue} never found work watching:\n{text}"
+        );
+    }
 }
 
 #[test]

@@ -106,6 +106,9 @@ struct QueueState {
     /// Finished requests wait here for earlier ones, so the used ring
     /// follows the available ring's order (see `used_order`).
     order: UsedOrder,
+    /// How many times watching (`--poll-us`) found a request or a
+    /// completion before the queue slept, for this frontend.
+    watch_found: u64,
 }
 
 #[derive(Default)]
@@ -234,7 +237,13 @@ impl BlkBackend {
     /// in a ring a new driver has set up since.
     pub fn quiesce(&self) {
         self.frontend_left();
-        for queue in 0..self.queues.len() {
+        for (queue, state) in self.queues.iter().enumerate() {
+            if !self.device.poll.is_zero() {
+                log::info!(
+                    "queue {queue}: watching (--poll-us) found work {} time(s) for this frontend",
+                    lock(state).watch_found
+                );
+            }
             if let Err(e) = self.finish_in_flight(queue) {
                 log::warn!("queue {queue}: {e}");
             }
@@ -303,6 +312,22 @@ impl BlkBackend {
         served
     }
 
+    /// The frontend has gone: transfers that finished are reaped, which
+    /// lets go of the blocks their writes held (a request on another queue
+    /// may wait for them), but none is completed (see `quiesce`).
+    fn reap_after_frontend_left(queue: usize, state: &mut QueueState) {
+        if let AsyncIo::Ready(qio) = &mut state.io {
+            let mut finished = Vec::new();
+            qio.reap(&mut finished);
+            if !finished.is_empty() {
+                log::debug!(
+                    "queue {queue}: {} request(s) finished after the frontend left; not completed",
+                    finished.len()
+                );
+            }
+        }
+    }
+
     /// `process_queue`'s work, under the queue's lock.
     fn serve(
         &self,
@@ -318,19 +343,7 @@ impl BlkBackend {
             return Ok(());
         }
         if self.closing.load(Ordering::Acquire) {
-            // The frontend has gone: transfers that finished are reaped,
-            // which lets go of the blocks their writes held (a request on
-            // another queue may wait for them), but none is completed.
-            if let AsyncIo::Ready(qio) = &mut state.io {
-                let mut finished = Vec::new();
-                qio.reap(&mut finished);
-                if !finished.is_empty() {
-                    log::debug!(
-                        "queue {queue}: {} request(s) finished after the frontend left; not completed",
-                        finished.len()
-                    );
-                }
-            }
+            Self::reap_after_frontend_left(queue, state);
             return Ok(());
         }
         if state.vring.is_none() {
@@ -352,6 +365,11 @@ impl BlkBackend {
             // it added) must be the one new requests are read from.
             // Transfers in flight keep the memory they were started with.
             let mem: Arc<GuestMemoryMmap> = atomic.memory().into_inner();
+            if self.closing.load(Ordering::Acquire) {
+                // The frontend left during the last pass or a watch.
+                Self::reap_after_frontend_left(queue, state);
+                return Ok(());
+            }
             if event_idx {
                 vring.disable_notification().map_err(vq_err)?;
             }
@@ -481,21 +499,28 @@ impl BlkBackend {
             // A queue whose transfers wait for a device does better
             // sleeping, unless asked to watch (`--poll-us`): watching takes
             // a core that the guest and the device's completions may need.
+            let left = || self.closing.load(Ordering::Acquire);
             if completed > 0
                 && !is_async
                 && event_idx
-                && avail_within(vring.get_ref().get_queue(), &mem, POLL, || false)
+                && avail_within(vring.get_ref().get_queue(), &mem, POLL, left)
             {
                 continue;
             }
             if is_async && event_idx && !self.device.poll.is_zero() {
                 if let AsyncIo::Ready(qio) = &mut state.io {
-                    if (qio.in_flight() > 0 || completed > 0)
-                        && avail_within(vring.get_ref().get_queue(), &mem, self.device.poll, || {
-                            qio.has_completions()
-                        })
-                    {
-                        continue;
+                    if qio.in_flight() > 0 || completed > 0 {
+                        // Completions reaped in the passes before left the
+                        // event set: cleared now, so the queue does not wake
+                        // for them after the watch. One that comes after
+                        // this sets it again or is seen by the watch.
+                        qio.clear_event();
+                        if avail_within(vring.get_ref().get_queue(), &mem, self.device.poll, || {
+                            qio.has_completions() || left()
+                        }) {
+                            state.watch_found += 1;
+                            continue;
+                        }
                     }
                 }
             }

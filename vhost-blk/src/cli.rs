@@ -33,9 +33,10 @@ pub struct Args {
     /// defaults to the image file name, cut to 20 bytes).
     #[arg(long, value_name = "STRING")]
     pub serial: Option<String>,
-    /// With --direct: how long, in microseconds (0 to 1000), a queue with
-    /// transfers in flight watches its ring and its completions before it
-    /// sleeps (0, the default: it sleeps at once). Saves the wake-ups of a
+    /// With --direct (and EVENT_IDX): how long, in microseconds (0 to
+    /// 1000), a queue with transfers in flight, or that has just completed
+    /// some, watches its ring and its completions before it sleeps (0, the
+    /// default: it sleeps at once). Saves the wake-ups of a
     /// backend on cores of its own; on cores it shares with the guest's,
     /// it takes time they need.
     #[arg(long, value_name = "US", default_value = "0")]

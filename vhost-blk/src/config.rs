@@ -36,6 +36,8 @@ pub enum ConfigError {
     Socket,
     #[error("--poll-us {0:?}: expected 0 to {MAX_POLL_US} microseconds")]
     Poll(String),
+    #[error("--poll-us {0}: only with --direct (without it a queue watches its ring for 50 us after each batch)")]
+    PollWithoutDirect(u64),
 }
 
 impl TryFrom<Args> for Config {
@@ -62,6 +64,9 @@ impl TryFrom<Args> for Config {
             .filter(|us| *us <= MAX_POLL_US)
             .map(Duration::from_micros)
             .ok_or_else(|| ConfigError::Poll(args.poll_us.clone()))?;
+        if !poll.is_zero() && !args.direct {
+            return Err(ConfigError::PollWithoutDirect(poll.as_micros() as u64));
+        }
         if args.socket.as_os_str().is_empty() {
             return Err(ConfigError::Socket);
         }
@@ -137,8 +142,15 @@ mod tests {
             .unwrap_err();
             assert_eq!(err, ConfigError::Poll(us.into()));
         }
+        let err = Config::try_from(Args {
+            poll_us: "30".into(),
+            ..args("1", "8", None)
+        })
+        .unwrap_err();
+        assert_eq!(err, ConfigError::PollWithoutDirect(30));
         let c = Config::try_from(Args {
             poll_us: "1000".into(),
+            direct: true,
             ..args("1", "8", None)
         })
         .unwrap();
