@@ -938,6 +938,13 @@ impl VhostUserDevice {
         queues: &[ActiveQueue<'_>],
         enabled: impl Fn(u16) -> bool,
     ) -> Result<(), ActivateError> {
+        // Refused now even while the backend is away: the next backend
+        // would otherwise be left connected with no rings.
+        for q in queues {
+            for addr in [q.desc, q.avail, q.used] {
+                Self::host_addr(mem, addr)?;
+            }
+        }
         let mut saved = Vec::with_capacity(queues.len());
         for q in queues {
             let dup = |fd: &EventFd| {
@@ -2097,6 +2104,36 @@ mod tests {
             );
             assert!(sent.contains(&Seen::Closed), "not cut off: {sent:?}");
         }
+    }
+
+    /// A ring outside guest memory is refused at the start while the
+    /// backend is away too, so that the next backend is not left connected
+    /// with rings it cannot be given: it gets none, and stays connected.
+    #[test]
+    fn a_ring_outside_guest_memory_is_refused_while_the_backend_is_away() {
+        let (mut device, requests) = scripted_disk(Script {
+            quit_after: Some(GET_QUEUE_NUM),
+            ..Script::default()
+        });
+        assert!(wait_closed(&requests));
+        wait_hung_up(&device);
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        let kicks = kicks();
+        let mut queues = rings(&kicks);
+        queues[1].used = 2 << 20;
+        let e = device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &queues)
+            .expect_err("a ring outside guest memory was taken");
+        assert!(e.to_string().contains("outside guest memory"), "{e}");
+        let seen = take_over(&mut device, Script::default());
+        assert!(
+            !seen.iter().any(|s| matches!(
+                s,
+                Seen::Request(SET_MEM_TABLE | SET_VRING_KICK | SET_VRING_ENABLE, _)
+            )),
+            "{seen:?}"
+        );
+        assert!(device.status().connected());
     }
 
     /// A scripted disk the driver started with both rings.
