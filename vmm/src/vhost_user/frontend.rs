@@ -1363,10 +1363,13 @@ pub struct RingSwitch {
 }
 
 impl RingSwitch {
-    /// Turns ring `index` on or off, waiting up to `limit` for the
-    /// backend's word. False when the backend does not have it: it was
-    /// away (the switch is recorded for the next one) or is cut off now.
-    pub fn set(&mut self, index: usize, enable: bool, limit: Duration) -> bool {
+    /// Turns ring `index` on or off, waiting up to `limit()` for the
+    /// backend's word. `limit` is asked once the switch has the ring flags'
+    /// lock, which a reconnect holds while it hands a new backend its rings:
+    /// time spent waiting for that is not the backend's to answer in.
+    /// False when the backend does not have it: it was away (the switch is
+    /// recorded for the next one) or is cut off now.
+    pub fn set(&mut self, index: usize, enable: bool, limit: impl FnOnce() -> Duration) -> bool {
         // Held until the backend has the message (see `hand_rings`).
         let mut flags = crate::bus::lock(&self.enabled);
         if let Some(flag) = flags.get_mut(index) {
@@ -1376,6 +1379,7 @@ impl RingSwitch {
             // Recorded: the next backend gets the ring as the driver set it.
             return false;
         }
+        let limit = limit();
         let mut fe = crate::bus::lock(&self.frontend).clone();
         match exchange(&mut fe, &self.name, "SET_VRING_ENABLE", limit, |f| {
             f.set_vring_enable(index, enable)
@@ -2405,7 +2409,7 @@ mod tests {
         let mut switch = device.ring_switch();
         let switcher = std::thread::spawn(move || {
             std::thread::sleep(SLOW / 3);
-            switch.set(1, false, REPLY_TIMEOUT)
+            switch.set(1, false, || REPLY_TIMEOUT)
         });
         device.reattach(backend).expect("reattach");
         // Had the switch come before the reconnect (a slow machine), it was
@@ -2423,6 +2427,32 @@ mod tests {
             );
         }
         assert!(device.status().connected());
+    }
+
+    /// A ring switch's limit is worked out once the switch has the ring
+    /// flags (a reconnect handing over the rings holds them): the wait for
+    /// them is not taken from the backend's time to answer.
+    #[test]
+    fn a_ring_switch_asks_its_limit_once_it_has_the_ring_flags() {
+        let (device, requests) = started_disk(Script::default());
+        drain(&requests);
+        let mut switch = device.ring_switch();
+        let flags = crate::bus::lock(&device.ring_enabled);
+        let switcher = std::thread::spawn(move || {
+            let mut asked = None;
+            let reached = switch.set(1, false, || {
+                asked = Some(Instant::now());
+                REPLY_TIMEOUT
+            });
+            (reached, asked)
+        });
+        std::thread::sleep(SLOW);
+        let released = Instant::now();
+        drop(flags);
+        let (reached, asked) = switcher.join().expect("switch thread");
+        assert!(reached);
+        assert!(asked.expect("the limit was asked") >= released);
+        assert!(drain(&requests).contains(&Seen::Request(SET_VRING_ENABLE, ring_state(1, false))));
     }
 
     /// A backend that answers every step of the ring handover just inside
@@ -2573,7 +2603,7 @@ mod tests {
             refused: Some((SET_VRING_ENABLE, ring_state(1, false))),
             ..Script::default()
         });
-        assert!(!device.ring_switch().set(1, false, REPLY_TIMEOUT));
+        assert!(!device.ring_switch().set(1, false, || REPLY_TIMEOUT));
         assert!(wait_closed(&requests), "the backend is still connected");
 
         let seen = take_over(&mut device, Script::default());

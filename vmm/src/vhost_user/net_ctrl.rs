@@ -8,12 +8,13 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::deadline::{Budget, REPLY_TIMEOUT, RESET_LIMIT};
+use super::deadline::{REPLY_TIMEOUT, RESET_LIMIT};
 use super::frontend::RingSwitch;
 use crate::guest_warnings::GuestWarnings;
 use crate::vstate::memory::GuestMemory;
@@ -109,18 +110,23 @@ impl Commands for Controller {
                         "the driver asked for {pairs} queue pairs without setting up ring {ring}"
                     ));
                 }
-                // One command waits for its backend as long as a reset
-                // does, however many rings it switches: past that, the
-                // backend is cut off.
-                let budget = Budget::new(RESET_LIMIT);
+                // One command waits for its backend's answers as long as a
+                // reset does, however many rings it switches: past that,
+                // the backend is cut off. Time spent waiting for a
+                // reconnect to hand over the rings is not counted.
+                let mut answering = Duration::ZERO;
                 let mut reached = true;
                 for pair in 0..self.max_pairs {
                     for ring in [2 * pair, 2 * pair + 1] {
                         if !self.set_up.contains(&ring) {
                             continue;
                         }
-                        let limit = budget.limit(REPLY_TIMEOUT);
-                        reached &= self.rings.set(usize::from(ring), pair < pairs, limit);
+                        let mut asked = None;
+                        reached &= self.rings.set(usize::from(ring), pair < pairs, || {
+                            asked = Some(Instant::now());
+                            RESET_LIMIT.saturating_sub(answering).min(REPLY_TIMEOUT)
+                        });
+                        answering += asked.map_or(Duration::ZERO, |at| at.elapsed());
                     }
                 }
                 if reached {
