@@ -575,7 +575,7 @@ impl VhostUserDevice {
             start_warnings: GuestWarnings::default(),
         };
         // One that fails here is cut off, and taken back like any other.
-        let _ = device.prime_config();
+        let _ = device.prime_config(REPLY_TIMEOUT);
         Ok(device)
     }
 
@@ -645,18 +645,14 @@ impl VhostUserDevice {
     /// Reads the new backend's whole configuration space, so that a driver
     /// that first reads it after the backend is lost again reads it, not
     /// all ones (a disk of 2^64 sectors, of 0xffff queues).
-    fn prime_config(&mut self) -> Result<(), String> {
+    fn prime_config(&mut self, limit: Duration) -> Result<(), String> {
         if !self.spec.config_from_backend {
             return Ok(());
         }
         let size = self.spec.config_size.min(MAX_CONFIG_ACCESS);
-        let read = exchange(
-            &mut self.fe(),
-            &self.spec.name,
-            "GET_CONFIG",
-            REPLY_TIMEOUT,
-            |f| raw_request::get_config(f, size as u32),
-        );
+        let read = exchange(&mut self.fe(), &self.spec.name, "GET_CONFIG", limit, |f| {
+            raw_request::get_config(f, size as u32)
+        });
         match read {
             Ok(mut reply) => {
                 self.override_config(&mut reply);
@@ -987,7 +983,9 @@ impl VhostUserDevice {
             self.activation = Some(activation);
             return Ok(());
         }
-        let handed = self.hand_rings(&activation, &flags, false);
+        let memory_bytes = mem.iter().map(|r| r.len()).sum();
+        let budget = Budget::new(deadline::handover_limit(memory_bytes));
+        let handed = self.hand_rings(&activation, &flags, false, &budget);
         drop(flags);
         match handed {
             Ok(()) => {}
@@ -1004,8 +1002,9 @@ impl VhostUserDevice {
     }
 
     /// Sends an activation to the backend, each ring on or off as `enabled`
-    /// says. `resume`: the rings continue from where the guest's used rings
-    /// are (a backend that reconnected), rather than from 0.
+    /// says, every exchange within `budget` as a whole. `resume`: the rings
+    /// continue from where the guest's used rings are (a backend that
+    /// reconnected), rather than from 0.
     ///
     /// The caller holds the ring flags' lock throughout, which
     /// `RingSwitch::set` holds over its own message: a ring the driver
@@ -1016,13 +1015,13 @@ impl VhostUserDevice {
         act: &Activation,
         enabled: &[bool],
         resume: bool,
+        budget: &Budget,
     ) -> Result<(), Handover> {
         let mut fe = self.fe();
         let name = self.spec.name.clone();
         let mem = &act.mem;
         let memory_bytes = mem.iter().map(|r| r.len()).sum();
         let table_limit = deadline::longest_reply(memory_bytes);
-        let budget = Budget::new(deadline::handover_limit(memory_bytes));
         let limit = || budget.limit(REPLY_TIMEOUT);
         // Everything that may be refused is worked out before the first
         // message: a handover refused halfway would leave the backend with
@@ -1057,11 +1056,11 @@ impl VhostUserDevice {
         exchange(&mut fe, &name, "SET_FEATURES", limit(), |f| {
             f.set_features(features)
         })
-        .map_err(|e| self.fail_within(e, &budget))?;
+        .map_err(|e| self.fail_within(e, budget))?;
         self.status
             .acked_features
             .store(features & !PROTOCOL_FEATURES_BIT, Ordering::Relaxed);
-        self.share_inflight(&mut fe, &budget)?;
+        self.share_inflight(&mut fe, budget)?;
         exchange(
             &mut fe,
             &name,
@@ -1069,7 +1068,7 @@ impl VhostUserDevice {
             budget.limit(table_limit),
             |f| f.set_mem_table(&regions),
         )
-        .map_err(|e| self.fail_within(e, &budget))?;
+        .map_err(|e| self.fail_within(e, budget))?;
 
         self.active_queues.clear();
         for (queue, ring) in act.queues.iter().zip(&rings) {
@@ -1087,28 +1086,28 @@ impl VhostUserDevice {
             exchange(&mut fe, &name, "SET_VRING_NUM", limit(), |f| {
                 f.set_vring_num(index, queue.size)
             })
-            .map_err(|e| self.fail_within(e, &budget))?;
+            .map_err(|e| self.fail_within(e, budget))?;
             exchange(&mut fe, &name, "SET_VRING_ADDR", limit(), |f| {
                 f.set_vring_addr(index, ring)
             })
-            .map_err(|e| self.fail_within(e, &budget))?;
+            .map_err(|e| self.fail_within(e, budget))?;
             exchange(&mut fe, &name, "SET_VRING_BASE", limit(), |f| {
                 f.set_vring_base(index, base)
             })
-            .map_err(|e| self.fail_within(e, &budget))?;
+            .map_err(|e| self.fail_within(e, budget))?;
             exchange(&mut fe, &name, "SET_VRING_CALL", limit(), |f| {
                 f.set_vring_call(index, call)
             })
-            .map_err(|e| self.fail_within(e, &budget))?;
+            .map_err(|e| self.fail_within(e, budget))?;
             exchange(&mut fe, &name, "SET_VRING_KICK", limit(), |f| {
                 f.set_vring_kick(index, &queue.kick)
             })
-            .map_err(|e| self.fail_within(e, &budget))?;
+            .map_err(|e| self.fail_within(e, budget))?;
             let enable = enabled.get(index).copied().unwrap_or(false);
             exchange(&mut fe, &name, "SET_VRING_ENABLE", limit(), |f| {
                 f.set_vring_enable(index, enable)
             })
-            .map_err(|e| self.fail_within(e, &budget))?;
+            .map_err(|e| self.fail_within(e, budget))?;
             self.active_queues.push(index);
         }
         if resume {
@@ -1235,10 +1234,19 @@ impl VhostUserDevice {
         if let Some(channel) = channel {
             channel.serve();
         }
-        self.replay_config_writes()?;
-        self.prime_config()?;
+        // One limit for all that follows, under the device's lock: a vCPU
+        // waiting for the device waits no longer than for a run of
+        // exchanges of its own (`deadline::longest_run`), which is what a
+        // stop or a pause allows it.
+        let memory_bytes = self
+            .activation
+            .as_ref()
+            .map_or(0, |act| act.mem.iter().map(|r| r.len()).sum::<u64>());
+        let budget = Budget::new(deadline::longest_run(memory_bytes));
+        self.replay_config_writes(&budget)?;
+        self.prime_config(budget.limit(REPLY_TIMEOUT))?;
         if let Some(activation) = self.activation.take() {
-            let result = self.hand_rings(&activation, &flags, true);
+            let result = self.hand_rings(&activation, &flags, true, &budget);
             self.activation = Some(activation);
             result.map_err(|e| e.to_string())?;
         }
@@ -1272,12 +1280,13 @@ impl VhostUserDevice {
     /// driver reads from it from now on; one it fails otherwise is dropped
     /// (so the next backend is not failed by it too) and fails the
     /// reconnect.
-    fn replay_config_writes(&mut self) -> Result<(), String> {
+    fn replay_config_writes(&mut self, budget: &Budget) -> Result<(), String> {
         let name = self.spec.name.clone();
         let mut index = 0;
         while let Some((at, bytes)) = self.config_written.get(index).cloned() {
             index += 1;
-            let written = exchange(&mut self.fe(), &name, "SET_CONFIG", REPLY_TIMEOUT, |f| {
+            let limit = budget.limit(REPLY_TIMEOUT);
+            let written = exchange(&mut self.fe(), &name, "SET_CONFIG", limit, |f| {
                 f.set_config(at, VhostUserConfigFlags::empty(), &bytes)
             });
             match written {
@@ -2490,6 +2499,39 @@ mod tests {
             !seen.contains(&last_on),
             "the handover ran to its end: {seen:?}"
         );
+    }
+
+    /// A backend that takes over and answers the config read and each step
+    /// of the ring handover just inside the limit of one reply is cut off
+    /// once the whole takeover has taken a run of exchanges' limit
+    /// (`longest_run`): the device's lock, which vCPUs may be waiting for,
+    /// is held no longer than a stop or a pause waits for a vCPU.
+    #[test]
+    fn a_backend_slow_over_the_whole_takeover_is_cut_off() {
+        let (mut device, _ram, _kicks) = started_as_backend_is_lost(SET_MEM_TABLE);
+        // GET_CONFIG, then the 14 answers of the handover, 3 s each: the
+        // config read alone leaves the handover 7 s.
+        let (ours, requests) = spawn_backend(Script {
+            slow_from: Some((GET_CONFIG, None, Duration::from_secs(3))),
+            ..Script::default()
+        });
+        let backend = device.handshake().run(ours).expect("handshake");
+        let since = Instant::now();
+        device
+            .reattach(backend)
+            .expect_err("a backend slower than the takeover's limit was taken");
+        let took = since.elapsed();
+        let budget = deadline::longest_run(1 << 20);
+        assert!(
+            took >= budget - Duration::from_millis(100)
+                && took < budget + Duration::from_millis(1500),
+            "the takeover took {took:?}, its limit is {budget:?}"
+        );
+        assert!(
+            wait_closed(&requests),
+            "the slow backend is still connected"
+        );
+        assert!(!device.status().connected());
     }
 
     /// A backend that answers each handshake message just inside the limit
