@@ -69,6 +69,14 @@ impl Source {
         match self {
             Source::Listener(listener) => loop {
                 match listener.accept() {
+                    // A backend that connected and died while it waited
+                    // (restarted during a pause): nothing to take.
+                    Ok((stream, _)) if peer_gone(&stream) => {
+                        log::debug!(
+                            "{name}: skipped a connection on {} whose backend has gone",
+                            path.display()
+                        );
+                    }
                     Ok((stream, _)) => return Ok(stream),
                     Err(e) if accept_retryable(&e) => {
                         if e.kind() != io::ErrorKind::Interrupted {
@@ -96,6 +104,21 @@ impl Source {
             }
         }
     }
+}
+
+/// Whether the other end of `stream` has closed it (a vhost-user backend
+/// says nothing before the frontend does, so that is all there is to see).
+fn peer_gone(stream: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut poll = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a descriptor `stream` owns; a timeout of
+    // 0 only looks.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready == 1 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
 }
 
 /// Whether accept(2) may succeed later on the same socket: it failed for
@@ -176,6 +199,39 @@ mod tests {
         assert_eq!(backoff.next(young), LONGEST_PAUSE);
         assert_eq!(backoff.next(Some(SHORT_LIFE * 2)), Duration::ZERO);
         assert_eq!(backoff.next(young), FIRST_PAUSE);
+    }
+
+    /// Connections whose backends died while they waited to be taken are
+    /// skipped; a live one behind them is taken.
+    #[test]
+    fn connections_from_backends_that_have_gone_are_skipped() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("backend.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        for _ in 0..2 {
+            let mut gone = UnixStream::connect(&path).expect("connect");
+            gone.write_all(b"g").expect("write");
+        }
+        let mut live = UnixStream::connect(&path).expect("connect");
+        live.write_all(b"l").expect("write");
+        let (taken, seen) = std::sync::mpsc::channel();
+        spawn(
+            "test".into(),
+            path.clone(),
+            Source::Listener(listener),
+            || {},
+            move |mut stream| {
+                let mut byte = [0u8];
+                let _ = stream.read_exact(&mut byte);
+                let _ = taken.send(byte[0]);
+                Ok(())
+            },
+        )
+        .expect("spawn");
+        assert_eq!(seen.recv_timeout(Duration::from_secs(10)), Ok(b'l'));
+        assert!(seen.recv_timeout(FIRST_PAUSE * 4).is_err());
+        drop(live);
     }
 
     /// Backends that connect and are gone at once are taken one after
