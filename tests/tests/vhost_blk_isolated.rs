@@ -1118,7 +1118,8 @@ fn a_queue_that_watches_for_work_completes_in_order_with_the_right_data() {
             .unwrap_or_else(|| panic!("no count after {line:?}:\n{text}"));
         assert!(
             found > 0,
-            "queue {queue} never found work watching:\n{text}"
+            "queue {queue} never found work watching (only a queue on io_uring \
+             watches: is io_uring blocked here?):\n{text}"
         );
     }
 }

@@ -518,7 +518,9 @@ impl BlkBackend {
                         if avail_within(vring.get_ref().get_queue(), &mem, self.device.poll, || {
                             qio.has_completions() || left()
                         }) {
-                            state.watch_found += 1;
+                            if !left() {
+                                state.watch_found += 1;
+                            }
                             continue;
                         }
                     }
