@@ -941,6 +941,9 @@ impl VhostUserDevice {
                 Self::host_addr(mem, addr)?;
             }
         }
+        if mem.iter().any(|region| region.file_offset().is_none()) {
+            return Err(ActivateError("guest memory is not file-backed".into()));
+        }
         let mut saved = Vec::with_capacity(queues.len());
         for q in queues {
             let dup = |fd: &EventFd| {

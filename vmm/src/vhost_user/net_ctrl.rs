@@ -122,11 +122,18 @@ impl Commands for Controller {
                             continue;
                         }
                         let mut asked = None;
-                        reached &= self.rings.set(usize::from(ring), pair < pairs, || {
+                        let answered = self.rings.set(usize::from(ring), pair < pairs, || {
                             asked = Some(Instant::now());
                             RESET_LIMIT.saturating_sub(answering).min(REPLY_TIMEOUT)
                         });
-                        answering += asked.map_or(Duration::ZERO, |at| at.elapsed());
+                        answering = if answered {
+                            answering + asked.map_or(Duration::ZERO, |at| at.elapsed())
+                        } else {
+                            // Away or cut off: a backend that comes back
+                            // before the next ring has its own time.
+                            Duration::ZERO
+                        };
+                        reached &= answered;
                     }
                 }
                 if reached {
