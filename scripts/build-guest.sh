@@ -12,7 +12,12 @@ cd "$root"
 # The guest's target (bare metal, no SSE in its ABI; see
 # tests/guest/.cargo/config.toml) comes with rustup, not with the toolchain.
 target=x86_64-unknown-none
-if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+libdir="$(rustc --print target-libdir --target "$target" 2>/dev/null || true)"
+if [[ -z "$libdir" || ! -d "$libdir" ]]; then
+    if ! command -v rustup >/dev/null; then
+        echo "build-guest: the Rust target $target is not installed, and there is no rustup to add it: install its standard library for this rustc" >&2
+        exit 1
+    fi
     echo "build-guest: adding the Rust target $target (rustup target add $target)" >&2
     if ! rustup target add "$target" >&2; then
         echo "build-guest: the Rust target $target is missing and rustup could not add it: run 'rustup target add $target' where rustup can download" >&2
