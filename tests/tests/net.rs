@@ -177,6 +177,26 @@ fn two_queue_pairs_are_negotiated() {
         &format!("testguest: net ping {HOST_IP} seq 2 reply ok on pair 1"),
         TIMEOUT,
     );
+    // A multi-queue tap sends a flow's frames to the queue picked by where
+    // the flow last came from (6.18 picks the other of two queues, as a
+    // bare tap shows), and the backend reads each pair's own queue: the
+    // replies to requests sent on alternate pairs came back on both
+    // pairs' receive rings.
+    vm.expect_line(
+        &format!("testguest: net ping {HOST_IP} 3/3 replies"),
+        TIMEOUT,
+    );
+    let text = vm.console.text();
+    let back_on: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.contains(&format!("testguest: net ping {HOST_IP} seq ")))
+        .filter_map(|l| l.trim_end().rsplit(' ').next())
+        .collect();
+    assert_eq!(
+        back_on,
+        ["0", "1"].into(),
+        "the replies did not come back on both pairs:\n{text}"
+    );
     finish(vm);
 }
 

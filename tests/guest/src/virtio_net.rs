@@ -231,6 +231,8 @@ struct Nic {
     pairs: usize,
     /// Transmit queues in use: 1 until the device takes more pairs.
     tx_pairs: usize,
+    /// The pair whose receive queue the frame being handled came on.
+    rx_pair: usize,
 }
 
 impl Nic {
@@ -289,6 +291,7 @@ impl Nic {
                 q.push(id);
                 q.kick();
             }
+            self.rx_pair = pair;
             handle(self, &frame[..frame_len])?;
         }
         Ok(got)
@@ -506,6 +509,7 @@ pub fn test_nic(f: Function, index: u8, cmdline: &[u8]) -> Result<(), Fail> {
         scratch,
         pairs: usize::from(pairs),
         tx_pairs: 1,
+        rx_pair: 0,
     };
     // Post the receive buffers, one descriptor each.
     for pair in 0..usize::from(pairs) {
@@ -657,6 +661,7 @@ fn ping(nic: &mut Nic, ip: Ip, target: Ip) -> Result<(), Fail> {
         // device never started fails the ping.
         let pair = usize::from(seq - 1) % nic.tx_pairs;
         let mut answered = false;
+        let mut back_on = 0;
         for _ in 0..ATTEMPTS {
             nic.send_on(pair, &request)?;
             let deadline = Deadline::after(REPLY_TIMEOUT);
@@ -673,6 +678,7 @@ fn ping(nic: &mut Nic, ip: Ip, target: Ip) -> Result<(), Fail> {
                             && echo.payload == payload
                         {
                             answered = true;
+                            back_on = nic.rx_pair;
                         }
                     }
                     Ok(())
@@ -689,7 +695,7 @@ fn ping(nic: &mut Nic, ip: Ip, target: Ip) -> Result<(), Fail> {
             say!("net ping {target} failed: no reply to seq {seq}");
             return Err(Fail::new("virtio-net: echo request unanswered"));
         }
-        say!("net ping {target} seq {seq} reply ok on pair {pair}");
+        say!("net ping {target} seq {seq} reply ok on pair {pair} back on pair {back_on}");
         replies += 1;
     }
     say!("net ping {target} {replies}/{PINGS} replies");
