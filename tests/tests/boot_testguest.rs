@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use vmm_tests::vm::VmBuilder;
+use vmm_tests::vm::{RunningVm, VmBuilder};
 use vmm_tests::{require_kvm, test_guest};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -62,6 +62,32 @@ fn boot_and_check(cpus: u32, memory_mib: u64) {
     let status = vm.wait_exit(BOOT_TIMEOUT);
     vm.assert_no_guest_failure();
     assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr.text());
+}
+
+/// The guest reads its TSC's rate from the timing leaf (CPUID
+/// 0x4000_0010), the rate KVM runs the vCPU's TSC at, as the VMM logs it.
+#[test]
+fn the_guest_learns_its_tsc_rate_from_cpuid() {
+    require_kvm();
+    let mut cmd = VmBuilder::new(test_guest()).cmdline("nopci").command();
+    cmd.env("RUST_LOG", "info");
+    let mut vm = RunningVm::spawn(cmd);
+    let line = vm.expect_line("testguest: tsc ", BOOT_TIMEOUT);
+    let guest: u64 = line
+        .strip_prefix("testguest: tsc ")
+        .and_then(|rest| rest.strip_suffix(" kHz from the hypervisor"))
+        .and_then(|khz| khz.parse().ok())
+        .unwrap_or_else(|| panic!("the guest was not given its TSC rate: {line:?}"));
+    assert_eq!(vm.wait_exit(BOOT_TIMEOUT).code(), Some(0));
+    let stderr = vm.stderr.text();
+    let logged = stderr
+        .split("guest TSC: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|khz| khz.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("the vmm logged no TSC rate:\n{stderr}"));
+    assert_eq!(guest, logged);
+    assert!(guest > 100_000, "a TSC of {guest} kHz");
 }
 
 #[test]

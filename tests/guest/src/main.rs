@@ -161,6 +161,10 @@ fn touch_ram(info: &pvh::StartInfo) -> Result<(u32, u64), Fail> {
 pub extern "C" fn testguest_main(start_info: u32) -> ! {
     serial::init();
     say!("hello");
+    match clock::init() {
+        Some(khz) => say!("tsc {khz} kHz from the hypervisor"),
+        None => say!("tsc rate not given; taken as 2 GHz"),
+    }
     if let Err(fail) = run(u64::from(start_info)) {
         say!("FAIL {fail}");
     }

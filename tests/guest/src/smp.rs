@@ -234,8 +234,8 @@ impl Apic {
     }
 }
 
-fn pause(ticks: u64) {
-    let deadline = Deadline::after(ticks);
+fn pause(micros: u64) {
+    let deadline = Deadline::after(micros);
     while !deadline.passed() {
         core::hint::spin_loop();
     }

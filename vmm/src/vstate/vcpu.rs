@@ -144,7 +144,22 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|e| VcpuError::Create(id, e))?;
-        fd.set_cpuid2(&cpuid::for_vcpu(base_cpuid, id, cpu_count))
+        // The rate the guest's TSC runs at, for the timing leaf; a KVM
+        // that cannot tell leaves the leaf out.
+        let tsc_khz = match fd.get_tsc_khz() {
+            Ok(khz) if khz > 0 => Some(khz),
+            Ok(_) => None,
+            Err(e) => {
+                log::debug!("vCPU {id}: KVM_GET_TSC_KHZ: {e}; no CPUID timing leaf");
+                None
+            }
+        };
+        if id == 0 {
+            if let Some(khz) = tsc_khz {
+                log::info!("guest TSC: {khz} kHz (CPUID 0x40000010)");
+            }
+        }
+        fd.set_cpuid2(&cpuid::for_vcpu(base_cpuid, id, cpu_count, tsc_khz))
             .map_err(|e| VcpuError::Cpuid(id, e))?;
         regs::setup_msrs(&fd, supported_msrs).map_err(|e| VcpuError::Regs(id, e))?;
         regs::setup_fpu(&fd).map_err(|e| VcpuError::Regs(id, e))?;

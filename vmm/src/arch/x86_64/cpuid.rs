@@ -1,5 +1,8 @@
-//! Per-vCPU CPUID: what KVM supports, with this vCPU's APIC ID and a
-//! topology of one socket holding `cpu_count` single-threaded cores.
+//! Per-vCPU CPUID: what KVM supports, with this vCPU's APIC ID, a
+//! topology of one socket holding `cpu_count` single-threaded cores, and
+//! the hypervisor timing leaf (0x4000_0010: the TSC's and the local APIC
+//! timer's rates in kHz, as QEMU gives it with KVM and VMware defined it),
+//! so a guest need not calibrate its TSC against a slower clock.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
@@ -7,6 +10,14 @@ const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
+
+/// KVM's signature leaf (EAX: its highest leaf) and the timing leaf.
+const LEAF_HYPERVISOR: u32 = 0x4000_0000;
+const LEAF_TIMING: u32 = 0x4000_0010;
+/// "KVMKVMKVM\0\0\0" in EBX, ECX, EDX.
+const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x4d];
+/// KVM's local APIC timer runs at 1 GHz.
+const APIC_TIMER_KHZ: u32 = 1_000_000;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
@@ -58,9 +69,40 @@ fn with_topology_subleaves(base: &CpuId) -> CpuId {
     })
 }
 
-/// Patches `base` (from KVM_GET_SUPPORTED_CPUID) for vCPU `apic_id` of `cpu_count`.
-pub fn for_vcpu(base: &CpuId, apic_id: u8, cpu_count: u8) -> CpuId {
-    let mut cpuid = with_topology_subleaves(base);
+/// `cpuid` with the timing leaf saying `tsc_khz`, where KVM's signature
+/// leaf is there to point at it.
+fn with_timing_leaf(cpuid: CpuId, tsc_khz: Option<u32>) -> CpuId {
+    let Some(tsc_khz) = tsc_khz else {
+        return cpuid;
+    };
+    let mut entries = cpuid.as_slice().to_vec();
+    let Some(signature) = entries
+        .iter_mut()
+        .find(|e| e.function == LEAF_HYPERVISOR && [e.ebx, e.ecx, e.edx] == KVM_SIGNATURE)
+    else {
+        return cpuid;
+    };
+    signature.eax = signature.eax.max(LEAF_TIMING);
+    entries.retain(|e| e.function != LEAF_TIMING);
+    entries.push(kvm_cpuid_entry2 {
+        function: LEAF_TIMING,
+        eax: tsc_khz,
+        ebx: APIC_TIMER_KHZ,
+        ..Default::default()
+    });
+    CpuId::from_entries(&entries).unwrap_or_else(|e| {
+        log::warn!(
+            "CPUID: no room for the timing leaf ({} entries: {e:?}); the guest calibrates its TSC itself",
+            entries.len()
+        );
+        cpuid
+    })
+}
+
+/// Patches `base` (from KVM_GET_SUPPORTED_CPUID) for vCPU `apic_id` of
+/// `cpu_count`, whose TSC runs at `tsc_khz` (if KVM said).
+pub fn for_vcpu(base: &CpuId, apic_id: u8, cpu_count: u8, tsc_khz: Option<u32>) -> CpuId {
+    let mut cpuid = with_timing_leaf(with_topology_subleaves(base), tsc_khz);
     let apic = u32::from(apic_id);
     let count = u32::from(cpu_count);
     for entry in cpuid.as_mut_slice() {
@@ -122,10 +164,42 @@ mod tests {
         }
     }
 
+    /// The timing leaf says the TSC's rate where KVM's signature leaf is
+    /// there to point at it (its highest leaf raised to the timing leaf);
+    /// without KVM's signature, or without a rate, nothing is added.
+    #[test]
+    fn the_timing_leaf_gives_the_tsc_rate_behind_kvms_signature() {
+        let signature = kvm_cpuid_entry2 {
+            function: LEAF_HYPERVISOR,
+            eax: 0x4000_0001,
+            ebx: KVM_SIGNATURE[0],
+            ecx: KVM_SIGNATURE[1],
+            edx: KVM_SIGNATURE[2],
+            ..Default::default()
+        };
+        let base = CpuId::from_entries(&[entry(1, 0), signature]).unwrap();
+        let cpuid = for_vcpu(&base, 0, 1, Some(2_994_000));
+        let leaf = |f: u32| cpuid.as_slice().iter().find(|e| e.function == f).copied();
+        assert_eq!(leaf(LEAF_HYPERVISOR).unwrap().eax, LEAF_TIMING);
+        let timing = leaf(LEAF_TIMING).expect("the timing leaf");
+        assert_eq!((timing.eax, timing.ebx), (2_994_000, APIC_TIMER_KHZ));
+
+        let no_rate = for_vcpu(&base, 0, 1, None);
+        assert!(no_rate.as_slice().iter().all(|e| e.function != LEAF_TIMING));
+        let other = CpuId::from_entries(&[kvm_cpuid_entry2 {
+            ebx: 0x1234,
+            ..signature
+        }])
+        .unwrap();
+        let cpuid = for_vcpu(&other, 0, 1, Some(2_994_000));
+        assert!(cpuid.as_slice().iter().all(|e| e.function != LEAF_TIMING));
+        assert_eq!(cpuid.as_slice()[0].eax, 0x4000_0001);
+    }
+
     #[test]
     fn apic_id_and_topology_are_per_vcpu() {
         let base = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1)]).unwrap();
-        let cpuid = for_vcpu(&base, 3, 4);
+        let cpuid = for_vcpu(&base, 3, 4, None);
         let leaves = cpuid.as_slice();
         assert_eq!(leaves[0].ebx >> 24, 3);
         assert_eq!((leaves[0].ebx >> 16) & 0xff, 4);
@@ -141,7 +215,7 @@ mod tests {
     #[test]
     fn a_topology_leaf_without_its_core_level_gets_one() {
         let base = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0)]).unwrap();
-        let cpuid = for_vcpu(&base, 2, 4);
+        let cpuid = for_vcpu(&base, 2, 4, None);
         let sub = |index: u32| {
             *cpuid
                 .as_slice()
@@ -168,7 +242,7 @@ mod tests {
         let l3 = |eax: u32| kvm_cpuid_entry2 { eax, ..entry(4, 3) };
         let base = CpuId::from_entries(&[l3(3 << 5)]).unwrap();
         for (cpus, cores_field) in [(4u8, 3u32), (64, 63), (100, 63), (254, 63)] {
-            let cpuid = for_vcpu(&base, 0, cpus);
+            let cpuid = for_vcpu(&base, 0, cpus, None);
             let eax = cpuid.as_slice()[0].eax;
             assert_eq!(eax >> 26, cores_field, "{cpus} vCPUs");
             assert_eq!((eax >> 14) & 0xfff, u32::from(cpus) - 1, "{cpus} vCPUs");
