@@ -1,8 +1,9 @@
 //! Per-vCPU CPUID: what KVM supports, with this vCPU's APIC ID, a
 //! topology of one socket holding `cpu_count` single-threaded cores, and
 //! the hypervisor timing leaf (0x4000_0010: the TSC's and the local APIC
-//! timer's rates in kHz, as QEMU gives it with KVM and VMware defined it),
-//! so a guest need not calibrate its TSC against a slower clock.
+//! timer's rates in kHz, as QEMU gives it with KVM and VMware defined it)
+//! when the TSC is invariant, so a guest need not calibrate its TSC
+//! against a slower clock.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
@@ -16,6 +17,10 @@ const LEAF_HYPERVISOR: u32 = 0x4000_0000;
 const LEAF_TIMING: u32 = 0x4000_0010;
 /// "KVMKVMKVM\0\0\0" in EBX, ECX, EDX.
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x4d];
+/// Leaf 0x8000_0007 EDX bit 8: the TSC runs at one rate whatever the
+/// core's power state (invariant), so a rate given once holds.
+const LEAF_POWER_MGMT: u32 = 0x8000_0007;
+const EDX_INVARIANT_TSC: u32 = 1 << 8;
 /// KVM's local APIC timer runs at 1 GHz.
 const APIC_TIMER_KHZ: u32 = 1_000_000;
 
@@ -70,12 +75,19 @@ fn with_topology_subleaves(base: &CpuId) -> CpuId {
 }
 
 /// `cpuid` with the timing leaf saying `tsc_khz`, where KVM's signature
-/// leaf is there to point at it.
+/// leaf is there to point at it and the TSC is invariant (as QEMU does: a
+/// rate that may change is not worth giving).
 fn with_timing_leaf(cpuid: CpuId, tsc_khz: Option<u32>) -> CpuId {
     let Some(tsc_khz) = tsc_khz else {
         return cpuid;
     };
     let mut entries = cpuid.as_slice().to_vec();
+    if !entries
+        .iter()
+        .any(|e| e.function == LEAF_POWER_MGMT && e.edx & EDX_INVARIANT_TSC != 0)
+    {
+        return cpuid;
+    }
     let Some(signature) = entries
         .iter_mut()
         .find(|e| e.function == LEAF_HYPERVISOR && [e.ebx, e.ecx, e.edx] == KVM_SIGNATURE)
@@ -165,8 +177,9 @@ mod tests {
     }
 
     /// The timing leaf says the TSC's rate where KVM's signature leaf is
-    /// there to point at it (its highest leaf raised to the timing leaf);
-    /// without KVM's signature, or without a rate, nothing is added.
+    /// there to point at it (its highest leaf raised to the timing leaf)
+    /// and the TSC is invariant; without KVM's signature, a rate or an
+    /// invariant TSC, nothing is added.
     #[test]
     fn the_timing_leaf_gives_the_tsc_rate_behind_kvms_signature() {
         let signature = kvm_cpuid_entry2 {
@@ -177,7 +190,12 @@ mod tests {
             edx: KVM_SIGNATURE[2],
             ..Default::default()
         };
-        let base = CpuId::from_entries(&[entry(1, 0), signature]).unwrap();
+        let invariant = kvm_cpuid_entry2 {
+            function: LEAF_POWER_MGMT,
+            edx: EDX_INVARIANT_TSC,
+            ..Default::default()
+        };
+        let base = CpuId::from_entries(&[entry(1, 0), signature, invariant]).unwrap();
         let cpuid = for_vcpu(&base, 0, 1, Some(2_994_000));
         let leaf = |f: u32| cpuid.as_slice().iter().find(|e| e.function == f).copied();
         assert_eq!(leaf(LEAF_HYPERVISOR).unwrap().eax, LEAF_TIMING);
@@ -186,10 +204,16 @@ mod tests {
 
         let no_rate = for_vcpu(&base, 0, 1, None);
         assert!(no_rate.as_slice().iter().all(|e| e.function != LEAF_TIMING));
-        let other = CpuId::from_entries(&[kvm_cpuid_entry2 {
-            ebx: 0x1234,
-            ..signature
-        }])
+        let varying = CpuId::from_entries(&[signature, entry(LEAF_POWER_MGMT, 0)]).unwrap();
+        let cpuid = for_vcpu(&varying, 0, 1, Some(2_994_000));
+        assert!(cpuid.as_slice().iter().all(|e| e.function != LEAF_TIMING));
+        let other = CpuId::from_entries(&[
+            kvm_cpuid_entry2 {
+                ebx: 0x1234,
+                ..signature
+            },
+            invariant,
+        ])
         .unwrap();
         let cpuid = for_vcpu(&other, 0, 1, Some(2_994_000));
         assert!(cpuid.as_slice().iter().all(|e| e.function != LEAF_TIMING));
