@@ -330,6 +330,10 @@ struct Activation {
     mem: GuestMemory,
     features: u64,
     queues: Vec<SavedQueue>,
+    /// A backend has had a ring of it running (was sent its kick): the
+    /// guest's used rings say where the next one starts. Until then it
+    /// starts at 0, whatever the used rings' memory holds.
+    rings_sent: bool,
 }
 
 struct SavedQueue {
@@ -969,10 +973,11 @@ impl VhostUserDevice {
                 *flag = enabled(q.index);
             }
         }
-        let activation = Activation {
+        let mut activation = Activation {
             mem: mem.clone(),
             features: driver_features,
             queues: saved,
+            rings_sent: false,
         };
         if self.broken.load(Ordering::Acquire) {
             // The driver started the device while its backend is away (a
@@ -988,7 +993,7 @@ impl VhostUserDevice {
         }
         let memory_bytes = mem.iter().map(|r| r.len()).sum();
         let budget = Budget::new(deadline::handover_limit(memory_bytes));
-        let handed = self.hand_rings(&activation, &flags, false, &budget);
+        let handed = self.hand_rings(&mut activation, &flags, false, &budget);
         drop(flags);
         match handed {
             Ok(()) => {}
@@ -1005,9 +1010,10 @@ impl VhostUserDevice {
     }
 
     /// Sends an activation to the backend, each ring on or off as `enabled`
-    /// says, every exchange within `budget` as a whole. `resume`: the rings
-    /// continue from where the guest's used rings are (a backend that
-    /// reconnected), rather than from 0.
+    /// says, every exchange within `budget` as a whole. The rings continue
+    /// from where the guest's used rings are if a backend has run them
+    /// before (`Activation::rings_sent`), else from 0. `reconnect`: a
+    /// backend taking over, whose rings are kicked once they are its.
     ///
     /// The caller holds the ring flags' lock throughout, which
     /// `RingSwitch::set` holds over its own message: a ring the driver
@@ -1015,11 +1021,12 @@ impl VhostUserDevice {
     /// has its features and every ring, not one halfway through.
     fn hand_rings(
         &mut self,
-        act: &Activation,
+        act: &mut Activation,
         enabled: &[bool],
-        resume: bool,
+        reconnect: bool,
         budget: &Budget,
     ) -> Result<(), Handover> {
+        let resume = act.rings_sent;
         let mut fe = self.fe();
         let name = self.spec.name.clone();
         let mem = &act.mem;
@@ -1102,6 +1109,8 @@ impl VhostUserDevice {
                 f.set_vring_call(index, call)
             })
             .map_err(|e| self.fail_within(e, budget))?;
+            // From its kick on, the backend may serve the ring.
+            act.rings_sent = true;
             exchange(&mut fe, &name, "SET_VRING_KICK", limit(), |f| {
                 f.set_vring_kick(index, &queue.kick)
             })
@@ -1113,7 +1122,7 @@ impl VhostUserDevice {
             .map_err(|e| self.fail_within(e, budget))?;
             self.active_queues.push(index);
         }
-        if resume {
+        if reconnect {
             // The old backend may have taken the guest's last kick and died
             // before serving what it announced; the guest, having kicked,
             // waits. A kick of every ring makes the new backend look at
@@ -1248,8 +1257,8 @@ impl VhostUserDevice {
         let budget = Budget::new(deadline::longest_run(memory_bytes));
         self.replay_config_writes(&budget)?;
         self.prime_config(budget.limit(REPLY_TIMEOUT))?;
-        if let Some(activation) = self.activation.take() {
-            let result = self.hand_rings(&activation, &flags, true, &budget);
+        if let Some(mut activation) = self.activation.take() {
+            let result = self.hand_rings(&mut activation, &flags, true, &budget);
             self.activation = Some(activation);
             result.map_err(|e| e.to_string())?;
         }
@@ -1440,6 +1449,7 @@ mod tests {
     const GET_FEATURES: u32 = 1;
     const SET_FEATURES: u32 = 2;
     const SET_MEM_TABLE: u32 = 5;
+    const SET_VRING_BASE: u32 = 10;
     const GET_VRING_BASE: u32 = 11;
     const SET_VRING_KICK: u32 = 12;
     const GET_PROTOCOL_FEATURES: u32 = 15;
@@ -2150,6 +2160,51 @@ mod tests {
             "{seen:?}"
         );
         assert!(device.status().connected());
+    }
+
+    /// Both rings' used indexes in the guest's memory (see `rings`) say 5.
+    fn used_rings_at_5(ram: &crate::vstate::memory::GuestRam) {
+        for index in 0..2u64 {
+            let used = 0x1_0000 * (index + 1) + 0x2000;
+            ram.memory
+                .write_obj(5u16.to_le(), GuestAddress(used + 2))
+                .expect("used index");
+        }
+    }
+
+    /// SET_VRING_BASE's first payload word: ring index, then base.
+    fn ring_base(index: u64, base: u32) -> Seen {
+        Seen::Request(SET_VRING_BASE, index | u64::from(base) << 32)
+    }
+
+    /// A backend that takes over rings an earlier one ran starts them where
+    /// the guest's used rings stand; one that takes rings no backend has
+    /// run (the driver started the device while its backend was away)
+    /// starts them at 0, whatever their memory held before the driver set
+    /// them up.
+    #[test]
+    fn a_backend_resumes_rings_from_the_used_index_only_if_one_ran_them() {
+        let (mut device, ram, _kicks) = started_as_backend_is_lost(SET_VRING_ENABLE);
+        used_rings_at_5(&ram);
+        let seen = take_over(&mut device, Script::default());
+        assert!(seen.contains(&ring_base(0, 5)), "{seen:?}");
+        assert!(seen.contains(&ring_base(1, 5)), "{seen:?}");
+
+        let (mut device, requests) = scripted_disk(Script {
+            quit_after: Some(GET_QUEUE_NUM),
+            ..Script::default()
+        });
+        assert!(wait_closed(&requests));
+        wait_hung_up(&device);
+        let ram = create_guest_ram(1 << 20, false).expect("guest memory");
+        used_rings_at_5(&ram);
+        let kicks = kicks();
+        device
+            .activate(&ram.memory, VIRTIO_F_VERSION_1, &rings(&kicks))
+            .expect("starting a device whose backend is away");
+        let seen = take_over(&mut device, Script::default());
+        assert!(seen.contains(&ring_base(0, 0)), "{seen:?}");
+        assert!(seen.contains(&ring_base(1, 0)), "{seen:?}");
     }
 
     /// A scripted disk the driver started with both rings.
