@@ -1,9 +1,12 @@
 //! Splits the bytes a QMP client sends into JSON values without parsing
 //! them: braces and brackets are matched outside strings. A value larger
 //! than `MAX_MESSAGE` ends the connection (the stream cannot be resynced);
-//! stray text between values is reported once per line, and a value closed
-//! by the wrong bracket is reported once and dropped up to where its
-//! brackets, counted without regard to kind, close (or the line ends).
+//! stray text between values is reported once per line (brackets in a
+//! string in it start nothing), a value closed by the wrong bracket is
+//! reported once and dropped up to where its brackets, counted without
+//! regard to kind, close (or the line ends), and a value whose string runs
+//! into the end of a line (JSON strings hold no raw newline: a missing
+//! quote) is reported and dropped, so the next line is heard.
 
 /// Largest message accepted from a client.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -16,6 +19,8 @@ pub enum Piece {
     Garbage,
     /// A value closed by the wrong bracket, such as `{"a": 1]`.
     Mismatched,
+    /// A value whose string the line ended in, such as `{"a": "b}`.
+    Unterminated,
     /// A value exceeded MAX_MESSAGE.
     TooLong,
 }
@@ -46,6 +51,15 @@ impl Splitter {
                 continue;
             }
             if self.closers.is_empty() {
+                if self.in_string {
+                    // A string in stray text, up to its end or the line's.
+                    if b == b'\n' {
+                        *self = Splitter::default();
+                    } else {
+                        self.string_byte(b);
+                    }
+                    continue;
+                }
                 match b {
                     b'{' | b'[' => {
                         self.in_garbage = false;
@@ -60,6 +74,7 @@ impl Splitter {
                             self.in_garbage = true;
                             out.push(Piece::Garbage);
                         }
+                        self.in_string = b == b'"';
                     }
                 }
                 continue;
@@ -71,7 +86,12 @@ impl Splitter {
                 return out;
             }
             if self.in_string {
-                self.string_byte(b);
+                if b == b'\n' {
+                    out.push(Piece::Unterminated);
+                    *self = Splitter::default();
+                } else {
+                    self.string_byte(b);
+                }
                 continue;
             }
             match b {
@@ -159,6 +179,38 @@ mod tests {
                 Piece::Value(br#"{"execute": "a}{b", "x": [1, {"y": "\"}"}]}"#.to_vec()),
                 Piece::Value(br#"{"execute":"c"}"#.to_vec()),
             ]
+        );
+    }
+
+    /// A missing quote ends with its line: the next command is heard.
+    #[test]
+    fn a_string_left_open_ends_with_its_line() {
+        let mut s = Splitter::default();
+        assert_eq!(
+            s.push(b"{\"execute\": \"query-status}\n{\"execute\": \"stop\"}\n"),
+            vec![
+                Piece::Unterminated,
+                Piece::Value(br#"{"execute": "stop"}"#.to_vec())
+            ]
+        );
+    }
+
+    /// A command sent as a JSON string is one line of stray text: the
+    /// brace inside the string starts no value.
+    #[test]
+    fn brackets_in_a_string_in_stray_text_start_nothing() {
+        let mut s = Splitter::default();
+        assert_eq!(
+            s.push(b"\"{\\\"execute\\\": \\\"stop\\\"}\"\n{\"execute\": \"cont\"}\n"),
+            vec![
+                Piece::Garbage,
+                Piece::Value(br#"{"execute": "cont"}"#.to_vec())
+            ]
+        );
+        // An unclosed one ends with its line too.
+        assert_eq!(
+            s.push(b"x \"{ [\n{}\n"),
+            vec![Piece::Garbage, Piece::Value(b"{}".to_vec())]
         );
     }
 

@@ -474,6 +474,12 @@ fn serve_client(conn: Conn, vm: &dyn VmControl, sink: &EventSink) {
                     &QmpError::generic("JSON parse error, mismatched brackets"),
                     None,
                 ),
+                Piece::Unterminated => protocol::error(
+                    &QmpError::generic(
+                        "JSON parse error, a string left open at the end of the line",
+                    ),
+                    None,
+                ),
                 Piece::TooLong => {
                     outbox.post_reply(&protocol::error(
                         &QmpError::generic("JSON parse error, message too long"),
