@@ -214,6 +214,16 @@ fn bad_input_gets_errors_and_the_vm_keeps_running() {
             r#"{"a": [1}, "b": {"execute": "quit"}}"#,
             r#""desc":"JSON parse error, mismatched brackets""#,
         ),
+        // A missing quote ends with its line: the next command is heard.
+        (
+            r#"{"execute": "query-status}"#,
+            r#""desc":"JSON parse error, a string left open at the end of the line""#,
+        ),
+        // A command sent as a JSON string is one error, not a value.
+        (
+            r#""{\"execute\": \"quit\"}""#,
+            r#""desc":"JSON parse error, expected a JSON object""#,
+        ),
         (
             r#"{"execute": "stop", "execute": "quit"}"#,
             r#""desc":"JSON parse error, duplicate key 'execute'"#,
