@@ -78,6 +78,23 @@ fn a_vm_with_a_disk_and_a_nic_starts_and_leaves_nothing_behind() {
         .arg(dir.path().join("logs"));
     let mut vm = RunningVm::spawn(cmd);
     vm.expect_line("testguest: blk 00:01.0 write-read ok", TIMEOUT);
+    // The backends keep their private directories in launch's work
+    // directory (which the teardown removes even if one is killed).
+    let stderr = vm.stderr.text();
+    let work = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("launch: sockets in "))
+        .unwrap_or_else(|| panic!("no socket directory in:\n{stderr}"));
+    let inside: Vec<String> = std::fs::read_dir(work)
+        .expect("the work directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    for prefix in ["vhost-blk-", "vhost-net-"] {
+        assert!(
+            inside.iter().any(|name| name.starts_with(prefix)),
+            "no {prefix}* in {work}: {inside:?}"
+        );
+    }
     // Not the vmm's default (from the socket's path, new every launch):
     // one from the NIC's netns and tap, the same every time.
     let mac = vm.expect_line("testguest: net 00:02.0 mac ", TIMEOUT);
@@ -509,7 +526,7 @@ fn a_second_signal_kills_what_ignores_sigterm() {
     let stderr = vm.stderr.text();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
     assert!(
-        stderr.contains("still running after another signal; killing it"),
+        stderr.contains("still running after another signal; killed it"),
         "{stderr}"
     );
     assert!(!stderr.contains("ignored SIGTERM"), "{stderr}");
