@@ -836,6 +836,60 @@ fn a_busy_tx_ring_is_left_after_its_budget_and_the_rest_sent_next_time() {
     );
 }
 
+/// A tap that breaks the ring's available index (more than a ring ahead of
+/// two chains taken) as it takes the second frame.
+struct RingBreakingTap<'a> {
+    tap: MemTap,
+    mem: &'a GuestMemoryMmap,
+}
+
+impl FrameIo for RingBreakingTap<'_> {
+    fn read_frame(&self, iov: &IoVecs<'_>) -> io::Result<Option<usize>> {
+        self.tap.read_frame(iov)
+    }
+
+    fn write_frame(&self, iov: &IoVecs<'_>) -> io::Result<usize> {
+        if self.tap.written.borrow().len() == 1 {
+            self.mem
+                .write_obj(SIZE + 3, GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+        self.tap.write_frame(iov)
+    }
+}
+
+/// Chains sent before the ring broke are signalled to the driver, even
+/// though the run ends in an error.
+#[test]
+fn tx_signals_what_it_sent_before_the_ring_broke() {
+    let mem = memory();
+    mem.write_slice(&with_header(&frame(60, 3)), GuestAddress(0x10000))
+        .unwrap();
+    let (mut d, q) = Driver::new(&mem);
+    d.add(&[(0x10000, 72, 0)]);
+    d.add(&[(0x10000, 72, 0)]);
+    let tap = RingBreakingTap {
+        tap: MemTap::default(),
+        mem: &mem,
+    };
+    let mut ring = SignalledRing { q, signals: 0 };
+    let budget = TxBudget {
+        chains: 1000,
+        time: std::time::Duration::from_secs(60),
+        poll: std::time::Duration::from_millis(1),
+    };
+    let mut pair = Pair::new(0);
+    let result = pair.tx_run(&tap, &mut ring, &mem, MRG, budget);
+    assert!(
+        matches!(result, Err(virtio_queue::Error::InvalidAvailRingIndex)),
+        "{result:?}"
+    );
+    assert_eq!(tap.tap.written.borrow().len(), 2);
+    let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used_idx, 2);
+    assert!(ring.signals > 0, "the two chains sent were never signalled");
+}
+
 #[test]
 fn a_frame_larger_than_the_ring_of_two_buffer_chains_is_dropped() {
     let mem = memory();

@@ -133,7 +133,8 @@ pub fn process<T: FrameIo>(
 
 /// Sends the ring's frames, batch by batch, until it stays empty with
 /// notifications enabled or `budget` is spent. Completions are signalled
-/// every so often while the ring is busy, and always before returning.
+/// every so often while the ring is busy, and always before returning,
+/// with an error too.
 pub fn run<T: FrameIo, R: TxRing>(
     tap: &T,
     ring: &mut R,
@@ -149,11 +150,16 @@ pub fn run<T: FrameIo, R: TxRing>(
     let mut sent = 0u32;
     let end = loop {
         if sent >= budget.chains || started.elapsed() >= budget.time {
-            break TxEnd::Budget;
+            break Ok(TxEnd::Budget);
         }
         let q = ring.queue();
-        q.disable_notification(mem)?;
-        let used = process(tap, q, mem, cfg, scratch, c)?;
+        if let Err(e) = q.disable_notification(mem) {
+            break Err(e);
+        }
+        let used = match process(tap, q, mem, cfg, scratch, c) {
+            Ok(used) => used,
+            Err(e) => break Err(e),
+        };
         sent = sent.saturating_add(used);
         unsignalled += used;
         if unsignalled >= signal_batch {
@@ -170,12 +176,16 @@ pub fn run<T: FrameIo, R: TxRing>(
             ring.signal(mem);
             unsignalled = 0;
         }
-        if !ring.queue().enable_notification(mem)? {
-            break TxEnd::Idle;
+        match ring.queue().enable_notification(mem) {
+            Ok(false) => break Ok(TxEnd::Idle),
+            Ok(true) => {}
+            Err(e) => break Err(e),
         }
     };
-    if unsignalled > 0 {
+    // On an error too: chains completed before it (in earlier batches, or
+    // earlier in the failed one) reach the driver.
+    if unsignalled > 0 || end.is_err() {
         ring.signal(mem);
     }
-    Ok(end)
+    end
 }
