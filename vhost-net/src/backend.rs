@@ -62,6 +62,11 @@ const TAP_REATTACH: Duration = Duration::from_secs(1);
 /// reaches no backend hook), and then the queue must leave the tap, or the
 /// kernel keeps steering flows to it that nobody reads.
 const ENABLED_CHECK: Duration = Duration::from_millis(100);
+/// After a ring's worth of malformed rx chains, when the worker goes on
+/// with the ring: soon, as nothing else may bring it back for a frame
+/// already taken from the tap, but not at once, so a guest that keeps
+/// offering them does not keep the worker busy.
+const MALFORMED_PAUSE: Duration = Duration::from_millis(1);
 /// What a pair without its rx timer lacks.
 const NO_RX_TIMER: &str = "failed tap reads are retried at rx kicks only, and a disabled pair's queue leaves the tap only when a frame reaches it";
 
@@ -431,6 +436,11 @@ impl NetBackend {
             RxStop::TapEmpty | RxStop::Budget => {
                 state.tap_failed = false;
                 self.watch(pair, &mut state, true);
+            }
+            RxStop::Malformed => {
+                state.tap_failed = false;
+                self.watch(pair, &mut state, true);
+                Self::arm_rx_timer(pair, &mut state, MALFORMED_PAUSE);
             }
             RxStop::TapError(e) if Tap::is_gone(&e) => {
                 log::warn!(

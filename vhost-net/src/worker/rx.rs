@@ -38,6 +38,11 @@ pub enum RxStop {
     NoBuffers,
     /// `BUDGET` frames were read; more may be waiting.
     Budget,
+    /// A ring's worth of malformed chains was completed: more chains may
+    /// wait, and a frame part-received (not in the tap any more) with
+    /// them, which no kick may announce (the guest posted them already):
+    /// the worker must come back by itself.
+    Malformed,
     /// Reading the tap failed; notifications are enabled, so the guest
     /// kicks when it adds buffers.
     TapError(std::io::Error),
@@ -126,13 +131,13 @@ impl Rx {
         loop {
             if self.fill(q, mem, cfg, c, &mut used, &mut malformed)? {
                 // A ring's worth of malformed chains: the rest wait for the
-                // next run (the tap's next frame, or a kick: a frame may be
-                // pending), so a guest that keeps offering them cannot hold
-                // the worker and its locks.
+                // next run, which the caller schedules (`Malformed`), so a
+                // guest that keeps offering them cannot hold the worker and
+                // its locks.
                 q.enable_notification(mem)?;
                 return Ok(RxOutcome {
                     used,
-                    stop: RxStop::Budget,
+                    stop: RxStop::Malformed,
                 });
             }
             let ready = match self.pending {

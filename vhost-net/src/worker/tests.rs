@@ -967,7 +967,7 @@ fn a_ring_of_malformed_rx_chains_ends_the_call() {
     tap.push(with_header(&frame(30, 1)));
     let mut pair = Pair::new(0);
     let out = pair.rx(&tap, &mut q, &mem, ONE_CHAIN).unwrap();
-    assert!(matches!(out.stop, RxStop::Budget), "{out:?}");
+    assert!(matches!(out.stop, RxStop::Malformed), "{out:?}");
     assert_eq!(pair.stats().bad_chains, u64::from(SIZE));
     assert_eq!(d.used().len(), usize::from(SIZE));
     let good = d.add(&[(0x20000, 64, W)]);
