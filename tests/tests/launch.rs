@@ -63,7 +63,7 @@ fn a_vm_with_a_disk_and_a_nic_starts_and_leaves_nothing_behind() {
     std::fs::write(
         &config,
         format!(
-            "[vm]\nkernel = {:?}\ncmdline = \"ip={} ping={HOST_IP}\"\nmemory = \"128M\"\n\n\
+            "[vm]\nkernel = {:?}\ncmdline = \"-q ip={} ping={HOST_IP}\"\nmemory = \"128M\"\n\n\
              [[disk]]\nimage = \"disk.img\"\n\n[[net]]\ntap = {tap:?}\nnetns = {:?}\n",
             test_guest().display().to_string(),
             guest_ip(1),
@@ -77,6 +77,11 @@ fn a_vm_with_a_disk_and_a_nic_starts_and_leaves_nothing_behind() {
         .arg("--log-dir")
         .arg(dir.path().join("logs"));
     let mut vm = RunningVm::spawn(cmd);
+    // A command line starting with `-` reaches the guest whole.
+    vm.expect_line(
+        &format!("testguest: cmdline -q ip={} ping={HOST_IP}", guest_ip(1)),
+        TIMEOUT,
+    );
     vm.expect_line("testguest: blk 00:01.0 write-read ok", TIMEOUT);
     // The backends keep their private directories in launch's work
     // directory (which the teardown removes even if one is killed).
