@@ -2027,12 +2027,7 @@ mod tests {
     /// region from the backend that takes the rings.
     #[test]
     fn a_device_started_while_its_backend_is_away_gets_a_region_from_the_next_one() {
-        let (mut device, requests) = scripted_disk(Script {
-            quit_after: Some(GET_QUEUE_NUM),
-            ..tracking(7)
-        });
-        assert!(wait_closed(&requests));
-        wait_hung_up(&device);
+        let mut device = gone_at_once(tracking(7));
         let ram = create_guest_ram(1 << 20, false).expect("guest memory");
         let kicks = kicks();
         device
@@ -2137,12 +2132,7 @@ mod tests {
     /// with rings it cannot be given: it gets none, and stays connected.
     #[test]
     fn a_ring_outside_guest_memory_is_refused_while_the_backend_is_away() {
-        let (mut device, requests) = scripted_disk(Script {
-            quit_after: Some(GET_QUEUE_NUM),
-            ..Script::default()
-        });
-        assert!(wait_closed(&requests));
-        wait_hung_up(&device);
+        let mut device = gone_at_once(Script::default());
         let ram = create_guest_ram(1 << 20, false).expect("guest memory");
         let kicks = kicks();
         let mut queues = rings(&kicks);
@@ -2190,12 +2180,7 @@ mod tests {
         assert!(seen.contains(&ring_base(0, 5)), "{seen:?}");
         assert!(seen.contains(&ring_base(1, 5)), "{seen:?}");
 
-        let (mut device, requests) = scripted_disk(Script {
-            quit_after: Some(GET_QUEUE_NUM),
-            ..Script::default()
-        });
-        assert!(wait_closed(&requests));
-        wait_hung_up(&device);
+        let mut device = gone_at_once(Script::default());
         let ram = create_guest_ram(1 << 20, false).expect("guest memory");
         used_rings_at_5(&ram);
         let kicks = kicks();
@@ -2205,6 +2190,18 @@ mod tests {
         let seen = take_over(&mut device, Script::default());
         assert!(seen.contains(&ring_base(0, 0)), "{seen:?}");
         assert!(seen.contains(&ring_base(1, 0)), "{seen:?}");
+    }
+
+    /// A scripted disk whose backend (following `script`) hangs up right
+    /// after the handshake, once the hang-up is seen.
+    fn gone_at_once(script: Script) -> VhostUserDevice {
+        let (device, requests) = scripted_disk(Script {
+            quit_after: Some(GET_QUEUE_NUM),
+            ..script
+        });
+        assert!(wait_closed(&requests));
+        wait_hung_up(&device);
+        device
     }
 
     /// A scripted disk the driver started with both rings.
@@ -2420,12 +2417,7 @@ mod tests {
     /// during a backend restart) is handed to the next backend.
     #[test]
     fn a_device_started_while_its_backend_is_away_goes_to_the_next_one() {
-        let (mut device, requests) = scripted_disk(Script {
-            quit_after: Some(GET_QUEUE_NUM),
-            ..Script::default()
-        });
-        assert!(wait_closed(&requests));
-        wait_hung_up(&device);
+        let mut device = gone_at_once(Script::default());
         let ram = create_guest_ram(1 << 20, false).expect("guest memory");
         let kicks = kicks();
         device
