@@ -154,12 +154,19 @@ impl Vcpu {
                 None
             }
         };
+        let vcpu_cpuid = cpuid::for_vcpu(base_cpuid, id, cpu_count, tsc_khz);
         if id == 0 {
-            if let Some(khz) = tsc_khz {
-                log::info!("guest TSC: {khz} kHz (CPUID 0x40000010)");
+            match (cpuid::timing_leaf_khz(&vcpu_cpuid), tsc_khz) {
+                (Some(khz), _) => log::info!("guest TSC: {khz} kHz (CPUID 0x40000010)"),
+                (None, None) => log::info!(
+                    "guest TSC: no CPUID timing leaf (KVM did not give the TSC's rate)"
+                ),
+                (None, Some(_)) => log::info!(
+                    "guest TSC: no CPUID timing leaf (TSC not invariant, no KVM signature leaf, or no room)"
+                ),
             }
         }
-        fd.set_cpuid2(&cpuid::for_vcpu(base_cpuid, id, cpu_count, tsc_khz))
+        fd.set_cpuid2(&vcpu_cpuid)
             .map_err(|e| VcpuError::Cpuid(id, e))?;
         regs::setup_msrs(&fd, supported_msrs).map_err(|e| VcpuError::Regs(id, e))?;
         regs::setup_fpu(&fd).map_err(|e| VcpuError::Regs(id, e))?;

@@ -111,6 +111,21 @@ fn with_timing_leaf(cpuid: CpuId, tsc_khz: Option<u32>) -> CpuId {
     })
 }
 
+/// The TSC rate in kHz that `cpuid` gives the guest through the timing
+/// leaf, if the leaf is there and KVM's signature leaf reaches it.
+pub fn timing_leaf_khz(cpuid: &CpuId) -> Option<u32> {
+    let leaves = cpuid.as_slice();
+    leaves
+        .iter()
+        .find(|e| e.function == LEAF_HYPERVISOR && [e.ebx, e.ecx, e.edx] == KVM_SIGNATURE)
+        .filter(|signature| signature.eax >= LEAF_TIMING)?;
+    leaves
+        .iter()
+        .find(|e| e.function == LEAF_TIMING)
+        .map(|timing| timing.eax)
+        .filter(|&khz| khz > 0)
+}
+
 /// Patches `base` (from KVM_GET_SUPPORTED_CPUID) for vCPU `apic_id` of
 /// `cpu_count`, whose TSC runs at `tsc_khz` (if KVM said).
 pub fn for_vcpu(base: &CpuId, apic_id: u8, cpu_count: u8, tsc_khz: Option<u32>) -> CpuId {
@@ -201,12 +216,15 @@ mod tests {
         assert_eq!(leaf(LEAF_HYPERVISOR).unwrap().eax, LEAF_TIMING);
         let timing = leaf(LEAF_TIMING).expect("the timing leaf");
         assert_eq!((timing.eax, timing.ebx), (2_994_000, APIC_TIMER_KHZ));
+        assert_eq!(timing_leaf_khz(&cpuid), Some(2_994_000));
 
         let no_rate = for_vcpu(&base, 0, 1, None);
         assert!(no_rate.as_slice().iter().all(|e| e.function != LEAF_TIMING));
+        assert_eq!(timing_leaf_khz(&no_rate), None);
         let varying = CpuId::from_entries(&[signature, entry(LEAF_POWER_MGMT, 0)]).unwrap();
         let cpuid = for_vcpu(&varying, 0, 1, Some(2_994_000));
         assert!(cpuid.as_slice().iter().all(|e| e.function != LEAF_TIMING));
+        assert_eq!(timing_leaf_khz(&cpuid), None);
         let other = CpuId::from_entries(&[
             kvm_cpuid_entry2 {
                 ebx: 0x1234,
@@ -218,6 +236,7 @@ mod tests {
         let cpuid = for_vcpu(&other, 0, 1, Some(2_994_000));
         assert!(cpuid.as_slice().iter().all(|e| e.function != LEAF_TIMING));
         assert_eq!(cpuid.as_slice()[0].eax, 0x4000_0001);
+        assert_eq!(timing_leaf_khz(&cpuid), None);
     }
 
     #[test]
