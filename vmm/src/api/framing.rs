@@ -6,7 +6,10 @@
 //! reported once and dropped up to where its brackets, counted without
 //! regard to kind, close (or the line ends), and a value whose string runs
 //! into the end of a line (JSON strings hold no raw newline: a missing
-//! quote) is reported and dropped, so the next line is heard.
+//! quote) is reported and dropped, so the next line is heard. A line of
+//! stray text, or the rest of a broken value, longer than `MAX_MESSAGE`
+//! ends the connection too: strings in them can hide every value that
+//! follows, so a client that sends no newlines cannot keep the server deaf.
 
 /// Largest message accepted from a client.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -39,6 +42,8 @@ pub struct Splitter {
     /// until they close or the line ends, so a client that sends no
     /// newlines is heard again after the broken value.
     skipping: Option<usize>,
+    /// Bytes dropped so far in a line of stray text or a broken value.
+    dropped: usize,
 }
 
 impl Splitter {
@@ -46,6 +51,15 @@ impl Splitter {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<Piece> {
         let mut out = Vec::new();
         for &b in bytes {
+            let dropping = self.skipping.is_some() || (self.closers.is_empty() && self.in_garbage);
+            if dropping {
+                self.dropped += 1;
+                if self.dropped > MAX_MESSAGE {
+                    out.push(Piece::TooLong);
+                    *self = Splitter::default();
+                    return out;
+                }
+            }
             if let Some(open) = self.skipping {
                 self.skip(b, open);
                 continue;
@@ -63,11 +77,15 @@ impl Splitter {
                 match b {
                     b'{' | b'[' => {
                         self.in_garbage = false;
+                        self.dropped = 0;
                         self.current.clear();
                         self.current.push(b);
                         self.closers.push(closer(b));
                     }
-                    b'\n' => self.in_garbage = false,
+                    b'\n' => {
+                        self.in_garbage = false;
+                        self.dropped = 0;
+                    }
                     b' ' | b'\t' | b'\r' => {}
                     _ => {
                         if !self.in_garbage {
@@ -149,7 +167,10 @@ impl Splitter {
                 Some(open)
             }
             b'{' | b'[' => Some(open.saturating_add(1)),
-            b'}' | b']' if open == 1 => None,
+            b'}' | b']' if open == 1 => {
+                self.dropped = 0;
+                None
+            }
             b'}' | b']' => Some(open - 1),
             _ => Some(open),
         };
@@ -224,6 +245,31 @@ mod tests {
         let mut huge = b"{\"a\": \"".to_vec();
         huge.resize(MAX_MESSAGE + 10, b'x');
         assert_eq!(s.push(&huge), vec![Piece::TooLong]);
+    }
+
+    /// Stray text or the rest of a broken value, whose strings hide the
+    /// values that follow, is cut at MAX_MESSAGE like a value when no
+    /// newline ends it; a newline starts the count again.
+    #[test]
+    fn text_dropped_without_a_newline_is_cut_at_the_limit() {
+        let command = br#"{"execute": "stop"}"#;
+        for start in [&b"x\""[..], &b"{\"a\": [}, \""[..]] {
+            let mut s = Splitter::default();
+            let mut sent = start.to_vec();
+            while sent.len() <= MAX_MESSAGE + start.len() {
+                sent.extend_from_slice(command);
+            }
+            let pieces = s.push(&sent);
+            assert_eq!(pieces.last(), Some(&Piece::TooLong), "{pieces:?}");
+            assert!(!pieces.iter().any(|p| matches!(p, Piece::Value(_))));
+        }
+        let mut s = Splitter::default();
+        let mut sent = Vec::new();
+        while sent.len() <= 2 * MAX_MESSAGE {
+            sent.extend_from_slice(b"x \"a string\"\n");
+        }
+        assert!(s.push(&sent).iter().all(|p| *p == Piece::Garbage));
+        assert_eq!(s.push(command), vec![Piece::Value(command.to_vec())]);
     }
 
     #[test]
