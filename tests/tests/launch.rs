@@ -157,6 +157,44 @@ fn a_killed_backend_is_reported_and_everything_is_torn_down() {
     assert_all_gone(&stderr, 2);
 }
 
+/// Under a TMPDIR long enough that a backend's relay socket would not fit
+/// in a socket's name inside launch's work directory (but the public
+/// sockets do), the backends keep their private directories in TMPDIR, the
+/// VM runs, and the teardown leaves TMPDIR empty.
+#[test]
+fn a_long_tmpdir_keeps_the_backends_relay_sockets_where_they_fit() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 0);
+    let base = dir.path().as_os_str().len();
+    // 70 bytes: the work directory's sockets (TMPDIR plus 31) fit in 107,
+    // a relay socket under it (TMPDIR plus 48) does not.
+    let tmpdir = dir.path().join("t".repeat(70 - base - 1));
+    std::fs::create_dir(&tmpdir).expect("long TMPDIR");
+    assert_eq!(tmpdir.as_os_str().len(), 70);
+    let mut cmd = launcher();
+    cmd.env("TMPDIR", &tmpdir)
+        .arg("--kernel")
+        .arg(test_guest())
+        .args(["--memory", "64M", "--cmdline", "nonet", "--disk"])
+        .arg(&image)
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"));
+    let mut vm = RunningVm::spawn(cmd);
+    vm.expect_line("testguest: blk 00:01.0 write-read ok", TIMEOUT);
+    let status = vm.wait_exit(TIMEOUT);
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    vm.assert_no_guest_failure();
+    assert_all_gone(&stderr, 2);
+    let left: Vec<_> = std::fs::read_dir(&tmpdir)
+        .expect("TMPDIR")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+}
+
 /// A backend that cannot start (here the second disk's: its image is the
 /// first's, locked) ends the launch with its log, before the vmm starts,
 /// and the backend started before it is stopped; a vmm that refuses its
