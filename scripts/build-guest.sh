@@ -10,10 +10,12 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 # The guest's target (bare metal, no SSE in its ABI; see
-# tests/guest/.cargo/config.toml) comes with rustup, not with the toolchain.
+# tests/guest/.cargo/config.toml) needs its own standard library, which a
+# toolchain installed for the host alone lacks: it is there when rustc's
+# library directory for the target holds libcore.
 target=x86_64-unknown-none
 libdir="$(rustc --print target-libdir --target "$target" 2>/dev/null || true)"
-if [[ -z "$libdir" || ! -d "$libdir" ]]; then
+if [[ -z "$libdir" ]] || ! compgen -G "$libdir/libcore-*.rlib" >/dev/null; then
     if ! command -v rustup >/dev/null; then
         echo "build-guest: the Rust target $target is not installed, and there is no rustup to add it: install its standard library for this rustc" >&2
         exit 1

@@ -10,8 +10,8 @@
 //! With `linkwatch` (and no `ip=`), it then reports the link status after
 //! each of the next two configuration-change interrupts.
 //!
-//! Queues are polled (no interrupts). Every wait is bounded in time-stamp
-//! counter ticks and ends in a `FAIL` line when it runs out.
+//! Queues are polled (no interrupts). Every wait is bounded in time
+//! (`clock`) and ends in a `FAIL` line when it runs out.
 
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};

@@ -110,10 +110,12 @@ impl Commands for Controller {
                         "the driver asked for {pairs} queue pairs without setting up ring {ring}"
                     ));
                 }
-                // One command waits for its backend's answers as long as a
-                // reset does, however many rings it switches: past that,
-                // the backend is cut off. Time spent waiting for a
-                // reconnect to hand over the rings is not counted.
+                // Each backend that serves a command gets as long to
+                // answer as a reset does, however many rings it switches:
+                // past that, it is cut off. A backend that is away or cut
+                // off midway leaves the next one its own time, and time
+                // spent waiting for a reconnect to hand over the rings is
+                // not counted.
                 let mut answering = Duration::ZERO;
                 let mut reached = true;
                 for pair in 0..self.max_pairs {
