@@ -464,6 +464,16 @@ impl Connection {
         self.exchange(|frontend| req("GET_VRING_BASE", frontend.get_vring_base(index)))
     }
 
+    /// Gives ring `index` a call eventfd whose count is full, as a
+    /// misbehaving frontend might: the backend's next signal fails (EAGAIN,
+    /// the eventfd being non-blocking).
+    pub fn break_call(&mut self, index: usize) -> Result<(), ConnectionError> {
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let call = EventFd::new(EFD_NONBLOCK).map_err(ConnectionError::EventFd)?;
+        call.write(u64::MAX - 1).map_err(ConnectionError::EventFd)?;
+        self.exchange(|frontend| req("SET_VRING_CALL", frontend.set_vring_call(index, &call)))
+    }
+
     /// Reads `len` bytes of the device's config space from offset 0, now
     /// (`config` holds the copy read at connection).
     pub fn get_config(&mut self, len: u32) -> Result<Vec<u8>, ConnectionError> {

@@ -196,6 +196,7 @@ impl BlkBackend {
     /// Finishes completed transfers and puts every request that may go
     /// there in the used ring; returns how many went.
     fn complete(
+        &self,
         queue: usize,
         vring: &VringRwLock,
         order: &mut UsedOrder,
@@ -205,9 +206,72 @@ impl BlkBackend {
         let mut completed = 0;
         for c in done.drain(..) {
             let used = request::finish(mem, &c.io, c.ok);
-            completed += publish(queue, vring, order, c.head, used);
+            completed += self.publish(queue, vring, order, c.head, used);
         }
         completed
+    }
+
+    /// Puts `head` in the used ring with the requests finished after it
+    /// that waited for it (see `UsedOrder`); returns how many went. Once
+    /// the frontend has left, none goes (see `quiesce`): a request that
+    /// was running when it left (a slow synchronous one) is not completed.
+    fn publish(
+        &self,
+        queue: usize,
+        vring: &VringRwLock,
+        order: &mut UsedOrder,
+        head: u16,
+        used: u32,
+    ) -> u32 {
+        let mut published = 0;
+        order.finish(head, used, |head, used| {
+            if self.add_used(queue, vring, head, used) {
+                published += 1;
+            }
+        });
+        published
+    }
+
+    /// Gives up on requests that will never finish (`QueueIo::take_lost`),
+    /// so that the ones after them still enter the used ring; returns how
+    /// many did.
+    fn forget(
+        &self,
+        queue: usize,
+        vring: &VringRwLock,
+        order: &mut UsedOrder,
+        lost: Vec<u16>,
+    ) -> u32 {
+        let mut published = 0;
+        for head in lost {
+            log::error!("queue {queue}: request at head {head} is given up and never completed");
+            order.forget(head, |head, used| {
+                if self.add_used(queue, vring, head, used) {
+                    published += 1;
+                }
+            });
+        }
+        published
+    }
+
+    /// Puts `head` in the used ring; false if the frontend has left (see
+    /// `publish`), and false with a warning for a head index the driver
+    /// made up (outside the queue), which is skipped rather than ending
+    /// the worker, so the queue keeps serving good requests.
+    fn add_used(&self, queue: usize, vring: &VringRwLock, head: u16, used: u32) -> bool {
+        if self.closing.load(Ordering::Acquire) {
+            log::debug!(
+                "queue {queue}: head {head} finished after the frontend left; not completed"
+            );
+            return false;
+        }
+        match vring.add_used(head, used) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("queue {queue}: cannot complete head {head}: {e:?}");
+                false
+            }
+        }
     }
 
     /// Whether the worker may take new requests from the ring: not once the
@@ -250,7 +314,11 @@ impl BlkBackend {
         }
     }
 
-    /// Waits for the queue's transfers in flight, completing none of them.
+    /// Waits for the queue's transfers in flight. Once the frontend has
+    /// left, none is completed (see `quiesce`); on a ring given up as
+    /// broken with the frontend still there, each enters the used ring if
+    /// it can (the frontend that sets the ring up again, or stops it, takes
+    /// the base back counting them), and the driver is told if it can be.
     fn finish_in_flight(&self, queue: usize) -> io::Result<()> {
         let Some(state) = self.queues.get(queue) else {
             return Ok(());
@@ -264,17 +332,36 @@ impl BlkBackend {
         qio.clear_event();
         let mut finished = Vec::new();
         let drained = qio.drain(&mut finished);
-        let left = finished.len() + qio.take_lost().len();
+        let lost = qio.take_lost();
         if drained.is_err() {
             // `drain` gave the ring up (`abandon`): its submission queue
             // may still name transfers that are gone, so it is never
             // entered again; the queue runs synchronously from now on.
             state.io = AsyncIo::Unavailable;
         }
-        if left > 0 {
-            log::info!(
-                "queue {queue}: {left} request(s) in flight when the frontend left; the next backend runs them again"
-            );
+        let mem = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match (state.vring.clone(), mem) {
+            (Some(vring), Some(atomic)) if !self.closing.load(Ordering::Acquire) => {
+                let mem: Arc<GuestMemoryMmap> = atomic.memory().into_inner();
+                let mut completed =
+                    self.complete(queue, &vring, &mut state.order, &mem, &mut finished);
+                completed += self.forget(queue, &vring, &mut state.order, lost);
+                if completed > 0 {
+                    if let Err(e) = vring.signal_used_queue() {
+                        log::debug!(
+                            "queue {queue}: cannot signal the {completed} request(s) completed on a ring given up: {e}"
+                        );
+                    }
+                }
+            }
+            _ => {
+                let left = finished.len() + lost.len();
+                if left > 0 {
+                    log::info!(
+                        "queue {queue}: {left} request(s) in flight when the frontend left; the next backend runs them again"
+                    );
+                }
+            }
         }
         drained
     }
@@ -315,16 +402,35 @@ impl BlkBackend {
     /// The frontend has gone: transfers that finished are reaped, which
     /// lets go of the blocks their writes held (a request on another queue
     /// may wait for them), but none is completed (see `quiesce`).
+    /// Transfers left queued when the kernel was short of resources go in
+    /// now: they may hold blocks too, and nothing else would submit them
+    /// (`quiesce` would, but may be waiting for the queue that waits for
+    /// them).
     fn reap_after_frontend_left(queue: usize, state: &mut QueueState) {
-        if let AsyncIo::Ready(qio) = &mut state.io {
-            let mut finished = Vec::new();
-            qio.reap(&mut finished);
-            if !finished.is_empty() {
-                log::debug!(
-                    "queue {queue}: {} request(s) finished after the frontend left; not completed",
-                    finished.len()
+        let AsyncIo::Ready(qio) = &mut state.io else {
+            return;
+        };
+        let mut finished = Vec::new();
+        let gave_up = match qio.submit() {
+            Ok(()) => false,
+            Err(e) => {
+                log::warn!(
+                    "queue {queue}: io_uring refused transfers ({e}) after the frontend left"
                 );
+                qio.abandon(&mut finished);
+                true
             }
+        };
+        qio.reap(&mut finished);
+        if !finished.is_empty() {
+            log::debug!(
+                "queue {queue}: {} request(s) finished after the frontend left; not completed",
+                finished.len()
+            );
+        }
+        if gave_up {
+            // As in `finish_in_flight`: the ring is never entered again.
+            state.io = AsyncIo::Unavailable;
         }
     }
 
@@ -380,7 +486,7 @@ impl BlkBackend {
             if let Some(qio) = qio.as_deref_mut() {
                 qio.reap(&mut finished);
             }
-            let mut completed = Self::complete(queue, vring, &mut state.order, &mem, &mut finished);
+            let mut completed = self.complete(queue, vring, &mut state.order, &mem, &mut finished);
             let mut full = false;
             let mut refused = None;
             loop {
@@ -434,7 +540,7 @@ impl BlkBackend {
                                 refused = Some(e);
                             }
                             completed +=
-                                Self::complete(queue, vring, &mut state.order, &mem, &mut finished);
+                                self.complete(queue, vring, &mut state.order, &mem, &mut finished);
                         }
                         request.run(&self.device.target, &mem)
                     }
@@ -454,7 +560,7 @@ impl BlkBackend {
                         _ => request::finish(&mem, &io, false),
                     },
                 };
-                completed += publish(queue, vring, &mut state.order, head, used);
+                completed += self.publish(queue, vring, &mut state.order, head, used);
                 if refused.is_some() {
                     break;
                 }
@@ -471,7 +577,7 @@ impl BlkBackend {
                             "queue {queue}: io_uring refused transfers ({e}); the queue runs synchronously from now on"
                         );
                         qio.abandon(&mut finished);
-                        completed += forget(queue, vring, &mut state.order, qio.take_lost());
+                        completed += self.forget(queue, vring, &mut state.order, qio.take_lost());
                     }
                 }
             }
@@ -479,7 +585,7 @@ impl BlkBackend {
                 // The transfers it never took complete below as failed.
                 state.io = AsyncIo::Unavailable;
             }
-            completed += Self::complete(queue, vring, &mut state.order, &mem, &mut finished);
+            completed += self.complete(queue, vring, &mut state.order, &mem, &mut finished);
             if completed > 0 {
                 let notify = !event_idx || vring.needs_notification().map_err(vq_err)?;
                 if notify {
@@ -529,46 +635,6 @@ impl BlkBackend {
             if !event_idx || !vring.enable_notification().map_err(vq_err)? {
                 return Ok(());
             }
-        }
-    }
-}
-
-/// Records that the request at `head` finished and puts every request that
-/// may go there now in the used ring (`UsedOrder`); returns how many went.
-fn publish(queue: usize, vring: &VringRwLock, order: &mut UsedOrder, head: u16, used: u32) -> u32 {
-    let mut published = 0;
-    order.finish(head, used, |head, used| {
-        if add_used(queue, vring, head, used) {
-            published += 1;
-        }
-    });
-    published
-}
-
-/// Gives up on requests that will never finish (`QueueIo::take_lost`), so
-/// that the ones after them still enter the used ring; returns how many did.
-fn forget(queue: usize, vring: &VringRwLock, order: &mut UsedOrder, lost: Vec<u16>) -> u32 {
-    let mut published = 0;
-    for head in lost {
-        log::error!("queue {queue}: request at head {head} is given up and never completed");
-        order.forget(head, |head, used| {
-            if add_used(queue, vring, head, used) {
-                published += 1;
-            }
-        });
-    }
-    published
-}
-
-/// Puts `head` in the used ring; false (and a warning) for a head index the
-/// driver made up (outside the queue), which is skipped rather than ending
-/// the worker, so the queue keeps serving good requests.
-fn add_used(queue: usize, vring: &VringRwLock, head: u16, used: u32) -> bool {
-    match vring.add_used(head, used) {
-        Ok(()) => true,
-        Err(e) => {
-            log::warn!("queue {queue}: cannot complete head {head}: {e:?}");
-            false
         }
     }
 }
@@ -736,9 +802,8 @@ impl VhostUserBackend for BlkBackend {
         let mem = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone();
         if let (Some(vring), Some(atomic)) = (state.vring.clone(), mem) {
             let mem: Arc<GuestMemoryMmap> = atomic.memory().into_inner();
-            let mut completed =
-                Self::complete(queue, &vring, &mut state.order, &mem, &mut finished);
-            completed += forget(queue, &vring, &mut state.order, lost);
+            let mut completed = self.complete(queue, &vring, &mut state.order, &mem, &mut finished);
+            completed += self.forget(queue, &vring, &mut state.order, lost);
             if completed > 0 {
                 // The call eventfd is still the frontend's until this
                 // returns.
@@ -756,8 +821,48 @@ impl VhostUserBackend for BlkBackend {
 }
 
 #[cfg(test)]
-mod config_tests {
+mod tests {
     use super::*;
+
+    /// A write queued when the kernel was short of resources (io_uring's
+    /// submit said EAGAIN with transfers in the kernel) still goes in once
+    /// the frontend has left, so its blocks are let go of.
+    #[test]
+    fn a_write_left_queued_goes_in_after_the_frontend_left() {
+        let mem = Arc::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x1000)])
+                .expect("guest memory"),
+        );
+        let host =
+            vm_memory::GuestMemoryBackend::get_host_address(&*mem, vm_memory::GuestAddress(0))
+                .expect("in guest memory");
+        let file = tempfile::tempfile().expect("temp file");
+        file.set_len(0x1000).expect("size the file");
+        let mut qio = QueueIo::new(8).expect("io_uring");
+        let write = crate::request::PendingIo::for_test(true, 0, host, 0x1000);
+        assert!(qio
+            .start(std::os::fd::AsRawFd::as_raw_fd(&file), 1, write, mem)
+            .is_ok());
+        let mut state = QueueState {
+            io: AsyncIo::Ready(Box::new(qio)),
+            ..Default::default()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            BlkBackend::reap_after_frontend_left(0, &mut state);
+            let AsyncIo::Ready(qio) = &state.io else {
+                panic!("the ring was given up");
+            };
+            if qio.in_flight() == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queued write never went in"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
 
     #[test]
     fn seg_max_leaves_room_in_the_ring_for_header_and_status() {

@@ -809,3 +809,72 @@ fn a_ring_started_before_its_addresses_is_served_once_they_come() {
     assert_eq!(vq.used().idx().load(), 1, "the ring was given up");
     assert_eq!(rig.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
 }
+
+/// A disk whose reads take long enough for the frontend to leave meanwhile
+/// (here: the read itself says the frontend left).
+struct LeftDuringRead {
+    disk: MemDisk,
+    backend: std::sync::OnceLock<BlkBackend>,
+}
+
+impl crate::disk::Disk for LeftDuringRead {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn read_at(&self, offset: u64, buf: &crate::disk::GuestBuf<'_>) -> std::io::Result<()> {
+        if let Some(backend) = self.backend.get() {
+            backend.frontend_left();
+        }
+        self.disk.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &crate::disk::GuestBuf<'_>) -> std::io::Result<()> {
+        self.disk.write_at(offset, buf)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.disk.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+        self.disk.write_zeroes(offset, len, unmap)
+    }
+}
+
+/// A synchronous request running when the frontend leaves is not put in
+/// the used ring once it finishes: the frontend may already have read the
+/// used index to hand the ring on, and the next backend runs it again.
+#[test]
+fn a_request_running_when_the_frontend_leaves_is_not_completed() {
+    let rig = Rig::new();
+    let vq = MockSplitQueue::new(&rig.mem, 16);
+    make_read_available(&rig, &vq, 0);
+    let (_, vring) = serving(&rig, &vq);
+    let disk = Arc::new(LeftDuringRead {
+        disk: MemDisk::new(DISK_SIZE),
+        backend: std::sync::OnceLock::new(),
+    });
+    let device = Device {
+        target: BlkTarget {
+            disk: disk.clone(),
+            readonly: false,
+            serial: [0; 20],
+        },
+        num_queues: 1,
+        queue_size: 256,
+        poll: std::time::Duration::ZERO,
+    };
+    let backend = BlkBackend::new(Arc::new(device));
+    backend
+        .update_memory(GuestMemoryAtomic::new(rig.mem.clone()))
+        .unwrap();
+    backend.set_event_idx(true);
+    assert!(disk.backend.set(backend.clone()).is_ok());
+
+    assert!(process_within(&backend, &vring).expect("returns").is_ok());
+    assert_eq!(
+        vq.used().idx().load(),
+        0,
+        "completed after the frontend left"
+    );
+}
