@@ -130,12 +130,20 @@ impl Msix {
         self.enabled = false;
         self.function_masked = false;
         self.refresh_all();
-        // A signal held for the old driver (its vector masked) is not the
-        // next one's: taken now, so its first unmask raises nothing. The
-        // device's rings are stopped by then, so no new one comes.
-        for vector in &self.vectors {
-            // Non-blocking: nothing held reads EAGAIN.
-            let _ = vector.event.read();
+        self.drop_held();
+    }
+
+    /// Takes the signals held for vectors that are not delivered (masked,
+    /// MSI-X or bus mastering off): at a reset of the device behind them,
+    /// they are the old driver's, and the next one's first unmask must
+    /// raise nothing (VIRTIO 1.2, 2.1: no notification before DRIVER_OK).
+    /// The device's rings are stopped by then, so no new one comes.
+    pub fn drop_held(&self) {
+        for (entry, vector) in self.entries.iter().zip(&self.vectors) {
+            if !self.deliverable(entry) {
+                // Non-blocking: nothing held reads EAGAIN.
+                let _ = vector.event.read();
+            }
         }
     }
 

@@ -581,6 +581,9 @@ impl VirtioPciDevice {
         // Also before DRIVER_OK: the device forgets what this driver wrote
         // to its configuration space.
         self.device.reset();
+        // Interrupts held for this driver (a vector it masked, or MSI-X or
+        // bus mastering off: before a kexec) are not the next driver's.
+        crate::bus::lock(&self.msix).drop_held();
         self.status = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
@@ -1256,6 +1259,13 @@ mod tests {
         assert_eq!(read(&mut dev, 0x10, 2), u64::from(NO_VECTOR));
         notifier.notify();
         assert_eq!(config_signals(&dev, 2), 0);
+
+        // A signal held for the driver (MSI-X off) when it resets the
+        // device is not the next driver's.
+        write(&mut dev, 0x10, 2, 2);
+        notifier.notify();
+        write(&mut dev, 0x14, 0, 1);
+        assert_eq!(config_signals(&dev, 2), 0, "held across a reset");
     }
 
     /// The PCI_CFG capability: the driver picks BAR 0, an offset and a width,
