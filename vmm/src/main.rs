@@ -110,13 +110,18 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
 
 fn run(args: cli::Args) -> Result<VmExit, Box<dyn std::error::Error>> {
-    let kvm = vstate::vm::open_kvm()?;
+    // The arguments are checked before a KVM that cannot be opened is
+    // reported: a bad value is named whatever the host.
+    let kvm = vstate::vm::open_kvm();
     let limits = HostLimits {
-        max_cpus: vstate::vm::max_vcpus(&kvm),
+        max_cpus: kvm
+            .as_ref()
+            .map_or(vstate::vm::MAX_XAPIC_VCPUS, vstate::vm::max_vcpus),
         memory_bytes: host_memory_bytes(),
         free_hugepages: vmm_common::shared_memory::free_hugepages(),
     };
     let config = VmConfig::from_args(args, limits)?;
+    let kvm = kvm?;
     let signals = signals::SignalFd::block_stop_signals().map_err(RunError::Signals)?;
     let api = api::server::listen(config.api_socket.as_deref(), config.api_tcp)?;
     let mut vm = match builder::build(&kvm, &config, signals.as_fd()) {

@@ -24,10 +24,13 @@ pub enum VmError {
     Kvm(&'static str, #[source] kvm_ioctls::Error),
 }
 
-/// The largest number of vCPUs: KVM's limit, capped so APIC IDs fit the
-/// 8-bit xAPIC field of the MADT (0xFF is the broadcast ID).
+/// The most vCPUs whose APIC IDs fit the 8-bit xAPIC field of the MADT
+/// (0xFF is the broadcast ID).
+pub const MAX_XAPIC_VCPUS: u32 = 254;
+
+/// The largest number of vCPUs: KVM's limit, capped at `MAX_XAPIC_VCPUS`.
 pub fn max_vcpus(kvm: &Kvm) -> u32 {
-    (kvm.get_max_vcpus() as u32).min(254)
+    (kvm.get_max_vcpus() as u32).min(MAX_XAPIC_VCPUS)
 }
 
 pub fn open_kvm() -> Result<Kvm, VmError> {
