@@ -178,6 +178,62 @@ fn a_failed_start_leaves_the_serial_log_as_it_was() {
     assert!(!tables.exists(), "a failed start left {tables:?}");
 }
 
+/// A console log that is the kernel or the initramfs (a typo, or another
+/// spelling of the path) is refused, and the file is left as it was.
+#[test]
+fn a_serial_log_that_is_the_kernel_or_initramfs_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = dir.path().join("k");
+    std::fs::copy(test_guest(), &kernel).expect("copy the kernel");
+    let before = std::fs::read(&kernel).expect("read the kernel");
+    let k = kernel.to_str().expect("utf-8");
+    let other_spelling = format!("file={}/./k", dir.path().display());
+    rejected_raw(
+        &["--kernel", k, "--serial", &other_spelling],
+        "the same file as --kernel",
+    );
+    let initrd = dir.path().join("initrd");
+    std::fs::write(&initrd, b"an initramfs").expect("write");
+    let i = initrd.to_str().expect("utf-8");
+    rejected(
+        &["--initramfs", i, "--serial", &format!("file={i}")],
+        "the same file as --initramfs",
+    );
+    assert_eq!(std::fs::read(&kernel).expect("read"), before);
+    assert_eq!(std::fs::read(&initrd).expect("read"), b"an initramfs");
+}
+
+/// On a host where KVM cannot be opened (here /dev/kvm is /dev/null in a
+/// mount namespace of its own), a bad value is still what the error names;
+/// good values then get the KVM error.
+#[test]
+fn bad_values_are_named_before_kvm_is_needed() {
+    let guest = test_guest();
+    let without_kvm = |args: &[&str]| {
+        let out = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind /dev/null /dev/kvm && exec "$0" "$@""#)
+            .arg(vmm_bin())
+            .arg("--kernel")
+            .arg(&guest)
+            .args(args)
+            .output()
+            .expect("cannot run unshare (util-linux)");
+        assert_ne!(out.status.code(), Some(0), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = without_kvm(&["--cpus", "0"]);
+    assert!(
+        stderr.starts_with("error: --cpus 0") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    let stderr = without_kvm(&["--cpus", "1"]);
+    assert!(
+        stderr.contains("/dev/kvm") || stderr.contains("KVM"),
+        "{stderr}"
+    );
+}
+
 /// A socket file whose backend is gone (nothing listens on it) is refused
 /// with one line naming it, after the short grace a backend that is just
 /// starting gets.

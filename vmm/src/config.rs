@@ -2,7 +2,7 @@
 //! effects other than looking at the host (file metadata, KVM limits and the
 //! amount of host memory are passed in so the checks stay testable).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
@@ -108,6 +108,8 @@ pub enum ConfigError {
     },
     #[error("--serial {0:?}: expected stdio, file=PATH or off")]
     SerialMode(String),
+    #[error("--serial file={0:?}: the same file as {1}, which the console log would overwrite")]
+    SerialIsInput(PathBuf, &'static str),
     #[error("--kernel {0:?}: no such file")]
     KernelMissing(PathBuf),
     #[error("--kernel {0:?}: cannot read it: {1}")]
@@ -183,6 +185,17 @@ impl VmConfig {
                 Readable::NotFile => return Err(ConfigError::InitramfsNotFile(path)),
                 Readable::Unreadable(why) => {
                     return Err(ConfigError::InitramfsUnreadable(path, why))
+                }
+            }
+        }
+        if let SerialMode::File(log) = &serial {
+            let inputs = [
+                ("--kernel", Some(&args.kernel)),
+                ("--initramfs", args.initramfs.as_ref()),
+            ];
+            for (what, input) in inputs {
+                if input.is_some_and(|input| same_file(log, input)) {
+                    return Err(ConfigError::SerialIsInput(log.clone(), what));
                 }
             }
         }
@@ -310,6 +323,12 @@ fn parse_cpus(text: &str, max: u32) -> Result<u8, ConfigError> {
 /// Parses `512M`, `4G`, `1048576`, `2048K` (suffixes are powers of 1024,
 /// case-insensitive, an optional trailing `B` or `iB` is accepted).
 pub fn parse_size(text: &str) -> Option<u64> {
+    parse_wide_size(text).and_then(|bytes| u64::try_from(bytes).ok())
+}
+
+/// `parse_size` without the 64-bit limit (up to 38 digits), so that a
+/// well-formed size too large for any host is told apart from a garbled one.
+fn parse_wide_size(text: &str) -> Option<u128> {
     let t = text.trim();
     let t = t
         .strip_suffix("iB")
@@ -320,7 +339,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
     if digits.is_empty() {
         return None;
     }
-    let number: u64 = digits.parse().ok()?;
+    let number: u128 = digits.parse().ok()?;
     let shift = match suffix.to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" => 10,
@@ -329,7 +348,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
         "T" | "TB" => 40,
         _ => return None,
     };
-    number.checked_mul(1u64 << shift)
+    number.checked_mul(1u128 << shift)
 }
 
 /// Parses `SIZE` or `size=SIZE[,hugepages=on|off]` into the RAM size and
@@ -364,8 +383,16 @@ fn parse_memory(text: &str, host: HostLimits) -> Result<(u64, bool), ConfigError
     } else {
         (text.to_string(), false)
     };
-    let bytes =
-        parse_size(&size_text).ok_or_else(|| ConfigError::MemoryGarbled(text.to_string()))?;
+    let bytes = match (parse_size(&size_text), parse_wide_size(&size_text)) {
+        (Some(bytes), _) => bytes,
+        (None, Some(_)) => {
+            return Err(ConfigError::MemoryTooLarge {
+                value: text.to_string(),
+                host_mib: host.memory_bytes >> 20,
+            })
+        }
+        (None, None) => return Err(ConfigError::MemoryGarbled(text.to_string())),
+    };
     if bytes < MIN_MEMORY {
         return Err(ConfigError::MemoryTooSmall(text.to_string()));
     }
@@ -437,7 +464,8 @@ fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     for (key, value) in options(text).map_err(bad)? {
         let value = value.as_str();
         match key.as_str() {
-            "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            "socket" if value.is_empty() => return Err(bad("socket= is empty".into())),
+            "socket" => socket = Some(PathBuf::from(value)),
             "num_queues" => {
                 num_queues = value
                     .parse()
@@ -454,7 +482,7 @@ fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
                     )));
                 }
             }
-            _ => return Err(bad(format!("unknown or empty option {key:?}"))),
+            _ => return Err(bad(format!("unknown option {key:?}"))),
         }
     }
     let socket = socket.ok_or_else(|| bad("socket=PATH is required".into()))?;
@@ -489,7 +517,8 @@ fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     for (key, value) in options(text).map_err(bad)? {
         let value = value.as_str();
         match key.as_str() {
-            "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            "socket" if value.is_empty() => return Err(bad("socket= is empty".into())),
+            "socket" => socket = Some(PathBuf::from(value)),
             "mac" => {
                 mac = Some(parse_mac(value).ok_or_else(|| {
                     bad(format!(
@@ -516,7 +545,7 @@ fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
                     _ => return Err(bad(format!("server={value} is not on or off"))),
                 }
             }
-            _ => return Err(bad(format!("unknown or empty option {key:?}"))),
+            _ => return Err(bad(format!("unknown option {key:?}"))),
         }
     }
     let socket = socket.ok_or_else(|| bad("socket=PATH is required".into()))?;
@@ -605,6 +634,16 @@ fn mac_of(host: &[u8], name: &[u8]) -> [u8; 6] {
     [0x52, 0x54, 0x00, a, b, c]
 }
 
+/// Whether `a` and `b` name one existing file (the same device and inode,
+/// however each is spelled).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 fn parse_serial(text: &str) -> Result<SerialMode, ConfigError> {
     match text {
         "stdio" => Ok(SerialMode::Stdio),
@@ -678,6 +717,27 @@ mod tests {
         assert_eq!(parse_size("16777216T"), None);
     }
 
+    /// A well-formed size past 2^64 bytes is too large, not garbled.
+    #[test]
+    fn a_size_too_large_for_64_bits_is_called_too_large() {
+        let err = |memory: &str| VmConfig::from_args(args("1", memory, "off"), HOST).unwrap_err();
+        for memory in [
+            "16777216T",
+            "99999999999999999999T",
+            "size=16777216T,hugepages=on",
+        ] {
+            assert!(
+                matches!(err(memory), ConfigError::MemoryTooLarge { .. }),
+                "{memory}: {}",
+                err(memory)
+            );
+        }
+        assert_eq!(
+            err("16777216Q"),
+            ConfigError::MemoryGarbled("16777216Q".into())
+        );
+    }
+
     #[test]
     fn disks_are_parsed_and_checked() {
         assert_eq!(
@@ -707,6 +767,10 @@ mod tests {
             let err = parse_disk(bad).unwrap_err().to_string();
             assert!(err.starts_with(&format!("--disk {bad:?}")), "{err}");
         }
+        let err = parse_disk("socket=").unwrap_err().to_string();
+        assert!(err.ends_with("socket= is empty"), "{err}");
+        let err = parse_disk("socket=/x,color=red").unwrap_err().to_string();
+        assert!(err.ends_with("unknown option \"color\""), "{err}");
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub enum BootError {
         size: u64,
         needs: u64,
     },
-    #[error("--cmdline: invalid or longer than {max} bytes")]
+    #[error("--cmdline: not a command line the kernel can take (at most {max} bytes)")]
     Cmdline {
         max: usize,
         #[source]
@@ -463,6 +463,14 @@ pub fn load(
 ) -> Result<BootInfo, BootError> {
     let loaded = load_kernel(mem, kernel, layout::low_ram_end(memory_bytes))?;
 
+    // The area for it holds CMDLINE_MAX_SIZE bytes with the NUL.
+    let max = layout::CMDLINE_MAX_SIZE - 1;
+    if cmdline.len() > max {
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: u32::try_from(max).unwrap_or(u32::MAX),
+        });
+    }
     let cmdline_obj = Cmdline::try_from(cmdline, layout::CMDLINE_MAX_SIZE).map_err(|source| {
         BootError::Cmdline {
             max: layout::CMDLINE_MAX_SIZE - 1,
@@ -650,6 +658,16 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "--cmdline: 256 bytes, more than the 255 this kernel takes"
+        );
+        // A PVH kernel says no limit: past the area the command line is
+        // written to, the length is named too.
+        let at_1m = layout::HIGH_RAM_START;
+        let pvh = fake_pvh_elf(dir.path(), 2, &[(at_1m, 256, 256)], Some(at_1m as u32 + 16));
+        assert!(boot(&pvh, None, &"a".repeat(65_535)).is_ok());
+        let err = boot(&pvh, None, &"a".repeat(70_000)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--cmdline: 70000 bytes, more than the 65535 this kernel takes"
         );
     }
 
