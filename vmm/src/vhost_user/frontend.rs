@@ -37,6 +37,8 @@ pub const TRANSPORT_FEATURES: u64 =
 /// Config accesses are "frontend" accesses (flags 0, as QEMU sends them),
 /// at most this large in one GET_CONFIG (the vhost-user limit).
 const MAX_CONFIG_ACCESS: usize = 256;
+/// x86-64's page size, the unit of mmap's offsets.
+const PAGE_SIZE: u64 = 4096;
 
 /// What a backend's GET_QUEUE_NUM answer counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,7 +199,7 @@ impl InflightRegion {
     /// without asking another process, as a FUSE file's would be), within
     /// the file, and large enough for the rings `asked` names (the spec's
     /// split-ring layout: a 16-byte header and 16 bytes a descriptor per
-    /// queue, each queue's part 64-byte aligned).
+    /// queue, each queue's part 64-byte aligned), at an offset mmap takes.
     fn check(asked: VhostUserInflight, size: u64, offset: u64, file: File) -> Result<Self, String> {
         // SAFETY: F_GET_SEALS on a descriptor we own reads its seals and
         // changes nothing.
@@ -208,6 +210,13 @@ impl InflightRegion {
             .metadata()
             .map_err(|e| format!("cannot look at its in-flight region's memfd: {e}"))?
             .len();
+        // mmap takes offsets in whole pages: a backend handed another
+        // could not map the region at all.
+        if offset % PAGE_SIZE != 0 {
+            return Err(format!(
+                "its in-flight region's offset {offset} is not a multiple of the page size"
+            ));
+        }
         let per_queue = (16 + 16 * u64::from(asked.queue_size)).next_multiple_of(64);
         let needed = per_queue * u64::from(asked.num_queues);
         let end = offset.checked_add(size);
@@ -578,8 +587,16 @@ impl VhostUserDevice {
             config_written: Vec::new(),
             start_warnings: GuestWarnings::default(),
         };
-        // One that fails here is cut off, and taken back like any other.
-        let _ = device.prime_config(REPLY_TIMEOUT);
+        // A backend lost on its first GET_CONFIG (hung up, silent) fails
+        // the start like one lost in the handshake: the guest would read
+        // all ones, a 2^64-sector disk with 0xffffffff-byte blocks, until
+        // a backend came back. One that refuses it in good form is taken.
+        if let Err(source) = device.prime_config(REPLY_TIMEOUT) {
+            return Err(FrontendError::Exchange {
+                path: socket.to_path_buf(),
+                source,
+            });
+        }
         Ok(device)
     }
 
@@ -612,10 +629,6 @@ impl VhostUserDevice {
         }
     }
 
-    /// A config access the backend got wrong. One it refused in good form
-    /// leaves the connection as it was; anything else (a malformed reply,
-    /// a broken socket) leaves the stream of replies out of step, so the
-    /// backend is cut off and the device takes one back as after a crash.
     /// What the VMM says in the backend's configuration space: its own
     /// queue count, and a segment limit its rings can hold.
     fn override_config(&self, reply: &mut [u8]) {
@@ -649,7 +662,7 @@ impl VhostUserDevice {
     /// Reads the new backend's whole configuration space, so that a driver
     /// that first reads it after the backend is lost again reads it, not
     /// all ones (a disk of 2^64 sectors, of 0xffff queues).
-    fn prime_config(&mut self, limit: Duration) -> Result<(), String> {
+    fn prime_config(&mut self, limit: Duration) -> Result<(), ExchangeError> {
         if !self.spec.config_from_backend {
             return Ok(());
         }
@@ -667,13 +680,17 @@ impl VhostUserDevice {
                 let what = format!("reading its {size} bytes of config space");
                 self.config_failed(&what, &e);
                 if self.broken.load(Ordering::Acquire) {
-                    return Err(format!("{what}: {e}"));
+                    return Err(e);
                 }
                 Ok(())
             }
         }
     }
 
+    /// A config access the backend got wrong. One it refused in good form
+    /// leaves the connection as it was; anything else (a malformed reply,
+    /// a broken socket) leaves the stream of replies out of step, so the
+    /// backend is cut off and the device takes one back as after a crash.
     fn config_failed(&mut self, what: &str, e: &ExchangeError) {
         let name = &self.spec.name;
         if e.refused() {
@@ -807,7 +824,18 @@ impl VirtioDevice for VhostUserDevice {
         let Some(start) = usize::try_from(offset).ok().filter(|&o| o < size) else {
             return;
         };
-        let end = start.saturating_add(data.len()).min(size);
+        // An access that ends inside a field the VMM overrides reads the
+        // whole field, so that the override covers the bytes it returns.
+        let end = [
+            self.spec.queue_count_field.map(|f| (f as usize, 2)),
+            self.spec.seg_max_field.map(|f| (f as usize, 4)),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|&(field, len)| start < field + len && start.saturating_add(data.len()) > field)
+        .map(|(field, len)| field + len)
+        .fold(start.saturating_add(data.len()), usize::max)
+        .min(size);
         let read = exchange(
             &mut self.fe(),
             &self.spec.name,
@@ -827,9 +855,11 @@ impl VirtioDevice for VhostUserDevice {
             }
         };
         self.override_config(&mut reply);
-        // `get_config` checked the reply's size against the request.
-        if let Some(part) = reply.get(start..end) {
-            data[..part.len()].copy_from_slice(part);
+        // `get_config` checked the reply's size against the request, which
+        // may reach past the access (to a field's end).
+        if let Some(part) = reply.get(start..) {
+            let n = part.len().min(data.len());
+            data[..n].copy_from_slice(&part[..n]);
         }
         self.remember_config(reply);
     }
@@ -1256,7 +1286,8 @@ impl VhostUserDevice {
             .map_or(0, |act| act.mem.iter().map(|r| r.len()).sum::<u64>());
         let budget = Budget::new(deadline::longest_run(memory_bytes));
         self.replay_config_writes(&budget)?;
-        self.prime_config(budget.limit(REPLY_TIMEOUT))?;
+        self.prime_config(budget.limit(REPLY_TIMEOUT))
+            .map_err(|e| format!("reading its config space: {e}"))?;
         if let Some(mut activation) = self.activation.take() {
             let result = self.hand_rings(&mut activation, &flags, true, &budget);
             self.activation = Some(activation);
@@ -2061,6 +2092,24 @@ mod tests {
         assert_every_ring_handed_over(&seen);
     }
 
+    /// A region at an offset mmap cannot take (not a whole number of
+    /// pages) is refused: no later backend could map it.
+    #[test]
+    fn an_in_flight_region_at_an_offset_mmap_refuses_is_refused() {
+        let asked = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 2,
+            queue_size: 16,
+        };
+        let memfd = || vmm_common::shared_memory::create("inflight", 8192, false).expect("memfd");
+        let e = InflightRegion::check(asked, 4096, 1, memfd())
+            .err()
+            .expect("an offset of 1 was taken");
+        assert!(e.contains("offset 1"), "{e}");
+        assert!(InflightRegion::check(asked, 4096, 4096, memfd()).is_ok());
+    }
+
     /// A region in a file that is not a memfd is refused (its size could
     /// only be learned by asking whoever serves the file), and the backend
     /// is cut off; a backend that reconnects with one is cut off too,
@@ -2193,10 +2242,10 @@ mod tests {
     }
 
     /// A scripted disk whose backend (following `script`) hangs up right
-    /// after the handshake, once the hang-up is seen.
+    /// after the handshake and its config read, once the hang-up is seen.
     fn gone_at_once(script: Script) -> VhostUserDevice {
         let (device, requests) = scripted_disk(Script {
-            quit_after: Some(GET_QUEUE_NUM),
+            quit_after: Some(GET_CONFIG),
             ..script
         });
         assert!(wait_closed(&requests));
@@ -2275,6 +2324,51 @@ mod tests {
             .collect();
         assert_eq!(asked, [4, 38, 16, 60], "GET_CONFIG sizes asked");
         assert!(device.status().connected());
+    }
+
+    /// The segment limit is capped however the guest reads it: an access
+    /// ending inside the field reads the whole of it, so the cap applies.
+    #[test]
+    fn the_segment_limit_is_capped_in_partial_reads_too() {
+        let mut config = vec![0u8; 60];
+        config[12..16].copy_from_slice(&1000u32.to_le_bytes());
+        let (mut device, requests) = scripted_disk(Script {
+            config: Some(config),
+            ..Script::default()
+        });
+        drain(&requests);
+        let mut half = [0u8; 2];
+        device.read_config(12, &mut half);
+        assert_eq!(half, [14, 0], "queue size 16 less 2");
+        let mut one = [0u8; 1];
+        device.read_config(13, &mut one);
+        assert_eq!(one, [0]);
+        let mut across = [0u8; 4];
+        device.read_config(10, &mut across);
+        assert_eq!(across[2..], [14, 0]);
+    }
+
+    /// A backend that hangs up after the handshake, on its first
+    /// GET_CONFIG, fails the device's start (a listening VMM then waits for
+    /// the next one): the guest must not read a config space no backend
+    /// gave.
+    #[test]
+    fn a_backend_lost_on_its_first_config_read_fails_the_start() {
+        let (ours, requests) = spawn_backend(Script {
+            quit_after: Some(GET_QUEUE_NUM),
+            ..Script::default()
+        });
+        let result = VhostUserDevice::from_stream(disk_spec(), ours, Path::new("scripted"));
+        let err = result.err().expect("the start went on without a config");
+        assert!(err.peer_failed(), "{err}");
+        let mut chain = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(e) = source {
+            chain += &format!(": {e}");
+            source = e.source();
+        }
+        assert!(chain.contains("GET_CONFIG"), "{chain}");
+        drain(&requests);
     }
 
     /// While the backend is away, config reads get what it said last, not
@@ -2372,18 +2466,18 @@ mod tests {
     }
 
     /// A malformed reply leaves the connection out of step: the backend is
-    /// cut off, and the guest reads all ones rather than a wrong value.
+    /// cut off, and at the start (the first config read) that fails the
+    /// device's start rather than give the guest a wrong value.
     #[test]
     fn a_garbled_config_reply_cuts_the_backend_off() {
-        let (mut device, requests) = scripted_disk(Script {
+        let (ours, requests) = spawn_backend(Script {
             config: Some(vec![7; 60]),
             garbled_config: true,
             ..Script::default()
         });
-        let mut data = [0u8; 4];
-        device.read_config(0, &mut data);
-        assert_eq!(data, [0xff; 4]);
-        assert!(!device.status().connected());
+        let result = VhostUserDevice::from_stream(disk_spec(), ours, Path::new("scripted"));
+        let err = result.err().expect("a garbled config was taken");
+        assert!(err.peer_failed(), "{err}");
         assert!(wait_closed(&requests), "the backend is still connected");
     }
 
