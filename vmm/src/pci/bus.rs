@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use super::config::PciConfiguration;
 use super::msix::MsixRegion;
-use super::PciDevice;
+use super::{ConfigView, PciDevice};
 use crate::bus::{lock, MmioBus, Overlap, SharedBusDevice};
 use crate::guest_warnings::GuestWarnings;
 
@@ -45,6 +45,8 @@ impl PciDevice for HostBridge {
 
 pub struct PciBus {
     slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
+    /// Each slot's device's `config_view`, taken when it was added.
+    views: Vec<Option<ConfigView>>,
     /// Where BAR windows go (weak: the bus holds ECAM, which holds this).
     mmio: Weak<MmioBus>,
     bars: Vec<MappedBar>,
@@ -126,6 +128,7 @@ impl PciBus {
         slots[0] = Some(Arc::new(Mutex::new(HostBridge { config })));
         PciBus {
             slots,
+            views: vec![None; SLOTS],
             mmio: Arc::downgrade(mmio),
             bars: Vec::new(),
         }
@@ -159,6 +162,7 @@ impl PciBus {
     }
 
     pub fn add(&mut self, slot: u8, device: Arc<Mutex<dyn PciDevice>>) {
+        self.views[usize::from(slot)] = lock(&device).config_view();
         self.slots[usize::from(slot)] = Some(device);
     }
 
@@ -283,7 +287,8 @@ fn moves_windows(reg: usize) -> bool {
 /// Configuration accesses to the devices on a bus (mechanism #1 and ECAM
 /// share one). A device is locked only once the bus is let go, except to
 /// move its BAR windows: one busy device (a backend reconnecting under its
-/// lock) holds up accesses to itself, not to every device.
+/// lock) holds up writes to itself, not accesses to every device; reads of
+/// a device with a `ConfigView` do not wait for it at all.
 #[derive(Clone)]
 pub struct ConfigSpace {
     bus: Arc<Mutex<PciBus>>,
@@ -295,10 +300,18 @@ impl ConfigSpace {
     }
 
     pub fn read(&self, bus: u8, slot: u8, function: u8, reg: usize) -> u32 {
-        let device = lock(&self.bus).device(bus, slot, function);
-        match device {
-            Some(device) => lock(&device).config_read(reg),
-            None => 0xffff_ffff,
+        let (device, view) = {
+            let pci = lock(&self.bus);
+            let device = pci.device(bus, slot, function);
+            let view = device
+                .as_ref()
+                .and_then(|_| pci.views.get(usize::from(slot)).cloned().flatten());
+            (device, view)
+        };
+        match (device, view) {
+            (Some(_), Some(view)) if view.device_reg != Some(reg) => lock(&view.config).read(reg),
+            (Some(device), _) => lock(&device).config_read(reg),
+            (None, _) => 0xffff_ffff,
         }
     }
 
@@ -426,17 +439,23 @@ mod tests {
     /// A device with one 64-bit BAR that answers reads with its own byte
     /// and records where it was told its window came (`+`) and left (`-`).
     struct Moving {
-        config: PciConfiguration,
+        config: Arc<Mutex<PciConfiguration>>,
         byte: u8,
         moves: Vec<(char, u64)>,
     }
 
     impl PciDevice for Moving {
+        fn config_view(&self) -> Option<ConfigView> {
+            Some(ConfigView {
+                config: self.config.clone(),
+                device_reg: None,
+            })
+        }
         fn config_read(&mut self, reg: usize) -> u32 {
-            self.config.read(reg)
+            lock(&self.config).read(reg)
         }
         fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
-            self.config.write(reg, offset, data);
+            lock(&self.config).write(reg, offset, data);
         }
         fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
             data.fill(self.byte);
@@ -453,8 +472,9 @@ mod tests {
         /// Memory decoding off and the BAR where it was made, as at
         /// power-on.
         fn reset(&mut self) {
-            self.config.write(COMMAND_REG, 0, &[0, 0]);
-            self.config.reset_bars();
+            let mut config = lock(&self.config);
+            config.write(COMMAND_REG, 0, &[0, 0]);
+            config.reset_bars();
         }
     }
 
@@ -482,7 +502,7 @@ mod tests {
             let mut config = PciConfiguration::new(0x1af4, 0x1042, 0x01_00_00, 2);
             config.add_bar64(0, addr, SIZE).unwrap();
             let device = Arc::new(Mutex::new(Moving {
-                config,
+                config: Arc::new(Mutex::new(config)),
                 byte: slot,
                 moves: Vec::new(),
             }));
@@ -655,5 +675,27 @@ mod tests {
         assert_eq!(waiting.join().unwrap(), 0x1042_1af4);
         other.join().unwrap().ok();
         assert_eq!(answer, Ok(0x1042_1af4), "slot 2 waited for the busy slot 1");
+    }
+
+    /// A busy device's own configuration registers are read without it,
+    /// through ports 0xCF8/0xCFC too (whose lock every vCPU's access
+    /// takes): a stalled backend holds up no vCPU reading config space.
+    #[test]
+    fn a_busy_device_still_answers_configuration_reads() {
+        let (_mmio, bus, devices) = bus_with(1);
+        let busy = lock(&devices[0]);
+        let (done, answered) = std::sync::mpsc::channel();
+        let reader = {
+            let bus = bus.clone();
+            std::thread::spawn(move || done.send(bus.read(0, 1, 0, 0)))
+        };
+        let answer = answered.recv_timeout(std::time::Duration::from_secs(5));
+        drop(busy);
+        reader.join().unwrap().ok();
+        assert_eq!(
+            answer,
+            Ok(0x1042_1af4),
+            "the read waited for the busy device"
+        );
     }
 }

@@ -6,8 +6,26 @@ pub mod config;
 pub mod config_io;
 pub mod msix;
 
+use std::sync::{Arc, Mutex};
+
+/// A device's configuration registers, readable without the device: a
+/// device busy with a slow exchange (a vhost-user backend that stalls)
+/// holds up no configuration read, which Linux makes with interrupts off
+/// and, through ports 0xCF8/0xCFC, with every CPU's accesses serialised.
+#[derive(Clone)]
+pub struct ConfigView {
+    pub config: Arc<Mutex<config::PciConfiguration>>,
+    /// A register the device itself answers (a window onto a BAR), if any.
+    pub device_reg: Option<usize>,
+}
+
 /// A function on the PCI bus.
 pub trait PciDevice: Send {
+    /// Its configuration registers as a view the bus may read them
+    /// through without locking the device; None to be asked each time.
+    fn config_view(&self) -> Option<ConfigView> {
+        None
+    }
     /// Reads the dword at configuration register `reg` (byte offset / 4).
     fn config_read(&mut self, reg: usize) -> u32;
     /// Writes `data` at byte `offset` within configuration register `reg`.

@@ -23,7 +23,7 @@ use crate::guest_warnings::GuestWarnings;
 use crate::interrupts::msi::{GsiRouter, MsiError};
 use crate::pci::config::{ConfigSpaceError, PciConfiguration};
 use crate::pci::msix::{Msix, MsixRegion};
-use crate::pci::PciDevice;
+use crate::pci::{ConfigView, PciDevice};
 use crate::vstate::memory::GuestMemory;
 
 pub const BAR_SIZE: u64 = 0x8000;
@@ -132,7 +132,8 @@ impl QueueState {
 const FIRMWARE_COMMAND: [u8; 2] = [0x02, 0];
 
 pub struct VirtioPciDevice {
-    config: PciConfiguration,
+    /// Shared with the bus, which reads it without locking the device.
+    config: Arc<Mutex<PciConfiguration>>,
     msix_cap_reg: usize,
     /// The first register of the VIRTIO_PCI_CAP_PCI_CFG capability.
     pci_cfg_reg: usize,
@@ -275,7 +276,7 @@ impl VirtioPciDevice {
         device.set_config_notifier(config_change.clone());
         let device_features = device.features() | VIRTIO_F_VERSION_1;
         Ok(VirtioPciDevice {
-            config,
+            config: Arc::new(Mutex::new(config)),
             msix_cap_reg,
             pci_cfg_reg,
             msix,
@@ -601,9 +602,10 @@ impl VirtioPciDevice {
     /// if they make an access the spec allows: BAR 0, 1, 2 or 4 bytes,
     /// aligned, inside the BAR.
     fn pci_cfg_window(&self) -> Option<(u64, usize)> {
-        let bar = self.config.read(self.pci_cfg_reg + 1) & 0xff;
-        let offset = u64::from(self.config.read(self.pci_cfg_reg + 2));
-        let length = self.config.read(self.pci_cfg_reg + 3);
+        let config = crate::bus::lock(&self.config);
+        let bar = config.read(self.pci_cfg_reg + 1) & 0xff;
+        let offset = u64::from(config.read(self.pci_cfg_reg + 2));
+        let length = config.read(self.pci_cfg_reg + 3);
         let width = match length {
             1 | 2 | 4 => length as usize,
             _ => return None,
@@ -621,6 +623,14 @@ fn read_le(data: &[u8]) -> u64 {
 }
 
 impl PciDevice for VirtioPciDevice {
+    /// Every register but PCI_CFG's data, which reaches into the BAR.
+    fn config_view(&self) -> Option<ConfigView> {
+        Some(ConfigView {
+            config: self.config.clone(),
+            device_reg: Some(self.pci_cfg_reg + 4),
+        })
+    }
+
     fn config_read(&mut self, reg: usize) -> u32 {
         if reg == self.pci_cfg_reg + 4 {
             let mut data = [0u8; 4];
@@ -629,7 +639,7 @@ impl PciDevice for VirtioPciDevice {
             }
             return u32::from_le_bytes(data);
         }
-        self.config.read(reg)
+        crate::bus::lock(&self.config).read(reg)
     }
 
     fn reset(&mut self) {
@@ -639,10 +649,13 @@ impl PciDevice for VirtioPciDevice {
         VirtioPciDevice::reset(self);
         // Every register the guest may write as it first found it: MSI-X
         // control (off), the PCI_CFG window, the interrupt line, ...
-        self.config.reset();
+        {
+            let mut config = crate::bus::lock(&self.config);
+            config.reset();
+            config.write(1, 0, &FIRMWARE_COMMAND);
+            config.reset_bars();
+        }
         crate::bus::lock(&self.msix).reset();
-        self.config.write(1, 0, &FIRMWARE_COMMAND);
-        self.config.reset_bars();
     }
 
     /// The kicks' ioeventfds go to the notify addresses in the window, each
@@ -674,14 +687,18 @@ impl PciDevice for VirtioPciDevice {
             }
             return;
         }
-        let was_bus_master = self.config.bus_master();
-        self.config.write(reg, offset, data);
-        crate::bus::lock(&self.msix).set_bus_master(self.config.bus_master());
-        if was_bus_master && !self.config.bus_master() {
+        let (was_bus_master, bus_master, value) = {
+            let mut config = crate::bus::lock(&self.config);
+            let was = config.bus_master();
+            config.write(reg, offset, data);
+            (was, config.bus_master(), config.read(reg))
+        };
+        crate::bus::lock(&self.msix).set_bus_master(bus_master);
+        if was_bus_master && !bus_master {
             self.bus_master_cleared();
         }
         if reg == self.msix_cap_reg {
-            let control = (self.config.read(reg) >> 16) as u16;
+            let control = (value >> 16) as u16;
             let mut msix = crate::bus::lock(&self.msix);
             if control & 0x8000 != 0 && !msix.enabled() {
                 log::debug!("{}: MSI-X enabled", self.device.name());
