@@ -58,7 +58,7 @@ pub enum BootError {
     NotX86Executable(PathBuf, u16, u16),
     #[error("--kernel {path:?}: the PVH entry point {entry:#x} is in none of its loaded segments")]
     PvhEntryOutside { path: PathBuf, entry: u64 },
-    #[error("--kernel {path:?}: cannot read the ELF program headers")]
+    #[error("--kernel {path:?}: cannot read its ELF headers (is it cut short?)")]
     ReadElfHeaders {
         path: PathBuf,
         #[source]
