@@ -203,7 +203,7 @@ fn a_serial_log_that_is_the_kernel_or_initramfs_is_refused() {
     assert_eq!(std::fs::read(&initrd).expect("read"), b"an initramfs");
 }
 
-/// On a host where KVM cannot be opened (here /dev/kvm is /dev/null in a
+/// On a host where KVM cannot be opened (here /dev is an empty tmpfs in a
 /// mount namespace of its own), a bad value is still what the error names;
 /// good values then get the KVM error.
 #[test]
@@ -212,7 +212,7 @@ fn bad_values_are_named_before_kvm_is_needed() {
     let without_kvm = |args: &[&str]| {
         let out = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(r#"mount --bind /dev/null /dev/kvm && exec "$0" "$@""#)
+            .arg(r#"mount -t tmpfs none /dev && exec "$0" "$@""#)
             .arg(vmm_bin())
             .arg("--kernel")
             .arg(&guest)
@@ -228,10 +228,7 @@ fn bad_values_are_named_before_kvm_is_needed() {
         "{stderr}"
     );
     let stderr = without_kvm(&["--cpus", "1"]);
-    assert!(
-        stderr.contains("/dev/kvm") || stderr.contains("KVM"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("/dev/kvm"), "{stderr}");
 }
 
 /// A socket file whose backend is gone (nothing listens on it) is refused

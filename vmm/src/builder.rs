@@ -93,7 +93,9 @@ pub struct DeviceStats {
 
 /// A VM whose vCPUs have not started yet.
 pub struct BuiltVm {
-    // Field order matters for drop: vCPUs and the VM go before the memory.
+    // Field order matters for drop: the vCPUs go before the memory. The VM
+    // itself may outlive it by a moment in the devices' clones of `vm`,
+    // which is harmless: with no vCPU left, nothing runs on the memory.
     pub vcpus: Vec<Vcpu>,
     /// Kept open for the VM's lifetime (devices hold irqfds and ioeventfds).
     #[allow(dead_code)]

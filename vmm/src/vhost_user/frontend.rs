@@ -299,6 +299,16 @@ impl DeviceStatus {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
     }
 
+    /// `wait_hung_up`, for at most `limit`; whether the connection closed.
+    fn wait_hung_up_for(&self, limit: Duration) -> bool {
+        let hung_up = crate::bus::lock(&self.hung_up);
+        let (gone, _) = self
+            .hang_up_seen
+            .wait_timeout_while(hung_up, limit, |hung_up| !*hung_up)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *gone
+    }
+
     fn set_hung_up(&self, hung_up: bool) {
         *crate::bus::lock(&self.hung_up) = hung_up;
         if hung_up {
@@ -592,6 +602,12 @@ impl VhostUserDevice {
         // all ones, a 2^64-sector disk with 0xffffffff-byte blocks, until
         // a backend came back. One that refuses it in good form is taken.
         if let Err(source) = device.prime_config(REPLY_TIMEOUT) {
+            // The connection is shut down by now: the watcher sees that,
+            // stops the request channel and ends before the socket closes
+            // with the device (it polls the socket's fd number).
+            if !device.status.wait_hung_up_for(Duration::from_secs(1)) {
+                log::warn!("{}: the connection's watcher did not end", device.spec.name);
+            }
             return Err(FrontendError::Exchange {
                 path: socket.to_path_buf(),
                 source,
@@ -748,9 +764,10 @@ fn watch_hangup(fd: RawFd, status: Arc<DeviceStatus>, channel: Option<Stop>) {
             };
             // SAFETY: `pfd` is a valid pollfd. The socket stays open while
             // this thread uses it: a device made is never dropped while the
-            // VMM runs (a start that fails after it ends the VMM), and a
-            // connection is replaced (and closed) only after
-            // `set_hung_up(true)`, the last thing this thread does.
+            // VMM runs (a start that fails after this thread started waits
+            // for it to end, or ends the VMM), and a connection is replaced
+            // (and closed) only after `set_hung_up(true)`, the last thing
+            // this thread does.
             let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
             if rc < 0 {
                 let e = std::io::Error::last_os_error();

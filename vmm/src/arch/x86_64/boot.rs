@@ -463,8 +463,13 @@ pub fn load(
 ) -> Result<BootInfo, BootError> {
     let loaded = load_kernel(mem, kernel, layout::low_ram_end(memory_bytes))?;
 
-    // The area for it holds CMDLINE_MAX_SIZE bytes with the NUL.
-    let max = layout::CMDLINE_MAX_SIZE - 1;
+    // The area for it holds CMDLINE_MAX_SIZE bytes with the NUL; a bzImage
+    // says its own limit, which is checked first.
+    let area = layout::CMDLINE_MAX_SIZE - 1;
+    let max = match &loaded {
+        LoadedKernel::Linux { header, .. } => area.min(header.cmdline_size as usize),
+        LoadedKernel::Pvh { .. } => area,
+    };
     if cmdline.len() > max {
         return Err(BootError::CmdlineTooLong {
             len: cmdline.len(),
@@ -654,11 +659,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kernel = fake_bzimage(dir.path(), |_| {});
         assert!(boot(&kernel, None, &"a".repeat(255)).is_ok());
-        let err = boot(&kernel, None, &"a".repeat(256)).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "--cmdline: 256 bytes, more than the 255 this kernel takes"
-        );
+        for len in [256, 70_000] {
+            let err = boot(&kernel, None, &"a".repeat(len)).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("--cmdline: {len} bytes, more than the 255 this kernel takes")
+            );
+        }
         // A PVH kernel says no limit: past the area the command line is
         // written to, the length is named too.
         let at_1m = layout::HIGH_RAM_START;
