@@ -157,6 +157,26 @@ fn a_killed_backend_is_reported_and_everything_is_torn_down() {
     assert_all_gone(&stderr, 2);
 }
 
+/// Launches the test guest with `disk` as its only device (`cmd` is the
+/// launcher, set up as the test needs), and checks that the guest's
+/// write-read passed, the launch exited 0, and every process it started
+/// is gone.
+fn launch_with_one_disk(mut cmd: Command, disk: &std::path::Path, logs: &std::path::Path) {
+    cmd.arg("--kernel")
+        .arg(test_guest())
+        .args(["--memory", "128M", "--cmdline", "nonet", "--disk"])
+        .arg(disk)
+        .arg("--log-dir")
+        .arg(logs);
+    let mut vm = RunningVm::spawn(cmd);
+    vm.expect_line("testguest: blk 00:01.0 write-read ok", TIMEOUT);
+    let status = vm.wait_exit(TIMEOUT);
+    let stderr = vm.stderr.text();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    vm.assert_no_guest_failure();
+    assert_all_gone(&stderr, 2);
+}
+
 /// Under a TMPDIR long enough that a backend's relay socket would not fit
 /// in a socket's name inside launch's work directory (but the public
 /// sockets do), the backends keep their private directories in TMPDIR, the
@@ -174,20 +194,8 @@ fn a_long_tmpdir_keeps_the_backends_relay_sockets_where_they_fit() {
     std::fs::create_dir(&tmpdir).expect("long TMPDIR");
     assert_eq!(tmpdir.as_os_str().len(), 70);
     let mut cmd = launcher();
-    cmd.env("TMPDIR", &tmpdir)
-        .arg("--kernel")
-        .arg(test_guest())
-        .args(["--memory", "64M", "--cmdline", "nonet", "--disk"])
-        .arg(&image)
-        .arg("--log-dir")
-        .arg(dir.path().join("logs"));
-    let mut vm = RunningVm::spawn(cmd);
-    vm.expect_line("testguest: blk 00:01.0 write-read ok", TIMEOUT);
-    let status = vm.wait_exit(TIMEOUT);
-    let stderr = vm.stderr.text();
-    assert_eq!(status.code(), Some(0), "{stderr}");
-    vm.assert_no_guest_failure();
-    assert_all_gone(&stderr, 2);
+    cmd.env("TMPDIR", &tmpdir);
+    launch_with_one_disk(cmd, &image, &dir.path().join("logs"));
     let left: Vec<_> = std::fs::read_dir(&tmpdir)
         .expect("TMPDIR")
         .map(|e| e.expect("entry").file_name())
@@ -468,21 +476,7 @@ fn a_block_device_as_the_image_is_served() {
     let image = dir.path().join("disk.img");
     make_image(&image, 0);
     let device = LoopDevice::new(&image, 512);
-    let mut cmd = launcher();
-    cmd.arg("--kernel")
-        .arg(test_guest())
-        .args(["--memory", "128M", "--cmdline", "nonet"])
-        .arg("--disk")
-        .arg(&device.0)
-        .arg("--log-dir")
-        .arg(dir.path().join("logs"));
-    let mut vm = RunningVm::spawn(cmd);
-    vm.expect_line("testguest: blk 00:01.0 write-read ok", TIMEOUT);
-    let status = vm.wait_exit(TIMEOUT);
-    let stderr = vm.stderr.text();
-    assert_eq!(status.code(), Some(0), "{stderr}");
-    vm.assert_no_guest_failure();
-    assert_all_gone(&stderr, 2);
+    launch_with_one_disk(launcher(), &device.0, &dir.path().join("logs"));
     drop(device);
     assert_eq!(
         vmm_tests::blk::read_pattern_area(&image),

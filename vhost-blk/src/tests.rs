@@ -638,8 +638,17 @@ fn a_made_up_head_index_does_not_stop_the_queue() {
 /// Queue 0 of a connection's backend, laid out by `vq` in the rig's
 /// memory: ready and enabled, with EVENT_IDX.
 fn serving(rig: &Rig, vq: &MockSplitQueue<GuestMemoryMmap>) -> (BlkBackend, VringRwLock) {
+    serving_disk(rig, vq, rig.target(false))
+}
+
+/// `serving`, with `target` as the disk.
+fn serving_disk(
+    rig: &Rig,
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    target: BlkTarget,
+) -> (BlkBackend, VringRwLock) {
     let device = Device {
-        target: rig.target(false),
+        target,
         num_queues: 1,
         queue_size: 256,
         poll: std::time::Duration::ZERO,
@@ -849,26 +858,16 @@ fn a_request_running_when_the_frontend_leaves_is_not_completed() {
     let rig = Rig::new();
     let vq = MockSplitQueue::new(&rig.mem, 16);
     make_read_available(&rig, &vq, 0);
-    let (_, vring) = serving(&rig, &vq);
     let disk = Arc::new(LeftDuringRead {
         disk: MemDisk::new(DISK_SIZE),
         backend: std::sync::OnceLock::new(),
     });
-    let device = Device {
-        target: BlkTarget {
-            disk: disk.clone(),
-            readonly: false,
-            serial: [0; 20],
-        },
-        num_queues: 1,
-        queue_size: 256,
-        poll: std::time::Duration::ZERO,
+    let target = BlkTarget {
+        disk: disk.clone(),
+        readonly: false,
+        serial: [0; 20],
     };
-    let backend = BlkBackend::new(Arc::new(device));
-    backend
-        .update_memory(GuestMemoryAtomic::new(rig.mem.clone()))
-        .unwrap();
-    backend.set_event_idx(true);
+    let (backend, vring) = serving_disk(&rig, &vq, target);
     assert!(disk.backend.set(backend.clone()).is_ok());
 
     assert!(process_within(&backend, &vring).expect("returns").is_ok());
