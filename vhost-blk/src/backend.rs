@@ -4,7 +4,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
@@ -22,13 +22,14 @@ use vmm_sys_util::event::{
 };
 
 use vmm_common::avail::{next_chain, not_set_up};
-use vmm_common::ring_watch::avail_within;
+use vmm_common::ring_watch::{avail_within, Pause};
 
 use crate::queue_io::{Completed, QueueIo};
 use crate::request::{
     self, BlkTarget, ChainBuf, Parsed, MAX_DISCARD_SECTORS, SECTOR_SIZE, SEG_MAX,
 };
 use crate::used_order::UsedOrder;
+use crate::watch::WatchWindow;
 
 /// Reads and writes in flight at once, per queue.
 const RING_ENTRIES: u32 = 256;
@@ -109,6 +110,8 @@ struct QueueState {
     /// How many times watching (`--poll-us`) found a request or a
     /// completion before the queue slept, for this frontend.
     watch_found: u64,
+    /// How long the queue watches before it sleeps, now.
+    watch: WatchWindow,
 }
 
 #[derive(Default)]
@@ -141,7 +144,12 @@ impl BlkBackend {
             mem: Arc::new(RwLock::new(None)),
             queues: Arc::new(
                 (0..device.num_queues)
-                    .map(|_| Mutex::new(QueueState::default()))
+                    .map(|_| {
+                        Mutex::new(QueueState {
+                            watch: WatchWindow::new(device.poll),
+                            ..QueueState::default()
+                        })
+                    })
                     .collect(),
             ),
             handlers: Arc::new(OnceLock::new()),
@@ -458,6 +466,7 @@ impl BlkBackend {
         if let AsyncIo::Untried = state.io {
             state.io = self.setup_async(queue);
         }
+        state.watch.woke(Instant::now());
         let disk_fd = self.device.target.disk.async_fd();
         let vq_err = |e: virtio_queue::Error| io::Error::other(format!("{e:?}"));
         let mut finished = Vec::new();
@@ -599,6 +608,7 @@ impl BlkBackend {
             if full || state.broken || not_ready || !self.may_take(vring) {
                 // A completion brings the worker back for the rest; a ring
                 // it may not take from has nothing more to serve.
+                state.watch.sleeping(Instant::now());
                 return Ok(());
             }
             // Synchronous requests: the next ones come within microseconds.
@@ -609,11 +619,12 @@ impl BlkBackend {
             if completed > 0
                 && !is_async
                 && event_idx
-                && avail_within(vring.get_ref().get_queue(), &mem, POLL, left)
+                && avail_within(vring.get_ref().get_queue(), &mem, POLL, Pause::Spin, left)
             {
                 continue;
             }
-            if is_async && event_idx && !self.device.poll.is_zero() {
+            let window = state.watch.current();
+            if is_async && event_idx && !window.is_zero() {
                 if let AsyncIo::Ready(qio) = &mut state.io {
                     if qio.in_flight() > 0 || completed > 0 {
                         // Completions reaped in the passes before left the
@@ -621,18 +632,26 @@ impl BlkBackend {
                         // for them after the watch. One that comes after
                         // this sets it again or is seen by the watch.
                         qio.clear_event();
-                        if avail_within(vring.get_ref().get_queue(), &mem, self.device.poll, || {
-                            qio.has_completions() || left()
-                        }) {
+                        let found = avail_within(
+                            vring.get_ref().get_queue(),
+                            &mem,
+                            window,
+                            Pause::Yield,
+                            || qio.has_completions() || left(),
+                        );
+                        if found {
                             if !left() {
                                 state.watch_found += 1;
+                                state.watch.found();
                             }
                             continue;
                         }
+                        state.watch.missed();
                     }
                 }
             }
             if !event_idx || !vring.enable_notification().map_err(vq_err)? {
+                state.watch.sleeping(Instant::now());
                 return Ok(());
             }
         }

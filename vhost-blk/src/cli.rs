@@ -33,12 +33,13 @@ pub struct Args {
     /// defaults to the image file name, cut to 20 bytes).
     #[arg(long, value_name = "STRING")]
     pub serial: Option<String>,
-    /// With --direct (and EVENT_IDX): how long, in microseconds (0 to
-    /// 1000), a queue with transfers in flight, or that has just completed
-    /// some, watches its ring and its completions before it sleeps (0, the
-    /// default: it sleeps at once). Saves the wake-ups of a
-    /// backend on cores of its own; on cores it shares with the guest's,
-    /// it takes time they need.
-    #[arg(long, value_name = "US", default_value = "0")]
-    pub poll_us: String,
+    /// With --direct (and EVENT_IDX): the longest, in microseconds (0 to
+    /// 1000), that a queue with transfers in flight, or that has just
+    /// completed some, watches its ring and its completions before it
+    /// sleeps, giving its core to any other thread that wants it between
+    /// looks. The window adapts: it halves after a watch that found
+    /// nothing and doubles after one that found work [default with
+    /// --direct: 1000; 0 turns watching off]
+    #[arg(long, value_name = "US")]
+    pub poll_us: Option<String>,
 }

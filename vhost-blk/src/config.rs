@@ -10,6 +10,8 @@ use crate::cli::Args;
 pub const MAX_QUEUES: u16 = 16;
 pub const SERIAL_LEN: usize = 20;
 pub const MAX_POLL_US: u64 = 1000;
+/// `--poll-us` when not given, with `--direct` (without it, 0).
+pub const DEFAULT_POLL_US: u64 = MAX_POLL_US;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -20,7 +22,8 @@ pub struct Config {
     pub num_queues: u16,
     pub queue_size: u16,
     pub serial: [u8; SERIAL_LEN],
-    /// How long a queue waiting for its disk watches for work (`--poll-us`).
+    /// The longest a queue waiting for its disk watches for work
+    /// (`--poll-us`; see `watch`).
     pub poll: Duration,
 }
 
@@ -57,13 +60,16 @@ impl TryFrom<Args> for Config {
             // Room for a request's header and status around a data segment.
             .filter(|n| n.is_power_of_two() && *n >= 4)
             .ok_or_else(|| ConfigError::QueueSize(args.queue_size.clone()))?;
-        let poll = args
-            .poll_us
-            .parse::<u64>()
-            .ok()
-            .filter(|us| *us <= MAX_POLL_US)
-            .map(Duration::from_micros)
-            .ok_or_else(|| ConfigError::Poll(args.poll_us.clone()))?;
+        let poll = match &args.poll_us {
+            Some(us) => us
+                .parse::<u64>()
+                .ok()
+                .filter(|us| *us <= MAX_POLL_US)
+                .map(Duration::from_micros)
+                .ok_or_else(|| ConfigError::Poll(us.clone()))?,
+            None if args.direct => Duration::from_micros(DEFAULT_POLL_US),
+            None => Duration::ZERO,
+        };
         if !poll.is_zero() && !args.direct {
             return Err(ConfigError::PollWithoutDirect(poll.as_micros() as u64));
         }
@@ -109,7 +115,7 @@ mod tests {
             num_queues: queues.into(),
             queue_size: size.into(),
             serial: serial.map(String::from),
-            poll_us: "0".into(),
+            poll_us: None,
         }
     }
 
@@ -117,6 +123,14 @@ mod tests {
     fn defaults_and_serial() {
         let c = Config::try_from(args("2", "256", None)).unwrap();
         assert_eq!((c.num_queues, c.queue_size), (2, 256));
+        // Watching is for queues whose transfers wait for a device.
+        assert_eq!(c.poll, Duration::ZERO);
+        let direct = Config::try_from(Args {
+            direct: true,
+            ..args("1", "8", None)
+        })
+        .unwrap();
+        assert_eq!(direct.poll, Duration::from_micros(DEFAULT_POLL_US));
         assert_eq!(&c.serial, b"a-rather-long-image-");
         let c = Config::try_from(args("1", "128", Some("disk0"))).unwrap();
         assert_eq!(&c.serial[..6], b"disk0\0");
@@ -136,24 +150,31 @@ mod tests {
         assert!(err.to_string().starts_with("--serial"));
         for us in ["1001", "-1", "x", ""] {
             let err = Config::try_from(Args {
-                poll_us: us.into(),
+                poll_us: Some(us.into()),
                 ..args("1", "8", None)
             })
             .unwrap_err();
             assert_eq!(err, ConfigError::Poll(us.into()));
         }
         let err = Config::try_from(Args {
-            poll_us: "30".into(),
+            poll_us: Some("30".into()),
             ..args("1", "8", None)
         })
         .unwrap_err();
         assert_eq!(err, ConfigError::PollWithoutDirect(30));
         let c = Config::try_from(Args {
-            poll_us: "1000".into(),
+            poll_us: Some("1000".into()),
             direct: true,
             ..args("1", "8", None)
         })
         .unwrap();
         assert_eq!(c.poll, Duration::from_millis(1));
+        let c = Config::try_from(Args {
+            poll_us: Some("0".into()),
+            direct: true,
+            ..args("1", "8", None)
+        })
+        .unwrap();
+        assert_eq!(c.poll, Duration::ZERO);
     }
 }

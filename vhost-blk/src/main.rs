@@ -11,6 +11,7 @@ mod request;
 mod resize;
 mod server;
 mod used_order;
+mod watch;
 
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_common::avail::next_chain;
-use vmm_common::ring_watch::avail_within;
+use vmm_common::ring_watch::{avail_within, Pause};
 
 use super::chain::collect;
 use super::{complete, Counters, FrameIo};
@@ -169,7 +169,7 @@ pub fn run<T: FrameIo, R: TxRing>(
         // A sender that keeps its ring full refills it within
         // microseconds: look for more for a moment before going back to
         // sleep, which saves its kick and our wake-up.
-        if used > 0 && avail_within(ring.queue(), mem, budget.poll, || false) {
+        if used > 0 && avail_within(ring.queue(), mem, budget.poll, Pause::Spin, || false) {
             continue;
         }
         if unsignalled > 0 {
