@@ -130,7 +130,9 @@ impl VmControl for VmApi {
                     "virtio-blk"
                 },
                 socket: d.socket.display().to_string(),
-                backend_features: d.backend_features,
+                backend_features: d
+                    .backend_features
+                    .load(std::sync::atomic::Ordering::Relaxed),
                 acked_features: d.acked_features.load(std::sync::atomic::Ordering::Relaxed),
                 queues: d.queues,
                 connected: d.connected(),

@@ -265,7 +265,8 @@ pub struct DeviceStatus {
     pub name: String,
     pub socket: PathBuf,
     pub device_type: u16,
-    pub backend_features: u64,
+    /// What the backend connected now offered (GET_FEATURES).
+    pub backend_features: AtomicU64,
     /// Negotiated at the last activation (0 before the driver starts it).
     pub acked_features: AtomicU64,
     pub queues: usize,
@@ -559,7 +560,7 @@ impl VhostUserDevice {
             name: spec.name.clone(),
             socket: socket.to_path_buf(),
             device_type: spec.device_type,
-            backend_features,
+            backend_features: AtomicU64::new(backend_features),
             acked_features: AtomicU64::new(0),
             queues: spec.num_queues,
             broken: broken.clone(),
@@ -1274,6 +1275,11 @@ impl VhostUserDevice {
                 offered & !features
             ));
         }
+        // The control API reports this backend's offer from now on; the
+        // driver's stays what the first backend set (`features`).
+        self.status
+            .backend_features
+            .store(features, Ordering::Relaxed);
         let fd = frontend.as_raw_fd();
         // Taken before the device is marked connected and held until the
         // backend has every ring (see `hand_rings`).
@@ -1545,6 +1551,8 @@ mod tests {
         /// 4 KiB file starting with `inflight_mark`.
         inflight: Option<InflightAnswer>,
         inflight_mark: u64,
+        /// Feature bits it offers besides VERSION_1 and PROTOCOL_FEATURES.
+        extra_features: u64,
     }
 
     impl Default for Script {
@@ -1561,6 +1569,7 @@ mod tests {
                 config_change_after: None,
                 inflight: None,
                 inflight_mark: 0,
+                extra_features: 0,
             }
         }
     }
@@ -1669,7 +1678,8 @@ mod tests {
             let answer = match code {
                 GET_FEATURES => Some(message(
                     code,
-                    &(VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES_BIT).to_le_bytes(),
+                    &(VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES_BIT | script.extra_features)
+                        .to_le_bytes(),
                 )),
                 GET_PROTOCOL_FEATURES => {
                     let mut offered =
@@ -2216,6 +2226,27 @@ mod tests {
             "{seen:?}"
         );
         assert!(device.status().connected());
+    }
+
+    #[test]
+    fn the_api_reports_the_features_of_the_backend_that_took_over() {
+        let device = gone_at_once(Script::default());
+        let status = device.status();
+        let first = status.backend_features.load(Ordering::Relaxed);
+        assert_eq!(first, VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES_BIT);
+        let mut device = device;
+        let more = VIRTIO_F_RING_EVENT_IDX;
+        take_over(
+            &mut device,
+            Script {
+                extra_features: more,
+                ..Script::default()
+            },
+        );
+        assert_eq!(
+            status.backend_features.load(Ordering::Relaxed),
+            first | more
+        );
     }
 
     /// Both rings' used indexes in the guest's memory (see `rings`) say 5.

@@ -29,6 +29,26 @@ use crate::vstate::memory::GuestMemory;
 pub const BAR_SIZE: u64 = 0x8000;
 const COMMON_OFFSET: u64 = 0x0000;
 const COMMON_LEN: u64 = 0x38;
+/// Where each field of the common configuration starts, and its size
+/// (struct virtio_pci_common_cfg).
+const COMMON_FIELDS: [(u64, usize); 16] = [
+    (0x00, 4), // device_feature_select
+    (0x04, 4), // device_feature
+    (0x08, 4), // driver_feature_select
+    (0x0c, 4), // driver_feature
+    (0x10, 2), // config_msix_vector
+    (0x12, 2), // num_queues
+    (0x14, 1), // device_status
+    (0x15, 1), // config_generation
+    (0x16, 2), // queue_select
+    (0x18, 2), // queue_size
+    (0x1a, 2), // queue_msix_vector
+    (0x1c, 2), // queue_enable
+    (0x1e, 2), // queue_notify_off
+    (0x20, 8), // queue_desc
+    (0x28, 8), // queue_driver
+    (0x30, 8), // queue_device
+];
 const ISR_OFFSET: u64 = 0x1000;
 const DEVICE_CONFIG_OFFSET: u64 = 0x2000;
 const DEVICE_CONFIG_LEN: u64 = 0x1000;
@@ -315,6 +335,20 @@ impl VirtioPciDevice {
         self.queues.get_mut(usize::from(self.queue_select))
     }
 
+    /// The common configuration structure as the driver sees it now,
+    /// little-endian, so that a read of any width at any offset (VIRTIO
+    /// asks for natural widths; QEMU answers any) gets its bytes.
+    fn common_bytes(&mut self) -> [u8; COMMON_LEN as usize] {
+        let mut bytes = [0u8; COMMON_LEN as usize];
+        for (start, len) in COMMON_FIELDS {
+            let value = self.common_read(start).to_le_bytes();
+            bytes[start as usize..][..len].copy_from_slice(&value[..len]);
+        }
+        bytes
+    }
+
+    /// The field that starts at `offset` (a 64-bit ring address whole at
+    /// its start, its high half 4 bytes on).
     fn common_read(&mut self, offset: u64) -> u64 {
         let queue = self.queues.get(usize::from(self.queue_select)).copied();
         match offset {
@@ -710,10 +744,11 @@ impl PciDevice for VirtioPciDevice {
     fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
         match offset {
             o if o < COMMON_OFFSET + COMMON_LEN => {
-                let value = self.common_read(o);
-                let bytes = value.to_le_bytes();
-                let n = data.len().min(8);
-                data[..n].copy_from_slice(&bytes[..n]);
+                let bytes = self.common_bytes();
+                let from = &bytes[(o - COMMON_OFFSET) as usize..];
+                let n = data.len().min(from.len());
+                data[..n].copy_from_slice(&from[..n]);
+                data[n..].fill(0);
             }
             ISR_OFFSET => {
                 data.fill(0);
@@ -996,6 +1031,31 @@ mod tests {
         write(&mut dev, 0x30, 0x4_0000_2000, 8);
         write(&mut dev, 0x30, 0x3000, 4);
         assert_eq!(read(&mut dev, 0x30, 8), 0x4_0000_3000);
+    }
+
+    /// Reads of any width at any offset get the structure's bytes, as
+    /// QEMU gives them: a byte inside a field, a word across two fields,
+    /// a read that runs past the end.
+    #[test]
+    fn common_config_reads_get_its_bytes_at_any_offset() {
+        let (mut dev, _) = mock_transport();
+        write(&mut dev, 0x16, 0, 2);
+        write(&mut dev, 0x20, 0x1_2345_6000, 8);
+        // queue_size (0x18) and queue_msix_vector (0x1a) in one read.
+        let size = read(&mut dev, 0x18, 2);
+        let vector = read(&mut dev, 0x1a, 2);
+        assert_eq!(read(&mut dev, 0x18, 4), size | vector << 16);
+        assert_eq!(read(&mut dev, 0x19, 1), size >> 8);
+        assert_eq!(read(&mut dev, 0x21, 1), 0x60);
+        assert_eq!(read(&mut dev, 0x22, 4), 0x0001_2345);
+        // num_queues (0x12) is 2: its high byte alone.
+        assert_eq!(read(&mut dev, 0x12, 2), 2);
+        assert_eq!(read(&mut dev, 0x13, 1), 0);
+        assert_eq!(read(&mut dev, 0x11, 2), 0x0200 | read(&mut dev, 0x11, 1));
+        // The last 4 bytes of queue_device, then nothing.
+        write(&mut dev, 0x30, 0x4_0000_2000, 8);
+        assert_eq!(read(&mut dev, 0x34, 8), 4);
+        assert_eq!(read(&mut dev, 0x37, 4), 0);
     }
 
     /// Status bits clear only on reset, so a driver that drops DRIVER_OK
