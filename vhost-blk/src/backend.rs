@@ -40,6 +40,37 @@ const RING_ENTRIES: u32 = 256;
 /// kick and the worker's wake-up.
 const POLL: Duration = Duration::from_micros(50);
 
+/// A watch looks at the ring in slices this long, letting go of the ring's
+/// lock between them: a frontend stopping or disabling the ring, which
+/// takes it, waits a slice at most, and the watch ends there.
+const WATCH_SLICE: Duration = Duration::from_micros(50);
+
+/// Whether the driver makes new requests available on `vring`, or `other`
+/// says there is other work, within `window` (see `watch`); false at once
+/// once the ring is stopped or disabled.
+fn watch_ring(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+    window: Duration,
+    mut other: impl FnMut() -> bool,
+) -> bool {
+    let deadline = Instant::now() + window;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let ring = vring.get_ref();
+        if !ring.get_queue().ready() || !ring.is_enabled() {
+            return false;
+        }
+        let slice = left.min(WATCH_SLICE);
+        if avail_within(ring.get_queue(), mem, slice, Pause::Yield, &mut other) {
+            return true;
+        }
+    }
+}
+
 /// virtio_blk_config, laid out by hand (60 bytes, little-endian).
 /// `block` is the disk's preferred transfer unit (a power of two, at least
 /// a sector): the topology's physical block and minimum I/O size, so a
@@ -112,6 +143,24 @@ struct QueueState {
     watch_found: u64,
     /// How long the queue watches before it sleeps, now.
     watch: WatchWindow,
+}
+
+impl QueueState {
+    /// Whether the queue may sleep now, its pass done. Its completion
+    /// event is cleared first, so that it wakes for a completion that
+    /// comes later, not for the ones it has just reaped (which would also
+    /// count as a short sleep and widen the watch); one that came
+    /// meanwhile is served at once instead.
+    fn may_sleep(&mut self) -> bool {
+        if let AsyncIo::Ready(qio) = &mut self.io {
+            qio.clear_event();
+            if qio.has_completions() {
+                return false;
+            }
+        }
+        self.watch.sleeping(Instant::now());
+        true
+    }
 }
 
 #[derive(Default)]
@@ -310,7 +359,9 @@ impl BlkBackend {
     pub fn quiesce(&self) {
         self.frontend_left();
         for (queue, state) in self.queues.iter().enumerate() {
-            if !self.device.poll.is_zero() {
+            // Every queue that ran on io_uring says, even with watching off.
+            let ran_async = matches!(lock(state).io, AsyncIo::Ready(_));
+            if ran_async {
                 log::info!(
                     "queue {queue}: watching (--poll-us) found work {} time(s) for this frontend",
                     lock(state).watch_found
@@ -608,8 +659,10 @@ impl BlkBackend {
             if full || state.broken || not_ready || !self.may_take(vring) {
                 // A completion brings the worker back for the rest; a ring
                 // it may not take from has nothing more to serve.
-                state.watch.sleeping(Instant::now());
-                return Ok(());
+                if state.may_sleep() {
+                    return Ok(());
+                }
+                continue;
             }
             // Synchronous requests: the next ones come within microseconds.
             // A queue whose transfers wait for a device does better
@@ -632,27 +685,20 @@ impl BlkBackend {
                         // for them after the watch. One that comes after
                         // this sets it again or is seen by the watch.
                         qio.clear_event();
-                        let found = avail_within(
-                            vring.get_ref().get_queue(),
-                            &mem,
-                            window,
-                            Pause::Yield,
-                            || qio.has_completions() || left(),
-                        );
-                        if found {
+                        if watch_ring(vring, &mem, window, || qio.has_completions() || left()) {
                             if !left() {
                                 state.watch_found += 1;
-                                state.watch.found();
                             }
                             continue;
                         }
-                        state.watch.missed();
                     }
                 }
             }
             if !event_idx || !vring.enable_notification().map_err(vq_err)? {
-                state.watch.sleeping(Instant::now());
-                return Ok(());
+                if state.may_sleep() {
+                    return Ok(());
+                }
+                continue;
             }
         }
     }

@@ -36,10 +36,10 @@ pub struct Args {
     /// With --direct (and EVENT_IDX): the longest, in microseconds (0 to
     /// 1000), that a queue with transfers in flight, or that has just
     /// completed some, watches its ring and its completions before it
-    /// sleeps, giving its core to any other thread that wants it between
-    /// looks. The window adapts: it halves after a watch that found
-    /// nothing and doubles after one that found work [default with
-    /// --direct: 1000; 0 turns watching off]
+    /// sleeps, offering its core to any other runnable thread between
+    /// looks. The window adapts to how long the queue then sleeps: a sleep
+    /// this long or shorter doubles it, a longer one halves it (below 8
+    /// us, to none) [default with --direct: 1000; 0 turns watching off]
     #[arg(long, value_name = "US")]
     pub poll_us: Option<String>,
 }

@@ -7,10 +7,12 @@
 //! completion's wake-up and the queue worker's sleep, which on a nested or
 //! busy host cost tens of microseconds each, all of them time the disk
 //! waits for its next request. A queue that is seldom given work would
-//! only burn its core, so the window adapts, as QEMU's adaptive polling
-//! does: a watch that found nothing halves it (down to none), and a watch
-//! that found work, or a sleep that ended within the longest window,
-//! doubles it (from none, it starts at `START`).
+//! only burn its core, so the window adapts to how long the queue sleeps,
+//! on the lines of QEMU's adaptive polling: a sleep that a watch of the
+//! longest window would have caught doubles the window (from none, it
+//! starts at `START`), and a longer one halves it (below `START`, to none).
+//! A watch that runs out changes nothing by itself: the sleep after it says
+//! whether a longer one would have paid.
 
 use std::time::{Duration, Instant};
 
@@ -47,19 +49,6 @@ impl WatchWindow {
         self.current
     }
 
-    /// The last watch found work before its window ended.
-    pub fn found(&mut self) {
-        self.grow();
-    }
-
-    /// The last watch ended with nothing found.
-    pub fn missed(&mut self) {
-        self.current /= 2;
-        if self.current < START {
-            self.current = Duration::ZERO;
-        }
-    }
-
     /// The queue goes to sleep now (until a kick or a completion).
     pub fn sleeping(&mut self, now: Instant) {
         if !self.longest.is_zero() {
@@ -67,23 +56,26 @@ impl WatchWindow {
         }
     }
 
-    /// The queue woke up: a sleep that a watch of the longest window would
-    /// have caught widens the window.
+    /// The queue woke up: a sleep the longest window would have caught
+    /// widens the window, a longer one narrows it. A wake-up without a
+    /// sleep before it changes nothing.
     pub fn woke(&mut self, now: Instant) {
-        if let Some(slept_at) = self.slept_at.take() {
-            if now.saturating_duration_since(slept_at) <= self.longest {
-                self.grow();
+        let Some(slept_at) = self.slept_at.take() else {
+            return;
+        };
+        if now.saturating_duration_since(slept_at) <= self.longest {
+            self.current = if self.current.is_zero() {
+                START
+            } else {
+                self.current * 2
+            }
+            .min(self.longest);
+        } else {
+            self.current /= 2;
+            if self.current < START {
+                self.current = Duration::ZERO;
             }
         }
-    }
-
-    fn grow(&mut self) {
-        self.current = if self.current.is_zero() {
-            START
-        } else {
-            self.current * 2
-        }
-        .min(self.longest);
     }
 }
 
@@ -93,50 +85,48 @@ mod tests {
 
     const LONGEST: Duration = Duration::from_micros(1000);
 
+    fn slept(w: &mut WatchWindow, for_: Duration) {
+        let t0 = Instant::now();
+        w.sleeping(t0);
+        w.woke(t0 + for_);
+    }
+
     #[test]
-    fn misses_shrink_the_window_to_nothing_and_finds_widen_it_to_the_longest() {
+    fn long_sleeps_shut_the_window_and_short_ones_open_it_to_the_longest() {
         let mut w = WatchWindow::new(LONGEST);
         assert_eq!(w.current(), LONGEST);
-        w.missed();
+        slept(&mut w, Duration::from_millis(10));
         assert_eq!(w.current(), Duration::from_micros(500));
         for _ in 0..6 {
-            w.missed();
+            slept(&mut w, Duration::from_millis(10));
         }
         // 1000 / 2^7 is under 8 us: no watch at all.
         assert_eq!(w.current(), Duration::ZERO);
-        w.found();
+        slept(&mut w, Duration::from_millis(10));
+        assert_eq!(w.current(), Duration::ZERO, "a long sleep leaves it shut");
+        // A disk that completes in 300 us, watched too briefly to be seen:
+        // each sleep is short, so the window grows until a watch catches it.
+        slept(&mut w, Duration::from_micros(300));
         assert_eq!(w.current(), START);
         for _ in 0..10 {
-            w.found();
+            slept(&mut w, Duration::from_micros(300));
         }
         assert_eq!(w.current(), LONGEST);
     }
 
     #[test]
-    fn only_a_sleep_the_longest_window_would_have_caught_widens_it() {
+    fn a_wake_up_without_a_sleep_before_it_changes_nothing() {
         let mut w = WatchWindow::new(LONGEST);
-        for _ in 0..8 {
-            w.missed();
-        }
-        let t0 = Instant::now();
-        w.sleeping(t0);
-        w.woke(t0 + Duration::from_millis(5));
-        assert_eq!(w.current(), Duration::ZERO, "a long sleep leaves it shut");
-        w.sleeping(t0);
-        w.woke(t0 + Duration::from_micros(300));
-        assert_eq!(w.current(), START);
-        // A wake-up without a sleep before it (the first one) changes nothing.
-        w.woke(t0 + Duration::from_micros(400));
-        assert_eq!(w.current(), START);
+        slept(&mut w, Duration::from_millis(10));
+        let now = w.current();
+        w.woke(Instant::now());
+        assert_eq!(w.current(), now);
     }
 
     #[test]
     fn a_window_of_nothing_never_opens() {
         let mut w = WatchWindow::new(Duration::ZERO);
-        w.found();
-        let t0 = Instant::now();
-        w.sleeping(t0);
-        w.woke(t0);
+        slept(&mut w, Duration::from_micros(1));
         assert_eq!(w.current(), Duration::ZERO);
     }
 }

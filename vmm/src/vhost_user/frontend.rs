@@ -1275,8 +1275,9 @@ impl VhostUserDevice {
                 offered & !features
             ));
         }
-        // The control API reports this backend's offer from now on; the
-        // driver's stays what the first backend set (`features`).
+        // The control API reports this backend's offer from now on; what
+        // the driver is offered stays what the first backend set
+        // (`self.features()`).
         self.status
             .backend_features
             .store(features, Ordering::Relaxed);
