@@ -1124,25 +1124,30 @@ fn direct_transfers_in_flight_complete_in_order_with_the_right_data() {
     let dir = tempfile::tempdir_in(&target).expect("tempdir in target/");
     let backend = pipelined_writes_then_reads(dir.path(), &["--direct", "--poll-us", "0"], 4096);
     assert_eq!(
-        watch_found_counts(&backend),
-        [0, 0],
+        watch_counts(&backend),
+        [(0, 0), (0, 0)],
         "--poll-us 0 still watched:\n{}",
         backend.log.text()
     );
 }
 
-/// How many times each of the two queues found work while it watched, from
-/// the counts the backend logs once the frontend has gone.
-fn watch_found_counts(backend: &Backend) -> [u64; 2] {
+/// How many watches each of the two queues began, and how many of them
+/// found work, from the counts the backend logs once the frontend has gone.
+fn watch_counts(backend: &Backend) -> [(u64, u64); 2] {
     [0, 1].map(|queue| {
-        let line = format!("queue {queue}: watching (--poll-us) found work ");
+        let line = format!("queue {queue}: watching (--poll-us) began ");
         expect_log(backend, &line);
         let text = backend.log.text();
-        text.split(&line)
+        let counts: Vec<u64> = text
+            .split(&line)
             .nth(1)
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no count after {line:?}:\n{text}"))
+            .and_then(|rest| rest.lines().next())
+            .map(|rest| rest.split(' ').filter_map(|w| w.parse().ok()).collect())
+            .unwrap_or_default();
+        match counts[..] {
+            [began, found] => (began, found),
+            _ => panic!("no counts after {line:?}:\n{text}"),
+        }
     })
 }
 
@@ -1156,7 +1161,7 @@ fn a_queue_that_watches_for_work_completes_in_order_with_the_right_data() {
     for args in [&["--direct"][..], &["--direct", "--poll-us", "200"]] {
         let dir = tempfile::tempdir_in(&target).expect("tempdir in target/");
         let backend = pipelined_writes_then_reads(dir.path(), args, 4096);
-        for (queue, found) in watch_found_counts(&backend).into_iter().enumerate() {
+        for (queue, (_, found)) in watch_counts(&backend).into_iter().enumerate() {
             assert!(
                 found > 0,
                 "{args:?}: queue {queue} never found work watching (only a queue on \

@@ -65,8 +65,13 @@ fn watch_ring(
             return false;
         }
         let slice = left.min(WATCH_SLICE);
+        let slice_end = Instant::now() + slice;
         if avail_within(ring.get_queue(), mem, slice, Pause::Yield, &mut other) {
             return true;
+        }
+        if Instant::now() < slice_end {
+            // The avail ring could not be read: nothing to watch.
+            return false;
         }
     }
 }
@@ -141,6 +146,8 @@ struct QueueState {
     /// How many times watching (`--poll-us`) found a request or a
     /// completion before the queue slept, for this frontend.
     watch_found: u64,
+    /// How many watches the queue began, for this frontend.
+    watches: u64,
     /// How long the queue watches before it sleeps, now.
     watch: WatchWindow,
 }
@@ -362,9 +369,11 @@ impl BlkBackend {
             // Every queue that ran on io_uring says, even with watching off.
             let ran_async = matches!(lock(state).io, AsyncIo::Ready(_));
             if ran_async {
+                let state = lock(state);
                 log::info!(
-                    "queue {queue}: watching (--poll-us) found work {} time(s) for this frontend",
-                    lock(state).watch_found
+                    "queue {queue}: watching (--poll-us) began {} time(s) and found work {} time(s) for this frontend",
+                    state.watches,
+                    state.watch_found
                 );
             }
             if let Err(e) = self.finish_in_flight(queue) {
@@ -685,7 +694,10 @@ impl BlkBackend {
                         // for them after the watch. One that comes after
                         // this sets it again or is seen by the watch.
                         qio.clear_event();
+                        state.watches += 1;
+                        state.watch.watching(Instant::now());
                         if watch_ring(vring, &mem, window, || qio.has_completions() || left()) {
+                            state.watch.found();
                             if !left() {
                                 state.watch_found += 1;
                             }

@@ -37,9 +37,10 @@ pub struct Args {
     /// 1000), that a queue with transfers in flight, or that has just
     /// completed some, watches its ring and its completions before it
     /// sleeps, offering its core to any other runnable thread between
-    /// looks. The window adapts to how long the queue then sleeps: a sleep
-    /// this long or shorter doubles it, a longer one halves it (below 8
-    /// us, to none) [default with --direct: 1000; 0 turns watching off]
+    /// looks. The window adapts to how long the queue waits for work, watch
+    /// and sleep together: a wait no longer than this doubles it, a longer
+    /// one halves it (below 8 us, to none) [default with --direct: 1000; 0
+    /// turns watching off]
     #[arg(long, value_name = "US")]
     pub poll_us: Option<String>,
 }
