@@ -1,5 +1,6 @@
 //! Spawning the vmm and watching its console.
 
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -13,7 +14,7 @@ pub struct VmBuilder {
     cmdline: String,
     cpus: u32,
     memory: String,
-    extra: Vec<String>,
+    extra: Vec<OsString>,
 }
 
 impl VmBuilder {
@@ -42,7 +43,7 @@ impl VmBuilder {
         self
     }
 
-    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.extra.push(arg.into());
         self
     }

@@ -8,6 +8,8 @@
 //! guest its new size; guest memory on huge pages reaches the backend as
 //! huge pages.
 
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -44,6 +46,27 @@ fn guest_reads_and_writes_through_vhost_blk_and_the_next_vm_too() {
         assert_kicks_bypassed_the_vmm(&log, "disk0");
         assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
     }
+}
+
+/// A socket whose path is not UTF-8 text (a Linux path is bytes) serves the
+/// disk as any other: the VMM takes `--disk socket=` as bytes.
+#[test]
+fn a_disk_socket_whose_path_is_not_text_works() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = dir.path().join(OsStr::from_bytes(b"odd-\xff-dir"));
+    std::fs::create_dir(&odd).expect("create the directory");
+    let image = dir.path().join("disk0.img");
+    make_image(&image, 0);
+    let socket = odd.join("disk0.sock");
+    let _backend = Backend::vhost_blk(&socket, &image, &[]);
+    let mut disk = OsString::from("socket=");
+    disk.push(&socket);
+    let vm = VmBuilder::new(test_guest()).arg("--disk").arg(disk).spawn();
+    expect_disk(&vm, "00:01.0", 0, false);
+    let log = finish(vm);
+    assert_kicks_bypassed_the_vmm(&log, "disk0");
+    assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
 }
 
 /// A guest that moves its disks' BARs (as firmware, or an OS that assigns

@@ -1,5 +1,6 @@
 //! The command line, as clap parses it. Validation lives in `config`.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -46,7 +47,7 @@ pub struct Args {
     /// Where the 16550 console at 0x3f8 goes: `stdio` (stdin is forwarded;
     /// a terminal is put in raw mode, Ctrl-A x quits), `file=PATH`, or `off`.
     #[arg(long, value_name = "MODE", default_value = "stdio")]
-    pub serial: String,
+    pub serial: OsString,
 
     /// A virtio-blk disk served by a vhost-user backend listening on PATH
     /// (our vhost-blk, qemu-storage-daemon, ...). Repeatable. num_queues
@@ -55,7 +56,7 @@ pub struct Args {
         long = "disk",
         value_name = "socket=PATH[,num_queues=N][,queue_size=N]"
     )]
-    pub disks: Vec<String>,
+    pub disks: Vec<OsString>,
 
     /// A virtio-net NIC whose packets a vhost-user backend moves (our
     /// vhost-net, DPDK's vhost PMD, OVS-DPDK, ...). Repeatable. The VMM
@@ -68,7 +69,7 @@ pub struct Args {
         long = "net",
         value_name = "socket=PATH[,mac=MAC][,num_queues=N][,queue_size=N][,server=on]"
     )]
-    pub nets: Vec<String>,
+    pub nets: Vec<OsString>,
 
     /// Serve the QMP control API on this Unix socket (see README.md for
     /// the commands). A stale socket file is replaced; it is removed at exit.

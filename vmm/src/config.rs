@@ -2,6 +2,8 @@
 //! effects other than looking at the host (file metadata, KVM limits and the
 //! amount of host memory are passed in so the checks stay testable).
 
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -202,12 +204,12 @@ impl VmConfig {
         let disks = args
             .disks
             .iter()
-            .map(|text| parse_disk(text))
+            .map(parse_disk)
             .collect::<Result<Vec<_>, _>>()?;
         let nets = args
             .nets
             .iter()
-            .map(|text| parse_net(text))
+            .map(parse_net)
             .collect::<Result<Vec<_>, _>>()?;
         if disks.len() + nets.len() > MAX_PCI_DEVICES {
             return Err(ConfigError::TooManyDevices(disks.len() + nets.len()));
@@ -235,8 +237,8 @@ impl VmConfig {
             if let Some(first) = nets[..index].iter().position(|n| n.mac == net.mac) {
                 return Err(ConfigError::MacTwice {
                     mac: format_mac(&net.mac),
-                    first: args.nets[first].clone(),
-                    second: args.nets[index].clone(),
+                    first: args.nets[first].to_string_lossy().into_owned(),
+                    second: args.nets[index].to_string_lossy().into_owned(),
                 });
             }
         }
@@ -361,13 +363,14 @@ fn parse_memory(text: &str, host: HostLimits) -> Result<(u64, bool), ConfigError
         };
         let mut size = None;
         let mut hugepages = false;
-        let pairs = options(text)
+        let pairs = options(OsStr::new(text))
             .map_err(|why| bad(format!("{why} (expected SIZE or size=SIZE[,hugepages=on])")))?;
         for (key, value) in pairs {
+            let value = text_value(&key, &value).map_err(bad)?;
             match key.as_str() {
-                "size" => size = Some(value),
+                "size" => size = Some(value.to_string()),
                 "hugepages" => {
-                    hugepages = match value.as_str() {
+                    hugepages = match value {
                         "on" => true,
                         "off" => false,
                         _ => return Err(bad(format!("hugepages={value} is not on or off"))),
@@ -425,47 +428,67 @@ fn parse_memory(text: &str, host: HostLimits) -> Result<(u64, bool), ConfigError
 
 /// Splits `key=value,key=value` into its pairs. As in QEMU, `,,` is a comma
 /// inside a value (a path with a comma in it); a key given twice is refused.
-fn options(text: &str) -> Result<Vec<(String, String)>, String> {
-    let mut parts = Vec::new();
-    let mut current = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != ',' {
-            current.push(c);
-        } else if chars.next_if_eq(&',').is_some() {
-            current.push(',');
+/// Keys are text; values are bytes, as a path may be (`text_value` gives
+/// the others as text).
+fn options(text: &OsStr) -> Result<Vec<(String, OsString)>, String> {
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = text.as_bytes().iter().copied().peekable();
+    while let Some(b) = bytes.next() {
+        if b != b',' {
+            current.push(b);
+        } else if bytes.next_if_eq(&b',').is_some() {
+            current.push(b',');
         } else {
             parts.push(std::mem::take(&mut current));
         }
     }
     parts.push(current);
-    let mut pairs: Vec<(String, String)> = Vec::with_capacity(parts.len());
-    for part in parts {
-        let (key, value) = part
-            .split_once('=')
-            .ok_or_else(|| format!("{part:?} is not key=value"))?;
-        if pairs.iter().any(|(seen, _)| seen == key) {
+    let mut pairs: Vec<(String, OsString)> = Vec::with_capacity(parts.len());
+    for mut part in parts {
+        let shown = String::from_utf8_lossy(&part).into_owned();
+        let equals = part
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or_else(|| format!("{shown:?} is not key=value"))?;
+        let value = part.split_off(equals + 1);
+        part.truncate(equals);
+        let key = String::from_utf8(part).map_err(|_| format!("{shown:?}: the key is not text"))?;
+        if pairs.iter().any(|(seen, _)| *seen == key) {
             return Err(format!("{key} is given twice"));
         }
-        pairs.push((key.to_string(), value.to_string()));
+        pairs.push((key, OsString::from_vec(value)));
     }
     Ok(pairs)
 }
 
+/// An option's value that must be text (all but paths).
+fn text_value<'a>(key: &str, value: &'a OsStr) -> Result<&'a str, String> {
+    value
+        .to_str()
+        .ok_or_else(|| format!("{key}={} is not UTF-8 text", value.to_string_lossy()))
+}
+
 /// Parses `socket=PATH[,num_queues=N][,queue_size=N]`.
-fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
+fn parse_disk(text: impl AsRef<OsStr>) -> Result<DiskConfig, ConfigError> {
+    let text = text.as_ref();
     let bad = |why: String| ConfigError::Disk {
-        value: text.to_string(),
+        value: text.to_string_lossy().into_owned(),
         why,
     };
     let mut socket = None;
     let mut num_queues = 1usize;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
     for (key, value) in options(text).map_err(bad)? {
-        let value = value.as_str();
+        if key == "socket" {
+            if value.is_empty() {
+                return Err(bad("socket= is empty".into()));
+            }
+            socket = Some(PathBuf::from(value));
+            continue;
+        }
+        let value = text_value(&key, &value).map_err(bad)?;
         match key.as_str() {
-            "socket" if value.is_empty() => return Err(bad("socket= is empty".into())),
-            "socket" => socket = Some(PathBuf::from(value)),
             "num_queues" => {
                 num_queues = value
                     .parse()
@@ -504,9 +527,10 @@ fn parse_queue_size(value: &str) -> Result<u16, String> {
 
 /// Parses `socket=PATH[,mac=MAC][,num_queues=N][,queue_size=N][,server=on|off]`.
 /// `num_queues` counts queue pairs, as QEMU's `queues=` does.
-fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
+fn parse_net(text: impl AsRef<OsStr>) -> Result<NetConfig, ConfigError> {
+    let text = text.as_ref();
     let bad = |why: String| ConfigError::Net {
-        value: text.to_string(),
+        value: text.to_string_lossy().into_owned(),
         why,
     };
     let mut socket = None;
@@ -515,10 +539,15 @@ fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     let mut queue_size = DEFAULT_QUEUE_SIZE;
     let mut server = false;
     for (key, value) in options(text).map_err(bad)? {
-        let value = value.as_str();
+        if key == "socket" {
+            if value.is_empty() {
+                return Err(bad("socket= is empty".into()));
+            }
+            socket = Some(PathBuf::from(value));
+            continue;
+        }
+        let value = text_value(&key, &value).map_err(bad)?;
         match key.as_str() {
-            "socket" if value.is_empty() => return Err(bad("socket= is empty".into())),
-            "socket" => socket = Some(PathBuf::from(value)),
             "mac" => {
                 mac = Some(parse_mac(value).ok_or_else(|| {
                     bad(format!(
@@ -644,13 +673,15 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn parse_serial(text: &str) -> Result<SerialMode, ConfigError> {
-    match text {
-        "stdio" => Ok(SerialMode::Stdio),
-        "off" => Ok(SerialMode::Off),
-        _ => match text.strip_prefix("file=") {
-            Some(path) if !path.is_empty() => Ok(SerialMode::File(PathBuf::from(path))),
-            _ => Err(ConfigError::SerialMode(text.to_string())),
+fn parse_serial(text: &OsStr) -> Result<SerialMode, ConfigError> {
+    match text.as_bytes() {
+        b"stdio" => Ok(SerialMode::Stdio),
+        b"off" => Ok(SerialMode::Off),
+        bytes => match bytes.strip_prefix(b"file=") {
+            Some(path) if !path.is_empty() => {
+                Ok(SerialMode::File(PathBuf::from(OsStr::from_bytes(path))))
+            }
+            _ => Err(ConfigError::SerialMode(text.to_string_lossy().into_owned())),
         },
     }
 }
@@ -791,6 +822,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("num_queues is given twice"), "{err}");
+    }
+
+    #[test]
+    fn paths_need_not_be_text() {
+        let bytes = |b: &[u8]| OsStr::from_bytes(b).to_os_string();
+        let disk = parse_disk(bytes(b"socket=/run/\xffd.sock,num_queues=2")).unwrap();
+        assert_eq!(disk.socket.as_os_str().as_bytes(), b"/run/\xffd.sock");
+        assert_eq!(disk.num_queues, 2);
+        let net = parse_net(bytes(b"socket=/run/\xfe,,n.sock")).unwrap();
+        assert_eq!(net.socket.as_os_str().as_bytes(), b"/run/\xfe,n.sock");
+        assert_eq!(
+            parse_serial(&bytes(b"file=/tmp/\xff.log")).unwrap(),
+            SerialMode::File(PathBuf::from(bytes(b"/tmp/\xff.log")))
+        );
+        // The other values are text, and the error shows what it can.
+        let err = parse_disk(bytes(b"socket=/x,num_queues=\xff"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--disk \"socket=/x,num_queues=\u{fffd}\"")
+                && err.ends_with("num_queues=\u{fffd} is not UTF-8 text"),
+            "{err}"
+        );
+        let err = parse_net(bytes(b"socket=/x,\xff=1"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("the key is not text"), "{err}");
+        let err = parse_serial(&bytes(b"fil\xff")).unwrap_err().to_string();
+        assert!(err.starts_with("--serial \"fil\u{fffd}\""), "{err}");
     }
 
     #[test]
@@ -1031,8 +1091,8 @@ mod tests {
         ];
         for (disks, nets, api, starts) in cases {
             let mut a = args("1", "1G", "off");
-            a.disks = disks.to_vec();
-            a.nets = nets.to_vec();
+            a.disks = disks.iter().map(OsString::from).collect();
+            a.nets = nets.iter().map(OsString::from).collect();
             a.api_socket = api.map(PathBuf::from);
             let err = VmConfig::from_args(a, HOST).unwrap_err().to_string();
             assert!(
@@ -1042,10 +1102,10 @@ mod tests {
         }
         let mut fine = args("1", "1G", "off");
         fine.disks = vec![
-            format!("socket={}", at("d.sock")),
-            format!("socket={}", at("e.sock")),
+            format!("socket={}", at("d.sock")).into(),
+            format!("socket={}", at("e.sock")).into(),
         ];
-        fine.nets = vec![format!("socket={}", at("n.sock"))];
+        fine.nets = vec![format!("socket={}", at("n.sock")).into()];
         assert!(VmConfig::from_args(fine, HOST).is_ok());
     }
 
@@ -1053,7 +1113,7 @@ mod tests {
     fn more_devices_than_pci_slots_are_refused_up_front() {
         let mut a = args("1", "1G", "off");
         a.disks = (0..=MAX_PCI_DEVICES)
-            .map(|i| format!("socket=/run/d{i}.sock"))
+            .map(|i| format!("socket=/run/d{i}.sock").into())
             .collect();
         assert_eq!(
             VmConfig::from_args(a, HOST).unwrap_err().to_string(),
