@@ -8,8 +8,12 @@
 # qemu-storage-daemon cache.direct=on, fio --direct=1).
 # Workloads: 4k random read at depth 32 on 1 and 2 queues, 64k sequential
 # read and 64k sequential write at depth 32 on 1 queue. The load generator
-# plays a polling guest driver: it watches its used rings for 10 us before
-# it sleeps, for both backends alike. Its guest memory is on 2 MiB huge
+# plays Linux's virtio-blk driver: it sleeps until the backend's call as
+# soon as its used rings are empty. The 4k random reads run a second time
+# with it playing a polling driver ("poll" rows: it watches its used rings
+# for 10 us before it sleeps, giving up the core between looks), which
+# spares the backends a frontend's wake-up on every round trip. Its guest
+# memory is on 2 MiB huge
 # pages, as vhost-user is deployed with DPDK or SPDK and as
 # `vmm --memory size=...,hugepages=on` gives it; PAGES=4k puts it on
 # ordinary shared memory (a memfd) instead. The script reserves the huge
@@ -127,9 +131,9 @@ stop_backend() {
     unset 'PIDS[-1]'
 }
 
-loadgen() { # socket queues size pattern op -> "iops mbps"
+loadgen() { # socket queues size pattern op poll-us -> "iops mbps"
     "$LOADGEN" --socket "$1" --queues "$2" --depth 32 --size "$3" --pattern "$4" \
-        --op "$5" --warmup "$WARMUP" --time "$SECS" "${LOADGEN_MEM[@]}" --json --quiet |
+        --op "$5" --poll-us "$6" --warmup "$WARMUP" --time "$SECS" "${LOADGEN_MEM[@]}" --json --quiet |
         python3 -c 'import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(d["iops"], d["mbps"])'
 }
 
@@ -194,16 +198,16 @@ PY
 
 # One line per run: label|kind|round|iops mbps requests-in-queue.
 RESULTS="$WORK/results"
-run_case() { # label image direct queues size pattern op fio_rw
-    local label="$1" image="$2" direct="$3" queues="$4" size="$5" pattern="$6" op="$7" rw="$8"
+run_case() { # label image direct queues size pattern op fio_rw frontend-poll-us
+    local label="$1" image="$2" direct="$3" queues="$4" size="$5" pattern="$6" op="$7" rw="$8" poll="$9"
     local sock="$WORK/b.sock" ours qsd ceil round stat_file
     stat_file="$(disk_stat_of "$image")"
     for round in $(seq "$ROUNDS"); do
         start_backend vhost-blk "$image" "$direct" "$queues" "$sock"
-        ours="$(measured "$stat_file" loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
+        ours="$(measured "$stat_file" loadgen "$sock" "$queues" "$size" "$pattern" "$op" "$poll")"
         stop_backend
         start_backend qsd "$image" "$direct" "$queues" "$sock"
-        qsd="$(measured "$stat_file" loadgen "$sock" "$queues" "$size" "$pattern" "$op")"
+        qsd="$(measured "$stat_file" loadgen "$sock" "$queues" "$size" "$pattern" "$op" "$poll")"
         stop_backend
         ceil="$(measured "$stat_file" fio_ceiling "$image" "$direct" "$queues" "$size" "$rw")"
         printf '%s|vhost-blk|%s|%s\n%s|qsd|%s|%s\n%s|fio|%s|%s\n' \
@@ -234,10 +238,12 @@ for medium in tmpfs disk; do
     echo "bench-blk: preparing a $SIZE image on $medium" >&2
     # Written through before the first run, so no write-back competes with it.
     dd if=/dev/urandom of="$image" bs=1M count=1024 conv=fsync status=none
-    run_case "$medium 4k randread q1"  "$image" "$direct" 1 4k  rand read  randread
-    run_case "$medium 4k randread q2"  "$image" "$direct" 2 4k  rand read  randread
-    run_case "$medium 64k seqread q1"  "$image" "$direct" 1 64k seq  read  read
-    run_case "$medium 64k seqwrite q1" "$image" "$direct" 1 64k seq  write write
+    run_case "$medium 4k randread q1"      "$image" "$direct" 1 4k  rand read  randread 0
+    run_case "$medium 4k randread q1 poll" "$image" "$direct" 1 4k  rand read  randread 10
+    run_case "$medium 4k randread q2"      "$image" "$direct" 2 4k  rand read  randread 0
+    run_case "$medium 4k randread q2 poll" "$image" "$direct" 2 4k  rand read  randread 10
+    run_case "$medium 64k seqread q1"      "$image" "$direct" 1 64k seq  read  read     0
+    run_case "$medium 64k seqwrite q1"     "$image" "$direct" 1 64k seq  write write    0
     if [[ "$medium" == disk ]]; then mixed_case "$image"; fi
     rm -f "$image"
 done
@@ -257,13 +263,13 @@ rounds = len(runs[(labels[0], "fio")])
 print()
 pages = "2 MiB huge pages" if sys.argv[2] == "2m" else "4 KiB pages (a memfd)"
 print(f"{rounds} rounds; the load generator's memory on {pages}; medians, and the lowest and highest ratio of a round")
-print(f"{'workload':24s} {'vhost-blk IOPS':>14s} {'qsd IOPS':>10s} {'fio IOPS':>10s} {'vs qsd':>7s} {'range':>12s} {'vs fio':>7s} {'range':>12s} {'fio vs qsd':>10s} {'vhost-blk MB/s':>15s}")
+print(f"{'workload':29s} {'vhost-blk IOPS':>14s} {'qsd IOPS':>10s} {'fio IOPS':>10s} {'vs qsd':>7s} {'range':>12s} {'vs fio':>7s} {'range':>12s} {'fio vs qsd':>10s} {'vhost-blk MB/s':>15s}")
 for label in labels:
     ours, qsd, fio = (runs[(label, k)] for k in ("vhost-blk", "qsd", "fio"))
     med = lambda r, i=0: statistics.median(v[i] for v in r.values())
     vs_qsd = [ours[r][0] / qsd[r][0] for r in ours]
     vs_fio = [ours[r][0] / fio[r][0] for r in ours]
-    print(f"{label:24s} {med(ours):14.0f} {med(qsd):10.0f} {med(fio):10.0f} "
+    print(f"{label:29s} {med(ours):14.0f} {med(qsd):10.0f} {med(fio):10.0f} "
           f"{med(ours) / med(qsd):6.2f}x {min(vs_qsd):5.2f}-{max(vs_qsd):.2f}x "
           f"{med(ours) / med(fio):6.2f}x {min(vs_fio):5.2f}-{max(vs_fio):.2f}x "
           f"{med(fio) / med(qsd):9.2f}x {med(ours, 1):15.1f}")
@@ -272,11 +278,11 @@ if on_disk:
     print()
     print("requests in the disk's queue, mean over a run (IOPS x the block layer's latency; the load keeps 32 per queue in flight),")
     print("and KiB per request the disk saw")
-    print(f"{'workload':24s} {'vhost-blk':>10s} {'qsd':>10s} {'fio':>10s} {'vs qsd':>7s} {'vs fio':>7s} {'KiB: vhost-blk':>15s} {'qsd':>6s} {'fio':>6s}")
+    print(f"{'workload':29s} {'vhost-blk':>10s} {'qsd':>10s} {'fio':>10s} {'vs qsd':>7s} {'vs fio':>7s} {'KiB: vhost-blk':>15s} {'qsd':>6s} {'fio':>6s}")
     for label in on_disk:
         ours, qsd, fio = (statistics.median(v[2] for v in runs[(label, k)].values()) for k in ("vhost-blk", "qsd", "fio"))
         kib = [statistics.median(v[3] for v in runs[(label, k)].values()) for k in ("vhost-blk", "qsd", "fio")]
-        print(f"{label:24s} {ours:10.1f} {qsd:10.1f} {fio:10.1f} {ours / qsd:6.2f}x {ours / fio:6.2f}x "
+        print(f"{label:29s} {ours:10.1f} {qsd:10.1f} {fio:10.1f} {ours / qsd:6.2f}x {ours / fio:6.2f}x "
               f"{kib[0]:15.0f} {kib[1]:6.0f} {kib[2]:6.0f}")
 mixed = {}
 for line in open(sys.argv[3]):

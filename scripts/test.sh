@@ -129,8 +129,10 @@ PY
 bench_out="$(mktemp)"
 limited 900 scripts/bench-blk.sh 1 1 >"$bench_out"
 expect_rows "$bench_out" \
-    "tmpfs 4k randread q1" "tmpfs 4k randread q2" "tmpfs 64k seqread q1" "tmpfs 64k seqwrite q1" \
-    "disk 4k randread q1" "disk 4k randread q2" "disk 64k seqread q1" "disk 64k seqwrite q1" \
+    "tmpfs 4k randread q1" "tmpfs 4k randread q1 poll" "tmpfs 4k randread q2" "tmpfs 4k randread q2 poll" \
+    "tmpfs 64k seqread q1" "tmpfs 64k seqwrite q1" \
+    "disk 4k randread q1" "disk 4k randread q1 poll" "disk 4k randread q2" "disk 4k randread q2 poll" \
+    "disk 64k seqread q1" "disk 64k seqwrite q1" \
     "vhost-blk" "qsd" "fio"
 limited 600 scripts/bench-net.sh 1 1 >"$bench_out"
 expect_rows "$bench_out" "tx 64B" "tx 1500B" "rx 64B" "rx 1500B"

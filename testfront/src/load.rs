@@ -59,6 +59,10 @@ pub struct LoadSpec {
     pub mem_size: Option<u64>,
     /// Guest memory on 2 MiB huge pages.
     pub hugepages: bool,
+    /// How long a queue watches its used ring before it sleeps until the
+    /// backend's call (zero: it sleeps at once, as Linux's virtio-blk
+    /// driver does).
+    pub poll: Duration,
 }
 
 impl LoadSpec {
@@ -411,8 +415,10 @@ pub fn run(
     let queues = std::mem::take(&mut conn.queues);
     let mut workers = Vec::with_capacity(queues.len());
     for (i, queue) in queues.into_iter().enumerate() {
+        let mut pipeline = Pipeline::new(&mut conn, queue, spec.depth, spec.largest())?;
+        pipeline.set_poll(spec.poll);
         workers.push(Worker {
-            pipeline: Pipeline::new(&mut conn, queue, spec.depth, spec.largest())?,
+            pipeline,
             offsets: Offsets::new(&spec, disk_bytes, i),
             spec,
         });
@@ -515,6 +521,7 @@ mod tests {
             seed: 1,
             mem_size: None,
             hugepages: false,
+            poll: Duration::ZERO,
         }
     }
 

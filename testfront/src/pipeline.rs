@@ -11,12 +11,6 @@ use crate::connection::Connection;
 use crate::memory::Memory;
 use crate::virtqueue::{Used, VirtQueue};
 
-/// How long `wait` watches the used ring before it sleeps: long enough to
-/// catch a backend that completes requests back to back, short enough to
-/// leave the core to the backend's workers when there are more threads than
-/// cores (50 us halved 2-queue throughput on two cores).
-const POLL: Duration = Duration::from_micros(10);
-
 /// A request to submit: its data goes to or comes from the slot's buffer.
 #[derive(Clone, Copy, Debug)]
 pub struct Request {
@@ -53,6 +47,8 @@ pub struct Pipeline {
     in_flight: Vec<Option<InFlight>>,
     unkicked: u16,
     used: Vec<Used>,
+    /// How long `wait` watches the used ring before it sleeps.
+    poll: Duration,
 }
 
 impl Pipeline {
@@ -78,7 +74,15 @@ impl Pipeline {
             slots,
             unkicked: 0,
             used: Vec::with_capacity(depth),
+            poll: Duration::ZERO,
         })
+    }
+
+    /// Makes `wait` watch the used ring for `poll` before it sleeps, as a
+    /// polling guest driver does (none by default: it sleeps until the
+    /// backend's call, as Linux's virtio-blk driver does).
+    pub fn set_poll(&mut self, poll: Duration) {
+        self.poll = poll;
     }
 
     /// The queue, for `Connection::resume` after its backend died.
@@ -150,10 +154,11 @@ impl Pipeline {
         Ok(self.queue.kick(&self.mem, n)?)
     }
 
-    /// Appends the completed requests to `out`.
+    /// Appends the completed requests to `out` (without asking for a
+    /// call: `wait` does, before it sleeps).
     pub fn reap(&mut self, out: &mut Vec<Done>) -> Result<(), BlkError> {
         self.used.clear();
-        self.queue.reap(&self.mem, &mut self.used)?;
+        self.queue.take_used(&self.mem, &mut self.used)?;
         let now = Instant::now();
         for used in &self.used {
             // The virtqueue only returns heads it has in flight, and every
@@ -179,20 +184,23 @@ impl Pipeline {
 
     /// Waits for the backend's call (or `timeout`) unless completions are
     /// already there; returns whether there may be something to reap.
-    /// Like a polling driver, it watches the used ring for `POLL` before it
-    /// sleeps: a backend with requests in flight completes the next ones
-    /// within microseconds, and watching saves the wake-up.
+    /// With a poll time (`set_poll`) it first watches the used ring for that
+    /// long, giving up the core between looks: a backend thread that shares
+    /// the core then gets its turn, where a spinning frontend would hold the
+    /// core until the scheduler's tick and stall the backend it waits for.
     pub fn wait(&mut self, timeout: Duration) -> Result<bool, BlkError> {
-        let deadline = Instant::now() + POLL;
-        for spin in 0u32.. {
-            if self.queue.has_used(&self.mem)? {
-                return Ok(true);
+        if !self.poll.is_zero() {
+            let deadline = Instant::now() + self.poll;
+            while Instant::now() < deadline {
+                if self.queue.has_used(&self.mem)? {
+                    return Ok(true);
+                }
+                std::thread::yield_now();
             }
-            if spin % 16 == 15 && Instant::now() >= deadline {
-                break;
-            }
-            std::hint::spin_loop();
         }
-        Ok(self.queue.wait(timeout)? || self.queue.has_used(&self.mem)?)
+        // Asks for the call only now, as a driver does before it sleeps.
+        Ok(self.queue.arm(&self.mem)?
+            || self.queue.wait(timeout)?
+            || self.queue.has_used(&self.mem)?)
     }
 }

@@ -260,35 +260,50 @@ impl VirtQueue {
     /// write is not left waiting for a call that will not come.
     pub fn reap(&mut self, mem: &Memory, out: &mut Vec<Used>) -> Result<(), RingError> {
         loop {
-            let used_idx = self.used_idx(mem)?;
-            while self.last_used != used_idx {
-                let slot = self.layout.used + 4 + 8 * u64::from(self.last_used % self.size);
-                let id: u32 = mem
-                    .read_obj(GuestAddress(slot))
-                    .map_err(|_| RingError::Memory("the used ring"))?;
-                let len: u32 = mem
-                    .read_obj(GuestAddress(slot + 4))
-                    .map_err(|_| RingError::Memory("the used ring"))?;
-                self.last_used = self.last_used.wrapping_add(1);
-                let head = u16::try_from(id)
-                    .ok()
-                    .filter(|&h| h < self.size && !self.chains[usize::from(h)].is_empty())
-                    .ok_or(RingError::BadUsedId { id })?;
-                // Return the ids we recorded, whatever the table holds now.
-                let ids = std::mem::take(&mut self.chains[usize::from(head)]);
-                self.free.extend(ids);
-                out.push(Used { head, len });
-            }
-            if !self.event_idx {
-                return Ok(());
-            }
-            let used_event = self.layout.avail + 4 + 2 * u64::from(self.size);
-            mem.write_obj(self.last_used, GuestAddress(used_event))
-                .map_err(|_| RingError::Memory("used_event"))?;
-            if self.used_idx(mem)? == self.last_used {
+            self.take_used(mem, out)?;
+            if !self.arm(mem)? {
                 return Ok(());
             }
         }
+    }
+
+    /// As `reap`, without asking for a call: a driver that polls its ring
+    /// asks only before it sleeps (`arm`), so the device does not signal
+    /// completions the driver is about to find anyway.
+    pub fn take_used(&mut self, mem: &Memory, out: &mut Vec<Used>) -> Result<(), RingError> {
+        let used_idx = self.used_idx(mem)?;
+        while self.last_used != used_idx {
+            let slot = self.layout.used + 4 + 8 * u64::from(self.last_used % self.size);
+            let id: u32 = mem
+                .read_obj(GuestAddress(slot))
+                .map_err(|_| RingError::Memory("the used ring"))?;
+            let len: u32 = mem
+                .read_obj(GuestAddress(slot + 4))
+                .map_err(|_| RingError::Memory("the used ring"))?;
+            self.last_used = self.last_used.wrapping_add(1);
+            let head = u16::try_from(id)
+                .ok()
+                .filter(|&h| h < self.size && !self.chains[usize::from(h)].is_empty())
+                .ok_or(RingError::BadUsedId { id })?;
+            // Return the ids we recorded, whatever the table holds now.
+            let ids = std::mem::take(&mut self.chains[usize::from(head)]);
+            self.free.extend(ids);
+            out.push(Used { head, len });
+        }
+        Ok(())
+    }
+
+    /// With EVENT_IDX, asks for a call at the next completion (used_event);
+    /// returns whether completions are already there (one may have come
+    /// before the request was seen): reap them rather than wait.
+    pub fn arm(&self, mem: &Memory) -> Result<bool, RingError> {
+        if !self.event_idx {
+            return Ok(false);
+        }
+        let used_event = self.layout.avail + 4 + 2 * u64::from(self.size);
+        mem.write_obj(self.last_used, GuestAddress(used_event))
+            .map_err(|_| RingError::Memory("used_event"))?;
+        self.has_used(mem)
     }
 
     /// True when the used ring holds completions not reaped yet.

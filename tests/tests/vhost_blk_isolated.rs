@@ -1391,6 +1391,12 @@ fn an_answer_ready_at_once_waits_for_the_transfers_taken_before_it() {
 }
 
 fn short_load(socket: &Path, queues: usize, write: bool) -> Report {
+    short_load_polling(socket, queues, write, Duration::ZERO)
+}
+
+/// As `short_load`, the frontend watching its used rings for `poll` before
+/// it sleeps.
+fn short_load_polling(socket: &Path, queues: usize, write: bool, poll: Duration) -> Report {
     let spec = LoadSpec {
         queues,
         depth: 16,
@@ -1404,6 +1410,7 @@ fn short_load(socket: &Path, queues: usize, write: bool) -> Report {
         seed: 7,
         mem_size: None,
         hugepages: false,
+        poll,
     };
     load::run(socket, spec, |_, _| {}).expect("load run")
 }
@@ -1420,6 +1427,13 @@ fn the_load_generator_drives_vhost_blk() {
         assert!(report.percentile_us(50.0) > 0.0);
         assert!(report.percentile_us(50.0) <= report.percentile_us(99.0));
     }
+    // A frontend that watches its used rings before it sleeps.
+    let report = short_load_polling(&socket, 2, false, Duration::from_micros(20));
+    assert!(
+        report.ops > 100,
+        "vhost-blk, polled: only {} requests",
+        report.ops
+    );
     // A fixed number of requests, and 64k sequential, from guest memory
     // on huge pages.
     vmm_tests::require_free_hugepages(32);
@@ -1436,6 +1450,7 @@ fn the_load_generator_drives_vhost_blk() {
         seed: 1,
         mem_size: Some(64 << 20),
         hugepages: true,
+        poll: Duration::ZERO,
     };
     let report = load::run(&socket, spec, |_, _| {}).expect("load run");
     assert_eq!(report.ops, 1000);
@@ -1464,6 +1479,7 @@ fn the_load_generator_writes_nothing_to_a_read_only_disk() {
         seed: 5,
         mem_size: None,
         hugepages: false,
+        poll: Duration::ZERO,
     };
     for op in [Op::Write, Op::Mixed { write_size: 4096 }] {
         match load::run(&socket, spec(op), |_, _| {}) {
@@ -1509,6 +1525,7 @@ fn a_mixed_load_counts_reads_and_writes_apart() {
         seed: 3,
         mem_size: None,
         hugepages: false,
+        poll: Duration::ZERO,
     };
     let report = load::run(&socket, spec, |_, _| {}).expect("load run");
     assert_eq!(report.ops, 600);

@@ -69,6 +69,12 @@ struct Args {
     /// (/proc/sys/vm/nr_hugepages).
     #[arg(long)]
     hugepages: bool,
+    /// Microseconds each queue watches its used ring before it sleeps
+    /// until the backend's call, giving up the core between looks, as a
+    /// polling guest driver would (0 to 1000; by default 0: it sleeps at
+    /// once, as Linux's virtio-blk driver does).
+    #[arg(long, default_value = "0", value_name = "US")]
+    poll_us: u64,
     /// Seed of the random offsets.
     #[arg(long, default_value = "1")]
     seed: u64,
@@ -151,6 +157,12 @@ fn spec(args: &Args) -> Result<LoadSpec, String> {
             args.warmup
         ));
     }
+    if args.poll_us > 1000 {
+        return Err(format!(
+            "--poll-us {}: expected 0 to 1000 microseconds",
+            args.poll_us
+        ));
+    }
     let mem_size = match &args.mem {
         None => None,
         Some(text) => Some(
@@ -172,6 +184,7 @@ fn spec(args: &Args) -> Result<LoadSpec, String> {
         seed: args.seed,
         mem_size,
         hugepages: args.hugepages,
+        poll: Duration::from_micros(args.poll_us),
     })
 }
 
@@ -298,6 +311,10 @@ mod tests {
         assert_eq!(s.op, Op::Mixed { write_size: 8192 });
         assert!(parse(&["--queues", "0"]).is_err());
         assert!(parse(&["--mem", "100"]).is_err());
+        assert!(parse(&["--poll-us", "1001"]).is_err());
+        assert_eq!(parse(&[]).unwrap().poll, Duration::ZERO);
+        let s = parse(&["--poll-us", "10"]).unwrap();
+        assert_eq!(s.poll, Duration::from_micros(10));
         let s = parse(&["--size", "64k", "--mem", "256m", "--requests", "10"]).unwrap();
         assert_eq!(
             (s.size, s.mem_size, s.max_requests),
