@@ -469,6 +469,26 @@ fn text_value<'a>(key: &str, value: &'a OsStr) -> Result<&'a str, String> {
         .ok_or_else(|| format!("{key}={} is not UTF-8 text", value.to_string_lossy()))
 }
 
+/// A device's options: its `socket=PATH` (required, taken as bytes) and the
+/// others, as text.
+fn device_options(text: &OsStr) -> Result<(PathBuf, Vec<(String, String)>), String> {
+    let mut socket = None;
+    let mut others = Vec::new();
+    for (key, value) in options(text)? {
+        if key == "socket" {
+            if value.is_empty() {
+                return Err("socket= is empty".into());
+            }
+            socket = Some(PathBuf::from(value));
+        } else {
+            let value = text_value(&key, &value)?.to_string();
+            others.push((key, value));
+        }
+    }
+    let socket = socket.ok_or("socket=PATH is required")?;
+    Ok((socket, others))
+}
+
 /// Parses `socket=PATH[,num_queues=N][,queue_size=N]`.
 fn parse_disk(text: impl AsRef<OsStr>) -> Result<DiskConfig, ConfigError> {
     let text = text.as_ref();
@@ -476,18 +496,11 @@ fn parse_disk(text: impl AsRef<OsStr>) -> Result<DiskConfig, ConfigError> {
         value: text.to_string_lossy().into_owned(),
         why,
     };
-    let mut socket = None;
     let mut num_queues = 1usize;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
-    for (key, value) in options(text).map_err(bad)? {
-        if key == "socket" {
-            if value.is_empty() {
-                return Err(bad("socket= is empty".into()));
-            }
-            socket = Some(PathBuf::from(value));
-            continue;
-        }
-        let value = text_value(&key, &value).map_err(bad)?;
+    let (socket, others) = device_options(text).map_err(bad)?;
+    for (key, value) in others {
+        let value = value.as_str();
         match key.as_str() {
             "num_queues" => {
                 num_queues = value
@@ -508,7 +521,6 @@ fn parse_disk(text: impl AsRef<OsStr>) -> Result<DiskConfig, ConfigError> {
             _ => return Err(bad(format!("unknown option {key:?}"))),
         }
     }
-    let socket = socket.ok_or_else(|| bad("socket=PATH is required".into()))?;
     Ok(DiskConfig {
         socket,
         num_queues,
@@ -533,20 +545,13 @@ fn parse_net(text: impl AsRef<OsStr>) -> Result<NetConfig, ConfigError> {
         value: text.to_string_lossy().into_owned(),
         why,
     };
-    let mut socket = None;
     let mut mac = None;
     let mut queue_pairs = 1usize;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
     let mut server = false;
-    for (key, value) in options(text).map_err(bad)? {
-        if key == "socket" {
-            if value.is_empty() {
-                return Err(bad("socket= is empty".into()));
-            }
-            socket = Some(PathBuf::from(value));
-            continue;
-        }
-        let value = text_value(&key, &value).map_err(bad)?;
+    let (socket, others) = device_options(text).map_err(bad)?;
+    for (key, value) in others {
+        let value = value.as_str();
         match key.as_str() {
             "mac" => {
                 mac = Some(parse_mac(value).ok_or_else(|| {
@@ -577,7 +582,6 @@ fn parse_net(text: impl AsRef<OsStr>) -> Result<NetConfig, ConfigError> {
             _ => return Err(bad(format!("unknown option {key:?}"))),
         }
     }
-    let socket = socket.ok_or_else(|| bad("socket=PATH is required".into()))?;
     let mac = mac.unwrap_or_else(|| stable_mac(&socket));
     Ok(NetConfig {
         socket,
