@@ -28,6 +28,7 @@ use crate::queue_io::{Completed, QueueIo};
 use crate::request::{
     self, BlkTarget, ChainBuf, Parsed, MAX_DISCARD_SECTORS, SECTOR_SIZE, SEG_MAX,
 };
+use crate::serving::Serving;
 use crate::used_order::UsedOrder;
 use crate::watch::WatchWindow;
 
@@ -129,6 +130,8 @@ pub struct BlkBackend {
     handlers: Arc<OnceLock<Vec<Weak<Handler>>>>,
     /// The frontend left (`quiesce`): workers take no new request.
     closing: Arc<AtomicBool>,
+    /// The queue workers serving their rings now (see `serving`).
+    serving: Arc<Serving>,
 }
 
 #[derive(Default)]
@@ -210,6 +213,7 @@ impl BlkBackend {
             ),
             handlers: Arc::new(OnceLock::new()),
             closing: Arc::new(AtomicBool::new(false)),
+            serving: Arc::new(Serving::for_this_process()),
             device,
         }
     }
@@ -437,8 +441,10 @@ impl BlkBackend {
     /// Serves the ring: completes finished transfers, parses every
     /// available request (while the queue has room for transfers), runs
     /// the synchronous ones inline and hands reads and writes to io_uring
-    /// when the disk takes them asynchronously, then signals once. With
-    /// EVENT_IDX, re-enables notifications and loops if more arrived.
+    /// when the disk takes them asynchronously, then signals once (and
+    /// earlier, after a synchronous request, when a core is free for the
+    /// frontend: see `serving`). With EVENT_IDX, re-enables notifications
+    /// and loops if more arrived.
     ///
     /// A ring it cannot serve (its used ring or call eventfd fails: a
     /// frontend gave an unwritable call eventfd, or took the memory away
@@ -455,6 +461,7 @@ impl BlkBackend {
         };
         let mut guard = lock(state);
         let state = &mut *guard;
+        let _turn = self.serving.begin();
         let served = self.serve(queue, vring, state, &atomic, event_idx);
         if let Err(e) = &served {
             if !state.broken {
@@ -629,7 +636,17 @@ impl BlkBackend {
                         _ => request::finish(&mem, &io, false),
                     },
                 };
-                completed += self.publish(queue, vring, &mut state.order, head, used);
+                let published = self.publish(queue, vring, &mut state.order, head, used);
+                completed += published;
+                // The frontend may be asleep, waiting for this one: wake it
+                // now if a core is free for it (see `serving`).
+                if published > 0
+                    && event_idx
+                    && self.serving.core_to_spare()
+                    && vring.needs_notification().map_err(vq_err)?
+                {
+                    vring.signal_used_queue()?;
+                }
                 if refused.is_some() {
                     break;
                 }

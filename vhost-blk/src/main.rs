@@ -10,6 +10,7 @@ mod queue_io;
 mod request;
 mod resize;
 mod server;
+mod serving;
 mod used_order;
 mod watch;
 
