@@ -469,9 +469,17 @@ fn text_value<'a>(key: &str, value: &'a OsStr) -> Result<&'a str, String> {
         .ok_or_else(|| format!("{key}={} is not UTF-8 text", value.to_string_lossy()))
 }
 
-/// A device's options: its `socket=PATH` (required, taken as bytes) and the
-/// others, as text.
-fn device_options(text: &OsStr) -> Result<(PathBuf, Vec<(String, String)>), String> {
+/// A device's options, split.
+struct DeviceOptions {
+    /// `socket=PATH`, taken as bytes. The caller requires it after it has
+    /// checked the others, so a misspelt `sokcet=` is named as unknown, not
+    /// as a missing socket.
+    socket: Option<PathBuf>,
+    /// The others, as text.
+    others: Vec<(String, String)>,
+}
+
+fn device_options(text: &OsStr) -> Result<DeviceOptions, String> {
     let mut socket = None;
     let mut others = Vec::new();
     for (key, value) in options(text)? {
@@ -485,8 +493,12 @@ fn device_options(text: &OsStr) -> Result<(PathBuf, Vec<(String, String)>), Stri
             others.push((key, value));
         }
     }
-    let socket = socket.ok_or("socket=PATH is required")?;
-    Ok((socket, others))
+    Ok(DeviceOptions { socket, others })
+}
+
+/// A device's `socket=PATH`, which it cannot do without.
+fn required_socket(socket: Option<PathBuf>) -> Result<PathBuf, String> {
+    socket.ok_or_else(|| "socket=PATH is required".to_string())
 }
 
 /// Parses `socket=PATH[,num_queues=N][,queue_size=N]`.
@@ -498,7 +510,7 @@ fn parse_disk(text: impl AsRef<OsStr>) -> Result<DiskConfig, ConfigError> {
     };
     let mut num_queues = 1usize;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
-    let (socket, others) = device_options(text).map_err(bad)?;
+    let DeviceOptions { socket, others } = device_options(text).map_err(bad)?;
     for (key, value) in others {
         let value = value.as_str();
         match key.as_str() {
@@ -521,6 +533,7 @@ fn parse_disk(text: impl AsRef<OsStr>) -> Result<DiskConfig, ConfigError> {
             _ => return Err(bad(format!("unknown option {key:?}"))),
         }
     }
+    let socket = required_socket(socket).map_err(bad)?;
     Ok(DiskConfig {
         socket,
         num_queues,
@@ -549,7 +562,7 @@ fn parse_net(text: impl AsRef<OsStr>) -> Result<NetConfig, ConfigError> {
     let mut queue_pairs = 1usize;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
     let mut server = false;
-    let (socket, others) = device_options(text).map_err(bad)?;
+    let DeviceOptions { socket, others } = device_options(text).map_err(bad)?;
     for (key, value) in others {
         let value = value.as_str();
         match key.as_str() {
@@ -582,6 +595,7 @@ fn parse_net(text: impl AsRef<OsStr>) -> Result<NetConfig, ConfigError> {
             _ => return Err(bad(format!("unknown option {key:?}"))),
         }
     }
+    let socket = required_socket(socket).map_err(bad)?;
     let mac = mac.unwrap_or_else(|| stable_mac(&socket));
     Ok(NetConfig {
         socket,
@@ -806,6 +820,13 @@ mod tests {
         assert!(err.ends_with("socket= is empty"), "{err}");
         let err = parse_disk("socket=/x,color=red").unwrap_err().to_string();
         assert!(err.ends_with("unknown option \"color\""), "{err}");
+        // A misspelt socket is named, not reported as missing.
+        let err = parse_disk("path=/x").unwrap_err().to_string();
+        assert!(err.ends_with("unknown option \"path\""), "{err}");
+        let err = parse_net("sokcet=/x").unwrap_err().to_string();
+        assert!(err.ends_with("unknown option \"sokcet\""), "{err}");
+        let err = parse_net("mac=52:54:00:12:34:56").unwrap_err().to_string();
+        assert!(err.ends_with("socket=PATH is required"), "{err}");
     }
 
     #[test]
