@@ -8,11 +8,11 @@
 //! per round trip: with one queue of 32 requests from tmpfs, 0.32M IOPS
 //! against fio's 0.52M. Asking at each completion whether the frontend
 //! wants a call (EVENT_IDX: it asked before it slept) wakes it while the
-//! worker goes on, and the two overlap (0.41M). That needs a core for the
-//! woken thread: with two queues on two cores, the extra wake-ups took the
-//! cores from the workers (0.85M IOPS to 0.50M). So a worker signals early
-//! only while the workers serving, each with a frontend thread to feed,
-//! leave a core for it.
+//! worker goes on, and the two overlap (0.42M by hand, 0.44M in
+//! bench-blk). That needs a core for the woken thread: with two queues on
+//! two cores, the extra wake-ups took the cores from the workers (0.85M
+//! IOPS to 0.50M). So a worker signals early only while the process has
+//! two cores for each worker serving.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -52,8 +52,9 @@ impl Serving {
         Turn(self)
     }
 
-    /// Whether the workers serving now and the frontend threads they feed
-    /// (one each) leave a core free for a thread woken early.
+    /// Whether there is a core for each worker serving now and one for the
+    /// frontend thread each feeds, so one woken early has a core to run
+    /// on.
     pub fn core_to_spare(&self) -> bool {
         self.workers.load(Ordering::Acquire).saturating_mul(2) <= self.cores
     }
