@@ -111,6 +111,8 @@ pub struct Device {
     /// How long a queue with transfers in flight watches its ring and its
     /// completions before it sleeps (`--poll-us`).
     pub poll: Duration,
+    /// The cores the process may run on (see `serving`).
+    pub cores: usize,
 }
 
 type Handler = VringEpollHandler<BlkBackend>;
@@ -213,7 +215,7 @@ impl BlkBackend {
             ),
             handlers: Arc::new(OnceLock::new()),
             closing: Arc::new(AtomicBool::new(false)),
-            serving: Arc::new(Serving::for_this_process()),
+            serving: Arc::new(Serving::new(device.cores)),
             device,
         }
     }
@@ -639,8 +641,11 @@ impl BlkBackend {
                 let published = self.publish(queue, vring, &mut state.order, head, used);
                 completed += published;
                 // The frontend may be asleep, waiting for this one: wake it
-                // now if a core is free for it (see `serving`).
+                // now if a core is free for it (see `serving`). Not on
+                // io_uring, where a failed signal here would leave
+                // transfers unsubmitted.
                 if published > 0
+                    && qio.is_none()
                     && event_idx
                     && self.serving.core_to_spare()
                     && vring.needs_notification().map_err(vq_err)?

@@ -37,6 +37,7 @@ fn run(args: cli::Args) -> Result<(), Box<dyn std::error::Error>> {
         num_queues: config.num_queues,
         queue_size: config.queue_size,
         poll: config.poll,
+        cores: serving::cores_of_this_process(),
     };
     server::serve(&config.socket, device)?;
     Ok(())

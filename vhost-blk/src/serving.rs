@@ -12,9 +12,19 @@
 //! bench-blk). That needs a core for the woken thread: with two queues on
 //! two cores, the extra wake-ups took the cores from the workers (0.85M
 //! IOPS to 0.50M). So a worker signals early only while the process has
-//! two cores for each worker serving.
+//! two cores for each worker in a pass now. That is a guess: it counts the
+//! backend's own workers and cores, not where the frontend's threads run,
+//! and a worker whose neighbour sleeps between passes may signal early.
+//! A queue on io_uring signals once a pass: its completions come in
+//! batches.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The cores this process may run on (its affinity and cgroup quota), one
+/// if that cannot be told.
+pub fn cores_of_this_process() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 #[derive(Debug)]
 pub struct Serving {
@@ -38,12 +48,6 @@ impl Serving {
             workers: AtomicUsize::new(0),
             cores,
         }
-    }
-
-    /// For this process: the cores it may run on (its affinity and
-    /// cgroup quota), one if that cannot be told.
-    pub fn for_this_process() -> Self {
-        Serving::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
     /// A worker begins serving its ring.

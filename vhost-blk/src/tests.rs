@@ -636,22 +636,36 @@ fn a_made_up_head_index_does_not_stop_the_queue() {
 }
 
 /// Queue 0 of a connection's backend, laid out by `vq` in the rig's
-/// memory: ready and enabled, with EVENT_IDX.
+/// memory: ready and enabled, with EVENT_IDX, in a process on two cores.
 fn serving(rig: &Rig, vq: &MockSplitQueue<GuestMemoryMmap>) -> (BlkBackend, VringRwLock) {
-    serving_disk(rig, vq, rig.target(false))
+    serving_disk(rig, vq, rig.target(false), 2)
 }
 
-/// `serving`, with `target` as the disk.
+/// `serving`, with `target` as the disk, on `cores` cores.
 fn serving_disk(
     rig: &Rig,
     vq: &MockSplitQueue<GuestMemoryMmap>,
     target: BlkTarget,
+    cores: usize,
+) -> (BlkBackend, VringRwLock) {
+    serving_with_used_ring(rig, vq, target, cores, vq.used_addr())
+}
+
+/// `serving_disk`, with the used ring at `used` rather than where the mock
+/// puts it, which overlaps the avail ring's `used_event`.
+fn serving_with_used_ring(
+    rig: &Rig,
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    target: BlkTarget,
+    cores: usize,
+    used: GuestAddress,
 ) -> (BlkBackend, VringRwLock) {
     let device = Device {
         target,
         num_queues: 1,
         queue_size: 256,
         poll: std::time::Duration::ZERO,
+        cores,
     };
     let backend = BlkBackend::new(Arc::new(device));
     let atomic = GuestMemoryAtomic::new(rig.mem.clone());
@@ -660,7 +674,7 @@ fn serving_disk(
     let vring = VringRwLock::new(atomic, 256).unwrap();
     vring.set_queue_size(16);
     vring
-        .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+        .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, used.0)
         .unwrap();
     vring.set_queue_event_idx(true);
     vring.set_queue_ready(true);
@@ -748,12 +762,21 @@ fn a_ring_whose_entries_lie_outside_memory_is_given_up_not_spun_on() {
 /// stop, with its transfers in flight holding blocks other queues may
 /// wait for): the request is completed, the ring is not served again
 /// until the frontend sets it up again, and then it is.
+///
+/// On two cores the failing signal is the one at the request (see
+/// `serving`), on one the one at the end of the pass.
 #[test]
 fn a_ring_whose_call_fails_is_given_up_and_its_worker_lives_on() {
+    for cores in [1, 2] {
+        a_ring_whose_call_fails_on(cores);
+    }
+}
+
+fn a_ring_whose_call_fails_on(cores: usize) {
     let rig = Rig::new();
     let vq = MockSplitQueue::new(&rig.mem, 16);
     make_read_available(&rig, &vq, 0);
-    let (backend, vring) = serving(&rig, &vq);
+    let (backend, vring) = serving_disk(&rig, &vq, rig.target(false), cores);
     vring.set_call(Some(std::fs::File::open("/dev/null").unwrap()));
     let served = |vring: &VringRwLock| {
         backend.handle_event(
@@ -775,6 +798,86 @@ fn a_ring_whose_call_fails_is_given_up_and_its_worker_lives_on() {
     vring.set_call(None);
     assert!(served(&vring).is_ok());
     assert_eq!(vq.used().idx().load(), 2);
+}
+
+/// A get-id (no disk needed) and then a read of the disk the test holds,
+/// so the worker's pass stops at the read: whether the sleeping driver
+/// (EVENT_IDX, used_event 0: it wants a call at the first completion) has
+/// been called by then, and after the pass ends.
+fn call_before_the_pass_ends(cores: usize) -> (bool, bool) {
+    const ID_HEADER: u64 = 0x4_0000;
+    const ID_DATA: u64 = 0x4_1000;
+    const ID_STATUS: u64 = 0x4_2000;
+    const USED: u64 = 0x5_0000;
+    let rig = Rig::new();
+    let vq = MockSplitQueue::new(&rig.mem, 16);
+    rig.mem
+        .write_obj(VIRTIO_BLK_T_GET_ID, GuestAddress(ID_HEADER))
+        .unwrap();
+    let next = VRING_DESC_F_NEXT as u16;
+    let get_id = [
+        Descriptor::new(ID_HEADER, 16, next, 1),
+        Descriptor::new(ID_DATA, 20, W | next, 2),
+        Descriptor::new(ID_STATUS, 1, W, 0),
+    ]
+    .map(RawDescriptor::from);
+    vq.add_desc_chains(&get_id, 0).unwrap();
+    make_read_available(&rig, &vq, 3);
+    let (backend, vring) =
+        serving_with_used_ring(&rig, &vq, rig.target(false), cores, GuestAddress(USED));
+    let used_idx = || rig.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap();
+    let call = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let file = call.try_clone().unwrap();
+    // SAFETY: `into_raw_fd` gives up the clone's descriptor, which the
+    // file then owns alone.
+    let file =
+        unsafe { std::os::fd::FromRawFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(file)) };
+    vring.set_call(Some(file));
+    let called = |within: std::time::Duration| {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if call.read().is_ok() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+
+    let held = rig.disk.bytes.lock().unwrap();
+    let worker = {
+        let (backend, vring) = (backend.clone(), vring.clone());
+        std::thread::spawn(move || backend.process_queue(0, &vring))
+    };
+    // The worker is stuck in the read once the get-id is in the used ring.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while used_idx() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the get-id never completed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let early = called(std::time::Duration::from_millis(300));
+    drop(held);
+    assert!(worker.join().unwrap().is_ok());
+    assert_eq!(used_idx(), 2, "both requests completed");
+    let mut id = [0u8; 11];
+    rig.mem.read_slice(&mut id, GuestAddress(ID_DATA)).unwrap();
+    assert_eq!(&id, b"test-serial");
+    (early, early || called(std::time::Duration::from_secs(5)))
+}
+
+/// With a core for the driver's thread, a buffered queue calls a sleeping
+/// driver at its first completion, while it goes on with the rest (see
+/// `serving`); without one, when its pass ends. Either way the driver is
+/// called.
+#[test]
+fn a_sleeping_driver_is_called_before_the_pass_ends_only_with_a_core_to_spare() {
+    assert_eq!(call_before_the_pass_ends(2), (true, true));
+    assert_eq!(call_before_the_pass_ends(1), (false, true));
 }
 
 /// A disabled ring (SET_VRING_ENABLE 0) is not served: a worker woken for
@@ -867,7 +970,7 @@ fn a_request_running_when_the_frontend_leaves_is_not_completed() {
         readonly: false,
         serial: [0; 20],
     };
-    let (backend, vring) = serving_disk(&rig, &vq, target);
+    let (backend, vring) = serving_disk(&rig, &vq, target, 2);
     assert!(disk.backend.set(backend.clone()).is_ok());
 
     assert!(process_within(&backend, &vring).expect("returns").is_ok());
