@@ -104,13 +104,43 @@ pub fn expect_disk(vm: &RunningVm, bdf: &str, index: u8, ro: bool) -> String {
         );
     }
     let irqs = vm.expect_line(&format!("testguest: blk {bdf} irqs "), TIMEOUT);
-    let count: u64 = irqs
-        .rsplit(' ')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(count > 0, "no completion interrupt arrived: {irqs}");
+    let seen = DiskIrqs::parse(&irqs);
+    assert!(seen.own > 0, "no completion interrupt arrived: {irqs}");
+    // Each disk's queues are routed to a vector of their own.
+    assert_eq!(seen.vector, 0x40 + index % 8, "{irqs}");
+    assert_eq!(
+        seen.elsewhere, 0,
+        "interrupts on another disk's vector: {irqs}"
+    );
     info
+}
+
+/// The guest's `blk BDF irqs N on vector V, M elsewhere` line: the
+/// completion interrupts that came on the disk's own vector while it was
+/// driven, and those that came on other queue vectors meanwhile.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DiskIrqs {
+    pub own: u64,
+    pub vector: u8,
+    pub elsewhere: u64,
+}
+
+impl DiskIrqs {
+    /// Parses the line; panics, naming it, if it is not one.
+    pub fn parse(line: &str) -> DiskIrqs {
+        let parsed = (|| {
+            let rest = line.split(" irqs ").nth(1)?;
+            let (own, rest) = rest.split_once(" on vector 0x")?;
+            let (vector, rest) = rest.split_once(", ")?;
+            let elsewhere = rest.strip_suffix(" elsewhere")?;
+            Some(DiskIrqs {
+                own: own.parse().ok()?,
+                vector: u8::from_str_radix(vector, 16).ok()?,
+                elsewhere: elsewhere.parse().ok()?,
+            })
+        })();
+        parsed.unwrap_or_else(|| panic!("not an interrupt report: {line:?}"))
+    }
 }
 
 /// Once the guest (cmdline `diskresize`) watches disk 00:01.0 for a
@@ -312,4 +342,27 @@ pub fn restarted_backend_takes_over(start: &dyn Fn(&Path, &Path) -> Backend) -> 
     );
     assert_eq!(read_pattern_area(&image), guest_pattern(0), "image bytes");
     log
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DiskIrqs;
+
+    #[test]
+    fn the_interrupt_report_is_read_whole() {
+        assert_eq!(
+            DiskIrqs::parse("testguest: blk 00:02.0 irqs 5 on vector 0x41, 0 elsewhere"),
+            DiskIrqs {
+                own: 5,
+                vector: 0x41,
+                elsewhere: 0
+            }
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "not an interrupt report")]
+    fn the_old_report_is_not_taken_for_one() {
+        DiskIrqs::parse("testguest: blk 00:02.0 irqs 5");
+    }
 }

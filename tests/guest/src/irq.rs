@@ -1,17 +1,22 @@
 // Register fields are cut out of wider words on purpose.
 #![allow(clippy::cast_possible_truncation)]
 //! Just enough interrupt handling to see MSI-X messages arrive: an IDT
-//! whose only gates are `VECTOR` (queue completions) and `CONFIG_VECTOR`
-//! (configuration changes), each with a handler that counts and sends EOI,
-//! the local APIC enabled, and the legacy 8259s masked.
+//! whose only gates are the queue vectors (`VECTOR` and the
+//! `QUEUE_VECTORS - 1` after it: each device's queue completions come on
+//! their own, so one sent on another device's MSI-X entry shows) and
+//! `CONFIG_VECTOR` (configuration changes), each with a handler that counts
+//! and sends EOI, the local APIC enabled, and the legacy 8259s masked.
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::port::outb;
 
-/// The vector queue completions are sent with.
+/// The first queue vector (a device's queue completions are sent with
+/// `queue_vector(its index)`).
 pub const VECTOR: u8 = 0x40;
+/// How many queue vectors there are, from `VECTOR` on.
+pub const QUEUE_VECTORS: u8 = 8;
 /// The vector configuration changes are sent with: counted apart, so an
 /// interrupt sent on the wrong MSI-X entry is not taken for the right one.
 pub const CONFIG_VECTOR: u8 = 0x48;
@@ -21,24 +26,27 @@ const LAPIC_BASE: u64 = 0xfee0_0000;
 const LAPIC_SVR: u64 = LAPIC_BASE + 0xf0;
 const LAPIC_TPR: u64 = LAPIC_BASE + 0x80;
 
-/// Interrupts taken on `VECTOR` and on `CONFIG_VECTOR`; the handlers
-/// increment them.
+/// Interrupts taken on each queue vector and on `CONFIG_VECTOR`; the
+/// handlers increment them.
 #[no_mangle]
-static IRQ_COUNT: AtomicU64 = AtomicU64::new(0);
+static IRQ_COUNTS: [AtomicU64; QUEUE_VECTORS as usize] =
+    [const { AtomicU64::new(0) }; QUEUE_VECTORS as usize];
 #[no_mangle]
 static CONFIG_IRQ_COUNT: AtomicU64 = AtomicU64::new(0);
 
 global_asm!(
     r#"
     .text
-    .globl testguest_irq
-testguest_irq:
+    .irp n,0,1,2,3,4,5,6,7
+    .globl testguest_irq\n
+testguest_irq\n:
     push %rax
-    lock incq IRQ_COUNT(%rip)
+    lock incq IRQ_COUNTS+8*\n(%rip)
     mov $0xfee000b0, %eax
     movl $0, (%rax)                 /* LAPIC EOI */
     pop %rax
     iretq
+    .endr
 
     .globl testguest_config_irq
 testguest_config_irq:
@@ -53,13 +61,33 @@ testguest_config_irq:
 );
 
 extern "C" {
-    fn testguest_irq();
+    fn testguest_irq0();
+    fn testguest_irq1();
+    fn testguest_irq2();
+    fn testguest_irq3();
+    fn testguest_irq4();
+    fn testguest_irq5();
+    fn testguest_irq6();
+    fn testguest_irq7();
     fn testguest_config_irq();
 }
 
-/// Interrupts taken on `VECTOR`.
+/// The queue vector of the device found `index`-th.
+pub fn queue_vector(index: u8) -> u8 {
+    VECTOR + index % QUEUE_VECTORS
+}
+
+/// Interrupts taken on queue vector `vector` (none on any other vector).
+pub fn count_on(vector: u8) -> u64 {
+    vector
+        .checked_sub(VECTOR)
+        .and_then(|slot| IRQ_COUNTS.get(usize::from(slot)))
+        .map_or(0, |n| n.load(Ordering::SeqCst))
+}
+
+/// Interrupts taken on all the queue vectors.
 pub fn count() -> u64 {
-    IRQ_COUNT.load(Ordering::SeqCst)
+    IRQ_COUNTS.iter().map(|n| n.load(Ordering::SeqCst)).sum()
 }
 
 /// Interrupts taken on `CONFIG_VECTOR`.
@@ -84,8 +112,15 @@ pub fn init_trusting_acpi() {
     // SAFETY: IDT_ADDR is free RAM that nothing else uses; the identity map
     // covers it; the page is within the 4 KiB IDT.
     unsafe { core::ptr::write_bytes(IDT_ADDR as *mut u8, 0, 4096) };
-    let handlers: [(u8, unsafe extern "C" fn()); 2] = [
-        (VECTOR, testguest_irq),
+    let handlers: [(u8, unsafe extern "C" fn()); 9] = [
+        (VECTOR, testguest_irq0),
+        (VECTOR + 1, testguest_irq1),
+        (VECTOR + 2, testguest_irq2),
+        (VECTOR + 3, testguest_irq3),
+        (VECTOR + 4, testguest_irq4),
+        (VECTOR + 5, testguest_irq5),
+        (VECTOR + 6, testguest_irq6),
+        (VECTOR + 7, testguest_irq7),
         (CONFIG_VECTOR, testguest_config_irq),
     ];
     for (vector, handler) in handlers {
@@ -111,8 +146,8 @@ pub fn init_trusting_acpi() {
     ];
     // SAFETY: the descriptor points at the IDT written above; the LAPIC
     // registers are MMIO in the identity map; enabling interrupts is safe
-    // because every source that can fire now has a gate (only VECTOR and
-    // CONFIG_VECTOR are unmasked anywhere).
+    // because every source that can fire now has a gate (only the queue
+    // vectors and CONFIG_VECTOR are unmasked anywhere).
     unsafe {
         asm!("lidt [{0}]", in(reg) descriptor.as_ptr(), options(nostack));
         core::ptr::write_volatile(LAPIC_TPR as *mut u32, 0);
