@@ -85,9 +85,15 @@ pub fn count_on(vector: u8) -> u64 {
         .map_or(0, |n| n.load(Ordering::SeqCst))
 }
 
-/// Interrupts taken on all the queue vectors.
-pub fn count() -> u64 {
-    IRQ_COUNTS.iter().map(|n| n.load(Ordering::SeqCst)).sum()
+/// Interrupts taken on the queue vectors other than `vector`.
+pub fn count_except(vector: u8) -> u64 {
+    let slot = vector.checked_sub(VECTOR).map(usize::from);
+    IRQ_COUNTS
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| Some(i) != slot)
+        .map(|(_, n)| n.load(Ordering::SeqCst))
+        .sum()
 }
 
 /// Interrupts taken on `CONFIG_VECTOR`.

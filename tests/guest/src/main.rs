@@ -417,7 +417,7 @@ fn legacy_pics_quiet() {
     irq::init_trusting_acpi();
     serial::raise_interrupt();
     settle();
-    let quiet = irq::count();
+    let quiet = irq::count_on(irq::VECTOR);
     // Edge-triggered, fixed delivery to APIC 0, unmasked.
     set_ioapic_redirection_high(SERIAL_PIN, 0);
     set_ioapic_redirection_low(SERIAL_PIN, u32::from(irq::VECTOR));
@@ -425,11 +425,11 @@ fn legacy_pics_quiet() {
     // The injection may wait for a host kernel worker: up to a second for
     // it, then a moment more for a second one that must not come.
     let arrival = clock::Deadline::after(clock::SECOND);
-    while irq::count() == quiet && !arrival.passed() {
+    while irq::count_on(irq::VECTOR) == quiet && !arrival.passed() {
         core::hint::spin_loop();
     }
     settle();
-    let routed = irq::count() - quiet;
+    let routed = irq::count_on(irq::VECTOR) - quiet;
     set_ioapic_redirection_low(SERIAL_PIN, 1 << 16);
     say!("8259s quiet, {quiet} interrupts at the test vector, {routed} through the ioapic");
 }
