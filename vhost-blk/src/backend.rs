@@ -443,10 +443,10 @@ impl BlkBackend {
     /// Serves the ring: completes finished transfers, parses every
     /// available request (while the queue has room for transfers), runs
     /// the synchronous ones inline and hands reads and writes to io_uring
-    /// when the disk takes them asynchronously, then signals once (and
-    /// earlier, after a synchronous request, when a core is free for the
-    /// frontend: see `serving`). With EVENT_IDX, re-enables notifications
-    /// and loops if more arrived.
+    /// when the disk takes them asynchronously, then signals once (a queue
+    /// without io_uring also after each request, when a core is free for
+    /// the frontend: see `serving`). With EVENT_IDX, re-enables
+    /// notifications and loops if more arrived.
     ///
     /// A ring it cannot serve (its used ring or call eventfd fails: a
     /// frontend gave an unwritable call eventfd, or took the memory away
